@@ -1,0 +1,125 @@
+"""Noise spaces: how a model's sigma relates to the clean sample, the noise and the timestep.
+
+Samplers in Stride have the k-diffusion shape: they see latents ``x`` and a model that maps
+``(x, sigma)`` to the denoised ``x0``. Two conventions cover every ComfyUI model type:
+
+* ``"ve"`` (EPS, V_PREDICTION and X0 models): ``x = x0 + sigma * eps``. This is the
+  variance-preserving latent of diffusers divided by ``sqrt(alpha_cumprod)``, with
+  ``sigma = sqrt((1 - alpha_cumprod) / alpha_cumprod)``.
+* ``"flow"`` (CONST / rectified flow): ``x = (1 - sigma) * x0 + sigma * eps``.
+
+Both are ``x = a(sigma) * x0 + b(sigma) * eps``. Methods defined on discrete training
+timesteps (LCM, TCD, TDD) also need the map between sigma and timestep, given here by a
+table of 1000 sigmas (timestep ``t`` -> ``sigma_table[t]``), interpolated in log-sigma like
+ComfyUI's ``ModelSamplingDiscrete``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+NUM_TRAIN_TIMESTEPS = 1000
+
+
+def scaled_linear_alphas_cumprod(
+    beta_start: float = 0.00085, beta_end: float = 0.012, num_timesteps: int = NUM_TRAIN_TIMESTEPS
+) -> Tensor:
+    """The SD1.5/SDXL training schedule (diffusers ``beta_schedule="scaled_linear"``), float64."""
+    betas = torch.linspace(beta_start**0.5, beta_end**0.5, num_timesteps, dtype=torch.float64) ** 2
+    return torch.cumprod(1.0 - betas, dim=0)
+
+
+@dataclass(frozen=True)
+class NoiseSpace:
+    """One model's noise convention plus its sigma <-> timestep table (float64, ascending)."""
+
+    kind: str  # "ve" or "flow"
+    sigma_table: Tensor
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("ve", "flow"):
+            raise ValueError(f"noise space kind must be 've' or 'flow', got {self.kind!r}")
+        if self.sigma_table.ndim != 1 or self.sigma_table.numel() < 2:
+            raise ValueError("sigma_table must be a 1-D table with at least two entries")
+
+    # -- constructors -------------------------------------------------------------------------
+    @classmethod
+    def from_alphas_cumprod(cls, alphas_cumprod: Tensor) -> "NoiseSpace":
+        """A discrete VE space (EPS / V-prediction model) from its training ``alphas_cumprod``."""
+        ac = alphas_cumprod.to(torch.float64)
+        return cls("ve", ((1 - ac) / ac).sqrt())
+
+    @classmethod
+    def flow(cls, shift: float = 1.0, num_timesteps: int = NUM_TRAIN_TIMESTEPS) -> "NoiseSpace":
+        """A rectified-flow space: timestep t -> shifted sigma of (t + 1) / num_timesteps."""
+        t = torch.arange(1, num_timesteps + 1, dtype=torch.float64) / num_timesteps
+        return cls("flow", shift * t / (1 + (shift - 1) * t))
+
+    # -- convention -----------------------------------------------------------------------
+    @property
+    def num_timesteps(self) -> int:
+        return self.sigma_table.numel()
+
+    def coefficients(self, sigma: Tensor | float) -> tuple[Tensor, Tensor]:
+        """``(a, b)`` with ``x = a * x0 + b * eps`` at ``sigma``."""
+        sigma = torch.as_tensor(sigma, dtype=torch.float64)
+        if self.kind == "ve":
+            return torch.ones_like(sigma), sigma
+        return 1 - sigma, sigma
+
+    def noise(self, x0: Tensor, eps: Tensor, sigma: Tensor | float) -> Tensor:
+        """Put ``x0`` at noise level ``sigma`` with the given unit noise."""
+        a, b = self.coefficients(sigma)
+        return x0 * a.to(x0.dtype) + eps * b.to(x0.dtype)
+
+    def eps(self, x: Tensor, x0: Tensor, sigma: Tensor | float) -> Tensor:
+        """The noise implied by a latent ``x`` at ``sigma`` and a prediction ``x0`` (sigma > 0)."""
+        a, b = self.coefficients(sigma)
+        return (x - x0 * a.to(x.dtype)) / b.to(x.dtype)
+
+    def renoise(self, x: Tensor, sigma_from: Tensor | float, sigma_to: Tensor | float, noise: Tensor) -> Tensor:
+        """Forward-diffuse ``x`` from ``sigma_from`` to a noisier ``sigma_to`` with fresh unit noise.
+
+        With ``x = a_f x0 + b_f eps`` the result is ``a_t x0 + b_t eps'`` in distribution:
+        ``(a_t / a_f) x + sqrt(b_t^2 - (a_t b_f / a_f)^2) noise``.
+        """
+        a_f, b_f = self.coefficients(sigma_from)
+        a_t, b_t = self.coefficients(sigma_to)
+        ratio = a_t / a_f
+        extra = (b_t**2 - (ratio * b_f) ** 2).clamp(min=0).sqrt()
+        return x * ratio.to(x.dtype) + noise * extra.to(x.dtype)
+
+    def alpha_cumprod(self, sigma: Tensor | float) -> Tensor:
+        """The variance-preserving ``alpha_cumprod`` equivalent of ``sigma`` (signal fraction)."""
+        a, b = self.coefficients(sigma)
+        return a**2 / (a**2 + b**2)
+
+    # -- timesteps ------------------------------------------------------------------------
+    def sigma_of(self, timestep: Tensor | float) -> Tensor:
+        """Sigma at (possibly fractional) training timestep(s), log-linear between table entries."""
+        t = torch.as_tensor(timestep, dtype=torch.float64).clamp(0, self.num_timesteps - 1)
+        low = t.floor().long()
+        high = t.ceil().long()
+        w = t - low
+        log_table = self.sigma_table.log()
+        return ((1 - w) * log_table[low] + w * log_table[high]).exp()
+
+    def timestep_of(self, sigma: Tensor | float) -> Tensor:
+        """Fractional training timestep of ``sigma`` (inverse of :meth:`sigma_of`)."""
+        sigma = torch.as_tensor(sigma, dtype=torch.float64)
+        log_table = self.sigma_table.log()
+        log_sigma = sigma.clamp(min=self.sigma_table[0]).log()
+        dists = log_sigma.reshape(-1, 1) - log_table.reshape(1, -1)
+        low = (dists >= 0).cumsum(dim=1).argmax(dim=1).clamp(max=self.num_timesteps - 2)
+        high = low + 1
+        w = ((log_table[low] - log_sigma.reshape(-1)) / (log_table[low] - log_table[high])).clamp(0, 1)
+        return (low + w).reshape(sigma.shape)
+
+    def sigmas_for_timesteps(self, timesteps: list[int] | Tensor, append_zero: bool = True) -> Tensor:
+        """The SIGMAS of a schedule given as training timesteps (descending), plus a final 0."""
+        sigmas = self.sigma_of(torch.as_tensor(timesteps, dtype=torch.float64))
+        if append_zero:
+            sigmas = torch.cat([sigmas, sigmas.new_zeros(1)])
+        return sigmas
