@@ -65,3 +65,14 @@ echo "$HOST" > "$CACHE/host-path"
 version=$("$PY" -c "import sys; sys.path.insert(0, '$HOST'); import comfyui_version; print(comfyui_version.__version__)" 2>/dev/null) \
   || fail "the host at $HOST does not import (broken checkout?); delete .cache/ComfyUI or fix COMFYUI_PATH"
 say "host: ComfyUI $version at $HOST"
+
+# 4. (tests only) headless Chromium from Debian's packages for the browser tests ------------
+if [ "${1:-}" = "--browser" ] && ! command -v chromium >/dev/null; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    say "installing Debian's chromium for the browser tests"
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium fonts-dejavu-core >/dev/null) \
+      || fail "apt-get install chromium failed"
+  else
+    say "chromium is missing and this user cannot apt-get install it: browser tests will be skipped"
+  fi
+fi

@@ -1,0 +1,21 @@
+# Stride: the two commands (demo, test) plus setup and benchmarks. Each sets up what it needs.
+PY := .venv/bin/python
+WORKFLOW ?= workflows/stride_demo.json
+OUT ?= demo_out
+
+.PHONY: setup demo test bench bench-quick bench-gpu
+setup:
+	bash scripts/provision.sh
+
+demo: setup
+	$(PY) scripts/run_workflow.py $(WORKFLOW) --out $(OUT)
+
+test: setup
+	bash scripts/provision.sh --browser
+	$(PY) -m pytest -q -ra tests
+
+bench: setup
+	$(PY) -m bench.run
+
+bench-quick: setup
+	$(PY) -m bench.run --quick

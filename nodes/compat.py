@@ -1,0 +1,86 @@
+"""The one place that knows how ComfyUI versions differ (0.3.75 ... ~0.38).
+
+Every other module in ``nodes/`` reaches the host through these helpers, so a change in
+ComfyUI's internals is fixed here once.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+
+import comfy.model_management
+import comfy.model_sampling
+import comfy.utils
+
+from ..distill_core.spaces import NUM_TRAIN_TIMESTEPS, NoiseSpace
+
+log = logging.getLogger("stride")
+
+
+class StrideError(ValueError):
+    """A user-facing error: the message says which input is wrong and what to do."""
+
+
+def model_sampling_of_patcher(model: Any) -> Any:
+    """The ``model_sampling`` object of a MODEL (ModelPatcher), honouring patched overrides."""
+    if hasattr(model, "get_model_object"):
+        return model.get_model_object("model_sampling")
+    return model.model.model_sampling
+
+
+def model_sampling_in_sampler(model_k: Any) -> Any:
+    """``model_sampling`` seen from inside a KSAMPLER function (the wrapped denoiser).
+
+    Newer ComfyUI reads it through the guider's patcher; 0.3.75 through the BaseModel.
+    """
+    guider = getattr(model_k, "inner_model", None)
+    patcher = getattr(guider, "model_patcher", None)
+    if patcher is not None and hasattr(patcher, "get_model_object"):
+        return patcher.get_model_object("model_sampling")
+    return guider.inner_model.model_sampling
+
+
+def is_flow(model_sampling: Any) -> bool:
+    return isinstance(model_sampling, comfy.model_sampling.CONST)
+
+
+def sampling_kind(model_sampling: Any) -> str:
+    """"eps", "v", "flow" or "x0": the parameterisation a model predicts."""
+    if isinstance(model_sampling, comfy.model_sampling.CONST):
+        return "flow"
+    if isinstance(model_sampling, comfy.model_sampling.V_PREDICTION):
+        return "v"
+    if isinstance(model_sampling, comfy.model_sampling.EPS):
+        return "eps"
+    return "x0"
+
+
+def noise_space(model_sampling: Any) -> NoiseSpace:
+    """Stride's NoiseSpace for a ComfyUI model_sampling: VE or flow, with a 1000-step table."""
+    table = model_sampling.sigmas.detach().to("cpu", torch.float64)
+    if table.numel() != NUM_TRAIN_TIMESTEPS:
+        index = torch.arange(1, NUM_TRAIN_TIMESTEPS + 1, dtype=torch.float64) * table.numel() / NUM_TRAIN_TIMESTEPS
+        table = table[(index.round().long() - 1).clamp(0, table.numel() - 1)]
+    return NoiseSpace("flow" if is_flow(model_sampling) else "ve", table)
+
+
+def send_event(event: str, data: dict) -> None:
+    """Send a websocket event to the frontend when a server runs (no-op in-process)."""
+    try:
+        from server import PromptServer
+    except ImportError:
+        return
+    instance = getattr(PromptServer, "instance", None)
+    if instance is not None:
+        instance.send_sync(event, data, getattr(instance, "client_id", None))
+
+
+def interrupted() -> None:
+    """Raise ComfyUI's interruption if the user pressed Cancel."""
+    comfy.model_management.throw_exception_if_processing_interrupted()
+
+
+def progress_bar(total: int) -> Any:
+    return comfy.utils.ProgressBar(total)

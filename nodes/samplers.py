@@ -1,0 +1,336 @@
+"""Few-step SAMPLER, SIGMAS and convenience nodes: LCM, TCD / Hyper-SD and TDD.
+
+The math lives in ``distill_core`` (schedules, lcm, tcd, tdd); these nodes only read the
+model's noise convention from ComfyUI and wrap the samplers in ``comfy.samplers.KSAMPLER``, so
+they compose with SamplerCustom / SamplerCustomAdvanced, any guider and any noise node.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+
+import comfy.model_sampling
+import comfy.sample
+import comfy.samplers
+import latent_preview
+
+from ..distill_core import lcm, schedules, tcd, tdd
+from .compat import StrideError, model_sampling_in_sampler, model_sampling_of_patcher, noise_space
+
+CATEGORY = "stride/sampling"
+_DISCRETE_SAMPLINGS = tuple(
+    getattr(comfy.model_sampling, name)
+    for name in ("ModelSamplingDiscrete", "ModelSamplingDiscreteFlow", "ModelSamplingFlux")
+    if hasattr(comfy.model_sampling, name)
+)
+
+
+def stride_ksampler(sample_fn: Callable[..., torch.Tensor], **options: Any) -> comfy.samplers.KSAMPLER:
+    """Wrap a distill_core sampler so it learns the model's noise space inside ComfyUI's loop."""
+
+    def sampler(model, x, sigmas, extra_args=None, callback=None, disable=None):
+        space = noise_space(model_sampling_in_sampler(model))
+        if not torch.isfinite(x).all():
+            raise StrideError("The input latent contains NaN or inf values; check the nodes that produced it.")
+        return sample_fn(model, x, sigmas, extra_args=extra_args, callback=callback, disable=disable, space=space, **options)
+
+    return comfy.samplers.KSAMPLER(sampler)
+
+
+def _check_unit(name: str, value: float) -> None:
+    if not 0.0 <= value <= 1.0:
+        raise StrideError(f"{name} must be between 0 and 1 (got {value}).")
+
+
+# ------------------------------------------------------------------------------------------
+# SAMPLER nodes
+# ------------------------------------------------------------------------------------------
+class StrideLCMSampler:
+    DESCRIPTION = ("LCM multistep sampling (Latent Consistency Models): predict x0, apply the consistency "
+                   "boundary condition, re-noise to the next sigma with fresh noise. For LCM and LCM-LoRA models; "
+                   "use with a Stride LCM Scheduler and CFG 1-2.")
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("SAMPLER",)
+    RETURN_NAMES = ("sampler",)
+    OUTPUT_TOOLTIPS = ("Plug into SamplerCustom / SamplerCustomAdvanced.",)
+    FUNCTION = "build"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "s_noise": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 2.0, "step": 0.01,
+                                  "tooltip": "Scale of the fresh noise added between steps (1.0 = LCM as trained; "
+                                             "lower keeps more of the previous prediction's structure)."}),
+            "boundary_condition": ("BOOLEAN", {"default": True,
+                                               "tooltip": "Apply LCM's c_skip/c_out boundary condition (diffusers "
+                                                          "LCMScheduler). Matters only near timestep 0."}),
+        }}
+
+    def build(self, s_noise, boundary_condition):
+        return (stride_ksampler(lcm.sample_lcm, s_noise=s_noise, boundary=boundary_condition),)
+
+
+class StrideTCDSampler:
+    DESCRIPTION = ("TCD sampling (Trajectory Consistency Distillation), the sampler Hyper-SD's unified LoRA and TCD "
+                   "LoRAs were trained for. gamma (a.k.a. eta) sets how much fresh noise each step adds: 0 = DDIM "
+                   "(deterministic), 1 = LCM. Lower gamma gives more detail at more steps.")
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("SAMPLER",)
+    RETURN_NAMES = ("sampler",)
+    OUTPUT_TOOLTIPS = ("Plug into SamplerCustom / SamplerCustomAdvanced.",)
+    FUNCTION = "build"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "gamma": ("FLOAT", {"default": 0.3, "min": 0.0, "max": 1.0, "step": 0.01,
+                                "tooltip": "Stochasticity (TCD's gamma, Hyper-SD's eta). Authors' default 0.3; "
+                                           "try 0.2-0.5 for 4-8 steps, 1.0 for 1-2 steps."}),
+        }}
+
+    def build(self, gamma):
+        _check_unit("gamma", gamma)
+        return (stride_ksampler(tcd.sample_tcd, gamma=gamma),)
+
+
+class StrideTDDSampler:
+    DESCRIPTION = ("TDD sampling (Target-Driven Distillation): DPM-Solver++(1) to a shrunk target timestep, then "
+                   "re-noise (eta), with optional x0 clipping in the first steps. TDD LoRAs were trained with "
+                   "empty prompts, so real CFG works: authors' SDXL default 4 steps, CFG 1.7, eta 0.2.")
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("SAMPLER",)
+    RETURN_NAMES = ("sampler",)
+    OUTPUT_TOOLTIPS = ("Plug into SamplerCustom / SamplerCustomAdvanced.",)
+    FUNCTION = "build"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "eta": ("FLOAT", {"default": 0.2, "min": 0.0, "max": 1.0, "step": 0.01,
+                              "tooltip": "Stochasticity: each step goes to floor((1-eta) t_next), then re-noises. "
+                                         "Authors' default 0.2."}),
+            "clip_x0_steps": ("INT", {"default": 0, "min": 0, "max": 100,
+                                      "tooltip": "Apply x0 clipping (dynamic thresholding) for this many first steps; "
+                                                 "0 = off. Helps at high CFG."}),
+            "clip_ratio": ("FLOAT", {"default": 0.995, "min": 0.5, "max": 1.0, "step": 0.001,
+                                     "tooltip": "Quantile of |x0| used as the clipping threshold (TDD: 0.995)."}),
+        }}
+
+    def build(self, eta, clip_x0_steps, clip_ratio):
+        _check_unit("eta", eta)
+        return (stride_ksampler(tdd.sample_tdd, eta=eta, clip_x0_steps=clip_x0_steps, clip_ratio=clip_ratio),)
+
+
+# ------------------------------------------------------------------------------------------
+# SIGMAS nodes
+# ------------------------------------------------------------------------------------------
+def discrete_sigmas(model: Any, timesteps: list[int], method: str) -> torch.Tensor:
+    """SIGMAS for training timesteps on this model, refusing models without discrete timesteps."""
+    sampling = model_sampling_of_patcher(model)
+    if _DISCRETE_SAMPLINGS and not isinstance(sampling, _DISCRETE_SAMPLINGS):
+        raise StrideError(
+            f"model: {method} schedules are defined on 1000 discrete training timesteps, but this model uses "
+            f"{type(sampling).__name__} (continuous sigmas). Use a plain scheduler such as karras instead."
+        )
+    return noise_space(sampling).sigmas_for_timesteps(timesteps).float()
+
+
+def truncate_for_denoise(timesteps_for: Callable[[int], list[int]], steps: int, denoise: float) -> list[int]:
+    """ComfyUI's denoise rule: schedule ``steps / denoise`` steps and keep the last ``steps``."""
+    if denoise <= 0 or denoise > 1:
+        raise StrideError(f"denoise must be in (0, 1] (got {denoise}).")
+    total = int(steps / denoise)
+    return timesteps_for(total)[-steps:]
+
+
+def _schedule_error(exc: ValueError) -> StrideError:
+    return StrideError(f"{exc} Choose fewer steps or another schedule.")
+
+
+SCHEDULER_OUTPUT = {"RETURN_TYPES": ("SIGMAS",), "RETURN_NAMES": ("sigmas",),
+                    "OUTPUT_TOOLTIPS": ("Sigmas for SamplerCustom / SamplerCustomAdvanced.",)}
+
+
+class StrideLCMScheduler:
+    DESCRIPTION = ("LCM's skipping-step schedule: picks steps from the 50-step distillation grid (999, 979, ... 19); "
+                   "4 steps -> timesteps 999, 759, 499, 259. Also TCD's schedule.")
+    CATEGORY = CATEGORY
+    FUNCTION = "schedule"
+    RETURN_TYPES, RETURN_NAMES, OUTPUT_TOOLTIPS = SCHEDULER_OUTPUT.values()
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model": ("MODEL", {"tooltip": "The model the sigmas are for (its noise schedule)."}),
+            "steps": ("INT", {"default": 4, "min": 1, "max": 50, "tooltip": "Sampling steps (LCM: 2-8, 4 recommended)."}),
+            "original_steps": ("INT", {"default": 50, "min": 1, "max": 1000,
+                                       "tooltip": "Grid size the model was distilled on (LCM: 50)."}),
+            "denoise": ("FLOAT", {"default": 1.0, "min": 0.01, "max": 1.0, "step": 0.01,
+                                  "tooltip": "Below 1 for img2img: the grid stops at denoise x 1000 (LCM's strength)."}),
+        }}
+
+    def schedule(self, model, steps, original_steps, denoise):
+        try:
+            timesteps = schedules.lcm_timesteps(steps, original_steps, strength=denoise)
+        except ValueError as exc:
+            raise _schedule_error(exc) from None
+        return (discrete_sigmas(model, timesteps, "LCM"),)
+
+
+class StrideHyperSDScheduler:
+    DESCRIPTION = ("Hyper-SD schedules: 'trailing' is DDIM's trailing spacing the N-step Hyper-SD LoRAs were trained "
+                   "for (4 steps -> 999, 749, 499, 249); 'unet 1-step' is the Hyper-SDXL 1-step UNet's single "
+                   "timestep 800; 'tcd grid' is the LCM/TCD grid for the unified LoRA.")
+    CATEGORY = CATEGORY
+    FUNCTION = "schedule"
+    RETURN_TYPES, RETURN_NAMES, OUTPUT_TOOLTIPS = SCHEDULER_OUTPUT.values()
+    MODES = ["trailing", "unet 1-step (t=800)", "tcd grid"]
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model": ("MODEL", {"tooltip": "The model the sigmas are for."}),
+            "mode": (cls.MODES, {"tooltip": "Which Hyper-SD schedule (see the node description)."}),
+            "steps": ("INT", {"default": 4, "min": 1, "max": 1000, "tooltip": "Steps (ignored for the 1-step UNet)."}),
+            "denoise": ("FLOAT", {"default": 1.0, "min": 0.01, "max": 1.0, "step": 0.01,
+                                  "tooltip": "Below 1 for img2img (not possible with the 1-step UNet)."}),
+        }}
+
+    def schedule(self, model, mode, steps, denoise):
+        try:
+            if mode == self.MODES[1]:
+                if denoise < 1.0:
+                    raise StrideError("denoise: the Hyper-SDXL 1-step schedule is a single step from pure noise; "
+                                      "set denoise to 1.0 or use 'trailing' for img2img.")
+                timesteps = schedules.hyper_sdxl_one_step_timesteps()
+            elif mode == self.MODES[2]:
+                timesteps = schedules.tcd_timesteps(steps, strength=denoise)
+            else:
+                timesteps = truncate_for_denoise(schedules.trailing_timesteps, steps, denoise)
+        except StrideError:
+            raise
+        except ValueError as exc:
+            raise _schedule_error(exc) from None
+        return (discrete_sigmas(model, timesteps, "Hyper-SD"),)
+
+
+class StrideTDDScheduler:
+    DESCRIPTION = ("TDD's schedule on its 250-target grid (4 steps -> 999, 751, 499, 251). 'special jump' uses the "
+                   "authors' non-equidistant schedules for 5-7 steps (5 -> 999, 875, 751, 499, 251).")
+    CATEGORY = CATEGORY
+    FUNCTION = "schedule"
+    RETURN_TYPES, RETURN_NAMES, OUTPUT_TOOLTIPS = SCHEDULER_OUTPUT.values()
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model": ("MODEL", {"tooltip": "The model the sigmas are for."}),
+            "steps": ("INT", {"default": 4, "min": 1, "max": 250, "tooltip": "Steps (TDD was trained for 4-8; 4 recommended)."}),
+            "special_jump": ("BOOLEAN", {"default": False, "tooltip": "Non-equidistant schedules for 5-7 steps."}),
+            "denoise": ("FLOAT", {"default": 1.0, "min": 0.01, "max": 1.0, "step": 0.01, "tooltip": "Below 1 for img2img."}),
+        }}
+
+    def schedule(self, model, steps, special_jump, denoise):
+        try:
+            timesteps = truncate_for_denoise(lambda n: schedules.tdd_timesteps(n, special_jump), steps, denoise)
+        except ValueError as exc:
+            raise _schedule_error(exc) from None
+        return (discrete_sigmas(model, timesteps, "TDD"),)
+
+
+# ------------------------------------------------------------------------------------------
+# Convenience node
+# ------------------------------------------------------------------------------------------
+METHODS = {
+    # method: (sampler factory, timesteps(steps, denoise), recommended cfg)
+    "lcm": (lambda g, e: stride_ksampler(lcm.sample_lcm),
+            lambda n, d: schedules.lcm_timesteps(n, strength=d), 1.0),
+    "tcd / hyper-sd unified": (lambda g, e: stride_ksampler(tcd.sample_tcd, gamma=g),
+                               lambda n, d: schedules.tcd_timesteps(n, strength=d), 1.0),
+    "hyper-sd n-step (ddim trailing)": (lambda g, e: stride_ksampler(tcd.sample_tcd, gamma=0.0),
+                                        lambda n, d: truncate_for_denoise(schedules.trailing_timesteps, n, d), 1.0),
+    "tdd": (lambda g, e: stride_ksampler(tdd.sample_tdd, eta=e),
+            lambda n, d: truncate_for_denoise(schedules.tdd_timesteps, n, d), 1.7),
+}
+
+
+class StrideFewStepSample:
+    DESCRIPTION = ("One node for few-step sampling with a distilled model (LCM-, Hyper-SD-, TCD- or TDD-LoRA): picks "
+                   "the schedule and sampler the distillation was trained for. cfg 0 uses the authors' "
+                   "recommendation (TDD 1.7, others 1.0).")
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("LATENT",)
+    RETURN_NAMES = ("latent",)
+    OUTPUT_TOOLTIPS = ("The sampled latent.",)
+    FUNCTION = "sample"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model": ("MODEL", {"tooltip": "A distilled model (base + LCM/Hyper-SD/TCD/TDD LoRA)."}),
+            "positive": ("CONDITIONING", {"tooltip": "Prompt conditioning."}),
+            "negative": ("CONDITIONING", {"tooltip": "Negative conditioning (used when cfg > 1)."}),
+            "latent_image": ("LATENT", {"tooltip": "Empty latent, or an image latent with denoise < 1."}),
+            "method": (list(METHODS), {"tooltip": "Which distillation the model has: lcm; tcd / hyper-sd unified "
+                                                  "(gamma); hyper-sd n-step LoRAs (DDIM trailing); tdd (eta, real CFG)."}),
+            "steps": ("INT", {"default": 4, "min": 1, "max": 50, "tooltip": "Steps: 4 is the usual choice (TDD 4-8)."}),
+            "cfg": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 30.0, "step": 0.1,
+                              "tooltip": "Classifier-free guidance; 0 = the method's recommendation "
+                                         "(LCM/TCD/Hyper-SD 1.0, TDD 1.7)."}),
+            "gamma": ("FLOAT", {"default": 0.3, "min": 0.0, "max": 1.0, "step": 0.01,
+                                "tooltip": "TCD / Hyper-SD unified only: stochasticity, authors' default 0.3."}),
+            "eta": ("FLOAT", {"default": 0.2, "min": 0.0, "max": 1.0, "step": 0.01,
+                              "tooltip": "TDD only: stochasticity, authors' default 0.2."}),
+            "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "control_after_generate": True,
+                             "tooltip": "Seed of the initial and per-step noise."}),
+            "denoise": ("FLOAT", {"default": 1.0, "min": 0.01, "max": 1.0, "step": 0.01,
+                                  "tooltip": "Below 1 for img2img."}),
+        }}
+
+    def sample(self, model, positive, negative, latent_image, method, steps, cfg, gamma, eta, seed, denoise):
+        _check_unit("gamma", gamma)
+        _check_unit("eta", eta)
+        make_sampler, timesteps_for, recommended_cfg = METHODS[method]
+        try:
+            timesteps = timesteps_for(steps, denoise)
+        except ValueError as exc:
+            raise _schedule_error(exc) from None
+        sigmas = discrete_sigmas(model, timesteps, method)
+        return (sample_with(model, positive, negative, latent_image, make_sampler(gamma, eta), sigmas,
+                            cfg or recommended_cfg, seed),)
+
+
+def sample_with(model, positive, negative, latent_image: dict, sampler, sigmas: torch.Tensor, cfg: float, seed: int) -> dict:
+    """ComfyUI's own custom-sampling path (noise, guider, progress bar, preview, Cancel)."""
+    latent = latent_image["samples"]
+    latent = comfy.sample.fix_empty_latent_channels(model, latent)
+    noise = comfy.sample.prepare_noise(latent, seed, latent_image.get("batch_index"))
+    callback = latent_preview.prepare_callback(model, len(sigmas) - 1)
+    samples = comfy.sample.sample_custom(
+        model, noise, cfg, sampler, sigmas, positive, negative, latent,
+        noise_mask=latent_image.get("noise_mask"), callback=callback, disable_pbar=True, seed=seed,
+    )
+    out = latent_image.copy()
+    out["samples"] = samples
+    return out
+
+
+NODE_CLASS_MAPPINGS = {
+    "StrideLCMSampler": StrideLCMSampler,
+    "StrideTCDSampler": StrideTCDSampler,
+    "StrideTDDSampler": StrideTDDSampler,
+    "StrideLCMScheduler": StrideLCMScheduler,
+    "StrideHyperSDScheduler": StrideHyperSDScheduler,
+    "StrideTDDScheduler": StrideTDDScheduler,
+    "StrideFewStepSample": StrideFewStepSample,
+}
+NODE_DISPLAY_NAME_MAPPINGS = {
+    "StrideLCMSampler": "Stride LCM Sampler",
+    "StrideTCDSampler": "Stride TCD / Hyper-SD Sampler",
+    "StrideTDDSampler": "Stride TDD Sampler",
+    "StrideLCMScheduler": "Stride LCM Scheduler",
+    "StrideHyperSDScheduler": "Stride Hyper-SD Scheduler",
+    "StrideTDDScheduler": "Stride TDD Scheduler",
+    "StrideFewStepSample": "Stride Few-Step Sample",
+}
