@@ -1,0 +1,84 @@
+"""Latent Consistency Model sampling (multistep consistency sampling, diffusers ``LCMScheduler``).
+
+Each step takes the model's ``x0``, optionally applies LCM's boundary condition, and re-noises the
+result to the next sigma with fresh noise (none when the next sigma is 0).
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+from torch import Tensor
+
+from .sampling_utils import NoiseSampler, run_steps, snapped_timestep
+from .spaces import NoiseSpace
+
+LCM_SIGMA_DATA = 0.5
+
+
+def lcm_boundary_scalings(timestep: Tensor | float, timestep_scaling: float = 10.0) -> tuple[Tensor, Tensor]:
+    """``(c_skip, c_out)`` of LCM's boundary condition at training timestep(s) ``timestep``.
+
+    With ``u = timestep_scaling * t``: ``c_skip = 0.25 / (u^2 + 0.25)``, ``c_out = u / sqrt(u^2 + 0.25)``
+    (sigma_data 0.5). ``c_skip`` is below 1e-6 for t >= 50, so it only matters near the data end.
+    """
+    scaled = torch.as_tensor(timestep, dtype=torch.float64) * timestep_scaling
+    denominator = scaled**2 + LCM_SIGMA_DATA**2
+    return LCM_SIGMA_DATA**2 / denominator, scaled / denominator.sqrt()
+
+
+def lcm_boundary_denoised(
+    space: NoiseSpace, x: Tensor, x0: Tensor, sigma: Tensor | float, timestep_scaling: float = 10.0
+) -> Tensor:
+    """``c_out x0 + c_skip x_vp``: the boundary-conditioned consistency output.
+
+    As in diffusers, ``c_skip`` multiplies the variance-preserving latent ``x_vp = x / sqrt(a^2 + b^2)``
+    (``x = a x0 + b eps``), whatever the space's own scaling, and the timestep is the space's
+    table timestep of ``sigma``. ``sigma`` may be a scalar or one value per batch element.
+    """
+    sigma = torch.as_tensor(sigma).detach().to("cpu", torch.float64)
+    c_skip, c_out = lcm_boundary_scalings(snapped_timestep(space, sigma), timestep_scaling)
+    a, b = space.coefficients(sigma)
+    skip_on_x = c_skip / (a**2 + b**2).sqrt()
+    shape = (-1,) + (1,) * (x.ndim - 1) if sigma.ndim > 0 else ()
+    return x0 * c_out.reshape(shape).to(x0) + x * skip_on_x.reshape(shape).to(x)
+
+
+@torch.no_grad()
+def sample_lcm(
+    model: Callable[..., Tensor],
+    x: Tensor,
+    sigmas: Tensor,
+    extra_args: dict[str, Any] | None = None,
+    callback: Callable[[dict[str, Any]], None] | None = None,
+    disable: bool | None = None,
+    *,
+    space: NoiseSpace,
+    noise_sampler: NoiseSampler | None = None,
+    s_noise: float = 1.0,
+    boundary: bool = True,
+    timestep_scaling: float = 10.0,
+) -> Tensor:
+    """LCM multistep sampling over ``sigmas`` (k-diffusion sampler shape).
+
+    Step: ``x0 = model(x, sigma)``; with ``boundary`` it becomes ``c_out x0 + c_skip x_vp``
+    (:func:`lcm_boundary_denoised`); then ``x_next = a(sigma_next) x0 + b(sigma_next) s_noise z``
+    with fresh noise ``z`` from ``noise_sampler`` (default: see :func:`run_steps`, seeded from
+    ``extra_args["seed"]``), or ``x0`` when ``sigma_next == 0``. On timestep-table sigmas with a final 0 this equals diffusers'
+    ``LCMScheduler`` step for step (in the VE scaling ``x_vp / sqrt(alpha_cumprod)``).
+
+    Flow models: the same "predict x0, re-noise to the next sigma" update in the flow convention,
+    ``x_next = (1 - sigma_next) x0 + sigma_next z``; the boundary condition uses the flow table's
+    timestep of sigma (negligible above t ~ 50). Models whose ComfyUI model sampling already applies
+    the boundary (the built-in "lcm" sampling) should use ``boundary=False``.
+    """
+
+    def update(
+        i: int, x: Tensor, denoised: Tensor, sigma: float, sigma_next: float, draw_noise: Callable[[], Tensor]
+    ) -> tuple[Tensor, Tensor]:
+        x0 = lcm_boundary_denoised(space, x, denoised, sigma, timestep_scaling) if boundary else denoised
+        if sigma_next == 0:
+            return x0, x0
+        return x0, space.noise(x0, draw_noise(), sigma_next)
+
+    return run_steps(model, x, sigmas, extra_args, callback, disable, update, noise_sampler, s_noise)

@@ -1,0 +1,147 @@
+"""Pieces shared by Stride's few-step samplers (LCM, TCD, TDD, hybrid sampling).
+
+The samplers have the k-diffusion shape ``fn(model, x, sigmas, extra_args, callback, disable, ...)``:
+``model(x, sigma_batch, **extra_args)`` returns the denoised ``x0`` and ``callback`` is called once
+per step (ComfyUI uses it for progress, previews and Cancel). What differs between methods is only
+the update from ``(x, x0)`` at ``sigma`` to the latent at ``sigma_next``; :func:`run_steps` runs the
+shared loop around such an update.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import torch
+from torch import Tensor
+from tqdm.auto import trange
+
+from .spaces import NoiseSpace
+
+NoiseSampler = Callable[[Tensor, Tensor], Tensor]
+"""``noise_sampler(sigma, sigma_next)`` returns unit Gaussian noise shaped like the latent."""
+
+StepUpdate = Callable[[int, Tensor, Tensor, float, float, Callable[[], Tensor]], tuple[Tensor, Tensor]]
+"""``update(i, x, denoised, sigma, sigma_next, draw_noise) -> (x0_used, x_next)`` for one step."""
+
+# Sigmas that reach a sampler were often rounded to float32 on the way (ComfyUI keeps its sigma
+# tables in float32): that moves a table timestep by up to ~2e-5. Timesteps this close to an
+# integer are treated as that integer, so that floor() and table look-ups see the intended value.
+TIMESTEP_SNAP_TOLERANCE = 1e-3
+
+
+def default_noise_sampler(x: Tensor, seed: int | None = None) -> NoiseSampler:
+    """Fresh ``torch.randn`` noise like ``x``; seeded like ComfyUI's ``default_noise_sampler``.
+
+    With a ``seed`` the noise comes from a private ``torch.Generator`` on ``x.device`` seeded once
+    (so a run is reproducible and independent of other RNG use); without one it comes from
+    torch's global RNG.
+    """
+    generator = None
+    if seed is not None:
+        generator = torch.Generator(device=x.device)
+        generator.manual_seed(int(seed))
+
+    def sample_noise(sigma: Tensor, sigma_next: Tensor) -> Tensor:
+        return torch.randn(x.shape, dtype=x.dtype, layout=x.layout, device=x.device, generator=generator)
+
+    return sample_noise
+
+
+def snapped_timestep(space: NoiseSpace, sigma: Tensor | float) -> Tensor:
+    """The training timestep of ``sigma`` (float64), snapped to an integer when within round-off of one."""
+    t = space.timestep_of(sigma)
+    nearest = t.round()
+    return torch.where((t - nearest).abs() < TIMESTEP_SNAP_TOLERANCE, nearest, t)
+
+
+def shrunk_timestep(timestep: float, gamma: float, float32: bool = False) -> int:
+    """``floor((1 - gamma) * timestep)``: the intermediate target of TCD / TDD steps.
+
+    ``float32=True`` evaluates the product in float32 like diffusers' ``TCDScheduler`` (a Python float
+    times an integer tensor), which floors differently from float64 at some exact products
+    (e.g. gamma 0.3, timestep 90 -> 62 instead of 63). TDD's official scheduler uses numpy float64.
+    """
+    if float32:
+        product = torch.tensor(1 - gamma, dtype=torch.float32) * torch.tensor(timestep, dtype=torch.float32)
+        return int(torch.floor(product).item())
+    return math.floor((1 - gamma) * timestep)
+
+
+def check_unit_interval(name: str, value: float) -> None:
+    """Raise ``ValueError`` unless ``0 <= value <= 1``."""
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"{name} must be in [0, 1], got {value}")
+
+
+def ddim_to(space: NoiseSpace, x: Tensor, x0: Tensor, sigma: float, sigma_target: float) -> Tensor:
+    """Deterministic DDIM move of ``x`` at ``sigma`` to ``sigma_target`` given the prediction ``x0``.
+
+    Keeps the implied noise ``eps_hat = (x - a x0) / b`` and re-weights it: ``a_s x0 + b_s eps_hat``.
+    This is also DPM-Solver++(1) and, on flow models, one Euler step.
+    """
+    if sigma_target == 0:
+        return x0
+    return space.noise(x0, space.eps(x, x0, sigma), sigma_target)
+
+
+def gamma_step(
+    space: NoiseSpace,
+    x: Tensor,
+    x0: Tensor,
+    sigma: float,
+    sigma_next: float,
+    gamma: float,
+    draw_noise: Callable[[], Tensor],
+    float32_floor: bool,
+) -> Tensor:
+    """One TCD / TDD step: DDIM to ``s = floor((1 - gamma) t_next)``, then re-noise to ``sigma_next``.
+
+    ``t_next`` is the training timestep of ``sigma_next`` read from the space's table and ``s``
+    is looked up in the same table. ``gamma = 0`` moves straight to ``sigma_next`` (DDIM, also for
+    off-grid sigmas); ``sigma_next = 0`` returns ``x0``. Noise is drawn only when ``gamma > 0`` and
+    ``sigma_next > 0``, which keeps the random stream aligned with diffusers' schedulers.
+    """
+    if sigma_next == 0:
+        return x0
+    if gamma == 0:
+        return ddim_to(space, x, x0, sigma, sigma_next)
+    t_next = float(snapped_timestep(space, sigma_next))
+    sigma_s = float(space.sigma_of(shrunk_timestep(t_next, gamma, float32=float32_floor)))
+    x_s = ddim_to(space, x, x0, sigma, sigma_s)
+    return space.renoise(x_s, sigma_s, sigma_next, draw_noise())
+
+
+def run_steps(
+    model: Callable[..., Tensor],
+    x: Tensor,
+    sigmas: Tensor,
+    extra_args: dict[str, Any] | None,
+    callback: Callable[[dict[str, Any]], None] | None,
+    disable: bool | None,
+    update: StepUpdate,
+    noise_sampler: NoiseSampler | None = None,
+    s_noise: float = 1.0,
+) -> Tensor:
+    """The k-diffusion loop: call the model at each sigma, apply ``update``, report via ``callback``.
+
+    ``update`` gets the step's sigmas as floats and a ``draw_noise()`` that returns
+    ``s_noise * noise_sampler(sigmas[i], sigmas[i + 1])``; the default noise sampler is
+    :func:`default_noise_sampler` seeded with ``extra_args["seed"]`` when given (ComfyUI passes
+    the sampling seed there), torch's global RNG otherwise. ``callback`` receives the latent
+    before the step and the ``x0`` the update actually used.
+    """
+    extra_args = {} if extra_args is None else extra_args
+    if noise_sampler is None:
+        noise_sampler = default_noise_sampler(x, extra_args.get("seed"))
+    batch_ones = x.new_ones([x.shape[0]])
+    for i in trange(len(sigmas) - 1, disable=disable):
+
+        def draw_noise(i: int = i) -> Tensor:
+            return noise_sampler(sigmas[i], sigmas[i + 1]) * s_noise
+
+        denoised = model(x, sigmas[i] * batch_ones, **extra_args)
+        x0_used, x_next = update(i, x, denoised, float(sigmas[i]), float(sigmas[i + 1]), draw_noise)
+        if callback is not None:
+            callback({"x": x, "i": i, "sigma": sigmas[i], "sigma_hat": sigmas[i], "denoised": x0_used})
+        x = x_next
+    return x
