@@ -1,0 +1,340 @@
+"""pi-Flow: few-step sampling with network-predicted policies (Lakonik/piFlow).
+
+Once per NFE the network looks at ``(x_src, sigma_src)`` and outputs a *policy*: a cheap,
+network-free velocity field valid over the next segment of the trajectory. The sampler then
+integrates that policy with many Euler substeps (128 over the whole trajectory by default,
+uniform in the un-shifted "raw" time) to the next source point.
+
+Conventions follow the official code: flow space ``x = (1 - sigma) x0 + sigma eps``,
+velocity ``u = (x - x0) / sigma`` (so ``dx/dsigma = u``), shifted time
+``sigma = shift * t / (1 + (shift - 1) * t)`` with ``t`` the raw time in [0, 1].
+
+Two policies:
+
+* :class:`GMPolicy`: the x0-posterior at the source is a Gaussian mixture per latent
+  location (K means, per-location log-weights, one variance shared by all components);
+  at any other point of the trajectory its posterior mean follows in closed form.
+* :class:`DXPolicy`: N x0 predictions on an even grid of raw time over a fixed segment,
+  linearly interpolated.
+
+``sample_piflow`` has the k-diffusion sampler shape, except that ``model(x, sigma)`` must
+return a policy object anchored at ``(x, sigma)`` (a :class:`GMPolicy` or :class:`DXPolicy`,
+or any object with ``velocity``, ``x0`` and ``denoised``) instead of a denoised tensor.
+"""
+from __future__ import annotations
+
+from typing import Callable, Protocol
+
+import torch
+from torch import Tensor
+from tqdm.auto import trange
+
+DEFAULT_SHIFT = 3.2
+DEFAULT_FINAL_STEP_SIZE_SCALE = 0.5
+DEFAULT_SUBSTEPS = 128
+AUTO_TEMPERATURE = "auto"
+_EPS = 1e-6  # clamps of the official code (sigma, GM denominators, temperature)
+
+
+# -- time warping and schedule --------------------------------------------------------------
+def warp_time(raw_t: Tensor, shift: float = DEFAULT_SHIFT) -> Tensor:
+    """Sigma of raw time ``t``: ``shift t / (1 + (shift - 1) t)``."""
+    return shift * raw_t / (1 + (shift - 1) * raw_t)
+
+
+def unwarp_sigma(sigma: Tensor, shift: float = DEFAULT_SHIFT) -> Tensor:
+    """Raw time of ``sigma`` (inverse of :func:`warp_time`)."""
+    return sigma / (shift + (1 - shift) * sigma)
+
+
+def piflow_sigmas(
+    nfe: int,
+    shift: float = DEFAULT_SHIFT,
+    final_step_size_scale: float = DEFAULT_FINAL_STEP_SIZE_SCALE,
+    denoise: float = 1.0,
+) -> Tensor:
+    """The SIGMAS of an ``nfe``-step pi-Flow run (float64, ``nfe + 1`` entries ending in 0).
+
+    Raw times are ``nfe`` evenly spaced points from 1 down to (excluding)
+    ``(f - 1) / (nfe + f - 1)``, so every step spans ``1 / (nfe - 1 + f)`` of raw time except
+    the last, which is ``f`` times as long. ``denoise < 1`` scales the raw times (img2img),
+    as the official ComfyUI node does. 4 NFE: 1, 0.889, 0.706, 0.348, 0.
+    """
+    if nfe < 1:
+        raise ValueError(f"pi-Flow needs at least one step, got nfe={nfe}")
+    if not 0 < final_step_size_scale <= 1:
+        raise ValueError(f"final_step_size_scale must be in (0, 1], got {final_step_size_scale}")
+    if not 0 < denoise <= 1:
+        raise ValueError(f"denoise must be in (0, 1], got {denoise}")
+    f = final_step_size_scale
+    end = (f - 1) / (nfe + f - 1)
+    raw = torch.linspace(1.0, end, nfe + 1, dtype=torch.float64)[:-1].clamp(min=0) * denoise
+    return torch.cat([warp_time(raw, shift), raw.new_zeros(1)])
+
+
+def substep_sigmas(sigma_from: float, sigma_to: float, substeps: int = DEFAULT_SUBSTEPS,
+                   shift: float = DEFAULT_SHIFT) -> Tensor:
+    """The Euler substep grid of one policy rollout from ``sigma_from`` down to ``sigma_to``.
+
+    ``substeps`` is the count for the whole raw-time range [0, 1]; a segment gets
+    ``max(1, round(substeps * raw length))`` equal raw-time substeps (official rule).
+    Returns float64 sigmas including both ends.
+    """
+    raw_from = unwarp_sigma(torch.as_tensor(sigma_from, dtype=torch.float64), shift)
+    raw_to = unwarp_sigma(torch.as_tensor(sigma_to, dtype=torch.float64), shift)
+    count = max(1, int(torch.round((raw_from - raw_to) * substeps)))
+    raw = torch.linspace(0.0, 1.0, count + 1, dtype=torch.float64) * (raw_to - raw_from) + raw_from
+    sigmas = warp_time(raw.clamp(min=0), shift)
+    sigmas[0], sigmas[-1] = float(sigma_from), float(sigma_to)
+    return sigmas
+
+
+def resolve_temperature(temperature: float | str, nfe: int) -> float:
+    """The GM temperature to use for an ``nfe``-step run; ``"auto"`` is ``clamp(0.1 (nfe - 1), 0, 1)``."""
+    if temperature == AUTO_TEMPERATURE:
+        return min(max(0.1 * (nfe - 1), 0.0), 1.0)
+    if isinstance(temperature, str):
+        raise ValueError(f"temperature must be a number or 'auto', got {temperature!r}")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    return float(temperature)
+
+
+# -- policies ---------------------------------------------------------------------------------
+def _per_sample(sigma: Tensor | float, like: Tensor) -> Tensor:
+    """``sigma`` (scalar or one per sample) shaped to broadcast against ``like`` (B, ...)."""
+    sigma = torch.as_tensor(sigma, dtype=like.dtype, device=like.device)
+    if sigma.ndim == 0:
+        return sigma.reshape([1] * like.ndim)
+    return sigma.reshape(-1, *([1] * (like.ndim - 1)))
+
+
+class Policy(Protocol):
+    """What ``sample_piflow`` needs from a policy anchored at its source point."""
+
+    def velocity(self, x_t: Tensor, sigma_t: Tensor | float) -> Tensor: ...
+
+    def x0(self, x_t: Tensor, sigma_t: Tensor | float) -> Tensor: ...
+
+    @property
+    def denoised(self) -> Tensor: ...
+
+
+class GMPolicy:
+    """Gaussian-mixture policy: the x0-posterior at the source, updated in closed form.
+
+    At the source ``(x_src, sigma_src)`` each latent location's x0 is a K-component mixture
+    with means ``means`` (B, K, C, *spatial), log-weights ``logweights`` (B, K, 1, *spatial)
+    and an isotropic variance ``variance`` shared by all components and locations
+    (broadcastable to (B, 1, 1, *[1])). At another point ``(x_t, sigma_t)`` of the same
+    trajectory the posterior is that mixture times the Gaussian likelihood ratio
+    ``p(x_t | x0) / p(x_src | x0)``; with ``alpha = 1 - sigma``:
+    ``zeta = (a_t/s_t)^2 - (a_src/s_src)^2``, ``nu = a_t x_t/s_t^2 - a_src x_src/s_src^2``,
+    ``d = var zeta + 1``, means ``(var nu + mu_k) / d``, log-weights
+    ``logw_k + sum_c mu_k (nu - zeta mu_k / 2) / d``. The dropped terms are equal for all
+    components only because the variance is shared, which is why it must be.
+    """
+
+    def __init__(self, means: Tensor, logweights: Tensor, variance: Tensor, x_src: Tensor,
+                 sigma_src: Tensor | float) -> None:
+        if means.ndim != x_src.ndim + 1 or means.shape[0] != x_src.shape[0] or means.shape[2:] != x_src.shape[1:]:
+            raise ValueError(f"GM means must be (B, K, *x.shape[1:]) = (B, K, {tuple(x_src.shape[1:])}), "
+                             f"got {tuple(means.shape)} for x of shape {tuple(x_src.shape)}")
+        expected_logw = (means.shape[0], means.shape[1], 1, *means.shape[3:])
+        if tuple(logweights.shape) != expected_logw:
+            raise ValueError(f"GM log-weights must be {expected_logw}, got {tuple(logweights.shape)}")
+        variance = torch.as_tensor(variance, dtype=means.dtype, device=means.device)
+        variance = variance.reshape(*variance.shape, *([1] * (means.ndim - variance.ndim)))
+        if variance.ndim != means.ndim or any(size != 1 for size in variance.shape[1:]):
+            raise ValueError("GM variance must be one value per sample shared by all components, "
+                             f"shape (B, 1, 1, ...), got {tuple(variance.shape)}")
+        self.means = means
+        self.logweights = logweights.log_softmax(dim=1)
+        self.variance = variance
+        self.x_src = x_src
+        self.sigma_src = _per_sample(sigma_src, x_src)
+
+    @classmethod
+    def from_velocity(cls, means: Tensor, logweights: Tensor, logstds: Tensor, x_src: Tensor,
+                      sigma_src: Tensor | float) -> "GMPolicy":
+        """The policy from a GM network output in velocity space (official layout).
+
+        ``means`` (B, K, C, H, W) are velocities u_k, ``logweights`` (B, K, 1, H, W) logits,
+        ``logstds`` (B, 1, 1, 1, 1) the log-std of u. In x0 space the means are
+        ``x_src - sigma_src u_k`` and the variance ``exp(2 logstd) sigma_src^2``.
+        """
+        sigma = _per_sample(sigma_src, x_src).unsqueeze(1)
+        means_x0 = x_src.unsqueeze(1) - sigma * means
+        variance = (2 * logstds).exp() * sigma.square()
+        return cls(means_x0, logweights, variance, x_src, sigma_src)
+
+    def with_temperature(self, temperature: float) -> "GMPolicy":
+        """A copy with log-weights divided by ``T`` (renormalised) and variance times ``T``.
+
+        ``T >= 1`` returns the policy unchanged, as the official code does; ``T`` is clamped
+        to at least 1e-6 so ``T = 0`` means "collapse to the most likely component".
+        """
+        if temperature >= 1:
+            return self
+        temperature = max(temperature, _EPS)
+        return GMPolicy(self.means, self.logweights / temperature, self.variance * temperature,
+                        self.x_src, self.sigma_src)
+
+    def x0(self, x_t: Tensor, sigma_t: Tensor | float) -> Tensor:
+        """Posterior mean of x0 at ``(x_t, sigma_t)`` on this policy's trajectory."""
+        sigma_t = _per_sample(sigma_t, x_t).clamp(min=_EPS)
+        sigma_src = self.sigma_src.clamp(min=_EPS)
+        snr_t = (1 - sigma_t) / sigma_t
+        snr_src = (1 - sigma_src) / sigma_src
+        zeta = (snr_t.square() - snr_src.square()).unsqueeze(1)
+        nu = (snr_t * x_t / sigma_t - snr_src * self.x_src / sigma_src).unsqueeze(1)
+        denom = (self.variance * zeta + 1).clamp(min=_EPS)
+        means = (self.variance * nu + self.means) / denom
+        logweights = self.logweights + (self.means * (nu - 0.5 * zeta * self.means)).sum(dim=2, keepdim=True) / denom
+        return (logweights.softmax(dim=1) * means).sum(dim=1)
+
+    def velocity(self, x_t: Tensor, sigma_t: Tensor | float) -> Tensor:
+        """Flow velocity ``(x_t - x0) / sigma_t`` of the policy at ``(x_t, sigma_t)``."""
+        return (x_t - self.x0(x_t, sigma_t)) / _per_sample(sigma_t, x_t).clamp(min=_EPS)
+
+    @property
+    def denoised(self) -> Tensor:
+        """x0 at the source (the mixture's mean), e.g. for previews."""
+        return (self.logweights.softmax(dim=1) * self.means).sum(dim=1)
+
+
+class DXPolicy:
+    """Grid policy: N x0 predictions spread evenly in raw time over a fixed segment.
+
+    ``x0_grid`` (B, N, C, *spatial): entry ``N - 1`` belongs to the source, entry 0 to the
+    segment's end ``raw_src - segment_size`` (clamped at raw time 0). ``segment_size``
+    and ``shift`` are properties of the trained adapter (pi-FLUX.1 DX: 1 / 3.5 and 3.2),
+    not of the sampling schedule. Between grid points x0 is linear in raw time.
+    """
+
+    def __init__(self, x0_grid: Tensor, x_src: Tensor, sigma_src: Tensor | float,
+                 segment_size: float, shift: float = DEFAULT_SHIFT) -> None:
+        if x0_grid.ndim != x_src.ndim + 1 or x0_grid.shape[0] != x_src.shape[0] or x0_grid.shape[2:] != x_src.shape[1:]:
+            raise ValueError(f"DX grid must be (B, N, *x.shape[1:]), got {tuple(x0_grid.shape)} "
+                             f"for x of shape {tuple(x_src.shape)}")
+        if segment_size <= 0:
+            raise ValueError(f"DX segment_size must be > 0, got {segment_size}")
+        self.x0_grid = x0_grid
+        self.x_src = x_src
+        self.sigma_src = _per_sample(sigma_src, x_src)
+        self.shift = shift
+        self.raw_src = unwarp_sigma(self.sigma_src, shift)
+        self.raw_end = (self.raw_src - segment_size).clamp(min=0)
+        self.segment = (self.raw_src - self.raw_end).clamp(min=1e-4)
+
+    @classmethod
+    def from_velocity(cls, velocities: Tensor, x_src: Tensor, sigma_src: Tensor | float,
+                      segment_size: float, shift: float = DEFAULT_SHIFT) -> "DXPolicy":
+        """The policy from a DX network output: N velocities, x0_n = x_src - sigma_src u_n."""
+        sigma = _per_sample(sigma_src, x_src).unsqueeze(1)
+        return cls(x_src.unsqueeze(1) - sigma * velocities, x_src, sigma_src, segment_size, shift)
+
+    def x0(self, x_t: Tensor, sigma_t: Tensor | float) -> Tensor:
+        """x0 interpolated at ``sigma_t``'s raw time (``x_t`` is not used by this policy)."""
+        count = self.x0_grid.shape[1]
+        if count == 1:
+            return self.x0_grid[:, 0]
+        raw_t = unwarp_sigma(_per_sample(sigma_t, x_t), self.shift)
+        position = ((raw_t - self.raw_end) / self.segment).clamp(0, 1) * (count - 1)
+        lower = position.floor().clamp(max=count - 2)
+        frac = (position - lower).unsqueeze(1)
+        index = lower.long().unsqueeze(1).expand(self.x0_grid.shape[0], 1, *self.x0_grid.shape[2:])
+        below = self.x0_grid.gather(1, index)
+        above = self.x0_grid.gather(1, index + 1)
+        return ((1 - frac) * below + frac * above).squeeze(1)
+
+    def velocity(self, x_t: Tensor, sigma_t: Tensor | float) -> Tensor:
+        """Flow velocity ``(x_t - x0) / sigma_t`` of the policy at ``(x_t, sigma_t)``."""
+        return (x_t - self.x0(x_t, sigma_t)) / _per_sample(sigma_t, x_t).clamp(min=1e-4)
+
+    @property
+    def denoised(self) -> Tensor:
+        """x0 at the source (the grid's last entry), e.g. for previews."""
+        return self.x0(self.x_src, self.sigma_src)
+
+
+# -- sampling -------------------------------------------------------------------------------
+def rollout(policy: Policy, x: Tensor, sigmas: Tensor) -> Tensor:
+    """Euler-integrate ``dx/dsigma = policy.velocity`` along the grid ``sigmas``."""
+    ones = x.new_ones([x.shape[0]])
+    for sigma, sigma_next in zip(sigmas[:-1].tolist(), sigmas[1:].tolist()):
+        x = x + (sigma_next - sigma) * policy.velocity(x, sigma * ones)
+    return x
+
+
+def stochastic_target(sigma_from: float, sigma_to: float, h: float) -> tuple[float, float]:
+    """``(sigma_dst, m)`` of the official flow-map SDE step with diffusion coefficient ``h``.
+
+    The policy is rolled out to ``sigma_dst``, then
+    ``x_to = (alpha_to + sigma_to m) x_dst + sigma_to sqrt(1 - m^2) z``. ``h = 0``: m = 1 and
+    ``sigma_dst = sigma_to`` (deterministic); ``m = (sigma_to alpha_from / (sigma_from alpha_to))^(h^2)``.
+    """
+    if h < 0:
+        raise ValueError(f"diffusion coefficient h must be >= 0, got {h}")
+    alpha_from, alpha_to = 1 - sigma_from, 1 - sigma_to
+    m = 1.0 if h == 0 else (sigma_to * alpha_from / max(sigma_from * alpha_to, _EPS)) ** (h * h)
+    sigma_dst = sigma_to * m / max(alpha_to + sigma_to * m, _EPS)
+    return sigma_dst, m
+
+
+def _default_noise_sampler(x: Tensor, seed: int | None) -> Callable[[Tensor, Tensor], Tensor]:
+    """Fresh unit noise shaped like ``x`` (seeded like k-diffusion's default noise sampler)."""
+    generator = None
+    if seed is not None:
+        generator = torch.Generator(device=x.device)
+        generator.manual_seed(seed)
+    return lambda sigma, sigma_next: torch.randn(x.size(), dtype=x.dtype, layout=x.layout,
+                                                 device=x.device, generator=generator)
+
+
+@torch.no_grad()
+def sample_piflow(
+    model: Callable[..., Policy],
+    x: Tensor,
+    sigmas: Tensor,
+    extra_args: dict | None = None,
+    callback: Callable[[dict], None] | None = None,
+    disable: bool | None = None,
+    *,
+    substeps: int = DEFAULT_SUBSTEPS,
+    h: float = 0.0,
+    temperature: float | str = AUTO_TEMPERATURE,
+    shift: float = DEFAULT_SHIFT,
+    noise_sampler: Callable[[Tensor, Tensor], Tensor] | None = None,
+) -> Tensor:
+    """pi-Flow sampling: one policy per step, integrated with Euler substeps.
+
+    ``model(x, sigma_batch, **extra_args)`` returns a policy anchored at ``(x, sigma)``.
+    ``substeps`` counts substeps over the whole raw-time range (split per step by raw
+    length), ``shift`` is the time warp that defines raw time (3.2 for the released
+    adapters), ``h`` the diffusion coefficient of the optional stochastic step (0 =
+    deterministic), ``temperature`` the GM temperature for all steps but the last (a number
+    or ``"auto"``; ``>= 1`` leaves policies unchanged). ``callback`` gets the policy's x0 at
+    the source as ``denoised``, once per step.
+    """
+    extra_args = {} if extra_args is None else extra_args
+    nfe = len(sigmas) - 1
+    gm_temperature = resolve_temperature(temperature, nfe)
+    if h > 0 and noise_sampler is None:
+        noise_sampler = _default_noise_sampler(x, extra_args.get("seed"))
+    ones = x.new_ones([x.shape[0]])
+    for i in trange(nfe, disable=disable):
+        sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
+        policy = model(x, sigmas[i] * ones, **extra_args)
+        if isinstance(policy, GMPolicy) and i < nfe - 1:
+            policy = policy.with_temperature(gm_temperature)
+        if callback is not None:
+            callback({"x": x, "i": i, "sigma": sigmas[i], "sigma_hat": sigmas[i], "denoised": policy.denoised})
+        sigma_dst, m = stochastic_target(sigma, sigma_next, h)
+        x_dst = rollout(policy, x, substep_sigmas(sigma, sigma_dst, substeps, shift))
+        if m == 1.0:
+            x = x_dst
+        else:
+            noise = noise_sampler(sigmas[i], sigmas[i + 1])
+            x = (1 - sigma_next + sigma_next * m) * x_dst + sigma_next * (1 - m * m) ** 0.5 * noise
+    return x

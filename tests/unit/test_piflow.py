@@ -1,0 +1,269 @@
+"""pi-Flow policies, schedule and sampler; exactness on the factorised reference teacher."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from distill_core.piflow import (
+    DXPolicy,
+    GMPolicy,
+    piflow_sigmas,
+    resolve_temperature,
+    rollout,
+    sample_piflow,
+    stochastic_target,
+    substep_sigmas,
+    unwarp_sigma,
+    warp_time,
+)
+from distill_core.spaces import NoiseSpace
+from distill_core.teacher import FactorizedMixture
+
+F64 = torch.float64
+FLOW = NoiseSpace.flow()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def single_thread():
+    """These tensors are tiny: one thread avoids thread-pool overhead on a shared, busy CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def random_gm(batch=2, k=3, c=4, h=3, w=5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    means = torch.randn(batch, k, c, h, w, generator=g, dtype=F64)
+    logweights = torch.randn(batch, k, 1, h, w, generator=g, dtype=F64)
+    variance = torch.rand(batch, generator=g, dtype=F64) * 0.5 + 0.05
+    x_src = torch.randn(batch, c, h, w, generator=g, dtype=F64)
+    return means, logweights, variance, x_src, g
+
+
+def gm_posterior_mean_reference(means, logweights, variance, x_src, s_src, x_t, s_t):
+    """Independent form: the likelihood ratio p(x_t|x0)/p(x_src|x0) as a Gaussian in x0
+    (mean g, variance v_g), multiplied into each component (ComfyUI-piFlow's formulation)."""
+    a_src, a_t = 1 - s_src, 1 - s_t
+    denom = a_t**2 * s_src**2 - a_src**2 * s_t**2
+    g = ((a_t * s_src**2 * x_t - a_src * s_t**2 * x_src) / denom).unsqueeze(1)
+    v_g = s_t**2 * s_src**2 / denom
+    var = variance.reshape(-1, 1, 1, 1, 1)
+    component_means = (v_g * means + var * g) / (v_g + var)
+    log_w = logweights.log_softmax(1) - 0.5 * ((means - g) ** 2).sum(2, keepdim=True) / (v_g + var)
+    return (log_w.softmax(1) * component_means).sum(1)
+
+
+# -- schedule ---------------------------------------------------------------------------------
+def test_sigmas_match_official_schedule():
+    sigmas = piflow_sigmas(4)
+    assert sigmas.dtype == F64 and sigmas[-1] == 0
+    torch.testing.assert_close(sigmas, torch.tensor([1.0, 0.8889, 0.7059, 0.3478, 0.0], dtype=F64), atol=1e-4, rtol=0)
+    torch.testing.assert_close(unwarp_sigma(sigmas[:-1]), torch.tensor([7, 5, 3, 1], dtype=F64) / 7, atol=1e-12, rtol=0)
+    torch.testing.assert_close(piflow_sigmas(1), torch.tensor([1.0, 0.0], dtype=F64))
+    # f = 1: even raw-time steps; denoise scales raw times
+    torch.testing.assert_close(unwarp_sigma(piflow_sigmas(2, final_step_size_scale=1.0)[:-1]), torch.tensor([1.0, 0.5], dtype=F64))
+    torch.testing.assert_close(unwarp_sigma(piflow_sigmas(4, denoise=0.5)[:1]), torch.tensor([0.5], dtype=F64))
+    with pytest.raises(ValueError):
+        piflow_sigmas(0)
+
+
+def test_warp_roundtrip_and_substep_split():
+    raw = torch.linspace(0, 1, 11, dtype=F64)
+    torch.testing.assert_close(unwarp_sigma(warp_time(raw, 3.2), 3.2), raw)
+    sigmas = piflow_sigmas(4)
+    counts = [len(substep_sigmas(float(a), float(b))) - 1 for a, b in zip(sigmas[:-1], sigmas[1:])]
+    assert counts == [37, 37, 37, 18]  # round(128 * 2/7) three times, round(128 * 1/7) last
+    grid = substep_sigmas(1.0, 0.0)
+    assert len(grid) == 129 and grid[0] == 1 and grid[-1] == 0
+    torch.testing.assert_close(unwarp_sigma(grid).diff(), torch.full((128,), -1 / 128, dtype=F64))
+
+
+# -- GM policy ---------------------------------------------------------------------------------
+def test_gm_velocity_matches_closed_form():
+    means, logweights, variance, x_src, g = random_gm()
+    s_src, s_t = 0.8, 0.45
+    policy = GMPolicy(means, logweights, variance, x_src, s_src)
+    x_t = torch.randn(x_src.shape, generator=g, dtype=F64)
+    expected_x0 = gm_posterior_mean_reference(means, logweights, variance, x_src, s_src, x_t, s_t)
+    torch.testing.assert_close(policy.x0(x_t, s_t), expected_x0, atol=1e-12, rtol=0)
+    torch.testing.assert_close(policy.velocity(x_t, torch.full((2,), s_t, dtype=F64)), (x_t - expected_x0) / s_t, atol=1e-12, rtol=0)
+    # at the source the posterior is the mixture itself
+    mixture_mean = (logweights.softmax(1) * means).sum(1)
+    torch.testing.assert_close(policy.x0(x_src, s_src), mixture_mean, atol=1e-12, rtol=0)
+    torch.testing.assert_close(policy.denoised, mixture_mean)
+
+
+def test_gm_from_velocity_uses_official_layout():
+    means_x0, logweights, variance, x_src, _ = random_gm(seed=1)
+    sigma = torch.tensor([0.9, 0.6], dtype=F64)
+    s = sigma.reshape(-1, 1, 1, 1, 1)
+    velocities = (x_src.unsqueeze(1) - means_x0) / s
+    logstds = (variance.sqrt().reshape(-1, 1, 1, 1, 1) / s).log()
+    policy = GMPolicy.from_velocity(velocities, logweights, logstds, x_src, sigma)
+    torch.testing.assert_close(policy.means, means_x0)
+    torch.testing.assert_close(policy.variance.flatten(), variance)
+    with pytest.raises(ValueError, match="shared by all components"):
+        GMPolicy(means_x0, logweights, variance.reshape(-1, 1, 1, 1, 1).expand(-1, 3, 1, 1, 1), x_src, sigma)
+    with pytest.raises(ValueError, match="log-weights"):
+        GMPolicy(means_x0, logweights[:, :, :, :2], variance, x_src, sigma)
+
+
+def test_temperature():
+    means, logweights, variance, x_src, _ = random_gm(seed=2)
+    policy = GMPolicy(means, logweights, variance, x_src, 0.7)
+    assert policy.with_temperature(1.0) is policy and policy.with_temperature(2.0) is policy
+    cooled = policy.with_temperature(0.5)
+    torch.testing.assert_close(cooled.logweights.exp(), (2 * logweights).softmax(1))
+    torch.testing.assert_close(cooled.variance, policy.variance * 0.5)
+    # T = 0 keeps only the most likely component at each location
+    frozen = policy.with_temperature(0.0).denoised
+    best = logweights.argmax(1, keepdim=True).expand(-1, 1, means.shape[2], -1, -1)
+    torch.testing.assert_close(frozen, means.gather(1, best).squeeze(1))
+    assert [resolve_temperature("auto", n) for n in (1, 2, 4, 11, 30)] == pytest.approx([0.0, 0.1, 0.3, 1.0, 1.0])
+    assert resolve_temperature(0.7, 4) == 0.7
+    with pytest.raises(ValueError):
+        resolve_temperature("hot", 4)
+
+
+def test_temperature_applies_to_all_steps_but_the_last():
+    means, logweights, variance, x_src, _ = random_gm(seed=3)
+
+    def model(x, sigma):  # a fixed mixture re-anchored at every source point
+        return GMPolicy(means, logweights, variance, x, sigma)
+
+    one_cold = sample_piflow(model, x_src, piflow_sigmas(1), temperature=0.0, disable=True)
+    one_warm = sample_piflow(model, x_src, piflow_sigmas(1), temperature=1.0, disable=True)
+    torch.testing.assert_close(one_cold, one_warm)  # the only step is the last
+    two = [sample_piflow(model, x_src, piflow_sigmas(2), temperature=t, disable=True) for t in (0.0, 1.0, "auto")]
+    assert (two[0] - two[1]).abs().max() > 1e-3
+    torch.testing.assert_close(two[2], sample_piflow(model, x_src, piflow_sigmas(2), temperature=0.1, disable=True))
+
+
+# -- DX policy ---------------------------------------------------------------------------------
+def test_dx_interpolation_reproduces_grid_points():
+    g = torch.Generator().manual_seed(4)
+    batch, n = 2, 10
+    grid = torch.randn(batch, n, 4, 3, 3, generator=g, dtype=F64)
+    x_src = torch.randn(batch, 4, 3, 3, generator=g, dtype=F64)
+    sigma_src, segment, shift = 0.8889, 1 / 3.5, 3.2
+    policy = DXPolicy(grid, x_src, sigma_src, segment, shift)
+    raw_src = float(unwarp_sigma(torch.tensor(sigma_src, dtype=F64), shift))
+    raw_end = raw_src - segment
+    for i in range(n):
+        sigma = warp_time(torch.tensor(raw_end + segment * i / (n - 1), dtype=F64), shift)
+        torch.testing.assert_close(policy.x0(x_src, sigma), grid[:, i], atol=1e-10, rtol=0)
+        torch.testing.assert_close(policy.velocity(x_src, sigma), (x_src - grid[:, i]) / sigma, atol=1e-9, rtol=0)
+    midway = warp_time(torch.tensor(raw_end + segment * 2.5 / (n - 1), dtype=F64), shift)
+    torch.testing.assert_close(policy.x0(x_src, midway), (grid[:, 2] + grid[:, 3]) / 2, atol=1e-10, rtol=0)
+    torch.testing.assert_close(policy.denoised, grid[:, -1], atol=1e-10, rtol=0)
+    torch.testing.assert_close(policy.x0(x_src, 0.0), grid[:, 0])  # below the segment: clamped
+    # the last step's segment is cut at raw time 0
+    last = DXPolicy(grid, x_src, 0.3478, segment, shift)
+    torch.testing.assert_close(last.x0(x_src, 0.0), grid[:, 0])
+    # velocities from the network map to x0 = x_src - sigma u
+    velocities = (x_src.unsqueeze(1) - grid) / sigma_src
+    torch.testing.assert_close(DXPolicy.from_velocity(velocities, x_src, sigma_src, segment, shift).x0_grid, grid)
+
+
+# -- stochastic step -----------------------------------------------------------------------------
+def test_stochastic_step_keeps_the_marginal():
+    assert stochastic_target(0.8, 0.5, 0.0) == (0.5, 1.0)
+    assert stochastic_target(0.35, 0.0, 1.0) == (0.0, 0.0)
+    for sigma_from, sigma_to, h in [(0.9, 0.6, 0.5), (0.7, 0.35, 1.0), (0.5, 0.2, 3.0)]:
+        sigma_dst, m = stochastic_target(sigma_from, sigma_to, h)
+        scale = 1 - sigma_to + sigma_to * m
+        # x_dst = (1 - s_dst) x0 + s_dst eps  ->  x_to = (1 - s_to) x0 + s_to eps'
+        assert scale * (1 - sigma_dst) == pytest.approx(1 - sigma_to, abs=1e-12)
+        assert (scale * sigma_dst) ** 2 + sigma_to**2 * (1 - m * m) == pytest.approx(sigma_to**2, abs=1e-12)
+        assert sigma_dst < sigma_to  # the policy runs past the target, fresh noise brings it back
+
+
+def test_stochastic_sampler_step_formula():
+    means, logweights, variance, x_src, g = random_gm(seed=5)
+    noises = [torch.randn(x_src.shape, generator=g, dtype=F64) for _ in range(2)]
+    calls = iter(noises)
+
+    def model(x, sigma):
+        return GMPolicy(means, logweights, variance, x, sigma)
+
+    sigmas = piflow_sigmas(2)
+    result = sample_piflow(model, x_src, sigmas, temperature=1.0, h=0.7, noise_sampler=lambda s, t: next(calls), disable=True)
+    x = x_src
+    for i in range(2):
+        s, s_next = float(sigmas[i]), float(sigmas[i + 1])
+        s_dst, m = stochastic_target(s, s_next, 0.7)
+        x_dst = rollout(model(x, s), x, substep_sigmas(s, s_dst))
+        x = x_dst if i == 1 else (1 - s_next + s_next * m) * x_dst + s_next * math.sqrt(1 - m * m) * noises[i]
+    torch.testing.assert_close(result, x, atol=1e-12, rtol=0)
+    assert (result - sample_piflow(model, x_src, sigmas, temperature=1.0, disable=True)).abs().max() > 1e-3
+
+
+# -- exactness on the factorised reference teacher ---------------------------------------------
+@pytest.fixture(scope="module")
+def teacher_setup():
+    g = torch.Generator().manual_seed(6)
+    teacher = FactorizedMixture(torch.randn(3, 4, 4, 4, generator=g, dtype=F64), std=0.3,
+                                log_weights=torch.randn(3, 4, 4, generator=g, dtype=F64))
+    x = torch.randn(6, 4, 4, 4, generator=g, dtype=F64)
+    return teacher, x
+
+
+def exact_policy(teacher):
+    def model(x, sigma):
+        posterior = teacher.posterior_gm(x, sigma, FLOW)
+        return GMPolicy(posterior.means, posterior.log_weights, posterior.variance, x, sigma)
+    return model
+
+
+def teacher_velocity(teacher, x, sigma):
+    return (x - teacher.denoise(x, sigma, FLOW)) / sigma
+
+
+def test_exact_policy_velocity_equals_teacher_along_rollout(teacher_setup):
+    teacher, x = teacher_setup
+    sigmas = piflow_sigmas(4)
+    worst = 0.0
+    for i in range(4):
+        policy = exact_policy(teacher)(x, float(sigmas[i]))
+        grid = substep_sigmas(float(sigmas[i]), float(sigmas[i + 1]))
+        for s, s_next in zip(grid[:-1].tolist(), grid[1:].tolist()):
+            u = policy.velocity(x, s)
+            worst = max(worst, float((u - teacher_velocity(teacher, x, s)).abs().max()))
+            x = x + (s_next - s) * u
+    print(f"max |policy velocity - teacher velocity| over all 129 substep points: {worst:.2e}")
+    assert worst < 1e-10
+
+
+def teacher_euler(teacher, x, grid):
+    for s, s_next in zip(grid[:-1].tolist(), grid[1:].tolist()):
+        x = x + (s_next - s) * teacher_velocity(teacher, x, s)
+    return x
+
+
+@pytest.mark.parametrize("nfe", [1, 2, 4])
+def test_rollout_equals_teacher_euler_and_approaches_the_ode(teacher_setup, nfe):
+    teacher, x = teacher_setup
+    sigmas = piflow_sigmas(nfe)
+    steps = []
+    sample = sample_piflow(exact_policy(teacher), x, sigmas, temperature=1.0,
+                           callback=lambda info: steps.append(info), disable=True)
+    grid = torch.cat([substep_sigmas(float(a), float(b))[:-1] for a, b in zip(sigmas[:-1], sigmas[1:])] + [sigmas[-1:]])
+    same_grid = teacher_euler(teacher, x, grid)
+    fine = teacher.flow_map(x, 1.0, FLOW, steps=1000)
+    err_grid = float((sample - same_grid).abs().max())
+    err_fine = float((sample - fine).abs().max())
+    err_fine_rms = float((sample - fine).pow(2).mean().sqrt())
+    print(f"NFE {nfe}: {len(grid) - 1} substeps, max|piflow - same-grid Euler| = {err_grid:.2e}, "
+          f"max|piflow - fine ODE| = {err_fine:.2e} (rms {err_fine_rms:.2e})")
+    assert err_grid < 1e-11
+    # what is left is Euler's first-order error (128 substeps): doubling them halves it
+    assert err_fine < 0.15
+    finer = sample_piflow(exact_policy(teacher), x, sigmas, temperature=1.0, substeps=256, disable=True)
+    finer_rms = float((finer - fine).pow(2).mean().sqrt())
+    assert 0.4 * err_fine_rms < finer_rms < 0.6 * err_fine_rms
+    # one callback per NFE, previewing the policy's x0 at the source
+    assert [info["i"] for info in steps] == list(range(nfe))
+    torch.testing.assert_close(steps[0]["denoised"], teacher.denoise(x, 1.0, FLOW))
