@@ -1,0 +1,339 @@
+"""LoRA adapters attached to a live torch module by forward hooks, plus safe LoRA file I/O.
+
+The module being trained is the host's shared diffusion model: its parameters keep their
+names and objects (user LoRAs are patched into them by key), so adapters never wrap or
+rename a layer. Each selected ``Linear`` / ``Conv2d`` gets a forward hook that adds
+``scale * up(down(input))`` to the layer's output, with ``scale = alpha / rank``:
+
+* Linear: ``down`` is ``Linear(in, rank)``, ``up`` is ``Linear(rank, out)``.
+* Conv2d: ``down`` is a conv with the layer's kernel, stride, padding and dilation,
+  ``up`` a 1x1 conv. The merged weight ``up.flatten(1) @ down.flatten(1)`` reshaped to the
+  layer's weight is exactly what ComfyUI's LoRA loader adds, so a saved file reproduces the
+  hooked outputs once loaded by ComfyUI.
+
+Hooks see only the layer's output, so ComfyUI's cast/patch machinery inside the layer
+(``weight_function`` lists, dtype casts) is untouched. Files are safetensors only: writes
+are atomic and reads refuse anything else before parsing (never pickle).
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import re
+import secrets
+from collections.abc import Callable, Iterator, Mapping, Sequence
+
+import safetensors
+import safetensors.torch
+import torch
+from torch import Tensor, nn
+
+LAYER_KINDS: dict[str, type[nn.Module]] = {"Linear": nn.Linear, "Conv2d": nn.Conv2d}
+MAX_HEADER_BYTES = 100 * 1024 * 1024
+
+
+class LoraAdapter(nn.Module):
+    """The low-rank pair for one layer: ``delta(x) = alpha / rank * up(down(x))``."""
+
+    def __init__(self, layer: nn.Module, rank: int, alpha: float, dtype: torch.dtype, device: torch.device) -> None:
+        super().__init__()
+        self.rank = rank
+        self.alpha = float(alpha)
+        if isinstance(layer, nn.Linear):
+            self.lora_down = nn.Linear(layer.in_features, rank, bias=False, device=device, dtype=dtype)
+            self.lora_up = nn.Linear(rank, layer.out_features, bias=False, device=device, dtype=dtype)
+        else:
+            self.lora_down = nn.Conv2d(
+                layer.in_channels, rank, layer.kernel_size, stride=layer.stride, padding=layer.padding,
+                dilation=layer.dilation, bias=False, padding_mode=layer.padding_mode, device=device, dtype=dtype,
+            )
+            self.lora_up = nn.Conv2d(rank, layer.out_channels, 1, bias=False, device=device, dtype=dtype)
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+    def delta(self, x: Tensor) -> Tensor:
+        """The adapter's contribution to the layer output for layer input ``x``."""
+        return self.lora_up(self.lora_down(x.to(self.lora_down.weight.dtype))) * self.scale
+
+
+class LoraSet:
+    """All adapters attached to one module; see :func:`attach_lora`."""
+
+    def __init__(self, root: nn.Module, adapters: dict[str, LoraAdapter]) -> None:
+        self.root = root
+        self.adapters = adapters
+        self._enabled = True
+        self._handles = [
+            _layer(root, name).register_forward_hook(self._make_hook(adapter)) for name, adapter in adapters.items()
+        ]
+
+    def _make_hook(self, adapter: LoraAdapter) -> Callable:
+        def add_lora(_layer: nn.Module, args: tuple, output: Tensor) -> Tensor:
+            if not self._enabled:
+                return output
+            return output + adapter.delta(args[0]).to(output.dtype)
+
+        return add_lora
+
+    @property
+    def is_enabled(self) -> bool:
+        return self._enabled
+
+    @property
+    def is_attached(self) -> bool:
+        return bool(self._handles)
+
+    @contextlib.contextmanager
+    def enabled(self, flag: bool) -> Iterator[None]:
+        """Switch every adapter on or off inside the block (off = the untouched base network)."""
+        previous = self._enabled
+        self._enabled = flag
+        try:
+            yield
+        finally:
+            self._enabled = previous
+
+    def parameters(self) -> list[nn.Parameter]:
+        """Trainable tensors in a fixed order (module order, down before up), for the optimizer."""
+        return [param for _, param in self.named_parameters()]
+
+    def named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        for name, adapter in self.adapters.items():
+            yield f"{name}.lora_down.weight", adapter.lora_down.weight
+            yield f"{name}.lora_up.weight", adapter.lora_up.weight
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "LoraSet":
+        """Move the adapters (e.g. after the host moved the model); build the optimizer afterwards."""
+        for adapter in self.adapters.values():
+            adapter.to(device=device, dtype=dtype)
+        return self
+
+    def remove(self) -> None:
+        """Detach every hook: the module is left exactly as it was before :func:`attach_lora`."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def __len__(self) -> int:
+        return len(self.adapters)
+
+
+def _layer(root: nn.Module, name: str) -> nn.Module:
+    return root.get_submodule(name)
+
+
+def _matrix_shape(layer: nn.Module) -> tuple[int, int]:
+    """``(in, out)`` of the layer's weight seen as a matrix (conv fan-in includes the kernel)."""
+    if isinstance(layer, nn.Linear):
+        return layer.in_features, layer.out_features
+    return layer.in_channels * math.prod(layer.kernel_size), layer.out_channels
+
+
+def attach_lora(
+    module: nn.Module,
+    rank: int,
+    alpha: float | None = None,
+    target: Sequence[str] = ("Linear", "Conv2d"),
+    name_filter: str | Callable[[str], bool] | None = None,
+    init: str = "zero-up",
+    dtype: torch.dtype | None = None,
+) -> LoraSet:
+    """Attach a LoRA adapter to every matching layer below ``module`` via forward hooks.
+
+    ``target`` names layer kinds (``"Linear"``, ``"Conv2d"``; subclasses such as ComfyUI's
+    ops count). ``name_filter`` (a regex searched in the module name, or a predicate) narrows
+    the selection. ``alpha`` defaults to ``rank`` (scale 1). ``init="zero-up"`` (down random,
+    up zero) leaves outputs unchanged; ``"random"`` makes both factors random. Adapters are
+    float32 unless the layer is float64 or ``dtype`` says otherwise, and live on the layer's
+    device. Raises ``ValueError`` for a rank outside ``1..min(in, out)`` of any selected layer.
+    """
+    unknown = [kind for kind in target if kind not in LAYER_KINDS]
+    if unknown:
+        raise ValueError(f"unknown LoRA target layer kinds {unknown}; choose from {sorted(LAYER_KINDS)}")
+    if init not in ("zero-up", "random"):
+        raise ValueError(f"init must be 'zero-up' or 'random', got {init!r}")
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
+        raise ValueError(f"LoRA rank must be a positive integer, got {rank!r}")
+    alpha = float(rank if alpha is None else alpha)
+    if not math.isfinite(alpha) or alpha <= 0:
+        raise ValueError(f"LoRA alpha must be a positive number, got {alpha!r}")
+    if isinstance(name_filter, str):
+        pattern = re.compile(name_filter)
+        keep_name: Callable[[str], bool] = lambda name: pattern.search(name) is not None  # noqa: E731
+    else:
+        keep_name = name_filter or (lambda name: True)
+
+    kinds = tuple(LAYER_KINDS[kind] for kind in target)
+    selected = [(name, layer) for name, layer in module.named_modules() if name and isinstance(layer, kinds) and keep_name(name)]
+    if not selected:
+        raise ValueError(f"no {'/'.join(target)} layer below the module matches the LoRA target")
+    grouped = [name for name, layer in selected if isinstance(layer, nn.Conv2d) and layer.groups != 1]
+    if grouped:
+        raise ValueError(f"grouped convolutions cannot take a LoRA here: {grouped[:5]}; exclude them with name_filter")
+    too_small = [
+        f"{name} ({type(layer).__name__} {_matrix_shape(layer)[0]}->{_matrix_shape(layer)[1]})"
+        for name, layer in selected
+        if rank > min(_matrix_shape(layer))
+    ]
+    if too_small:
+        raise ValueError(
+            f"LoRA rank {rank} exceeds min(in, out) of {len(too_small)} layer(s): {', '.join(too_small[:5])}"
+            f"{' ...' if len(too_small) > 5 else ''}; lower the rank or exclude them with name_filter"
+        )
+
+    adapters: dict[str, LoraAdapter] = {}
+    with torch.inference_mode(False):  # the host may run everything under inference mode
+        for name, layer in selected:
+            weight = layer.weight
+            adapter_dtype = dtype or (torch.float64 if weight.dtype == torch.float64 else torch.float32)
+            adapter = LoraAdapter(layer, rank, alpha, adapter_dtype, weight.device)
+            if init == "zero-up":
+                nn.init.zeros_(adapter.lora_up.weight)
+            adapters[name] = adapter
+    return LoraSet(module, adapters)
+
+
+def ensure_autograd_compatible(module: nn.Module) -> int:
+    """Replace parameters and buffers created under ``torch.inference_mode`` by equal normal tensors.
+
+    Hosts such as ComfyUI load models under inference mode; autograd cannot save such tensors
+    for backward, so a LoRA below them could not be trained. Names, values, dtypes, devices and
+    ``requires_grad`` are kept; only the tensor objects change (one tensor at a time, so peak
+    memory grows by one tensor). Returns how many tensors were replaced.
+    """
+    replaced = 0
+    with torch.inference_mode(False), torch.no_grad():
+        for owner in module.modules():
+            for name, param in list(owner._parameters.items()):
+                if param is not None and param.is_inference():
+                    owner._parameters[name] = nn.Parameter(param.clone(), requires_grad=param.requires_grad)
+                    replaced += 1
+            for name, buffer in list(owner._buffers.items()):
+                if buffer is not None and buffer.is_inference():
+                    owner._buffers[name] = buffer.clone()
+                    replaced += 1
+    return replaced
+
+
+# -- state dicts ------------------------------------------------------------------------------
+def lora_state_dict(loraset: LoraSet, prefix: str = "diffusion_model.", dtype: torch.dtype | None = None) -> dict[str, Tensor]:
+    """``<prefix><module>.lora_up.weight`` / ``.lora_down.weight`` / ``.alpha`` on CPU.
+
+    With ``loraset`` attached to ComfyUI's ``BaseModel.diffusion_model`` and the default prefix,
+    these are the keys ComfyUI's LoraLoader maps onto the diffusion model's weights.
+    """
+    state: dict[str, Tensor] = {}
+    for name, adapter in loraset.adapters.items():
+        for part in ("lora_up", "lora_down"):
+            weight = getattr(adapter, part).weight.detach()
+            state[f"{prefix}{name}.{part}.weight"] = weight.to("cpu", dtype or weight.dtype).contiguous()
+        state[f"{prefix}{name}.alpha"] = torch.tensor(adapter.alpha, dtype=torch.float32)
+    return state
+
+
+def load_lora_state_dict(loraset: LoraSet, state_dict: Mapping[str, Tensor], prefix: str = "diffusion_model.") -> None:
+    """Copy weights and alphas of a :func:`lora_state_dict` into ``loraset`` (shapes must match)."""
+    missing = [key for key in lora_state_dict_keys(loraset, prefix) if key not in state_dict]
+    if missing:
+        raise ValueError(f"LoRA state is missing {len(missing)} key(s), e.g. {missing[:3]}")
+    with torch.no_grad():
+        for name, adapter in loraset.adapters.items():
+            for part in ("lora_up", "lora_down"):
+                param = getattr(adapter, part).weight
+                value = state_dict[f"{prefix}{name}.{part}.weight"]
+                if value.shape != param.shape:
+                    raise ValueError(f"LoRA weight {prefix}{name}.{part}.weight has shape {tuple(value.shape)}, "
+                                     f"expected {tuple(param.shape)}")
+                param.copy_(value)
+            adapter.alpha = float(state_dict[f"{prefix}{name}.alpha"])
+
+
+def lora_state_dict_keys(loraset: LoraSet, prefix: str = "diffusion_model.") -> list[str]:
+    return [f"{prefix}{name}.{suffix}" for name in loraset.adapters
+            for suffix in ("lora_up.weight", "lora_down.weight", "alpha")]
+
+
+# -- files ------------------------------------------------------------------------------------
+def save_lora(path: str | os.PathLike, state_dict: Mapping[str, Tensor], metadata: Mapping[str, str] | None = None) -> None:
+    """Write tensors + string metadata as safetensors, atomically.
+
+    The bytes go to a temporary file in the target folder, are fsynced, then renamed over
+    ``path``; an error at any point removes the temporary file and leaves ``path`` as it was.
+    """
+    metadata = dict(metadata or {})
+    bad = [key for key, value in metadata.items() if not (isinstance(key, str) and isinstance(value, str))]
+    if bad:
+        raise TypeError(f"safetensors metadata must map str to str; offending keys: {bad[:5]}")
+    tensors = {key: value.detach().to("cpu").contiguous() for key, value in state_dict.items()}
+    payload = safetensors.torch.save(tensors, metadata=metadata or None)
+
+    target = os.path.abspath(os.fspath(path))
+    folder = os.path.dirname(target)
+    temp_path = os.path.join(folder, f".{os.path.basename(target)}.{secrets.token_hex(6)}.tmp")
+    # os.open with mode 0o666 honours the umask, so the final file gets ordinary permissions.
+    handle = os.open(temp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+    try:
+        with os.fdopen(handle, "wb") as stream:
+            stream.write(payload)
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.replace(temp_path, target)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temp_path)
+        raise
+    _fsync_folder(folder)
+
+
+def _fsync_folder(folder: str) -> None:
+    """Make the rename durable where the platform allows opening folders (not on Windows)."""
+    try:
+        descriptor = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(descriptor)
+    except OSError:
+        pass
+    finally:
+        os.close(descriptor)
+
+
+def check_safetensors_file(path: str | os.PathLike) -> None:
+    """Raise ``ValueError`` unless ``path`` has a safetensors layout (checked before any parsing).
+
+    A safetensors file is an 8-byte little-endian header length, a JSON object header of that
+    length, then raw tensor bytes. Pickle and ``torch.save`` zip files fail this test and are
+    named in the error; nothing is ever unpickled.
+    """
+    size = os.path.getsize(path)
+    with open(path, "rb") as stream:
+        head = stream.read(8)
+        header_size = int.from_bytes(head, "little") if len(head) == 8 else -1
+        header = stream.read(header_size) if 2 <= header_size <= min(size - 8, MAX_HEADER_BYTES) else b""
+    if header[:1] == b"{":
+        try:
+            if isinstance(json.loads(header.decode("utf-8")), dict):
+                return
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            pass
+    if head.startswith(b"PK\x03\x04"):
+        kind = "a zip archive (a torch.save checkpoint holding pickled data)"
+    elif head[:1] == b"\x80":
+        kind = "a Python pickle"
+    else:
+        kind = "not a safetensors file"
+    raise ValueError(f"{path} is {kind}; only safetensors files are loaded and pickle is never unpickled")
+
+
+def load_lora_state(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """Read ``(tensors, metadata)`` of a safetensors file onto the CPU; anything else is refused."""
+    check_safetensors_file(path)
+    with safetensors.safe_open(os.fspath(path), framework="pt", device="cpu") as reader:
+        metadata = dict(reader.metadata() or {})
+        tensors = {key: reader.get_tensor(key) for key in reader.keys()}
+    return tensors, metadata

@@ -1,0 +1,318 @@
+"""LoRA hooks: exactness of attach / disable / remove, ComfyUI compatibility, safe file I/O."""
+from __future__ import annotations
+
+import os
+import pickle
+import stat
+import sys
+
+import pytest
+import safetensors.torch
+import torch
+from torch import nn
+
+from distill_core.lora import (
+    attach_lora,
+    ensure_autograd_compatible,
+    load_lora_state,
+    load_lora_state_dict,
+    lora_state_dict,
+    save_lora,
+)
+
+COMFYUI_PATH = os.path.join(os.path.dirname(__file__), "..", "..", ".cache", "ComfyUI")
+
+
+class TinyNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, stride=2, padding=1)
+        self.blocks = nn.ModuleList([nn.Conv2d(8, 8, 3, padding=2, dilation=2), nn.GroupNorm(2, 8)])
+        self.head = nn.Linear(8, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.conv(x))
+        for block in self.blocks:
+            h = block(h)
+        return self.head(h.mean(dim=(2, 3)))
+
+
+def tiny_net() -> TinyNet:
+    torch.manual_seed(0)
+    return TinyNet().double()
+
+
+def sample_input() -> torch.Tensor:
+    return torch.randn(2, 3, 9, 9, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+
+
+def randomize(loraset) -> None:
+    generator = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for param in loraset.parameters():
+            param.copy_(torch.randn(param.shape, generator=generator, dtype=param.dtype) * 0.3)
+
+
+def test_zero_init_lora_leaves_outputs_identical():
+    net, x = tiny_net(), sample_input()
+    base = net(x)
+    loraset = attach_lora(net, rank=2)
+    assert sorted(loraset.adapters) == ["blocks.0", "conv", "head"]
+    assert torch.equal(net(x), base)
+
+
+def test_enabled_false_is_the_base_network_and_nests():
+    net, x = tiny_net(), sample_input()
+    base = net(x)
+    loraset = attach_lora(net, rank=2, alpha=4.0)
+    randomize(loraset)
+    adapted = net(x)
+    assert (adapted - base).abs().max() > 1e-3
+    with loraset.enabled(False):
+        assert torch.equal(net(x), base)
+        with loraset.enabled(True):
+            assert torch.equal(net(x), adapted)
+        assert torch.equal(net(x), base)
+    assert loraset.is_enabled and torch.equal(net(x), adapted)
+
+
+def test_remove_restores_the_module_exactly():
+    net, x = tiny_net(), sample_input()
+    base = net(x)
+    state_before = {key: (value, value.clone()) for key, value in net.state_dict().items()}
+    params_before = dict(net.named_parameters())
+    loraset = attach_lora(net, rank=2)
+    randomize(loraset)
+    assert not torch.equal(net(x), base)
+    assert list(net.state_dict()) == list(state_before)  # adapters are not registered in the module
+    loraset.remove()
+    assert not loraset.is_attached
+    assert torch.equal(net(x), base)
+    assert all(not module._forward_hooks for module in net.modules())
+    assert dict(net.named_parameters()).keys() == params_before.keys()
+    assert all(net.get_parameter(name) is param for name, param in params_before.items())
+    for key, value in net.state_dict().items():
+        original, copy = state_before[key]
+        assert value.data_ptr() == original.data_ptr() and torch.equal(value, copy)
+
+
+def test_conv_and_linear_lora_equal_the_merged_weight_delta():
+    """The hook equals adding (alpha / rank) * up.flatten(1) @ down.flatten(1) to the weight."""
+    net, x = tiny_net(), sample_input()
+    loraset = attach_lora(net, rank=3, alpha=1.5)
+    randomize(loraset)
+    hooked = net(x)
+    loraset.remove()
+    with torch.no_grad():
+        for name, adapter in loraset.adapters.items():
+            weight = net.get_submodule(name).weight
+            merged = adapter.lora_up.weight.flatten(1) @ adapter.lora_down.weight.flatten(1)
+            weight += adapter.scale * merged.reshape(weight.shape)
+    assert torch.allclose(net(x), hooked, atol=1e-12, rtol=0)
+
+
+def test_name_filter_kinds_and_rank_validation():
+    net = tiny_net()
+    assert sorted(attach_lora(net, 2, target=("Linear",)).adapters) == ["head"]
+    assert sorted(attach_lora(net, 2, name_filter=r"^blocks\.").adapters) == ["blocks.0"]
+    assert sorted(attach_lora(net, 2, name_filter=lambda name: name != "head").adapters) == ["blocks.0", "conv"]
+    with pytest.raises(ValueError, match=r"rank 6 exceeds min\(in, out\).*head \(Linear 8->5\)"):
+        attach_lora(net, 6)
+    for bad_rank in (0, -1, 2.5):
+        with pytest.raises(ValueError, match="positive integer"):
+            attach_lora(net, bad_rank)
+    with pytest.raises(ValueError, match="unknown LoRA target"):
+        attach_lora(net, 2, target=("Conv3d",))
+    with pytest.raises(ValueError, match="no Linear layer"):
+        attach_lora(net, 2, target=("Linear",), name_filter="nothing")
+    with pytest.raises(ValueError, match="grouped convolutions"):
+        attach_lora(nn.Sequential(nn.Conv2d(4, 4, 3, groups=2)), 1)
+    with pytest.raises(ValueError, match="init"):
+        attach_lora(net, 2, init="gaussian")
+
+
+def test_state_dict_keys_and_round_trip(tmp_path):
+    net = tiny_net()
+    loraset = attach_lora(net, rank=2, alpha=3.0)
+    randomize(loraset)
+    state = lora_state_dict(loraset)
+    assert sorted(state) == sorted(
+        f"diffusion_model.{name}.{part}" for name in ("conv", "blocks.0", "head")
+        for part in ("lora_up.weight", "lora_down.weight", "alpha"))
+    assert state["diffusion_model.conv.lora_down.weight"].shape == (2, 3, 3, 3)
+    assert state["diffusion_model.conv.lora_up.weight"].shape == (8, 2, 1, 1)
+    assert state["diffusion_model.head.alpha"].item() == 3.0
+    path = tmp_path / "lora.safetensors"
+    save_lora(path, state, {"note": "test"})
+    loaded, metadata = load_lora_state(path)
+    assert metadata == {"note": "test"}
+    other = attach_lora(tiny_net(), rank=2, alpha=1.0)
+    load_lora_state_dict(other, loaded)
+    x = sample_input()
+    assert torch.equal(other.root(x), net(x))
+    with pytest.raises(ValueError, match="missing"):
+        load_lora_state_dict(other, {}, prefix="x.")
+
+
+def test_atomic_save_leaves_no_temp_files_and_survives_a_failed_write(tmp_path, monkeypatch):
+    path = tmp_path / "lora.safetensors"
+    save_lora(path, {"a": torch.ones(3)}, {"version": "1"})
+    assert sorted(os.listdir(tmp_path)) == ["lora.safetensors"]
+    reference = tmp_path / "reference"
+    reference.write_bytes(b"")  # a file created the ordinary way: same permissions expected
+    assert stat.S_IMODE(os.stat(path).st_mode) == stat.S_IMODE(os.stat(reference).st_mode)
+    reference.unlink()
+    original = path.read_bytes()
+
+    def failing_fsync(descriptor: int) -> None:
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "fsync", failing_fsync)
+    with pytest.raises(OSError, match="disk full"):
+        save_lora(path, {"a": torch.zeros(1000)}, {"version": "2"})
+    with pytest.raises(OSError, match="disk full"):
+        save_lora(tmp_path / "new.safetensors", {"a": torch.zeros(3)})
+    assert sorted(os.listdir(tmp_path)) == ["lora.safetensors"]
+    assert path.read_bytes() == original
+    with pytest.raises(TypeError, match="str to str"):
+        save_lora(path, {"a": torch.ones(1)}, {"steps": 3})
+
+
+class _Exploit:
+    def __reduce__(self):
+        return (os.mkdir, (os.environ["STRIDE_PICKLE_MARKER"],))
+
+
+def test_pickle_and_torch_save_files_are_refused_before_unpickling(tmp_path, monkeypatch):
+    marker = tmp_path / "unpickled"
+    monkeypatch.setenv("STRIDE_PICKLE_MARKER", str(marker))
+    raw_pickle = tmp_path / "raw.ckpt"
+    raw_pickle.write_bytes(pickle.dumps(_Exploit(), protocol=2))
+    with pytest.raises(ValueError, match="Python pickle"):
+        load_lora_state(raw_pickle)
+    zipped = tmp_path / "torch.pt"
+    torch.save({"weights": _Exploit()}, zipped)
+    with pytest.raises(ValueError, match="zip archive"):
+        load_lora_state(zipped)
+    garbage = tmp_path / "garbage.safetensors"
+    garbage.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00not json at all!")
+    with pytest.raises(ValueError, match="not a safetensors file"):
+        load_lora_state(garbage)
+    assert not marker.exists()
+
+
+def test_a_safetensors_header_length_that_looks_like_a_pickle_opcode_is_accepted(tmp_path):
+    """0x80 is pickle's PROTO opcode and also a possible first byte of a header length."""
+    path = tmp_path / "lora.safetensors"
+    for pad in range(64):
+        payload = safetensors.torch.save({"w": torch.ones(2)}, metadata={"pad": "x" * pad})
+        if payload[0] == 0x80:
+            break
+    else:
+        pytest.fail("no padding gave a header length ending in 0x80")
+    path.write_bytes(payload)
+    tensors, metadata = load_lora_state(path)
+    assert torch.equal(tensors["w"], torch.ones(2)) and metadata["pad"] == "x" * pad
+
+
+def test_inference_mode_weights_become_trainable_without_changing_values():
+    with torch.inference_mode():
+        net = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
+        net.register_buffer("offset", torch.ones(2))
+    loraset = attach_lora(net, rank=1, init="random")
+    x = torch.randn(3, 4)
+    with pytest.raises(RuntimeError, match="[Ii]nference tensor"):
+        (net(x) * net.offset).sum().backward()
+    before = {key: value.clone() for key, value in net.state_dict().items()}
+    assert ensure_autograd_compatible(net) == 5
+    assert ensure_autograd_compatible(net) == 0
+    assert all(torch.equal(net.state_dict()[key], value) for key, value in before.items())
+    (net(x) * net.offset).sum().backward()
+    assert all(param.grad is not None for param in loraset.parameters())
+
+
+@pytest.fixture(scope="module")
+def comfy():
+    """ComfyUI 0.3.75 from the project cache, on CPU (imported by these tests only)."""
+    if not os.path.isdir(COMFYUI_PATH):
+        pytest.skip("ComfyUI is not provisioned in .cache/ComfyUI")
+    sys.path.insert(0, os.path.abspath(COMFYUI_PATH))
+    import comfy.cli_args
+
+    comfy.cli_args.args.cpu = True
+    import comfy.model_patcher
+    import comfy.ops
+    import comfy.sd
+    import comfy.supported_models
+    import comfy.utils
+
+    return comfy
+
+
+def tiny_comfy_sd15(comfy):
+    """ComfyUI's own BaseModel + UNetModel at a tiny SD1.5-style size, built as the host would."""
+    unet_config = dict(
+        in_channels=4, out_channels=4, model_channels=32, num_res_blocks=[1, 1], channel_mult=[1, 2],
+        transformer_depth=[1, 0], transformer_depth_output=[1, 1, 0, 0], transformer_depth_middle=0,
+        context_dim=32, num_heads=2, num_head_channels=-1, use_linear_in_transformer=False, adm_in_channels=None,
+        use_temporal_attention=False, use_spatial_transformer=True, legacy=False, image_size=8,
+        use_checkpoint=False, dtype=torch.float32,
+    )
+    torch.manual_seed(0)
+    with torch.inference_mode():
+        model_config = comfy.supported_models.SD15(unet_config)
+        model_config.unet_config["num_heads"] = 2
+        model = model_config.get_model({})
+        for param in model.diffusion_model.parameters():  # non-trivial weights everywhere
+            param.copy_(torch.randn_like(param) * 0.05)
+    return model
+
+
+def test_comfy_ops_layers_take_hooks_alongside_weight_functions(comfy):
+    ops = comfy.ops.disable_weight_init
+    torch.manual_seed(0)
+    net = nn.Sequential(ops.Conv2d(3, 4, 3, padding=1), ops.Linear(5, 5))
+    for layer in net:
+        nn.init.normal_(layer.weight)
+        nn.init.normal_(layer.bias)
+        layer.weight_function = [lambda weight: weight * 2]  # a runtime weight patch, as ComfyUI's hooks add
+    x = torch.randn(2, 3, 5, 5)
+    base = net(x)
+    loraset = attach_lora(net, rank=2, init="random")
+    with loraset.enabled(False):
+        assert torch.equal(net(x), base)
+    conv, linear = loraset.adapters["0"], loraset.adapters["1"]
+    conv_out = nn.functional.conv2d(x, net[0].weight * 2, net[0].bias, padding=1) + conv.delta(x)
+    full = nn.functional.linear(conv_out, net[1].weight * 2, net[1].bias) + linear.delta(conv_out)
+    assert torch.allclose(net(x), full, atol=1e-5)
+    loraset.remove()
+    assert torch.equal(net(x), base)
+
+
+def test_saved_lora_loads_in_comfyui_and_reproduces_the_hooked_model(comfy, tmp_path):
+    """Keys map through ComfyUI's LoraLoader path and its weight merge equals the hooks."""
+    model = tiny_comfy_sd15(comfy)
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+    sigma = torch.tensor([0.5, 3.0])
+    context = torch.randn(2, 3, 32, generator=torch.Generator().manual_seed(4))
+    with torch.inference_mode():
+        base = model.apply_model(x, sigma, c_crossattn=context)
+    loraset = attach_lora(model.diffusion_model, rank=4, alpha=2.0, init="random")
+    with torch.inference_mode():
+        hooked = model.apply_model(x, sigma, c_crossattn=context)
+    assert (hooked - base).abs().max() > 1e-3
+    path = tmp_path / "stride_lora.safetensors"
+    save_lora(path, lora_state_dict(loraset))
+    loraset.remove()
+
+    patcher = comfy.model_patcher.ModelPatcher(model, load_device=torch.device("cpu"), offload_device=torch.device("cpu"))
+    lora = comfy.utils.load_torch_file(str(path), safe_load=True)
+    patched, _ = comfy.sd.load_lora_for_models(patcher, None, lora, 1.0, 0.0)
+    assert len(patched.patches) == len(loraset.adapters)
+    with torch.inference_mode():
+        patched.patch_model()
+        merged = model.apply_model(x, sigma, c_crossattn=context)
+        patched.unpatch_model()
+        restored = model.apply_model(x, sigma, c_crossattn=context)
+    assert torch.allclose(merged, hooked, atol=1e-5, rtol=1e-4)
+    assert torch.equal(restored, base)
