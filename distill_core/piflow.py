@@ -29,6 +29,8 @@ import torch
 from torch import Tensor
 from tqdm.auto import trange
 
+from .sampling_utils import NoiseSampler, default_noise_sampler
+
 DEFAULT_SHIFT = 3.2
 DEFAULT_FINAL_STEP_SIZE_SCALE = 0.5
 DEFAULT_SUBSTEPS = 128
@@ -282,16 +284,6 @@ def stochastic_target(sigma_from: float, sigma_to: float, h: float) -> tuple[flo
     return sigma_dst, m
 
 
-def _default_noise_sampler(x: Tensor, seed: int | None) -> Callable[[Tensor, Tensor], Tensor]:
-    """Fresh unit noise shaped like ``x`` (seeded like k-diffusion's default noise sampler)."""
-    generator = None
-    if seed is not None:
-        generator = torch.Generator(device=x.device)
-        generator.manual_seed(seed)
-    return lambda sigma, sigma_next: torch.randn(x.size(), dtype=x.dtype, layout=x.layout,
-                                                 device=x.device, generator=generator)
-
-
 @torch.no_grad()
 def sample_piflow(
     model: Callable[..., Policy],
@@ -305,7 +297,7 @@ def sample_piflow(
     h: float = 0.0,
     temperature: float | str = AUTO_TEMPERATURE,
     shift: float = DEFAULT_SHIFT,
-    noise_sampler: Callable[[Tensor, Tensor], Tensor] | None = None,
+    noise_sampler: NoiseSampler | None = None,
 ) -> Tensor:
     """pi-Flow sampling: one policy per step, integrated with Euler substeps.
 
@@ -321,7 +313,7 @@ def sample_piflow(
     nfe = len(sigmas) - 1
     gm_temperature = resolve_temperature(temperature, nfe)
     if h > 0 and noise_sampler is None:
-        noise_sampler = _default_noise_sampler(x, extra_args.get("seed"))
+        noise_sampler = default_noise_sampler(x, extra_args.get("seed"))
     ones = x.new_ones([x.shape[0]])
     for i in trange(nfe, disable=disable):
         sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])

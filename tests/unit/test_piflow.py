@@ -267,3 +267,14 @@ def test_rollout_equals_teacher_euler_and_approaches_the_ode(teacher_setup, nfe)
     # one callback per NFE, previewing the policy's x0 at the source
     assert [info["i"] for info in steps] == list(range(nfe))
     torch.testing.assert_close(steps[0]["denoised"], teacher.denoise(x, 1.0, FLOW))
+
+
+def test_seeded_noise_is_reproducible():
+    means, logweights, variance, x_src, _ = random_gm(seed=7)
+
+    def model(x, sigma, **extra):  # ComfyUI's model wrapper also receives the seed
+        return GMPolicy(means, logweights, variance, x, sigma)
+
+    runs = [sample_piflow(model, x_src, piflow_sigmas(3), {"seed": seed}, h=1.0, disable=True) for seed in (3, 3, 4)]
+    torch.testing.assert_close(runs[0], runs[1])
+    assert (runs[0] - runs[2]).abs().max() > 1e-3
