@@ -3,16 +3,15 @@ real MODELs, class prompts as CONDITIONING, a cheap latent->RGB decoder and exac
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
-
 import comfy.latent_formats
 import comfy.model_base
 import comfy.model_management
 import comfy.model_patcher
+import comfy.ops
 import comfy.supported_models_base
+from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
 
 from ..distill_core import demo, metrics, teacher
 from ..distill_core.spaces import NoiseSpace
@@ -37,11 +36,20 @@ def mixture_for(variant: str) -> teacher.GaussianMixture:
     return mixture
 
 
+class StrideLatentFormat(comfy.latent_formats.SD15):
+    """SD1.5 latents as the reference mixture defines them: no scale factor (the mixture lives in the
+    model's latent space), previews through the SD1.5 latent->RGB factors (no TAESD download)."""
+
+    def __init__(self) -> None:
+        super().__init__(scale_factor=1.0)
+        self.taesd_decoder_name = None
+
+
 def _config(latent_channels: int, prediction: str) -> comfy.supported_models_base.BASE:
     class StrideConfig(comfy.supported_models_base.BASE):
         unet_config = {"disable_unet_model_creation": True, "in_channels": latent_channels}
         unet_extra_config = {}
-        latent_format = comfy.latent_formats.SD15
+        latent_format = StrideLatentFormat
         sampling_settings = {"shift": 1.0, "multiplier": 1000} if prediction == "flow" else {}
         supported_inference_dtypes = [torch.float32]
 
@@ -84,11 +92,12 @@ class AnalyticNetwork(torch.nn.Module):
         sigma = transformer_options.get("sigmas")
         if sigma is None:
             sigma = self.model_sampling.sigma(timesteps)
-        sigma = sigma.to(torch.float64).reshape(-1).expand(xc.shape[0])
+        sigma = sigma.to(torch.float64).reshape(-1)
+        sigma = sigma.repeat(xc.shape[0] // sigma.numel())  # cond and uncond chunks share the sigmas
         x64 = xc.to(torch.float64)
         if self.prediction != "flow":
             x64 = x64 * (sigma**2 + 1).sqrt().view(-1, 1, 1, 1)
-        class_ids = demo.decode_context(context, xc.shape[0])
+        class_ids = demo.decode_context(context)
         if self.flow_map_steps:
             x0 = self.mixture.flow_map(x64, sigma, self.space, class_ids, steps=self.flow_map_steps)
         else:
@@ -148,21 +157,19 @@ class StrideDemoModel:
         return {"required": {}}
 
     def load(self):
-        path = demo.weights_path()
-        if not path.is_file():
-            raise StrideError(f"The demo weights are missing ({path}); reinstall Stride or run scripts/build_demo_model.py")
-        from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
-        import comfy.ops
-
+        try:
+            state_dict, _ = demo.load_demo_weights()
+        except FileNotFoundError as exc:
+            raise StrideError(f"{exc} (reinstall Stride: the weights ship in assets/demo)") from None
         network = UNetModel(**demo.DEMO_UNET_CONFIG, operations=comfy.ops.disable_weight_init)
-        network.load_state_dict(load_file(str(path)))
+        network.load_state_dict(state_dict)
         network.eval()
         return (wrap_as_model(network, "eps"),)
 
 
 class StrideClassPrompt:
     DESCRIPTION = (
-        "Conditioning for the reference teacher and the demo model: name a class (" + ", ".join(demo.CLASS_NAMES)
+        "Conditioning for the reference teacher and the demo model: name a class (" + ", ".join(teacher.DEMO_CLASS_NAMES)
         + "); an empty prompt is the unconditional (negative) prompt."
     )
     CATEGORY = CATEGORY
@@ -173,7 +180,7 @@ class StrideClassPrompt:
 
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {"prompt": ("STRING", {"default": demo.CLASS_NAMES[0], "multiline": False,
+        return {"required": {"prompt": ("STRING", {"default": teacher.DEMO_CLASS_NAMES[0], "multiline": False,
                                                    "tooltip": "A class name, or empty for unconditional."})}}
 
     def encode(self, prompt):
@@ -181,9 +188,9 @@ class StrideClassPrompt:
         if not text:
             class_id = None
         else:
-            matches = [i for i, name in enumerate(demo.CLASS_NAMES) if name in text or text in name]
+            matches = [i for i, name in enumerate(teacher.DEMO_CLASS_NAMES) if name in text or text in name]
             if not matches:
-                raise StrideError(f"prompt '{prompt}': no such class; use one of {', '.join(demo.CLASS_NAMES)} or leave it empty")
+                raise StrideError(f"prompt '{prompt}': no such class; use one of {', '.join(teacher.DEMO_CLASS_NAMES)} or leave it empty")
             class_id = matches[0]
         context = demo.encode_classes(None if class_id is None else torch.tensor([class_id]), 1)
         return ([[context.float(), {}]],)
@@ -239,19 +246,11 @@ class StrideReferenceMetrics:
         mixture = teacher.demo_mixture()
         if tuple(latents.shape[1:]) != mixture.latent_shape:
             raise StrideError(f"samples: expected latents of shape {mixture.latent_shape}, got {tuple(latents.shape[1:])}")
-        class_id = int(demo.decode_context(conditioning[0][0], 1)[0])
+        class_id = int(demo.decode_context(conditioning[0][0])[0])
         class_ids = None if class_id < 0 else torch.full((latents.shape[0],), class_id)
-        generator = torch.Generator().manual_seed(0)
-        reference, _ = mixture.sample(max(latents.shape[0], 256), generator, None if class_ids is None else torch.full((max(latents.shape[0], 256),), class_id))
-        report = {
-            "label": label,
-            "n": latents.shape[0],
-            "swd": float(metrics.sliced_wasserstein(latents, reference, generator=generator)),
-            "nll_gap": float(metrics.nll_gap(latents, mixture, class_ids)),
-            "mode_recall": float(metrics.mode_recall(latents, mixture, class_ids)),
-            "mode_entropy": float(metrics.mode_entropy(latents, mixture)),
-        }
-        text = json.dumps(report)
+        report = {"label": label, "n": latents.shape[0],
+                  **metrics.evaluate_samples(latents, mixture, class_ids, torch.Generator().manual_seed(0))}
+        text = json.dumps({key: round(value, 4) if isinstance(value, float) else value for key, value in report.items()})
         return {"ui": {"text": [text]}, "result": (text,)}
 
 

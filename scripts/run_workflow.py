@@ -10,13 +10,13 @@ the images and any text the Stride nodes reported).
 from __future__ import annotations
 
 import argparse
-import shutil
+import json
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import host  # noqa: E402
+import comfy_host as host  # noqa: E402
 
 
 class TerminalProgress:
@@ -32,6 +32,20 @@ class TerminalProgress:
         sys.stderr.flush()
         if value >= total:
             sys.stderr.write("\n")
+
+
+def save_grid(files: list[Path], target: Path, columns: int = 8) -> Path:
+    """Tile a node's saved images into one picture (row-major, up to ``columns`` per row)."""
+    from PIL import Image
+
+    tiles = [Image.open(path).convert("RGB") for path in files]
+    width, height = tiles[0].size
+    rows = (len(tiles) + columns - 1) // columns
+    grid = Image.new("RGB", (width * min(columns, len(tiles)), height * rows), "white")
+    for index, tile in enumerate(tiles):
+        grid.paste(tile, ((index % columns) * width, (index // columns) * height))
+    grid.save(target)
+    return target
 
 
 def write_report(out: Path, workflow: Path, prompt: dict, result: host.RunResult, images: list[Path],
@@ -62,10 +76,16 @@ def write_report(out: Path, workflow: Path, prompt: dict, result: host.RunResult
         "![time per node](timings.png)",
         "",
     ]
-    if texts:
-        lines += ["## What the nodes reported", ""] + [f"```\n{text}\n```" for text in texts] + [""]
+    rows = [json.loads(text) for text in texts if text.startswith("{")]
+    if rows:
+        keys = list(dict.fromkeys(key for row in rows for key in row))
+        lines += ["## Metrics reported by the nodes", "", "| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+        lines += ["| " + " | ".join(str(row.get(key, "")) for key in keys) + " |" for row in rows] + [""]
+    others = [text for text in texts if not text.startswith("{")]
+    if others:
+        lines += ["## Text reported by the nodes", ""] + [f"```\n{text}\n```" for text in others] + [""]
     if images:
-        lines += ["## Images", ""] + [f"![{image.name}]({image.name})" for image in images]
+        lines += ["## Images (one grid per output node)", ""] + [f"![{image.stem}]({image.name})" for image in images]
     report = out / "report.md"
     report.write_text("\n".join(lines) + "\n")
     return report
@@ -118,11 +138,10 @@ def main(argv: list[str] | None = None) -> int:
 
     images, texts = [], []
     for node_id, output in result.outputs.items():
-        for item in output.get("images", []):
-            source = comfy.output_path(item)
-            target = args.out / f"{node_id}_{Path(item['filename']).name}"
-            shutil.copyfile(source, target)
-            images.append(target)
+        files = [comfy.output_path(item) for item in output.get("images", [])]
+        if files:
+            title = prompt[node_id]["_meta"]["title"].replace(" ", "_")
+            images.append(save_grid(files, args.out / f"{node_id}_{title}.png"))
         texts += [str(text) for text in output.get("text", [])]
     report = write_report(args.out, args.workflow, prompt, result, images, texts, timings, wall, comfy.version)
     print(f"done in {wall:.1f} s: {len(images)} images and {report}")

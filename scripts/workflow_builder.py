@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from host import _has_seed_control, _widget_inputs
+from comfy_host import _has_seed_control, _widget_inputs
 
 NODE_WIDTH = 320
 

@@ -15,7 +15,7 @@ for path in (ROOT, ROOT / "scripts"):
     if str(path) not in sys.path:
         sys.path.insert(0, str(path))
 
-import host  # noqa: E402  (scripts/host.py)
+import comfy_host as host  # noqa: E402
 
 
 @pytest.fixture(scope="session")

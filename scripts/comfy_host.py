@@ -238,6 +238,7 @@ class InProcessHost:
 
         if Path(folder_paths.base_path) != self.base_dir:
             raise HostError("ComfyUI was already imported in this process with another base directory")
+        import utils.extra_config  # noqa: F401  (as main.py: ComfyUI's utils package before nodes.py shadows it)
         import comfy.utils
         import execution
         import nodes

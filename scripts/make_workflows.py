@@ -1,0 +1,115 @@
+"""Generate the shipped UI-format workflows in ``workflows/`` from the host's node definitions.
+
+    .venv/bin/python scripts/make_workflows.py
+
+Each workflow runs on the models the project builds itself (the analytic reference teacher
+and the demo UNet), so it works on a fresh install, and a note in it says what to change for
+real models.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import comfy_host as host  # noqa: E402
+from workflow_builder import Graph  # noqa: E402
+
+WORKFLOWS = host.ROOT / "workflows"
+FLOW_MAP = "flow map (ideal distilled student)"
+DENOISER = "denoiser (ideal many-step teacher)"
+COL = 360
+
+
+def _prompts(g: Graph, x: float, y: float, prompt: str = "disc"):
+    positive = g.add("StrideClassPrompt", (x, y), title="Positive prompt", prompt=prompt)
+    negative = g.add("StrideClassPrompt", (x, y + 130), title="Negative prompt (empty)", prompt="")
+    return positive, negative
+
+
+def _view(g: Graph, latent, x: float, y: float, prefix: str, label: str, positive):
+    image = g.add("StrideLatentToImage", (x, y), samples=latent, scale=16)
+    g.add("SaveImage", (x + COL, y), images=(image, 0), filename_prefix=prefix)
+    g.add("StrideReferenceMetrics", (x, y + 150), samples=latent, conditioning=positive, label=label)
+
+
+def few_step_method(method: str) -> Graph:
+    """SamplerCustomAdvanced with a Stride sampler + scheduler on the ideal distilled model."""
+    g = Graph()
+    model = g.add("StrideReferenceModel", (0, 0), title="Distilled model (analytic stand-in)",
+                  variant="demo", prediction="eps", form=FLOW_MAP, flow_map_steps=48)
+    positive, negative = _prompts(g, 0, 260)
+    latent = g.add("EmptyLatentImage", (0, 560), width=64, height=64, batch_size=16)
+    guider = g.add("CFGGuider", (COL, 0), model=(model, 0), positive=(positive, 0), negative=(negative, 0),
+                   cfg=1.7 if method == "tdd" else 1.0)
+    noise = g.add("RandomNoise", (COL, 200), noise_seed=7)
+    if method == "lcm":
+        sampler = g.add("StrideLCMSampler", (COL, 330), s_noise=1.0, boundary_condition=True)
+        sigmas = g.add("StrideLCMScheduler", (COL, 480), model=(model, 0), steps=4, original_steps=50, denoise=1.0)
+    elif method == "tcd":
+        sampler = g.add("StrideTCDSampler", (COL, 330), gamma=0.3)
+        sigmas = g.add("StrideHyperSDScheduler", (COL, 480), model=(model, 0), mode="tcd grid", steps=4, denoise=1.0)
+    elif method == "hyper_sd":
+        sampler = g.add("StrideTCDSampler", (COL, 330), title="DDIM (TCD gamma 0)", gamma=0.0)
+        sigmas = g.add("StrideHyperSDScheduler", (COL, 480), model=(model, 0), mode="trailing", steps=4, denoise=1.0)
+    else:
+        sampler = g.add("StrideTDDSampler", (COL, 330), eta=0.2, clip_x0_steps=0, clip_ratio=0.995)
+        sigmas = g.add("StrideTDDScheduler", (COL, 480), model=(model, 0), steps=4, special_jump=False, denoise=1.0)
+    sample = g.add("SamplerCustomAdvanced", (2 * COL, 0), noise=(noise, 0), guider=(guider, 0), sampler=(sampler, 0),
+                   sigmas=(sigmas, 0), latent_image=(latent, 0))
+    _view(g, (sample, 0), 3 * COL, 0, f"stride_{method}", f"{method} 4 steps", (positive, 0))
+    g.group("Few-step sampling", [guider, noise, sampler, sigmas, sample])
+    g.note(
+        f"Stride {method.upper()} sampling in SamplerCustomAdvanced.\n\nThe model here is Stride's analytic reference "
+        "(the exact flow map of a known mixture = an ideal distilled model), so the metrics node can score the "
+        "samples exactly. For real use: replace it with your checkpoint + the matching LoRA, the class prompts "
+        "with CLIP Text Encode, and the preview decode with VAE Decode.",
+        (0, 720), (700, 170),
+    )
+    return g
+
+
+def demo() -> Graph:
+    """The main demo: the trained demo UNet, many-step vs few-step, with exact metrics."""
+    g = Graph()
+    base = g.add("StrideDemoModel", (0, 0), title="Demo model (trained UNet)")
+    positive, negative = _prompts(g, 0, 150, "ring")
+    latent = g.add("EmptyLatentImage", (0, 450), width=64, height=64, batch_size=16)
+    many = g.add("KSampler", (COL, 0), title="Base: euler, 25 steps", model=(base, 0), positive=(positive, 0),
+                 negative=(negative, 0), latent_image=(latent, 0), seed=3, steps=25, cfg=1.0,
+                 sampler_name="euler", scheduler="normal", denoise=1.0)
+    few = g.add("StrideFewStepSample", (COL, 380), title="Few-step: TCD 4 steps", model=(base, 0), positive=(positive, 0),
+                negative=(negative, 0), latent_image=(latent, 0), method="tcd / hyper-sd unified", steps=4, cfg=0.0,
+                gamma=0.3, eta=0.2, seed=3, denoise=1.0)
+    _view(g, (many, 0), 2 * COL, 0, "stride_demo_base25", "demo model euler 25", (positive, 0))
+    _view(g, (few, 0), 2 * COL, 380, "stride_demo_tcd4", "demo model tcd 4 (not distilled)", (positive, 0))
+    g.note(
+        "Stride demo on the project's own demo model (a small ComfyUI UNet trained on a known mixture of "
+        "coloured shapes). Top: 25 Euler steps. Bottom: 4 TCD steps on the same, undistilled model: blurrier, "
+        "which is what distillation (stride/training) fixes. Change the prompt to disc, square, cross or ring.",
+        (0, 620), (700, 150),
+    )
+    return g
+
+
+def build_all() -> dict[str, Graph]:
+    graphs = {"stride_demo": demo()}
+    for method in ("lcm", "tcd", "hyper_sd", "tdd"):
+        graphs[f"sampler_{method}"] = few_step_method(method)
+    return graphs
+
+
+def main() -> None:
+    comfy = host.InProcessHost(Path(tempfile.mkdtemp(prefix="stride-workflows-")))
+    info = comfy.object_info
+    WORKFLOWS.mkdir(exist_ok=True)
+    for name, graph in build_all().items():
+        path = WORKFLOWS / f"{name}.json"
+        path.write_text(json.dumps(graph.to_ui(info), indent=1) + "\n")
+        print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
