@@ -220,14 +220,32 @@ class _ServerStub:
         pass
 
 
+def _rebase_folder_paths(folder_paths: Any, base: Path) -> None:
+    """Point an already imported ``folder_paths`` at ``base`` (what --base-directory does at import)."""
+    old = folder_paths.base_path
+    for name, (paths, extensions) in list(folder_paths.folder_names_and_paths.items()):
+        moved = [str(base / os.path.relpath(p, old)) if p.startswith(old) else p for p in paths]
+        folder_paths.folder_names_and_paths[name] = (moved, extensions)
+    folder_paths.base_path = str(base)
+    folder_paths.models_dir = str(base / "models")
+    folder_paths.set_output_directory(str(base / "output"))
+    folder_paths.set_temp_directory(str(base / "temp"))
+    folder_paths.set_input_directory(str(base / "input"))
+    folder_paths.set_user_directory(str(base / "user"))
+    folder_paths.filename_list_cache.clear()
+
+
 class InProcessHost:
     """ComfyUI imported into this process: its own node loading, validation and executor."""
 
     def __init__(self, base_dir: Path) -> None:
         self.path = host_dir()
         self.base_dir = prepare_base_dir(base_dir)
-        if str(self.path) not in sys.path:
-            sys.path.insert(0, str(self.path))
+        # ComfyUI's top-level modules (nodes, server, utils) must win over same-named packages
+        # elsewhere on sys.path, e.g. Stride's own ``nodes`` package when the repo root is there.
+        while str(self.path) in sys.path:
+            sys.path.remove(str(self.path))
+        sys.path.insert(0, str(self.path))
         import comfy.options  # noqa: F401  (must precede cli_args)
         from comfy.cli_args import args
 
@@ -237,7 +255,7 @@ class InProcessHost:
         import folder_paths
 
         if Path(folder_paths.base_path) != self.base_dir:
-            raise HostError("ComfyUI was already imported in this process with another base directory")
+            _rebase_folder_paths(folder_paths, self.base_dir)
         import utils.extra_config  # noqa: F401  (as main.py: ComfyUI's utils package before nodes.py shadows it)
         import comfy.utils
         import execution
