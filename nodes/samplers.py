@@ -153,7 +153,7 @@ SCHEDULER_OUTPUT = {"RETURN_TYPES": ("SIGMAS",), "RETURN_NAMES": ("sigmas",),
 
 
 class StrideLCMScheduler:
-    DESCRIPTION = ("LCM's skipping-step schedule: picks steps from the 50-step distillation grid (999, 979, ... 19); "
+    DESCRIPTION = ("LCM's skipping-step schedule: picks steps from the 50-step distillation grid (999, 979 down to 19); "
                    "4 steps -> timesteps 999, 759, 499, 259. Also TCD's schedule.")
     CATEGORY = CATEGORY
     FUNCTION = "schedule"
