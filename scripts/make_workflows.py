@@ -94,8 +94,45 @@ def demo() -> Graph:
     return g
 
 
+def distill_training(steps: int = 300) -> Graph:
+    """Distil the demo UNet into an LCM-LoRA, save it, reload it with LoraLoader, sample 4 steps."""
+    g = Graph()
+    base = g.add("StrideDemoModel", (0, 0), title="Teacher: demo model")
+    prompts = [g.add("StrideClassPrompt", (0, 140 + 110 * i), title=f"Prompt {name}", prompt=name)
+               for i, name in enumerate(("disc", "square", "cross", "ring"))]
+    empty = g.add("StrideClassPrompt", (0, 600), title="Empty prompt", prompt="")
+    data = g.add("StrideDistillDataset", (COL, 0), prompt_1=(prompts[0], 0), prompt_2=(prompts[1], 0),
+                 prompt_3=(prompts[2], 0), prompt_4=(prompts[3], 0), empty_prompt=(empty, 0), width=64, height=64)
+    train = g.add("StrideDistillLoRA", (2 * COL, 0), model=(base, 0), data=(data, 0), objective="lcm", steps=steps,
+                  learning_rate=1e-3, rank=16, alpha=0.0, batch_size=16, guidance_min=0.0, guidance_max=0.0,
+                  loss="huber", gradient_checkpointing=False, seed=0, save_every=100, lora_name="stride_demo_lcm",
+                  resume=True)
+    save = g.add("StrideSaveLoRA", (3 * COL, 0), lora=(train, 1), file_name="stride_demo_lcm", overwrite=True)
+    plot = g.add("StrideLossPlot", (3 * COL, 200), loss=(train, 2), width=640, height=320)
+    g.add("SaveImage", (4 * COL, 200), images=(plot, 0), filename_prefix="stride_distill_loss")
+    reload = g.add("StrideReloadLoRA", (3 * COL, 420), model=(base, 0), lora_name=(save, 0), strength=1.0)
+    latent = g.add("EmptyLatentImage", (2 * COL, 600), width=64, height=64, batch_size=16)
+    before = g.add("StrideFewStepSample", (4 * COL, 420), title="Teacher, LCM 4 steps (before)", model=(base, 0),
+                   positive=(prompts[3], 0), negative=(empty, 0), latent_image=(latent, 0), method="lcm", steps=4,
+                   cfg=0.0, gamma=0.3, eta=0.2, seed=5, denoise=1.0)
+    after = g.add("StrideFewStepSample", (4 * COL, 800), title="Distilled LoRA, LCM 4 steps (after)", model=(reload, 0),
+                  positive=(prompts[3], 0), negative=(empty, 0), latent_image=(latent, 0), method="lcm", steps=4,
+                  cfg=0.0, gamma=0.3, eta=0.2, seed=5, denoise=1.0)
+    _view(g, (before, 0), 5 * COL, 420, "stride_distill_before", "teacher lcm 4 steps (before)", (prompts[3], 0))
+    _view(g, (after, 0), 5 * COL, 800, "stride_distill_after", "distilled lora lcm 4 steps (after)", (prompts[3], 0))
+    g.group("Distillation", [data, train, save, plot])
+    g.note(
+        "LCM-LoRA distillation inside ComfyUI. The teacher is the demo UNet; the LoRA is trained data-free from its own "
+        "trajectories (add images + VAE to the data node to train on images), saved to models/loras, reloaded with "
+        "ComfyUI's LoraLoader and sampled in 4 steps. For SD1.5/SDXL: Load Checkpoint as teacher, CLIP Text Encode "
+        "prompts, rank 64, 1000+ steps, batch 4-8, lr 1e-4.",
+        (0, 760), (700, 170),
+    )
+    return g
+
+
 def build_all() -> dict[str, Graph]:
-    graphs = {"stride_demo": demo()}
+    graphs = {"stride_demo": demo(), "distill_lcm_lora": distill_training()}
     for method in ("lcm", "tcd", "hyper_sd", "tdd"):
         graphs[f"sampler_{method}"] = few_step_method(method)
     return graphs

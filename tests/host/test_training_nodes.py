@@ -1,0 +1,151 @@
+"""Distillation training nodes inside a real ComfyUI: round trip, isolation, Cancel, resume, bad input.
+
+Runs are tiny (a few steps, rank 4) on the demo UNet: these tests check mechanics and
+exactness; the quality of distillation is measured in bench/ and tests/unit/test_distill.py.
+"""
+import logging
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+STEPS = 6
+
+
+def training_graph(name: str, steps: int = STEPS, objective: str = "lcm", save_as: str | None = None, **overrides) -> dict:
+    train_inputs = {
+        "model": ["model", 0], "data": ["data", 0], "objective": objective, "steps": steps, "learning_rate": 1e-3,
+        "rank": 4, "alpha": 0.0, "batch_size": 2, "guidance_min": 0.0, "guidance_max": 0.0, "loss": "huber",
+        "gradient_checkpointing": False, "seed": 3, "save_every": 2, "lora_name": name, "resume": True,
+    }
+    train_inputs.update(overrides)
+    graph = {
+        "model": {"class_type": "StrideDemoModel", "inputs": {}},
+        "disc": {"class_type": "StrideClassPrompt", "inputs": {"prompt": "disc"}},
+        "ring": {"class_type": "StrideClassPrompt", "inputs": {"prompt": "ring"}},
+        "empty": {"class_type": "StrideClassPrompt", "inputs": {"prompt": ""}},
+        "data": {"class_type": "StrideDistillDataset", "inputs": {
+            "prompt_1": ["disc", 0], "prompt_2": ["ring", 0], "empty_prompt": ["empty", 0], "width": 64, "height": 64}},
+        "train": {"class_type": "StrideDistillLoRA", "inputs": train_inputs},
+        "plot": {"class_type": "StrideLossPlot", "inputs": {"loss": ["train", 2], "width": 320, "height": 160}},
+        "show": {"class_type": "PreviewImage", "inputs": {"images": ["plot", 0]}},
+    }
+    if save_as:
+        graph["save"] = {"class_type": "StrideSaveLoRA", "inputs": {"lora": ["train", 1], "file_name": save_as,
+                                                                    "overwrite": False}}
+    return graph
+
+
+def sample_graph(model_ref: list, prefix: str) -> dict:
+    return {
+        "latent": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 2}},
+        "run": {"class_type": "StrideFewStepSample", "inputs": {
+            "model": model_ref, "positive": ["disc", 0], "negative": ["empty", 0], "latent_image": ["latent", 0],
+            "method": "lcm", "steps": 4, "cfg": 0.0, "gamma": 0.3, "eta": 0.2, "seed": 9, "denoise": 1.0}},
+        "save_latent": {"class_type": "SaveLatent", "inputs": {"samples": ["run", 0], "filename_prefix": prefix}},
+    }
+
+
+def latent_of(comfy_host, result, node="save_latent") -> torch.Tensor:
+    return load_file(str(comfy_host.output_path(result.outputs[node]["latents"][0])))["latent_tensor"]
+
+
+def test_train_save_reload_sample_round_trip(comfy_host, caplog):
+    import folder_paths
+
+    graph = training_graph("roundtrip", save_as="stride_roundtrip")
+    graph.update(sample_graph(["train", 0], "in_memory"))
+    result = comfy_host.run(graph)
+    assert result.success, result.error()
+    lora_path = folder_paths.get_full_path_or_raise("loras", "stride_roundtrip.safetensors")
+    state = load_file(lora_path)
+    assert all(key.startswith("diffusion_model.") for key in state)
+    in_memory = latent_of(comfy_host, result)
+
+    reload = {key: graph[key] for key in ("model", "disc", "empty")}
+    reload["lora"] = {"class_type": "LoraLoaderModelOnly", "inputs": {"model": ["model", 0],
+                                                                       "lora_name": "stride_roundtrip.safetensors",
+                                                                       "strength_model": 1.0}}
+    reload.update(sample_graph(["lora", 0], "reloaded"))
+    with caplog.at_level(logging.WARNING):
+        again = comfy_host.run(reload)
+    assert again.success, again.error()
+    assert not [r for r in caplog.records if "lora key not loaded" in r.getMessage()], "every LoRA key maps"
+    assert torch.equal(latent_of(comfy_host, again), in_memory), "LoraLoader reproduces the in-memory trained model"
+    assert result.outputs["save"]["text"][0] == "saved models/loras/stride_roundtrip.safetensors"
+
+
+def test_training_leaves_the_input_model_unchanged_and_logs_progress(comfy_host):
+    graph = training_graph("isolation")
+    graph.update(sample_graph(["model", 0], "base_before"))
+    first = comfy_host.run(graph)
+    assert first.success, first.error()
+    assert (STEPS, STEPS) in first.progress, "progress bar reaches the last step"
+    base_after = {key: graph[key] for key in ("model", "disc", "empty")}
+    base_after.update(sample_graph(["model", 0], "base_after"))
+    second = comfy_host.run(base_after)
+    assert torch.equal(latent_of(comfy_host, first), latent_of(comfy_host, second))
+
+
+def test_cancel_keeps_a_checkpoint_and_resume_matches_uninterrupted(comfy_host):
+    import folder_paths
+
+    from distill_core.distill import load_checkpoint
+
+    comfy_host.progress_listener = lambda value, total: comfy_host.interrupt() if value == 3 else None
+    try:
+        cancelled = comfy_host.run(training_graph("resume_me"))
+    finally:
+        comfy_host.progress_listener = None
+    assert not cancelled.success
+    assert any(kind == "execution_interrupted" for kind, _ in cancelled.messages)
+    checkpoints = folder_paths.get_output_directory() + "/stride_checkpoints"
+    saved = load_checkpoint(f"{checkpoints}/resume_me.safetensors")
+    assert 3 <= saved.step < STEPS
+    assert not [p for p in os.listdir(checkpoints) if p.startswith(".") or p.endswith(".tmp")]
+
+    resumed = comfy_host.run(training_graph("resume_me"))
+    assert resumed.success, resumed.error()
+    straight = comfy_host.run(training_graph("straight_run"))
+    assert straight.success
+    a = load_checkpoint(f"{checkpoints}/resume_me.safetensors")
+    b = load_checkpoint(f"{checkpoints}/straight_run.safetensors")
+    assert a.step == b.step == STEPS
+    for key in b.lora:
+        assert torch.allclose(a.lora[key], b.lora[key], atol=1e-6, rtol=0), key
+
+
+@pytest.mark.parametrize("overrides, words", [
+    ({"rank": 200}, "rank"),
+    ({"lora_name": "../escape"}, "lora_name"),
+    ({"lora_name": "a/b"}, "lora_name"),
+    ({"guidance_min": 5.0, "guidance_max": 2.0}, "guidance_min"),
+])
+def test_bad_training_inputs_give_clear_errors(comfy_host, overrides, words):
+    result = comfy_host.run(training_graph("bad_input", steps=1, **overrides))
+    assert not result.success
+    assert words in result.error()["exception_message"]
+
+
+def test_flow_teacher_is_refused(comfy_host):
+    graph = training_graph("flow_teacher", steps=1)
+    graph["model"] = {"class_type": "StrideReferenceModel", "inputs": {
+        "variant": "demo", "prediction": "flow", "form": "denoiser (ideal many-step teacher)", "flow_map_steps": 8}}
+    result = comfy_host.run(graph)
+    assert not result.success
+    assert "EPS or V-prediction teacher" in result.error()["exception_message"]
+
+
+@pytest.mark.parametrize("file_name", ["../x", "/abs/path", "a\\b", "con:fusing"])
+def test_save_refuses_unsafe_names(comfy_host, file_name):
+    result = comfy_host.run(training_graph("unsafe_save", steps=1, save_as=file_name))
+    assert not result.success
+    assert "file_name" in result.error()["exception_message"]
+
+
+def test_save_never_overwrites_without_asking(comfy_host):
+    assert comfy_host.run(training_graph("twice", steps=1, save_as="stride_twice")).success
+    again = comfy_host.run(training_graph("twice", steps=2, save_as="stride_twice"))
+    assert not again.success
+    assert "already exists" in again.error()["exception_message"]

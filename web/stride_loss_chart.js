@@ -1,0 +1,61 @@
+// Stride: live loss chart on the "Stride Distill LoRA" node, fed by the server's
+// "stride.distill.loss" websocket events ({node, step, steps, loss}).
+import { app } from "../../scripts/app.js";
+import { api } from "../../scripts/api.js";
+
+const EVENT = "stride.distill.loss";
+const NODE_TYPE = "StrideDistillLoRA";
+const charts = new Map(); // node id -> {canvas, points}
+
+function draw(chart) {
+  const { canvas, points } = chart;
+  const ctx = canvas.getContext("2d");
+  const w = canvas.width, h = canvas.height, pad = 24;
+  ctx.fillStyle = "#1e1e1e";
+  ctx.fillRect(0, 0, w, h);
+  ctx.strokeStyle = "#555";
+  ctx.strokeRect(pad, 6, w - pad - 6, h - pad - 6);
+  if (points.length < 2) return;
+  const logs = points.map((p) => Math.log10(Math.max(p.loss, 1e-12)));
+  const lo = Math.min(...logs), hi = Math.max(...logs), span = hi - lo || 1;
+  const last = points[points.length - 1];
+  ctx.strokeStyle = "#6fa8ff";
+  ctx.lineWidth = 1.5;
+  ctx.beginPath();
+  points.forEach((p, i) => {
+    const x = pad + ((w - pad - 6) * (p.step - 1)) / Math.max(last.steps - 1, 1);
+    const y = 6 + ((h - pad - 12) * (hi - logs[i])) / span;
+    if (i === 0) ctx.moveTo(x, y); else ctx.lineTo(x, y);
+  });
+  ctx.stroke();
+  ctx.fillStyle = "#ddd";
+  ctx.font = "11px sans-serif";
+  ctx.fillText(`step ${last.step}/${last.steps}  loss ${last.loss.toPrecision(4)}`, pad + 4, h - 8);
+}
+
+app.registerExtension({
+  name: "stride.lossChart",
+  async nodeCreated(node) {
+    if (node.comfyClass !== NODE_TYPE) return;
+    const canvas = document.createElement("canvas");
+    canvas.width = 320;
+    canvas.height = 140;
+    canvas.className = "stride-loss-chart";
+    node.addDOMWidget("loss_chart", "stride_loss_chart", canvas, { serialize: false });
+    const chart = { canvas, points: [] };
+    charts.set(String(node.id), chart);
+    draw(chart);
+  },
+  async setup() {
+    api.addEventListener(EVENT, ({ detail }) => {
+      const chart = charts.get(String(detail.node));
+      if (!chart) return;
+      if (detail.step === 1 || (chart.points.length && detail.step <= chart.points[chart.points.length - 1].step)) {
+        chart.points = [];
+      }
+      chart.points.push({ step: detail.step, steps: detail.steps, loss: detail.loss });
+      chart.canvas.dataset.points = String(chart.points.length);
+      draw(chart);
+    });
+  },
+});
