@@ -4,7 +4,6 @@ from __future__ import annotations
 import os
 import pickle
 import stat
-import sys
 
 import pytest
 import safetensors.torch
@@ -19,9 +18,7 @@ from distill_core.lora import (
     lora_state_dict,
     save_lora,
 )
-
-COMFYUI_PATH = os.path.join(os.path.dirname(__file__), "..", "..", ".cache", "ComfyUI")
-
+from tests.unit.distill_fixtures import comfy, single_thread, tiny_comfy_sd15  # noqa: F401 (fixtures)
 
 class TinyNet(nn.Module):
     def __init__(self) -> None:
@@ -229,43 +226,6 @@ def test_inference_mode_weights_become_trainable_without_changing_values():
     assert all(torch.equal(net.state_dict()[key], value) for key, value in before.items())
     (net(x) * net.offset).sum().backward()
     assert all(param.grad is not None for param in loraset.parameters())
-
-
-@pytest.fixture(scope="module")
-def comfy():
-    """ComfyUI 0.3.75 from the project cache, on CPU (imported by these tests only)."""
-    if not os.path.isdir(COMFYUI_PATH):
-        pytest.skip("ComfyUI is not provisioned in .cache/ComfyUI")
-    sys.path.insert(0, os.path.abspath(COMFYUI_PATH))
-    import comfy.cli_args
-
-    comfy.cli_args.args.cpu = True
-    import comfy.model_patcher
-    import comfy.ops
-    import comfy.sd
-    import comfy.supported_models
-    import comfy.utils
-
-    return comfy
-
-
-def tiny_comfy_sd15(comfy):
-    """ComfyUI's own BaseModel + UNetModel at a tiny SD1.5-style size, built as the host would."""
-    unet_config = dict(
-        in_channels=4, out_channels=4, model_channels=32, num_res_blocks=[1, 1], channel_mult=[1, 2],
-        transformer_depth=[1, 0], transformer_depth_output=[1, 1, 0, 0], transformer_depth_middle=0,
-        context_dim=32, num_heads=2, num_head_channels=-1, use_linear_in_transformer=False, adm_in_channels=None,
-        use_temporal_attention=False, use_spatial_transformer=True, legacy=False, image_size=8,
-        use_checkpoint=False, dtype=torch.float32,
-    )
-    torch.manual_seed(0)
-    with torch.inference_mode():
-        model_config = comfy.supported_models.SD15(unet_config)
-        model_config.unet_config["num_heads"] = 2
-        model = model_config.get_model({})
-        for param in model.diffusion_model.parameters():  # non-trivial weights everywhere
-            param.copy_(torch.randn_like(param) * 0.05)
-    return model
 
 
 def test_comfy_ops_layers_take_hooks_alongside_weight_functions(comfy):

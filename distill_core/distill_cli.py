@@ -1,0 +1,177 @@
+"""Headless distillation: ``python -m distill_core.distill_cli --config config.json``.
+
+Runs the same loop as the in-graph node, single-process or under ``torchrun`` (DDP: gloo on
+CPU, NCCL on CUDA, gradients averaged over the LoRA parameters). The JSON config::
+
+    {
+      "distill": {...DistillConfig fields...},
+      "network": "package.module:factory",     # default: the built-in demo network
+      "network_options": {...},                # passed to the factory
+      "output": "lora.safetensors",            # written by rank 0
+      "checkpoint": "run.ckpt.safetensors",    # optional; with "resume": true it continues
+      "resume": false,
+      "lora_prefix": "diffusion_model.",
+      "log_every": 10
+    }
+
+A factory ``factory(options, config) -> HeadlessNetwork`` supplies the denoiser, the module
+carrying its weights, the noise space and the training data; exporters (e.g. the ComfyUI
+node layer) point it at their own loader. The demo network is a tiny EPS-predicting conv net
+wrapped like ComfyUI's ``BaseModel.apply_model`` (VE space).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from .distill import Denoiser, DistillConfig, DistillTrainer, TrainingData, TrainResult
+from .lora import LoraSet, attach_lora, lora_state_dict, save_lora
+from .spaces import NoiseSpace, scaled_linear_alphas_cumprod
+
+DEFAULT_NETWORK = "distill_core.distill_cli:demo_network"
+
+
+@dataclass
+class HeadlessNetwork:
+    denoiser: Denoiser
+    module: nn.Module
+    space: NoiseSpace
+    data: TrainingData
+
+
+@dataclass
+class RunSummary:
+    loraset: LoraSet
+    result: TrainResult
+    rank: int
+    world_size: int
+
+
+class DemoEpsNet(nn.Module):
+    """A tiny conditional EPS predictor from Linear and Conv2d layers (for tests and demos)."""
+
+    def __init__(self, channels: int = 4, hidden: int = 16, cond_dim: int = 8) -> None:
+        super().__init__()
+        self.conv_in = nn.Conv2d(channels, hidden, 3, padding=1)
+        self.embed = nn.Linear(cond_dim + 1, hidden)
+        self.conv_mid = nn.Conv2d(hidden, hidden, 3, padding=1)
+        self.conv_out = nn.Conv2d(hidden, channels, 3, padding=1)
+
+    def forward(self, x: Tensor, timestep: Tensor, cond: Tensor) -> Tensor:
+        embedding = self.embed(torch.cat([cond, timestep.reshape(-1, 1).to(cond.dtype) / 1000], dim=1))
+        h = nn.functional.silu(self.conv_in(x) + embedding[:, :, None, None])
+        h = nn.functional.silu(self.conv_mid(h))
+        return self.conv_out(h)
+
+
+def eps_denoiser(net: nn.Module, space: NoiseSpace) -> Denoiser:
+    """``x0 = x - sigma * eps(x / sqrt(sigma^2 + 1), t(sigma), cond)``: ComfyUI's EPS ``apply_model``."""
+    def denoise(x: Tensor, sigma: Tensor, cond: Tensor) -> Tensor:
+        sigma_column = sigma.reshape(-1, *([1] * (x.ndim - 1)))
+        timestep = space.timestep_of(sigma.detach().cpu()).to(device=x.device, dtype=x.dtype)
+        return x - sigma_column * net(x / (sigma_column**2 + 1).sqrt(), timestep, cond)
+    return denoise
+
+
+def demo_network(options: dict[str, Any], config: DistillConfig) -> HeadlessNetwork:
+    """The demo: seeded random net, random conditionings, random latents or data-free."""
+    channels, size = options.get("channels", 4), options.get("size", 8)
+    cond_dim, dtype = options.get("cond_dim", 8), getattr(torch, options.get("dtype", "float32"))
+    generator = torch.Generator().manual_seed(options.get("seed", 0))
+    with torch.random.fork_rng():
+        torch.manual_seed(options.get("seed", 0))
+        net = DemoEpsNet(channels, options.get("hidden", 16), cond_dim).to(dtype)
+    space = NoiseSpace.from_alphas_cumprod(scaled_linear_alphas_cumprod())
+    conds = [torch.randn(1, cond_dim, generator=generator, dtype=dtype) for _ in range(options.get("num_conds", 4))]
+    uncond = torch.zeros(1, cond_dim, dtype=dtype)
+    num_latents = options.get("num_latents", 8)
+    latents = torch.randn(num_latents, channels, size, size, generator=generator, dtype=dtype) if num_latents else None
+    data = TrainingData(conds, uncond, latents=latents, latent_shape=(channels, size, size))
+    return HeadlessNetwork(eps_denoiser(net, space), net, space, data)
+
+
+def _import_factory(path: str) -> Callable[[dict[str, Any], DistillConfig], HeadlessNetwork]:
+    module_name, _, attribute = path.partition(":")
+    if not attribute:
+        raise ValueError(f"network must look like 'package.module:factory', got {path!r}")
+    return getattr(importlib.import_module(module_name), attribute)
+
+
+def init_distributed_from_env() -> bool:
+    """Join the process group torchrun describes (WORLD_SIZE > 1); returns whether it did."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+        return False
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group(backend, init_method="env://")
+    return True
+
+
+def _check_replicas_equal(loraset: LoraSet) -> None:
+    """Fail loudly if ranks ended with different LoRA weights (they must be replicas)."""
+    flat = torch.cat([p.detach().reshape(-1) for p in loraset.parameters()]).double().cpu()
+    reference = flat.clone()
+    dist.broadcast(reference, src=0)
+    difference = (flat - reference).abs().max().reshape(1)
+    dist.all_reduce(difference, op=dist.ReduceOp.MAX)
+    if difference.item() != 0:
+        raise RuntimeError(f"LoRA replicas differ across ranks (max |diff| {difference.item():.3g})")
+
+
+def run(settings: dict[str, Any]) -> RunSummary:
+    """Train as the JSON ``settings`` say; rank 0 writes ``output``. Returns the attached LoRA."""
+    known = {"distill", "network", "network_options", "output", "checkpoint", "resume", "lora_prefix", "log_every"}
+    unknown = sorted(set(settings) - known)
+    if unknown:
+        raise ValueError(f"unknown config keys: {unknown}")
+    config = DistillConfig.from_dict(settings.get("distill", {}))
+    started_group = init_distributed_from_env()
+    try:
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        world_size = dist.get_world_size() if dist.is_initialized() else 1
+        network = _import_factory(settings.get("network", DEFAULT_NETWORK))(settings.get("network_options", {}), config)
+        loraset = attach_lora(network.module, config.rank, config.alpha, config.target_layers, config.name_filter)
+        log_every = settings.get("log_every", 10)
+
+        def log(step: int, loss: float) -> None:
+            if rank == 0 and (step % log_every == 0 or step == config.steps):
+                print(json.dumps({"step": step, "loss": loss}), flush=True)
+
+        trainer = DistillTrainer(network.denoiser, loraset, network.space, config, network.data)
+        result = trainer.train(log, checkpoint_path=settings.get("checkpoint"), resume=settings.get("resume", False))
+        if world_size > 1:
+            _check_replicas_equal(loraset)
+        if rank == 0 and settings.get("output"):
+            metadata = {"stride.objective": config.objective, "stride.steps": str(result.steps_done),
+                        "stride.config": json.dumps(config.to_dict())}
+            save_lora(settings["output"], lora_state_dict(loraset, settings.get("lora_prefix", "diffusion_model.")), metadata)
+        return RunSummary(loraset, result, rank, world_size)
+    finally:
+        if started_group:
+            dist.destroy_process_group()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Stride LoRA consistency distillation (headless)")
+    parser.add_argument("--config", required=True, help="JSON file with the run settings")
+    arguments = parser.parse_args(argv)
+    with open(arguments.config, encoding="utf-8") as stream:
+        summary = run(json.load(stream))
+    if summary.rank == 0:
+        print(json.dumps({"done": summary.result.steps_done, "world_size": summary.world_size}), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

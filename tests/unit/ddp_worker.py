@@ -1,0 +1,41 @@
+"""Two torchrun-like rank processes for the DDP test.
+
+Run as ``python -m tests.unit.ddp_worker FOLDER SETTINGS_JSON`` in a fresh interpreter, so
+the spawned ranks import this module unaffected by the test session's ``sys.path``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sys
+
+import torch
+import torch.multiprocessing
+
+from distill_core.distill_cli import run
+from distill_core.lora import lora_state_dict, save_lora
+
+WORLD_SIZE = 2
+
+
+def distill_rank(rank: int, world_size: int, port: int, folder: str, settings: dict) -> None:
+    """Set torchrun's environment, run the headless CLI body, save this rank's LoRA."""
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    torch.manual_seed(100 + rank)  # different initial LoRA per rank: the loop must broadcast rank 0's
+    summary = run(settings)
+    save_lora(os.path.join(folder, f"rank{rank}.safetensors"), lora_state_dict(summary.loraset),
+              {"world_size": str(summary.world_size)})
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+if __name__ == "__main__":
+    folder, settings = sys.argv[1], json.loads(sys.argv[2])
+    torch.multiprocessing.spawn(distill_rank, args=(WORLD_SIZE, free_port(), folder, settings), nprocs=WORLD_SIZE)
