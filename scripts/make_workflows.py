@@ -131,8 +131,38 @@ def distill_training(steps: int = 300) -> Graph:
     return g
 
 
+def piflow() -> Graph:
+    """pi-Flow policy sampling on the exact reference pi-Flow teacher (no downloads)."""
+    g = Graph()
+    model = g.add("StridePiFlowReferenceModel", (0, 0), title="pi-Flow model (exact reference teacher)")
+    positive = g.add("StrideClassPrompt", (0, 120), title="Prompt (the reference is unconditional)", prompt="")
+    latent = g.add("EmptyLatentImage", (0, 300), width=64, height=64, batch_size=16)
+    guider = g.add("BasicGuider", (COL, 0), model=(model, 0), conditioning=(positive, 0))
+    noise = g.add("RandomNoise", (COL, 120), noise_seed=7)
+    sampler = g.add("StridePiFlowSampler", (COL, 250), substeps=128, diffusion_coefficient=0.0, temperature="auto",
+                    manual_temperature=1.0, shift=3.2)
+    sigmas = g.add("StridePiFlowScheduler", (COL, 500), model=(model, 0), steps=4, shift=3.2,
+                   final_step_size_scale=0.5, denoise=1.0)
+    sample = g.add("SamplerCustomAdvanced", (2 * COL, 0), noise=(noise, 0), guider=(guider, 0), sampler=(sampler, 0),
+                   sigmas=(sigmas, 0), latent_image=(latent, 0))
+    image = g.add("StrideLatentToImage", (3 * COL, 0), samples=(sample, 0), scale=16)
+    g.add("SaveImage", (4 * COL, 0), images=(image, 0), filename_prefix="stride_piflow")
+    g.group("pi-Flow sampling (4 network steps, 128 policy substeps)", [guider, noise, sampler, sigmas, sample])
+    g.note(
+        "pi-Flow: once per step the model predicts a policy (here the exact Gaussian-mixture posterior of a known "
+        "mixture), which the sampler integrates with 128 cheap substeps. Guidance is distilled in: BasicGuider.\n\n"
+        "With a released adapter (pi-FLUX.1): Load Diffusion Model flux1-dev -> Stride pi-Flow Adapter Loader "
+        "(gmflux_k8_piid_4step.safetensors in models/loras) -> this MODEL input; DualCLIPLoader (clip_l, t5xxl) + "
+        "CLIP Text Encode -> FluxGuidance 3.5 (exactly 3.5) -> BasicGuider; EmptySD3LatentImage; 4 steps "
+        "(8 with the 8-step adapter); VAE Decode (ae.safetensors) instead of the preview decode. "
+        "Stride pi-Flow Sample does the same in one node.",
+        (0, 720), (760, 200),
+    )
+    return g
+
+
 def build_all() -> dict[str, Graph]:
-    graphs = {"stride_demo": demo(), "distill_lcm_lora": distill_training()}
+    graphs = {"stride_demo": demo(), "distill_lcm_lora": distill_training(), "piflow": piflow()}
     for method in ("lcm", "tcd", "hyper_sd", "tdd"):
         graphs[f"sampler_{method}"] = few_step_method(method)
     return graphs

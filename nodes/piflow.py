@@ -1,0 +1,517 @@
+"""pi-Flow nodes: policy sampling, its schedule, the released adapters and an exact reference.
+
+A pi-Flow network outputs a *policy* once per step (a Gaussian mixture per latent location,
+"GM", or a grid of x0 predictions, "DX"); the sampler integrates it with many cheap substeps
+(``distill_core.piflow``). Inside ComfyUI a pi-Flow MODEL stays an ordinary flow model: its
+network returns the policy's mean velocity (so ComfyUI's pipeline, previews and plain samplers
+work), and also deposits the full policy in a :class:`PolicyStash` that the Stride pi-Flow
+sampler puts into ``transformer_options`` for each model call. The stash is a plain object, not
+a list or dict: ComfyUI merges ``transformer_options`` per call and copies lists and dicts, but
+passes other objects by reference.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from torch import Tensor, nn
+
+import comfy.ldm.flux.layers
+import comfy.lora
+import comfy.model_base
+import comfy.ops
+import comfy.patcher_extension
+import comfy.samplers
+import folder_paths
+
+from ..distill_core import lora, piflow, piflow_adapter, teacher
+from ..distill_core.spaces import NoiseSpace
+from .compat import StrideError, is_flow, model_sampling_of_patcher, sampling_kind
+from .reference import wrap_as_model
+from .samplers import sample_with
+
+CATEGORY = "stride/piflow"
+STASH_KEY = "stride_piflow_stash"
+WRAPPER_KEY = "stride_piflow_policy"
+HEAD_PATCH = "diffusion_model.final_layer"
+TEMPERATURE_MODES = ["auto", "manual"]
+SAFETENSORS_SUFFIXES = (".safetensors", ".sft")
+NOT_A_PIFLOW_MODEL = ("model: this model did not output a pi-Flow policy. Load a FLUX.1 model with 'Stride pi-Flow "
+                      "Adapter Loader' (or use 'Stride pi-Flow Reference Teacher'); plain models need a plain sampler.")
+GUIDANCE_HINT = ("pi-Flow models have guidance distilled in: use BasicGuider (or CFGGuider with cfg 1.0) with one "
+                 "positive conditioning (no negative prompt, areas or combined conditionings)")
+
+
+# ------------------------------------------------------------------------------------------
+# The policy stash: network -> sampler
+# ------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class PolicyOutput:
+    """One network call's policy in the official velocity-space layout.
+
+    GM: ``tensors = (means (B, K, C, H, W), logweights (B, K, 1, H, W), logstds (B, 1, 1, 1, 1))``.
+    DX: ``tensors = (velocities (B, N, C, H, W),)`` with the adapter's ``segment_size`` and ``shift``.
+    """
+
+    kind: str
+    tensors: tuple[Tensor, ...]
+    segment_size: float = 0.0
+    shift: float = piflow.DEFAULT_SHIFT
+
+    @property
+    def rows(self) -> int:
+        return self.tensors[0].shape[0]
+
+
+class PolicyStash:
+    """Collects the policies a pi-Flow network deposits during one sampler model call."""
+
+    def __init__(self) -> None:
+        self.outputs: list[PolicyOutput] = []
+
+    def policy(self, x: Tensor, sigma: Tensor) -> piflow.Policy:
+        """The policy anchored at ``(x, sigma)``, from all deposited chunks in batch order."""
+        if not self.outputs:
+            raise StrideError(NOT_A_PIFLOW_MODEL)
+        rows = sum(output.rows for output in self.outputs)
+        if rows != x.shape[0]:
+            raise StrideError(f"guider: the model produced policies for {rows} latents, but the batch has "
+                              f"{x.shape[0]}. {GUIDANCE_HINT}.")
+        first = self.outputs[0]
+        if any((o.kind, o.segment_size, o.shift) != (first.kind, first.segment_size, first.shift) for o in self.outputs):
+            raise StrideError("model: one model call produced different kinds of pi-Flow policy")
+        tensors = [torch.cat([o.tensors[i] for o in self.outputs]).to(x) for i in range(len(first.tensors))]
+        if tensors[0].shape[2:] != x.shape[1:]:
+            raise StrideError(f"guider: the policy covers latents of shape {tuple(tensors[0].shape[2:])}, the batch is "
+                              f"{tuple(x.shape[1:])}. {GUIDANCE_HINT}.")
+        if first.kind == "gm":
+            return piflow.GMPolicy.from_velocity(*tensors, x, sigma)
+        return piflow.DXPolicy.from_velocity(tensors[0], x, sigma, first.segment_size, first.shift)
+
+
+def deposit_policy(transformer_options: dict, output: PolicyOutput) -> None:
+    """Hand a network's policy to the sampler's stash, if this call has one (plain samplers don't)."""
+    stash = transformer_options.get(STASH_KEY)
+    if stash is not None:
+        stash.outputs.append(output)
+
+
+def policy_model(model: Callable[..., Tensor]) -> Callable[..., piflow.Policy]:
+    """``model(x, sigma, **extra_args) -> policy`` on top of ComfyUI's denoiser ``model``.
+
+    Each call gets a fresh stash in copies of ``model_options`` and its ``transformer_options``
+    (the shared dicts are never modified); the denoised output itself is not needed.
+    """
+
+    def call(x: Tensor, sigma: Tensor, **extra_args: Any) -> piflow.Policy:
+        stash = PolicyStash()
+        model_options = dict(extra_args.get("model_options") or {})
+        model_options["transformer_options"] = {**model_options.get("transformer_options", {}), STASH_KEY: stash}
+        model(x, sigma, **{**extra_args, "model_options": model_options})
+        return stash.policy(x, sigma)
+
+    return call
+
+
+def piflow_ksampler(substeps: int, temperature: float | str, diffusion_coefficient: float,
+                    shift: float) -> comfy.samplers.KSAMPLER:
+    """The pi-Flow sampler as a ComfyUI SAMPLER (composes with SamplerCustomAdvanced and guiders)."""
+
+    def sampler(model, x, sigmas, extra_args=None, callback=None, disable=None):
+        extra_args = extra_args or {}
+        if extra_args.get("denoise_mask") is not None:
+            raise StrideError("latent_image: pi-Flow sampling does not support noise masks (inpainting) yet; "
+                              "remove the mask or use a plain sampler for inpainting.")
+        if not torch.isfinite(x).all():
+            raise StrideError("The input latent contains NaN or inf values; check the nodes that produced it.")
+        return piflow.sample_piflow(policy_model(model), x, sigmas, extra_args, callback, disable, substeps=substeps,
+                                    h=diffusion_coefficient, temperature=temperature, shift=shift)
+
+    return comfy.samplers.KSAMPLER(sampler)
+
+
+def _temperature(mode: str, manual_temperature: float) -> float | str:
+    return piflow.AUTO_TEMPERATURE if mode == "auto" else manual_temperature
+
+
+def piflow_schedule(model: Any, steps: int, shift: float, final_step_size_scale: float, denoise: float) -> Tensor:
+    """pi-Flow SIGMAS for a flow (CONST) model; other models are refused."""
+    sampling = model_sampling_of_patcher(model)
+    if not is_flow(sampling):
+        raise StrideError(f"model: pi-Flow schedules are for flow-matching models (FLUX, SD3, Qwen-Image), but this is "
+                          f"an {sampling_kind(sampling).upper()} model. Load a pi-Flow model (Stride pi-Flow Adapter Loader).")
+    try:
+        return piflow.piflow_sigmas(steps, shift, final_step_size_scale, denoise).float()
+    except ValueError as exc:
+        raise StrideError(str(exc)) from None
+
+
+# ------------------------------------------------------------------------------------------
+# Sampling nodes
+# ------------------------------------------------------------------------------------------
+TEMPERATURE_INPUTS = {
+    "temperature": (TEMPERATURE_MODES, {"default": "auto",
+                                        "tooltip": "GM policies only: 'auto' = the authors' rule min(0.1 (steps - 1), 1) "
+                                                   "for every step but the last (4 steps -> 0.3); 'manual' uses "
+                                                   "manual_temperature. Lower = less noisy, less diverse."}),
+    "manual_temperature": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01,
+                                     "tooltip": "Temperature when 'manual' is chosen (1.0 = the policy as predicted)."}),
+}
+SUBSTEP_INPUTS = {
+    "substeps": ("INT", {"default": piflow.DEFAULT_SUBSTEPS, "min": 1, "max": 10000,
+                         "tooltip": "Policy substeps over the whole trajectory (no network calls; authors' default 128)."}),
+    "diffusion_coefficient": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 100.0, "step": 0.01,
+                                        "tooltip": "Stochasticity h of each step: 0 = deterministic (authors' default), "
+                                                   "1 = DDPM-like fresh noise."}),
+}
+SHIFT_INPUT = ("FLOAT", {"default": piflow.DEFAULT_SHIFT, "min": 0.01, "max": 100.0, "step": 0.01,
+                         "tooltip": "Time shift sigma = s t / (1 + (s - 1) t) (3.2 for the released pi-FLUX.1 and "
+                                    "pi-Qwen-Image adapters). Use the same value in sampler and scheduler."})
+FINAL_SCALE_INPUT = ("FLOAT", {"default": piflow.DEFAULT_FINAL_STEP_SIZE_SCALE, "min": 0.01, "max": 1.0, "step": 0.01,
+                               "tooltip": "Length of the last step relative to the others (authors' default 0.5)."})
+
+
+class StridePiFlowSampler:
+    DESCRIPTION = ("pi-Flow policy sampling: each step the model predicts a policy (GM mixture or DX grid), which is "
+                   "integrated with cheap substeps to the next sigma. Needs a pi-Flow model (Stride pi-Flow Adapter "
+                   "Loader) and the Stride pi-Flow Scheduler; use BasicGuider (guidance is distilled in).")
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("SAMPLER",)
+    RETURN_NAMES = ("sampler",)
+    OUTPUT_TOOLTIPS = ("Plug into SamplerCustomAdvanced / SamplerCustom.",)
+    FUNCTION = "build"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {**SUBSTEP_INPUTS, **TEMPERATURE_INPUTS, "shift": SHIFT_INPUT}}
+
+    def build(self, substeps, diffusion_coefficient, temperature, manual_temperature, shift):
+        return (piflow_ksampler(substeps, _temperature(temperature, manual_temperature), diffusion_coefficient, shift),)
+
+
+class StridePiFlowScheduler:
+    DESCRIPTION = ("The pi-Flow schedule: evenly spaced raw times with a shorter final step, warped by the time shift "
+                   "(4 steps, shift 3.2 -> sigmas 1, 0.889, 0.706, 0.348, 0).")
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("SIGMAS",)
+    RETURN_NAMES = ("sigmas",)
+    OUTPUT_TOOLTIPS = ("Sigmas for SamplerCustomAdvanced / SamplerCustom.",)
+    FUNCTION = "schedule"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model": ("MODEL", {"tooltip": "The pi-Flow model (must be a flow-matching model)."}),
+            "steps": ("INT", {"default": 4, "min": 1, "max": 1000,
+                              "tooltip": "Network evaluations; match the adapter (pi-FLUX.1 gmflux_k8_piid_4step: 4, "
+                                         "_8step: 8)."}),
+            "shift": SHIFT_INPUT,
+            "final_step_size_scale": FINAL_SCALE_INPUT,
+            "denoise": ("FLOAT", {"default": 1.0, "min": 0.01, "max": 1.0, "step": 0.01,
+                                  "tooltip": "Below 1 for img2img: scales the raw times (the official rule)."}),
+        }}
+
+    def schedule(self, model, steps, shift, final_step_size_scale, denoise):
+        return (piflow_schedule(model, steps, shift, final_step_size_scale, denoise),)
+
+
+class StridePiFlowSample:
+    DESCRIPTION = ("One node for pi-Flow sampling (pi-FLUX.1, or the reference teacher): the pi-Flow schedule and "
+                   "policy sampler through ComfyUI's own sampling path (progress bar, previews, Cancel), "
+                   "guidance 1 (distilled in). For FLUX.1 adapters keep the Flux guidance at 3.5.")
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("LATENT",)
+    RETURN_NAMES = ("latent",)
+    OUTPUT_TOOLTIPS = ("The sampled latent.",)
+    FUNCTION = "sample"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model": ("MODEL", {"tooltip": "A pi-Flow model (Stride pi-Flow Adapter Loader or Reference Teacher)."}),
+            "positive": ("CONDITIONING", {"tooltip": "Prompt conditioning (no negative: guidance is distilled in)."}),
+            "latent_image": ("LATENT", {"tooltip": "Empty latent, or an image latent with denoise < 1."}),
+            "steps": ("INT", {"default": 4, "min": 1, "max": 1000,
+                              "tooltip": "Network evaluations; match the adapter (4-step adapters: 4, 8-step: 8)."}),
+            **SUBSTEP_INPUTS,
+            "shift": SHIFT_INPUT,
+            "final_step_size_scale": FINAL_SCALE_INPUT,
+            **TEMPERATURE_INPUTS,
+            "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "control_after_generate": True,
+                             "tooltip": "Seed of the initial (and, with diffusion_coefficient > 0, per-step) noise."}),
+            "denoise": ("FLOAT", {"default": 1.0, "min": 0.01, "max": 1.0, "step": 0.01, "tooltip": "Below 1 for img2img."}),
+        }}
+
+    def sample(self, model, positive, latent_image, steps, substeps, diffusion_coefficient, shift, final_step_size_scale,
+               temperature, manual_temperature, seed, denoise):
+        sigmas = piflow_schedule(model, steps, shift, final_step_size_scale, denoise)
+        sampler = piflow_ksampler(substeps, _temperature(temperature, manual_temperature), diffusion_coefficient, shift)
+        return (sample_with(model, positive, [], latent_image, sampler, sigmas, 1.0, seed),)
+
+
+# ------------------------------------------------------------------------------------------
+# Exact reference: a factorised mixture whose x0-posterior is a GM policy
+# ------------------------------------------------------------------------------------------
+REFERENCE_COMPONENTS = (0, 2, 4, 6)  # one coloured shape of each demo class
+REFERENCE_STD = 0.25
+
+
+def reference_policy_mixture() -> teacher.FactorizedMixture:
+    """The reference pi-Flow teacher's data: every latent location (4 channels, 8x8) independently
+    takes the channel vector of one of four demo shapes' means there, plus Gaussian noise."""
+    return teacher.FactorizedMixture(teacher.demo_mixture().means[list(REFERENCE_COMPONENTS)], REFERENCE_STD)
+
+
+class ExactPolicyNetwork(nn.Module):
+    """A factorised mixture's exact x0-posterior as a pi-Flow GM policy behind ComfyUI's network interface.
+
+    Deposits the policy (velocity means ``(x - mu_k) / sigma``, log-weights, log-std of the
+    velocity ``log(std_x0 / sigma)``, the official layout) and returns the mean velocity
+    ``(x - E[x0|x]) / sigma``, what a flow model predicts. The true sigma comes from
+    ``transformer_options["sigmas"]`` (repeated over cond/uncond chunks).
+    """
+
+    def __init__(self, mixture: teacher.FactorizedMixture) -> None:
+        super().__init__()
+        self.mixture = mixture
+        self.space = NoiseSpace.flow()
+        self.register_buffer("anchor", torch.zeros(1))  # gives the module a device and dtype
+        self.model_sampling = None
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.anchor.dtype
+
+    def forward(self, xc, timesteps, context=None, transformer_options={}, **kwargs):
+        sigma = transformer_options.get("sigmas")
+        if sigma is None:
+            sigma = self.model_sampling.sigma(timesteps)
+        sigma = sigma.to(torch.float64).reshape(-1)
+        sigma = sigma.repeat(xc.shape[0] // sigma.numel())
+        x = xc.to(torch.float64)
+        posterior = self.mixture.posterior_gm(x, sigma, self.space)
+        sigma5 = sigma.view(-1, 1, 1, 1, 1)
+        velocity_means = (x.unsqueeze(1) - posterior.means) / sigma5
+        logstds = 0.5 * posterior.variance.log().view(-1, 1, 1, 1, 1) - sigma5.log()
+        deposit_policy(transformer_options, PolicyOutput("gm", (velocity_means, posterior.log_weights, logstds)))
+        mean_x0 = (posterior.log_weights.exp() * posterior.means).sum(dim=1)
+        return ((x - mean_x0) / sigma5.squeeze(1)).to(xc.dtype)
+
+
+class StridePiFlowReferenceModel:
+    DESCRIPTION = ("An exact pi-Flow model without downloads: data whose every latent location (4x8x8, SD1.5 format) "
+                   "comes from a 4-component mixture, so the exact x0-posterior IS a GM policy. With it, pi-Flow "
+                   "sampling equals the teacher's own ODE on the substep grid; use it to try the pi-Flow nodes.")
+    CATEGORY = "stride/reference"
+    RETURN_TYPES = ("MODEL",)
+    RETURN_NAMES = ("model",)
+    OUTPUT_TOOLTIPS = ("A flow MODEL that outputs GM policies; any conditioning works (it is unconditional).",)
+    FUNCTION = "build"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {}}
+
+    def build(self):
+        network = ExactPolicyNetwork(reference_policy_mixture())
+        model = wrap_as_model(network, "flow")
+        network.model_sampling = model.model.model_sampling
+        return (model,)
+
+
+# ------------------------------------------------------------------------------------------
+# Released adapters on a ComfyUI FLUX.1 model
+# ------------------------------------------------------------------------------------------
+class FluxPolicyHead(nn.Module):
+    """pi-FLUX.1's output head in place of ComfyUI Flux's ``final_layer``.
+
+    Keeps the final norm and adaLN modulation, then applies the GM heads (means, log-weights
+    per token; log-std from the conditioning vector ``vec``) or the DX grid head. Returns the
+    policy's mean velocity tokens in the usual layout, so the rest of Flux is unchanged; while
+    ``capture`` is a list, each call's raw head outputs are appended to it.
+    """
+
+    def __init__(self, head_state: dict[str, Tensor], adapter: piflow_adapter.PiFlowAdapter, hidden_size: int) -> None:
+        super().__init__()
+        ops = comfy.ops.manual_cast
+        self.kind = "gm" if adapter.policy_type == piflow_adapter.GM_POLICY else "dx"
+        self.components = adapter.num_components
+        self.token_channels = adapter.latent_channels * adapter.patch_size**2
+        self.patch_size = adapter.patch_size
+        self.segment_size = float(adapter.policy_config.get("segment_size", 0.0))
+        self.shift = float(adapter.policy_config.get("shift", piflow.DEFAULT_SHIFT))
+        self.norm_final = ops.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), ops.Linear(hidden_size, 2 * hidden_size))
+        if self.kind == "gm":
+            self.proj_out_means = ops.Linear(hidden_size, self.components * self.token_channels)
+            self.proj_out_logweights = ops.Linear(hidden_size, self.components * self.patch_size**2)
+            layers: list[nn.Module] = []
+            for index in sorted({int(key.split(".")[1]) for key in head_state if key.startswith("proj_out_logstds.")}):
+                weight = head_state[f"proj_out_logstds.{index}.weight"]
+                layers += [nn.SiLU(), ops.Linear(weight.shape[1], weight.shape[0])]
+            self.proj_out_logstds = nn.Sequential(*layers)
+        else:
+            self.linear = ops.Linear(hidden_size, self.components * self.token_channels)
+        state = {key.removeprefix("final_layer."): value for key, value in head_state.items()}
+        self.load_state_dict({key: value.float() for key, value in state.items()})
+        self.capture: list[tuple[Tensor, ...]] | None = None
+
+    def forward(self, x: Tensor, vec: Tensor, modulation_dims=None, **kwargs) -> Tensor:
+        shift, scale = self.adaLN_modulation(vec[:, None, :] if vec.ndim == 2 else vec).chunk(2, dim=-1)
+        hidden = comfy.ldm.flux.layers.apply_mod(self.norm_final(x), 1 + scale, shift, modulation_dims).float()
+        batch, tokens, _ = hidden.shape
+        positions = self.patch_size**2
+        if self.kind == "gm":
+            means = self.proj_out_means(hidden)
+            logits = self.proj_out_logweights(hidden)
+            # the first modulation row belongs to the noisy image tokens (later rows: reference latents at t = 0)
+            logstds = self.proj_out_logstds((vec if vec.ndim == 2 else vec[:, 0]).float())
+            weights = logits.view(batch, tokens, self.components, 1, positions).softmax(dim=2)
+            per_component = means.view(batch, tokens, self.components, -1, positions)
+            mean_velocity = (weights * per_component).sum(dim=2).reshape(batch, tokens, self.token_channels)
+            outputs = (means, logits, logstds)
+        else:
+            grid = self.linear(hidden)
+            mean_velocity = grid[..., -self.token_channels:]  # the last grid point is the source's x0
+            outputs = (grid,)
+        if self.capture is not None:
+            self.capture.append(outputs)
+        return mean_velocity.to(x.dtype)
+
+    def policy_output(self, outputs: tuple[Tensor, ...], height: int, width: int) -> PolicyOutput:
+        """Head outputs over all tokens -> the policy of the ``height`` x ``width`` latent (first tokens)."""
+        p = self.patch_size
+        rows, cols = (height + p // 2) // p, (width + p // 2) // p  # ComfyUI pads to whole patches
+        image = [tensor[:, : rows * cols] if tensor.ndim == 3 else tensor for tensor in outputs]
+        if self.kind == "gm":
+            means, logweights, logstds = piflow_adapter.unpack_gm_tokens(*image, rows * p, cols * p, p)
+            return PolicyOutput("gm", (means[..., :height, :width], logweights[..., :height, :width], logstds))
+        velocities = piflow_adapter.unpack_dx_tokens(image[0], self.components, rows * p, cols * p, p)
+        return PolicyOutput("dx", (velocities[..., :height, :width],), self.segment_size, self.shift)
+
+
+class PolicyCapture:
+    """DIFFUSION_MODEL wrapper: runs Flux with the head capturing, then deposits the policy in the
+    stash of this call's ``transformer_options`` (the head itself never sees them)."""
+
+    def __init__(self, head: FluxPolicyHead) -> None:
+        self.head = head
+
+    def __call__(self, executor, x, timestep, context, y=None, guidance=None, ref_latents=None, control=None,
+                 transformer_options={}, **kwargs):
+        captured: list[tuple[Tensor, ...]] = []
+        self.head.capture = captured
+        try:
+            out = executor(x, timestep, context, y, guidance, ref_latents, control, transformer_options, **kwargs)
+        finally:
+            self.head.capture = None
+        if captured:
+            deposit_policy(transformer_options, self.head.policy_output(captured[-1], x.shape[-2], x.shape[-1]))
+        return out
+
+
+def flux_shape_of(model: Any) -> piflow_adapter.FluxShape:
+    """The FLUX.1 dimensions of a MODEL; anything else is refused."""
+    base = model.model
+    config = getattr(getattr(base, "model_config", None), "unet_config", {}) or {}
+    # the shared Flux module may carry another patcher's head right now; the object patches say what this MODEL has
+    final_layer = getattr(getattr(base, "diffusion_model", None), "final_layer", None)
+    if not isinstance(base, comfy.model_base.Flux) or config.get("image_model") != "flux" or \
+            not isinstance(final_layer, (comfy.ldm.flux.layers.LastLayer, FluxPolicyHead)):
+        raise StrideError(f"model: pi-FLUX.1 adapters need a FLUX.1 model (e.g. flux1-dev in Load Diffusion Model); "
+                          f"this is {type(base).__name__}.")
+    if isinstance(model.object_patches.get(HEAD_PATCH), FluxPolicyHead):
+        raise StrideError("model: this model already has a pi-Flow adapter; load the adapter onto the base model.")
+    try:
+        return piflow_adapter.FluxShape.from_unet_config(config)
+    except KeyError as missing:
+        raise StrideError(f"model: not a FLUX.1 model (its configuration has no {missing})") from None
+
+
+def read_adapter_file(name: str) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """Tensors and metadata of a safetensors file in ``models/loras``; other files are refused unread."""
+    if not name.lower().endswith(SAFETENSORS_SUFFIXES):
+        raise StrideError(f"adapter_name: '{name}' is not a .safetensors file. pi-Flow adapters are released as "
+                          "safetensors; Stride never loads pickle files (.pt, .ckpt, .bin) because they can run code.")
+    path = folder_paths.get_full_path_or_raise("loras", name)
+    try:
+        return lora.load_lora_state(path)
+    except (ValueError, OSError) as exc:
+        raise StrideError(f"adapter_name: cannot read '{name}': {exc}") from None
+
+
+def lora_patches(model: Any, adapter: piflow_adapter.PiFlowAdapter, shape: piflow_adapter.FluxShape,
+                 name: str) -> dict:
+    """ComfyUI weight patches for the adapter's LoRA, through ComfyUI's own Flux key map (every key used)."""
+    try:
+        piflow_adapter.flux_lora_targets(adapter, shape)  # shapes against this model
+    except ValueError as exc:
+        raise StrideError(f"adapter_name: '{name}' {exc}") from None
+    key_map = comfy.lora.model_lora_keys_unet(model.model, {})
+    to_load, tensors = {}, {}
+    for module, (down, up) in adapter.lora.items():
+        key = f"transformer.{module}"
+        if key not in key_map:
+            raise StrideError(f"adapter_name: this ComfyUI version does not map the LoRA target '{module}' of '{name}' "
+                              "onto its Flux weights; update ComfyUI.")
+        to_load[key] = key_map[key]
+        tensors[f"{key}.lora_A.weight"], tensors[f"{key}.lora_B.weight"] = down, up
+    patches = comfy.lora.load_lora(tensors, to_load)
+    if len(patches) != len(adapter.lora):
+        raise StrideError(f"adapter_name: ComfyUI loaded {len(patches)} of the {len(adapter.lora)} LoRA layers of '{name}'.")
+    return patches
+
+
+class StridePiFlowAdapterLoader:
+    DESCRIPTION = ("Loads a released pi-Flow adapter (e.g. pi-FLUX.1 gmflux / dxflux safetensors from models/loras) onto a "
+                   "FLUX.1 model: applies its LoRA and swaps the output layer for the policy head. Sample with Stride "
+                   "pi-Flow Sample (or the pi-Flow sampler + scheduler), 4 steps, Flux guidance 3.5.")
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("MODEL",)
+    RETURN_NAMES = ("model",)
+    OUTPUT_TOOLTIPS = ("The pi-Flow model (a patched copy; the input MODEL is not changed).",)
+    FUNCTION = "load"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model": ("MODEL", {"tooltip": "A FLUX.1 dev model (Load Diffusion Model)."}),
+            "adapter_name": (folder_paths.get_filename_list("loras"),
+                             {"tooltip": "The adapter safetensors in models/loras (LoRA + policy head in one file)."}),
+            "strength": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 2.0, "step": 0.01,
+                                   "tooltip": "Strength of the adapter's LoRA (1.0 as trained; the authors suggest "
+                                              "slightly higher for customised base models). The head is always swapped."}),
+        }}
+
+    def load(self, model, adapter_name, strength):
+        shape = flux_shape_of(model)
+        state_dict, metadata = read_adapter_file(adapter_name)
+        try:
+            adapter = piflow_adapter.parse_piflow_adapter(state_dict, metadata, shape.latent_channels, shape.patch_size)
+            head_state = piflow_adapter.flux_head_state_dict(adapter, shape)
+        except ValueError as exc:
+            raise StrideError(f"adapter_name: '{adapter_name}': {exc}") from None
+        patches = lora_patches(model, adapter, shape, adapter_name)
+        head = FluxPolicyHead(head_state, adapter, shape.hidden_size)
+        patched = model.clone()
+        patched.add_patches(patches, strength)
+        patched.add_object_patch(HEAD_PATCH, head)
+        patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, WRAPPER_KEY, PolicyCapture(head))
+        return (patched,)
+
+
+NODE_CLASS_MAPPINGS = {
+    "StridePiFlowSampler": StridePiFlowSampler,
+    "StridePiFlowScheduler": StridePiFlowScheduler,
+    "StridePiFlowSample": StridePiFlowSample,
+    "StridePiFlowReferenceModel": StridePiFlowReferenceModel,
+    "StridePiFlowAdapterLoader": StridePiFlowAdapterLoader,
+}
+NODE_DISPLAY_NAME_MAPPINGS = {
+    "StridePiFlowSampler": "Stride pi-Flow Sampler",
+    "StridePiFlowScheduler": "Stride pi-Flow Scheduler",
+    "StridePiFlowSample": "Stride pi-Flow Sample",
+    "StridePiFlowReferenceModel": "Stride pi-Flow Reference Teacher (exact GM policy)",
+    "StridePiFlowAdapterLoader": "Stride pi-Flow Adapter Loader",
+}
