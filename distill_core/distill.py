@@ -82,6 +82,7 @@ class DistillConfig:
     alpha: float | None = None
     target_layers: tuple[str, ...] = ("Linear", "Conv2d")
     name_filter: str | None = None
+    skip_small_layers: bool = False
     batch: int = 1
     guidance_min: float | None = None
     guidance_max: float | None = None

@@ -141,7 +141,8 @@ def run(settings: dict[str, Any]) -> RunSummary:
         rank = dist.get_rank() if dist.is_initialized() else 0
         world_size = dist.get_world_size() if dist.is_initialized() else 1
         network = _import_factory(settings.get("network", DEFAULT_NETWORK))(settings.get("network_options", {}), config)
-        loraset = attach_lora(network.module, config.rank, config.alpha, config.target_layers, config.name_filter)
+        loraset = attach_lora(network.module, config.rank, config.alpha, config.target_layers, config.name_filter,
+                              skip_small_layers=config.skip_small_layers)
         log_every = settings.get("log_every", 10)
 
         def log(step: int, loss: float) -> None:

@@ -141,6 +141,7 @@ def attach_lora(
     name_filter: str | Callable[[str], bool] | None = None,
     init: str = "zero-up",
     dtype: torch.dtype | None = None,
+    skip_small_layers: bool = False,
 ) -> LoraSet:
     """Attach a LoRA adapter to every matching layer below ``module`` via forward hooks.
 
@@ -149,7 +150,9 @@ def attach_lora(
     the selection. ``alpha`` defaults to ``rank`` (scale 1). ``init="zero-up"`` (down random,
     up zero) leaves outputs unchanged; ``"random"`` makes both factors random. Adapters are
     float32 unless the layer is float64 or ``dtype`` says otherwise, and live on the layer's
-    device. Raises ``ValueError`` for a rank outside ``1..min(in, out)`` of any selected layer.
+    device. Raises ``ValueError`` for a rank outside ``1..min(in, out)`` of any selected layer,
+    unless ``skip_small_layers`` leaves such layers without an adapter (as diffusers' LCM-LoRA
+    target list leaves out a UNet's 4-channel ``conv_in`` / ``conv_out``).
     """
     unknown = [kind for kind in target if kind not in LAYER_KINDS]
     if unknown:
@@ -169,6 +172,8 @@ def attach_lora(
 
     kinds = tuple(LAYER_KINDS[kind] for kind in target)
     selected = [(name, layer) for name, layer in module.named_modules() if name and isinstance(layer, kinds) and keep_name(name)]
+    if skip_small_layers:
+        selected = [(name, layer) for name, layer in selected if rank <= min(_matrix_shape(layer))]
     if not selected:
         raise ValueError(f"no {'/'.join(target)} layer below the module matches the LoRA target")
     grouped = [name for name, layer in selected if isinstance(layer, nn.Conv2d) and layer.groups != 1]
@@ -182,7 +187,7 @@ def attach_lora(
     if too_small:
         raise ValueError(
             f"LoRA rank {rank} exceeds min(in, out) of {len(too_small)} layer(s): {', '.join(too_small[:5])}"
-            f"{' ...' if len(too_small) > 5 else ''}; lower the rank or exclude them with name_filter"
+            f"{' ...' if len(too_small) > 5 else ''}; lower the rank, exclude them with name_filter or pass skip_small_layers=True"
         )
 
     adapters: dict[str, LoraAdapter] = {}

@@ -115,6 +115,7 @@ def test_name_filter_kinds_and_rank_validation():
     assert sorted(attach_lora(net, 2, name_filter=lambda name: name != "head").adapters) == ["blocks.0", "conv"]
     with pytest.raises(ValueError, match=r"rank 6 exceeds min\(in, out\).*head \(Linear 8->5\)"):
         attach_lora(net, 6)
+    assert sorted(attach_lora(net, 6, skip_small_layers=True).adapters) == ["blocks.0", "conv"]
     for bad_rank in (0, -1, 2.5):
         with pytest.raises(ValueError, match="positive integer"):
             attach_lora(net, bad_rank)
@@ -276,3 +277,15 @@ def test_saved_lora_loads_in_comfyui_and_reproduces_the_hooked_model(comfy, tmp_
         restored = model.apply_model(x, sigma, c_crossattn=context)
     assert torch.allclose(merged, hooked, atol=1e-5, rtol=1e-4)
     assert torch.equal(restored, base)
+
+
+def test_lora_set_moves_with_to_and_keeps_working():
+    net = nn.Sequential(nn.Linear(4, 4))
+    loraset = attach_lora(net, rank=2, init="random")
+    assert loraset.parameters()[0].dtype == torch.float32
+    net.double()
+    loraset.to(dtype=torch.float64)
+    assert all(param.dtype == torch.float64 for param in loraset.parameters())
+    x = torch.randn(3, 4, dtype=torch.float64)
+    adapter = loraset.adapters["0"]
+    assert torch.allclose(net(x), nn.functional.linear(x, net[0].weight, net[0].bias) + adapter.delta(x), atol=1e-12)
