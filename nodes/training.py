@@ -178,14 +178,15 @@ class StrideDistillLoRA:
         try:
             config = DistillConfig(objective=objective, steps=steps, lr=learning_rate, rank=rank, alpha=alpha or None,
                                    batch=batch_size, guidance_min=guidance_min, guidance_max=guidance_max, loss=loss,
-                                   seed=seed, gradient_checkpointing=gradient_checkpointing, save_every=save_every)
+                                   seed=seed, gradient_checkpointing=gradient_checkpointing, save_every=save_every,
+                                   skip_small_layers=True)
         except ValueError as exc:
             raise StrideError(f"settings: {exc}") from None
         path = checkpoint_path(lora_name)
         path.parent.mkdir(parents=True, exist_ok=True)
 
         student = model.clone()
-        comfy.model_management.load_models_gpu([student])
+        comfy.model_management.load_models_gpu([student], force_full_load=True)
         base = student.model
         network = base.diffusion_model
         device = comfy.model_management.get_torch_device()
@@ -201,9 +202,10 @@ class StrideDistillLoRA:
                               "with the same text encoder")
         lora_io.ensure_autograd_compatible(network)
         try:
-            loraset = lora_io.attach_lora(network, rank, alpha or None)
+            # like diffusers' LCM-LoRA, layers narrower than the rank (the 4-channel in/out convs) get no adapter
+            loraset = lora_io.attach_lora(network, rank, alpha or None, skip_small_layers=True)
         except ValueError as exc:
-            raise StrideError(f"rank: {exc}") from None
+            raise StrideError(f"rank: {exc} (rank {rank} may exceed the width of this model's layers; lower it)") from None
 
         def denoiser(x, sigma, cond):
             return base.apply_model(x, sigma, **cond)

@@ -44,3 +44,30 @@ def test_load_workflow_reports_invalid_json(tmp_path):
         assert "bad.json" in str(exc) and "not valid JSON" in str(exc)
     else:
         raise AssertionError("invalid JSON was accepted")
+
+
+def _run_cli(*args, env_extra=None):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, **(env_extra or {})}
+    return subprocess.run([sys.executable, str(host.ROOT / "scripts" / "run_workflow.py"), *args],
+                          capture_output=True, text=True, env=env, timeout=300)
+
+
+def test_cli_reports_a_missing_host_in_one_line(tmp_path):
+    done = _run_cli(str(host.ROOT / "workflows" / "sampler_lcm.json"), "--out", str(tmp_path),
+                    env_extra={"COMFYUI_PATH": str(tmp_path / "no-comfyui-here")})
+    assert done.returncode == 2
+    assert done.stderr.strip().count("\n") == 0, done.stderr
+    assert "No ComfyUI host" in done.stderr and "provision.sh" in done.stderr
+
+
+def test_cli_reports_a_broken_workflow_by_name(tmp_path):
+    bad = tmp_path / "broken.json"
+    bad.write_text('{"nodes": [}')
+    done = _run_cli(str(bad), "--out", str(tmp_path / "out"))
+    assert done.returncode == 2
+    assert "broken.json" in done.stderr and "not valid JSON" in done.stderr
+    assert "Traceback" not in done.stderr
