@@ -447,7 +447,7 @@ def lora_patches(model: Any, adapter: piflow_adapter.PiFlowAdapter, shape: piflo
     try:
         piflow_adapter.flux_lora_targets(adapter, shape)  # shapes against this model
     except ValueError as exc:
-        raise StrideError(f"adapter_name: '{name}' {exc}") from None
+        raise StrideError(f"adapter_name: '{name}': {exc}") from None
     key_map = comfy.lora.model_lora_keys_unet(model.model, {})
     to_load, tensors = {}, {}
     for module, (down, up) in adapter.lora.items():
