@@ -24,14 +24,14 @@ Mixture = GaussianMixture | FactorizedMixture
 
 
 def _empirical_quantiles(sorted_values: Tensor, levels: Tensor) -> Tensor:
-    """Linear-interpolated quantiles of column-wise sorted samples ``(n, P)`` at ``levels`` ``(m,)``
+    """Linear-interpolated quantiles of row-wise sorted samples ``(P, n)`` at ``levels`` ``(m,)``
     (level ``(i + 0.5) / n`` hits the i-th sorted value exactly)."""
-    n = sorted_values.shape[0]
+    n = sorted_values.shape[1]
     position = (levels * n - 0.5).clamp(0, n - 1)
     low = position.floor().long()
     high = position.ceil().long()
-    weight = (position - low).unsqueeze(1)
-    return (1 - weight) * sorted_values[low] + weight * sorted_values[high]
+    weight = position - low
+    return (1 - weight) * sorted_values[:, low] + weight * sorted_values[:, high]
 
 
 def sliced_wasserstein(
@@ -53,8 +53,8 @@ def sliced_wasserstein(
     device = generator.device if generator is not None else a.device
     directions = torch.randn(a.shape[1], num_projections, generator=generator, device=device, dtype=torch.float64)
     directions = (directions / directions.norm(dim=0, keepdim=True)).to(a.device)
-    projected_a = (a @ directions).sort(dim=0).values
-    projected_b = (b @ directions).sort(dim=0).values
+    projected_a = (directions.T @ a.T).sort(dim=1).values  # (P, n): sorting along the last dim is fast
+    projected_b = (directions.T @ b.T).sort(dim=1).values
     m = max(a.shape[0], b.shape[0])
     levels = (torch.arange(m, dtype=torch.float64, device=a.device) + 0.5) / m
     difference = _empirical_quantiles(projected_a, levels) - _empirical_quantiles(projected_b, levels)
