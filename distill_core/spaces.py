@@ -123,3 +123,58 @@ class NoiseSpace:
         if append_zero:
             sigmas = torch.cat([sigmas, sigmas.new_zeros(1)])
         return sigmas
+
+
+# -- conversion between noise conventions -------------------------------------------------------
+def sigma_for_noise_ratio(kind: str, ratio: Tensor | float) -> Tensor:
+    """The sigma of a ``kind`` space ("ve" or "flow") whose noise-to-signal ratio ``b / a`` is ``ratio``.
+
+    VE: ``sigma = ratio``; flow: ``(1 - s) * ratio = s``, so ``s = ratio / (1 + ratio)``.
+    """
+    ratio = torch.as_tensor(ratio, dtype=torch.float64)
+    if kind == "ve":
+        return ratio
+    if kind == "flow":
+        return ratio / (1 + ratio)
+    raise ValueError(f"noise space kind must be 've' or 'flow', got {kind!r}")
+
+
+def _noise_ratio(space: NoiseSpace, sigma: Tensor | float) -> Tensor:
+    a, b = space.coefficients(sigma)
+    if (a == 0).any():
+        raise ValueError(
+            f"sigma {float(torch.as_tensor(sigma).max())} of a {space.kind} space is pure noise (no signal): "
+            "it has no equivalent in another noise convention"
+        )
+    return b / a
+
+
+def convert_sigmas(sigmas: Tensor, source: NoiseSpace, target: NoiseSpace) -> Tensor:
+    """Sigmas of ``source`` mapped to ``target`` at equal signal-to-noise ratio (same dtype as ``sigmas``).
+
+    VE -> flow: ``s = sigma / (1 + sigma)``; flow -> VE: ``sigma = s / (1 - s)``. Spaces of the same
+    kind share the ratio at equal sigma, so their sigmas come back unchanged (the very tensor).
+    """
+    if source.kind == target.kind:
+        return sigmas
+    converted = sigma_for_noise_ratio(target.kind, _noise_ratio(source, sigmas.detach().to("cpu", torch.float64)))
+    return converted.to(sigmas.device, sigmas.dtype)
+
+
+def convert_latent(x: Tensor, sigma: Tensor | float, source: NoiseSpace, target: NoiseSpace) -> Tensor:
+    """A latent at ``sigma`` of ``source`` rewritten in ``target``'s convention at the SNR-matched sigma.
+
+    With ``x = a x0 + b eps`` in both conventions and equal ``b / a``, the target latent is
+    ``(a_target / a_source) x``: VE -> flow ``x_flow = (1 - s) x_ve``, flow -> VE ``x_ve = x_flow / (1 - s)``.
+    The same ``x0`` and ``eps`` stay behind it, so an exact model predicts the same ``x0`` from either.
+    ``sigma`` is a scalar or one value per batch element.
+    """
+    if source.kind == target.kind:
+        return x
+    sigma64 = torch.as_tensor(sigma, dtype=torch.float64).detach().cpu()
+    a_source, _ = source.coefficients(sigma64)
+    a_target, _ = target.coefficients(convert_sigmas(sigma64, source, target))
+    scale = a_target / a_source
+    if scale.ndim == 1:  # one sigma per batch element
+        scale = scale.reshape(-1, *([1] * (x.ndim - 1)))
+    return x * scale.to(x.device, x.dtype)

@@ -1,0 +1,72 @@
+"""Diffusion-target traces: what is recorded per step and how the grid is laid out."""
+import functools
+
+import pytest
+import torch
+
+from distill_core import lcm, tcd, teacher
+from distill_core.hybrid import HybridPhase, sample_hybrid
+from distill_core.schedules import lcm_timesteps
+from distill_core.spaces import NoiseSpace, scaled_linear_alphas_cumprod
+from distill_core.trace import StepTrace, trace_grid
+
+VE = NoiseSpace.from_alphas_cumprod(scaled_linear_alphas_cumprod())
+FLOW = NoiseSpace.flow()
+SIGMAS = VE.sigmas_for_timesteps(lcm_timesteps(4))
+
+
+def test_record_scales_x_t_to_unit_variance_in_either_convention():
+    trace = StepTrace(max_items=2)
+    x = torch.randn(3, 4, 2, 2, dtype=torch.float64)
+    trace.record(0, 3.0, x, x * 0.5, VE)
+    trace.record(1, 0.25, x, x * 0.5, FLOW)
+    first, second = trace.steps
+    assert first.x_t.shape == (2, 4, 2, 2) and first.x_t.dtype == torch.float32
+    assert torch.allclose(first.x_t, (x[:2] / 10**0.5).float())
+    assert torch.allclose(second.x_t, (x[:2] / (0.75**2 + 0.25**2) ** 0.5).float())
+    assert torch.allclose(first.x0, (x[:2] * 0.5).float()) and (first.kind, second.kind) == ("ve", "flow")
+
+
+def test_a_hybrid_run_is_traced_across_both_phases():
+    mixture = teacher.demo_mixture(size=4)
+    base = HybridPhase(lambda x, s, **_: mixture.denoise(x, s, VE), functools.partial(tcd.sample_tcd, space=VE, gamma=0.0), VE)
+    distilled = HybridPhase(lambda x, s, **_: mixture.flow_map(x, s, FLOW, steps=8),
+                            functools.partial(lcm.sample_lcm, space=FLOW), FLOW)
+    trace = StepTrace(max_items=3)
+    x = torch.randn(5, 4, 4, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * (1 + SIGMAS[0] ** 2).sqrt()
+    out = sample_hybrid(base, distilled, x, SIGMAS, handover_steps=1, seed=1, callback=trace.callback())
+    steps = trace.steps
+    assert [step.step for step in steps] == [0, 1, 2, 3] and [step.kind for step in steps] == ["ve", "flow", "flow", "flow"]
+    assert torch.allclose(steps[-1].x0, out[:3].float())
+    trace.reset()
+    assert trace.steps == []
+
+
+def test_callback_without_a_space_is_refused():
+    with pytest.raises(ValueError, match="noise space"):
+        StepTrace().callback()({"i": 0, "sigma": 1.0, "x": torch.zeros(1, 1, 1, 1), "denoised": torch.zeros(1, 1, 1, 1)})
+
+
+def test_grid_has_a_row_per_step_and_x_t_x0_column_pairs():
+    trace = StepTrace()
+    for step in range(3):
+        x_t = torch.full((4, 1, 2, 2), 0.1 * step)
+        trace.record(step, 1.0, x_t * 2**0.5, torch.full((4, 1, 2, 2), 0.5 + 0.1 * step), VE)  # x_t scaled by 1/sqrt(2)
+
+    def decode(latents):  # one grey level per latent, tiles of 3 x 5 pixels
+        return latents.mean(dim=(1, 2, 3)).reshape(-1, 1, 1, 1).expand(-1, 3, 5, 3)
+
+    grid = trace_grid(trace.steps, decode, max_items=2, gap=1)
+    assert grid.shape == (3 * 3 + 2, 4 * 5 + 3, 3)
+    for row in range(3):
+        top = row * 4
+        for item in range(2):
+            x_t_tile = grid[top : top + 3, (2 * item) * 6 : (2 * item) * 6 + 5]
+            x0_tile = grid[top : top + 3, (2 * item + 1) * 6 : (2 * item + 1) * 6 + 5]
+            assert torch.allclose(x_t_tile, torch.tensor(0.1 * row)) and torch.allclose(x0_tile, torch.tensor(0.5 + 0.1 * row))
+    assert torch.all(grid[3] == 1.0) and torch.all(grid[:, 5] == 1.0), "gaps show the background"
+
+
+def test_empty_trace_gives_a_clear_error():
+    with pytest.raises(ValueError, match="empty"):
+        trace_grid([], lambda latents: latents)
