@@ -56,8 +56,7 @@ def _sigma_batch(sigma: Tensor | float, n: int, device: torch.device) -> Tensor:
 
 def _coefficients(space: NoiseSpace, sigma: Tensor | float, n: int, device: torch.device) -> tuple[Tensor, Tensor]:
     """``(a, b)`` of ``x = a x0 + b eps`` as float64 ``(n,)`` tensors."""
-    a, b = space.coefficients(_sigma_batch(sigma, n, device))
-    return a, b
+    return space.coefficients(_sigma_batch(sigma, n, device))
 
 
 def _sigma_at_half_log_snr(space: NoiseSpace, lam: Tensor) -> Tensor:
@@ -261,10 +260,6 @@ class GaussianMixture:
         self.stds = stds
         self.log_weights = torch.log_softmax(log_weights, dim=0)
         self.classes = None if classes is None else torch.as_tensor(classes, dtype=torch.long, device=means.device).reshape(k)
-        if self.classes is not None:
-            for label in self.classes.unique():
-                if not torch.isfinite(self.log_weights[self.classes == label]).any():
-                    raise ValueError(f"class {int(label)} has no component with positive weight")
         self._device_cache: dict[torch.device, tuple[Tensor, Tensor, Tensor, Tensor | None]] = {}
 
     # -- basic properties -------------------------------------------------------------------
@@ -309,8 +304,10 @@ class GaussianMixture:
         if class_ids.numel() != n:
             raise ValueError(f"class_ids has {class_ids.numel()} entries for a batch of {n}")
         in_class = (classes.unsqueeze(0) == class_ids.unsqueeze(1)) | (class_ids.unsqueeze(1) < 0)
-        if not in_class.any(dim=1).all():
-            raise ValueError("class_ids contains a label with no components")
+        empty = ~(in_class & torch.isfinite(log_w)).any(dim=1)
+        if empty.any():
+            label = int(class_ids[empty][0])
+            raise ValueError(f"class {label} has no component with positive weight in this mixture")
         return torch.log_softmax(log_w.masked_fill(~in_class, -math.inf), dim=1)
 
     def _joint_log_likelihoods(self, x_flat: Tensor, a: Tensor, b: Tensor, log_w: Tensor) -> Tensor:
@@ -477,7 +474,8 @@ class GaussianMixture:
     ) -> "GaussianMixture":
         """A mode-collapsed partner: the components in ``keep`` share all but ``residual_weight`` of the mass
         (in proportion to their weights), the rest share ``residual_weight``; stds are multiplied by
-        ``std_scale`` (< 1 also loses diversity inside modes). Each class keeps its own renormalisation."""
+        ``std_scale`` (< 1 also loses diversity inside modes). Class sub-mixtures renormalise their
+        own weights; a class left without mass can only be sampled unconditionally."""
         kept = torch.zeros(self.num_components, dtype=torch.bool)
         kept[list(keep)] = True
         kept = kept.to(self.means.device)

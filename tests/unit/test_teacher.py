@@ -326,8 +326,11 @@ def test_sharpened_partner_concentrates_weight() -> None:
     torch.testing.assert_close(partner.stds, torch.full((8,), 0.2, dtype=torch.float64))
     _, components = partner.sample(500, torch.Generator().manual_seed(16), torch.full((500,), 1))
     assert float((components == 2).double().mean()) > 0.9
-    with pytest.raises(ValueError):
-        mixture.sharpened(keep=[0, 2, 4])  # class 3 would keep no mass
+    two_modes = mixture.sharpened(keep=[0, 2])  # classes 2 and 3 keep no mass: unconditional use only
+    _, components = two_modes.sample(200, torch.Generator().manual_seed(17))
+    assert set(components.tolist()) == {0, 2}
+    with pytest.raises(ValueError, match="class 3"):
+        two_modes.denoise(mixture.means[:2], 1.0, VE, torch.tensor([0, 3]))
 
 
 def test_demo_mixture_decodes_to_coloured_shapes() -> None:
