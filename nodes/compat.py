@@ -84,3 +84,12 @@ def interrupted() -> None:
 
 def progress_bar(total: int) -> Any:
     return comfy.utils.ProgressBar(total)
+
+
+def latent_spatial_downscale(latent_format: Any) -> int:
+    """Image pixels per latent element along each spatial axis.
+
+    Newer ComfyUI records it on the latent format (``spacial_downscale_ratio``); in 0.3.75 every
+    image latent format is 8x (SD1.5, SDXL, SD3, Flux).
+    """
+    return int(getattr(latent_format, "spacial_downscale_ratio", 8))

@@ -161,8 +161,64 @@ def piflow() -> Graph:
     return g
 
 
+def hybrid_diversity() -> Graph:
+    """Diversity distillation on the reference models: base, collapsed distilled and hybrid side by side."""
+    g = Graph()
+    base = g.add("StrideReferenceModel", (0, 0), title="Base model (exact teacher)",
+                 variant="demo", prediction="eps", form=DENOISER, flow_map_steps=48)
+    distilled = g.add("StrideReferenceModel", (0, 200), title="Distilled model (mode-collapsed student)",
+                      variant="demo collapsed (2 of 8 modes)", prediction="eps", form=FLOW_MAP, flow_map_steps=48)
+    positive, negative = _prompts(g, 0, 400, "disc")
+    latent = g.add("EmptyLatentImage", (0, 700), title="32 samples (one noise draw each)", width=64, height=64,
+                   batch_size=32)
+    rows = {}
+    rows["base"] = g.add("KSampler", (COL, 0), title="Base alone: euler, 20 steps, CFG 3", model=(base, 0),
+                         positive=(positive, 0), negative=(negative, 0), latent_image=(latent, 0), seed=3, steps=20,
+                         cfg=3.0, sampler_name="euler", scheduler="normal", denoise=1.0)
+    rows["distilled"] = g.add("StrideFewStepSample", (COL, 420), title="Distilled alone: LCM, 4 steps",
+                              model=(distilled, 0), positive=(positive, 0), negative=(negative, 0),
+                              latent_image=(latent, 0), method="lcm", steps=4, cfg=1.0, gamma=0.3, eta=0.2, seed=3,
+                              denoise=1.0)
+    rows["hybrid"] = g.add("StrideHybridSample", (COL, 840), title="Hybrid: 1 base step + 3 distilled steps",
+                           base_model=(base, 0), base_positive=(positive, 0), base_negative=(negative, 0),
+                           base_cfg=3.0, base_sampler="euler", distilled_model=(distilled, 0),
+                           distilled_positive=(positive, 0), distilled_negative=(negative, 0), distilled_cfg=1.0,
+                           distilled_sampler="lcm", schedule="lcm / tcd grid", steps=4, handover_steps=1, seed=3,
+                           latent_image=(latent, 0))
+    for row, (name, sample) in enumerate(rows.items()):
+        y = 420 * row
+        image = g.add("StrideLatentToImage", (2 * COL, y), samples=(sample, 0), scale=8)
+        g.add("SaveImage", (3 * COL, y), images=(image, 0), filename_prefix=f"stride_hybrid_{name}")
+        g.add("StrideReferenceMetrics", (2 * COL, y + 150), samples=(sample, 0), conditioning=(positive, 0), label=name)
+        g.add("StrideImageDiversity", (2 * COL, y + 300), images=(image, 0), label=name)
+    grid = g.add("StrideTraceGrid", (4 * COL, 840), title="DT visualisation of the hybrid run",
+                 trace=(rows["hybrid"], 1), samples=(rows["hybrid"], 0), max_images=4)
+    g.add("SaveImage", (5 * COL, 840), images=(grid, 0), filename_prefix="stride_hybrid_trace")
+    g.group("Diversity distillation (hybrid sampling)", [rows["hybrid"], grid])
+    g.note(
+        "Diversity distillation (Gandikota & Bau). Row 1: the base model alone (many steps). Row 2: a distilled model "
+        "that lost modes (here the exact flow map of a mixture that keeps one of the two 'disc' colours): 4 fast "
+        "steps, one colour. Row 3: the hybrid: the base model takes the first step of the 4-step LCM schedule "
+        "(t=999), the distilled model the rest (759, 499, 259). Compare mode entropy / recall (Stride Reference "
+        "Metrics) and Stride Image Diversity: the hybrid gets the base model's variety at 1 base + 3 distilled "
+        "model calls. The trace grid shows x_t | predicted x0 per step: the first row is the base model's blurry "
+        "guess, then the distilled model commits to a picture. Base CFG is 3 here: on the exact reference teacher one "
+        "big base step at the paper's CFG 7 overshoots for some classes.\n\n"
+        "Real models: Load Checkpoint (SDXL base) -> base_model; the same checkpoint + LoraLoader with an LCM / "
+        "Hyper-SD / TDD LoRA -> distilled_model (both must share the VAE); CLIP Text Encode for the prompts; base cfg "
+        "7 (the paper's), distilled cfg 1 (TDD 1.7); distilled_sampler and schedule as the LoRA was trained (LCM: lcm "
+        "+ lcm grid, Hyper-SD unified: tcd + lcm grid, Hyper-SD N-step: euler + trailing, TDD: tdd + tdd); VAE Decode "
+        "instead of the preview decode, and connect the VAE to Stride Trace Grid. Stride Reference Metrics only "
+        "scores the reference models; Stride Image Diversity works on any images. For other sampler settings use "
+        "Stride Hybrid Guider in SamplerCustomAdvanced.",
+        (0, 1280), (1100, 260),
+    )
+    return g
+
+
 def build_all() -> dict[str, Graph]:
-    graphs = {"stride_demo": demo(), "distill_lcm_lora": distill_training(), "piflow": piflow()}
+    graphs = {"stride_demo": demo(), "distill_lcm_lora": distill_training(), "piflow": piflow(),
+              "hybrid_diversity": hybrid_diversity()}
     for method in ("lcm", "tcd", "hyper_sd", "tdd"):
         graphs[f"sampler_{method}"] = few_step_method(method)
     return graphs
