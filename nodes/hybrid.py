@@ -64,6 +64,7 @@ def check_same_latent_space(base_model: Any, distilled_model: Any, base_name: st
 
 
 def check_conditioning(name: str, conditioning: list, required: bool = True) -> None:
+    """Refuse an empty CONDITIONING list where the phase needs it (before ComfyUI fails obscurely)."""
     if required and not conditioning:
         raise StrideError(f"{name}: the conditioning is empty; connect an encoded prompt for this phase.")
 
