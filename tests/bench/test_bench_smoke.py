@@ -1,0 +1,77 @@
+"""The benchmark suite keeps working: a tiny run of the real runner, plus its merge and timing rules.
+
+The runner test starts ``python -m bench.run --smoke`` in a subprocess (it starts its own
+in-process ComfyUI) on the sampler-overhead benchmark and the GPU benchmark in its tiny CPU
+configuration, writing into a temporary RESULTS.md that already holds another benchmark's block.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _bench_module(name: str):
+    """``bench.<name>`` of the repository. Under pytest's importlib mode this test folder (tests/bench)
+    takes the name ``bench``, so the suite is loaded under another package name."""
+    if "stride_bench" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("stride_bench", ROOT / "bench" / "__init__.py",
+                                                      submodule_search_locations=[str(ROOT / "bench")])
+        package = importlib.util.module_from_spec(spec)
+        sys.modules["stride_bench"] = package
+        spec.loader.exec_module(package)
+    return importlib.import_module(f"stride_bench.{name}")
+
+
+run_interleaved = _bench_module("harness").run_interleaved
+existing_blocks, merge = _bench_module("report").existing_blocks, _bench_module("report").merge
+KEPT_BLOCK = "## Scaling from an earlier run\n\nkept as it was\n"
+
+
+def _block(name: str, body: str) -> str:
+    return f"<!-- section:{name} -->\n{body}<!-- /section:{name} -->\n"
+
+
+def test_runner_smoke_writes_checked_sections_and_keeps_others(tmp_path):
+    results = tmp_path / "RESULTS.md"
+    results.write_text("# old header\n\n" + _block("scaling", KEPT_BLOCK))
+    command = [sys.executable, "-m", "bench.run", "--smoke", "--only", "sampler_overhead", "--only", "gpu",
+               "--device", "cpu", "--threads", "1", "--results", str(results), "--plots", str(tmp_path / "plots")]
+    process = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert process.returncode == 0, process.stderr[-4000:]
+
+    text = results.read_text()
+    blocks = existing_blocks(text)
+    assert list(blocks) == ["sampler_overhead", "scaling", "gpu"]  # registry order, old block kept in place
+    assert blocks["scaling"].strip() == KEPT_BLOCK.strip()
+    assert "old header" not in text and "torch threads | 1" in text
+    for name in ("sampler_overhead", "gpu"):
+        assert "FAILED" not in blocks[name]
+        assert "Sanity checks (passed before any number below was recorded)" in blocks[name]
+    # ratio first: after what was compared, on what model and on which device and dtype comes a ratio ("1.23x")
+    overhead_rows = [line for line in blocks["sampler_overhead"].splitlines() if line.startswith("| Stride")]
+    assert len(overhead_rows) == 4 * 3  # four Stride samplers in three settings
+    assert all(re.fullmatch(r"[\d.e+-]+x", row.split(" | ")[3]) for row in overhead_rows)
+    assert "Stride DDIM == ComfyUI euler" in blocks["gpu"]
+    assert "GM substeps vs 1 forward" in blocks["gpu"]
+
+
+def test_merge_replaces_run_blocks_and_keeps_the_rest():
+    previous = "# header\n" + _block("a", "old a\n") + _block("b", "old b\n") + _block("retired", "old r\n")
+    text = merge("# new header\n", previous, {"b": "new b\n", "c": "new c\n"}, ["a", "b", "c"])
+    assert existing_blocks(text) == {"a": "old a\n", "b": "new b\n", "c": "new c\n", "retired": "old r\n"}
+    assert text.startswith("# new header\n") and text.index("new b") < text.index("new c") < text.index("old r")
+
+
+def test_interleaved_timing_alternates_and_collects_measurements():
+    order = []
+    candidates = {name: (lambda name=name: order.append(name) or {"extra": float(len(order))}) for name in "xyz"}
+    samples = run_interleaved(candidates, repeats=3, warmup=1)
+    assert order[:3] == ["x", "y", "z"]  # warm-up round
+    assert order[3:] == ["x", "y", "z", "y", "z", "x", "z", "x", "y"]  # the order rotates every repeat
+    assert all(len(samples[name]["wall"]) == 3 and len(samples[name]["extra"]) == 3 for name in "xyz")
