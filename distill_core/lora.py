@@ -312,8 +312,9 @@ def check_safetensors_file(path: str | os.PathLike) -> None:
     """Raise ``ValueError`` unless ``path`` has a safetensors layout (checked before any parsing).
 
     A safetensors file is an 8-byte little-endian header length, a JSON object header of that
-    length, then raw tensor bytes. Pickle and ``torch.save`` zip files fail this test and are
-    named in the error; nothing is ever unpickled.
+    length, then exactly the tensor bytes the header's ``data_offsets`` describe. Pickle and
+    ``torch.save`` zip files fail this test and are named in the error; a truncated file is
+    named as such; nothing is ever unpickled.
     """
     size = os.path.getsize(path)
     with open(path, "rb") as stream:
@@ -322,10 +323,15 @@ def check_safetensors_file(path: str | os.PathLike) -> None:
         header = stream.read(header_size) if 2 <= header_size <= min(size - 8, MAX_HEADER_BYTES) else b""
     if header[:1] == b"{":
         try:
-            if isinstance(json.loads(header.decode("utf-8")), dict):
-                return
+            entries = json.loads(header.decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError):
-            pass
+            entries = None
+        if isinstance(entries, dict):
+            data_bytes = _described_tensor_bytes(entries)
+            if 8 + header_size + data_bytes == size:
+                return
+            raise ValueError(f"{path} is a truncated or damaged safetensors file (its header describes {data_bytes} "
+                             f"bytes of tensor data, the file holds {size - 8 - header_size}); copy or download it again")
     if head.startswith(b"PK\x03\x04"):
         kind = "a zip archive (a torch.save checkpoint holding pickled data)"
     elif head[:1] == b"\x80":
@@ -333,6 +339,14 @@ def check_safetensors_file(path: str | os.PathLike) -> None:
     else:
         kind = "not a safetensors file"
     raise ValueError(f"{path} is {kind}; only safetensors files are loaded and pickle is never unpickled")
+
+
+def _described_tensor_bytes(entries: dict) -> int:
+    """How many tensor bytes a safetensors header describes (the largest end offset)."""
+    ends = [entry["data_offsets"][1] for key, entry in entries.items()
+            if key != "__metadata__" and isinstance(entry, dict) and isinstance(entry.get("data_offsets"), list)
+            and len(entry["data_offsets"]) == 2 and isinstance(entry["data_offsets"][1], int)]
+    return max(ends, default=0)
 
 
 def load_lora_state(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[str, str]]:

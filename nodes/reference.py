@@ -37,6 +37,25 @@ def mixture_for(variant: str) -> teacher.GaussianMixture:
     return mixture
 
 
+def class_ids_of(context: torch.Tensor) -> torch.Tensor:
+    """Demo class ids of a Stride Class Prompt context; any other conditioning is refused by name."""
+    try:
+        return demo.decode_context(context)
+    except ValueError:
+        raise StrideError(f"conditioning: the reference teacher and the demo model take Stride Class Prompt "
+                          f"conditioning (context width {demo.CONTEXT_DIM}), got a context of shape "
+                          f"{tuple(context.shape)}; connect Stride Class Prompt instead of a text encoder.") from None
+
+
+def check_latent_shape(latents: torch.Tensor, expected: tuple[int, ...], model_name: str) -> None:
+    """Refuse latents of another channel count or size than the model was built for."""
+    if tuple(latents.shape[1:]) != tuple(expected):
+        channels, height, width = expected
+        raise StrideError(f"latent_image: {model_name} works on {'x'.join(map(str, expected))} latents "
+                          f"(Empty Latent Image {width * 8}x{height * 8}, {channels}-channel SD1.5 format); "
+                          f"got {'x'.join(map(str, latents.shape[1:]))}.")
+
+
 class StrideLatentFormat(comfy.latent_formats.SD15):
     """SD1.5 latents as the reference mixture defines them: no scale factor (the mixture lives in the
     model's latent space), previews through the SD1.5 latent->RGB factors (no TAESD download)."""
@@ -93,12 +112,13 @@ class AnalyticNetwork(torch.nn.Module):
         sigma = transformer_options.get("sigmas")
         if sigma is None:
             sigma = self.model_sampling.sigma(timesteps)
+        check_latent_shape(xc, self.mixture.latent_shape, "the reference teacher")
         sigma = sigma.to(torch.float64).reshape(-1)
         sigma = sigma.repeat(xc.shape[0] // sigma.numel())  # cond and uncond chunks share the sigmas
         x64 = xc.to(torch.float64)
         if self.prediction != "flow":
             x64 = x64 * (sigma**2 + 1).sqrt().view(-1, 1, 1, 1)
-        class_ids = demo.decode_context(context)
+        class_ids = class_ids_of(context)
         if self.flow_map_steps:
             x0 = self.mixture.flow_map(x64, sigma, self.space, class_ids, steps=self.flow_map_steps)
         else:
@@ -165,7 +185,20 @@ class StrideDemoModel:
         network = UNetModel(**demo.DEMO_UNET_CONFIG, operations=comfy.ops.disable_weight_init)
         network.load_state_dict(state_dict)
         network.eval()
+        network.register_forward_pre_hook(_check_demo_inputs, with_kwargs=True)
         return (wrap_as_model(network, "eps"),)
+
+
+def _check_demo_inputs(_network, args: tuple, kwargs: dict) -> None:
+    """Name the wrong input (latent channels, conditioning width) before the UNet fails on a shape."""
+    x = args[0] if args else kwargs["x"]
+    channels = demo.DEMO_UNET_CONFIG["in_channels"]
+    if x.shape[1] != channels:
+        raise StrideError(f"latent_image: the demo model works on {channels}-channel SD1.5-format latents "
+                          f"(Empty Latent Image); got {x.shape[1]} channels.")
+    context = kwargs.get("context")
+    if context is not None:
+        class_ids_of(context)
 
 
 class StrideClassPrompt:
@@ -247,7 +280,13 @@ class StrideReferenceMetrics:
         mixture = teacher.demo_mixture()
         if tuple(latents.shape[1:]) != mixture.latent_shape:
             raise StrideError(f"samples: expected latents of shape {mixture.latent_shape}, got {tuple(latents.shape[1:])}")
-        class_id = int(demo.decode_context(conditioning[0][0])[0])
+        if not torch.isfinite(latents).all():
+            raise StrideError("samples: the latents contain NaN or inf values; check the sampler and model that "
+                              "produced them.")
+        if not conditioning:
+            raise StrideError("conditioning: the conditioning is empty; connect the Stride Class Prompt the samples "
+                              "were drawn for.")
+        class_id = int(class_ids_of(conditioning[0][0])[0])
         class_ids = None if class_id < 0 else torch.full((latents.shape[0],), class_id)
         report = {"label": label, "n": latents.shape[0],
                   **metrics.evaluate_samples(latents, mixture, class_ids, torch.Generator().manual_seed(0))}

@@ -32,10 +32,27 @@ def stride_ksampler(sample_fn: Callable[..., torch.Tensor], **options: Any) -> c
     def sampler(model, x, sigmas, extra_args=None, callback=None, disable=None):
         space = noise_space(model_sampling_in_sampler(model))
         if not torch.isfinite(x).all():
-            raise StrideError("The input latent contains NaN or inf values; check the nodes that produced it.")
-        return sample_fn(model, x, sigmas, extra_args=extra_args, callback=callback, disable=disable, space=space, **options)
+            raise StrideError("latent_image: the latent contains NaN or inf values; check the nodes that produced it "
+                              "(e.g. a VAE Encode of a broken image, or a latent math node).")
+        return sample_fn(finite_output_model(model), x, sigmas, extra_args=extra_args, callback=callback,
+                         disable=disable, space=space, **options)
 
     return comfy.samplers.KSAMPLER(sampler)
+
+
+def finite_output_model(model: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    """The sampler's model with a check of every output: a NaN/inf x0 stops sampling with a clear error
+    instead of silently producing a NaN latent."""
+
+    def checked(x: torch.Tensor, sigma: torch.Tensor, **extra_args: Any) -> torch.Tensor:
+        denoised = model(x, sigma, **extra_args)
+        if not torch.isfinite(denoised).all():
+            raise StrideError(f"model: the model returned NaN or inf values at sigma {float(sigma.reshape(-1)[0]):.4g}. "
+                              "Its weights may be broken, or half precision overflowed: try another model file, or "
+                              "run the model in fp32/bf16 (e.g. --force-fp32).")
+        return denoised
+
+    return checked
 
 
 def _check_unit(name: str, value: float) -> None:
@@ -145,7 +162,7 @@ def truncate_for_denoise(timesteps_for: Callable[[int], list[int]], steps: int, 
 
 
 def _schedule_error(exc: ValueError) -> StrideError:
-    return StrideError(f"{exc} Choose fewer steps or another schedule.")
+    return StrideError(f"{str(exc).rstrip('.')}. Choose fewer steps or another schedule.")
 
 
 SCHEDULER_OUTPUT = {"RETURN_TYPES": ("SIGMAS",), "RETURN_NAMES": ("sigmas",),
@@ -303,6 +320,9 @@ class StrideFewStepSample:
 
 def sample_with(model, positive, negative, latent_image: dict, sampler, sigmas: torch.Tensor, cfg: float, seed: int) -> dict:
     """ComfyUI's own custom-sampling path (noise, guider, progress bar, preview, Cancel)."""
+    if not positive:
+        raise StrideError("positive: the conditioning is empty; connect a prompt (e.g. CLIP Text Encode or "
+                          "Stride Class Prompt).")
     latent = latent_image["samples"]
     latent = comfy.sample.fix_empty_latent_channels(model, latent)
     noise = comfy.sample.prepare_noise(latent, seed, latent_image.get("batch_index"))

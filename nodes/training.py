@@ -34,6 +34,7 @@ RECOMMENDED_SAMPLING = {  # what each objective's LoRA is sampled with (the auth
                   "cfg": 1.0, "gamma": 0.3},
 }
 SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._ -]{0,120}$")
+WINDOWS_DEVICE_NAMES = re.compile(r"^(CON|PRN|AUX|NUL|COM[1-9]|LPT[1-9])(\..*)?$", re.IGNORECASE)
 
 
 def safe_file_name(name: str, input_name: str) -> str:
@@ -44,6 +45,8 @@ def safe_file_name(name: str, input_name: str) -> str:
     if not SAFE_NAME.match(stem) or ".." in stem:
         raise StrideError(f"{input_name}: '{name}' is not a plain file name; use letters, digits, '.', '_', '-' or "
                           "spaces only, without folders ('/', '\\\\') or '..'")
+    if WINDOWS_DEVICE_NAMES.match(stem.strip()):
+        raise StrideError(f"{input_name}: '{name}' is a reserved device name on Windows; choose another name")
     return stem + ".safetensors"
 
 
@@ -101,6 +104,9 @@ class StrideDistillDataset:
             samples = vae.encode(images[:, :, :, :3])
         elif latents is not None:
             samples = latents["samples"]
+        if samples is not None and not torch.isfinite(samples).all():
+            raise StrideError(f"{'images' if images is not None else 'latents'}: the training latents contain NaN or inf "
+                              "values; check the node that produced them")
         return ({"prompts": prompts, "empty": empty_prompt, "latents": samples, "size": (height // 8, width // 8)},)
 
 
@@ -174,7 +180,8 @@ class StrideDistillLoRA:
         if guidance_min == 0 and guidance_max == 0:
             guidance_min, guidance_max = defaults["guidance_min"], defaults["guidance_max"]
         if guidance_min > guidance_max:
-            raise StrideError(f"guidance_min ({guidance_min}) is above guidance_max ({guidance_max})")
+            raise StrideError(f"guidance_min ({guidance_min}) is above guidance_max ({guidance_max}); lower guidance_min or "
+                              "raise guidance_max (0 and 0 = the objective's default range)")
         try:
             config = DistillConfig(objective=objective, steps=steps, lr=learning_rate, rank=rank, alpha=alpha or None,
                                    batch=batch_size, guidance_min=guidance_min, guidance_max=guidance_max, loss=loss,
@@ -193,6 +200,9 @@ class StrideDistillLoRA:
         latent_format = base.latent_format
         latents = data["latents"]
         latent_shape = (latent_format.latent_channels, *data["size"]) if latents is None else tuple(latents.shape[1:])
+        if latents is not None and latent_shape[0] != latent_format.latent_channels:
+            raise StrideError(f"data: the training latents have {latent_shape[0]} channels, this model's latents have "
+                              f"{latent_format.latent_channels}; encode the images with this model's own VAE")
         if latents is not None:
             latents = latent_format.process_in(latents.to(device, torch.float32))
         conds = [_model_conds(student, prompt, latent_shape) for prompt in data["prompts"]]
@@ -202,8 +212,12 @@ class StrideDistillLoRA:
                               "with the same text encoder")
         lora_io.ensure_autograd_compatible(network)
         try:
-            # like diffusers' LCM-LoRA, layers narrower than the rank (the 4-channel in/out convs) get no adapter
-            loraset = lora_io.attach_lora(network, rank, alpha or None, skip_small_layers=True)
+            # the initial LoRA weights come from the seed (a resumed run must match an uninterrupted one);
+            # the global RNG that other nodes use is left as it was
+            with torch.random.fork_rng():
+                torch.manual_seed(seed)
+                # like diffusers' LCM-LoRA, layers narrower than the rank (the 4-channel in/out convs) get no adapter
+                loraset = lora_io.attach_lora(network, rank, alpha or None, skip_small_layers=True)
         except ValueError as exc:
             raise StrideError(f"rank: {exc} (rank {rank} may exceed the width of this model's layers; lower it)") from None
 
@@ -226,6 +240,8 @@ class StrideDistillLoRA:
             result = trainer.train(on_step, comfy.model_management.processing_interrupted, str(path), resume)
         except DistillDivergedError as exc:
             raise StrideError(str(exc)) from None
+        except StrideError:  # a clear message from the model (e.g. a wrong input shape): not a resume problem
+            raise
         except ValueError as exc:
             raise StrideError(f"resume: {exc}; set resume off or choose another lora_name") from None
         finally:
@@ -314,6 +330,10 @@ class StrideReloadLoRA:
 
         if lora_name not in folder_paths.get_filename_list("loras"):
             raise StrideError(f"lora_name: models/loras/{lora_name} does not exist; save the LoRA first")
+        try:  # ComfyUI's loader would unpickle .pt/.ckpt files; Stride loads safetensors only
+            lora_io.check_safetensors_file(folder_paths.get_full_path_or_raise("loras", lora_name))
+        except ValueError as exc:
+            raise StrideError(f"lora_name: {exc}; use a .safetensors LoRA (Stride Save LoRA writes one)") from None
         return nodes.LoraLoaderModelOnly().load_lora_model_only(model, lora_name, strength)
 
 
