@@ -28,7 +28,7 @@ import folder_paths
 from ..distill_core import lora, piflow, piflow_adapter, teacher
 from ..distill_core.spaces import NoiseSpace
 from .compat import StrideError, is_flow, model_sampling_of_patcher, sampling_kind
-from .reference import wrap_as_model
+from .reference import AnalyticModule, wrap_as_model
 from .samplers import sample_with
 
 CATEGORY = "stride/piflow"
@@ -263,7 +263,7 @@ def reference_policy_mixture() -> teacher.FactorizedMixture:
     return teacher.FactorizedMixture(teacher.demo_mixture().means[list(REFERENCE_COMPONENTS)], REFERENCE_STD)
 
 
-class ExactPolicyNetwork(nn.Module):
+class ExactPolicyNetwork(AnalyticModule):
     """A factorised mixture's exact x0-posterior as a pi-Flow GM policy behind ComfyUI's network interface.
 
     Deposits the policy (velocity means ``(x - mu_k) / sigma``, log-weights, log-std of the
@@ -276,19 +276,9 @@ class ExactPolicyNetwork(nn.Module):
         super().__init__()
         self.mixture = mixture
         self.space = NoiseSpace.flow()
-        self.register_buffer("anchor", torch.zeros(1))  # gives the module a device and dtype
-        self.model_sampling = None
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.anchor.dtype
 
     def forward(self, xc, timesteps, context=None, transformer_options={}, **kwargs):
-        sigma = transformer_options.get("sigmas")
-        if sigma is None:
-            sigma = self.model_sampling.sigma(timesteps)
-        sigma = sigma.to(torch.float64).reshape(-1)
-        sigma = sigma.repeat(xc.shape[0] // sigma.numel())
+        sigma = self.true_sigmas(xc, timesteps, transformer_options)
         x = xc.to(torch.float64)
         posterior = self.mixture.posterior_gm(x, sigma, self.space)
         sigma5 = sigma.view(-1, 1, 1, 1, 1)

@@ -86,35 +86,45 @@ def wrap_as_model(diffusion_model: torch.nn.Module, prediction: str, latent_chan
     return comfy.model_patcher.ModelPatcher(base, load_device=load_device, offload_device=offload_device)
 
 
-class AnalyticNetwork(torch.nn.Module):
-    """The exact Gaussian-mixture denoiser behind ComfyUI's network interface.
+class AnalyticModule(torch.nn.Module):
+    """Base of the analytic networks: ComfyUI's network interface around a closed-form answer.
 
-    ComfyUI hands the network the scaled input and a timestep; the exact answer needs the true
-    sigma, which the samplers pass in ``transformer_options["sigmas"]``. The network returns what
-    the model type predicts (eps, v or flow velocity), so ComfyUI's own ``calculate_denoised``
-    recovers the exact x0.
+    ComfyUI hands a network the scaled input and a (rounded) timestep; an exact answer needs the
+    true sigma, which ComfyUI's samplers pass in ``transformer_options["sigmas"]``.
     """
 
-    def __init__(self, mixture: teacher.GaussianMixture, prediction: str, flow_map_steps: int = 0) -> None:
+    def __init__(self) -> None:
         super().__init__()
-        self.mixture = mixture
-        self.prediction = prediction
-        self.flow_map_steps = flow_map_steps
         self.register_buffer("anchor", torch.zeros(1))  # gives the module a device and dtype
-        self.space: NoiseSpace | None = None
         self.model_sampling = None
 
     @property
     def dtype(self) -> torch.dtype:
         return self.anchor.dtype
 
-    def forward(self, xc, timesteps, context=None, transformer_options={}, **kwargs):
+    def true_sigmas(self, xc: torch.Tensor, timesteps: torch.Tensor, transformer_options: dict) -> torch.Tensor:
+        """Per-row float64 sigmas of this call (cond and uncond chunks share the sampler's sigmas)."""
         sigma = transformer_options.get("sigmas")
         if sigma is None:
             sigma = self.model_sampling.sigma(timesteps)
-        check_latent_shape(xc, self.mixture.latent_shape, "the reference teacher")
         sigma = sigma.to(torch.float64).reshape(-1)
-        sigma = sigma.repeat(xc.shape[0] // sigma.numel())  # cond and uncond chunks share the sigmas
+        return sigma.repeat(xc.shape[0] // sigma.numel())
+
+
+class AnalyticNetwork(AnalyticModule):
+    """The exact Gaussian-mixture denoiser (or flow map) as an EPS, V or flow network: it returns what
+    the model type predicts, so ComfyUI's own ``calculate_denoised`` recovers the exact x0."""
+
+    def __init__(self, mixture: teacher.GaussianMixture, prediction: str, flow_map_steps: int = 0) -> None:
+        super().__init__()
+        self.mixture = mixture
+        self.prediction = prediction
+        self.flow_map_steps = flow_map_steps
+        self.space: NoiseSpace | None = None
+
+    def forward(self, xc, timesteps, context=None, transformer_options={}, **kwargs):
+        check_latent_shape(xc, self.mixture.latent_shape, "the reference teacher")
+        sigma = self.true_sigmas(xc, timesteps, transformer_options)
         x64 = xc.to(torch.float64)
         if self.prediction != "flow":
             x64 = x64 * (sigma**2 + 1).sqrt().view(-1, 1, 1, 1)
