@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .lcm import lcm_boundary_scalings
 from .spaces import NoiseSpace
 
 
@@ -43,14 +44,6 @@ def evenly_picked(grid: Tensor, steps: int) -> Tensor:
     descending = grid.flip(0)
     indices = torch.floor(torch.arange(steps, dtype=torch.float64) * (len(grid) / steps)).long()
     return descending[indices]
-
-
-def lcm_boundary_scalings(timestep: Tensor, timestep_scaling: float = 10.0, sigma_data: float = 0.5) -> tuple[Tensor, Tensor]:
-    """LCM's ``(c_skip, c_out)`` at integer training timesteps (float64)."""
-    scaled = timestep.to(torch.float64) * timestep_scaling
-    c_skip = sigma_data**2 / (scaled**2 + sigma_data**2)
-    c_out = scaled / (scaled**2 + sigma_data**2).sqrt()
-    return c_skip, c_out
 
 
 def tdd_candidate_timesteps(grid: Tensor, min_steps: int, max_steps: int) -> Tensor:
