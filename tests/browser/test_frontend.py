@@ -125,6 +125,7 @@ def test_unknown_node_type_shows_the_missing_nodes_message(frontend):
     nodes = frontend.graph_nodes()
     assert len(nodes) == len(workflow["nodes"]), "the graph still loads, with a placeholder for the missing node"
     assert [n["type"] for n in nodes if not n["registered"]] == ["OtherPackUpscaler"]
+    frontend.fit_view()
     frontend.screenshot("missing_node")
     frontend.close_dialogs()
     assert frontend.errors(since=mark) == []
@@ -139,6 +140,7 @@ def test_missing_model_file_gives_the_validation_error_display(frontend, comfy_s
     mark = frontend.mark()
     frontend.load(graph.to_ui(comfy_server.object_info), "missing model")
     assert frontend.dialogs() == {}
+    frontend.fit_view()
     answer = frontend.queue()
     assert answer["http_status"] == 400
     assert [e["type"] for e in answer["node_errors"][str(loader.id)]["errors"]] == ["value_not_in_list"]
@@ -171,8 +173,8 @@ def test_stride_templates_open_from_the_templates_dialog(frontend):
     while len(page.evaluate(loaded, list(cards))) < len(cards) and time.time() < deadline:
         time.sleep(0.5)
     without_thumbnail = sorted(set(cards) - set(page.evaluate(loaded, list(cards))))
-    assert without_thumbnail == [], "template cards whose thumbnail does not load"
     frontend.screenshot("templates")
+    assert without_thumbnail == [], "template cards whose thumbnail does not load"
     first = WORKFLOW_FILES[0]
     with page.expect_response(lambda r: r.url.endswith(f"/workflow_templates/{PACK}/{first.name}")) as response:
         cards[first.stem].click()
