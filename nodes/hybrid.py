@@ -413,9 +413,9 @@ NODE_CLASS_MAPPINGS = {
     "StrideImageDiversity": StrideImageDiversity,
 }
 NODE_DISPLAY_NAME_MAPPINGS = {
-    "StrideHybridSample": "Stride Hybrid Sample (diversity distillation)",
+    "StrideHybridSample": "Stride Hybrid Sample",
     "StrideHybridGuider": "Stride Hybrid Guider",
     "StrideTraceSampler": "Stride Trace Sampler",
-    "StrideTraceGrid": "Stride Trace Grid (DT visualisation)",
+    "StrideTraceGrid": "Stride Trace Grid",
     "StrideImageDiversity": "Stride Image Diversity",
 }

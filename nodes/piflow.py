@@ -502,6 +502,6 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "StridePiFlowSampler": "Stride pi-Flow Sampler",
     "StridePiFlowScheduler": "Stride pi-Flow Scheduler",
     "StridePiFlowSample": "Stride pi-Flow Sample",
-    "StridePiFlowReferenceModel": "Stride pi-Flow Reference Teacher (exact GM policy)",
+    "StridePiFlowReferenceModel": "Stride pi-Flow Reference Teacher",
     "StridePiFlowAdapterLoader": "Stride pi-Flow Adapter Loader",
 }

@@ -312,7 +312,7 @@ NODE_CLASS_MAPPINGS = {
     "StrideReferenceMetrics": StrideReferenceMetrics,
 }
 NODE_DISPLAY_NAME_MAPPINGS = {
-    "StrideReferenceModel": "Stride Reference Teacher (analytic)",
+    "StrideReferenceModel": "Stride Reference Teacher",
     "StrideDemoModel": "Stride Demo Model",
     "StrideClassPrompt": "Stride Class Prompt",
     "StrideLatentToImage": "Stride Latent Preview Decode",

@@ -132,6 +132,6 @@ class Graph:
             "links": [link[:6] for link in links],
             "groups": groups,
             "config": {},
-            "extra": {"ds": {"scale": 0.8, "offset": [0, 0]}},
+            "extra": {"ds": {"scale": 0.8, "offset": [120, 80]}},  # clear of the frontend's sidebar
             "version": 0.4,
         }

@@ -5,7 +5,6 @@ import { api } from "../../scripts/api.js";
 
 const EVENT = "stride.distill.loss";
 const NODE_TYPE = "StrideDistillLoRA";
-const charts = new Map(); // node id -> {canvas, points}
 
 function draw(chart) {
   const { canvas, points } = chart;
@@ -42,13 +41,15 @@ app.registerExtension({
     canvas.height = 140;
     canvas.className = "stride-loss-chart";
     node.addDOMWidget("loss_chart", "stride_loss_chart", canvas, { serialize: false });
-    const chart = { canvas, points: [] };
-    charts.set(String(node.id), chart);
-    draw(chart);
+    // The node id is not final yet (-1 while the node is being created): keep the chart on the node
+    // and find the node by id when an event arrives.
+    node.strideLossChart = { canvas, points: [] };
+    draw(node.strideLossChart);
   },
   async setup() {
     api.addEventListener(EVENT, ({ detail }) => {
-      const chart = charts.get(String(detail.node));
+      const node = app.graph.getNodeById(Number(detail.node));
+      const chart = node && node.strideLossChart;
       if (!chart) return;
       if (detail.step === 1 || (chart.points.length && detail.step <= chart.points[chart.points.length - 1].step)) {
         chart.points = [];
