@@ -138,7 +138,8 @@ class StrideDistillLoRA:
     OUTPUT_TOOLTIPS = ("The MODEL with the trained LoRA applied (sample right away).",
                        "The trained LoRA (connect Stride Save LoRA).",
                        "Loss per step (connect Stride Loss Plot).",
-                       "A JSON summary: steps, final loss, checkpoint, recommended sampler settings.")
+                       "A JSON summary: steps, final loss, checkpoint, recommended sampler settings, and the "
+                       "config for running the same distillation headless (python -m distill_core.distill_cli).")
     FUNCTION = "train"
 
     @classmethod
@@ -252,7 +253,9 @@ class StrideDistillLoRA:
         metadata = lora_metadata(model, config, result.steps_done)
         trained, _ = comfy.sd.load_lora_for_models(model, None, state, 1.0, 0)
         report = {"objective": objective, "steps": result.steps_done, "final_loss": losses[-1] if losses else None,
-                  "checkpoint": str(path), "recommended_sampling": RECOMMENDED_SAMPLING[objective]}
+                  "checkpoint": str(path), "recommended_sampling": RECOMMENDED_SAMPLING[objective],
+                  # the "distill" section of a distill_core.distill_cli config: the same run headless / under torchrun
+                  "headless_config": {"distill": config.to_dict(), "checkpoint": str(path), "resume": True}}
         return (trained, {"state_dict": state, "metadata": metadata}, losses, json.dumps(report))
 
 
