@@ -56,7 +56,8 @@ class BenchContext:
         return self._host
 
     def start_host(self) -> None:
-        """Start ComfyUI now: benchmarks that import ComfyUI modules directly need it on sys.path."""
+        """Start ComfyUI now (the runner does, before any benchmark): benchmarks import ComfyUI's
+        modules directly, which needs its checkout on sys.path and its arguments set."""
         _ = self.host
 
     @staticmethod

@@ -68,7 +68,6 @@ def release_models() -> None:
 
 
 def run(ctx: BenchContext) -> Section:
-    ctx.start_host()
     device = ctx.device
     repeats = ctx.pick(2, 5, 10)
     sync = cuda_sync_for(device)

@@ -204,9 +204,11 @@ def flux_network(depth: int, single_depth: int, hidden_size: int, device: torch.
     network = Flux(**params, dtype=dtype, device=device, operations=comfy.ops.disable_weight_init)
     init_random_(network, seed).eval()
     full = FLUX_DEV_ARCHITECTURE
-    if (depth, single_depth, hidden_size) == (full["depth"], full["depth_single_blocks"], full["hidden_size"]):
-        size = "full size"
-    else:
-        size = (f"reduced: {depth} double + {single_depth} single blocks (full: {full['depth']} + "
-                f"{full['depth_single_blocks']}), hidden {hidden_size} (full: {full['hidden_size']})")
+    changes = []
+    if (depth, single_depth) != (full["depth"], full["depth_single_blocks"]):
+        changes.append(f"{depth} double + {single_depth} single blocks (full: {full['depth']} + "
+                       f"{full['depth_single_blocks']})")
+    if hidden_size != full["hidden_size"]:
+        changes.append(f"hidden {hidden_size} (full: {full['hidden_size']})")
+    size = "reduced: " + ", ".join(changes) if changes else "full size"
     return network, f"FLUX.1 Flux, {size} ({parameter_count(network) / 1e6:.0f}M params, random weights)"

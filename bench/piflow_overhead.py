@@ -181,7 +181,6 @@ def results_table(results: list[RolloutMeasurement], device_text: str, repeats: 
 
 
 def run(ctx: BenchContext) -> Section:
-    ctx.start_host()
     device, dtype = torch.device("cpu"), torch.float32
     repeats = ctx.pick(2, 2, 3)
     section = Section(NAME, TITLE, __doc__.split("\n\n", 1)[1].strip())

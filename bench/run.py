@@ -3,8 +3,8 @@
     python -m bench.run [--quick] [--only NAME ...] [--gpu] [--device auto|cpu|cuda] [--threads N]
 
 Each benchmark is a module in :data:`BENCHMARKS` with ``NAME``, ``TITLE`` and
-``run(ctx) -> Section``; a module checks its own results and raises ``SanityError`` before it
-reports a speed. A failed benchmark is written as FAILED (no numbers), the others still run,
+``run(ctx) -> Section`` (ComfyUI is already imported when it runs); a module checks its own
+results and raises ``SanityError`` before it reports a speed. A failed benchmark is written as FAILED (no numbers), the others still run,
 and the exit status is 1.
 """
 from __future__ import annotations
@@ -74,6 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     blocks: dict[str, str] = {}
     failed = []
     try:
+        ctx.start_host()
         for module in selected(args):
             ctx.log(f"running {module.NAME} ({tier})")
             started = time.perf_counter()

@@ -88,7 +88,8 @@ def run(ctx: BenchContext) -> Section:
                       f"{spec.label} at {steps} steps on the {model_label} produced NaN or inf")
                 check(calls[0] == steps, f"{spec.label} at {steps} steps made {calls[0]} network calls, expected {steps}")
                 results[(model_label, spec.label, steps)] = score(samples)
-    section.checks.append(f"all {len(results)} sample sets finite; every run made exactly NFE = steps network calls")
+    section.checks.append(f"all {len(results)} runs (model x sampler x NFE) finite; each made exactly NFE = steps "
+                          "network calls")
 
     draws = sorted((score(mixture.sample(num_samples, torch.Generator().manual_seed(DATA_SEED + k), labels)[0])
                     for k in range(DATA_DRAWS)), key=lambda result: result["swd"])

@@ -65,7 +65,8 @@ def run(ctx: BenchContext) -> Section:
                   ["compared", "latent", "batch", "device, dtype", "step time ratio vs smallest", "step time",
                    "per sample", "peak RSS growth"])
     for side, batch in configs:
-        table.add(f"{side}x{side} b{batch} vs {base[0]}x{base[0]} b{base[1]}", f"4x{side}x{side}", batch, "CPU, float32",
+        compared = "(baseline)" if (side, batch) == base else f"{side}x{side} b{batch} vs {base[0]}x{base[0]} b{base[1]}"
+        table.add(compared, f"4x{side}x{side}", batch, "CPU, float32",
                   fmt_ratio(step[(side, batch)] / step[base]), fmt_seconds(step[(side, batch)]),
                   fmt_seconds(step[(side, batch)] / batch), fmt_bytes(memory[(side, batch)]))
     section.tables.append(table)
