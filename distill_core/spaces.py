@@ -16,6 +16,7 @@ ComfyUI's ``ModelSamplingDiscrete``.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 from torch import Tensor
@@ -97,24 +98,27 @@ class NoiseSpace:
         return a**2 / (a**2 + b**2)
 
     # -- timesteps ------------------------------------------------------------------------
+    @cached_property
+    def log_sigma_table(self) -> Tensor:
+        return self.sigma_table.log()
+
     def sigma_of(self, timestep: Tensor | float) -> Tensor:
         """Sigma at (possibly fractional) training timestep(s), log-linear between table entries."""
         t = torch.as_tensor(timestep, dtype=torch.float64).clamp(0, self.num_timesteps - 1)
         low = t.floor().long()
         high = t.ceil().long()
         w = t - low
-        log_table = self.sigma_table.log()
+        log_table = self.log_sigma_table
         return ((1 - w) * log_table[low] + w * log_table[high]).exp()
 
     def timestep_of(self, sigma: Tensor | float) -> Tensor:
         """Fractional training timestep of ``sigma`` (inverse of :meth:`sigma_of`)."""
         sigma = torch.as_tensor(sigma, dtype=torch.float64)
-        log_table = self.sigma_table.log()
-        log_sigma = sigma.clamp(min=self.sigma_table[0]).log()
-        dists = log_sigma.reshape(-1, 1) - log_table.reshape(1, -1)
-        low = (dists >= 0).cumsum(dim=1).argmax(dim=1).clamp(max=self.num_timesteps - 2)
-        high = low + 1
-        w = ((log_table[low] - log_sigma.reshape(-1)) / (log_table[low] - log_table[high])).clamp(0, 1)
+        log_table = self.log_sigma_table
+        log_sigma = sigma.reshape(-1).clamp(min=self.sigma_table[0]).log()
+        high = torch.searchsorted(log_table, log_sigma).clamp(1, self.num_timesteps - 1)
+        low = high - 1
+        w = ((log_sigma - log_table[low]) / (log_table[high] - log_table[low])).clamp(0, 1)
         return (low + w).reshape(sigma.shape)
 
     def sigmas_for_timesteps(self, timesteps: list[int] | Tensor, append_zero: bool = True) -> Tensor:
