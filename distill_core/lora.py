@@ -268,6 +268,7 @@ def save_lora(path: str | os.PathLike, state_dict: Mapping[str, Tensor], metadat
 
     The bytes go to a temporary file in the target folder, are fsynced, then renamed over
     ``path``; an error at any point removes the temporary file and leaves ``path`` as it was.
+    Temporary files of ``path`` that a killed writer left behind are removed first.
     """
     metadata = dict(metadata or {})
     bad = [key for key, value in metadata.items() if not (isinstance(key, str) and isinstance(value, str))]
@@ -278,6 +279,7 @@ def save_lora(path: str | os.PathLike, state_dict: Mapping[str, Tensor], metadat
 
     target = os.path.abspath(os.fspath(path))
     folder = os.path.dirname(target)
+    _remove_stale_temp_files(target)
     temp_path = os.path.join(folder, f".{os.path.basename(target)}.{secrets.token_hex(6)}.tmp")
     # os.open with mode 0o666 honours the umask, so the final file gets ordinary permissions.
     handle = os.open(temp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
@@ -292,6 +294,17 @@ def save_lora(path: str | os.PathLike, state_dict: Mapping[str, Tensor], metadat
             os.unlink(temp_path)
         raise
     _fsync_folder(folder)
+
+
+def _remove_stale_temp_files(target: str) -> None:
+    """Delete ``.<name>.<12 hex>.tmp`` files of ``target``: what a writer killed mid-write leaves."""
+    folder, name = os.path.split(target)
+    pattern = re.compile(rf"\.{re.escape(name)}\.[0-9a-f]{{12}}\.tmp")
+    with contextlib.suppress(FileNotFoundError):
+        for entry in os.listdir(folder):
+            if pattern.fullmatch(entry):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(os.path.join(folder, entry))
 
 
 def _fsync_folder(folder: str) -> None:

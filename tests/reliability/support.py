@@ -127,6 +127,21 @@ def sampling_graph(method: str = "lcm", seed: int = 0, prefix: str = "reliabilit
     }
 
 
+def hybrid_graph(seed: int = 0, prefix: str = "reliability", batch: int = 1, **overrides) -> dict:
+    """Stride Hybrid Sample: the analytic teacher's denoiser (base, CFG 2, Euler) hands over after one
+    step to its exact flow map (distilled, Stride LCM sampler) on the 4-step LCM grid."""
+    graph = sampling_graph(seed=seed, prefix=prefix, batch=batch)
+    graph["distilled"] = {"class_type": "StrideReferenceModel", "inputs": {
+        "variant": "demo", "prediction": "eps", "form": "flow map (ideal distilled student)", "flow_map_steps": 8}}
+    inputs = {"base_model": ["model", 0], "base_positive": ["pos", 0], "base_negative": ["neg", 0], "base_cfg": 2.0,
+              "base_sampler": "euler", "distilled_model": ["distilled", 0], "distilled_positive": ["pos", 0],
+              "distilled_negative": ["neg", 0], "distilled_cfg": 1.0, "distilled_sampler": "lcm",
+              "schedule": "lcm / tcd grid", "steps": 4, "handover_steps": 1, "seed": seed, "latent_image": ["latent", 0]}
+    inputs.update(overrides)
+    graph["run"] = {"class_type": "StrideHybridSample", "inputs": inputs}
+    return graph
+
+
 def training_graph(name: str, steps: int = 1, save_every: int = 1, **overrides) -> dict:
     """A tiny distillation of the demo UNet (rank 4, batch 2, data-free 8x8 latents)."""
     train_inputs = {

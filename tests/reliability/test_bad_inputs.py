@@ -21,8 +21,8 @@ import pytest
 import torch
 from safetensors.torch import save as safetensors_bytes
 
-from tests.reliability.support import (changed_files, class_prompt, empty_latent, few_step, reference_model, sampling_graph,
-                      snapshot, training_graph)
+from tests.reliability.support import (changed_files, class_prompt, empty_latent, few_step, hybrid_graph,
+                                       reference_model, sampling_graph, snapshot, training_graph)
 
 ROOT = Path(__file__).resolve().parents[2]
 DOC = ROOT / "docs" / "TROUBLESHOOTING.md"
@@ -200,6 +200,10 @@ def reload(lora_name: str) -> Callable[[Context], dict]:
                           "inputs": {"model": ["base", 0], "lora_name": ["name", 0], "strength": 1.0}})
 
 
+def hybrid(**overrides) -> Callable[[Context], dict]:
+    return lambda ctx: hybrid_graph(**overrides)
+
+
 def piflow_on(model: dict, adapter: str | None = None, latent: dict | None = None) -> Callable[[Context], dict]:
     """Stride pi-Flow Sample (optionally after the adapter loader) on ``model``."""
 
@@ -296,6 +300,9 @@ CASES = [
     Case("scheduler_denoise_zero", "Stride LCM Scheduler", "denoise = 0",
          custom_sampling(LCM_SAMPLER, with_inputs(LCM_SCHEDULER, denoise=0.0)), "validation", ("denoise",),
          "denoise is in (0, 1]: 1 for text-to-image, lower for img2img."),
+    Case("hybrid_unknown_distilled_sampler", "Stride Hybrid Sample", "distilled_sampler 'dpmpp_2m'",
+         hybrid(distilled_sampler="dpmpp_2m"), "validation", ("distilled_sampler",),
+         "Pick the sampler the distillation was trained for (lcm, tcd, tdd, euler)."),
     Case("train_rank_zero", "Stride Distill LoRA", "rank = 0", train("reliability_rank0", rank=0), "validation",
          ("rank",), "LoRA rank is at least 1 (LCM-LoRA: 64; small models: 4-16)."),
     Case("train_learning_rate_zero", "Stride Distill LoRA", "learning_rate = 0",
@@ -328,6 +335,15 @@ CASES = [
          piflow_on(TINY_FLUX, adapter="reliability_wide_gm.safetensors"), "execution",
          ("adapter_name", "reliability_wide_gm.safetensors"),
          "Use the adapter released for this base model (e.g. gmflux for FLUX.1 dev).", needs=("flux",)),
+    Case("hybrid_pair_with_different_latents", "Stride Hybrid Sample",
+         "a distilled model with another latent format (FLUX.1 with an SD1.5-format base)",
+         changed(hybrid(), distilled=TINY_FLUX), "execution", ("distilled_model", "latent format", "share one VAE"),
+         "Pair a base model with a distillation of the same family (SDXL base + SDXL LCM/Hyper-SD/TDD LoRA).",
+         needs=("flux",)),
+    Case("hybrid_base_on_continuous_edm", "Stride Hybrid Sample", "a base model patched to continuous EDM sigmas",
+         changed(hybrid(base_model=["edm", 0]), base=reference_model(), edm=continuous("edm")), "execution",
+         ("continuous sigmas", "karras"), "The shared few-step schedule needs a base model with 1000 discrete "
+         "timesteps."),
     # --- step counts the method's grid cannot give ---------------------------------------------------
     Case("lcm_img2img_steps_above_grid", FEW, "lcm, 40 steps at denoise 0.5 (the grid has 25)",
          sample(method="lcm", steps=40, denoise=0.5), "execution", ("steps", "Choose fewer steps"),
@@ -339,6 +355,9 @@ CASES = [
          custom_sampling(TCD_SAMPLER, with_inputs(HYPER_SCHEDULER, mode="unet 1-step (t=800)", denoise=0.5)),
          "execution", ("denoise", "set denoise to 1.0"), "The 1-step UNet only starts from pure noise: denoise 1.0, or "
          "the 'trailing' mode for img2img."),
+    Case("hybrid_handover_not_below_steps", "Stride Hybrid Sample", "handover_steps 4 of 4 steps",
+         hybrid(handover_steps=4), "execution", ("handover_steps", "must be below steps"),
+         "Hand over after 1 step (the paper's setting); the distilled model needs at least one step."),
     # --- latents: NaN/inf, channels, sizes -----------------------------------------------------------------
     Case("nan_latent", FEW, "a latent full of NaN (Latent Multiply by NaN)",
          changed(sample(), scaled={"class_type": "LatentMultiply", "inputs": {"samples": ["empty", 0],
@@ -349,10 +368,10 @@ CASES = [
     Case("inf_latent_custom_sampler", "Stride TCD / Hyper-SD Sampler", "a latent full of inf through SamplerCustomAdvanced",
          custom_sampling(TCD_SAMPLER, LCM_SCHEDULER, latent=fault_latent(fill="inf")), "execution",
          ("latent_image", "NaN or inf"), "As above."),
-    Case("latent_16_channels", "Stride Reference Teacher (analytic)", "a 16-channel (SD3/Flux-format) latent",
+    Case("latent_16_channels", "Stride Reference Teacher", "a 16-channel (SD3/Flux-format) latent",
          changed(sample(), latent=fault_latent(channels=16)), "execution", ("latent_image", "4x8x8", "got 16x8x8"),
          "Use Empty Latent Image (4 channels, SD1.5 format) at 64x64."),
-    Case("latent_wrong_size", "Stride Reference Teacher (analytic)", "a 128x128 image latent (16x16)",
+    Case("latent_wrong_size", "Stride Reference Teacher", "a 128x128 image latent (16x16)",
          changed(sample(), latent=empty_latent(width=128, height=128)), "execution",
          ("latent_image", "Empty Latent Image 64x64", "got 4x16x16"), "The reference teacher models 64x64 images only."),
     Case("demo_latent_16_channels", "Stride Demo Model", "a 16-channel latent",
@@ -382,7 +401,7 @@ CASES = [
          custom_sampling(TDD_SAMPLER, TDD_SCHEDULER, model={"class_type": "ReliabilityFaultModel",
                                                             "inputs": {"model": ["base", 0], "fill": "inf"}}),
          "execution", ("model", "returned NaN or inf"), "As above."),
-    Case("text_encoder_conditioning_on_reference", "Stride Reference Teacher (analytic)",
+    Case("text_encoder_conditioning_on_reference", "Stride Reference Teacher",
          "a 77x768 text-encoder CONDITIONING", changed(sample(), pos=fault_conditioning()), "execution",
          ("conditioning", "Stride Class Prompt", "(1, 77, 768)"),
          "The reference teacher and demo model are conditioned by Stride Class Prompt, not a text encoder."),
@@ -392,6 +411,9 @@ CASES = [
     Case("empty_conditioning", FEW, "an empty CONDITIONING list as positive",
          changed(sample(), pos=fault_conditioning(empty=True)), "execution", ("positive", "empty"),
          "Connect a prompt (CLIP Text Encode, Stride Class Prompt)."),
+    Case("hybrid_empty_base_positive", "Stride Hybrid Sample", "an empty CONDITIONING as base_positive",
+         changed(hybrid(), pos=fault_conditioning(empty=True)), "execution", ("base_positive", "empty"),
+         "Connect the encoded prompt for the base model's steps."),
     Case("metrics_text_encoder_conditioning", "Stride Reference Metrics", "a text-encoder CONDITIONING",
          metrics_graph(fault_latent(batch=2), fault_conditioning()), "execution", ("conditioning", "Stride Class Prompt"),
          "Connect the Stride Class Prompt the samples were drawn for."),
