@@ -143,7 +143,7 @@ def hybrid_graph(seed: int = 0, prefix: str = "reliability", batch: int = 1, **o
 
 
 def training_graph(name: str, steps: int = 1, save_every: int = 1, **overrides) -> dict:
-    """A tiny distillation of the demo UNet (rank 4, batch 2, data-free 8x8 latents)."""
+    """A tiny distillation of the demo UNet (rank 4, batch 2, 8x8 latents; data-free unless latents are added)."""
     train_inputs = {
         "model": ["model", 0], "data": ["data", 0], "objective": "lcm", "steps": steps, "learning_rate": 1e-3,
         "rank": 4, "alpha": 0.0, "batch_size": 2, "guidance_min": 0.0, "guidance_max": 0.0, "loss": "huber",
@@ -160,6 +160,19 @@ def training_graph(name: str, steps: int = 1, save_every: int = 1, **overrides) 
         "train": {"class_type": "StrideDistillLoRA", "inputs": train_inputs},
         "report": {"class_type": "PreviewAny", "inputs": {"source": ["train", 3]}},
     }
+
+
+def with_sampled_latents(graph: dict, count: int = 8) -> dict:
+    """Train on ``count`` latents sampled from the analytic teacher in the same graph (instead of the
+    data-free pool, which costs many teacher trajectories per run)."""
+    graph.update({
+        "lat_teacher": reference_model(),
+        "lat_latent": empty_latent(count),
+        "lat_run": few_step("lcm", seed=0, steps=2, model="lat_teacher", latent="lat_latent", positive="disc",
+                            negative="empty"),
+    })
+    graph["data"]["inputs"]["latents"] = ["lat_run", 0]
+    return graph
 
 
 # ------------------------------------------------------------------------------------------

@@ -365,6 +365,9 @@ CASES = [
                  empty=empty_latent(), run=few_step(latent="scaled")),
          "execution", ("latent_image", "NaN or inf"), "Find the node that produced NaN (a broken VAE encode, a "
          "division by zero in latent math) and fix its input.", server=True),
+    Case("piflow_nan_latent", "Stride pi-Flow Sample", "a latent full of NaN",
+         piflow_on(PIFLOW_REFERENCE, latent=fault_latent(fill="nan")), "execution", ("NaN or inf", "check the nodes"),
+         "As above."),
     Case("inf_latent_custom_sampler", "Stride TCD / Hyper-SD Sampler", "a latent full of inf through SamplerCustomAdvanced",
          custom_sampling(TCD_SAMPLER, LCM_SCHEDULER, latent=fault_latent(fill="inf")), "execution",
          ("latent_image", "NaN or inf"), "As above."),

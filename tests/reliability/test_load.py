@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 
 import comfy_host as host
 from distill_core.distill import load_checkpoint
-from tests.reliability.support import hybrid_graph, sampling_graph, training_graph
+from tests.reliability.support import hybrid_graph, sampling_graph, training_graph, with_sampled_latents
 
 ROOT = Path(__file__).resolve().parents[2]
 CURVE = ROOT / "docs" / "load_memory.csv"
@@ -190,10 +190,10 @@ def test_hundred_prompts_from_several_clients(server, references):
 
 
 def test_training_and_sampling_queued_together(server, references, demo_weights):
-    alone = server.run(training_graph("load_alone", steps=4, save_every=0, resume=False))
+    alone = server.run(with_sampled_latents(training_graph("load_alone", steps=4, save_every=0, resume=False)))
     assert alone.success, alone.messages[-3:]
 
-    training = [("train", training_graph("load_together", steps=4, save_every=0, resume=False))]
+    training = [("train", with_sampled_latents(training_graph("load_together", steps=4, save_every=0, resume=False)))]
     sampling = [(f"{method}|{seed}|x", method_graph(method, seed, 500 + i, f"together_{i}"))
                 for i, (method, seed) in enumerate((m, s) for m in METHODS for s in SEEDS[:2])]
     clients = run_clients(server, [training, sampling[::2], sampling[1::2]])

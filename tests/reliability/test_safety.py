@@ -21,7 +21,7 @@ import torch
 from safetensors import safe_open
 
 from tests.reliability.support import (changed_files, class_prompt, empty_latent, hybrid_graph, reference_model,
-                                       sampling_graph, snapshot, training_graph)
+                                       sampling_graph, snapshot, training_graph, with_sampled_latents)
 
 ROOT = Path(__file__).resolve().parents[2]
 STRIDE_SOURCES = sorted([ROOT / "__init__.py", *(ROOT / "nodes").glob("*.py"), *(ROOT / "distill_core").glob("*.py")])
@@ -193,7 +193,7 @@ def test_any_accepted_name_stays_a_direct_child_of_its_folder(fault_host):
 def test_training_and_saving_write_only_the_checkpoint_and_the_lora(fault_host, demo_weights):
     base = Path(fault_host.base_dir)
     before = snapshot(base, skip=("temp",))
-    graph = training_graph("safety_paths", steps=2, save_every=1)
+    graph = with_sampled_latents(training_graph("safety_paths", steps=2, save_every=1))
     graph["save"] = {"class_type": "StrideSaveLoRA", "inputs": {"lora": ["train", 1], "file_name": "safety_paths_lora",
                                                                 "overwrite": False}}
     result = fault_host.run(graph)

@@ -25,36 +25,31 @@ from safetensors.torch import load_file
 
 import comfy_host as host
 from distill_core.distill import load_checkpoint
-from tests.reliability.support import sampling_graph, training_graph
+from tests.reliability.support import sampling_graph, training_graph, with_sampled_latents
 
 STEPS = 8
 SAVE_EVERY = 2
 DRAW = random.Random(20261124)
-TRAINING_LATENTS = {"class_type": "ReliabilityFaultLatent",
-                    "inputs": {"channels": 4, "height": 8, "width": 8, "batch": 8, "fill": "random"}}
 
 
 def faulty_run_graph(name: str, steps: int = STEPS) -> dict:
-    """The in-process runs: 8 steps on 8 fixed latents (no data-free pool, so each run takes seconds)."""
-    graph = training_graph(name, steps=steps, save_every=SAVE_EVERY)
-    graph["lat"] = TRAINING_LATENTS
-    graph["data"]["inputs"]["latents"] = ["lat", 0]
-    return graph
+    """A run of ``steps`` steps on 8 latents sampled from the analytic teacher in the same graph."""
+    return with_sampled_latents(training_graph(name, steps=steps, save_every=SAVE_EVERY))
 
 
 def checkpoint_folder(host_) -> Path:
     return Path(host_.folder_paths.get_output_directory()) / "stride_checkpoints"
 
 
-def assert_files_whole(folder: Path, context: str, temp_files_allowed: bool = False) -> None:
-    """Every .safetensors in ``folder`` parses completely; no temporary files unless allowed."""
-    for path in folder.iterdir():
-        if path.suffix == ".safetensors":
-            with safe_open(str(path), framework="pt") as reader:
-                for key in reader.keys():
-                    reader.get_tensor(key)
-        elif not temp_files_allowed:
-            raise AssertionError(f"{context}: unexpected file {path.name} next to the checkpoints")
+def assert_files_whole(folder: Path, name: str, context: str, temp_files_allowed: bool = False) -> None:
+    """The run's checkpoint (if any) parses completely; no temporary files of it unless allowed."""
+    final = folder / f"{name}.safetensors"
+    if final.exists():
+        with safe_open(str(final), framework="pt") as reader:
+            for key in reader.keys():
+                reader.get_tensor(key)
+    leftovers = sorted(path.name for path in folder.glob(f".{name}.safetensors.*"))
+    assert temp_files_allowed or not leftovers, f"{context}: temporary files left behind: {leftovers}"
 
 
 def assert_same_lora(got: Path, want: Path, context: str, steps: int = STEPS) -> None:
@@ -101,7 +96,7 @@ def resume_and_compare(host_, name: str, straight: Path, demo_baseline: torch.Te
         f"{context}: the demo MODEL changed after the fault (LoRA hooks left behind?)"
     resumed = host_.run(faulty_run_graph(name))
     assert resumed.success, (context, resumed.error())
-    assert_files_whole(folder, context)
+    assert_files_whole(folder, name, context)
     assert_same_lora(folder / f"{name}.safetensors", straight, context)
 
 
@@ -115,7 +110,7 @@ def test_cancel_at_a_random_step_then_resume(fault_host, straight, demo_baseline
         fault_host.progress_listener = None
     assert not cancelled.success and any(kind == "execution_interrupted" for kind, _ in cancelled.messages), context
     folder = checkpoint_folder(fault_host)
-    assert_files_whole(folder, context)
+    assert_files_whole(folder, "reliability_cancel", context)
     saved = load_checkpoint(str(folder / "reliability_cancel.safetensors"))
     assert saved.step == cancel_at, f"{context}: Cancel keeps a checkpoint of the last finished step, got {saved.step}"
     resume_and_compare(fault_host, "reliability_cancel", straight, demo_baseline, context)
@@ -138,7 +133,7 @@ def test_exception_at_a_random_step_then_resume(fault_host, straight, demo_basel
     assert not failed.success, context
     assert "injected fault" in failed.error()["exception_message"], failed.error()
     folder = checkpoint_folder(fault_host)
-    assert_files_whole(folder, context)
+    assert_files_whole(folder, "reliability_exception", context)
     last_saved = (fail_at - 1) // SAVE_EVERY * SAVE_EVERY
     path = folder / "reliability_exception.safetensors"
     if last_saved:
@@ -167,7 +162,7 @@ def test_disk_failure_while_writing_a_checkpoint_keeps_the_previous_one(fault_ho
     monkeypatch.undo()
     assert not failed.success and "No space left on device" in failed.error()["exception_message"], context
     folder = checkpoint_folder(fault_host)
-    assert_files_whole(folder, context)  # the temporary file was removed, the last checkpoint is whole
+    assert_files_whole(folder, "reliability_disk_full", context)  # temp file removed, last checkpoint whole
     kept = load_checkpoint(str(folder / "reliability_disk_full.safetensors"))
     assert kept.step == (failing_save - 1) * SAVE_EVERY, context
     resume_and_compare(fault_host, "reliability_disk_full", straight, demo_baseline, context)
@@ -176,7 +171,7 @@ def test_disk_failure_while_writing_a_checkpoint_keeps_the_previous_one(fault_ho
 # ------------------------------------------------------------------------------------------
 # SIGKILL of the server process in the middle of a run
 # ------------------------------------------------------------------------------------------
-KILL_STEPS = 10
+KILL_STEPS = 16
 
 
 def queue_and_kill(server: host.ServerHost, prompt: dict, kill_at: int, timeout: float = 240.0) -> None:
@@ -205,9 +200,9 @@ def queue_and_kill(server: host.ServerHost, prompt: dict, kill_at: int, timeout:
 
 
 def test_sigkill_of_the_server_mid_run_then_resume_on_a_new_server(fault_host, demo_weights, tmp_path):
-    kill_at = DRAW.randint(2, KILL_STEPS - 2)
+    kill_at = DRAW.randint(SAVE_EVERY + 1, KILL_STEPS - 6)  # a checkpoint is on disk before progress passes it
     context = f"SIGKILL at step {kill_at}"
-    prompt = training_graph("reliability_killed", steps=KILL_STEPS, save_every=SAVE_EVERY)  # data-free: pool regenerated
+    prompt = faulty_run_graph("reliability_killed", KILL_STEPS)
 
     first = host.ServerHost(tmp_path)
     try:
@@ -217,9 +212,9 @@ def test_sigkill_of_the_server_mid_run_then_resume_on_a_new_server(fault_host, d
         first.stop()
     assert first.process.returncode == -signal.SIGKILL, context
     folder = tmp_path / "output" / "stride_checkpoints"
-    assert_files_whole(folder, context, temp_files_allowed=True)  # a temp file may remain; final names are whole
+    assert_files_whole(folder, "reliability_killed", context, temp_files_allowed=True)  # the final name is whole
     saved = load_checkpoint(str(folder / "reliability_killed.safetensors"))
-    assert kill_at - SAVE_EVERY <= saved.step <= kill_at + 1, (context, saved.step)
+    assert kill_at - SAVE_EVERY <= saved.step < KILL_STEPS, (context, saved.step)
 
     second = host.ServerHost(tmp_path, log_path=tmp_path / "server2.log")
     try:
@@ -230,9 +225,9 @@ def test_sigkill_of_the_server_mid_run_then_resume_on_a_new_server(fault_host, d
     assert resumed.success, (context, resumed.messages[-3:])
     assert min(value for value, total in resumed.progress if total == KILL_STEPS) > saved.step, \
         f"{context}: the new server resumed from step {saved.step} instead of starting over"
-    assert_files_whole(folder, context)  # the resumed run's checkpoint writes removed any leftover temp file
+    assert_files_whole(folder, "reliability_killed", context)  # the resumed run's saves removed any temp file
 
-    reference = fault_host.run(training_graph("reliability_not_killed", steps=KILL_STEPS, save_every=SAVE_EVERY))
+    reference = fault_host.run(faulty_run_graph("reliability_not_killed", KILL_STEPS))
     assert reference.success, reference.error()
     assert_same_lora(folder / "reliability_killed.safetensors",
                      checkpoint_folder(fault_host) / "reliability_not_killed.safetensors", context, KILL_STEPS)
