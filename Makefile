@@ -1,5 +1,8 @@
 # Stride: the two commands (demo, test) plus setup and benchmarks. Each sets up what it needs.
 PY := .venv/bin/python
+# One intra-op thread: the demo's and the tests' tensors are small, and on 2 cores shared by the test
+# process, a ComfyUI server and a browser, OpenMP spin-waiting made two threads up to 20x slower.
+export OMP_NUM_THREADS ?= 1
 WORKFLOW ?= workflows/stride_demo.json
 OUT ?= demo_out
 

@@ -71,25 +71,54 @@ def few_step_method(method: str) -> Graph:
     return g
 
 
-def demo() -> Graph:
-    """The main demo: the trained demo UNet, many-step vs few-step, with exact metrics."""
+def demo(distill_steps: int = 200) -> Graph:
+    """The main demo on the project's demo UNet: many-step base, few-step before/after distillation, hybrid."""
     g = Graph()
-    base = g.add("StrideDemoModel", (0, 0), title="Demo model (trained UNet)")
-    positive, negative = _prompts(g, 0, 150, "ring")
-    latent = g.add("EmptyLatentImage", (0, 450), width=64, height=64, batch_size=16)
-    many = g.add("KSampler", (COL, 0), title="Base: euler, 25 steps", model=(base, 0), positive=(positive, 0),
-                 negative=(negative, 0), latent_image=(latent, 0), seed=3, steps=25, cfg=1.0,
-                 sampler_name="euler", scheduler="normal", denoise=1.0)
-    few = g.add("StrideFewStepSample", (COL, 380), title="Few-step: TCD 4 steps", model=(base, 0), positive=(positive, 0),
-                negative=(negative, 0), latent_image=(latent, 0), method="tcd / hyper-sd unified", steps=4, cfg=0.0,
-                gamma=0.3, eta=0.2, seed=3, denoise=1.0)
-    _view(g, (many, 0), 2 * COL, 0, "stride_demo_base25", "demo model euler 25", (positive, 0))
-    _view(g, (few, 0), 2 * COL, 380, "stride_demo_tcd4", "demo model tcd 4 (not distilled)", (positive, 0))
+    base = g.add("StrideDemoModel", (0, 0), title="Demo model (trained UNet, the teacher)")
+    prompts = [g.add("StrideClassPrompt", (0, 120 + 100 * i), title=f"Prompt {name}", prompt=name)
+               for i, name in enumerate(("disc", "square", "cross", "ring"))]
+    empty = g.add("StrideClassPrompt", (0, 520), title="Empty prompt", prompt="")
+    shown = prompts[3]
+    data = g.add("StrideDistillDataset", (COL, 0), prompt_1=(prompts[0], 0), prompt_2=(prompts[1], 0),
+                 prompt_3=(prompts[2], 0), prompt_4=(prompts[3], 0), empty_prompt=(empty, 0), width=64, height=64)
+    train = g.add("StrideDistillLoRA", (COL, 330), title="Distil an LCM-LoRA (short run)", model=(base, 0),
+                  data=(data, 0), objective="lcm", steps=distill_steps, learning_rate=1e-3, rank=16, alpha=0.0,
+                  batch_size=16, guidance_min=0.0, guidance_max=0.0, loss="huber", gradient_checkpointing=False,
+                  seed=0, save_every=50, lora_name="stride_demo", resume=True)
+    plot = g.add("StrideLossPlot", (COL, 900), loss=(train, 2), width=640, height=320)
+    g.add("SaveImage", (COL, 1080), title="Distillation loss", images=(plot, 0), filename_prefix="stride_demo_loss")
+    latent = g.add("EmptyLatentImage", (0, 640), title="16 samples", width=64, height=64, batch_size=16)
+    common = dict(positive=(shown, 0), negative=(empty, 0), latent_image=(latent, 0))
+    rows = {
+        "base_euler_25": g.add("KSampler", (2 * COL, 0), title="Base: euler, 25 steps", model=(base, 0), seed=3,
+                               steps=25, cfg=1.0, sampler_name="euler", scheduler="normal", denoise=1.0, **common),
+        "base_lcm_4": g.add("StrideFewStepSample", (2 * COL, 420), title="Base, LCM 4 steps (before distillation)",
+                            model=(base, 0), method="lcm", steps=4, cfg=1.0, gamma=0.3, eta=0.2, seed=3, denoise=1.0,
+                            **common),
+        "distilled_lcm_4": g.add("StrideFewStepSample", (2 * COL, 840), title="Distilled, LCM 4 steps (after)",
+                                 model=(train, 0), method="lcm", steps=4, cfg=1.0, gamma=0.3, eta=0.2, seed=3,
+                                 denoise=1.0, **common),
+    }
+    hybrid = g.add("StrideHybridSample", (2 * COL, 1260), title="Hybrid: 1 base step + 3 distilled steps",
+                   base_model=(base, 0), base_positive=(shown, 0), base_negative=(empty, 0), base_cfg=1.0,
+                   base_sampler="euler", distilled_model=(train, 0), distilled_positive=(shown, 0),
+                   distilled_negative=(empty, 0), distilled_cfg=1.0, distilled_sampler="lcm",
+                   schedule="lcm / tcd grid", steps=4, handover_steps=1, seed=3, latent_image=(latent, 0))
+    rows["hybrid_1_plus_3"] = hybrid
+    for row, (name, sample) in enumerate(rows.items()):
+        _view(g, (sample, 0), 3 * COL, 420 * row, f"stride_demo_{name}", name.replace("_", " "), (shown, 0))
+    grid = g.add("StrideTraceGrid", (5 * COL, 1260), title="Predicted x0 per step (hybrid)", trace=(hybrid, 1),
+                 samples=(hybrid, 0), max_images=4)
+    g.add("SaveImage", (6 * COL, 1260), images=(grid, 0), filename_prefix="stride_demo_trace")
+    g.group("Distillation", [data, train, plot])
+    g.group("Sampling", list(rows.values()))
     g.note(
-        "Stride demo on the project's own demo model (a small ComfyUI UNet trained on a known mixture of "
-        "coloured shapes). Top: 25 Euler steps. Bottom: 4 TCD steps on the same, undistilled model: blurrier, "
-        "which is what distillation (stride/training) fixes. Change the prompt to disc, square, cross or ring.",
-        (0, 620), (700, 150),
+        "Stride demo on the project's own demo model (a small ComfyUI UNet trained on a known mixture of coloured "
+        "shapes; the metrics nodes score samples exactly). 1) 25 Euler steps of the base model. 2) LCM with 4 steps on "
+        "the undistilled base: blurry. 3) The same after a short in-graph LCM-LoRA distillation. 4) Hybrid: the base "
+        "model's first step, then the distilled model (diversity of the base at distilled cost). The trace grid shows "
+        "x_t | predicted x0 per step. Change the prompt (disc, square, cross, ring) or the distillation steps.",
+        (0, 800), (700, 170),
     )
     return g
 

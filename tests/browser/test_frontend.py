@@ -183,3 +183,30 @@ def test_stride_templates_open_from_the_templates_dialog(frontend):
                            arg=len(json.loads(first.read_text())["nodes"]), timeout=15_000)
     assert frontend.dialogs() == {}
     assert frontend.errors(since=mark) == []
+
+
+def test_live_loss_chart_follows_a_training_run(frontend, comfy_server):
+    """The training node's chart (web/stride_loss_chart.js) draws one point per websocket loss event."""
+    path = WORKFLOW_FILES[0].parent / "distill_lcm_lora.json"
+    workflow = json.loads(path.read_text())
+    frontend.load(workflow, "loss_chart_check")
+    steps = 12
+    trainer_id = frontend.page.evaluate(
+        """steps => {
+             const node = window.app.graph._nodes.find(n => n.type === 'StrideDistillLoRA');
+             for (const [name, value] of [['steps', steps], ['lora_name', 'browser_loss_chart'], ['resume', false]])
+               node.widgets.find(w => w.name === name).value = value;
+             return node.id;
+           }""",
+        steps,
+    )
+    assert frontend.page.locator("canvas.stride-loss-chart").count() == 1
+    nodes = frontend.graph_nodes()
+    image_nodes = [n["id"] for n in nodes if n["type"] in frontend.IMAGE_OUTPUT_TYPES and n["mode"] == 0]
+    answer = frontend.queue()
+    assert answer["http_status"] == 200 and answer["node_errors"] == {}, answer
+    frontend.wait_for_images(answer["prompt_id"], image_nodes)
+    points = frontend.page.evaluate(
+        """id => window.app.graph.getNodeById(id).strideLossChart.canvas.dataset.points""", trainer_id
+    )
+    assert points == str(steps), f"the chart shows {points} loss points for a {steps}-step run"

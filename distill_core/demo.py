@@ -1,0 +1,132 @@
+"""The demo model: a small ComfyUI ``UNetModel`` trained on the demo Gaussian mixture.
+
+The network is an SD1.5-style EPS model (``x = x0 + sigma * eps``, scaled-linear 1000-step
+schedule) on ``4 x 8 x 8`` latents, conditioned by cross-attention on a one-token "prompt":
+a one-hot vector over the demo classes plus one last slot meaning "unconditional / empty
+prompt", so classifier-free guidance works. ``scripts/build_demo_model.py`` trains it on the
+exact denoiser of :func:`~distill_core.teacher.demo_mixture` and ships the weights at
+:data:`DEMO_WEIGHTS_PATH`.
+
+This module holds the host-independent facts: the ``UNetModel`` keyword arguments, the
+context encoding, the noise space, the weight file, and the EPS wrapper that turns the raw
+network into a denoiser exactly as ComfyUI's EPS ``model_sampling`` does. Nothing here
+imports ComfyUI; the caller builds the network from :data:`DEMO_UNET_CONFIG`.
+"""
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, safe_open
+from torch import Tensor, nn
+
+from .spaces import NoiseSpace, scaled_linear_alphas_cumprod
+from .teacher import DEMO_CLASS_NAMES
+
+NUM_DEMO_CLASSES = len(DEMO_CLASS_NAMES)
+UNCONDITIONAL_SLOT = NUM_DEMO_CLASSES
+"""Index of the context slot that marks the unconditional (empty-prompt) branch."""
+CONTEXT_DIM = NUM_DEMO_CLASSES + 1
+
+DEMO_UNET_CONFIG: dict = {
+    "image_size": 8,
+    "in_channels": 4,
+    "out_channels": 4,
+    "model_channels": 32,
+    "num_res_blocks": 1,
+    "channel_mult": [1, 2],
+    "num_head_channels": 32,
+    "use_spatial_transformer": True,
+    "transformer_depth": [0, 1],
+    "transformer_depth_output": [0, 0, 1, 1],
+    "transformer_depth_middle": 1,
+    "context_dim": CONTEXT_DIM,
+    "use_linear_in_transformer": True,
+    "legacy": False,
+}
+"""Keyword arguments of ComfyUI's ``comfy.ldm.modules.diffusionmodules.openaimodel.UNetModel``
+(add ``operations``, ``device`` and ``dtype`` as the host needs). Channels 32 -> 64 over two
+levels (8x8, 4x4); one spatial transformer at the 4x4 level (input, middle and output blocks)."""
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEMO_WEIGHTS_PATH = REPO_ROOT / "assets" / "demo" / "stride_demo_unet.safetensors"
+DEMO_REPORT_PATH = DEMO_WEIGHTS_PATH.with_suffix(".json")
+METADATA_PREFIX = "stride."
+
+
+def demo_noise_space() -> NoiseSpace:
+    """The demo model's noise space: VE with SD1.5's scaled-linear 1000-step sigma table."""
+    return NoiseSpace.from_alphas_cumprod(scaled_linear_alphas_cumprod())
+
+
+def encode_classes(
+    class_ids: Tensor | list[int] | None, batch: int, dtype: torch.dtype = torch.float32
+) -> Tensor:
+    """The cross-attention context ``(batch, 1, CONTEXT_DIM)`` for demo class ids.
+
+    ``class_ids`` has ``batch`` entries in ``[-1, NUM_DEMO_CLASSES)``; ``-1`` (or ``None`` for the
+    whole batch) is the unconditional / empty prompt, encoded in the last slot.
+    """
+    if class_ids is None:
+        slots = torch.full((batch,), UNCONDITIONAL_SLOT, dtype=torch.long)
+    else:
+        class_ids = torch.as_tensor(class_ids, dtype=torch.long).reshape(-1).cpu()
+        if class_ids.numel() != batch:
+            raise ValueError(f"class_ids has {class_ids.numel()} entries for a batch of {batch}")
+        if ((class_ids < -1) | (class_ids >= NUM_DEMO_CLASSES)).any():
+            raise ValueError(f"demo class ids must lie in [-1, {NUM_DEMO_CLASSES}), got {class_ids.tolist()}")
+        slots = torch.where(class_ids < 0, torch.full_like(class_ids, UNCONDITIONAL_SLOT), class_ids)
+    return nn.functional.one_hot(slots, CONTEXT_DIM).to(dtype).unsqueeze(1)
+
+
+def decode_context(context: Tensor) -> Tensor:
+    """Class ids ``(B,)`` of a context made by :func:`encode_classes` (``-1`` = unconditional).
+
+    Reads the first token's largest slot, so slightly perturbed or rescaled contexts decode too.
+    """
+    if context.ndim != 3 or context.shape[-1] != CONTEXT_DIM:
+        raise ValueError(f"demo context must have shape (B, T, {CONTEXT_DIM}), got {tuple(context.shape)}")
+    slots = context[:, 0].argmax(dim=-1)
+    return torch.where(slots == UNCONDITIONAL_SLOT, torch.full_like(slots, -1), slots)
+
+
+def nearest_timestep(space: NoiseSpace, sigma: Tensor) -> Tensor:
+    """The table index nearest to ``sigma`` in log-sigma (ComfyUI ``ModelSamplingDiscrete.timestep``)."""
+    log_table = space.sigma_table.to(sigma.device).log()
+    distances = sigma.to(torch.float64).log().reshape(-1, 1) - log_table.reshape(1, -1)
+    return distances.abs().argmin(dim=1).reshape(sigma.shape)
+
+
+def unet_eps(unet: nn.Module, x: Tensor, sigma: Tensor, context: Tensor, space: NoiseSpace) -> Tensor:
+    """The network's noise prediction at ``(x, sigma)``, called the way ComfyUI's EPS model calls it:
+    input scaled by ``1 / sqrt(sigma^2 + 1)``, timestep = nearest table index (as float)."""
+    sigma = torch.as_tensor(sigma, dtype=x.dtype, device=x.device).reshape(-1).expand(x.shape[0])
+    scaled = x / (sigma**2 + 1).sqrt().reshape(-1, 1, 1, 1)
+    timesteps = nearest_timestep(space, sigma).to(x.dtype)
+    return unet(scaled, timesteps, context=context.to(x.dtype))
+
+
+def unet_denoiser(unet: nn.Module, space: NoiseSpace) -> Callable[[Tensor, Tensor, Tensor | None], Tensor]:
+    """A k-diffusion-style denoiser ``(x, sigma_batch, class_ids) -> x0 = x - sigma * eps`` for the net."""
+
+    def denoise(x: Tensor, sigma: Tensor, class_ids: Tensor | None = None) -> Tensor:
+        sigma = torch.as_tensor(sigma, dtype=x.dtype, device=x.device).reshape(-1).expand(x.shape[0])
+        context = encode_classes(class_ids, x.shape[0], x.dtype).to(x.device)
+        return x - sigma.reshape(-1, 1, 1, 1) * unet_eps(unet, x, sigma, context, space)
+
+    return denoise
+
+
+def load_demo_weights(path: Path | str = DEMO_WEIGHTS_PATH) -> tuple[dict[str, Tensor], dict]:
+    """The shipped ``UNetModel`` state dict and its metadata (``stride.*`` keys, JSON-decoded)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"demo weights not found at {path}; run scripts/build_demo_model.py")
+    with safe_open(str(path), framework="pt") as handle:
+        raw = handle.metadata() or {}
+    metadata = {
+        key[len(METADATA_PREFIX):]: json.loads(value) for key, value in raw.items() if key.startswith(METADATA_PREFIX)
+    }
+    return load_file(str(path)), metadata
