@@ -1,8 +1,9 @@
 """The benchmark suite keeps working: a tiny run of the real runner, plus its merge and timing rules.
 
 The runner test starts ``python -m bench.run --smoke`` in a subprocess (it starts its own
-in-process ComfyUI) on the sampler-overhead benchmark and the GPU benchmark in its tiny CPU
-configuration, writing into a temporary RESULTS.md that already holds another benchmark's block.
+in-process ComfyUI) on the sampler-overhead, hybrid-sampling and distillation-training benchmarks and
+the GPU benchmark in its tiny CPU configuration, writing into a temporary RESULTS.md that already
+holds another benchmark's block.
 """
 from __future__ import annotations
 
@@ -40,17 +41,19 @@ def _block(name: str, body: str) -> str:
 def test_runner_smoke_writes_checked_sections_and_keeps_others(tmp_path):
     results = tmp_path / "RESULTS.md"
     results.write_text("# old header\n\n" + _block("scaling", KEPT_BLOCK))
-    command = [sys.executable, "-m", "bench.run", "--smoke", "--only", "sampler_overhead", "--only", "gpu",
-               "--device", "cpu", "--threads", "1", "--results", str(results), "--plots", str(tmp_path / "plots")]
+    command = [sys.executable, "-m", "bench.run", "--smoke", "--only", "sampler_overhead", "--only", "hybrid",
+               "--only", "training", "--only", "gpu", "--device", "cpu", "--threads", "1", "--results", str(results),
+               "--plots", str(tmp_path / "plots")]
     process = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert process.returncode == 0, process.stderr[-4000:]
 
     text = results.read_text()
     blocks = existing_blocks(text)
-    assert list(blocks) == ["sampler_overhead", "scaling", "gpu"]  # registry order, old block kept in place
+    # registry order, old block kept in place
+    assert list(blocks) == ["sampler_overhead", "scaling", "hybrid", "training", "gpu"]
     assert blocks["scaling"].strip() == KEPT_BLOCK.strip()
     assert "old header" not in text and "torch threads | 1" in text
-    for name in ("sampler_overhead", "gpu"):
+    for name in ("sampler_overhead", "hybrid", "training", "gpu"):
         assert "FAILED" not in blocks[name]
         assert "Sanity checks (passed before any number below was recorded)" in blocks[name]
     # ratio first: after what was compared, on what model and on which device and dtype comes a ratio ("1.23x")
@@ -59,6 +62,20 @@ def test_runner_smoke_writes_checked_sections_and_keeps_others(tmp_path):
     assert all(re.fullmatch(r"[\d.e+-]+x", row.split(" | ")[3]) for row in overhead_rows)
     assert "Stride DDIM == ComfyUI euler" in blocks["gpu"]
     assert "GM substeps vs 1 forward" in blocks["gpu"]
+
+    hybrid_rows = [line.split(" | ") for line in blocks["hybrid"].splitlines() if line.startswith("| hybrid ")]
+    assert [row[0] for row in hybrid_rows] == ["| hybrid 1+3", "| hybrid 2+2"]
+    assert [row[6] for row in hybrid_rows] == ["4 (1 + 3)", "4 (2 + 2)"]  # counted NFE: base + distilled calls
+    assert "handover 0 == the distilled model alone" in blocks["hybrid"]
+    assert (tmp_path / "plots" / "hybrid_mode_shares.png").is_file()
+
+    training_rows = {line.split(" | ")[0]: line.split(" | ") for line in blocks["training"].splitlines()
+                     if line.startswith("| ") and " vs " in line.split(" | ")[0]}
+    for compared in ("| StrideDistillLoRA vs TrainLoraNode", "| our step vs the diffusers recipe",
+                     "| our step (DistillTrainer._train_step) vs sum of the passes"):
+        assert re.fullmatch(r"[\d.e+-]+x", training_rows[compared][3]), training_rows[compared]
+    assert "the loss recomputed from them equals DistillTrainer.batch_loss" in blocks["training"]
+    assert (tmp_path / "plots" / "training_step_time_memory.png").is_file()
 
 
 def test_merge_replaces_run_blocks_and_keeps_the_rest():
