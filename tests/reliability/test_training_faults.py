@@ -3,8 +3,8 @@
 After each fault the latest checkpoint loads and resumes, no file under its final name is
 half-written (every .safetensors parses, no temporary files are left once the run resumed), the
 MODEL that went in is unchanged, and the resumed run ends with the same LoRA as an uninterrupted
-run of the same settings (CPU, within 1e-6). The fault step is drawn at random (seeded; the draw
-is printed in every assertion message).
+run of the same settings (CPU, within 1e-6). The fault steps are drawn at random; every assertion
+message names the draw and its seed (``STRIDE_FAULT_SEED=<seed>`` replays it).
 """
 from __future__ import annotations
 
@@ -29,7 +29,8 @@ from tests.reliability.support import sampling_graph, training_graph, with_sampl
 
 STEPS = 8
 SAVE_EVERY = 2
-DRAW = random.Random(20261124)
+FAULT_SEED = int(os.environ.get("STRIDE_FAULT_SEED", time.time_ns() % 2**32))  # set it to replay a failure
+DRAW = random.Random(FAULT_SEED)
 
 
 def faulty_run_graph(name: str, steps: int = STEPS) -> dict:
@@ -102,8 +103,12 @@ def resume_and_compare(host_, name: str, straight: Path, demo_baseline: torch.Te
 
 def test_cancel_at_a_random_step_then_resume(fault_host, straight, demo_baseline):
     cancel_at = DRAW.randint(1, STEPS - 1)
-    context = f"cancel after step {cancel_at}"
-    fault_host.progress_listener = lambda value, total: fault_host.interrupt() if value == cancel_at else None
+    context = f"cancel after step {cancel_at} (STRIDE_FAULT_SEED={FAULT_SEED})"
+    def cancel(value: int, total: int) -> None:
+        if (value, total) == (cancel_at, STEPS):  # the training's progress, not the latent sampling's
+            fault_host.interrupt()
+
+    fault_host.progress_listener = cancel
     try:
         cancelled = fault_host.run(faulty_run_graph("reliability_cancel"))
     finally:
@@ -118,7 +123,7 @@ def test_cancel_at_a_random_step_then_resume(fault_host, straight, demo_baseline
 
 def test_exception_at_a_random_step_then_resume(fault_host, straight, demo_baseline, monkeypatch):
     fail_at = DRAW.randint(1, STEPS)
-    context = f"exception in step {fail_at}"
+    context = f"exception in step {fail_at} (STRIDE_FAULT_SEED={FAULT_SEED})"
     trainer = training_module(fault_host).DistillTrainer
     original = trainer._train_step
 
@@ -146,7 +151,7 @@ def test_exception_at_a_random_step_then_resume(fault_host, straight, demo_basel
 def test_disk_failure_while_writing_a_checkpoint_keeps_the_previous_one(fault_host, straight, demo_baseline,
                                                                          monkeypatch):
     failing_save = DRAW.randint(2, STEPS // SAVE_EVERY)
-    context = f"write error in checkpoint save {failing_save}"
+    context = f"write error in checkpoint save {failing_save} (STRIDE_FAULT_SEED={FAULT_SEED})"
     real_fsync = os.fsync
     file_syncs = []
 
@@ -201,7 +206,7 @@ def queue_and_kill(server: host.ServerHost, prompt: dict, kill_at: int, timeout:
 
 def test_sigkill_of_the_server_mid_run_then_resume_on_a_new_server(fault_host, demo_weights, tmp_path):
     kill_at = DRAW.randint(SAVE_EVERY + 1, KILL_STEPS - 6)  # a checkpoint is on disk before progress passes it
-    context = f"SIGKILL at step {kill_at}"
+    context = f"SIGKILL at step {kill_at} (STRIDE_FAULT_SEED={FAULT_SEED})"
     prompt = faulty_run_graph("reliability_killed", KILL_STEPS)
 
     first = host.ServerHost(tmp_path)
