@@ -13,7 +13,7 @@ import importlib.util
 import os
 import pickle
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -54,7 +54,7 @@ class Case:
     hint: str  # what to do, for the table
     setup: Callable[[Context], None] | None = None
     verify: Callable[[Context], None] | None = None
-    needs: tuple[str, ...] = field(default=())  # "demo" (demo weights), "flux" (tiny FLUX.1 node)
+    needs: tuple[str, ...] = ()  # "demo" (demo weights), "flux" (tiny FLUX.1 node)
     server: bool = False  # also run through the real server
 
 
