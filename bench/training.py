@@ -279,7 +279,7 @@ class StepMeasurement:
 
 def _measure_step(ctx: BenchContext, section: Section, side: int, batch: int, setting: str) -> StepMeasurement:
     """Our step against the sum of its passes and against the diffusers recipe, on one setting."""
-    repeats = ctx.pick(2, 9, 15)
+    repeats = ctx.pick(2, 13, 25)
     model, _ = models.demo_unet_model(ctx)
     teacher_copy = copy.deepcopy(model.model)  # the recipe's second model, copied before any LoRA is attached
     probe = torch.randn(batch, 4, side, side, generator=torch.Generator().manual_seed(SEED))
