@@ -60,6 +60,10 @@ BENIGN: list[tuple[Callable[[ConsoleEntry], bool], str]] = [
      and "at onChange" in e.text and "at Proxy.set" in e.text,
      "frontend 1.32.9 bug at start-up: its render-mode watcher stores LiteGraph.Canvas.MinFontSizeForLOD "
      "before that setting is registered; it happens on every fresh page, with or without any custom node"),
+    (lambda e: e.text == "Attempted to cleanup event listeners for graph that was never set up"
+     and "/assets/GraphView-" in e.url,
+     "frontend 1.32.9 (GraphView's cleanupEventListeners) logs this when the start-up graph is swapped before its "
+     "listeners were registered; it appears with Stride's web extension removed too, so it is not ours"),
     (lambda e: e.text.startswith("TypeError: Cannot set properties of null (setting 'value')")
      and "primevue/autocomplete" in e.text,
      "frontend 1.32.9 (PrimeVue AutoComplete): closing the node search box after typing fires the input's "
