@@ -42,6 +42,7 @@ def test_workflow_loads_runs_and_shows_its_images(frontend, comfy_server, path: 
 
     image_nodes = [n["id"] for n in nodes if n["type"] in frontend.IMAGE_OUTPUT_TYPES and n["mode"] == 0]
     assert image_nodes, "every shared workflow shows at least one image"
+    frontend.fit_view()  # LiteGraph loads a node's images when it draws the node: keep every node in view
     answer = frontend.queue()
     assert answer["http_status"] == 200 and answer["node_errors"] == {}, answer
     started = time.time()
@@ -203,6 +204,7 @@ def test_live_loss_chart_follows_a_training_run(frontend, comfy_server):
     assert frontend.page.locator("canvas.stride-loss-chart").count() == 1
     nodes = frontend.graph_nodes()
     image_nodes = [n["id"] for n in nodes if n["type"] in frontend.IMAGE_OUTPUT_TYPES and n["mode"] == 0]
+    frontend.fit_view()
     answer = frontend.queue()
     assert answer["http_status"] == 200 and answer["node_errors"] == {}, answer
     frontend.wait_for_images(answer["prompt_id"], image_nodes)
