@@ -13,6 +13,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.parse
@@ -220,6 +221,28 @@ class _ServerStub:
         pass
 
 
+def in_own_thread(fn: Callable[..., Any], *args: Any) -> Any:
+    """Call ``fn`` in a fresh thread, as ComfyUI's own prompt worker does.
+
+    ComfyUI's executor and node loading use ``asyncio.run``, which refuses to start inside a thread
+    that already runs an event loop (e.g. a test session that also drives Playwright's sync API).
+    """
+    outcome: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            outcome["value"] = fn(*args)
+        except BaseException as exc:  # noqa: BLE001  (re-raised in the caller's thread)
+            outcome["error"] = exc
+
+    worker = threading.Thread(target=target, name="comfy-host")
+    worker.start()
+    worker.join()
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome.get("value")
+
+
 def _rebase_folder_paths(folder_paths: Any, base: Path) -> None:
     """Point an already imported ``folder_paths`` at ``base`` (what --base-directory does at import)."""
     old = folder_paths.base_path
@@ -265,7 +288,7 @@ class InProcessHost:
         self.execution = execution
         self.folder_paths = folder_paths
         self.version = host_version(self.path)
-        asyncio.run(nodes.init_extra_nodes(init_custom_nodes=True, init_api_nodes=False))
+        in_own_thread(asyncio.run, nodes.init_extra_nodes(init_custom_nodes=True, init_api_nodes=False))
         self.server = _ServerStub()
         self.progress: list[tuple[int, int]] = []
         self.progress_listener: Callable[[int, int], None] | None = None
@@ -304,7 +327,7 @@ class InProcessHost:
         self.nodes.interrupt_processing(True)
 
     def validate(self, prompt: dict) -> tuple[bool, Any, list, dict]:
-        return asyncio.run(self.execution.validate_prompt(str(uuid.uuid4()), prompt, None))
+        return in_own_thread(asyncio.run, self.execution.validate_prompt(str(uuid.uuid4()), prompt, None))
 
     def run(self, prompt: dict) -> RunResult:
         """Validate and execute an API-format prompt; raise on validation errors."""
@@ -313,7 +336,7 @@ class InProcessHost:
             raise WorkflowError(f"prompt rejected by validation: {error.get('message')} {json.dumps(node_errors)[:2000]}")
         self.progress = []
         prompt_id = str(uuid.uuid4())
-        self.executor.execute(prompt, prompt_id, {}, outputs)
+        in_own_thread(self.executor.execute, prompt, prompt_id, {}, outputs)
         history = self.executor.history_result or {}
         return RunResult(self.executor.success, history.get("outputs", {}), list(self.executor.status_messages), list(self.progress))
 
