@@ -22,3 +22,6 @@ bench: setup
 
 bench-quick: setup
 	$(PY) -m bench.run --quick
+
+bench-gpu: setup
+	$(PY) -m bench.run --gpu
