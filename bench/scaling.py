@@ -70,7 +70,8 @@ def run(ctx: BenchContext) -> Section:
                   fmt_ratio(step[(side, batch)] / step[base]), fmt_seconds(step[(side, batch)]),
                   fmt_seconds(step[(side, batch)] / batch), fmt_bytes(memory[(side, batch)]))
     section.tables.append(table)
-    section.plots.append(_plot(ctx, sides, batches, step, memory))
+    section.plots.append(plot_step_time_memory(ctx, NAME, sides, batches, step, memory, "step time (ms)",
+                                               "Demo UNet + Stride LCM through ComfyUI (CPU float32)"))
     section.notes.append("Peak RSS growth counts only memory newly requested from the OS during the call; "
                          "allocations served from memory the process already held do not show.")
     return section
@@ -91,21 +92,22 @@ def _check_batches(ctx: BenchContext, model, sides, batches, noises, positive, n
     return f"batch of {largest} vs batch of 1 on the same noise: first samples agree (max difference {worst:.1e})"
 
 
-def _plot(ctx: BenchContext, sides, batches, step, memory):
+def plot_step_time_memory(ctx: BenchContext, name: str, sides, batches, step, memory, time_label: str, title: str):
+    """Step time (log) and peak RSS growth against latent side, one line per batch size; returns the PNG path."""
     figure, (time_axis, memory_axis) = plt.subplots(1, 2, figsize=(10, 4))
     for batch in batches:
         time_axis.plot(sides, [step[(side, batch)] * 1e3 for side in sides], marker="o", label=f"batch {batch}")
         memory_axis.plot(sides, [memory[(side, batch)] / 2**20 for side in sides], marker="o", label=f"batch {batch}")
-    for axis, label in ((time_axis, "step time (ms)"), (memory_axis, "peak RSS growth (MiB)")):
+    for axis, label in ((time_axis, time_label), (memory_axis, "peak RSS growth (MiB)")):
         axis.set_xscale("log", base=2)
         axis.set_xticks(list(sides), [f"{side}x{side}" for side in sides])
         axis.set_xlabel("latent size (4 channels)")
         axis.set_ylabel(label)
         axis.legend(fontsize=8)
     time_axis.set_yscale("log")
-    figure.suptitle("Demo UNet + Stride LCM through ComfyUI (CPU float32)", fontsize=10)
+    figure.suptitle(title, fontsize=10)
     figure.tight_layout()
-    path = ctx.plots_dir / f"{NAME}_step_time_memory.png"
+    path = ctx.plots_dir / f"{name}_step_time_memory.png"
     figure.savefig(path, dpi=110)
     plt.close(figure)
     return path

@@ -31,15 +31,12 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
+import torch
 
 from distill_core import demo, distill, lora, metrics, objectives, teacher  # noqa: E402
 
 from . import models  # noqa: E402
+from .scaling import plot_step_time_memory  # noqa: E402
 from .context import BenchContext  # noqa: E402
 from .harness import (Goal, Section, Table, check, fmt_bytes, fmt_ratio, fmt_seconds, median,  # noqa: E402
                       peak_rss_available, peak_rss_growth, run_interleaved, spread)
@@ -682,24 +679,7 @@ def _scaling(ctx: BenchContext, section: Section) -> tuple[Table, Any]:
         table.add(compared, f"4x{side}x{side}", batch, "CPU, float32", fmt_ratio(step[(side, batch)] / step[base]),
                   fmt_seconds(step[(side, batch)]), fmt_seconds(step[(side, batch)] / batch),
                   fmt_bytes(memory[(side, batch)]))
-    return table, _plot(ctx, sides, batches, step, memory)
+    return table, plot_step_time_memory(ctx, NAME, sides, batches, step, memory, "training step time (ms)",
+                                        f"Demo UNet + rank-{RANK} LoRA, LCM distillation step (CPU float32)")
 
 
-def _plot(ctx: BenchContext, sides, batches, step, memory):
-    figure, (time_axis, memory_axis) = plt.subplots(1, 2, figsize=(10, 4))
-    for batch in batches:
-        time_axis.plot(sides, [step[(side, batch)] * 1e3 for side in sides], marker="o", label=f"batch {batch}")
-        memory_axis.plot(sides, [memory[(side, batch)] / 2**20 for side in sides], marker="o", label=f"batch {batch}")
-    for axis, label in ((time_axis, "training step time (ms)"), (memory_axis, "peak RSS growth (MiB)")):
-        axis.set_xscale("log", base=2)
-        axis.set_xticks(list(sides), [f"{side}x{side}" for side in sides])
-        axis.set_xlabel("latent size (4 channels)")
-        axis.set_ylabel(label)
-        axis.legend(fontsize=8)
-    time_axis.set_yscale("log")
-    figure.suptitle(f"Demo UNet + rank-{RANK} LoRA, LCM distillation step (CPU float32)", fontsize=10)
-    figure.tight_layout()
-    path = ctx.plots_dir / f"{NAME}_step_time_memory.png"
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-    return path
