@@ -5,18 +5,13 @@ ComfyUI's internals is fixed here once.
 """
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 import torch
 
-import comfy.model_management
 import comfy.model_sampling
-import comfy.utils
 
 from ..distill_core.spaces import NUM_TRAIN_TIMESTEPS, NoiseSpace
-
-log = logging.getLogger("stride")
 
 
 class StrideError(ValueError):
@@ -75,15 +70,6 @@ def send_event(event: str, data: dict) -> None:
     instance = getattr(PromptServer, "instance", None)
     if instance is not None:
         instance.send_sync(event, data, getattr(instance, "client_id", None))
-
-
-def interrupted() -> None:
-    """Raise ComfyUI's interruption if the user pressed Cancel."""
-    comfy.model_management.throw_exception_if_processing_interrupted()
-
-
-def progress_bar(total: int) -> Any:
-    return comfy.utils.ProgressBar(total)
 
 
 def latent_spatial_downscale(latent_format: Any) -> int:
