@@ -229,7 +229,25 @@ class Posterior(NamedTuple):
     variances: Tensor
 
 
-class GaussianMixture:
+class _ComponentMeans:
+    """Shape facts shared by the mixtures: ``means`` is ``(K, C, H, W)``."""
+
+    means: Tensor
+
+    @property
+    def num_components(self) -> int:
+        return self.means.shape[0]
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        return tuple(self.means.shape[1:])  # type: ignore[return-value]
+
+    @property
+    def dim(self) -> int:
+        return self.means[0].numel()
+
+
+class GaussianMixture(_ComponentMeans):
     """Data ``x0 ~ sum_k w_k N(mu_k, s_k^2 I)`` over whole latents of shape ``(C, H, W)``.
 
     ``means`` ``(K, C, H, W)``, ``stds`` ``(K,)`` (or a scalar for all), ``log_weights`` ``(K,)``
@@ -262,18 +280,6 @@ class GaussianMixture:
         self.classes = None if classes is None else torch.as_tensor(classes, dtype=torch.long, device=means.device).reshape(k)
         self._device_cache: dict[torch.device, tuple[Tensor, Tensor, Tensor, Tensor | None]] = {}
 
-    # -- basic properties -------------------------------------------------------------------
-    @property
-    def num_components(self) -> int:
-        return self.means.shape[0]
-
-    @property
-    def latent_shape(self) -> tuple[int, int, int]:
-        return tuple(self.means.shape[1:])  # type: ignore[return-value]
-
-    @property
-    def dim(self) -> int:
-        return self.means[0].numel()
 
     @property
     def weights(self) -> Tensor:
@@ -507,7 +513,7 @@ class PosteriorGM(NamedTuple):
     variance: Tensor
 
 
-class FactorizedMixture:
+class FactorizedMixture(_ComponentMeans):
     """Each location's channel vector drawn independently: ``x0[:, h, w] ~ sum_k w_k[h, w] N(mu_k[:, h, w], s^2 I_C)``.
 
     ``means`` ``(K, C, H, W)``, ``log_weights`` ``(K, H, W)`` or ``(K,)`` (normalised over K here),
@@ -530,17 +536,6 @@ class FactorizedMixture:
         self.std = float(std)
         self.log_weights = torch.log_softmax(log_weights.expand(k, h, w), dim=0).contiguous()
 
-    @property
-    def num_components(self) -> int:
-        return self.means.shape[0]
-
-    @property
-    def latent_shape(self) -> tuple[int, int, int]:
-        return tuple(self.means.shape[1:])  # type: ignore[return-value]
-
-    @property
-    def dim(self) -> int:
-        return self.means[0].numel()
 
     def _location_log_likelihoods(self, x: Tensor, a: Tensor, b: Tensor) -> Tensor:
         """``log w_k[h,w] + log N(x[:, h, w]; a mu_k[:, h, w], (a^2 s^2 + b^2) I_C)``, shape ``(n, K, H, W)``."""
