@@ -300,7 +300,7 @@ def flux_head_state_dict(adapter: PiFlowAdapter, shape: FluxShape = FluxShape())
     names (``proj_out_means``, ``proj_out_logweights``, ``proj_out_logstds.<i>``), as in the
     official ComfyUI-piFlow model, where they sit on the diffusion model's root.
     """
-    size, positions = shape.hidden_size, shape.patch_size**2
+    size = shape.hidden_size
     modulation = adapter.head["norm_out.linear.weight"]
     if tuple(modulation.shape) != (2 * size, size):
         raise ValueError(f"the adapter's 'norm_out.linear.weight' is {tuple(modulation.shape)}, but this FLUX "

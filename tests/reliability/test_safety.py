@@ -136,7 +136,7 @@ def test_pickles_offered_as_lora_adapter_checkpoint_or_weights_are_refused_unrea
         assert not result.success
         refusals.append(result.error()["exception_message"])
 
-    piflow_nodes = stride_module(fault_host, "StridePiFlowAdapterLoader", "nodes.piflow")
+    piflow_nodes = stride_module(fault_host, "StridePiFlowAdapterLoader", "nodes.piflow_loader")
     for name in (f"safety_{kind}.pt", f"safety_{kind}_renamed.safetensors"):
         with pytest.raises(ValueError) as refused:  # StrideError is a ValueError
             piflow_nodes.read_adapter_file(name)
