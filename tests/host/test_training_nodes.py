@@ -173,3 +173,67 @@ def test_distilled_student_beats_the_teacher_at_four_steps(comfy_host):
     assert scores["teacher"]["nll_gap"] < -0.3, scores  # undistilled few-step samples are over-concentrated
     assert abs(scores["student"]["nll_gap"]) < abs(scores["teacher"]["nll_gap"]) - 0.15, scores
     assert scores["student"]["mode_recall"] == 1.0, scores
+
+
+def test_a_model_carrying_a_user_lora_trains_with_that_lora_applied(comfy_host):
+    """The teacher is the MODEL as the user gave it, user LoRA included: training on demo + user LoRA gives the
+    same distillation LoRA as training on a demo network whose weights have that LoRA merged in, and the returned
+    MODEL carries both LoRAs. Training on the plain demo model gives a clearly different LoRA (the test can fail)."""
+    import comfy.model_management
+    import comfy.sd
+    import folder_paths
+
+    from distill_core import lora as lora_io
+
+    stride = {name: cls() for name, cls in comfy_host.nodes.NODE_CLASS_MAPPINGS.items() if name.startswith("Stride")}
+    base = stride["StrideDemoModel"].load()[0]
+    prompt = {name: stride["StrideClassPrompt"].encode(name)[0] for name in ("disc", "ring", "")}
+    data = stride["StrideDistillDataset"].build(prompt["disc"], prompt[""], prompt_2=prompt["ring"], width=64,
+                                                 height=64)[0]
+
+    with torch.random.fork_rng():  # a user's style LoRA: random, large enough to change the teacher's outputs
+        torch.manual_seed(11)
+        user = lora_io.attach_lora(base.model.diffusion_model, 4, init="random", skip_small_layers=True)
+        with torch.no_grad():
+            for parameter in user.parameters():
+                parameter.normal_(0.0, 0.08)
+        user_state = lora_io.lora_state_dict(user)
+        user.remove()
+    folder = folder_paths.get_folder_paths("loras")[0]
+    os.makedirs(folder, exist_ok=True)
+    lora_io.save_lora(os.path.join(folder, "user_style.safetensors"), user_state)
+    with_user = comfy_host.nodes.LoraLoaderModelOnly().load_lora_model_only(base, "user_style.safetensors", 1.0)[0]
+
+    latent = {"samples": torch.zeros(2, 4, 8, 8)}
+    sampler = stride["StrideFewStepSample"]
+
+    def sample(model) -> torch.Tensor:
+        return sampler.sample(model, prompt["disc"], prompt[""], latent, "lcm", 4, 1.0, 0.3, 0.2, 9, 1.0)[0]["samples"]
+
+    user_teacher_before = sample(with_user)
+    comfy.model_management.load_models_gpu([with_user], force_full_load=True)  # ComfyUI merges the user LoRA
+    merged_weights = {k: v.detach().clone() for k, v in with_user.model.diffusion_model.state_dict().items()}
+    plain_weights = stride["StrideDemoModel"].load()[0].model.diffusion_model.state_dict()
+    adapted = [key[len("diffusion_model."):-len(".lora_up.weight")] + ".weight" for key in user_state
+               if key.endswith(".lora_up.weight")]
+    assert all(not torch.equal(merged_weights[k], plain_weights[k]) for k in adapted), "the user LoRA is merged"
+
+    merged = stride["StrideDemoModel"].load()[0]
+    merged.model.diffusion_model.load_state_dict(merged_weights)
+
+    settings = dict(objective="lcm", steps=4, learning_rate=1e-3, rank=4, alpha=0.0, batch_size=2, guidance_min=0.0,
+                    guidance_max=0.0, loss="l2", gradient_checkpointing=False, seed=5, save_every=0, resume=False)
+    trainer = stride["StrideDistillLoRA"]
+    trained_model, on_user, _, _ = trainer.train(with_user, data, lora_name="user_lora_run", **settings)
+    _, on_merged, _, _ = trainer.train(merged, data, lora_name="merged_run", **settings)
+    _, on_plain, _, _ = trainer.train(base, data, lora_name="plain_run", **settings)
+
+    def largest_gap(a: dict, b: dict) -> float:
+        return max(float((a[k] - b[k]).abs().max() / b[k].abs().max().clamp_min(1e-12)) for k in b)
+
+    assert largest_gap(on_user["state_dict"], on_merged["state_dict"]) < 1e-6
+    assert largest_gap(on_plain["state_dict"], on_merged["state_dict"]) > 1e-2
+
+    expected, _ = comfy.sd.load_lora_for_models(merged, None, on_merged["state_dict"], 1.0, 0)
+    assert torch.allclose(sample(trained_model), sample(expected), atol=1e-4), "returned MODEL = user LoRA + new LoRA"
+    assert torch.allclose(sample(with_user), user_teacher_before, atol=1e-6), "the input MODEL is unchanged"
