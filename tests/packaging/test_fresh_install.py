@@ -1,0 +1,124 @@
+"""Install Stride the way the README tells a user: clone it into the custom_nodes folder of a host that has
+only ComfyUI's own requirements, `pip install -r requirements.txt`, start ComfyUI. Stride must import, keep
+the host's torch, register all its nodes and run a graph over HTTP.
+
+Costs about two minutes (a new virtual environment; pip reuses its cache)."""
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+import comfy_host
+
+ROOT = Path(__file__).resolve().parents[2]
+TORCH_PINS = ["torch==2.14.1", "torchvision==0.29.1"]
+HOST_TORCH = re.compile(r"^\s*(torch|torchvision|torchaudio)\s*([<>=~!].*)?$")
+
+
+def run(command: list, **kwargs) -> str:
+    done = subprocess.run(command, capture_output=True, text=True, **kwargs)
+    assert done.returncode == 0, f"{' '.join(map(str, command))} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    return done.stdout
+
+
+def pip(python: Path, *arguments: str) -> str:
+    return run([str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check", *arguments])
+
+
+def torch_version(python: Path) -> str:
+    return run([str(python), "-c", "import torch; print(torch.__version__)"]).strip()
+
+
+def get_json(url: str) -> dict:
+    with urllib.request.urlopen(url, timeout=10) as response:
+        return json.loads(response.read())
+
+
+def wait_for(url: str, process: subprocess.Popen, log: Path, timeout: float = 240.0) -> dict:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        assert process.poll() is None, f"ComfyUI exited ({process.returncode}):\n{log.read_text()[-4000:]}"
+        try:
+            return get_json(url)
+        except (urllib.error.URLError, ConnectionError, OSError):
+            time.sleep(1.0)
+    raise AssertionError(f"no answer from {url} within {timeout:.0f} s:\n{log.read_text()[-4000:]}")
+
+
+@pytest.fixture(scope="module")
+def bare_host(tmp_path_factory):
+    """A virtual environment with torch and ComfyUI's requirements only, and an empty custom_nodes folder."""
+    work = tmp_path_factory.mktemp("fresh-install")
+    run([sys._base_executable, "-m", "venv", str(work / "venv")])
+    python = work / "venv" / "bin" / "python"
+    host = comfy_host.host_dir()
+    host_requirements = work / "host-requirements.txt"
+    lines = (host / "requirements.txt").read_text(encoding="utf-8").splitlines()
+    host_requirements.write_text("\n".join(line for line in lines if not HOST_TORCH.match(line)) + "\n")
+    pip(python, *TORCH_PINS, "-r", str(host_requirements))
+    base = work / "base"
+    (base / "custom_nodes").mkdir(parents=True)
+    return python, host, base
+
+
+def test_clone_into_custom_nodes_and_pip_install_requirements_works(bare_host):
+    python, host, base = bare_host
+    missing = run([str(python), "-c", "import importlib.util as u; print([m for m in ('diffusers', 'peft') "
+                                      "if u.find_spec(m)])"]).strip()
+    assert missing == "[]", "the bare host must not already have Stride's own dependencies"
+    torch_before = torch_version(python)
+
+    clone = base / "custom_nodes" / "stride"
+    run(["git", "clone", "--quiet", "--depth", "1", f"file://{ROOT}", str(clone)])
+    pip(python, "-r", str(clone / "requirements.txt"))
+    assert torch_version(python) == torch_before, "installing Stride must keep the host's torch"
+
+    port = comfy_host.free_port()
+    log = base / "server.log"
+    with open(log, "w") as stream:
+        server = subprocess.Popen([str(python), "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port),
+                                   "--base-directory", str(base), "--disable-api-nodes",
+                                   "--database-url", "sqlite:///:memory:"],
+                                  cwd=host, stdout=stream, stderr=subprocess.STDOUT)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        object_info = wait_for(f"{url}/object_info", server, log)
+        text = log.read_text()
+        assert "IMPORT FAILED" not in text.split("Import times for custom nodes", 1)[-1], text[-3000:]
+        documented = set(re.findall(r"^## .*\(`(Stride\w+)`\)$", (clone / "docs" / "NODES.md").read_text(), re.M))
+        assert len(documented) > 20 and documented <= set(object_info), "every documented Stride node is registered"
+
+        prompt = {
+            "model": {"class_type": "StrideDemoModel", "inputs": {}},
+            "disc": {"class_type": "StrideClassPrompt", "inputs": {"prompt": "disc"}},
+            "empty": {"class_type": "StrideClassPrompt", "inputs": {"prompt": ""}},
+            "latent": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+            "run": {"class_type": "StrideFewStepSample", "inputs": {
+                "model": ["model", 0], "positive": ["disc", 0], "negative": ["empty", 0], "latent_image": ["latent", 0],
+                "method": "lcm", "steps": 4, "cfg": 1.0, "gamma": 0.3, "eta": 0.2, "seed": 1, "denoise": 1.0}},
+            "save": {"class_type": "SaveLatent", "inputs": {"samples": ["run", 0], "filename_prefix": "fresh"}},
+        }
+        request = urllib.request.Request(f"{url}/prompt", data=json.dumps({"prompt": prompt}).encode(),
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=30) as response:
+            prompt_id = json.loads(response.read())["prompt_id"]
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            history = get_json(f"{url}/history/{prompt_id}")
+            if prompt_id in history and history[prompt_id]["status"].get("completed") is not None:
+                break
+            time.sleep(0.5)
+        status = history[prompt_id]["status"]
+        assert status["status_str"] == "success", status
+        assert list((base / "output" / "latents").glob("fresh*.latent"))
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
