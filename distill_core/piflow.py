@@ -14,8 +14,15 @@ Two policies:
 * :class:`GMPolicy`: the x0-posterior at the source is a Gaussian mixture per latent
   location (K means, per-location log-weights, one variance shared by all components);
   at any other point of the trajectory its posterior mean follows in closed form.
-* :class:`DXPolicy`: N x0 predictions on an even grid of raw time over a fixed segment,
-  linearly interpolated.
+* :class:`DXPolicy`: N x0 terms from one network output, in one of the official modes:
+  ``"grid"``, N x0 predictions on an even grid of raw time over a fixed segment, linearly
+  interpolated; or ``"polynomial"``, the coefficients of x0 as a polynomial of degree N - 1 in
+  the raw time elapsed since the source.
+
+Inpainting (:class:`Inpainting`) follows the official ComfyUI-piFlow rule: at every substep the
+velocity is the policy's where the mask is 1 and, where it is 0, the straight-line velocity
+towards the original latent, so the kept region stays the original latent noised to each
+substep's sigma and ends exactly at it.
 
 ``sample_piflow`` has the k-diffusion sampler shape, except that ``model(x, sigma)`` must
 return a policy object anchored at ``(x, sigma)`` (a :class:`GMPolicy` or :class:`DXPolicy`,
@@ -23,6 +30,7 @@ or any object with ``velocity``, ``x0`` and ``denoised``) instead of a denoised 
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable, Protocol
 
 import torch
@@ -35,6 +43,9 @@ DEFAULT_SHIFT = 3.2
 DEFAULT_FINAL_STEP_SIZE_SCALE = 0.5
 DEFAULT_SUBSTEPS = 128
 AUTO_TEMPERATURE = "auto"
+DX_GRID = "grid"
+DX_POLYNOMIAL = "polynomial"
+DX_MODES = (DX_GRID, DX_POLYNOMIAL)
 _EPS = 1e-6  # clamps of the official code (sigma, GM denominators, temperature)
 
 
@@ -206,48 +217,73 @@ class GMPolicy:
 
 
 class DXPolicy:
-    """Grid policy: N x0 predictions spread evenly in raw time over a fixed segment.
+    """DX policy: N x0 terms ``x0_terms`` (B, N, C, *spatial) from one network output.
 
-    ``x0_grid`` (B, N, C, *spatial): entry ``N - 1`` belongs to the source, entry 0 to the
-    segment's end ``raw_src - segment_size`` (clamped at raw time 0). ``segment_size``
-    and ``shift`` are properties of the trained adapter (pi-FLUX.1 DX: 1 / 3.5 and 3.2),
-    not of the sampling schedule. Between grid points x0 is linear in raw time.
+    ``mode`` (the adapter's ``policy_config["mode"]``, official default ``"grid"``):
+
+    * ``"grid"``: x0 predictions spread evenly in raw time over a fixed segment. Entry
+      ``N - 1`` belongs to the source, entry 0 to the segment's end ``raw_src - segment_size``
+      (clamped at raw time 0); between grid points x0 is linear in raw time, outside the
+      segment it is held at the nearest end.
+    * ``"polynomial"``: coefficients ``c_n`` of ``x0(t) = sum_n c_n (raw_src - raw_t)^n``, a
+      polynomial in the raw time elapsed since the source (not normalised, not clamped);
+      ``segment_size`` is not used.
+
+    ``segment_size`` and ``shift`` are properties of the trained adapter (pi-FLUX.1 DX grid:
+    1 / 3.5 and 3.2), not of the sampling schedule.
     """
 
-    def __init__(self, x0_grid: Tensor, x_src: Tensor, sigma_src: Tensor | float,
-                 segment_size: float, shift: float = DEFAULT_SHIFT) -> None:
-        if x0_grid.ndim != x_src.ndim + 1 or x0_grid.shape[0] != x_src.shape[0] or x0_grid.shape[2:] != x_src.shape[1:]:
-            raise ValueError(f"DX grid must be (B, N, *x.shape[1:]), got {tuple(x0_grid.shape)} "
+    def __init__(self, x0_terms: Tensor, x_src: Tensor, sigma_src: Tensor | float,
+                 segment_size: float = 1.0, shift: float = DEFAULT_SHIFT, mode: str = DX_GRID) -> None:
+        if x0_terms.ndim != x_src.ndim + 1 or x0_terms.shape[0] != x_src.shape[0] or x0_terms.shape[2:] != x_src.shape[1:]:
+            raise ValueError(f"DX terms must be (B, N, *x.shape[1:]), got {tuple(x0_terms.shape)} "
                              f"for x of shape {tuple(x_src.shape)}")
-        if segment_size <= 0:
+        if mode not in DX_MODES:
+            raise ValueError(f"DX mode must be one of {DX_MODES}, got {mode!r}")
+        if mode == DX_GRID and segment_size <= 0:
             raise ValueError(f"DX segment_size must be > 0, got {segment_size}")
-        self.x0_grid = x0_grid
+        self.x0_terms = x0_terms
         self.x_src = x_src
         self.sigma_src = _per_sample(sigma_src, x_src)
         self.shift = shift
+        self.mode = mode
         self.raw_src = unwarp_sigma(self.sigma_src, shift)
         self.raw_end = (self.raw_src - segment_size).clamp(min=0)
         self.segment = (self.raw_src - self.raw_end).clamp(min=1e-4)
 
     @classmethod
-    def from_velocity(cls, velocities: Tensor, x_src: Tensor, sigma_src: Tensor | float,
-                      segment_size: float, shift: float = DEFAULT_SHIFT) -> "DXPolicy":
-        """The policy from a DX network output: N velocities, x0_n = x_src - sigma_src u_n."""
+    def from_velocity(cls, velocities: Tensor, x_src: Tensor, sigma_src: Tensor | float, segment_size: float = 1.0,
+                      shift: float = DEFAULT_SHIFT, mode: str = DX_GRID) -> "DXPolicy":
+        """The policy from a DX network output: N velocities, each term ``x_src - sigma_src u_n``
+        (in both modes, as the official code converts every output channel group)."""
         sigma = _per_sample(sigma_src, x_src).unsqueeze(1)
-        return cls(x_src.unsqueeze(1) - sigma * velocities, x_src, sigma_src, segment_size, shift)
+        return cls(x_src.unsqueeze(1) - sigma * velocities, x_src, sigma_src, segment_size, shift, mode)
 
     def x0(self, x_t: Tensor, sigma_t: Tensor | float) -> Tensor:
-        """x0 interpolated at ``sigma_t``'s raw time (``x_t`` is not used by this policy)."""
-        count = self.x0_grid.shape[1]
-        if count == 1:
-            return self.x0_grid[:, 0]
+        """x0 at ``sigma_t``'s raw time (``x_t`` is not used by this policy)."""
         raw_t = unwarp_sigma(_per_sample(sigma_t, x_t), self.shift)
-        position = ((raw_t - self.raw_end) / self.segment).clamp(0, 1) * (count - 1)
+        if self.mode == DX_POLYNOMIAL:
+            return self._polynomial(self.raw_src - raw_t)
+        return self._interpolate((raw_t - self.raw_end) / self.segment)
+
+    def _polynomial(self, elapsed: Tensor) -> Tensor:
+        """``sum_n c_n elapsed^n`` by Horner's rule (``elapsed`` broadcast per sample)."""
+        x0 = self.x0_terms[:, -1]
+        for n in range(self.x0_terms.shape[1] - 2, -1, -1):
+            x0 = x0 * elapsed + self.x0_terms[:, n]
+        return x0
+
+    def _interpolate(self, fraction: Tensor) -> Tensor:
+        """Linear interpolation of the grid at ``fraction`` of the segment (0 = end, 1 = source)."""
+        count = self.x0_terms.shape[1]
+        if count == 1:
+            return self.x0_terms[:, 0]
+        position = fraction.clamp(0, 1) * (count - 1)
         lower = position.floor().clamp(max=count - 2)
         frac = (position - lower).unsqueeze(1)
-        index = lower.long().unsqueeze(1).expand(self.x0_grid.shape[0], 1, *self.x0_grid.shape[2:])
-        below = self.x0_grid.gather(1, index)
-        above = self.x0_grid.gather(1, index + 1)
+        index = lower.long().unsqueeze(1).expand(self.x0_terms.shape[0], 1, *self.x0_terms.shape[2:])
+        below = self.x0_terms.gather(1, index)
+        above = self.x0_terms.gather(1, index + 1)
         return ((1 - frac) * below + frac * above).squeeze(1)
 
     def velocity(self, x_t: Tensor, sigma_t: Tensor | float) -> Tensor:
@@ -256,16 +292,49 @@ class DXPolicy:
 
     @property
     def denoised(self) -> Tensor:
-        """x0 at the source (the grid's last entry), e.g. for previews."""
+        """x0 at the source (grid: the last entry; polynomial: the constant term), e.g. for previews."""
         return self.x0(self.x_src, self.sigma_src)
 
 
 # -- sampling -------------------------------------------------------------------------------
-def rollout(policy: Policy, x: Tensor, sigmas: Tensor) -> Tensor:
-    """Euler-integrate ``dx/dsigma = policy.velocity`` along the grid ``sigmas``."""
+@dataclass(frozen=True)
+class Inpainting:
+    """Which part of the latent a rollout keeps: ``latent`` (the clean original) where ``mask`` is 0.
+
+    ``mask`` (broadcastable to the latent, ComfyUI's ``denoise_mask`` convention) is 1 where the
+    policy generates. The velocity is ``mask u_policy + (1 - mask) (x_t - latent) / sigma_t``
+    (the official ComfyUI-piFlow rule): an Euler step with ``(x_t - latent) / sigma_t`` maps
+    ``(1 - sigma) latent + sigma eps`` to ``(1 - sigma') latent + sigma' eps`` with the same
+    ``eps``, so a kept region that starts as the noised original stays exactly that and ends
+    at ``latent`` when sigma reaches 0. Masks between 0 and 1 blend the two velocities.
+    """
+
+    latent: Tensor
+    mask: Tensor
+
+    def velocity(self, policy_velocity: Tensor, x_t: Tensor, sigma_t: Tensor | float) -> Tensor:
+        """The rollout velocity at ``(x_t, sigma_t)`` given the policy's velocity there."""
+        kept_velocity = (x_t - self.latent) / _per_sample(sigma_t, x_t).clamp(min=_EPS)
+        return policy_velocity * self.mask + kept_velocity * (1 - self.mask)
+
+    def denoised(self, policy_denoised: Tensor) -> Tensor:
+        """The x0 to preview: the policy's where it generates, the original latent where it is kept."""
+        return policy_denoised * self.mask + self.latent * (1 - self.mask)
+
+
+DenoiseMask = Tensor | Callable[[Tensor], Tensor]
+"""A denoise mask (1 = generate, 0 = keep), or a function of a step's sigma batch giving that
+step's mask (ComfyUI's ``denoise_mask_function``, e.g. Differential Diffusion)."""
+
+
+def rollout(policy: Policy, x: Tensor, sigmas: Tensor, inpainting: Inpainting | None = None) -> Tensor:
+    """Euler-integrate ``dx/dsigma = policy.velocity`` along the grid ``sigmas`` (masked by ``inpainting``)."""
     ones = x.new_ones([x.shape[0]])
     for sigma, sigma_next in zip(sigmas[:-1].tolist(), sigmas[1:].tolist()):
-        x = x + (sigma_next - sigma) * policy.velocity(x, sigma * ones)
+        velocity = policy.velocity(x, sigma * ones)
+        if inpainting is not None:
+            velocity = inpainting.velocity(velocity, x, sigma * ones)
+        x = x + (sigma_next - sigma) * velocity
     return x
 
 
@@ -298,6 +367,8 @@ def sample_piflow(
     temperature: float | str = AUTO_TEMPERATURE,
     shift: float = DEFAULT_SHIFT,
     noise_sampler: NoiseSampler | None = None,
+    latent_image: Tensor | None = None,
+    denoise_mask: DenoiseMask | None = None,
 ) -> Tensor:
     """pi-Flow sampling: one policy per step, integrated with Euler substeps.
 
@@ -308,8 +379,16 @@ def sample_piflow(
     deterministic), ``temperature`` the GM temperature for all steps but the last (a number
     or ``"auto"``; ``>= 1`` leaves policies unchanged). ``callback`` gets the policy's x0 at
     the source as ``denoised``, once per step.
+
+    Inpainting: with a ``denoise_mask`` (1 = generate, 0 = keep; or a function of the step's
+    sigma batch returning that step's mask) the kept region follows ``latent_image`` (the clean
+    original), see :class:`Inpainting`; ``x`` must then start as ``latent_image`` noised to
+    ``sigmas[0]``. With ``h > 0`` the stochastic step re-noises the kept region too, as the
+    official sampler does: it stays the original latent noised to each sigma, with that step's noise.
     """
     extra_args = {} if extra_args is None else extra_args
+    if denoise_mask is not None and latent_image is None:
+        raise ValueError("a denoise_mask needs the latent_image whose masked-out region it keeps")
     nfe = len(sigmas) - 1
     gm_temperature = resolve_temperature(temperature, nfe)
     if h > 0 and noise_sampler is None:
@@ -317,13 +396,19 @@ def sample_piflow(
     ones = x.new_ones([x.shape[0]])
     for i in trange(nfe, disable=disable):
         sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
-        policy = model(x, sigmas[i] * ones, **extra_args)
+        sigma_batch = sigmas[i] * ones
+        policy = model(x, sigma_batch, **extra_args)
         if isinstance(policy, GMPolicy) and i < nfe - 1:
             policy = policy.with_temperature(gm_temperature)
+        inpainting = None
+        if denoise_mask is not None:
+            mask = denoise_mask(sigma_batch) if callable(denoise_mask) else denoise_mask
+            inpainting = Inpainting(latent_image, mask)
         if callback is not None:
-            callback({"x": x, "i": i, "sigma": sigmas[i], "sigma_hat": sigmas[i], "denoised": policy.denoised})
+            denoised = policy.denoised if inpainting is None else inpainting.denoised(policy.denoised)
+            callback({"x": x, "i": i, "sigma": sigmas[i], "sigma_hat": sigmas[i], "denoised": denoised})
         sigma_dst, m = stochastic_target(sigma, sigma_next, h)
-        x_dst = rollout(policy, x, substep_sigmas(sigma, sigma_dst, substeps, shift))
+        x_dst = rollout(policy, x, substep_sigmas(sigma, sigma_dst, substeps, shift), inpainting)
         if m == 1.0:
             x = x_dst
         else:

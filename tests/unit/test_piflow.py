@@ -7,8 +7,10 @@ import pytest
 import torch
 
 from distill_core.piflow import (
+    DX_POLYNOMIAL,
     DXPolicy,
     GMPolicy,
+    Inpainting,
     piflow_sigmas,
     resolve_temperature,
     rollout,
@@ -165,7 +167,120 @@ def test_dx_interpolation_reproduces_grid_points():
     torch.testing.assert_close(last.x0(x_src, 0.0), grid[:, 0])
     # velocities from the network map to x0 = x_src - sigma u
     velocities = (x_src.unsqueeze(1) - grid) / sigma_src
-    torch.testing.assert_close(DXPolicy.from_velocity(velocities, x_src, sigma_src, segment, shift).x0_grid, grid)
+    torch.testing.assert_close(DXPolicy.from_velocity(velocities, x_src, sigma_src, segment, shift).x0_terms, grid)
+    with pytest.raises(ValueError, match="segment_size"):
+        DXPolicy(grid, x_src, sigma_src, 0.0, shift)
+    with pytest.raises(ValueError, match="mode"):
+        DXPolicy(grid, x_src, sigma_src, segment, shift, mode="spline")
+
+
+def official_polynomial_x0(coefficients, sigma_src, sigma_t, shift):
+    """The official polynomial mode written out in float64: x0 = sum_n (raw_src - raw_t)^n c_n,
+    raw = sigma / (shift + (1 - shift) sigma), with an explicit power basis (no Horner)."""
+    raw_src = sigma_src / (shift + (1 - shift) * sigma_src)
+    raw_t = sigma_t / (shift + (1 - shift) * sigma_t)
+    basis = torch.tensor([(raw_src - raw_t) ** n for n in range(coefficients.shape[1])], dtype=F64)
+    return (basis.reshape(1, -1, 1, 1, 1) * coefficients).sum(1)
+
+
+def test_dx_polynomial_matches_the_official_formula():
+    g = torch.Generator().manual_seed(8)
+    batch, order, shift, sigma_src = 2, 10, 3.2, 0.8889
+    coefficients = torch.randn(batch, order, 4, 3, 3, generator=g, dtype=F64)
+    x_src = torch.randn(batch, 4, 3, 3, generator=g, dtype=F64)
+    # segment_size plays no part in this mode (the official p10 config does not set it)
+    policy = DXPolicy(coefficients, x_src, sigma_src, segment_size=0.0, shift=shift, mode=DX_POLYNOMIAL)
+    worst = 0.0
+    for sigma_t in (0.8889, 0.8, 0.7059, 0.5, 0.3478, 0.1, 0.0):  # the 4-step segments and beyond (no clamp)
+        expected = official_polynomial_x0(coefficients, sigma_src, sigma_t, shift)
+        worst = max(worst, float((policy.x0(x_src, sigma_t) - expected).abs().max()))
+        torch.testing.assert_close(policy.velocity(x_src, sigma_t), (x_src - expected) / max(sigma_t, 1e-4),
+                                   atol=1e-9, rtol=1e-12)
+    print(f"DX polynomial (order 10) vs the official power-basis formula: max |diff| = {worst:.1e}")
+    assert worst < 1e-12
+    torch.testing.assert_close(policy.denoised, coefficients[:, 0], atol=0, rtol=0)  # the constant term at the source
+    # network output -> coefficients: every channel group c_n = x_src - sigma_src u_n, as the official code converts
+    velocities = torch.randn(coefficients.shape, generator=g, dtype=F64)
+    converted = DXPolicy.from_velocity(velocities, x_src, sigma_src, shift=shift, mode=DX_POLYNOMIAL)
+    torch.testing.assert_close(converted.x0_terms, x_src.unsqueeze(1) - sigma_src * velocities, atol=0, rtol=0)
+
+
+def test_dx_polynomial_reproduces_its_coefficients():
+    """Sampling x0 at N raw times and solving the Vandermonde system recovers the N coefficients."""
+    g = torch.Generator().manual_seed(9)
+    order, shift, sigma_src = 4, 3.2, 0.7059
+    coefficients = torch.randn(1, order, 2, 2, 2, generator=g, dtype=F64)
+    x_src = torch.randn(1, 2, 2, 2, generator=g, dtype=F64)
+    policy = DXPolicy(coefficients, x_src, sigma_src, shift=shift, mode=DX_POLYNOMIAL)
+    raw_src = float(unwarp_sigma(torch.tensor(sigma_src, dtype=F64), shift))
+    elapsed = torch.tensor([0.0, 0.1, 0.2, 2 / 7], dtype=F64)
+    values = torch.stack([policy.x0(x_src, warp_time(torch.tensor(raw_src - e, dtype=F64), shift)) for e in elapsed.tolist()], 1)
+    vandermonde = elapsed.unsqueeze(1) ** torch.arange(order, dtype=F64)
+    recovered = torch.linalg.solve(vandermonde, values.reshape(order, -1)).reshape(coefficients.shape)
+    torch.testing.assert_close(recovered, coefficients, atol=1e-9, rtol=0)
+    # one coefficient: a constant x0, which Euler integrates exactly: x = x0 + (x_src - x0) sigma / sigma_src
+    constant = DXPolicy(coefficients[:, :1], x_src, sigma_src, shift=shift, mode=DX_POLYNOMIAL)
+    end = rollout(constant, x_src, substep_sigmas(sigma_src, 0.2))
+    torch.testing.assert_close(end, coefficients[:, 0] + (x_src - coefficients[:, 0]) * 0.2 / sigma_src,
+                               atol=1e-12, rtol=0)
+
+
+def official_sample(policy_at, x, sigmas, *, substeps=128, shift=3.2, h=0.0, noises=None, latent=None, masks=None):
+    """ComfyUI-piFlow's sampling loop (``_PiFlowSampler.sample`` / ``policy_rollout``) re-written
+    in float64 Python: substeps of equal raw length from the source, the official velocity
+    blend for masks, the flow-map SDE step. ``masks[i]`` is step i's mask (None: no inpainting)."""
+    def warp(raw):
+        return shift * raw / (1 + (shift - 1) * raw)
+
+    def unwarp(sigma):
+        return sigma / (shift + (1 - shift) * sigma)
+
+    sigmas = sigmas.tolist()
+    for i in range(len(sigmas) - 1):
+        sigma_src, sigma_to = sigmas[i], sigmas[i + 1]
+        m = 1.0 if h <= 0 else (sigma_to * (1 - sigma_src) / max(sigma_src * (1 - sigma_to), 1e-6)) ** (h * h)
+        sigma_dst = sigma_to * m / max(1 - sigma_to + sigma_to * m, 1e-6)
+        policy = policy_at(x, sigma_src)
+        raw, raw_dst = unwarp(sigma_src), unwarp(sigma_dst)
+        count = max(1, round((raw - raw_dst) * substeps))
+        size = (raw - raw_dst) / count
+        x_t, sigma_t = x, sigma_src
+        for _ in range(count):
+            u = policy.velocity(x_t, sigma_t)
+            if masks is not None:
+                u = u * masks[i] + (x_t - latent) / sigma_t * (1 - masks[i])
+            raw = max(raw - size, 0.0)
+            x_t = x_t + u * (warp(raw) - sigma_t)
+            sigma_t = warp(raw)
+        noise = torch.zeros_like(x) if noises is None else noises[i]
+        x = (1 - sigma_to + sigma_to * m) * x_t + sigma_to * math.sqrt(max(1 - m * m, 0.0)) * noise
+    return x
+
+
+def linear_dx_network(mode, order=5, seed=10):
+    """A small stand-in network: DX velocities u_n = a_n x + b_n, anchored at every source point."""
+    g = torch.Generator().manual_seed(seed)
+    scales = 0.3 * torch.randn(1, order, 1, 1, 1, generator=g, dtype=F64)
+    offsets = torch.randn(1, order, 4, 3, 3, generator=g, dtype=F64)
+
+    def model(x, sigma, **extra):
+        return DXPolicy.from_velocity(scales * x.unsqueeze(1) + offsets, x, sigma, 1 / 3.5, 3.2, mode)
+
+    return model
+
+
+@pytest.mark.parametrize("mode", ["grid", DX_POLYNOMIAL])
+def test_dx_rollout_matches_the_official_loop(mode):
+    model = linear_dx_network(mode)
+    x = torch.randn(3, 4, 3, 3, generator=torch.Generator().manual_seed(11), dtype=F64)
+    sigmas = piflow_sigmas(4)
+    got = sample_piflow(model, x, sigmas, disable=True)
+    want = official_sample(model, x, sigmas)
+    error = float((got - want).abs().max())
+    print(f"DX {mode} 4-NFE rollout vs the official loop: max |diff| = {error:.1e}")
+    assert error < 1e-11
+    other = sample_piflow(linear_dx_network("grid" if mode == DX_POLYNOMIAL else DX_POLYNOMIAL), x, sigmas, disable=True)
+    assert (got - other).abs().max() > 1e-2  # the two modes read the same output differently
 
 
 # -- stochastic step -----------------------------------------------------------------------------
@@ -278,3 +393,100 @@ def test_seeded_noise_is_reproducible():
     runs = [sample_piflow(model, x_src, piflow_sigmas(3), {"seed": seed}, h=1.0, disable=True) for seed in (3, 3, 4)]
     torch.testing.assert_close(runs[0], runs[1])
     assert (runs[0] - runs[2]).abs().max() > 1e-3
+
+
+# -- inpainting ----------------------------------------------------------------------------------
+def test_inpainting_velocity_keeps_the_noised_original():
+    g = torch.Generator().manual_seed(12)
+    latent, eps, policy_u = (torch.randn(2, 4, 3, 3, generator=g, dtype=F64) for _ in range(3))
+    mask = (torch.rand(2, 1, 3, 3, generator=g, dtype=F64) > 0.5).to(F64)
+    inpainting = Inpainting(latent, mask)
+    sigma, sigma_next = 0.7, 0.45
+    x = (1 - sigma) * latent + sigma * eps
+    velocity = inpainting.velocity(policy_u, x, sigma)
+    torch.testing.assert_close(velocity, mask * policy_u + (1 - mask) * (eps - latent), atol=1e-14, rtol=0)
+    stepped = x + (sigma_next - sigma) * velocity
+    kept = mask == 0
+    torch.testing.assert_close(stepped.masked_select(kept.expand_as(x)),
+                               ((1 - sigma_next) * latent + sigma_next * eps).masked_select(kept.expand_as(x)),
+                               atol=1e-14, rtol=0)
+    # to sigma 0 the kept region lands on the original latent
+    landed = x + (0 - sigma) * velocity
+    torch.testing.assert_close(landed.masked_select(kept.expand_as(x)), latent.masked_select(kept.expand_as(x)),
+                               atol=1e-14, rtol=0)
+    # previews: the policy's x0 where it generates, the original where it keeps
+    torch.testing.assert_close(inpainting.denoised(policy_u), torch.where(kept, latent, policy_u))
+
+
+@pytest.fixture(scope="module")
+def inpainting_setup(teacher_setup):
+    teacher, noise = teacher_setup
+    g = torch.Generator().manual_seed(13)
+    latent = torch.randn(noise.shape, generator=g, dtype=F64)
+    mask = torch.zeros(noise.shape[0], 1, *noise.shape[2:], dtype=F64)
+    mask[..., :, :2] = 1  # regenerate the left half of every latent
+    return teacher, noise, latent, mask
+
+
+@pytest.mark.parametrize("denoise", [1.0, 0.6])
+def test_masked_sampling_keeps_the_original_and_follows_the_teacher(inpainting_setup, denoise):
+    teacher, noise, latent, mask = inpainting_setup
+    sigmas = piflow_sigmas(4, denoise=denoise)
+    s0 = float(sigmas[0])
+    x = s0 * noise + (1 - s0) * latent  # ComfyUI's noise_scaling of the original
+    steps = []
+    got = sample_piflow(exact_policy(teacher), x, sigmas, temperature=1.0, latent_image=latent, denoise_mask=mask,
+                        callback=steps.append, disable=True)
+    kept = (mask == 0).expand_as(x)
+    kept_error = float((got - latent).masked_select(kept).abs().max())
+    # the kept region is the original noised with the same noise at every step's source
+    for info in steps:
+        s = float(info["sigma"])
+        on_line = (info["x"] - (1 - s) * latent - s * noise).masked_select(kept).abs().max()
+        assert on_line < 1e-12
+        torch.testing.assert_close(info["denoised"].masked_select(kept), latent.masked_select(kept))
+    # the teacher factorises over locations, so the generated region is the teacher's own Euler ODE there
+    grid = torch.cat([substep_sigmas(float(a), float(b))[:-1] for a, b in zip(sigmas[:-1], sigmas[1:])] + [sigmas[-1:]])
+    generated_error = float((got - teacher_euler(teacher, x, grid)).masked_select(~kept).abs().max())
+    print(f"denoise {denoise}: kept region max|out - original| = {kept_error:.1e}, "
+          f"generated region max|out - teacher Euler| = {generated_error:.1e}")
+    assert kept_error < 1e-12 and generated_error < 1e-11
+    assert (got - latent).masked_select(~kept).abs().max() > 0.1
+    # a mask of ones is plain sampling, bit for bit
+    ones = torch.ones_like(mask)
+    plain = sample_piflow(exact_policy(teacher), x, sigmas, temperature=1.0, disable=True)
+    assert torch.equal(sample_piflow(exact_policy(teacher), x, sigmas, temperature=1.0, latent_image=latent,
+                                     denoise_mask=ones, disable=True), plain)
+
+
+def test_soft_masks_stochastic_steps_and_mask_functions_match_the_official_loop(inpainting_setup):
+    teacher, noise, latent, mask = inpainting_setup
+    g = torch.Generator().manual_seed(14)
+    soft = torch.rand(mask.shape, generator=g, dtype=F64)
+    sigmas = piflow_sigmas(3)
+    noises = [torch.randn(noise.shape, generator=g, dtype=F64) for _ in range(3)]
+    masks = [soft, mask, torch.ones_like(mask)]  # a different mask per step, as a denoise_mask_function gives
+    seen = []
+
+    def mask_function(sigma_batch):
+        seen.append(float(sigma_batch[0]))
+        return masks[len(seen) - 1]
+
+    draws = iter(noises)
+    got = sample_piflow(exact_policy(teacher), noise, sigmas, temperature=1.0, h=0.7,
+                        noise_sampler=lambda s, t: next(draws), latent_image=latent, denoise_mask=mask_function,
+                        disable=True)
+    want = official_sample(exact_policy(teacher), noise, sigmas, h=0.7, noises=noises, latent=latent, masks=masks)
+    assert seen == pytest.approx(sigmas[:-1].tolist())
+    error = float((got - want).abs().max())
+    print(f"soft/per-step masks with h = 0.7 vs the official loop: max |diff| = {error:.1e}")
+    assert error < 1e-11
+    # stochastic steps re-noise the kept region too, and it still ends at the original latent
+    draws = iter(noises)
+    kept_only = sample_piflow(exact_policy(teacher), noise, sigmas, temperature=1.0, h=0.7,
+                              noise_sampler=lambda s, t: next(draws), latent_image=latent, denoise_mask=mask,
+                              disable=True)
+    torch.testing.assert_close(kept_only.masked_select((mask == 0).expand_as(noise)),
+                               latent.masked_select((mask == 0).expand_as(noise)), atol=1e-12, rtol=0)
+    with pytest.raises(ValueError, match="latent_image"):
+        sample_piflow(exact_policy(teacher), noise, sigmas, denoise_mask=mask, disable=True)
