@@ -42,13 +42,16 @@ class PolicyOutput:
     """One network call's policy in the official velocity-space layout.
 
     GM: ``tensors = (means (B, K, C, H, W), logweights (B, K, 1, H, W), logstds (B, 1, 1, 1, 1))``.
-    DX: ``tensors = (velocities (B, N, C, H, W),)`` with the adapter's ``segment_size`` and ``shift``.
+    DX: ``tensors = (velocities (B, N, C, H, W),)`` with the adapter's ``segment_size``, ``shift``
+    and ``mode`` (``policy_config["mode"]``: "grid", the default, or "polynomial", which has no
+    segment size).
     """
 
     kind: str
     tensors: tuple[Tensor, ...]
     segment_size: float = 0.0
     shift: float = piflow.DEFAULT_SHIFT
+    mode: str = piflow.DX_GRID
 
     @property
     def rows(self) -> int:
@@ -70,7 +73,8 @@ class PolicyStash:
             raise StrideError(f"guider: the model produced policies for {rows} latents, but the batch has "
                               f"{x.shape[0]}. {GUIDANCE_HINT}.")
         first = self.outputs[0]
-        if any((o.kind, o.segment_size, o.shift) != (first.kind, first.segment_size, first.shift) for o in self.outputs):
+        settings = (first.kind, first.segment_size, first.shift, first.mode)
+        if any((o.kind, o.segment_size, o.shift, o.mode) != settings for o in self.outputs):
             raise StrideError("model: one model call produced different kinds of pi-Flow policy")
         tensors = [torch.cat([o.tensors[i] for o in self.outputs]).to(x) for i in range(len(first.tensors))]
         if tensors[0].shape[2:] != x.shape[1:]:
@@ -78,7 +82,7 @@ class PolicyStash:
                               f"{tuple(x.shape[1:])}. {GUIDANCE_HINT}.")
         if first.kind == "gm":
             return piflow.GMPolicy.from_velocity(*tensors, x, sigma)
-        return piflow.DXPolicy.from_velocity(tensors[0], x, sigma, first.segment_size, first.shift)
+        return piflow.DXPolicy.from_velocity(tensors[0], x, sigma, first.segment_size, first.shift, first.mode)
 
 
 def deposit_policy(transformer_options: dict, output: PolicyOutput) -> None:
@@ -105,19 +109,38 @@ def policy_model(model: Callable[..., Tensor]) -> Callable[..., piflow.Policy]:
     return call
 
 
+def step_masks(model: comfy.samplers.KSamplerX0Inpaint, denoise_mask: Tensor, model_options: dict) -> piflow.DenoiseMask:
+    """The denoise mask, or, if the MODEL sets a ``denoise_mask_function`` (e.g. Differential
+    Diffusion), a function giving each step's mask, called as ComfyUI's inpainting wrapper calls it."""
+    mask_function = model_options.get("denoise_mask_function")
+    if mask_function is None:
+        return denoise_mask
+    extra_options = {"model": model.inner_model, "sigmas": model.sigmas}
+    return lambda sigma: mask_function(sigma, denoise_mask, extra_options=extra_options)
+
+
 def piflow_ksampler(substeps: int, temperature: float | str, diffusion_coefficient: float,
                     shift: float) -> comfy.samplers.KSAMPLER:
-    """The pi-Flow sampler as a ComfyUI SAMPLER (composes with SamplerCustomAdvanced and guiders)."""
+    """The pi-Flow sampler as a ComfyUI SAMPLER (composes with SamplerCustomAdvanced and guiders).
+
+    Inpainting (a LATENT with a noise mask): ComfyUI's wrapper would blend the kept region in
+    only at network calls, but the substeps between calls must keep it too, so the sampler takes
+    the mask over (official ComfyUI-piFlow rule, :class:`distill_core.piflow.Inpainting`) and the
+    network sees the trajectory's own latent, as in the official sampler.
+    """
 
     def sampler(model, x, sigmas, extra_args=None, callback=None, disable=None):
-        extra_args = extra_args or {}
-        if extra_args.get("denoise_mask") is not None:
-            raise StrideError("latent_image: pi-Flow sampling does not support noise masks (inpainting) yet; "
-                              "remove the mask or use a plain sampler for inpainting.")
+        extra_args = dict(extra_args or {})
+        denoise_mask = extra_args.get("denoise_mask")
+        extra_args["denoise_mask"] = None  # the mask is applied here, not by ComfyUI's per-call blend
         if not torch.isfinite(x).all():
             raise StrideError("The input latent contains NaN or inf values; check the nodes that produced it.")
+        inpainting = {}
+        if denoise_mask is not None:
+            inpainting = {"latent_image": model.latent_image,
+                          "denoise_mask": step_masks(model, denoise_mask, extra_args.get("model_options") or {})}
         return piflow.sample_piflow(policy_model(model), x, sigmas, extra_args, callback, disable, substeps=substeps,
-                                    h=diffusion_coefficient, temperature=temperature, shift=shift)
+                                    h=diffusion_coefficient, temperature=temperature, shift=shift, **inpainting)
 
     return comfy.samplers.KSAMPLER(sampler)
 
@@ -166,7 +189,8 @@ FINAL_SCALE_INPUT = ("FLOAT", {"default": piflow.DEFAULT_FINAL_STEP_SIZE_SCALE, 
 class StridePiFlowSampler:
     DESCRIPTION = ("pi-Flow policy sampling: each step the model predicts a policy (GM mixture or DX grid), which is "
                    "integrated with cheap substeps to the next sigma. Needs a pi-Flow model (Stride pi-Flow Adapter "
-                   "Loader) and the Stride pi-Flow Scheduler; use BasicGuider (guidance is distilled in).")
+                   "Loader) and the Stride pi-Flow Scheduler; use BasicGuider (guidance is distilled in). Inpaints "
+                   "latents with a noise mask (Set Latent Noise Mask): the unmasked region is kept exactly.")
     CATEGORY = CATEGORY
     RETURN_TYPES = ("SAMPLER",)
     RETURN_NAMES = ("sampler",)
@@ -222,7 +246,9 @@ class StridePiFlowSample:
         return {"required": {
             "model": ("MODEL", {"tooltip": "A pi-Flow model (Stride pi-Flow Adapter Loader or Reference Teacher)."}),
             "positive": ("CONDITIONING", {"tooltip": "Prompt conditioning (no negative: guidance is distilled in)."}),
-            "latent_image": ("LATENT", {"tooltip": "Empty latent, or an image latent with denoise < 1."}),
+            "latent_image": ("LATENT", {"tooltip": "Empty latent, or an image latent with denoise < 1. With a noise mask "
+                                                   "(Set Latent Noise Mask) only the masked region is regenerated; "
+                                                   "the rest stays exactly as it is."}),
             "steps": ("INT", {"default": 4, "min": 1, "max": 1000,
                               "tooltip": "Network evaluations; match the adapter (4-step adapters: 4, 8-step: 8)."}),
             **SUBSTEP_INPUTS,
