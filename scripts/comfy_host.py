@@ -258,6 +258,34 @@ def _rebase_folder_paths(folder_paths: Any, base: Path) -> None:
     folder_paths.filename_list_cache.clear()
 
 
+def _report_every_progress_step(comfy_utils: Any) -> None:
+    """Make ProgressBar call the hook on every step, so tests see the exact step sequence.
+
+    Newer ComfyUI throttles progress updates (at most one per 0.1 s and 0.5 % of the run, first and
+    last always sent); 0.3.75 sends every update and has no throttle to lift.
+    """
+    if hasattr(comfy_utils, "PROGRESS_THROTTLE_MIN_INTERVAL"):
+        comfy_utils.PROGRESS_THROTTLE_MIN_INTERVAL = 0.0
+        comfy_utils.PROGRESS_THROTTLE_MIN_PERCENT = 0.0
+
+
+def flux_unet_config(config: dict) -> dict:
+    """A hand-written FLUX.1 ``unet_config`` completed with the fields this host's Flux model requires.
+
+    Newer ComfyUI's FluxParams requires ``txt_ids_dims`` (the text-token axes that get position ids:
+    none for FLUX.1, as its model detection records); 0.3.75's FluxParams has no such field and
+    rejects it. Call after the host is imported (the ``comfy_host`` fixture).
+    """
+    import dataclasses
+
+    import comfy.ldm.flux.model
+
+    fields = {field_.name for field_ in dataclasses.fields(comfy.ldm.flux.model.FluxParams)}
+    if "txt_ids_dims" in fields:
+        return {"txt_ids_dims": [], **config}
+    return dict(config)
+
+
 class InProcessHost:
     """ComfyUI imported into this process: its own node loading, validation and executor."""
 
@@ -293,7 +321,10 @@ class InProcessHost:
         self.progress: list[tuple[int, int]] = []
         self.progress_listener: Callable[[int, int], None] | None = None
         comfy.utils.set_progress_bar_global_hook(self._progress_hook)
-        self.executor = execution.PromptExecutor(self.server, cache_type=execution.CacheType.CLASSIC, cache_args={"lru": 0, "ram": 0})
+        _report_every_progress_step(comfy.utils)
+        # Newer ComfyUI also reads "ram_inactive" (the RAM-pressure cache's second threshold); older ones ignore it.
+        cache_args = {"lru": 0, "ram": 0, "ram_inactive": 0}
+        self.executor = execution.PromptExecutor(self.server, cache_type=execution.CacheType.CLASSIC, cache_args=cache_args)
 
     def _progress_hook(self, value, total, preview_image=None, prompt_id=None, node_id=None) -> None:
         import comfy.model_management

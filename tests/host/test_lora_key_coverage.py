@@ -3,6 +3,7 @@ zero unmatched keys. The networks are built on torch's ``meta`` device: full arc
 import pytest
 import torch
 
+import comfy_host as host
 from distill_core import lora
 
 SD15 = {"use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True,
@@ -26,6 +27,8 @@ def meta_model(unet_config: dict):
     """ComfyUI's own BaseModel subclass for this config (model detection's choice), on the meta device."""
     import comfy.model_detection
 
+    if unet_config.get("image_model") == "flux":
+        unet_config = host.flux_unet_config(unet_config)
     config = comfy.model_detection.model_config_from_unet_config(dict(unet_config))
     assert config is not None, "ComfyUI does not recognise the config"
     return config.get_model({}, device="meta")
