@@ -79,3 +79,17 @@ def latent_spatial_downscale(latent_format: Any) -> int:
     image latent format is 8x (SD1.5, SDXL, SD3, Flux).
     """
     return int(getattr(latent_format, "spacial_downscale_ratio", 8))
+
+
+def vae_spatial_downscale(vae: Any) -> int:
+    """Image pixels per latent element along each spatial axis when this VAE encodes.
+
+    Both 0.3.75 and newer ComfyUI answer through ``VAE.spacial_compression_encode()``; the attribute
+    under it, ``downscale_ratio``, is an int for image VAEs and ``(temporal_formula, h, w)`` for
+    video VAEs, so a VAE-like object without the method is read the same way.
+    """
+    compression = getattr(vae, "spacial_compression_encode", None)
+    ratio = compression() if callable(compression) else getattr(vae, "downscale_ratio", 8)
+    if isinstance(ratio, (tuple, list)):
+        ratio = ratio[-1]
+    return int(ratio)

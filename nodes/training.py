@@ -23,7 +23,7 @@ import folder_paths
 
 from ..distill_core import lora as lora_io
 from ..distill_core.distill import OBJECTIVE_DEFAULTS, OBJECTIVES, DistillConfig, DistillDivergedError, DistillTrainer, TrainingData
-from .compat import StrideError, model_sampling_of_patcher, noise_space, sampling_kind, send_event
+from .compat import StrideError, model_sampling_of_patcher, noise_space, sampling_kind, send_event, vae_spatial_downscale
 
 CATEGORY = "stride/training"
 LOSS_EVENT = "stride.distill.loss"
@@ -96,7 +96,7 @@ class StrideDistillDataset:
         if images is not None:
             if vae is None:
                 raise StrideError("vae: images were given but no VAE to encode them; connect the checkpoint's VAE")
-            ratio = int(getattr(vae, "downscale_ratio", 8)) if not callable(getattr(vae, "downscale_ratio", None)) else 8
+            ratio = vae_spatial_downscale(vae)
             height, width = images.shape[1:3]
             if height % ratio or width % ratio:
                 raise StrideError(f"images: size {width}x{height} is not a multiple of the VAE's {ratio}-pixel grid; "
