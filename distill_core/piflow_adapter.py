@@ -1,39 +1,67 @@
-"""The released pi-Flow adapter files (pi-FLUX.1, pi-Qwen-Image, pi-FLUX.2) and their mapping
-onto ComfyUI's Flux modules.
+"""The released pi-Flow adapters (pi-FLUX.1, pi-Qwen-Image, pi-FLUX.2) and their mapping onto
+ComfyUI's FLUX.1, Qwen-Image and FLUX.2 transformers.
 
-A released adapter is one safetensors file written by the official export script: the
-student's trainable parameters under diffusers module names (an optional ``transformer.``
-prefix is tolerated), in two groups, split by the official rule "the key contains ``lora``":
+Facts, checked against the official code (Lakonik/piFlow: the export script, the GM/DX
+model classes and their configs; Lakonik/ComfyUI-piFlow up to v1.3: its loaders):
 
-* LoRA: ``<module>.lora_A.weight`` (rank, in) and ``<module>.lora_B.weight`` (out, rank),
-  peft layout, no alpha (trained with alpha = rank, so the scale is 1). pi-FLUX.1 targets
-  ``transformer_blocks.*.ff{,_context}.net.{0.proj,2}``, ``single_transformer_blocks.*.proj_mlp``,
-  ``single_transformer_blocks.*.proj_out`` and ``time_text_embed.timestep_embedder.linear_{1,2}``.
-* The output head, replacing the base model's final layer: ``norm_out.linear.*`` (adaLN
-  modulation, diffusers order scale|shift) and either the GM heads ``proj_out_means``
-  (K * C * p * p, hidden), ``proj_out_logweights`` (K * p * p, hidden) and the MLP
-  ``proj_out_logstds.{1,3}`` (hidden -> 1024 -> 1, fed the conditioning vector), or the DX
-  head ``proj_out`` (N * C * p * p, hidden).
+* File: one safetensors file, written by the official export from the EMA student's
+  trainable parameters under diffusers module names (the loaders also accept a
+  ``transformer.`` prefix). Keys containing ``lora`` are LoRA, everything else overwrites
+  the base model (the output head). Metadata ``policy_config`` (JSON) holds the policy's
+  type and settings: ``{"type": "GMFlow"}`` or ``{"type": "DX", "segment_size": 1/3.5,
+  "shift": 3.2}`` (grid mode); the experimental ``{"type": "DX", "mode": "polynomial",
+  "shift": 3.2}`` (dxqwen_p10 config) has no segment size and no released file.
+* LoRA: peft layout ``<module>.lora_A.weight`` (rank, in) and ``<module>.lora_B.weight``
+  (out, rank), no alpha tensor; trained with alpha = rank and loaded by diffusers as
+  alpha = rank, so the scale is 1. Rank 256 in all published configs. Targets (peft suffix
+  match over the diffusers module names):
 
-The safetensors metadata ``policy_config`` (JSON) names the policy: ``{"type": "GMFlow"}``
-or ``{"type": "DX", "segment_size": 1/3.5, "shift": 3.2}``. Nothing here imports ComfyUI:
-the mapping to ComfyUI names is written out for the FLUX.1 architecture.
+  - pi-FLUX.1 (GM and DX): ``ff.net.{0.proj,2}`` and ``ff_context.net.{0.proj,2}`` of the 19
+    double blocks, ``proj_mlp`` and ``proj_out`` of the 38 single blocks,
+    ``time_text_embed.timestep_embedder.linear_{1,2}`` (154 modules).
+  - pi-Qwen-Image (GM and DX): ``img_mlp.net.{0.proj,2}`` of all 60 blocks,
+    ``txt_mlp.net.{0.proj,2}`` of blocks 0-58 (the last block's text stream is unused),
+    ``time_text_embed.timestep_embedder.linear_{1,2}`` (240 modules).
+  - pi-FLUX.2: the official repository has no FLUX.2 training config, so its targets are
+    NOT confirmed; every Linear layer of diffusers' ``Flux2Transformer2DModel`` is mapped.
+
+* Output head (replaces the base model's ``norm_out`` + ``proj_out``), hidden size h, patch p=2,
+  C latent channels of the policy's latent (16 for FLUX.1 and Qwen-Image, 32 for FLUX.2):
+  ``norm_out.linear`` (2h, h), diffusers order scale|shift, with a bias except on FLUX.2;
+  GM: ``proj_out_means`` (K C p p, h) rows ordered (k, c, p_y, p_x), ``proj_out_logweights``
+  (K p p, h) rows (k, p_y, p_x), softmax over k per sub-position, and the log-std MLP
+  ``proj_out_logstds.{1,3}`` (h -> 1024 -> 1, SiLU before each Linear) fed the timestep
+  conditioning vector (FLUX: time + guidance (+ pooled text) embedding; Qwen: time
+  embedding); all with biases, K = 8 released. DX: ``proj_out`` (N C p p, h) with bias,
+  rows (n, c, p_y, p_x), N = 10 released; grid entry N-1 belongs to the source time
+  (polynomial mode: term 0, the constant).
+* Tokens: row-major over the (H/p, W/p) patch grid. FLUX.1 and Qwen-Image patchify their
+  16-channel latents with p = 2 themselves. ComfyUI's FLUX.2 latent has 128 channels at
+  patch 1: it is the 32-channel latent with each 2x2 patch folded into channels in
+  (c, p_y, p_x) order, and the official pipeline runs the policy on the unfolded 32-channel
+  latent (:class:`PackedLatentPolicy` bridges the two).
+
+Nothing here imports ComfyUI: the ComfyUI weight names are written out per family and
+checked against ComfyUI's classes (and diffusers' official converters) by the tests.
 """
 from __future__ import annotations
 
 import json
 import re
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Iterable, Mapping, Sequence
 
-import torch
 from torch import Tensor
+from torch.nn import functional as F
+
+from .piflow import DX_GRID, DX_MODES
 
 GM_POLICY = "GMFlow"
 DX_POLICY = "DX"
 _PREFIX = "transformer."
 _LORA_SUFFIXES = (".lora_A.weight", ".lora_B.weight")
 _GM_HEAD = ("proj_out_means.weight", "proj_out_logweights.weight")
+_HEAD_MODULE = re.compile(r"norm_out\.linear|proj_out|proj_out_means|proj_out_logweights|proj_out_logstds\.\d+")
 _FOREIGN_PREFIXES = ("diffusion_model.", "lora_unet_", "lora_te", "model.diffusion_model.", "base_model.model.")
 
 
@@ -46,8 +74,17 @@ class PiFlowAdapter:
     lora: dict[str, tuple[Tensor, Tensor]]  # module -> (down = lora_A, up = lora_B)
     head: dict[str, Tensor]  # e.g. "proj_out_means.weight" -> tensor
     num_components: int  # K mixture components (GM) or N grid points (DX)
-    latent_channels: int
+    latent_channels: int  # channels of the latent the policy lives on
     patch_size: int
+
+    @property
+    def hidden_size(self) -> int:
+        return self.head["norm_out.linear.weight"].shape[1]
+
+    @property
+    def token_channels(self) -> int:
+        """Values per token of one component's (or grid point's) output."""
+        return self.latent_channels * self.patch_size**2
 
 
 def split_adapter_state_dict(state_dict: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
@@ -96,9 +133,9 @@ def parse_piflow_adapter(state_dict: Mapping[str, Tensor], metadata: Mapping[str
                          latent_channels: int = 16, patch_size: int = 2) -> PiFlowAdapter:
     """Check that a state dict is a pi-Flow adapter and parse it; ``ValueError`` explains what is wrong.
 
-    ``latent_channels`` and ``patch_size`` describe the base model's latents and tokens
-    (16 and 2 for FLUX.1 and Qwen-Image): the heads have one row per component (or grid
-    point), latent channel and sub-patch position.
+    ``latent_channels`` and ``patch_size`` describe the latent the policy lives on (16 and 2
+    for FLUX.1 and Qwen-Image, 32 and 2 for FLUX.2, see :class:`ModelFamily`): the heads
+    have one row per component (or grid point), latent channel and sub-patch position.
     """
     if not state_dict:
         raise ValueError("the file is empty: a pi-Flow adapter holds LoRA weights and an output head")
@@ -124,6 +161,12 @@ def parse_piflow_adapter(state_dict: Mapping[str, Tensor], metadata: Mapping[str
     if policy_type != inferred:
         raise ValueError(f"the adapter's metadata says policy {policy_type!r} but its weights hold a "
                          f"{inferred!r} head")
+    unexpected = [key for key in head if not _HEAD_MODULE.fullmatch(key.rsplit(".", 1)[0])
+                  or (policy_type == GM_POLICY and key.startswith("proj_out."))]
+    if unexpected:
+        raise ValueError(f"unexpected non-LoRA key {sorted(unexpected)[0]!r} in the adapter: a pi-Flow head has "
+                         "only norm_out.linear, proj_out_means, proj_out_logweights, proj_out_logstds (GM) "
+                         "or proj_out (DX)")
     if "norm_out.linear.weight" not in head:
         raise ValueError("the adapter's output head is incomplete: 'norm_out.linear.weight' is missing")
     hidden = head["norm_out.linear.weight"].shape[1]
@@ -163,12 +206,12 @@ def _check_gm_head(head: Mapping[str, Tensor], hidden: int, token_channels: int,
 
 
 def _check_dx_head(head: Mapping[str, Tensor], hidden: int, token_channels: int, config: Mapping) -> int:
-    if "segment_size" not in config:
+    if config.get("mode", DX_GRID) not in DX_MODES:
+        raise ValueError(f"DX policy mode {config['mode']!r} is not supported (only {', '.join(DX_MODES)})")
+    if config.get("mode", DX_GRID) == DX_GRID and "segment_size" not in config:
         raise ValueError("DX adapter without its policy settings: the safetensors metadata "
                          "'policy_config' must give 'segment_size' (and 'shift'), as the official "
                          "export writes them")
-    if config.get("mode", "grid") != "grid":
-        raise ValueError(f"DX policy mode {config['mode']!r} is not supported (only 'grid')")
     weight = head["proj_out.weight"]
     if weight.ndim != 2 or weight.shape[1] != hidden or weight.shape[0] % token_channels:
         raise ValueError(f"DX head 'proj_out.weight' has shape {tuple(weight.shape)}; expected "
@@ -176,153 +219,162 @@ def _check_dx_head(head: Mapping[str, Tensor], hidden: int, token_channels: int,
     return weight.shape[0] // token_channels
 
 
-# -- FLUX.1 layout in ComfyUI -------------------------------------------------------------------
+# -- model families: diffusers Linear layers -> ComfyUI weights -----------------------------------
+QKV = ("q", "k", "v")
+
+
 @dataclass(frozen=True)
-class FluxShape:
-    """Dimensions of a FLUX.1-family transformer (defaults: FLUX.1-dev)."""
+class LoraRule:
+    """A diffusers Linear (regex over module names) and the ComfyUI weight it lives in.
 
-    hidden_size: int = 3072
-    depth: int = 19
-    depth_single_blocks: int = 38
-    mlp_ratio: float = 4.0
-    latent_channels: int = 16
-    patch_size: int = 2
-    context_in_dim: int = 4096
-    vec_in_dim: int = 768
+    ``target`` is a ``re`` expansion template for the ComfyUI module; ``rows`` selects the
+    part of a fused ComfyUI weight: ``None`` (all of it), ``0``/``1``/``2`` (q, k or v of a
+    q|k|v fusion, each ``in_features`` rows) or ``"mlp"`` (what follows q|k|v).
+    """
 
-    @classmethod
-    def from_unet_config(cls, config: Mapping) -> "FluxShape":
-        """From a ComfyUI Flux ``unet_config`` (the keyword arguments of ``comfy.ldm.flux.model.Flux``)."""
-        return cls(config["hidden_size"], config["depth"], config["depth_single_blocks"], config["mlp_ratio"],
-                   config["out_channels"], config["patch_size"], config["context_in_dim"], config["vec_in_dim"])
+    pattern: str
+    target: str
+    rows: int | str | None = None
 
-    @property
-    def mlp_hidden(self) -> int:
-        return int(self.hidden_size * self.mlp_ratio)
+
+def _qkv(pattern: str, target: str, names: Sequence[str] = QKV) -> tuple[LoraRule, ...]:
+    """Rules for q, k and v projections fused in one ComfyUI weight (``{}`` in ``pattern`` = the name)."""
+    return tuple(LoraRule(pattern.format(name), target, index) for index, name in enumerate(names))
 
 
 @dataclass(frozen=True)
 class ComfyTarget:
-    """Where a diffusers Linear lives in ComfyUI's Flux: weight key, fused row slice, in/out sizes.
-
-    ``rows`` is ``(offset, size)`` inside a fused weight (ComfyUI's q|k|v and q|k|v|mlp
-    projections); ``swap_halves`` marks ``norm_out.linear`` whose two output halves are in
-    the opposite order (diffusers scale|shift, ComfyUI shift|scale).
-    """
+    """Where a diffusers Linear lives in a ComfyUI model: weight key and row slice ``(offset, size)``."""
 
     key: str
-    in_features: int
-    out_features: int
     rows: tuple[int, int] | None = None
-    swap_halves: bool = False
 
 
-def flux_comfy_target(module: str, shape: FluxShape = FluxShape()) -> ComfyTarget:
-    """The ComfyUI Flux weight a diffusers ``FluxTransformer2DModel`` Linear maps to.
+@dataclass(frozen=True)
+class ModelFamily:
+    """A base-model family with released pi-Flow adapters: its policy latent and LoRA layer names."""
 
-    Raises ``ValueError`` for module names that are not Linear layers of that architecture.
-    """
-    size, mlp = shape.hidden_size, shape.mlp_hidden
-    tokens_out = shape.latent_channels * shape.patch_size**2
-    qkv = {"to_q": 0, "to_k": 1, "to_v": 2}
-    double = re.fullmatch(r"transformer_blocks\.(\d+)\.(.+)", module)
-    if double and int(double.group(1)) < shape.depth:
-        block, rest = f"double_blocks.{double.group(1)}.", double.group(2)
-        fused = {f"attn.{name}": ("img_attn.qkv", i) for name, i in qkv.items()}
-        fused.update({f"attn.add_{name[3:]}_proj": ("txt_attn.qkv", i) for name, i in qkv.items()})
-        if rest in fused:
-            target, index = fused[rest]
-            return ComfyTarget(f"{block}{target}.weight", size, size, (index * size, size))
-        simple = {"attn.to_out.0": ("img_attn.proj", size, size), "attn.to_add_out": ("txt_attn.proj", size, size),
-                  "norm1.linear": ("img_mod.lin", size, 6 * size), "norm1_context.linear": ("txt_mod.lin", size, 6 * size),
-                  "ff.net.0.proj": ("img_mlp.0", size, mlp), "ff.net.2": ("img_mlp.2", mlp, size),
-                  "ff_context.net.0.proj": ("txt_mlp.0", size, mlp), "ff_context.net.2": ("txt_mlp.2", mlp, size)}
-        if rest in simple:
-            target, fan_in, fan_out = simple[rest]
-            return ComfyTarget(f"{block}{target}.weight", fan_in, fan_out)
-    single = re.fullmatch(r"single_transformer_blocks\.(\d+)\.(.+)", module)
-    if single and int(single.group(1)) < shape.depth_single_blocks:
-        block, rest = f"single_blocks.{single.group(1)}.", single.group(2)
-        if rest.startswith("attn.") and rest[5:] in qkv:
-            return ComfyTarget(f"{block}linear1.weight", size, size, (qkv[rest[5:]] * size, size))
-        simple = {"proj_mlp": ("linear1", size, mlp, (3 * size, mlp)), "proj_out": ("linear2", size + mlp, size, None),
-                  "norm.linear": ("modulation.lin", size, 3 * size, None)}
-        if rest in simple:
-            target, fan_in, fan_out, rows = simple[rest]
-            return ComfyTarget(f"{block}{target}.weight", fan_in, fan_out, rows)
-    root = {"x_embedder": ("img_in", tokens_out, size), "context_embedder": ("txt_in", shape.context_in_dim, size),
-            "time_text_embed.timestep_embedder.linear_1": ("time_in.in_layer", 256, size),
-            "time_text_embed.timestep_embedder.linear_2": ("time_in.out_layer", size, size),
-            "time_text_embed.guidance_embedder.linear_1": ("guidance_in.in_layer", 256, size),
-            "time_text_embed.guidance_embedder.linear_2": ("guidance_in.out_layer", size, size),
-            "time_text_embed.text_embedder.linear_1": ("vector_in.in_layer", shape.vec_in_dim, size),
-            "time_text_embed.text_embedder.linear_2": ("vector_in.out_layer", size, size),
-            "proj_out": ("final_layer.linear", size, tokens_out)}
-    if module in root:
-        target, fan_in, fan_out = root[module]
-        return ComfyTarget(f"{target}.weight", fan_in, fan_out)
-    if module == "norm_out.linear":
-        return ComfyTarget("final_layer.adaLN_modulation.1.weight", size, 2 * size, swap_halves=True)
-    raise ValueError(f"{module!r} is not a Linear layer of a FLUX.1 transformer with {shape.depth} double "
-                     f"and {shape.depth_single_blocks} single blocks")
+    name: str
+    adapters: str  # the official release, for messages
+    latent_channels: int  # channels of the latent the policy lives on
+    rules: tuple[LoraRule, ...]
+    patch_size: int = 2
+
+    def rule_for(self, module: str) -> tuple[LoraRule, re.Match] | None:
+        for rule in self.rules:
+            match = re.fullmatch(rule.pattern, module)
+            if match:
+                return rule, match
+        return None
+
+    def comfy_target(self, module: str, weight_shapes: Mapping[str, Sequence[int]]) -> ComfyTarget:
+        """The ComfyUI weight (and rows) of the diffusers Linear ``module``; ``ValueError`` if there is none."""
+        found = self.rule_for(module)
+        if found is None:
+            raise ValueError(f"{module!r} is not a Linear layer of a {self.name} transformer")
+        rule, match = found
+        key = match.expand(rule.target) + ".weight"
+        if key not in weight_shapes:
+            raise ValueError(f"{module!r} has no counterpart in this {self.name} model (no {key!r}; fewer blocks?)")
+        out_features, in_features = weight_shapes[key][:2]
+        if rule.rows is None:
+            return ComfyTarget(key)
+        if rule.rows == "mlp":
+            return ComfyTarget(key, (3 * in_features, out_features - 3 * in_features))
+        return ComfyTarget(key, (rule.rows * in_features, in_features))
 
 
-def flux_lora_targets(adapter: PiFlowAdapter, shape: FluxShape = FluxShape()) -> dict[str, tuple[ComfyTarget, Tensor, Tensor]]:
-    """Each LoRA module -> (its ComfyUI target, down, up), shapes checked against ``shape``.
+_FLUX_COMMON = (
+    *_qkv(r"transformer_blocks\.(\d+)\.attn\.to_{}", r"double_blocks.\1.img_attn.qkv"),
+    *_qkv(r"transformer_blocks\.(\d+)\.attn\.add_{}_proj", r"double_blocks.\1.txt_attn.qkv"),
+    LoraRule(r"transformer_blocks\.(\d+)\.attn\.to_out\.0", r"double_blocks.\1.img_attn.proj"),
+    LoraRule(r"transformer_blocks\.(\d+)\.attn\.to_add_out", r"double_blocks.\1.txt_attn.proj"),
+    LoraRule(r"x_embedder", "img_in"),
+    LoraRule(r"context_embedder", "txt_in"),
+)
+FLUX1 = ModelFamily("FLUX.1", "Lakonik/pi-FLUX.1 (gmflux_k8_piid_4step, gmflux_k8_piid_8step, dxflux_n10_piid_4step)",
+                    16, (
+    *_FLUX_COMMON,
+    LoraRule(r"transformer_blocks\.(\d+)\.norm1\.linear", r"double_blocks.\1.img_mod.lin"),
+    LoraRule(r"transformer_blocks\.(\d+)\.norm1_context\.linear", r"double_blocks.\1.txt_mod.lin"),
+    LoraRule(r"transformer_blocks\.(\d+)\.ff\.net\.0\.proj", r"double_blocks.\1.img_mlp.0"),
+    LoraRule(r"transformer_blocks\.(\d+)\.ff\.net\.2", r"double_blocks.\1.img_mlp.2"),
+    LoraRule(r"transformer_blocks\.(\d+)\.ff_context\.net\.0\.proj", r"double_blocks.\1.txt_mlp.0"),
+    LoraRule(r"transformer_blocks\.(\d+)\.ff_context\.net\.2", r"double_blocks.\1.txt_mlp.2"),
+    *_qkv(r"single_transformer_blocks\.(\d+)\.attn\.to_{}", r"single_blocks.\1.linear1"),
+    LoraRule(r"single_transformer_blocks\.(\d+)\.proj_mlp", r"single_blocks.\1.linear1", "mlp"),
+    LoraRule(r"single_transformer_blocks\.(\d+)\.proj_out", r"single_blocks.\1.linear2"),
+    LoraRule(r"single_transformer_blocks\.(\d+)\.norm\.linear", r"single_blocks.\1.modulation.lin"),
+    LoraRule(r"time_text_embed\.timestep_embedder\.linear_1", "time_in.in_layer"),
+    LoraRule(r"time_text_embed\.timestep_embedder\.linear_2", "time_in.out_layer"),
+    LoraRule(r"time_text_embed\.guidance_embedder\.linear_1", "guidance_in.in_layer"),
+    LoraRule(r"time_text_embed\.guidance_embedder\.linear_2", "guidance_in.out_layer"),
+    LoraRule(r"time_text_embed\.text_embedder\.linear_1", "vector_in.in_layer"),
+    LoraRule(r"time_text_embed\.text_embedder\.linear_2", "vector_in.out_layer"),
+))
+FLUX2 = ModelFamily("FLUX.2", "Lakonik/pi-FLUX.2 (gmflux2_k8_piid_4step)", 32, (
+    *_FLUX_COMMON,
+    LoraRule(r"transformer_blocks\.(\d+)\.ff\.linear_in", r"double_blocks.\1.img_mlp.0"),
+    LoraRule(r"transformer_blocks\.(\d+)\.ff\.linear_out", r"double_blocks.\1.img_mlp.2"),
+    LoraRule(r"transformer_blocks\.(\d+)\.ff_context\.linear_in", r"double_blocks.\1.txt_mlp.0"),
+    LoraRule(r"transformer_blocks\.(\d+)\.ff_context\.linear_out", r"double_blocks.\1.txt_mlp.2"),
+    LoraRule(r"single_transformer_blocks\.(\d+)\.attn\.to_qkv_mlp_proj", r"single_blocks.\1.linear1"),
+    LoraRule(r"single_transformer_blocks\.(\d+)\.attn\.to_out", r"single_blocks.\1.linear2"),
+    LoraRule(r"(double_stream_modulation_img|double_stream_modulation_txt|single_stream_modulation)\.linear",
+             r"\1.lin"),
+    LoraRule(r"time_guidance_embed\.timestep_embedder\.linear_1", "time_in.in_layer"),
+    LoraRule(r"time_guidance_embed\.timestep_embedder\.linear_2", "time_in.out_layer"),
+    LoraRule(r"time_guidance_embed\.guidance_embedder\.linear_1", "guidance_in.in_layer"),
+    LoraRule(r"time_guidance_embed\.guidance_embedder\.linear_2", "guidance_in.out_layer"),
+))
+# ComfyUI's Qwen-Image keeps diffusers' module names.
+QWEN_IMAGE = ModelFamily("Qwen-Image", "Lakonik/pi-Qwen-Image (gmqwen_k8_piid_4step, dxqwen_n10_piid_4step)", 16, (
+    LoraRule(r"(transformer_blocks\.\d+\.(?:img_mod\.1|txt_mod\.1|(?:img|txt)_mlp\.net\.(?:0\.proj|2)|"
+             r"attn\.(?:to_[qkv]|add_[qkv]_proj|to_out\.0|to_add_out)))", r"\1"),
+    LoraRule(r"(img_in|txt_in|time_text_embed\.timestep_embedder\.linear_[12])", r"\1"),
+))
+FAMILIES = (FLUX1, FLUX2, QWEN_IMAGE)
 
-    ``norm_out.linear`` is part of the head, never a LoRA target here.
-    """
+
+def families_of(modules: Iterable[str]) -> list[ModelFamily]:
+    """The families whose architecture has every one of these LoRA layers (all families for none)."""
+    modules = list(modules)
+    return [family for family in FAMILIES if all(family.rule_for(module) for module in modules)]
+
+
+def lora_targets(adapter: PiFlowAdapter, family: ModelFamily,
+                 weight_shapes: Mapping[str, Sequence[int]]) -> dict[str, tuple[ComfyTarget, Tensor, Tensor]]:
+    """Each LoRA module -> (its ComfyUI target, down, up), shapes checked against ``weight_shapes``
+    (ComfyUI weight key of the diffusion model -> shape). Layers the head replaces are refused."""
     targets, problems = {}, []
     for module, (down, up) in adapter.lora.items():
         try:
-            target = flux_comfy_target(module, shape)
+            target = family.comfy_target(module, weight_shapes)
         except ValueError as error:
             problems.append(str(error))
             continue
-        if module == "norm_out.linear":
-            problems.append("a LoRA on 'norm_out.linear' is not supported (the head replaces that layer)")
-        elif down.shape[1] != target.in_features or up.shape[0] != target.out_features:
+        out_features, in_features = weight_shapes[target.key][:2]
+        rows = target.rows[1] if target.rows else out_features
+        if down.shape[1] != in_features or up.shape[0] != rows:
             problems.append(f"LoRA {module!r}: lora_A {tuple(down.shape)} / lora_B {tuple(up.shape)} do not fit "
-                            f"a ({target.out_features} x {target.in_features}) layer")
+                            f"its ({rows} x {in_features}) layer in this model, so the adapter is for another model")
         else:
             targets[module] = (target, down, up)
     if problems:
-        raise ValueError("the adapter does not fit this FLUX model: " + "; ".join(problems[:3])
+        raise ValueError(f"the adapter does not fit this {family.name} model: " + "; ".join(problems[:3])
                          + (f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""))
     return targets
 
 
-def flux_head_state_dict(adapter: PiFlowAdapter, shape: FluxShape = FluxShape()) -> dict[str, Tensor]:
-    """The output head in ComfyUI naming, checked against ``shape``.
-
-    ``norm_out.linear`` becomes ``final_layer.adaLN_modulation.1`` (halves swapped to
-    shift|scale); a DX ``proj_out`` becomes ``final_layer.linear``; the GM heads keep their
-    names (``proj_out_means``, ``proj_out_logweights``, ``proj_out_logstds.<i>``), as in the
-    official ComfyUI-piFlow model, where they sit on the diffusion model's root.
-    """
-    size = shape.hidden_size
+def check_head(adapter: PiFlowAdapter, family: ModelFamily, hidden_size: int, token_width: int) -> None:
+    """The head must match the model's hidden size and its final layer's values per token."""
     modulation = adapter.head["norm_out.linear.weight"]
-    if tuple(modulation.shape) != (2 * size, size):
-        raise ValueError(f"the adapter's 'norm_out.linear.weight' is {tuple(modulation.shape)}, but this FLUX "
-                         f"model needs ({2 * size}, {size}): the adapter is for another model")
-    if (adapter.latent_channels, adapter.patch_size) != (shape.latent_channels, shape.patch_size):
-        raise ValueError(f"the adapter was parsed for {adapter.latent_channels} latent channels and patch "
-                         f"{adapter.patch_size}, this FLUX model has {shape.latent_channels} and {shape.patch_size}")
-    converted = {}
-    for key, value in adapter.head.items():
-        module, parameter = key.rsplit(".", 1)
-        if module == "norm_out.linear":
-            half = value.shape[0] // 2
-            converted[f"final_layer.adaLN_modulation.1.{parameter}"] = torch.cat([value[half:], value[:half]])
-        elif module == "proj_out":
-            converted[f"final_layer.linear.{parameter}"] = value
-        elif re.fullmatch(r"proj_out_(means|logweights|logstds\.\d+)", module):
-            converted[key] = value
-        else:
-            raise ValueError(f"unexpected non-LoRA key {key!r} in the adapter: a pi-FLUX.1 head has only "
-                             "norm_out.linear, proj_out_means, proj_out_logweights, proj_out_logstds (GM) "
-                             "or proj_out (DX)")
-    return converted
+    if tuple(modulation.shape) != (2 * hidden_size, hidden_size):
+        raise ValueError(f"the adapter's 'norm_out.linear.weight' is {tuple(modulation.shape)}, but this {family.name} "
+                         f"model needs ({2 * hidden_size}, {hidden_size}): the adapter is for another model")
+    if adapter.token_channels != token_width:
+        raise ValueError(f"the adapter's head makes {adapter.token_channels} values per token, this {family.name} "
+                         f"model's final layer {token_width}: the adapter is for another model")
 
 
 # -- head output -> policy tensors ------------------------------------------------------------
@@ -361,3 +413,91 @@ def unpack_dx_tokens(tokens_out: Tensor, grid_size: int, height: int, width: int
     channels = features // (grid_size * patch_size * patch_size)
     grid = tokens_out.reshape(batch, rows, cols, grid_size, channels, patch_size, patch_size)
     return grid.permute(0, 3, 4, 1, 5, 2, 6).reshape(batch, grid_size, channels, height, width)
+
+
+# -- a policy on an unfolded latent, seen from the folded one (FLUX.2) ---------------------------
+def packing_factor(policy_latent: Sequence[int], latent: Sequence[int]) -> int:
+    """``r`` if ``latent`` (C r r, H, W) is ``policy_latent`` (C, H r, W r) with each r x r patch folded
+    into channels (``pixel_unshuffle``), 1 if they are equal, 0 if they are unrelated."""
+    policy_latent, latent = tuple(policy_latent), tuple(latent)
+    if policy_latent == latent:
+        return 1
+    if len(policy_latent) != len(latent) or len(latent) < 3 or latent[-1] == 0 or policy_latent[-1] % latent[-1]:
+        return 0
+    factor = policy_latent[-1] // latent[-1]
+    folded = (policy_latent[0] * factor * factor, *policy_latent[1:-2], policy_latent[-2] // factor, latent[-1])
+    return factor if factor > 1 and policy_latent[-2] % factor == 0 and folded == latent else 0
+
+
+class PackedLatentPolicy:
+    """A pi-Flow policy of the unfolded latent, used on the folded latent a sampler holds.
+
+    ``inner`` was built on ``pixel_shuffle(x, factor)`` (e.g. FLUX.2's 32-channel latent from
+    ComfyUI's 128-channel one); inputs are unfolded, outputs folded back. Folding is a
+    permutation of the values, so the rollout is the inner policy's rollout exactly.
+    """
+
+    def __init__(self, inner, factor: int) -> None:
+        self.inner = inner
+        self.factor = factor
+
+    def velocity(self, x_t: Tensor, sigma_t: Tensor | float) -> Tensor:
+        return F.pixel_unshuffle(self.inner.velocity(F.pixel_shuffle(x_t, self.factor), sigma_t), self.factor)
+
+    def x0(self, x_t: Tensor, sigma_t: Tensor | float) -> Tensor:
+        return F.pixel_unshuffle(self.inner.x0(F.pixel_shuffle(x_t, self.factor), sigma_t), self.factor)
+
+    @property
+    def denoised(self) -> Tensor:
+        return F.pixel_unshuffle(self.inner.denoised, self.factor)
+
+    def with_temperature(self, temperature: float) -> "PackedLatentPolicy":
+        return PackedLatentPolicy(self.inner.with_temperature(temperature), self.factor)
+
+
+# -- transitional: FLUX.1 dimensions without ComfyUI --------------------------------------------
+# tests/host/test_piflow_nodes.py builds its FLUX.1 loader checks from these two; they can go once
+# those checks live in tests/host/test_piflow_loader.py (which covers all three families).
+@dataclass(frozen=True)
+class FluxShape:
+    """Dimensions of a FLUX.1 transformer (defaults: FLUX.1-dev)."""
+
+    hidden_size: int = 3072
+    depth: int = 19
+    depth_single_blocks: int = 38
+    mlp_ratio: float = 4.0
+    latent_channels: int = 16
+    patch_size: int = 2
+    context_in_dim: int = 4096
+    vec_in_dim: int = 768
+
+    @property
+    def mlp_hidden(self) -> int:
+        return int(self.hidden_size * self.mlp_ratio)
+
+    def weight_shapes(self) -> dict[str, tuple[int, int]]:
+        """(out, in) of each Linear weight of ComfyUI's Flux with these dimensions."""
+        h, mlp = self.hidden_size, self.mlp_hidden
+        shapes = {"img_in.weight": (h, self.latent_channels * self.patch_size**2),
+                  "txt_in.weight": (h, self.context_in_dim),
+                  "time_in.in_layer.weight": (h, 256), "time_in.out_layer.weight": (h, h),
+                  "guidance_in.in_layer.weight": (h, 256), "guidance_in.out_layer.weight": (h, h),
+                  "vector_in.in_layer.weight": (h, self.vec_in_dim), "vector_in.out_layer.weight": (h, h)}
+        for i in range(self.depth):
+            for stream in ("img", "txt"):
+                shapes.update({f"double_blocks.{i}.{stream}_attn.qkv.weight": (3 * h, h),
+                               f"double_blocks.{i}.{stream}_attn.proj.weight": (h, h),
+                               f"double_blocks.{i}.{stream}_mod.lin.weight": (6 * h, h),
+                               f"double_blocks.{i}.{stream}_mlp.0.weight": (mlp, h),
+                               f"double_blocks.{i}.{stream}_mlp.2.weight": (h, mlp)})
+        for i in range(self.depth_single_blocks):
+            shapes.update({f"single_blocks.{i}.linear1.weight": (3 * h + mlp, h),
+                           f"single_blocks.{i}.linear2.weight": (h, h + mlp),
+                           f"single_blocks.{i}.modulation.lin.weight": (3 * h, h)})
+        return shapes
+
+
+def flux_lora_targets(adapter: PiFlowAdapter,
+                      shape: FluxShape = FluxShape()) -> dict[str, tuple[ComfyTarget, Tensor, Tensor]]:
+    """:func:`lora_targets` on a FLUX.1 model of these dimensions."""
+    return lora_targets(adapter, FLUX1, shape.weight_shapes())
