@@ -22,8 +22,10 @@ model classes and their configs; Lakonik/ComfyUI-piFlow up to v1.3: its loaders)
   - pi-Qwen-Image (GM and DX): ``img_mlp.net.{0.proj,2}`` of all 60 blocks,
     ``txt_mlp.net.{0.proj,2}`` of blocks 0-58 (the last block's text stream is unused),
     ``time_text_embed.timestep_embedder.linear_{1,2}`` (240 modules).
-  - pi-FLUX.2: the official repository has no FLUX.2 training config, so its targets are
-    NOT confirmed; every Linear layer of diffusers' ``Flux2Transformer2DModel`` is mapped.
+  - pi-FLUX.2 (GM only): the official repository has no FLUX.2 training config, so its
+    targets are NOT confirmed; every Linear layer of diffusers' ``Flux2Transformer2DModel``
+    is mapped (the official diffusers pipeline applies any of them; the official ComfyUI
+    node only those ComfyUI's own FLUX key map names).
 
 * Output head (replaces the base model's ``norm_out`` + ``proj_out``), hidden size h, patch p=2,
   C latent channels of the policy's latent (16 for FLUX.1 and Qwen-Image, 32 for FLUX.2):
@@ -292,7 +294,7 @@ _FLUX_COMMON = (
     LoraRule(r"x_embedder", "img_in"),
     LoraRule(r"context_embedder", "txt_in"),
 )
-FLUX1 = ModelFamily("FLUX.1", "Lakonik/pi-FLUX.1 (gmflux_k8_piid_4step, gmflux_k8_piid_8step, dxflux_n10_piid_4step)",
+FLUX1 = ModelFamily("FLUX.1", "Lakonik/pi-FLUX.1: gmflux_k8_piid_4step, gmflux_k8_piid_8step, dxflux_n10_piid_4step",
                     16, (
     *_FLUX_COMMON,
     LoraRule(r"transformer_blocks\.(\d+)\.norm1\.linear", r"double_blocks.\1.img_mod.lin"),
@@ -312,7 +314,7 @@ FLUX1 = ModelFamily("FLUX.1", "Lakonik/pi-FLUX.1 (gmflux_k8_piid_4step, gmflux_k
     LoraRule(r"time_text_embed\.text_embedder\.linear_1", "vector_in.in_layer"),
     LoraRule(r"time_text_embed\.text_embedder\.linear_2", "vector_in.out_layer"),
 ))
-FLUX2 = ModelFamily("FLUX.2", "Lakonik/pi-FLUX.2 (gmflux2_k8_piid_4step)", 32, (
+FLUX2 = ModelFamily("FLUX.2", "Lakonik/pi-FLUX.2: gmflux2_k8_piid_4step", 32, (
     *_FLUX_COMMON,
     LoraRule(r"transformer_blocks\.(\d+)\.ff\.linear_in", r"double_blocks.\1.img_mlp.0"),
     LoraRule(r"transformer_blocks\.(\d+)\.ff\.linear_out", r"double_blocks.\1.img_mlp.2"),
@@ -328,7 +330,7 @@ FLUX2 = ModelFamily("FLUX.2", "Lakonik/pi-FLUX.2 (gmflux2_k8_piid_4step)", 32, (
     LoraRule(r"time_guidance_embed\.guidance_embedder\.linear_2", "guidance_in.out_layer"),
 ))
 # ComfyUI's Qwen-Image keeps diffusers' module names.
-QWEN_IMAGE = ModelFamily("Qwen-Image", "Lakonik/pi-Qwen-Image (gmqwen_k8_piid_4step, dxqwen_n10_piid_4step)", 16, (
+QWEN_IMAGE = ModelFamily("Qwen-Image", "Lakonik/pi-Qwen-Image: gmqwen_k8_piid_4step, dxqwen_n10_piid_4step", 16, (
     LoraRule(r"(transformer_blocks\.\d+\.(?:img_mod\.1|txt_mod\.1|(?:img|txt)_mlp\.net\.(?:0\.proj|2)|"
              r"attn\.(?:to_[qkv]|add_[qkv]_proj|to_out\.0|to_add_out)))", r"\1"),
     LoraRule(r"(img_in|txt_in|time_text_embed\.timestep_embedder\.linear_[12])", r"\1"),

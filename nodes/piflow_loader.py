@@ -53,11 +53,11 @@ class ComfyFamily:
 
 COMFY_FAMILIES = (  # FLUX.2's BaseModel subclasses FLUX.1's: test it first
     ComfyFamily(FLUX2, comfy.model_base.Flux2, "flux2", "final_layer", "final_layer.linear",
-                "flux2-dev (e.g. flux2_dev_fp8mixed) in Load Diffusion Model, Flux guidance 4.0", packing=2),
+                "e.g. flux2_dev_fp8mixed in Load Diffusion Model, Flux guidance 4.0", packing=2),
     ComfyFamily(FLUX1, comfy.model_base.Flux, "flux", "final_layer", "final_layer.linear",
-                "flux1-dev in Load Diffusion Model, Flux guidance 3.5"),
+                "e.g. flux1-dev in Load Diffusion Model, Flux guidance 3.5"),
     ComfyFamily(QWEN_IMAGE, comfy.model_base.QwenImage, "qwen_image", "norm_out", "proj_out",
-                "qwen_image (e.g. qwen_image_fp8_e4m3fn) in Load Diffusion Model", retired=("proj_out",)),
+                "e.g. qwen_image_fp8_e4m3fn in Load Diffusion Model", retired=("proj_out",)),
 )
 SUPPORTED = "a FLUX.1 model, a FLUX.2 model or a Qwen-Image model"
 
