@@ -192,7 +192,7 @@ def test_parse_dx_adapters():
 
 @pytest.mark.parametrize("family, kind, lora_count", [
     (QWEN_IMAGE, GM_POLICY, 60 * 2 + 59 * 2 + 2), (QWEN_IMAGE, DX_POLICY, 240), (FLUX2, GM_POLICY, 8 * 4 + 48 * 2 + 2),
-])
+], ids=["Qwen-Image GM", "Qwen-Image DX", "FLUX.2 GM"])
 def test_parse_qwen_and_flux2_layouts(family, kind, lora_count):
     sd = released_adapter(family, kind, device="meta")
     metadata = GM_METADATA if kind == GM_POLICY else DX_METADATA
