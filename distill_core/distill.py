@@ -38,7 +38,7 @@ import torch.distributed as dist
 import torch.utils.checkpoint
 from torch import Tensor, nn
 
-from .lora import LoraSet, lora_state_dict, load_lora_state, load_lora_state_dict, save_lora
+from .lora import LoraSet, attach_lora, lora_state_dict, load_lora_state, load_lora_state_dict, save_lora
 from .objectives import (
     ConsistencyObjective,
     LCMObjective,
@@ -138,6 +138,18 @@ class DistillConfig:
         if unknown:
             raise ValueError(f"unknown distillation settings: {unknown}")
         return cls(**values)
+
+
+def attach_student_lora(module: nn.Module, config: DistillConfig) -> LoraSet:
+    """The student's LoRA on ``module`` as ``config`` describes it, initialised from ``config.seed``.
+
+    The in-graph node and the headless runner both start from these weights, so a run resumed,
+    repeated or moved to ``torchrun`` begins identically; the global RNG is left as it was.
+    """
+    with torch.random.fork_rng():
+        torch.manual_seed(config.seed)
+        return attach_lora(module, config.rank, config.alpha, config.target_layers, config.name_filter,
+                           skip_small_layers=config.skip_small_layers)
 
 
 # Settings that may change between a checkpoint and the run resuming it.

@@ -15,8 +15,10 @@ CPU, NCCL on CUDA, gradients averaged over the LoRA parameters). The JSON config
     }
 
 A factory ``factory(options, config) -> HeadlessNetwork`` supplies the denoiser, the module
-carrying its weights, the noise space and the training data; exporters (e.g. the ComfyUI
-node layer) point it at their own loader. The demo network is a tiny EPS-predicting conv net
+carrying its weights, the noise space and the training data; exporters point it at their own
+loader (the ComfyUI node exports a bundle folder: this config, the teacher's weights and
+:func:`save_training_data`'s file, read back by ``nodes.headless``). Relative paths in a config
+are relative to the config file's folder. The demo network is a tiny EPS-predicting conv net
 wrapped like ComfyUI's ``BaseModel.apply_model`` (VE space).
 """
 from __future__ import annotations
@@ -34,11 +36,13 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from .distill import Denoiser, DistillConfig, DistillTrainer, TrainingData, TrainResult
-from .lora import LoraSet, attach_lora, lora_state_dict, save_lora
+from .distill import Denoiser, DistillConfig, DistillTrainer, TrainingData, TrainResult, attach_student_lora
+from .lora import LoraSet, load_lora_state, lora_state_dict, save_lora
 from .spaces import NoiseSpace, scaled_linear_alphas_cumprod
 
-DEFAULT_NETWORK = "distill_core.distill_cli:demo_network"
+DEFAULT_NETWORK = f"{__package__}.distill_cli:demo_network"
+CONFIG_FILE, DATA_FILE = "config.json", "data.safetensors"
+TEACHER_FILE, TEACHER_FORMAT = "teacher.safetensors", "stride-headless-teacher-1"  # written by the node layer
 
 
 @dataclass
@@ -100,6 +104,38 @@ def demo_network(options: dict[str, Any], config: DistillConfig) -> HeadlessNetw
     return HeadlessNetwork(eps_denoiser(net, space), net, space, data)
 
 
+def save_training_data(path: str | os.PathLike, data: TrainingData) -> None:
+    """Write conditionings (tensors or dicts of tensors) and latents as one safetensors file, atomically."""
+    tensors: dict[str, Tensor] = {}
+    for label, cond in [*((f"cond.{i}", c) for i, c in enumerate(data.conds)), ("uncond", data.uncond)]:
+        parts = cond if isinstance(cond, dict) else {"": cond}
+        tensors.update({f"{label}.{name}" if name else label: value for name, value in parts.items()})
+    if data.latents is not None:
+        tensors["latents"] = data.latents
+    metadata = {"format": "stride-training-data-1", "num_conds": str(len(data.conds)),
+                "latent_shape": json.dumps(list(data.latent_shape) if data.latent_shape else None),
+                "paired": json.dumps(data.paired)}
+    save_lora(path, tensors, metadata)
+
+
+def load_training_data(path: str | os.PathLike, device: torch.device | str = "cpu") -> TrainingData:
+    """Read :func:`save_training_data`'s file (safetensors only) onto ``device``."""
+    tensors, metadata = load_lora_state(path)
+    if metadata.get("format") != "stride-training-data-1":
+        raise ValueError(f"{path} is not a Stride training-data file (format {metadata.get('format')!r})")
+    tensors = {key: value.to(device) for key, value in tensors.items()}
+
+    def cond(label: str) -> Tensor | dict[str, Tensor]:
+        if label in tensors:
+            return tensors[label]
+        return {key[len(label) + 1:]: value for key, value in tensors.items() if key.startswith(label + ".")}
+
+    shape = json.loads(metadata["latent_shape"])
+    return TrainingData([cond(f"cond.{i}") for i in range(int(metadata["num_conds"]))], cond("uncond"),
+                        latents=tensors.get("latents"), latent_shape=tuple(shape) if shape else None,
+                        paired=json.loads(metadata["paired"]))
+
+
 def _import_factory(path: str) -> Callable[[dict[str, Any], DistillConfig], HeadlessNetwork]:
     module_name, _, attribute = path.partition(":")
     if not attribute:
@@ -141,8 +177,7 @@ def run(settings: dict[str, Any]) -> RunSummary:
         rank = dist.get_rank() if dist.is_initialized() else 0
         world_size = dist.get_world_size() if dist.is_initialized() else 1
         network = _import_factory(settings.get("network", DEFAULT_NETWORK))(settings.get("network_options", {}), config)
-        loraset = attach_lora(network.module, config.rank, config.alpha, config.target_layers, config.name_filter,
-                              skip_small_layers=config.skip_small_layers)
+        loraset = attach_student_lora(network.module, config)
         log_every = settings.get("log_every", 10)
 
         def log(step: int, loss: float) -> None:
@@ -168,7 +203,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--config", required=True, help="JSON file with the run settings")
     arguments = parser.parse_args(argv)
     with open(arguments.config, encoding="utf-8") as stream:
-        summary = run(json.load(stream))
+        settings = json.load(stream)
+    os.chdir(os.path.dirname(os.path.abspath(arguments.config)))  # relative paths are relative to the config
+    summary = run(settings)
     if summary.rank == 0:
         print(json.dumps({"done": summary.result.steps_done, "world_size": summary.world_size}), flush=True)
     return 0

@@ -264,19 +264,22 @@ def lora_state_dict_keys(loraset: LoraSet, prefix: str = "diffusion_model.") -> 
 
 # -- files ------------------------------------------------------------------------------------
 def save_lora(path: str | os.PathLike, state_dict: Mapping[str, Tensor], metadata: Mapping[str, str] | None = None) -> None:
-    """Write tensors + string metadata as safetensors, atomically.
-
-    The bytes go to a temporary file in the target folder, are fsynced, then renamed over
-    ``path``; an error at any point removes the temporary file and leaves ``path`` as it was.
-    Temporary files of ``path`` that a killed writer left behind are removed first.
-    """
+    """Write tensors + string metadata as safetensors, atomically (see :func:`write_atomically`)."""
     metadata = dict(metadata or {})
     bad = [key for key, value in metadata.items() if not (isinstance(key, str) and isinstance(value, str))]
     if bad:
         raise TypeError(f"safetensors metadata must map str to str; offending keys: {bad[:5]}")
     tensors = {key: value.detach().to("cpu").contiguous() for key, value in state_dict.items()}
-    payload = safetensors.torch.save(tensors, metadata=metadata or None)
+    write_atomically(path, safetensors.torch.save(tensors, metadata=metadata or None))
 
+
+def write_atomically(path: str | os.PathLike, payload: bytes) -> None:
+    """Write ``payload`` to ``path`` so that readers see the old file or the whole new one, never a part.
+
+    The bytes go to a temporary file in the target folder, are fsynced, then renamed over
+    ``path``; an error at any point removes the temporary file and leaves ``path`` as it was.
+    Temporary files of ``path`` that a killed writer left behind are removed first.
+    """
     target = os.path.abspath(os.fspath(path))
     folder = os.path.dirname(target)
     _remove_stale_temp_files(target)

@@ -53,6 +53,16 @@ class NoiseSpace:
         return cls("ve", ((1 - ac) / ac).sqrt())
 
     @classmethod
+    def from_sigma_table(cls, kind: str, table: Tensor) -> "NoiseSpace":
+        """A space from a host's per-timestep sigma table (e.g. ComfyUI's ``model_sampling.sigmas``),
+        resampled to the 1000-step grid when the host keeps a different number of entries."""
+        table = table.detach().to("cpu", torch.float64)
+        if table.numel() != NUM_TRAIN_TIMESTEPS:
+            index = torch.arange(1, NUM_TRAIN_TIMESTEPS + 1, dtype=torch.float64) * table.numel() / NUM_TRAIN_TIMESTEPS
+            table = table[(index.round().long() - 1).clamp(0, table.numel() - 1)]
+        return cls(kind, table)
+
+    @classmethod
     def flow(cls, shift: float = 1.0, num_timesteps: int = NUM_TRAIN_TIMESTEPS) -> "NoiseSpace":
         """A rectified-flow space: timestep t -> shifted sigma of (t + 1) / num_timesteps."""
         t = torch.arange(1, num_timesteps + 1, dtype=torch.float64) / num_timesteps

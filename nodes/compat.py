@@ -7,11 +7,10 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 
 import comfy.model_sampling
 
-from ..distill_core.spaces import NUM_TRAIN_TIMESTEPS, NoiseSpace
+from ..distill_core.spaces import NoiseSpace
 
 
 class StrideError(ValueError):
@@ -54,11 +53,7 @@ def sampling_kind(model_sampling: Any) -> str:
 
 def noise_space(model_sampling: Any) -> NoiseSpace:
     """Stride's NoiseSpace for a ComfyUI model_sampling: VE or flow, with a 1000-step table."""
-    table = model_sampling.sigmas.detach().to("cpu", torch.float64)
-    if table.numel() != NUM_TRAIN_TIMESTEPS:
-        index = torch.arange(1, NUM_TRAIN_TIMESTEPS + 1, dtype=torch.float64) * table.numel() / NUM_TRAIN_TIMESTEPS
-        table = table[(index.round().long() - 1).clamp(0, table.numel() - 1)]
-    return NoiseSpace("flow" if is_flow(model_sampling) else "ve", table)
+    return NoiseSpace.from_sigma_table("flow" if is_flow(model_sampling) else "ve", model_sampling.sigmas)
 
 
 def send_event(event: str, data: dict) -> None:

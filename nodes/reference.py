@@ -195,6 +195,7 @@ class StrideDemoModel:
         network = UNetModel(**demo.DEMO_UNET_CONFIG, operations=comfy.ops.disable_weight_init)
         network.load_state_dict(state_dict)
         network.eval()
+        network.stride_unet_config = dict(demo.DEMO_UNET_CONFIG)  # lets a headless distillation rebuild it
         network.register_forward_pre_hook(_check_demo_inputs, with_kwargs=True)
         return (wrap_as_model(network, "eps"),)
 

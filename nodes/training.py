@@ -22,8 +22,10 @@ import comfy.utils
 import folder_paths
 
 from ..distill_core import lora as lora_io
-from ..distill_core.distill import OBJECTIVE_DEFAULTS, OBJECTIVES, DistillConfig, DistillDivergedError, DistillTrainer, TrainingData
+from ..distill_core.distill import (OBJECTIVE_DEFAULTS, OBJECTIVES, DistillConfig, DistillDivergedError, DistillTrainer,
+                                   TrainingData, attach_student_lora)
 from .compat import StrideError, model_sampling_of_patcher, noise_space, sampling_kind, send_event, vae_spatial_downscale
+from .headless import export_bundle
 
 CATEGORY = "stride/training"
 LOSS_EVENT = "stride.distill.loss"
@@ -138,8 +140,8 @@ class StrideDistillLoRA:
     OUTPUT_TOOLTIPS = ("The MODEL with the trained LoRA applied (sample right away).",
                        "The trained LoRA (connect Stride Save LoRA).",
                        "Loss per step (connect Stride Loss Plot).",
-                       "A JSON summary: steps, final loss, checkpoint, recommended sampler settings, and the "
-                       "config for running the same distillation headless (python -m distill_core.distill_cli).")
+                       "A JSON summary: steps, final loss, checkpoint, recommended sampler settings, settings, and "
+                       "(with export_headless) the bundle folder and the torchrun command that runs it headless.")
     FUNCTION = "train"
 
     @classmethod
@@ -172,10 +174,15 @@ class StrideDistillLoRA:
             "lora_name": ("STRING", {"default": "stride_distill", "tooltip": "Name of the run: its checkpoint is "
                                      "output/stride_checkpoints/<name>.safetensors."}),
             "resume": ("BOOLEAN", {"default": True, "tooltip": "Continue from this run's checkpoint if one exists."}),
+        }, "optional": {
+            "export_headless": ("BOOLEAN", {"default": False, "tooltip": "Also write output/stride_headless/<name>/ "
+                                            "(teacher weights as the graph runs them, training data, config) to run the "
+                                            "same distillation headless or on several GPUs with torchrun; the report "
+                                            "gives the command."}),
         }, "hidden": {"unique_id": "UNIQUE_ID"}}
 
     def train(self, model, data, objective, steps, learning_rate, rank, alpha, batch_size, guidance_min, guidance_max,
-              loss, gradient_checkpointing, seed, save_every, lora_name, resume, unique_id=None):
+              loss, gradient_checkpointing, seed, save_every, lora_name, resume, export_headless=False, unique_id=None):
         _check_teacher(model)
         defaults = OBJECTIVE_DEFAULTS[objective]
         if guidance_min == 0 and guidance_max == 0:
@@ -212,13 +219,8 @@ class StrideDistillLoRA:
             raise StrideError("data: the prompts and the empty prompt have different conditioning shapes; encode them "
                               "with the same text encoder")
         lora_io.ensure_autograd_compatible(network)
-        try:
-            # the initial LoRA weights come from the seed (a resumed run must match an uninterrupted one);
-            # the global RNG that other nodes use is left as it was
-            with torch.random.fork_rng():
-                torch.manual_seed(seed)
-                # like diffusers' LCM-LoRA, layers narrower than the rank (the 4-channel in/out convs) get no adapter
-                loraset = lora_io.attach_lora(network, rank, alpha or None, skip_small_layers=True)
+        try:  # like diffusers' LCM-LoRA, layers narrower than the rank (the 4-channel in/out convs) get no adapter
+            loraset = attach_student_lora(network, config)
         except ValueError as exc:
             raise StrideError(f"rank: {exc} (rank {rank} may exceed the width of this model's layers; lower it)") from None
 
@@ -236,6 +238,10 @@ class StrideDistillLoRA:
         space = noise_space(model_sampling_of_patcher(student))
         training_data = TrainingData(conds=conds, uncond=uncond, latents=latents,
                                      latent_shape=None if latents is not None else latent_shape)
+        headless = None
+        if export_headless:
+            folder = path.parent.parent / "stride_headless" / path.stem
+            headless = {"bundle": str(folder), "command": export_bundle(folder, student, config, training_data, path.stem)}
         try:
             trainer = DistillTrainer(denoiser, loraset, space, config, training_data)
             result = trainer.train(on_step, comfy.model_management.processing_interrupted, str(path), resume)
@@ -254,8 +260,7 @@ class StrideDistillLoRA:
         trained, _ = comfy.sd.load_lora_for_models(model, None, state, 1.0, 0)
         report = {"objective": objective, "steps": result.steps_done, "final_loss": losses[-1] if losses else None,
                   "checkpoint": str(path), "recommended_sampling": RECOMMENDED_SAMPLING[objective],
-                  # the "distill" section of a distill_core.distill_cli config: the same run headless / under torchrun
-                  "headless_config": {"distill": config.to_dict(), "checkpoint": str(path), "resume": True}}
+                  "settings": config.to_dict(), "headless": headless}
         return (trained, {"state_dict": state, "metadata": metadata}, losses, json.dumps(report))
 
 
@@ -380,7 +385,7 @@ class StrideLossPlot:
             draw.line([point(i, v) for i, v in enumerate(smooth)], fill=(30, 80, 200), width=2)
             draw.text((margin + 4, 12), f"loss {values[-1]:.4g} (max {10 ** high:.3g}, min {10 ** low:.3g}), log scale", fill="black")
         draw.text((margin, height - margin + 8), f"step 1 .. {len(loss)}", fill="black")
-        array = torch.tensor(list(image.getdata()), dtype=torch.float32).reshape(height, width, 3) / 255.0
+        array = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).reshape(height, width, 3).float() / 255.0
         return (array.unsqueeze(0),)
 
 

@@ -5,6 +5,7 @@ exactness; the quality of distillation is measured in bench/ and tests/unit/test
 """
 import logging
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -237,3 +238,33 @@ def test_a_model_carrying_a_user_lora_trains_with_that_lora_applied(comfy_host):
     expected, _ = comfy.sd.load_lora_for_models(merged, None, on_merged["state_dict"], 1.0, 0)
     assert torch.allclose(sample(trained_model), sample(expected), atol=1e-4), "returned MODEL = user LoRA + new LoRA"
     assert torch.allclose(sample(with_user), user_teacher_before, atol=1e-6), "the input MODEL is unchanged"
+
+
+def test_exported_headless_run_reproduces_the_in_graph_lora(comfy_host, tmp_path):
+    """export_headless writes teacher + data + config; distill_cli (what torchrun runs) rebuilds the ComfyUI model
+    from it and trains the same LoRA as the node did, in a separate process."""
+    import json
+    import subprocess
+    import sys
+
+    import folder_paths
+
+    graph = training_graph("headless_twin", steps=4, save_as="stride_headless_twin", export_headless=True,
+                           save_every=0)
+    result = comfy_host.run(graph)
+    assert result.success, result.error()
+    bundle = os.path.join(folder_paths.get_output_directory(), "stride_headless", "headless_twin")
+    assert sorted(os.listdir(bundle)) == ["config.json", "data.safetensors", "teacher.safetensors"]
+    settings = json.load(open(os.path.join(bundle, "config.json")))
+    root = Path(__file__).resolve().parents[2]
+    search_path = f"{root / 'scripts'}{os.pathsep}{comfy_host.path}"
+    done = subprocess.run([sys.executable, "-m", "distill_core.distill_cli", "--config",
+                           os.path.join(bundle, "config.json")], cwd=root, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": search_path, "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == {"done": 4, "world_size": 1}
+    headless = load_file(os.path.join(bundle, settings["output"]))
+    in_graph = load_file(folder_paths.get_full_path_or_raise("loras", "stride_headless_twin.safetensors"))
+    assert headless.keys() == in_graph.keys()
+    for key in in_graph:
+        assert torch.allclose(headless[key], in_graph[key], atol=1e-6, rtol=0), key

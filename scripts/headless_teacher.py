@@ -1,0 +1,70 @@
+"""Network factory for headless distillation of a teacher exported by the Stride Distill LoRA node.
+
+``distill_core.distill_cli`` imports it by the name in the exported ``config.json``
+(``headless_teacher:comfy_teacher``), with this folder and the ComfyUI checkout on
+``PYTHONPATH`` (the node's report gives the whole command). It rebuilds the ComfyUI model from
+``teacher.safetensors`` (float32, on ``cuda:LOCAL_RANK`` when CUDA is there, else the CPU), so
+the headless loop calls the very ``apply_model`` the graph did.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import torch
+
+from distill_core.distill import DistillConfig
+from distill_core.distill_cli import TEACHER_FORMAT, HeadlessNetwork, load_training_data
+from distill_core.lora import load_lora_state
+from distill_core.spaces import NoiseSpace
+
+
+def _device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
+def _import_comfy(device: torch.device):
+    """ComfyUI's model modules, told the device first (ComfyUI picks it when model_management is imported)."""
+    import comfy.options  # noqa: F401  (must precede cli_args)
+    from comfy.cli_args import args
+
+    args.cpu = device.type == "cpu"
+    import comfy.latent_formats
+    import comfy.model_base
+    import comfy.supported_models
+    import comfy.supported_models_base
+
+    return comfy
+
+
+def comfy_teacher(options: dict[str, Any], config: DistillConfig) -> HeadlessNetwork:
+    """The exported teacher as a ComfyUI model, its noise space and the exported training data."""
+    state, metadata = load_lora_state(options["teacher"])
+    if metadata.get("format") != TEACHER_FORMAT:
+        raise ValueError(f"{options['teacher']} is not a teacher exported by Stride Distill LoRA")
+    device = _device()
+    comfy = _import_comfy(device)
+
+    class UnlistedConfig(comfy.supported_models_base.BASE):
+        """A UNet config ComfyUI does not list (e.g. Stride's demo model): SD1.5 latents, default schedule."""
+
+        unet_extra_config = {}
+        latent_format = comfy.latent_formats.SD15
+        supported_inference_dtypes = [torch.float32]
+
+    config_class = getattr(comfy.supported_models, metadata["config_class"], None) if metadata["config_class"] else None
+    model_class = getattr(comfy.model_base, metadata["model_class"])
+    model_config = (config_class or UnlistedConfig)(json.loads(metadata["unet_config"]))
+    model = model_class(model_config, model_type=comfy.model_base.ModelType[metadata["model_type"]], device=device)
+    model.diffusion_model.load_state_dict(state)
+    model.diffusion_model.to(device=device, dtype=torch.float32)
+    model.model_sampling.to(device)
+
+    def denoiser(x: torch.Tensor, sigma: torch.Tensor, cond: dict) -> torch.Tensor:
+        return model.apply_model(x, sigma, **cond)
+
+    space = NoiseSpace.from_sigma_table("ve", model.model_sampling.sigmas)
+    return HeadlessNetwork(denoiser, model.diffusion_model, space, load_training_data(options["data"], device))
