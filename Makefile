@@ -6,7 +6,7 @@ export OMP_NUM_THREADS ?= 1
 WORKFLOW ?= workflows/stride_demo.json
 OUT ?= demo_out
 
-.PHONY: setup demo test bench bench-quick bench-gpu
+.PHONY: setup demo test bench bench-quick bench-gpu test-newest-host
 setup:
 	bash scripts/provision.sh
 
@@ -25,3 +25,9 @@ bench-quick: setup
 
 bench-gpu: setup
 	$(PY) -m bench.run --gpu
+
+# The host-facing tests against another ComfyUI work tree (e.g. the newest) in its own environment
+# (.cache/newest-host-venv); not part of `test`/CI. See scripts/test_newest_host.sh.
+test-newest-host:
+	@test -n "$(COMFYUI_NEWEST)" || { echo "usage: make test-newest-host COMFYUI_NEWEST=/path/to/ComfyUI"; exit 2; }
+	bash scripts/test_newest_host.sh $(COMFYUI_NEWEST)
