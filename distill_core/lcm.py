@@ -5,6 +5,7 @@ result to the next sigma with fresh noise (none when the next sigma is 0).
 """
 from __future__ import annotations
 
+import math
 from typing import Any, Callable
 
 import torch
@@ -16,15 +17,17 @@ from .spaces import NoiseSpace
 LCM_SIGMA_DATA = 0.5
 
 
-def lcm_boundary_scalings(timestep: Tensor | float, timestep_scaling: float = 10.0) -> tuple[Tensor, Tensor]:
+def lcm_boundary_scalings(timestep: Tensor | float, timestep_scaling: float = 10.0) -> tuple[Tensor | float, Tensor | float]:
     """``(c_skip, c_out)`` of LCM's boundary condition at training timestep(s) ``timestep``.
 
     With ``u = timestep_scaling * t``: ``c_skip = 0.25 / (u^2 + 0.25)``, ``c_out = u / sqrt(u^2 + 0.25)``
     (sigma_data 0.5). ``c_skip`` is below 1e-6 for t >= 50, so it only matters near the data end.
+    A Python number gives floats, a tensor float64 tensors.
     """
-    scaled = torch.as_tensor(timestep, dtype=torch.float64) * timestep_scaling
+    scaled = (float(timestep) if isinstance(timestep, (int, float)) else torch.as_tensor(timestep, dtype=torch.float64))
+    scaled = scaled * timestep_scaling
     denominator = scaled**2 + LCM_SIGMA_DATA**2
-    return LCM_SIGMA_DATA**2 / denominator, scaled / denominator.sqrt()
+    return LCM_SIGMA_DATA**2 / denominator, scaled / denominator**0.5
 
 
 def lcm_boundary_denoised(
@@ -36,6 +39,10 @@ def lcm_boundary_denoised(
     (``x = a x0 + b eps``), whatever the space's own scaling, and the timestep is the space's
     table timestep of ``sigma``. ``sigma`` may be a scalar or one value per batch element.
     """
+    if isinstance(sigma, float):  # one sigma for the whole batch: the samplers' per-step path, no tensors
+        c_skip, c_out = lcm_boundary_scalings(snapped_timestep(space, sigma), timestep_scaling)
+        a, b = space.scalar_coefficients(sigma)
+        return torch.add(x0 * c_out, x, alpha=c_skip / math.sqrt(a**2 + b**2))
     sigma = torch.as_tensor(sigma).detach().to("cpu", torch.float64)
     c_skip, c_out = lcm_boundary_scalings(snapped_timestep(space, sigma), timestep_scaling)
     a, b = space.coefficients(sigma)

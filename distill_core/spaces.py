@@ -15,6 +15,8 @@ ComfyUI's ``ModelSamplingDiscrete``.
 """
 from __future__ import annotations
 
+import bisect
+import math
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -80,15 +82,28 @@ class NoiseSpace:
             return torch.ones_like(sigma), sigma
         return 1 - sigma, sigma
 
+    def scalar_coefficients(self, sigma: float) -> tuple[float, float]:
+        """:meth:`coefficients` of one Python float, as floats (the samplers' per-step path: no tensors)."""
+        return (1.0, sigma) if self.kind == "ve" else (1.0 - sigma, sigma)
+
+    def _coefficients_for(self, sigma: Tensor | float, dtype: torch.dtype) -> tuple[Tensor | float, Tensor | float]:
+        """Coefficients ready to scale a tensor of ``dtype``: floats for a float sigma, else cast tensors."""
+        if isinstance(sigma, float):
+            return self.scalar_coefficients(sigma)
+        a, b = self.coefficients(sigma)
+        return a.to(dtype), b.to(dtype)
+
     def noise(self, x0: Tensor, eps: Tensor, sigma: Tensor | float) -> Tensor:
         """Put ``x0`` at noise level ``sigma`` with the given unit noise."""
-        a, b = self.coefficients(sigma)
-        return x0 * a.to(x0.dtype) + eps * b.to(x0.dtype)
+        a, b = self._coefficients_for(sigma, x0.dtype)
+        if isinstance(a, float):  # one fused multiply-add (and no scaling of x0 when a = 1, the VE case)
+            return torch.add(x0 if a == 1.0 else x0 * a, eps, alpha=b)
+        return x0 * a + eps * b
 
     def eps(self, x: Tensor, x0: Tensor, sigma: Tensor | float) -> Tensor:
         """The noise implied by a latent ``x`` at ``sigma`` and a prediction ``x0`` (sigma > 0)."""
-        a, b = self.coefficients(sigma)
-        return (x - x0 * a.to(x.dtype)) / b.to(x.dtype)
+        a, b = self._coefficients_for(sigma, x.dtype)
+        return (x - x0 * a) / b
 
     def renoise(self, x: Tensor, sigma_from: Tensor | float, sigma_to: Tensor | float, noise: Tensor) -> Tensor:
         """Forward-diffuse ``x`` from ``sigma_from`` to a noisier ``sigma_to`` with fresh unit noise.
@@ -96,6 +111,10 @@ class NoiseSpace:
         With ``x = a_f x0 + b_f eps`` the result is ``a_t x0 + b_t eps'`` in distribution:
         ``(a_t / a_f) x + sqrt(b_t^2 - (a_t b_f / a_f)^2) noise``.
         """
+        if isinstance(sigma_from, float) and isinstance(sigma_to, float):
+            (a_f, b_f), (a_t, b_t) = self.scalar_coefficients(sigma_from), self.scalar_coefficients(sigma_to)
+            ratio = a_t / a_f
+            return torch.add(x if ratio == 1.0 else x * ratio, noise, alpha=math.sqrt(max(b_t**2 - (ratio * b_f) ** 2, 0.0)))
         a_f, b_f = self.coefficients(sigma_from)
         a_t, b_t = self.coefficients(sigma_to)
         ratio = a_t / a_f
@@ -120,6 +139,29 @@ class NoiseSpace:
         w = t - low
         log_table = self.log_sigma_table
         return ((1 - w) * log_table[low] + w * log_table[high]).exp()
+
+    @cached_property
+    def _log_sigma_list(self) -> list[float]:
+        return self.log_sigma_table.tolist()
+
+    @cached_property
+    def _sigma_min(self) -> float:
+        return float(self.sigma_table[0])
+
+    def scalar_sigma_of(self, timestep: float) -> float:
+        """:meth:`sigma_of` of one Python number, as a float (no tensors)."""
+        t = min(max(float(timestep), 0.0), self.num_timesteps - 1.0)
+        low, high = math.floor(t), math.ceil(t)
+        w = t - low
+        return math.exp((1 - w) * self._log_sigma_list[low] + w * self._log_sigma_list[high])
+
+    def scalar_timestep_of(self, sigma: float) -> float:
+        """:meth:`timestep_of` of one Python float, as a float (no tensors)."""
+        logs = self._log_sigma_list
+        log_sigma = logs[0] if sigma <= self._sigma_min else math.log(sigma)
+        high = min(max(bisect.bisect_left(logs, log_sigma), 1), self.num_timesteps - 1)
+        low = high - 1
+        return low + min(max((log_sigma - logs[low]) / (logs[high] - logs[low]), 0.0), 1.0)
 
     def timestep_of(self, sigma: Tensor | float) -> Tensor:
         """Fractional training timestep of ``sigma`` (inverse of :meth:`sigma_of`)."""

@@ -16,6 +16,7 @@ import comfy.samplers
 import latent_preview
 
 from ..distill_core import lcm, schedules, tcd, tdd
+from ..distill_core.sampling_utils import all_finite
 from .compat import StrideError, model_sampling_in_sampler, model_sampling_of_patcher, noise_space
 
 CATEGORY = "stride/sampling"
@@ -31,7 +32,7 @@ def stride_ksampler(sample_fn: Callable[..., torch.Tensor], **options: Any) -> c
 
     def sampler(model, x, sigmas, extra_args=None, callback=None, disable=None):
         space = noise_space(model_sampling_in_sampler(model))
-        if not torch.isfinite(x).all():
+        if not all_finite(x):
             raise StrideError("latent_image: the latent contains NaN or inf values; check the nodes that produced it "
                               "(e.g. a VAE Encode of a broken image, or a latent math node).")
         return sample_fn(finite_output_model(model), x, sigmas, extra_args=extra_args, callback=callback,
@@ -46,7 +47,7 @@ def finite_output_model(model: Callable[..., torch.Tensor]) -> Callable[..., tor
 
     def checked(x: torch.Tensor, sigma: torch.Tensor, **extra_args: Any) -> torch.Tensor:
         denoised = model(x, sigma, **extra_args)
-        if not torch.isfinite(denoised).all():
+        if not all_finite(denoised):
             raise StrideError(f"model: the model returned NaN or inf values at sigma {float(sigma.reshape(-1)[0]):.4g}. "
                               "Its weights may be broken, or half precision overflowed: try another model file, or "
                               "run the model in fp32/bf16 (e.g. --force-fp32).")

@@ -53,3 +53,22 @@ def test_alpha_cumprod_inverts_the_sd_table():
 def test_bad_kind_is_refused():
     with pytest.raises(ValueError, match="kind"):
         NoiseSpace("edm", torch.ones(10))
+
+
+def test_scalar_paths_equal_the_tensor_paths(space):
+    """The samplers' per-step float paths (no tensors) give what the tensor methods give, edges included."""
+    sigma_min, sigma_max = float(space.sigma_table[0]), float(space.sigma_table[-1])
+    sigmas = [sigma_min * 0.5, sigma_min, *torch.linspace(sigma_min, sigma_max, 37).tolist()[1:-1],
+              float(space.sigma_table[500]), sigma_max, sigma_max * 2]
+    for sigma in sigmas:
+        assert space.scalar_timestep_of(sigma) == pytest.approx(float(space.timestep_of(sigma)), abs=1e-9)
+    for timestep in [-3.0, 0.0, 0.25, 17.0, 499.5, 998.9, 999.0, 1200.0]:
+        assert space.scalar_sigma_of(timestep) == pytest.approx(float(space.sigma_of(timestep)), rel=1e-12)
+    x, x0, noise = (torch.randn(2, 3, 4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(k))
+                    for k in range(3))
+    low, high = sigmas[5], sigmas[20]
+    tensor = torch.tensor
+    assert torch.allclose(space.noise(x0, noise, high), space.noise(x0, noise, tensor(high)), rtol=1e-14, atol=0)
+    assert torch.allclose(space.eps(x, x0, high), space.eps(x, x0, tensor(high)), rtol=1e-14, atol=0)
+    assert torch.allclose(space.renoise(x, low, high, noise), space.renoise(x, tensor(low), tensor(high), noise),
+                          rtol=1e-14, atol=1e-15)
