@@ -6,7 +6,9 @@ in total) driven by a stand-in network that returns precomputed GM outputs of th
 overhead of a 4-NFE run: policy construction, temperature and every substep. It is timed side by
 side with one forward of ComfyUI's own network classes with random weights at the latent size
 of each family: an SD1.5 UNet on a 4x64x64 latent (512 px) and FLUX.1's Flux on a 16x128x128
-latent (1024 px, 4096 image tokens + 256 text tokens). On CPU the networks are reduced where a
+latent (1024 px, 4096 image tokens + 256 text tokens). That is also pi-Qwen-Image's policy latent
+at 1024 px; pi-FLUX.2's is 32x128x128 (twice the values per substep, behind a larger network) and
+is not timed here. On CPU the networks are reduced where a
 full-size forward does not fit the time or memory of a run; the row says so. A reduced network
 is cheaper than the full one, so a ratio measured against it is an upper bound of the full-size
 ratio (nothing is extrapolated). The issue's goal: the 128 substeps cost <= 3% of one evaluation.

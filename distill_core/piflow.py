@@ -24,9 +24,14 @@ velocity is the policy's where the mask is 1 and, where it is 0, the straight-li
 towards the original latent, so the kept region stays the original latent noised to each
 substep's sigma and ends exactly at it.
 
+A policy may live on another arrangement of the sampler's latent: :class:`PackedLatentPolicy`
+runs one built on the unfolded latent (FLUX.2: 32 channels, where ComfyUI holds each 2x2 patch
+folded into 128 channels) on the folded latent, exactly.
+
 ``sample_piflow`` has the k-diffusion sampler shape, except that ``model(x, sigma)`` must
-return a policy object anchored at ``(x, sigma)`` (a :class:`GMPolicy` or :class:`DXPolicy`,
-or any object with ``velocity``, ``x0`` and ``denoised``) instead of a denoised tensor.
+return a policy object anchored at ``(x, sigma)`` (a :class:`GMPolicy`, :class:`DXPolicy` or
+:class:`PackedLatentPolicy`, or any object with ``velocity``, ``x0`` and ``denoised``, and
+optionally ``with_temperature``) instead of a denoised tensor.
 """
 from __future__ import annotations
 
@@ -35,6 +40,7 @@ from typing import Callable, Protocol
 
 import torch
 from torch import Tensor
+from torch.nn import functional as F
 from tqdm.auto import trange
 
 from .sampling_utils import NoiseSampler, default_noise_sampler
@@ -123,7 +129,11 @@ def _per_sample(sigma: Tensor | float, like: Tensor) -> Tensor:
 
 
 class Policy(Protocol):
-    """What ``sample_piflow`` needs from a policy anchored at its source point."""
+    """What ``sample_piflow`` needs from a policy anchored at its source point.
+
+    A policy with a temperature (GM) also has ``with_temperature(T) -> Policy``, see
+    :func:`with_temperature`.
+    """
 
     def velocity(self, x_t: Tensor, sigma_t: Tensor | float) -> Tensor: ...
 
@@ -296,6 +306,40 @@ class DXPolicy:
         return self.x0(self.x_src, self.sigma_src)
 
 
+def with_temperature(policy: Policy, temperature: float) -> Policy:
+    """``policy`` at GM temperature ``temperature``; policies without a temperature (DX) are returned as they are."""
+    cool = getattr(policy, "with_temperature", None)
+    return policy if cool is None else cool(temperature)
+
+
+class PackedLatentPolicy:
+    """A policy built on the unfolded latent, used on the folded latent a sampler holds.
+
+    ``inner`` is anchored at ``pixel_shuffle(x, factor)``: the latent whose ``factor`` x ``factor``
+    patches the sampler's latent ``x`` folds into channels in (c, p_y, p_x) order (FLUX.2: 32
+    channels at twice the resolution of ComfyUI's 128-channel latent, where its policy is
+    trained). Inputs are unfolded, outputs folded back; folding only permutes values, so a
+    rollout on the folded latent is the inner policy's rollout, folded.
+    """
+
+    def __init__(self, inner: Policy, factor: int) -> None:
+        self.inner = inner
+        self.factor = factor
+
+    def velocity(self, x_t: Tensor, sigma_t: Tensor | float) -> Tensor:
+        return F.pixel_unshuffle(self.inner.velocity(F.pixel_shuffle(x_t, self.factor), sigma_t), self.factor)
+
+    def x0(self, x_t: Tensor, sigma_t: Tensor | float) -> Tensor:
+        return F.pixel_unshuffle(self.inner.x0(F.pixel_shuffle(x_t, self.factor), sigma_t), self.factor)
+
+    @property
+    def denoised(self) -> Tensor:
+        return F.pixel_unshuffle(self.inner.denoised, self.factor)
+
+    def with_temperature(self, temperature: float) -> "PackedLatentPolicy":
+        return PackedLatentPolicy(with_temperature(self.inner, temperature), self.factor)
+
+
 # -- sampling -------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Inpainting:
@@ -307,6 +351,8 @@ class Inpainting:
     ``(1 - sigma) latent + sigma eps`` to ``(1 - sigma') latent + sigma' eps`` with the same
     ``eps``, so a kept region that starts as the noised original stays exactly that and ends
     at ``latent`` when sigma reaches 0. Masks between 0 and 1 blend the two velocities.
+    The blend is value by value, so it is the same on a folded latent (:class:`PackedLatentPolicy`)
+    as on the unfolded one, given a mask in the same arrangement as the latent.
     """
 
     latent: Tensor
@@ -377,7 +423,8 @@ def sample_piflow(
     length), ``shift`` is the time warp that defines raw time (3.2 for the released
     adapters), ``h`` the diffusion coefficient of the optional stochastic step (0 =
     deterministic), ``temperature`` the GM temperature for all steps but the last (a number
-    or ``"auto"``; ``>= 1`` leaves policies unchanged). ``callback`` gets the policy's x0 at
+    or ``"auto"``; ``>= 1`` leaves policies unchanged; applied to every policy that has a
+    temperature, see :func:`with_temperature`). ``callback`` gets the policy's x0 at
     the source as ``denoised``, once per step.
 
     Inpainting: with a ``denoise_mask`` (1 = generate, 0 = keep; or a function of the step's
@@ -398,8 +445,8 @@ def sample_piflow(
         sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
         sigma_batch = sigmas[i] * ones
         policy = model(x, sigma_batch, **extra_args)
-        if isinstance(policy, GMPolicy) and i < nfe - 1:
-            policy = policy.with_temperature(gm_temperature)
+        if i < nfe - 1:
+            policy = with_temperature(policy, gm_temperature)
         inpainting = None
         if denoise_mask is not None:
             mask = denoise_mask(sigma_batch) if callable(denoise_mask) else denoise_mask

@@ -41,7 +41,8 @@ model classes and their configs; Lakonik/ComfyUI-piFlow up to v1.3: its loaders)
   16-channel latents with p = 2 themselves. ComfyUI's FLUX.2 latent has 128 channels at
   patch 1: it is the 32-channel latent with each 2x2 patch folded into channels in
   (c, p_y, p_x) order, and the official pipeline runs the policy on the unfolded 32-channel
-  latent (:class:`PackedLatentPolicy` bridges the two).
+  latent (:func:`packing_factor` recognises the folding; ``distill_core.piflow.PackedLatentPolicy``
+  runs such a policy on the folded latent).
 
 Nothing here imports ComfyUI: the ComfyUI weight names are written out per family and
 checked against ComfyUI's classes (and diffusers' official converters) by the tests.
@@ -54,7 +55,6 @@ from dataclasses import dataclass
 from typing import Iterable, Mapping, Sequence
 
 from torch import Tensor
-from torch.nn import functional as F
 
 from .piflow import DX_GRID, DX_MODES
 
@@ -417,89 +417,15 @@ def unpack_dx_tokens(tokens_out: Tensor, grid_size: int, height: int, width: int
     return grid.permute(0, 3, 4, 1, 5, 2, 6).reshape(batch, grid_size, channels, height, width)
 
 
-# -- a policy on an unfolded latent, seen from the folded one (FLUX.2) ---------------------------
+# -- the policy latent inside the sampler's latent (FLUX.2) ----------------------------------------
 def packing_factor(policy_latent: Sequence[int], latent: Sequence[int]) -> int:
-    """``r`` if ``latent`` (C r r, H, W) is ``policy_latent`` (C, H r, W r) with each r x r patch folded
-    into channels (``pixel_unshuffle``), 1 if they are equal, 0 if they are unrelated."""
+    """``r`` if the image latent ``latent`` (C r r, H, W) is ``policy_latent`` (C, H r, W r) with each r x r
+    patch folded into channels (``pixel_unshuffle``), 1 if they are equal, 0 if they are unrelated."""
     policy_latent, latent = tuple(policy_latent), tuple(latent)
     if policy_latent == latent:
         return 1
-    if len(policy_latent) != len(latent) or len(latent) < 3 or latent[-1] == 0 or policy_latent[-1] % latent[-1]:
+    if len(policy_latent) != 3 or len(latent) != 3 or latent[-1] == 0 or policy_latent[-1] % latent[-1]:
         return 0
     factor = policy_latent[-1] // latent[-1]
-    folded = (policy_latent[0] * factor * factor, *policy_latent[1:-2], policy_latent[-2] // factor, latent[-1])
-    return factor if factor > 1 and policy_latent[-2] % factor == 0 and folded == latent else 0
-
-
-class PackedLatentPolicy:
-    """A pi-Flow policy of the unfolded latent, used on the folded latent a sampler holds.
-
-    ``inner`` was built on ``pixel_shuffle(x, factor)`` (e.g. FLUX.2's 32-channel latent from
-    ComfyUI's 128-channel one); inputs are unfolded, outputs folded back. Folding is a
-    permutation of the values, so the rollout is the inner policy's rollout exactly.
-    """
-
-    def __init__(self, inner, factor: int) -> None:
-        self.inner = inner
-        self.factor = factor
-
-    def velocity(self, x_t: Tensor, sigma_t: Tensor | float) -> Tensor:
-        return F.pixel_unshuffle(self.inner.velocity(F.pixel_shuffle(x_t, self.factor), sigma_t), self.factor)
-
-    def x0(self, x_t: Tensor, sigma_t: Tensor | float) -> Tensor:
-        return F.pixel_unshuffle(self.inner.x0(F.pixel_shuffle(x_t, self.factor), sigma_t), self.factor)
-
-    @property
-    def denoised(self) -> Tensor:
-        return F.pixel_unshuffle(self.inner.denoised, self.factor)
-
-    def with_temperature(self, temperature: float) -> "PackedLatentPolicy":
-        return PackedLatentPolicy(self.inner.with_temperature(temperature), self.factor)
-
-
-# -- transitional: FLUX.1 dimensions without ComfyUI --------------------------------------------
-# tests/host/test_piflow_nodes.py builds its FLUX.1 loader checks from these two; they can go once
-# those checks live in tests/host/test_piflow_loader.py (which covers all three families).
-@dataclass(frozen=True)
-class FluxShape:
-    """Dimensions of a FLUX.1 transformer (defaults: FLUX.1-dev)."""
-
-    hidden_size: int = 3072
-    depth: int = 19
-    depth_single_blocks: int = 38
-    mlp_ratio: float = 4.0
-    latent_channels: int = 16
-    patch_size: int = 2
-    context_in_dim: int = 4096
-    vec_in_dim: int = 768
-
-    @property
-    def mlp_hidden(self) -> int:
-        return int(self.hidden_size * self.mlp_ratio)
-
-    def weight_shapes(self) -> dict[str, tuple[int, int]]:
-        """(out, in) of each Linear weight of ComfyUI's Flux with these dimensions."""
-        h, mlp = self.hidden_size, self.mlp_hidden
-        shapes = {"img_in.weight": (h, self.latent_channels * self.patch_size**2),
-                  "txt_in.weight": (h, self.context_in_dim),
-                  "time_in.in_layer.weight": (h, 256), "time_in.out_layer.weight": (h, h),
-                  "guidance_in.in_layer.weight": (h, 256), "guidance_in.out_layer.weight": (h, h),
-                  "vector_in.in_layer.weight": (h, self.vec_in_dim), "vector_in.out_layer.weight": (h, h)}
-        for i in range(self.depth):
-            for stream in ("img", "txt"):
-                shapes.update({f"double_blocks.{i}.{stream}_attn.qkv.weight": (3 * h, h),
-                               f"double_blocks.{i}.{stream}_attn.proj.weight": (h, h),
-                               f"double_blocks.{i}.{stream}_mod.lin.weight": (6 * h, h),
-                               f"double_blocks.{i}.{stream}_mlp.0.weight": (mlp, h),
-                               f"double_blocks.{i}.{stream}_mlp.2.weight": (h, mlp)})
-        for i in range(self.depth_single_blocks):
-            shapes.update({f"single_blocks.{i}.linear1.weight": (3 * h + mlp, h),
-                           f"single_blocks.{i}.linear2.weight": (h, h + mlp),
-                           f"single_blocks.{i}.modulation.lin.weight": (3 * h, h)})
-        return shapes
-
-
-def flux_lora_targets(adapter: PiFlowAdapter,
-                      shape: FluxShape = FluxShape()) -> dict[str, tuple[ComfyTarget, Tensor, Tensor]]:
-    """:func:`lora_targets` on a FLUX.1 model of these dimensions."""
-    return lora_targets(adapter, FLUX1, shape.weight_shapes())
+    folded = (policy_latent[0] * factor * factor, policy_latent[1] // factor, latent[-1])
+    return factor if factor > 1 and policy_latent[1] % factor == 0 and folded == latent else 0

@@ -1,8 +1,8 @@
 """pi-Flow nodes: policy sampling, its schedule and an exact reference (adapters: :mod:`.piflow_loader`).
 
 A pi-Flow network outputs a *policy* once per step (a Gaussian mixture per latent location,
-"GM", or a grid of x0 predictions, "DX"); the sampler integrates it with many cheap substeps
-(``distill_core.piflow``). Inside ComfyUI a pi-Flow MODEL stays an ordinary flow model: its
+"GM", or x0 predictions on a time grid or as a polynomial in time, "DX"); the sampler
+integrates it with many cheap substeps (``distill_core.piflow``). Inside ComfyUI a pi-Flow MODEL stays an ordinary flow model: its
 network returns the policy's mean velocity (so ComfyUI's pipeline, previews and plain samplers
 work), and also deposits the full policy in a :class:`PolicyStash` that the Stride pi-Flow
 sampler puts into ``transformer_options`` for each model call. The stash is a plain object, not
@@ -16,10 +16,11 @@ from typing import Any, Callable
 
 import torch
 from torch import Tensor
+from torch.nn import functional as F
 
 import comfy.samplers
 
-from ..distill_core import piflow, teacher
+from ..distill_core import piflow, piflow_adapter, teacher
 from ..distill_core.spaces import NoiseSpace
 from .compat import StrideError, is_flow, model_sampling_of_patcher, sampling_kind
 from .reference import AnalyticModule, wrap_as_model
@@ -28,8 +29,9 @@ from .samplers import sample_with
 CATEGORY = "stride/piflow"
 STASH_KEY = "stride_piflow_stash"
 TEMPERATURE_MODES = ["auto", "manual"]
-NOT_A_PIFLOW_MODEL = ("model: this model did not output a pi-Flow policy. Load a FLUX.1 model with 'Stride pi-Flow "
-                      "Adapter Loader' (or use 'Stride pi-Flow Reference Teacher'); plain models need a plain sampler.")
+NOT_A_PIFLOW_MODEL = ("model: this model did not output a pi-Flow policy. Load a pi-Flow adapter onto its FLUX.1, "
+                      "FLUX.2 or Qwen-Image model with 'Stride pi-Flow Adapter Loader' (or use 'Stride pi-Flow Reference "
+                      "Teacher'); plain models need a plain sampler.")
 GUIDANCE_HINT = ("pi-Flow models have guidance distilled in: use BasicGuider (or CFGGuider with cfg 1.0) with one "
                  "positive conditioning (no negative prompt, areas or combined conditionings)")
 
@@ -65,7 +67,12 @@ class PolicyStash:
         self.outputs: list[PolicyOutput] = []
 
     def policy(self, x: Tensor, sigma: Tensor) -> piflow.Policy:
-        """The policy anchored at ``(x, sigma)``, from all deposited chunks in batch order."""
+        """The policy anchored at ``(x, sigma)``, from all deposited chunks in batch order.
+
+        A policy deposited for the unfolded latent of ``x`` (FLUX.2: 32 channels at twice the
+        resolution of ComfyUI's 128-channel latent) is built there and used through
+        :class:`distill_core.piflow.PackedLatentPolicy`.
+        """
         if not self.outputs:
             raise StrideError(NOT_A_PIFLOW_MODEL)
         rows = sum(output.rows for output in self.outputs)
@@ -77,12 +84,16 @@ class PolicyStash:
         if any((o.kind, o.segment_size, o.shift, o.mode) != settings for o in self.outputs):
             raise StrideError("model: one model call produced different kinds of pi-Flow policy")
         tensors = [torch.cat([o.tensors[i] for o in self.outputs]).to(x) for i in range(len(first.tensors))]
-        if tensors[0].shape[2:] != x.shape[1:]:
+        factor = piflow_adapter.packing_factor(tensors[0].shape[2:], x.shape[1:])
+        if not factor:
             raise StrideError(f"guider: the policy covers latents of shape {tuple(tensors[0].shape[2:])}, the batch is "
                               f"{tuple(x.shape[1:])}. {GUIDANCE_HINT}.")
+        source = F.pixel_shuffle(x, factor) if factor > 1 else x  # FLUX.2: the policy's unfolded latent
         if first.kind == "gm":
-            return piflow.GMPolicy.from_velocity(*tensors, x, sigma)
-        return piflow.DXPolicy.from_velocity(tensors[0], x, sigma, first.segment_size, first.shift, first.mode)
+            policy = piflow.GMPolicy.from_velocity(*tensors, source, sigma)
+        else:
+            policy = piflow.DXPolicy.from_velocity(tensors[0], source, sigma, first.segment_size, first.shift, first.mode)
+        return piflow.PackedLatentPolicy(policy, factor) if factor > 1 else policy
 
 
 def deposit_policy(transformer_options: dict, output: PolicyOutput) -> None:
@@ -180,14 +191,14 @@ SUBSTEP_INPUTS = {
                                                    "1 = DDPM-like fresh noise."}),
 }
 SHIFT_INPUT = ("FLOAT", {"default": piflow.DEFAULT_SHIFT, "min": 0.01, "max": 100.0, "step": 0.01,
-                         "tooltip": "Time shift sigma = s t / (1 + (s - 1) t) (3.2 for the released pi-FLUX.1 and "
-                                    "pi-Qwen-Image adapters). Use the same value in sampler and scheduler."})
+                         "tooltip": "Time shift sigma = s t / (1 + (s - 1) t) (3.2 for all released pi-FLUX.1, "
+                                    "pi-FLUX.2 and pi-Qwen-Image adapters). Use the same value in sampler and scheduler."})
 FINAL_SCALE_INPUT = ("FLOAT", {"default": piflow.DEFAULT_FINAL_STEP_SIZE_SCALE, "min": 0.01, "max": 1.0, "step": 0.01,
                                "tooltip": "Length of the last step relative to the others (authors' default 0.5)."})
 
 
 class StridePiFlowSampler:
-    DESCRIPTION = ("pi-Flow policy sampling: each step the model predicts a policy (GM mixture or DX grid), which is "
+    DESCRIPTION = ("pi-Flow policy sampling: each step the model predicts a policy (GM mixture or DX x0 terms), which is "
                    "integrated with cheap substeps to the next sigma. Needs a pi-Flow model (Stride pi-Flow Adapter "
                    "Loader) and the Stride pi-Flow Scheduler; use BasicGuider (guidance is distilled in). Inpaints "
                    "latents with a noise mask (Set Latent Noise Mask): the unmasked region is kept exactly.")
@@ -219,8 +230,8 @@ class StridePiFlowScheduler:
         return {"required": {
             "model": ("MODEL", {"tooltip": "The pi-Flow model (must be a flow-matching model)."}),
             "steps": ("INT", {"default": 4, "min": 1, "max": 1000,
-                              "tooltip": "Network evaluations; match the adapter (pi-FLUX.1 gmflux_k8_piid_4step: 4, "
-                                         "_8step: 8)."}),
+                              "tooltip": "Network evaluations; match the adapter (4 for the 4-step adapters such as "
+                                         "gmflux_k8_piid_4step, 8 for gmflux_k8_piid_8step)."}),
             "shift": SHIFT_INPUT,
             "final_step_size_scale": FINAL_SCALE_INPUT,
             "denoise": ("FLOAT", {"default": 1.0, "min": 0.01, "max": 1.0, "step": 0.01,
@@ -232,9 +243,10 @@ class StridePiFlowScheduler:
 
 
 class StridePiFlowSample:
-    DESCRIPTION = ("One node for pi-Flow sampling (pi-FLUX.1, or the reference teacher): the pi-Flow schedule and "
-                   "policy sampler through ComfyUI's own sampling path (progress bar, previews, Cancel), "
-                   "guidance 1 (distilled in). For FLUX.1 adapters keep the Flux guidance at 3.5.")
+    DESCRIPTION = ("One node for pi-Flow sampling (pi-FLUX.1, pi-FLUX.2 and pi-Qwen-Image adapters, or the reference "
+                   "teacher): the pi-Flow schedule and policy sampler through ComfyUI's own sampling path (progress "
+                   "bar, previews, Cancel), guidance 1 (distilled in). Keep the Flux guidance of the conditioning at "
+                   "3.5 for FLUX.1 and 4.0 for FLUX.2 adapters.")
     CATEGORY = CATEGORY
     RETURN_TYPES = ("LATENT",)
     RETURN_NAMES = ("latent",)

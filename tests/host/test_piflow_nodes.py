@@ -1,48 +1,20 @@
-"""pi-Flow nodes inside a real ComfyUI: exact on the reference teacher, released-adapter layout on a
-tiny FLUX.1 built from ComfyUI's own classes, and clear refusals of wrong inputs."""
+"""pi-Flow nodes inside a real ComfyUI: exact on the reference teacher (plain, img2img and inpainting),
+and clear refusals of wrong inputs. Released adapters on ComfyUI's own FLUX.1, FLUX.2 and Qwen-Image
+classes: tests/host/test_piflow_loader.py."""
 from __future__ import annotations
 
-import importlib.util
-import logging
-import pickle
-import re
 import sys
-from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from torch.nn import functional as F
 
 from distill_core.piflow import substep_sigmas
-from distill_core.piflow_adapter import DX_POLICY, FluxShape, flux_lora_targets, parse_piflow_adapter
 from distill_core.spaces import NoiseSpace
 
 SEED = 5
 BATCH = 4
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def _adapter_builders():
-    """The unit tests' builder of adapters with the official key layout (one definition of that layout)."""
-    spec = importlib.util.spec_from_file_location("piflow_adapter_builders", ROOT / "tests/unit/test_piflow_adapter.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-BUILDERS = _adapter_builders()
-TINY = BUILDERS.SMALL  # hidden 64, 2 double + 3 single blocks, context 32, vec 16
-TINY_FLUX = dict(image_model="flux", in_channels=16, out_channels=16, vec_in_dim=TINY.vec_in_dim,
-                 context_in_dim=TINY.context_in_dim, hidden_size=TINY.hidden_size, mlp_ratio=TINY.mlp_ratio, num_heads=2,
-                 depth=TINY.depth, depth_single_blocks=TINY.depth_single_blocks, axes_dim=[8, 12, 12], theta=10000,
-                 patch_size=2, qkv_bias=True, guidance_embed=True)
-ADAPTERS = {
-    "pi_tiny_gm.safetensors": (BUILDERS.official_adapter(TINY), BUILDERS.GM_METADATA),
-    "pi_tiny_dx.safetensors": (BUILDERS.official_adapter(TINY, kind=DX_POLICY, components=10), BUILDERS.DX_METADATA),
-    "pi_wide_gm.safetensors": (BUILDERS.official_adapter(FluxShape(hidden_size=128, depth=2, depth_single_blocks=3,
-                                                                   context_in_dim=32, vec_in_dim=16)), None),
-    "plain_lora.safetensors": ({k: v for k, v in BUILDERS.official_adapter(TINY).items() if "lora" in k}, None),
-}
 
 
 def piflow_module(comfy_host):
@@ -262,164 +234,27 @@ def test_policy_output_carries_the_dx_mode(comfy_host):
         stash.policy(torch.cat([x, x[:1]]), torch.full((3,), 0.7))
 
 
-# ------------------------------------------------------------------------------------------
-# (b) released adapter layout on a tiny FLUX.1 made of ComfyUI's own classes
-# ------------------------------------------------------------------------------------------
-def build_tiny_flux():
-    """A FLUX.1-architecture MODEL (ComfyUI's Flux classes) with random weights, plus a matching CONDITIONING."""
-    import comfy.model_base
-    import comfy.model_management
-    import comfy.model_patcher
-    import comfy.supported_models
-
-    config = comfy.supported_models.Flux(dict(TINY_FLUX))
-    config.set_inference_dtype(torch.float32, None)
-    base = comfy.model_base.Flux(config, device="cpu")
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for parameter in base.diffusion_model.parameters():
-            parameter.copy_(0.1 * torch.randn(parameter.shape, generator=generator))
-    model = comfy.model_patcher.ModelPatcher(base, load_device=comfy.model_management.get_torch_device(),
-                                             offload_device=comfy.model_management.unet_offload_device())
-    context = torch.randn((1, 6, TINY.context_in_dim), generator=generator)
-    pooled = torch.randn((1, TINY.vec_in_dim), generator=generator)
-    return model, [[context, {"pooled_output": pooled, "guidance": 3.5}]]
-
-
-@pytest.fixture(scope="module")
-def tiny_flux(comfy_host):
-    """The tiny FLUX.1 as a graph node, and adapter files (good and bad) in the host's models/loras."""
-    model, conditioning = build_tiny_flux()
-
-    class TestTinyFlux:
-        CATEGORY = "testing"
-        RETURN_TYPES = ("MODEL", "CONDITIONING")
-        FUNCTION = "load"
-
-        @classmethod
-        def INPUT_TYPES(cls):
-            return {"required": {}}
-
-        def load(self):
-            return model, conditioning
-
-    loras = Path(comfy_host.folder_paths.get_folder_paths("loras")[0])
-    for name, (state_dict, metadata) in ADAPTERS.items():
-        save_file({k: v.contiguous() for k, v in state_dict.items()}, str(loras / name), metadata=metadata)
-    torch.save({"weights": torch.zeros(2)}, loras / "pickled.pt")
-    torch.save({"weights": torch.zeros(2)}, loras / "pickled_renamed.safetensors")
-    comfy_host.folder_paths.filename_list_cache.clear()
-    comfy_host.nodes.NODE_CLASS_MAPPINGS["TestTinyFlux"] = TestTinyFlux
-    yield model, conditioning
-    del comfy_host.nodes.NODE_CLASS_MAPPINGS["TestTinyFlux"]
-
-
-def flux_forward(model, conditioning, transformer_options: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """One network call through ComfyUI's model loading and BaseModel.apply_model: (x, denoised)."""
-    import comfy.model_management
-
-    comfy.model_management.load_models_gpu([model])
-    context, extras = conditioning[0]
-    x = torch.randn((2, 16, 8, 8), generator=torch.Generator().manual_seed(1))
-    sigma = torch.full((2,), 0.7)
-    denoised = model.model.apply_model(x, sigma, c_crossattn=context.repeat(2, 1, 1), y=extras["pooled_output"].repeat(2, 1),
-                                       guidance=torch.full((2,), 3.5), transformer_options=transformer_options or {})
-    return x, denoised
-
-
-def flux_sample_graph(adapter: str) -> dict:
-    return {
-        "flux": {"class_type": "TestTinyFlux", "inputs": {}},
-        "adapter": {"class_type": "StridePiFlowAdapterLoader", "inputs": {
-            "model": ["flux", 0], "adapter_name": adapter, "strength": 1.0}},
-        "latent": {"class_type": "EmptySD3LatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 2}},
-        "run": {"class_type": "StridePiFlowSample", "inputs": {
-            "model": ["adapter", 0], "positive": ["flux", 1], "latent_image": ["latent", 0], "steps": 4, "substeps": 128,
-            "diffusion_coefficient": 0.0, "shift": 3.2, "final_step_size_scale": 0.5, "temperature": "auto",
-            "manual_temperature": 1.0, "seed": SEED, "denoise": 1.0}},
-        "save": {"class_type": "SaveLatent", "inputs": {"samples": ["run", 0], "filename_prefix": "piflux"}},
-    }
-
-
-class WarningRecorder(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__(logging.WARNING)
-        self.messages: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.messages.append(record.getMessage())
-
-
-@pytest.mark.parametrize("adapter", ["pi_tiny_gm.safetensors", "pi_tiny_dx.safetensors"])
-def test_adapter_loads_every_key_and_samples_in_the_host(comfy_host, tiny_flux, adapter):
-    model, conditioning = tiny_flux
-    state_dict, metadata = ADAPTERS[adapter]
-    parsed = parse_piflow_adapter(state_dict, metadata)
-    _, before = flux_forward(model, conditioning)
-
-    patched = comfy_host.nodes.NODE_CLASS_MAPPINGS["StridePiFlowAdapterLoader"]().load(model, adapter, 1.0)[0]
-    expected = {f"diffusion_model.{target.key}" for target, _, _ in flux_lora_targets(parsed, TINY).values()}
-    assert set(patched.patches) == expected
-    assert sum(len(entries) for entries in patched.patches.values()) == len(parsed.lora) == 16
-    assert not model.patches and not model.object_patches, "the input MODEL is not modified"
-
-    # the network outputs the policy's mean velocity: ComfyUI's denoised x0 is the policy's x0 at the source
+def test_stash_builds_flux2_policies_on_the_unfolded_latent(comfy_host):
+    """A policy for the 32-channel latent of a 128-channel batch is built there and used folded; a policy
+    of an unrelated shape is refused."""
     piflow_nodes = piflow_module(comfy_host)
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(2, 128, 2, 3, generator=g)
+    means, logweights = torch.randn(2, 3, 32, 4, 6, generator=g), torch.randn(2, 3, 1, 4, 6, generator=g)
+    logstds = torch.full((2, 1, 1, 1, 1), -0.5)
     stash = piflow_nodes.PolicyStash()
-    x, denoised = flux_forward(patched, conditioning, {"wrappers": patched.wrappers, piflow_nodes.STASH_KEY: stash})
+    stash.outputs.append(piflow_nodes.PolicyOutput("gm", (means, logweights, logstds)))
     policy = stash.policy(x, torch.full((2,), 0.7))
-    torch.testing.assert_close(policy.denoised, denoised, atol=1e-4, rtol=1e-5)
-    assert (denoised - before).abs().max() > 1e-2, "the adapter changes the model"
-
-    recorder = WarningRecorder()
-    logging.getLogger().addHandler(recorder)
-    try:
-        samples = run_latent(comfy_host, flux_sample_graph(adapter))
-    finally:
-        logging.getLogger().removeHandler(recorder)
-    assert samples.shape == (2, 16, 8, 8) and torch.isfinite(samples).all()
-    assert not [m for m in recorder.messages if "lora" in m.lower() or "not loaded" in m.lower()], recorder.messages
-
-    _, after = flux_forward(model, conditioning)
-    assert torch.equal(before, after), "the input MODEL gives the same output after the adapter model ran"
+    inner = piflow_nodes.piflow.GMPolicy.from_velocity(means, logweights, logstds, F.pixel_shuffle(x, 2), 0.7)
+    assert isinstance(policy, piflow_nodes.piflow.PackedLatentPolicy) and policy.factor == 2
+    torch.testing.assert_close(policy.denoised, F.pixel_unshuffle(inner.denoised, 2))
+    with pytest.raises(piflow_nodes.StrideError, match="guider: the policy covers latents of shape"):
+        stash.policy(torch.randn(2, 64, 2, 3), torch.full((2,), 0.7))
 
 
 # ------------------------------------------------------------------------------------------
-# (c) refusals
+# (b) refusals
 # ------------------------------------------------------------------------------------------
-def loader_graph(adapter: str, model: dict | None = None) -> dict:
-    graph = flux_sample_graph(adapter)
-    if model is not None:
-        graph["other"] = model
-        graph["adapter"]["inputs"]["model"] = ["other", 0]
-    return graph
-
-
-@pytest.mark.parametrize("adapter", ["pickled.pt", "pickled_renamed.safetensors"])
-def test_pickle_files_are_refused_before_unpickling(comfy_host, tiny_flux, monkeypatch, adapter):
-    calls = []
-    for owner, name in ((torch, "load"), (pickle, "load"), (pickle, "loads"), (pickle, "Unpickler")):
-        monkeypatch.setattr(owner, name, lambda *args, _name=name, **kwargs: calls.append(_name))
-    message = run_error(comfy_host, loader_graph(adapter))
-    assert not calls, f"unpickling was attempted: {calls}"
-    assert "adapter_name" in message and ("safetensors" in message or "pickle" in message), message
-
-
-@pytest.mark.parametrize("adapter, expected", [
-    ("plain_lora.safetensors", "not a pi-Flow adapter"),
-    ("pi_wide_gm.safetensors", "'pi_wide_gm.safetensors'.*another model"),
-])
-def test_wrong_adapter_files_are_refused_by_name(comfy_host, tiny_flux, adapter, expected):
-    message = run_error(comfy_host, loader_graph(adapter))
-    assert re.search(expected, message), message
-
-
-def test_adapter_on_a_non_flux_model_is_refused(comfy_host, tiny_flux):
-    message = run_error(comfy_host, loader_graph("pi_tiny_gm.safetensors",
-                                                 {"class_type": "StridePiFlowReferenceModel", "inputs": {}}))
-    assert "FLUX.1 model" in message
-
-
 def test_cfg_above_one_gives_the_guidance_message(comfy_host):
     message = run_error(comfy_host, reference_graph(2, guider="CFGGuider 2.0"))
     assert "guidance distilled in" in message and "BasicGuider" in message
@@ -431,6 +266,7 @@ def test_plain_flow_model_is_not_a_piflow_model(comfy_host):
                                                               "flow_map_steps": 8}}
     message = run_error(comfy_host, reference_graph(2, model=plain))
     assert "did not output a pi-Flow policy" in message and "Adapter Loader" in message
+    assert "FLUX.1, FLUX.2 or Qwen-Image" in message
 
 
 def test_scheduler_refuses_eps_models(comfy_host):

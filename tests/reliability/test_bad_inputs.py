@@ -328,13 +328,17 @@ CASES = [
     Case("piflow_sample_on_plain_flow_model", "Stride pi-Flow Sample", "a flow model without a pi-Flow adapter",
          piflow_on(reference_model("flow")), "execution", ("model", "did not output a pi-Flow policy"),
          "Load the model through Stride pi-Flow Adapter Loader; plain models need a plain sampler."),
-    Case("piflow_adapter_on_non_flux", "Stride pi-Flow Adapter Loader", "a non-FLUX.1 model (the reference teacher)",
-         piflow_on(PIFLOW_REFERENCE, adapter="reliability_tiny_gm.safetensors"), "execution", ("model", "FLUX.1"),
-         "pi-FLUX.1 adapters load onto FLUX.1 dev (Load Diffusion Model).", needs=("flux",)),
-    Case("piflow_adapter_for_other_width", "Stride pi-Flow Adapter Loader", "an adapter made for a wider FLUX model",
+    Case("piflow_adapter_on_non_flux", "Stride pi-Flow Adapter Loader",
+         "a model of no pi-Flow family (the reference teacher)",
+         piflow_on(PIFLOW_REFERENCE, adapter="reliability_tiny_gm.safetensors"), "execution",
+         ("model", "FLUX.1", "FLUX.2", "Qwen-Image"),
+         "pi-Flow adapters load onto their base model: pi-FLUX.1 onto FLUX.1 dev, pi-FLUX.2 onto FLUX.2 dev, "
+         "pi-Qwen-Image onto Qwen-Image (Load Diffusion Model).", needs=("flux",)),
+    Case("piflow_adapter_for_other_width", "Stride pi-Flow Adapter Loader", "an adapter made for a wider FLUX.1 model",
          piflow_on(TINY_FLUX, adapter="reliability_wide_gm.safetensors"), "execution",
          ("adapter_name", "reliability_wide_gm.safetensors"),
-         "Use the adapter released for this base model (e.g. gmflux for FLUX.1 dev).", needs=("flux",)),
+         "Use the adapter released for this base model (gmflux / dxflux for FLUX.1 dev, gmflux2 for FLUX.2 dev, "
+         "gmqwen / dxqwen for Qwen-Image).", needs=("flux",)),
     Case("hybrid_pair_with_different_latents", "Stride Hybrid Sample",
          "a distilled model with another latent format (FLUX.1 with an SD1.5-format base)",
          changed(hybrid(), distilled=TINY_FLUX), "execution", ("distilled_model", "latent format", "share one VAE"),
@@ -590,8 +594,8 @@ def context(fault_host, tmp_path_factory) -> Context:
 
 
 def piflow_test_module():
-    """tests/host/test_piflow_nodes.py: its tiny FLUX.1 builder and adapter files (one definition of them)."""
-    spec = importlib.util.spec_from_file_location("piflow_host_tests", ROOT / "tests/host/test_piflow_nodes.py")
+    """tests/host/test_piflow_loader.py: its tiny FLUX.1 builder and adapter files (one definition of them)."""
+    spec = importlib.util.spec_from_file_location("piflow_loader_tests", ROOT / "tests/host/test_piflow_loader.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -603,7 +607,7 @@ def tiny_flux(context):
     from safetensors.torch import save_file
 
     piflow_tests = piflow_test_module()
-    model, conditioning = piflow_tests.build_tiny_flux()
+    model, conditioning = piflow_tests.tiny_model("FLUX.1")
 
     class ReliabilityTinyFlux:
         CATEGORY = "testing"
@@ -617,9 +621,10 @@ def tiny_flux(context):
         def load(self):
             return model, conditioning
 
-    for ours, theirs in (("reliability_tiny_gm", "pi_tiny_gm"), ("reliability_wide_gm", "pi_wide_gm"),
-                         ("reliability_plain_lora", "plain_lora")):
-        state, metadata = piflow_tests.ADAPTERS[f"{theirs}.safetensors"]
+    for ours, theirs in (("reliability_tiny_gm", piflow_tests.adapter_file("FLUX.1", piflow_tests.GM)),
+                         ("reliability_wide_gm", piflow_tests.WIDE_ADAPTER),
+                         ("reliability_plain_lora", piflow_tests.PLAIN_LORA)):
+        state, metadata = piflow_tests.ADAPTERS[theirs]
         save_file({k: v.contiguous() for k, v in state.items()}, str(context.loras / f"{ours}.safetensors"), metadata)
     context.rescan()
     nodes = context.host.nodes.NODE_CLASS_MAPPINGS

@@ -5,12 +5,14 @@ import math
 
 import pytest
 import torch
+from torch.nn import functional as F
 
 from distill_core.piflow import (
     DX_POLYNOMIAL,
     DXPolicy,
     GMPolicy,
     Inpainting,
+    PackedLatentPolicy,
     piflow_sigmas,
     resolve_temperature,
     rollout,
@@ -19,6 +21,7 @@ from distill_core.piflow import (
     substep_sigmas,
     unwarp_sigma,
     warp_time,
+    with_temperature,
 )
 from distill_core.spaces import NoiseSpace
 from distill_core.teacher import FactorizedMixture
@@ -490,3 +493,71 @@ def test_soft_masks_stochastic_steps_and_mask_functions_match_the_official_loop(
                                latent.masked_select((mask == 0).expand_as(noise)), atol=1e-12, rtol=0)
     with pytest.raises(ValueError, match="latent_image"):
         sample_piflow(exact_policy(teacher), noise, sigmas, denoise_mask=mask, disable=True)
+
+
+# -- a policy of the unfolded latent on the folded one (FLUX.2) --------------------------------------
+def unfold(x):
+    return F.pixel_shuffle(x, 2)
+
+
+def fold(x):
+    return F.pixel_unshuffle(x, 2)
+
+
+def folded_gm_setup(seed=20):
+    """A GM network output on a 32-channel 6x8 latent (FLUX.2's policy latent) and a 128-channel 3x4 latent."""
+    g = torch.Generator().manual_seed(seed)
+    means = torch.randn(2, 8, 32, 6, 8, generator=g, dtype=F64)
+    logweights = torch.randn(2, 8, 1, 6, 8, generator=g, dtype=F64)
+    logstds = torch.full((2, 1, 1, 1, 1), -1.0, dtype=F64)
+    x = torch.randn(2, 128, 3, 4, generator=g, dtype=F64)
+    return means, logweights, logstds, x, g
+
+
+def test_packed_latent_policy_is_the_unfolded_policy():
+    means, logweights, logstds, x, g = folded_gm_setup()
+    inner = GMPolicy.from_velocity(means, logweights, logstds, unfold(x), 0.8)
+    policy = PackedLatentPolicy(inner, 2)
+    x_t = x + 0.1 * torch.randn(x.shape, generator=g, dtype=F64)
+    torch.testing.assert_close(policy.velocity(x_t, 0.6), fold(inner.velocity(unfold(x_t), 0.6)))
+    torch.testing.assert_close(policy.x0(x_t, 0.6), fold(inner.x0(unfold(x_t), 0.6)))
+    torch.testing.assert_close(policy.denoised, fold(inner.denoised))
+    cooled = with_temperature(policy, 0.3)
+    assert isinstance(cooled, PackedLatentPolicy)
+    torch.testing.assert_close(cooled.x0(x_t, 0.6), fold(inner.with_temperature(0.3).x0(unfold(x_t), 0.6)))
+    # DX has no temperature: unchanged, also inside the wrapper
+    dx = DXPolicy.from_velocity(means[:, :3], unfold(x), 0.8, 1 / 3.5)
+    assert with_temperature(dx, 0.3) is dx and with_temperature(PackedLatentPolicy(dx, 2), 0.3).inner is dx
+    # the per-location mixture is not a mixture over the folded channels: the folded policy differs
+    folded_weights = fold(logweights.flatten(0, 1)).view(2, 8, 4, 3, 4)[:, :, :1]
+    naive = GMPolicy.from_velocity(fold(means.flatten(0, 1)).view(2, 8, 128, 3, 4), folded_weights, logstds, x, 0.8)
+    assert (naive.velocity(x_t, 0.6) - policy.velocity(x_t, 0.6)).abs().max() > 1e-3
+
+
+def test_sampling_on_the_folded_latent_is_the_unfolded_sampling():
+    """4 NFE with "auto" temperature (0.3 on the first three steps) and an inpainting mask at the folded
+    resolution (ComfyUI prepares it at the latent's size): the folded run is the unfolded run, folded, with
+    the mask upsampled to the 2x2 patches it covers."""
+    means, logweights, logstds, x, g = folded_gm_setup(seed=21)
+    latent = torch.randn(x.shape, generator=g, dtype=F64)
+    mask = torch.zeros(2, 1, 3, 4, dtype=F64)
+    mask[..., :, :2] = 1
+
+    def unfolded_model(x_src, sigma):
+        return GMPolicy.from_velocity(means, logweights, logstds, x_src, sigma)
+
+    def folded_model(x_src, sigma):
+        return PackedLatentPolicy(unfolded_model(unfold(x_src), sigma), 2)
+
+    sigmas = piflow_sigmas(4)
+    got = sample_piflow(folded_model, x, sigmas, temperature="auto", latent_image=latent, denoise_mask=mask, disable=True)
+    unfolded_mask = mask.repeat_interleave(2, dim=-2).repeat_interleave(2, dim=-1)
+    want = sample_piflow(unfolded_model, unfold(x), sigmas, temperature="auto", latent_image=unfold(latent),
+                         denoise_mask=unfolded_mask, disable=True)
+    error = float((got - fold(want)).abs().max())
+    print(f"folded vs unfolded 4-NFE sampling, auto temperature, masked: max |diff| = {error:.1e}")
+    assert error < 1e-12
+    kept = (mask == 0).expand_as(x)
+    assert float((got - latent).masked_select(kept).abs().max()) < 1e-12
+    warm = sample_piflow(folded_model, x, sigmas, temperature=1.0, latent_image=latent, denoise_mask=mask, disable=True)
+    assert (warm - got).abs().max() > 1e-3, "the temperature reaches the wrapped policy"

@@ -12,7 +12,6 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from distill_core.piflow import GMPolicy
 from distill_core.piflow_adapter import (
     DX_POLICY,
     FAMILIES,
@@ -20,11 +19,8 @@ from distill_core.piflow_adapter import (
     FLUX2,
     GM_POLICY,
     QWEN_IMAGE,
-    FluxShape,
-    PackedLatentPolicy,
     check_head,
     families_of,
-    flux_lora_targets,
     lora_targets,
     packing_factor,
     parse_piflow_adapter,
@@ -34,6 +30,49 @@ from distill_core.piflow_adapter import (
 )
 
 COMFYUI = Path(__file__).resolve().parents[2] / ".cache" / "ComfyUI"
+
+
+@dataclasses.dataclass(frozen=True)
+class FluxShape:
+    """Dimensions of a FLUX.1 transformer (defaults: FLUX.1-dev) and its Linear weight shapes in ComfyUI's
+    Flux, written out so the mapping tests run without ComfyUI (checked against ComfyUI's full-size Flux
+    in test_flux1_map_agrees_with_comfyui_key_map)."""
+
+    hidden_size: int = 3072
+    depth: int = 19
+    depth_single_blocks: int = 38
+    mlp_ratio: float = 4.0
+    latent_channels: int = 16
+    patch_size: int = 2
+    context_in_dim: int = 4096
+    vec_in_dim: int = 768
+
+    @property
+    def mlp_hidden(self) -> int:
+        return int(self.hidden_size * self.mlp_ratio)
+
+    def weight_shapes(self) -> dict[str, tuple[int, int]]:
+        """(out, in) of each Linear weight of ComfyUI's Flux with these dimensions."""
+        h, mlp = self.hidden_size, self.mlp_hidden
+        shapes = {"img_in.weight": (h, self.latent_channels * self.patch_size**2),
+                  "txt_in.weight": (h, self.context_in_dim),
+                  "time_in.in_layer.weight": (h, 256), "time_in.out_layer.weight": (h, h),
+                  "guidance_in.in_layer.weight": (h, 256), "guidance_in.out_layer.weight": (h, h),
+                  "vector_in.in_layer.weight": (h, self.vec_in_dim), "vector_in.out_layer.weight": (h, h)}
+        for i in range(self.depth):
+            for stream in ("img", "txt"):
+                shapes.update({f"double_blocks.{i}.{stream}_attn.qkv.weight": (3 * h, h),
+                               f"double_blocks.{i}.{stream}_attn.proj.weight": (h, h),
+                               f"double_blocks.{i}.{stream}_mod.lin.weight": (6 * h, h),
+                               f"double_blocks.{i}.{stream}_mlp.0.weight": (mlp, h),
+                               f"double_blocks.{i}.{stream}_mlp.2.weight": (h, mlp)})
+        for i in range(self.depth_single_blocks):
+            shapes.update({f"single_blocks.{i}.linear1.weight": (3 * h + mlp, h),
+                           f"single_blocks.{i}.linear2.weight": (h, h + mlp),
+                           f"single_blocks.{i}.modulation.lin.weight": (3 * h, h)})
+        return shapes
+
+
 SMALL = FluxShape(hidden_size=64, depth=2, depth_single_blocks=3, mlp_ratio=4.0, context_in_dim=32, vec_in_dim=16)
 GM_METADATA = {"policy_config": json.dumps({"type": "GMFlow"})}
 DX_METADATA = {"policy_config": json.dumps({"segment_size": 1 / 3.5, "shift": 3.2, "type": "DX"})}
@@ -248,7 +287,7 @@ def test_wrong_family_is_recognised():
 # -- ComfyUI mapping ---------------------------------------------------------------------------
 def test_lora_targets_and_fit_checks():
     adapter = parse_piflow_adapter(official_adapter(), GM_METADATA)
-    targets = flux_lora_targets(adapter, SMALL)
+    targets = lora_targets(adapter, FLUX1, SMALL.weight_shapes())
     assert set(targets) == set(adapter.lora)
     target, down, up = targets["single_transformer_blocks.1.proj_mlp"]
     assert target.key == "single_blocks.1.linear1.weight" and target.rows == (3 * 64, 256)
@@ -256,9 +295,9 @@ def test_lora_targets_and_fit_checks():
     assert targets["time_text_embed.timestep_embedder.linear_1"][0].key == "time_in.in_layer.weight"
     # the same adapter on a wider or shallower model is refused
     with pytest.raises(ValueError, match="do not fit.*another model"):
-        flux_lora_targets(adapter, FluxShape(hidden_size=128, depth=2, depth_single_blocks=3))
+        lora_targets(adapter, FLUX1, FluxShape(hidden_size=128, depth=2, depth_single_blocks=3).weight_shapes())
     with pytest.raises(ValueError, match="no counterpart in this FLUX.1 model"):
-        flux_lora_targets(adapter, FluxShape(hidden_size=64, depth=1, depth_single_blocks=3))
+        lora_targets(adapter, FLUX1, FluxShape(hidden_size=64, depth=1, depth_single_blocks=3).weight_shapes())
     with pytest.raises(ValueError, match="not a Linear layer"):
         FLUX1.comfy_target("transformer_blocks.0.attn.norm_q", SMALL.weight_shapes())
     with pytest.raises(ValueError, match="not a Linear layer"):  # the head replaces these layers: no LoRA there
@@ -447,27 +486,4 @@ def test_packing_factor():
     assert packing_factor((32, 8, 12), (64, 4, 6)) == 0
     assert packing_factor((16, 8, 8), (16, 4, 4)) == 0
     assert packing_factor((32, 7, 12), (128, 4, 6)) == 0
-
-
-def test_packed_latent_policy_is_the_unfolded_policy():
-    """A GM policy on FLUX.2's unfolded latent, used on the folded latent: same rollout, folded."""
-    g = torch.Generator().manual_seed(2)
-    x = torch.randn(2, 128, 3, 4, generator=g, dtype=torch.float64)
-    unfolded = F.pixel_shuffle(x, 2)
-    means = torch.randn(2, 8, 32, 6, 8, generator=g, dtype=torch.float64)
-    logweights = torch.randn(2, 8, 1, 6, 8, generator=g, dtype=torch.float64)
-    inner = GMPolicy.from_velocity(means, logweights, torch.full((2, 1, 1, 1, 1), -1.0, dtype=torch.float64),
-                                   unfolded, 0.8)
-    policy = PackedLatentPolicy(inner, 2)
-    x_t = x + 0.1 * torch.randn(x.shape, generator=g, dtype=torch.float64)
-    unfold, fold = (lambda t: F.pixel_shuffle(t, 2)), (lambda t: F.pixel_unshuffle(t, 2))
-    torch.testing.assert_close(policy.velocity(x_t, 0.6), fold(inner.velocity(unfold(x_t), 0.6)))
-    torch.testing.assert_close(policy.denoised, fold(inner.denoised))
-    cooled = policy.with_temperature(0.3)
-    assert isinstance(cooled, PackedLatentPolicy)
-    torch.testing.assert_close(cooled.x0(x_t, 0.6), fold(inner.with_temperature(0.3).x0(unfold(x_t), 0.6)))
-    # the per-location mixture is not a mixture over the folded channels: the folded policy differs
-    folded_weights = fold(logweights.flatten(0, 1)).view(2, 8, 4, 3, 4)[:, :, :1]
-    naive = GMPolicy.from_velocity(fold(means.flatten(0, 1)).view(2, 8, 128, 3, 4), folded_weights,
-                                   torch.full((2, 1, 1, 1, 1), -1.0, dtype=torch.float64), x, 0.8)
-    assert (naive.velocity(x_t, 0.6) - policy.velocity(x_t, 0.6)).abs().max() > 1e-3
+    assert packing_factor((32, 1, 8, 12), (128, 1, 4, 6)) == 0  # only image latents are folded
