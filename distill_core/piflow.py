@@ -239,8 +239,8 @@ class DXPolicy:
       polynomial in the raw time elapsed since the source (not normalised, not clamped);
       ``segment_size`` is not used.
 
-    ``segment_size`` and ``shift`` are properties of the trained adapter (pi-FLUX.1 DX grid:
-    1 / 3.5 and 3.2), not of the sampling schedule.
+    ``segment_size`` and ``shift`` are properties of the trained adapter (the released pi-FLUX.1 and
+    pi-Qwen-Image DX grids: 1 / 3.5 and 3.2), not of the sampling schedule.
     """
 
     def __init__(self, x0_terms: Tensor, x_src: Tensor, sigma_src: Tensor | float,
