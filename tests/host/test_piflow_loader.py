@@ -132,6 +132,9 @@ def tiny(comfy_host):
     comfy_host.nodes.NODE_CLASS_MAPPINGS["TestTinyPiFlowBase"] = TestTinyPiFlowBase
     yield models
     del comfy_host.nodes.NODE_CLASS_MAPPINGS["TestTinyPiFlowBase"]
+    for file_name in (*ADAPTERS, *PICKLES):  # later tests see the host's models/loras as it was
+        (loras / file_name).unlink(missing_ok=True)
+    comfy_host.folder_paths.filename_list_cache.clear()
 
 
 def loader_module(comfy_host):
