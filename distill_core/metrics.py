@@ -72,7 +72,7 @@ def _log_prob(samples: Tensor, mixture: Mixture, class_ids: Tensor | None) -> Te
 def mean_nll(samples: Tensor, mixture: Mixture, class_ids: Tensor | None = None) -> float:
     """Mean negative log-likelihood of ``samples`` under the exact (class-conditional) mixture,
     in nats per latent element (``-log p(x) / (C H W)``, averaged over samples)."""
-    return float(-_log_prob(samples, mixture, class_ids).mean() / mixture.dim)
+    return float(-_log_prob(samples.detach(), mixture, class_ids).mean() / mixture.dim)
 
 
 def data_nll(

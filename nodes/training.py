@@ -24,7 +24,8 @@ import folder_paths
 from ..distill_core import lora as lora_io
 from ..distill_core.distill import (OBJECTIVE_DEFAULTS, OBJECTIVES, DistillConfig, DistillDivergedError, DistillTrainer,
                                    TrainingData, attach_student_lora)
-from .compat import StrideError, model_sampling_of_patcher, noise_space, sampling_kind, send_event, vae_spatial_downscale
+from .compat import (StrideError, latent_spatial_downscale, model_sampling_of_patcher, noise_space, sampling_kind, send_event,
+                     vae_spatial_downscale)
 from .headless import export_bundle
 
 CATEGORY = "stride/training"
@@ -109,13 +110,14 @@ class StrideDistillDataset:
         if samples is not None and not torch.isfinite(samples).all():
             raise StrideError(f"{'images' if images is not None else 'latents'}: the training latents contain NaN or inf "
                               "values; check the node that produced them")
-        return ({"prompts": prompts, "empty": empty_prompt, "latents": samples, "size": (height // 8, width // 8)},)
+        return ({"prompts": prompts, "empty": empty_prompt, "latents": samples, "pixels": (height, width)},)
 
 
 def _model_conds(model, conditioning, latent_shape: tuple[int, ...]) -> dict:
     """The network keyword arguments (c_crossattn, y, ...) ComfyUI derives from one CONDITIONING."""
     tensor, options = conditioning[0][0], conditioning[0][1]
-    height, width = latent_shape[-2] * 8, latent_shape[-1] * 8
+    ratio = latent_spatial_downscale(model.model.latent_format)
+    height, width = latent_shape[-2] * ratio, latent_shape[-1] * ratio
     conds = model.model.extra_conds(cross_attn=tensor, pooled_output=options.get("pooled_output"),
                                     width=width, height=height, device=torch.device("cpu"),
                                     noise=torch.zeros((1, *latent_shape)))
@@ -207,7 +209,10 @@ class StrideDistillLoRA:
         device = comfy.model_management.get_torch_device()
         latent_format = base.latent_format
         latents = data["latents"]
-        latent_shape = (latent_format.latent_channels, *data["size"]) if latents is None else tuple(latents.shape[1:])
+        ratio = latent_spatial_downscale(latent_format)
+        pixel_height, pixel_width = data["pixels"]
+        latent_shape = ((latent_format.latent_channels, pixel_height // ratio, pixel_width // ratio) if latents is None
+                        else tuple(latents.shape[1:]))
         if latents is not None and latent_shape[0] != latent_format.latent_channels:
             raise StrideError(f"data: the training latents have {latent_shape[0]} channels, this model's latents have "
                               f"{latent_format.latent_channels}; encode the images with this model's own VAE")

@@ -269,12 +269,12 @@ def _report_every_progress_step(comfy_utils: Any) -> None:
         comfy_utils.PROGRESS_THROTTLE_MIN_PERCENT = 0.0
 
 
-def flux_unet_config(config: dict) -> dict:
-    """A hand-written FLUX.1 ``unet_config`` completed with the fields this host's Flux model requires.
+def flux_unet_config(config: dict, text_position_axes: tuple[int, ...] = ()) -> dict:
+    """A hand-written Flux ``unet_config`` completed with the fields this host's Flux model requires.
 
-    Newer ComfyUI's FluxParams requires ``txt_ids_dims`` (the text-token axes that get position ids:
-    none for FLUX.1, as its model detection records); 0.3.75's FluxParams has no such field and
-    rejects it. Call after the host is imported (the ``comfy_host`` fixture).
+    Newer ComfyUI's FluxParams requires ``txt_ids_dims``, the axes on which text tokens get
+    position ids: none for FLUX.1 (as its model detection records), axis 3 for FLUX.2; 0.3.75's
+    FluxParams has no such field and rejects it. Call after the host is imported.
     """
     import dataclasses
 
@@ -282,7 +282,7 @@ def flux_unet_config(config: dict) -> dict:
 
     fields = {field_.name for field_ in dataclasses.fields(comfy.ldm.flux.model.FluxParams)}
     if "txt_ids_dims" in fields:
-        return {"txt_ids_dims": [], **config}
+        return {"txt_ids_dims": list(text_position_axes), **config}
     return dict(config)
 
 

@@ -13,6 +13,7 @@ import re
 import sys
 from pathlib import Path
 
+import comfy_host as harness
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -76,9 +77,6 @@ PICKLES = ("stride_test_pickled.pt", "stride_test_pickled_renamed.safetensors")
 
 def tiny_model(name: str):
     """A MODEL of ComfyUI's own classes for this family (tiny, random weights) and a matching CONDITIONING."""
-    import dataclasses
-
-    import comfy.ldm.flux.model
     import comfy.model_management
     import comfy.model_patcher
     import comfy.supported_models
@@ -86,9 +84,7 @@ def tiny_model(name: str):
     family, config_class, image_model, _, guidance = MODELS[name]
     unet_config = {"image_model": image_model, **BUILDERS.TINY_COMFY[family]}
     if family is not QWEN:
-        fields = {field.name for field in dataclasses.fields(comfy.ldm.flux.model.FluxParams)}
-        if "txt_ids_dims" in fields:  # newer ComfyUI; 0.3.75 has no such field
-            unet_config["txt_ids_dims"] = [3] if family is FLUX2 else []
+        unet_config = harness.flux_unet_config(unet_config, (3,) if family is FLUX2 else ())
     config = getattr(comfy.supported_models, config_class)(unet_config)
     config.set_inference_dtype(torch.float32, None)
     base = config.get_model({}, device="cpu")

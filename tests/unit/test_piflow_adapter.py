@@ -8,6 +8,7 @@ import json
 import sys
 from pathlib import Path
 
+import comfy_host as harness
 import pytest
 import torch
 from torch.nn import functional as F
@@ -353,10 +354,8 @@ def comfy_model(comfy, family, config: dict | None = None, device: str | None = 
     ops = comfy.ops.disable_weight_init
     if family is QWEN_IMAGE:
         return comfy.ldm.qwen_image.model.QwenImageTransformer2DModel(**(config or {}), device=device, operations=ops)
-    config = dict(config or (FLUX1_DEV if family is FLUX1 else FLUX2_DEV))
-    fields = {field.name for field in dataclasses.fields(comfy.ldm.flux.model.FluxParams)}
-    if "txt_ids_dims" in fields:  # newer ComfyUI: FLUX.2 gives text tokens position ids on axis 3
-        config["txt_ids_dims"] = [3] if family is FLUX2 else []
+    config = harness.flux_unet_config(dict(config or (FLUX1_DEV if family is FLUX1 else FLUX2_DEV)),
+                                         (3,) if family is FLUX2 else ())
     return comfy.ldm.flux.model.Flux(**config, device=device, operations=ops)
 
 
