@@ -6,14 +6,16 @@ same architecture with random weights where only time and memory are measured) o
 float32, with LoRA rank 16 on every layer at least that wide (as Stride's node attaches it).
 
 * **Physical limit.** One LCM distillation step needs, per sample, a teacher forward with cond and
-  uncond (batched into one call, LoRA off, no grad), a target forward (student, no grad) and a
-  student forward + backward. Each pass is timed alone on exactly the inputs of a trainer step
+  uncond (batched into one call, LoRA off, no grad), a target forward (student, no grad; the
+  trainer folds the LoRA into each layer's weight for it, ``LoraSet.merged``) and a student
+  forward + backward. Each pass is timed alone on exactly the inputs of a trainer step
   (``DistillTrainer.sample_batch(step)``), interleaved with our full step (``_train_step``:
   the passes plus batch sampling, the DDIM jump, loss, clipping and AdamW).
 * **Reference recipe.** The loop of diffusers' ``train_lcm_distill_lora_sd_wds.py`` written here on
   the same model, LoRA and batch: student forward first (its graph held), the teacher as a second
   model copy (as that script loads ``teacher_unet``) called once for cond and once for uncond,
-  target, loss, backward, clipping, AdamW.
+  target (through the LoRA's low-rank path, as peft runs an unmerged adapter), loss, backward,
+  clipping, AdamW.
 * **ComfyUI's TrainLoraNode** (plain LoRA: one forward + backward per step, the in-graph anchor)
   against Stride's ``StrideDistillLoRA`` node, both called as the executor calls them, on separate
   copies of the same model with the same batch, rank and data.
@@ -190,8 +192,8 @@ class Passes:
             return self.rig.denoise(self.teacher_x, self.teacher_sigma, self.teacher_cond)
 
     def target_pass(self) -> torch.Tensor:
-        """The student at ``(x_prev, t_prev)`` without grad."""
-        with torch.no_grad():
+        """The student at ``(x_prev, t_prev)`` without grad, its LoRA folded into the weights (as the trainer runs it)."""
+        with self.rig.loraset.merged():
             return self.rig.denoise(self.inputs.x_prev, self.inputs.model_sigma(self.inputs.sigma_prev),
                                     self.inputs.batch.cond)
 

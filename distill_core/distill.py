@@ -9,7 +9,8 @@ under ``no_grad`` (no EMA, as in LCM-LoRA). One step, per sample:
 1. pick a DDIM-grid timestep ``t`` (``N = num_ddim_timesteps``), noise the latent to ``x_t``;
 2. teacher: ``x0 = x0_c + w (x0_c - x0_u)`` with ``w ~ U[guidance_min, guidance_max]``
    (LCM formulation; ComfyUI's cfg scale is ``w + 1``), one DDIM step to ``t_prev``;
-3. target: the student at ``(x_prev, t_prev)`` under ``no_grad``; student at ``(x_t, t)``;
+3. target: the student at ``(x_prev, t_prev)`` under ``no_grad`` (its LoRA folded into the weights
+   layer by layer, :meth:`LoraSet.merged`); student at ``(x_t, t)``;
 4. loss between the objectives' consistency outputs (:mod:`distill_core.objectives`),
    AdamW step on the LoRA parameters after gradient clipping.
 
@@ -486,7 +487,7 @@ class DistillTrainer:
         x_t = self.space.noise(x0, batch.noise, per_sample(sigma_start, x0))
         teacher = self.teacher_x0(x_t, sigma_start.to(**as_model), batch.cond, batch.uncond, batch.guidance)
         x_prev = ddim_jump(self.space, x_t, teacher, sigma_start, sigma_prev)
-        with torch.no_grad():
+        with self.loraset.merged():  # no grad: the LoRA folded into the weights is cheaper than its hooks
             target_x0 = self.denoiser(x_prev, sigma_prev.to(**as_model), batch.cond)
             target = self.objective.target_output(x_prev, target_x0, steps)
         student_x0 = self.denoiser(x_t, sigma_start.to(**as_model), batch.cond)

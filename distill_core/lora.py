@@ -59,6 +59,16 @@ class LoraAdapter(nn.Module):
         """The adapter's contribution to the layer output for layer input ``x``."""
         return self.lora_up(self.lora_down(x.to(self.lora_down.weight.dtype))) * self.scale
 
+    def weight_delta(self) -> Tensor:
+        """The same contribution folded into the layer's weight: ``scale * up @ down`` in its shape.
+
+        Exact for convolutions too, because ``down`` has the layer's kernel, stride and padding and
+        ``up`` is a 1x1 convolution.
+        """
+        down = self.lora_down.weight
+        product = self.lora_up.weight.flatten(1) @ down.flatten(1)
+        return (product * self.scale).reshape(product.shape[0], *down.shape[1:])
+
 
 class LoraSet:
     """All adapters attached to one module; see :func:`attach_lora`."""
@@ -67,13 +77,14 @@ class LoraSet:
         self.root = root
         self.adapters = adapters
         self._enabled = True
+        self._folded: set[LoraAdapter] = set()  # adapters folded into their layer's weight (see merged())
         self._handles = [
             _layer(root, name).register_forward_hook(self._make_hook(adapter)) for name, adapter in adapters.items()
         ]
 
     def _make_hook(self, adapter: LoraAdapter) -> Callable:
         def add_lora(_layer: nn.Module, args: tuple, output: Tensor) -> Tensor:
-            if not self._enabled:
+            if not self._enabled or adapter in self._folded:
                 return output
             return output + adapter.delta(args[0]).to(output.dtype)
 
@@ -96,6 +107,47 @@ class LoraSet:
             yield
         finally:
             self._enabled = previous
+
+    @contextlib.contextmanager
+    def merged(self) -> Iterator[None]:
+        """Inside the block (no autograd) adapted layers run with their LoRA folded into their weight.
+
+        The merged weight ``W + scale * up @ down`` is built right before a layer runs and dropped
+        right after, so at most one layer's merged copy exists at a time, and the layer's own weight
+        object is put back untouched (also when the forward raises). For passes without gradients
+        (the distillation target) this replaces two low-rank passes over the activations per layer
+        by one small matrix product per layer. Layers whose weight the host transforms at run time
+        (ComfyUI ``weight_function`` patches, quantized weights) keep the hook: folding there would
+        feed the LoRA through that transform.
+        """
+        originals: dict[nn.Module, nn.Parameter] = {}
+
+        def swap_in(adapter: LoraAdapter) -> Callable:
+            def hook(layer: nn.Module, args: tuple) -> None:
+                weight = layer._parameters["weight"]
+                originals[layer] = weight
+                layer._parameters["weight"] = nn.Parameter(weight + adapter.weight_delta().to(weight.dtype),
+                                                           requires_grad=False)
+            return hook
+
+        def swap_out(layer: nn.Module, args: tuple, output: Tensor) -> None:
+            layer._parameters["weight"] = originals.pop(layer)
+
+        handles = []
+        for name, adapter in self.adapters.items():
+            layer = _layer(self.root, name)
+            if _foldable(layer):
+                self._folded.add(adapter)
+                handles += [layer.register_forward_pre_hook(swap_in(adapter)), layer.register_forward_hook(swap_out)]
+        try:
+            with torch.no_grad():
+                yield
+        finally:
+            for handle in handles:
+                handle.remove()
+            for layer, weight in originals.items():
+                layer._parameters["weight"] = weight
+            self._folded.clear()
 
     def parameters(self) -> list[nn.Parameter]:
         """Trainable tensors in a fixed order (module order, down before up), for the optimizer."""
@@ -120,6 +172,13 @@ class LoraSet:
 
     def __len__(self) -> int:
         return len(self.adapters)
+
+
+def _foldable(layer: nn.Module) -> bool:
+    """Whether a layer's forward uses its stored weight as it is (no run-time weight transform)."""
+    weight = layer._parameters.get("weight")
+    return (type(weight) is nn.Parameter and type(weight.data) is torch.Tensor and weight.is_floating_point()
+            and not getattr(layer, "weight_function", None))
 
 
 def _layer(root: nn.Module, name: str) -> nn.Module:

@@ -108,6 +108,46 @@ def test_conv_and_linear_lora_equal_the_merged_weight_delta():
     assert torch.allclose(net(x), hooked, atol=1e-12, rtol=0)
 
 
+def test_merged_folds_the_lora_into_the_weights_and_puts_them_back():
+    """merged(): the same outputs as the hooks (conv with stride/dilation, linear), no autograd inside,
+    the layers' own weight objects back afterwards, also when the forward raises."""
+    net, x = tiny_net(), sample_input()
+    loraset = attach_lora(net, rank=3, alpha=1.5)
+    randomize(loraset)
+    weights = {name: net.get_submodule(name).weight for name in loraset.adapters}
+    values = {name: weight.detach().clone() for name, weight in weights.items()}
+    hooked = net(x)
+    with loraset.merged():
+        assert not torch.is_grad_enabled()
+        folded = net(x)
+    assert torch.allclose(folded, hooked, atol=1e-12, rtol=0)
+    with pytest.raises(ValueError), loraset.merged():
+        net.conv(x)
+        raise ValueError("a forward that fails half-way")
+    for name, weight in weights.items():
+        assert net.get_submodule(name).weight is weight and torch.equal(weight, values[name])
+    assert torch.equal(net(x), hooked)
+    loraset.remove()
+
+
+def test_merged_keeps_the_hook_where_the_host_transforms_the_weight(comfy):
+    """A ComfyUI weight_function (a run-time patch) sees the base weight, as with the hooks."""
+    ops = comfy.ops.disable_weight_init
+    torch.manual_seed(0)
+    net = nn.Sequential(ops.Linear(5, 5), ops.Linear(5, 5))
+    for layer in net:
+        nn.init.normal_(layer.weight)
+        nn.init.normal_(layer.bias)
+    net[0].weight_function = [lambda weight: weight * 2]
+    loraset = attach_lora(net, rank=2, init="random")
+    x = torch.randn(3, 5)
+    hooked = net(x)
+    with loraset.merged():
+        folded = net(x)
+    assert torch.allclose(folded, hooked, atol=1e-5)
+    loraset.remove()
+
+
 def test_name_filter_kinds_and_rank_validation():
     net = tiny_net()
     assert sorted(attach_lora(net, 2, target=("Linear",)).adapters) == ["head"]
