@@ -59,15 +59,15 @@ class LoraAdapter(nn.Module):
         """The adapter's contribution to the layer output for layer input ``x``."""
         return self.lora_up(self.lora_down(x.to(self.lora_down.weight.dtype))) * self.scale
 
-    def weight_delta(self) -> Tensor:
-        """The same contribution folded into the layer's weight: ``scale * up @ down`` in its shape.
+    def merged_weight(self, weight: Tensor) -> Tensor:
+        """``weight + scale * up @ down``: the layer's weight with this adapter folded in (one fused op).
 
         Exact for convolutions too, because ``down`` has the layer's kernel, stride and padding and
         ``up`` is a 1x1 convolution.
         """
-        down = self.lora_down.weight
-        product = self.lora_up.weight.flatten(1) @ down.flatten(1)
-        return (product * self.scale).reshape(product.shape[0], *down.shape[1:])
+        compute = weight if weight.dtype in (torch.float32, torch.float64) else weight.float()  # fp16/bf16: sum in fp32
+        up, down = (factor.weight.flatten(1).to(compute.dtype) for factor in (self.lora_up, self.lora_down))
+        return torch.addmm(compute.flatten(1), up, down, alpha=self.scale).view(weight.shape).to(weight.dtype)
 
 
 class LoraSet:
@@ -126,8 +126,8 @@ class LoraSet:
             def hook(layer: nn.Module, args: tuple) -> None:
                 weight = layer._parameters["weight"]
                 originals[layer] = weight
-                layer._parameters["weight"] = nn.Parameter(weight + adapter.weight_delta().to(weight.dtype),
-                                                           requires_grad=False)
+                # a plain tensor in the parameter slot: what the layer's forward reads as self.weight
+                layer._parameters["weight"] = adapter.merged_weight(weight)
             return hook
 
         def swap_out(layer: nn.Module, args: tuple, output: Tensor) -> None:
