@@ -34,6 +34,7 @@ def _empirical_quantiles(sorted_values: Tensor, levels: Tensor) -> Tensor:
     return (1 - weight) * sorted_values[:, low] + weight * sorted_values[:, high]
 
 
+@torch.no_grad()  # measurements: never part of a graph
 def sliced_wasserstein(
     a: Tensor, b: Tensor, num_projections: int = 256, generator: torch.Generator | None = None
 ) -> float:
@@ -69,12 +70,14 @@ def _log_prob(samples: Tensor, mixture: Mixture, class_ids: Tensor | None) -> Te
     return mixture.log_prob(samples.to(torch.float64), class_ids)
 
 
+@torch.no_grad()
 def mean_nll(samples: Tensor, mixture: Mixture, class_ids: Tensor | None = None) -> float:
     """Mean negative log-likelihood of ``samples`` under the exact (class-conditional) mixture,
     in nats per latent element (``-log p(x) / (C H W)``, averaged over samples)."""
-    return float(-_log_prob(samples.detach(), mixture, class_ids).mean() / mixture.dim)
+    return float(-_log_prob(samples, mixture, class_ids).mean() / mixture.dim)
 
 
+@torch.no_grad()
 def data_nll(
     mixture: Mixture,
     class_ids: Tensor | None = None,
@@ -93,6 +96,7 @@ def data_nll(
     return total / mixture.dim
 
 
+@torch.no_grad()
 def nll_gap(
     samples: Tensor,
     mixture: Mixture,
@@ -107,18 +111,21 @@ def nll_gap(
     return mean_nll(samples, mixture, class_ids) - data_nll(mixture, class_ids, num_reference, generator)
 
 
+@torch.no_grad()
 def mode_assignment(samples: Tensor, mixture: GaussianMixture) -> Tensor:
     """The most responsible component of each sample at sigma = 0 (``argmax_k log w_k + log N(x; mu_k, s_k^2)``
     over all components), ``(n,)`` long."""
     return mixture.component_log_likelihoods(samples.to(torch.float64)).argmax(dim=1)
 
 
+@torch.no_grad()
 def mode_shares(samples: Tensor, mixture: GaussianMixture) -> Tensor:
     """Fraction of samples assigned to each component, ``(K,)`` float64 summing to 1."""
     counts = torch.bincount(mode_assignment(samples, mixture), minlength=mixture.num_components)
     return counts.to(torch.float64) / counts.sum()
 
 
+@torch.no_grad()
 def expected_mode_shares(mixture: GaussianMixture, class_ids: Tensor | None = None) -> Tensor:
     """The shares data would have: the mixture weights, or for class-conditional samples the
     average of the given labels' conditional weights, ``(K,)`` float64."""
@@ -128,6 +135,7 @@ def expected_mode_shares(mixture: GaussianMixture, class_ids: Tensor | None = No
     return mixture.conditional_log_weights(class_ids.numel(), class_ids, torch.device("cpu")).exp().mean(dim=0)
 
 
+@torch.no_grad()
 def mode_recall(
     samples: Tensor, mixture: GaussianMixture, class_ids: Tensor | None = None, min_fraction: float = 0.25
 ) -> float:
@@ -155,6 +163,7 @@ def _normalised_entropy(probabilities: Tensor, num_components: int) -> float:
     return float(-(positive * positive.log()).sum() / math.log(num_components))
 
 
+@torch.no_grad()
 def mode_entropy(samples: Tensor, mixture: GaussianMixture, class_ids: Tensor | None = None) -> ModeEntropy:
     """Entropy of the empirical component histogram divided by ``log K`` (1 = all K modes equally
     used, 0 = one mode), next to the same quantity for the expected shares (population value of
@@ -166,6 +175,7 @@ def mode_entropy(samples: Tensor, mixture: GaussianMixture, class_ids: Tensor | 
     )
 
 
+@torch.no_grad()
 def evaluate_samples(
     samples: Tensor,
     mixture: Mixture,

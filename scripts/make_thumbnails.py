@@ -1,6 +1,6 @@
 """Write each shared workflow's template thumbnail (``workflows/<name>.jpg``) from its browser screenshot.
 
-    .venv/bin/python -m pytest -q tests/browser     # writes docs/screenshots/<name>.png
+    STRIDE_WRITE_DOCS=1 .venv/bin/python -m pytest -q tests/browser     # writes docs/screenshots/<name>.png
     .venv/bin/python scripts/make_thumbnails.py
 
 The browser test saves a full-page screenshot of the loaded, executed graph with a

@@ -19,8 +19,8 @@ import pytest
 from PIL import Image, PngImagePlugin
 
 import comfy_host as host
+from tests.artifacts import docs_path
 
-SCREENSHOTS = host.ROOT / "docs" / "screenshots"
 VIEWPORT = {"width": 1440, "height": 900}
 # Page pixels (left, top, right, bottom) of that viewport that frontend 1.32.9 leaves free of
 # overlays: below the tab bar, workflow menu, Run toolbar and queue toast, right of the side bar,
@@ -274,15 +274,14 @@ class Frontend:
                 round(cx + (x1 + ox) * scale), round(cy + (y1 + oy) * scale)]
 
     def screenshot(self, name: str, graph_box: bool = False) -> Path:
-        """Save the page to docs/screenshots/<name>.png, with the mouse parked off the graph.
+        """Save the page to docs/screenshots/<name>.png (see tests/artifacts.py), with the mouse parked off the graph.
 
         With ``graph_box`` the PNG carries a ``graph-box`` text entry (left, top, right, bottom)
         that scripts/make_thumbnails.py crops the workflow's thumbnail to.
         """
         self.page.mouse.move(VIEWPORT["width"] - 5, VIEWPORT["height"] - 5)
         self.page.wait_for_timeout(400)  # let dialog fade-ins and hover effects finish
-        SCREENSHOTS.mkdir(parents=True, exist_ok=True)
-        path = SCREENSHOTS / f"{name}.png"
+        path = docs_path(f"screenshots/{name}.png")
         picture = self.page.screenshot()
         if not graph_box:
             path.write_bytes(picture)

@@ -2,7 +2,7 @@
 
 Every prompt completes, every output equals the reference computed once for its method and
 seed (different seeds differ), and the server's memory after the run is within 50 MB of its
-memory after warm-up (the curve, sampled every ~10 prompts, goes to docs/load_memory.csv). A
+memory after warm-up (the curve, sampled every ~10 prompts, goes to docs/load_memory.csv with STRIDE_WRITE_DOCS=1). A
 training run queued together with sampling prompts finishes with the same LoRA as alone.
 """
 from __future__ import annotations
@@ -19,11 +19,11 @@ import torch
 from safetensors.torch import load_file
 
 import comfy_host as host
+from tests.artifacts import docs_path
 from distill_core.distill import load_checkpoint
 from tests.reliability.support import hybrid_graph, sampling_graph, training_graph, with_sampled_latents
 
 ROOT = Path(__file__).resolve().parents[2]
-CURVE = ROOT / "docs" / "load_memory.csv"
 CLIENTS = 4
 PROMPTS = 100
 SEEDS = (11, 12, 13, 14, 15)
@@ -182,7 +182,7 @@ def test_hundred_prompts_from_several_clients(server, references):
     assert checked == PROMPTS
 
     lines = ["prompts_done,seconds,rss_mb"] + [f"{n},{t:.2f},{mb:.1f}" for n, t, mb in curve]
-    CURVE.write_text("\n".join(lines) + "\n")
+    docs_path("load_memory.csv").write_text("\n".join(lines) + "\n")
     print(f"\n{PROMPTS} prompts from {CLIENTS} clients in {elapsed:.1f} s = {PROMPTS / elapsed:.2f} prompts/s; "
           f"server RSS {start_mb:.1f} MB after warm-up -> {end_mb:.1f} MB after the run")
     print("\n".join(lines))
