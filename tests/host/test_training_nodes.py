@@ -268,3 +268,35 @@ def test_exported_headless_run_reproduces_the_in_graph_lora(comfy_host, tmp_path
     assert headless.keys() == in_graph.keys()
     for key in in_graph:
         assert torch.allclose(headless[key], in_graph[key], atol=1e-6, rtol=0), key
+
+
+@pytest.mark.parametrize("arch", ["sd15", "sdxl"])
+def test_headless_export_rebuilds_comfyui_sd15_and_sdxl_models(comfy_host, arch):
+    """The export path of real checkpoints: a model of ComfyUI's own SD1.5 / SDXL config and model classes
+    (tiny widths, random weights) is exported, rebuilt by the headless factory, and computes what the graph's
+    model computes on the exported conditionings (SDXL's pooled/size vector included)."""
+    import folder_paths
+    import headless_teacher
+
+    from bench import models
+    from distill_core.distill import DistillConfig
+
+    config = models.unet_config(arch, reduced_depth=True, model_channels=32, context_dim=64)
+    model = models.unet_model(arch, config, torch.device("cpu"), torch.float32, seed=0)
+    stride = {name: cls() for name, cls in comfy_host.nodes.NODE_CLASS_MAPPINGS.items() if name.startswith("Stride")}
+    data = stride["StrideDistillDataset"].build(models.unet_conditioning(arch, config, seed=1),
+                                                 models.unet_conditioning(arch, config, seed=2), width=64, height=64)[0]
+    stride["StrideDistillLoRA"].train(model, data, objective="lcm", steps=1, learning_rate=1e-3, rank=4, alpha=0.0,
+                                      batch_size=1, guidance_min=0.0, guidance_max=0.0, loss="l2",
+                                      gradient_checkpointing=False, seed=0, save_every=0, lora_name=f"export_{arch}",
+                                      resume=False, export_headless=True)
+    bundle = os.path.join(folder_paths.get_output_directory(), "stride_headless", f"export_{arch}")
+    rebuilt = headless_teacher.comfy_teacher({"teacher": os.path.join(bundle, "teacher.safetensors"),
+                                              "data": os.path.join(bundle, "data.safetensors")}, DistillConfig())
+    cond = rebuilt.data.conds[0]
+    assert set(cond) == ({"c_crossattn", "y"} if arch == "sdxl" else {"c_crossattn"})
+    x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+    sigma = torch.tensor([2.5])
+    expected = model.model.apply_model(x, sigma, **cond)
+    assert torch.allclose(rebuilt.denoiser(x, sigma, cond), expected, atol=1e-5, rtol=1e-5)
+    assert (expected - x).abs().max() > 1e-2  # a real network output, not the input passed through
