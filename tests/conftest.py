@@ -39,6 +39,6 @@ def pytest_collection_modifyitems(config, items):
     """Mark tests by folder so `-m unit` / `-m host` / `-m server` / `-m browser` select them."""
     for item in items:
         parts = Path(str(item.fspath)).parts
-        for marker in ("unit", "host", "server", "browser", "workflows", "bench", "reliability", "distribution"):
+        for marker in ("unit", "host", "server", "browser", "workflows", "benchmarks", "reliability", "distribution"):
             if marker in parts:
                 item.add_marker(getattr(pytest.mark, marker))

@@ -18,15 +18,9 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def _bench_module(name: str):
-    """``bench.<name>`` of the repository. Under pytest's importlib mode this test folder (tests/bench)
-    takes the name ``bench``, so the suite is loaded under another package name."""
-    if "stride_bench" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("stride_bench", ROOT / "bench" / "__init__.py",
-                                                      submodule_search_locations=[str(ROOT / "bench")])
-        package = importlib.util.module_from_spec(spec)
-        sys.modules["stride_bench"] = package
-        spec.loader.exec_module(package)
-    return importlib.import_module(f"stride_bench.{name}")
+    """``bench.<name>`` of the repository (this test folder is not called ``bench``: pytest's importlib
+    mode would register it under that name and hide the real package)."""
+    return importlib.import_module(f"bench.{name}")
 
 
 run_interleaved = _bench_module("harness").run_interleaved
