@@ -1,4 +1,4 @@
-"""Fixtures of the LoRA / distillation tests: one torch thread, ComfyUI as a host, a tiny UNet.
+"""Fixtures of the LoRA / distillation tests: ComfyUI as a host, a tiny UNet.
 
 Only tests import ComfyUI; ``distill_core`` never does.
 """
@@ -11,15 +11,6 @@ import pytest
 import torch
 
 COMFYUI_PATH = os.environ.get("COMFYUI_PATH") or os.path.join(os.path.dirname(__file__), "..", "..", ".cache", "ComfyUI")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Tiny tensors run fastest on one thread, and spinning thread pools crawl on a shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -31,7 +31,7 @@ from distill_core.objectives import (
     tdd_candidate_timesteps,
 )
 from distill_core.spaces import NoiseSpace, scaled_linear_alphas_cumprod
-from tests.unit.distill_fixtures import comfy, single_thread, tiny_comfy_sd15  # noqa: F401 (fixtures)
+from tests.unit.distill_fixtures import comfy, tiny_comfy_sd15  # noqa: F401 (fixtures)
 
 REPO = os.path.join(os.path.dirname(__file__), "..", "..")
 SPACE = NoiseSpace.from_alphas_cumprod(scaled_linear_alphas_cumprod())

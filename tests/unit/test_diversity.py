@@ -7,15 +7,6 @@ import torch
 from distill_core.diversity import ORIENTATION_BINS, image_descriptors, image_diversity, mean_pairwise_distance
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These tensors are small: one intra-op thread avoids spin-waiting on a shared 2-core machine."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def coloured_squares(colours: torch.Tensor, size: int = 32, half_width: int = 8) -> torch.Tensor:
     """One image per colour: that colour in a centred square on mid grey, ``(n, size, size, 3)``."""
     images = torch.full((colours.shape[0], size, size, 3), 0.5)

@@ -16,15 +16,6 @@ FLOW = NoiseSpace.flow()
 SEED = 123
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These tensors are small: one intra-op thread avoids spin-waiting on a shared 2-core machine."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.fixture(scope="module")
 def small_mixture() -> teacher.GaussianMixture:
     return teacher.demo_mixture(size=4)

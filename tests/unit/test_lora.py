@@ -18,7 +18,7 @@ from distill_core.lora import (
     lora_state_dict,
     save_lora,
 )
-from tests.unit.distill_fixtures import comfy, single_thread, tiny_comfy_sd15  # noqa: F401 (fixtures)
+from tests.unit.distill_fixtures import comfy, tiny_comfy_sd15  # noqa: F401 (fixtures)
 
 class TinyNet(nn.Module):
     def __init__(self) -> None:

@@ -30,15 +30,6 @@ F64 = torch.float64
 FLOW = NoiseSpace.flow()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """These tensors are tiny: one thread avoids thread-pool overhead on a shared, busy CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def random_gm(batch=2, k=3, c=4, h=3, w=5, seed=0):
     g = torch.Generator().manual_seed(seed)
     means = torch.randn(batch, k, c, h, w, generator=g, dtype=F64)

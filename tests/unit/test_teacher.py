@@ -23,14 +23,6 @@ from distill_core.teacher import (
     x0_from_prediction,
 )
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These tensors are small: one intra-op thread avoids spin-waiting on a shared 2-core machine."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
 
 COMFYUI = Path(__file__).resolve().parents[2] / ".cache" / "ComfyUI"
 VE = NoiseSpace.from_alphas_cumprod(scaled_linear_alphas_cumprod())

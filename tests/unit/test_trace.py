@@ -15,15 +15,6 @@ FLOW = NoiseSpace.flow()
 SIGMAS = VE.sigmas_for_timesteps(lcm_timesteps(4))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These tensors are small: one intra-op thread avoids spin-waiting on a shared 2-core machine."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def test_record_scales_x_t_to_unit_variance_in_either_convention():
     trace = StepTrace(max_items=2)
     x = torch.randn(3, 4, 2, 2, dtype=torch.float64)
