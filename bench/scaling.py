@@ -59,17 +59,8 @@ def run(ctx: BenchContext) -> Section:
     step = {key: median(timings[key]["wall"]) / STEPS for key in configs}
 
     weights = "trained weights" if trained else "random weights of the demo architecture"
-    base = configs[0]
-    table = Table(f"Stride LCM step ({STEPS}-step runs) through ComfyUI on the demo UNet ({weights}), median of "
-                  f"{repeats} interleaved repeats",
-                  ["compared", "latent", "batch", "device, dtype", "step time ratio vs smallest", "step time",
-                   "per sample", "peak RSS growth"])
-    for side, batch in configs:
-        compared = "(baseline)" if (side, batch) == base else f"{side}x{side} b{batch} vs {base[0]}x{base[0]} b{base[1]}"
-        table.add(compared, f"4x{side}x{side}", batch, "CPU, float32",
-                  fmt_ratio(step[(side, batch)] / step[base]), fmt_seconds(step[(side, batch)]),
-                  fmt_seconds(step[(side, batch)] / batch), fmt_bytes(memory[(side, batch)]))
-    section.tables.append(table)
+    section.tables.append(scaling_table(f"Stride LCM step ({STEPS}-step runs) through ComfyUI on the demo UNet "
+                                        f"({weights}), median of {repeats} interleaved repeats", configs, step, memory))
     section.plots.append(plot_step_time_memory(ctx, NAME, sides, batches, step, memory, "step time (ms)",
                                                "Demo UNet + Stride LCM through ComfyUI (CPU float32)"))
     section.notes.append("Peak RSS growth counts only memory newly requested from the OS during the call; "
@@ -90,6 +81,19 @@ def _check_batches(ctx: BenchContext, model, sides, batches, noises, positive, n
     check(worst < BATCH_TOLERANCE, f"the first sample of a batch of {largest} differs from the same noise alone "
                                    f"by {worst:.2e}")
     return f"batch of {largest} vs batch of 1 on the same noise: first samples agree (max difference {worst:.1e})"
+
+
+def scaling_table(title: str, configs: list[tuple[int, int]], step: dict, memory: dict) -> Table:
+    """Step time and peak memory per (latent side, batch), as ratios to the first (smallest) configuration."""
+    base = configs[0]
+    table = Table(title, ["compared", "latent", "batch", "device, dtype", "step time ratio vs smallest", "step time",
+                          "per sample", "peak RSS growth"])
+    for side, batch in configs:
+        compared = "(baseline)" if (side, batch) == base else f"{side}x{side} b{batch} vs {base[0]}x{base[0]} b{base[1]}"
+        table.add(compared, f"4x{side}x{side}", batch, "CPU, float32", fmt_ratio(step[(side, batch)] / step[base]),
+                  fmt_seconds(step[(side, batch)]), fmt_seconds(step[(side, batch)] / batch),
+                  fmt_bytes(memory[(side, batch)]))
+    return table
 
 
 def plot_step_time_memory(ctx: BenchContext, name: str, sides, batches, step, memory, time_label: str, title: str):

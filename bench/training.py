@@ -38,7 +38,7 @@ import torch
 from distill_core import demo, distill, lora, metrics, objectives, teacher  # noqa: E402
 
 from . import models  # noqa: E402
-from .scaling import plot_step_time_memory  # noqa: E402
+from .scaling import plot_step_time_memory, scaling_table  # noqa: E402
 from .context import BenchContext  # noqa: E402
 from .harness import (Goal, Section, Table, check, fmt_bytes, fmt_ratio, fmt_seconds, median,  # noqa: E402
                       peak_rss_available, peak_rss_growth, run_interleaved, spread)
@@ -671,16 +671,8 @@ def _scaling(ctx: BenchContext, section: Section) -> tuple[Table, Any]:
     section.checks.append("scaling: every configuration's training step has a finite loss")
     step = {key: median(timings[key]["wall"]) for key in configs}
     weights = "trained weights" if trained else "random weights of the demo architecture"
-    base = configs[0]
-    table = Table(f"Our LCM distillation step (DistillTrainer._train_step) on the demo UNet ({weights}), LoRA rank "
-                  f"{RANK}, median of {repeats} interleaved repeats",
-                  ["compared", "latent", "batch", "device, dtype", "step time ratio vs smallest", "step time",
-                   "per sample", "peak RSS growth"])
-    for side, batch in configs:
-        compared = "(baseline)" if (side, batch) == base else f"{side}x{side} b{batch} vs {base[0]}x{base[0]} b{base[1]}"
-        table.add(compared, f"4x{side}x{side}", batch, "CPU, float32", fmt_ratio(step[(side, batch)] / step[base]),
-                  fmt_seconds(step[(side, batch)]), fmt_seconds(step[(side, batch)] / batch),
-                  fmt_bytes(memory[(side, batch)]))
+    table = scaling_table(f"Our LCM distillation step (DistillTrainer._train_step) on the demo UNet ({weights}), "
+                          f"LoRA rank {RANK}, median of {repeats} interleaved repeats", configs, step, memory)
     return table, plot_step_time_memory(ctx, NAME, sides, batches, step, memory, "training step time (ms)",
                                         f"Demo UNet + rank-{RANK} LoRA, LCM distillation step (CPU float32)")
 
