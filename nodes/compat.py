@@ -7,7 +7,6 @@ from __future__ import annotations
 
 from typing import Any
 
-
 import comfy.model_sampling
 
 from ..distill_core.spaces import NoiseSpace

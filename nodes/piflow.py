@@ -24,7 +24,7 @@ from ..distill_core import piflow, piflow_adapter, teacher
 from ..distill_core.spaces import NoiseSpace
 from .compat import StrideError, is_flow, model_sampling_of_patcher, sampling_kind
 from .reference import AnalyticModule, wrap_as_model
-from .samplers import sample_with
+from .samplers import require_finite_latent, sample_with
 
 CATEGORY = "stride/piflow"
 STASH_KEY = "stride_piflow_stash"
@@ -144,8 +144,7 @@ def piflow_ksampler(substeps: int, temperature: float | str, diffusion_coefficie
         extra_args = dict(extra_args or {})
         denoise_mask = extra_args.get("denoise_mask")
         extra_args["denoise_mask"] = None  # the mask is applied here, not by ComfyUI's per-call blend
-        if not torch.isfinite(x).all():
-            raise StrideError("The input latent contains NaN or inf values; check the nodes that produced it.")
+        require_finite_latent(x)
         inpainting = {}
         if denoise_mask is not None:
             inpainting = {"latent_image": model.latent_image,

@@ -32,13 +32,18 @@ def stride_ksampler(sample_fn: Callable[..., torch.Tensor], **options: Any) -> c
 
     def sampler(model, x, sigmas, extra_args=None, callback=None, disable=None):
         space = noise_space(model_sampling_in_sampler(model))
-        if not all_finite(x):
-            raise StrideError("latent_image: the latent contains NaN or inf values; check the nodes that produced it "
-                              "(e.g. a VAE Encode of a broken image, or a latent math node).")
+        require_finite_latent(x)
         return sample_fn(finite_output_model(model), x, sigmas, extra_args=extra_args, callback=callback,
                          disable=disable, space=space, **options)
 
     return comfy.samplers.KSAMPLER(sampler)
+
+
+def require_finite_latent(x: torch.Tensor) -> None:
+    """Refuse a starting latent with NaN/inf values, naming the input and where to look."""
+    if not all_finite(x):
+        raise StrideError("latent_image: the latent contains NaN or inf values; check the nodes that produced it "
+                          "(e.g. a VAE Encode of a broken image, or a latent math node).")
 
 
 def finite_output_model(model: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
