@@ -17,7 +17,7 @@ CPU, NCCL on CUDA, gradients averaged over the LoRA parameters). The JSON config
 A factory ``factory(options, config) -> HeadlessNetwork`` supplies the denoiser, the module
 carrying its weights, the noise space and the training data; exporters point it at their own
 loader (the ComfyUI node exports a bundle folder: this config, the teacher's weights and
-:func:`save_training_data`'s file, read back by ``nodes.headless``). Relative paths in a config
+:func:`save_training_data`'s file, read back by ``scripts/headless_teacher.py``). Relative paths in a config
 are relative to the config file's folder. The demo network is a tiny EPS-predicting conv net
 wrapped like ComfyUI's ``BaseModel.apply_model`` (VE space).
 """
