@@ -389,7 +389,10 @@ def free_port() -> int:
 class ServerHost:
     """``main.py --cpu`` on a free loopback port; always stop() it (the fixtures do)."""
 
-    def __init__(self, base_dir: Path, extra_args: list[str] | None = None, log_path: Path | None = None) -> None:
+    def __init__(self, base_dir: Path, extra_args: list[str] | None = None, log_path: Path | None = None,
+                 python: str | Path = sys.executable) -> None:
+        """``python`` runs the server (another environment's interpreter, e.g. a bare host's); Stride is
+        linked into ``custom_nodes`` unless the base directory already has it there."""
         self.path = host_dir()
         self.base_dir = prepare_base_dir(base_dir)
         self.port = free_port()
@@ -397,7 +400,7 @@ class ServerHost:
         self.client_id = uuid.uuid4().hex
         self.log_path = log_path or (self.base_dir / "server.log")
         command = [
-            sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
+            str(python), "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
             "--base-directory", str(self.base_dir), "--disable-api-nodes",
             "--database-url", "sqlite:///:memory:", *(extra_args or []),
         ]

@@ -5,13 +5,9 @@ the host's torch, register all its nodes and run a graph over HTTP.
 Costs about two minutes (a new virtual environment; pip reuses its cache)."""
 from __future__ import annotations
 
-import json
 import re
 import subprocess
 import sys
-import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -37,22 +33,6 @@ def torch_version(python: Path) -> str:
     return run([str(python), "-c", "import torch; print(torch.__version__)"]).strip()
 
 
-def get_json(url: str) -> dict:
-    with urllib.request.urlopen(url, timeout=10) as response:
-        return json.loads(response.read())
-
-
-def wait_for(url: str, process: subprocess.Popen, log: Path, timeout: float = 240.0) -> dict:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        assert process.poll() is None, f"ComfyUI exited ({process.returncode}):\n{log.read_text()[-4000:]}"
-        try:
-            return get_json(url)
-        except (urllib.error.URLError, ConnectionError, OSError):
-            time.sleep(1.0)
-    raise AssertionError(f"no answer from {url} within {timeout:.0f} s:\n{log.read_text()[-4000:]}")
-
-
 @pytest.fixture(scope="module")
 def bare_host(tmp_path_factory):
     """A virtual environment with torch and ComfyUI's requirements only, and an empty custom_nodes folder."""
@@ -66,11 +46,11 @@ def bare_host(tmp_path_factory):
     pip(python, *TORCH_PINS, "-r", str(host_requirements))
     base = work / "base"
     (base / "custom_nodes").mkdir(parents=True)
-    return python, host, base
+    return python, base
 
 
 def test_clone_into_custom_nodes_and_pip_install_requirements_works(bare_host):
-    python, host, base = bare_host
+    python, base = bare_host
     missing = run([str(python), "-c", "import importlib.util as u; print([m for m in ('diffusers', 'peft') "
                                       "if u.find_spec(m)])"]).strip()
     assert missing == "[]", "the bare host must not already have Stride's own dependencies"
@@ -81,22 +61,15 @@ def test_clone_into_custom_nodes_and_pip_install_requirements_works(bare_host):
     pip(python, "-r", str(clone / "requirements.txt"))
     assert torch_version(python) == torch_before, "installing Stride must keep the host's torch"
 
-    port = comfy_host.free_port()
-    log = base / "server.log"
-    with open(log, "w") as stream:
-        server = subprocess.Popen([str(python), "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port),
-                                   "--base-directory", str(base), "--disable-api-nodes",
-                                   "--database-url", "sqlite:///:memory:"],
-                                  cwd=host, stdout=stream, stderr=subprocess.STDOUT)
+    server = comfy_host.ServerHost(base, python=python)
     try:
-        url = f"http://127.0.0.1:{port}"
-        object_info = wait_for(f"{url}/object_info", server, log)
-        imports = [line for line in log.read_text().splitlines() if line.rstrip().endswith(str(clone))]
-        assert imports and not any("IMPORT FAILED" in line for line in imports), log.read_text()[-3000:]
+        server.wait_ready(timeout=240)
+        imports = [line for line in server.log_path.read_text().splitlines() if line.rstrip().endswith(str(clone))]
+        assert imports and not any("IMPORT FAILED" in line for line in imports), server.log_tail()
         documented = set(re.findall(r"^## .*\(`(Stride\w+)`\)$", (clone / "docs" / "NODES.md").read_text(), re.M))
-        assert len(documented) > 20 and documented <= set(object_info), "every documented Stride node is registered"
+        assert len(documented) > 20 and documented <= set(server.object_info), "every documented Stride node is registered"
 
-        prompt = {
+        result = server.run({
             "model": {"class_type": "StrideDemoModel", "inputs": {}},
             "disc": {"class_type": "StrideClassPrompt", "inputs": {"prompt": "disc"}},
             "empty": {"class_type": "StrideClassPrompt", "inputs": {"prompt": ""}},
@@ -105,20 +78,8 @@ def test_clone_into_custom_nodes_and_pip_install_requirements_works(bare_host):
                 "model": ["model", 0], "positive": ["disc", 0], "negative": ["empty", 0], "latent_image": ["latent", 0],
                 "method": "lcm", "steps": 4, "cfg": 1.0, "gamma": 0.3, "eta": 0.2, "seed": 1, "denoise": 1.0}},
             "save": {"class_type": "SaveLatent", "inputs": {"samples": ["run", 0], "filename_prefix": "fresh"}},
-        }
-        request = urllib.request.Request(f"{url}/prompt", data=json.dumps({"prompt": prompt}).encode(),
-                                         headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(request, timeout=30) as response:
-            prompt_id = json.loads(response.read())["prompt_id"]
-        deadline = time.time() + 120
-        while time.time() < deadline:
-            history = get_json(f"{url}/history/{prompt_id}")
-            if prompt_id in history and history[prompt_id]["status"].get("completed") is not None:
-                break
-            time.sleep(0.5)
-        status = history[prompt_id]["status"]
-        assert status["status_str"] == "success", status
+        }, timeout=120)
+        assert result.success, result.error()
         assert list((base / "output").rglob("fresh*.latent"))
     finally:
-        server.terminate()
-        server.wait(timeout=30)
+        server.stop()
