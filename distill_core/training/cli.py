@@ -141,8 +141,9 @@ def load_training_data(path: str | os.PathLike, device: torch.device | str = "cp
 
 
 def import_network_factory(path: str) -> Callable[[dict[str, Any], DistillConfig], HeadlessNetwork]:
-    """The factory named ``package.module:factory`` or ``path/to/file.py:factory`` (a file path is relative to the
-    working directory and loaded on its own, without importing the package around it)."""
+    """The factory named ``package.module:factory`` or ``path/to/file.py:factory`` (a file is loaded on its own,
+    without importing the package around it; :func:`main` makes a relative file path absolute from the
+    directory the run was started in)."""
     module_name, _, attribute = path.partition(":")
     if not attribute:
         raise ValueError(f"network must look like 'package.module:factory' or 'path/file.py:factory', got {path!r}")
@@ -217,7 +218,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     arguments = parser.parse_args(argv)
     with open(arguments.config, encoding="utf-8") as stream:
         settings = json.load(stream)
-    os.chdir(os.path.dirname(os.path.abspath(arguments.config)))  # relative paths are relative to the config
+    network = settings.get("network", DEFAULT_NETWORK)
+    if network.partition(":")[0].endswith(".py"):  # a network file is relative to where the run was started
+        settings["network"] = os.path.abspath(network)
+    os.chdir(os.path.dirname(os.path.abspath(arguments.config)))  # other relative paths are relative to the config
     summary = run(settings)
     if summary.rank == 0:
         print(json.dumps({"done": summary.result.steps_done, "world_size": summary.world_size}), flush=True)
