@@ -38,6 +38,7 @@ import torch
 from distill_core.reference import demo, metrics
 from distill_core.reference.demo import DEMO_CLASS_NAMES, demo_mixture
 from distill_core.reference.mixture import GaussianMixture
+from distill_core.spaces import per_sample
 from distill_core.training import objectives
 from distill_core.training.conditioning import cond_cat
 from distill_core.training.config import DistillConfig, TrainingData
@@ -188,9 +189,9 @@ def step_inputs(trainer: DistillTrainer, step: int) -> StepInputs:
     batch = trainer.sample_batch(step)
     space = trainer.space
     sigma_start, sigma_prev = space.sigma_of(batch.timesteps.start), space.sigma_of(batch.timesteps.prev)
-    x_t = space.noise(batch.x0, batch.noise, objectives.per_sample(sigma_start, batch.x0))
+    x_t = space.noise(batch.x0, batch.noise, per_sample(sigma_start, batch.x0))
     guided = trainer.teacher_x0(x_t, sigma_start.to(batch.x0), batch.cond, batch.uncond, batch.guidance)
-    x_prev = objectives.ddim_jump(space, x_t, guided, sigma_start, sigma_prev)
+    x_prev = space.ddim(x_t, guided, sigma_start, sigma_prev)
     return StepInputs(batch, x_t, sigma_start, sigma_prev, x_prev)
 
 
@@ -246,14 +247,14 @@ class ReferenceRecipe:
         batch = trainer.sample_batch(step)
         steps = batch.timesteps
         sigma_start, sigma_prev = space.sigma_of(steps.start), space.sigma_of(steps.prev)
-        x_t = space.noise(batch.x0, batch.noise, objectives.per_sample(sigma_start, batch.x0))
+        x_t = space.noise(batch.x0, batch.noise, per_sample(sigma_start, batch.x0))
         student_x0 = self.rig.denoise(x_t, sigma_start.to(x_t), batch.cond)
         prediction = trainer.objective.student_output(x_t, student_x0, steps)
         with torch.no_grad():
             x0_cond = self.teacher_base.apply_model(x_t, sigma_start.to(x_t), **batch.cond)
             x0_uncond = self.teacher_base.apply_model(x_t, sigma_start.to(x_t), **batch.uncond)
-            guided = x0_cond + objectives.per_sample(batch.guidance, x0_cond) * (x0_cond - x0_uncond)
-            x_prev = objectives.ddim_jump(space, x_t, guided, sigma_start, sigma_prev)
+            guided = x0_cond + per_sample(batch.guidance, x0_cond) * (x0_cond - x0_uncond)
+            x_prev = space.ddim(x_t, guided, sigma_start, sigma_prev)
             target = trainer.objective.target_output(x_prev, self.rig.denoise(x_prev, sigma_prev.to(x_t), batch.cond),
                                                      steps)
         return objectives.consistency_loss(prediction, target, config.loss, config.huber_c)
