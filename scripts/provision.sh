@@ -53,6 +53,8 @@ host_hash=$( (echo "$HOST"; cat "$HOST/requirements.txt") | sha256sum | cut -c1-
 if [ ! -f "$STAMP/host-$host_hash" ]; then
   say "installing the host's requirements (minus torch/torchaudio)"
   grep -v -E '^\s*(torch|torchvision|torchaudio)\s*([<>=~!].*)?$' "$HOST/requirements.txt" > "$CACHE/host-requirements.txt"
+  # 0.3.75 imports requests at start-up (app/frontend_management.py) without listing it (0.33 lists it).
+  echo requests >> "$CACHE/host-requirements.txt"
   pip_install -r "$CACHE/host-requirements.txt" || fail "could not install ComfyUI's requirements"
   rm -f "$STAMP"/host-*; touch "$STAMP/host-$host_hash"
 fi
