@@ -18,9 +18,9 @@ test: setup
 	$(PY) -m pytest -q -ra tests
 
 # ruff (lint, whole repository) and mypy (types, distill_core and nodes); settings in pyproject.toml.
+# Both run, so that one call shows all findings; it fails if either finds something.
 lint: setup
-	$(PY) -m ruff check .
-	$(PY) -m mypy
+	$(PY) -m ruff check .; ruff=$$?; $(PY) -m mypy && exit $$ruff
 
 bench: setup
 	$(PY) -m bench.run
