@@ -35,14 +35,14 @@ from torch import Tensor, nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from distill_core.reference import metrics
+from distill_core.reference import metrics  # noqa: E402
 from distill_core.reference.demo import (  # noqa: E402
     DEMO_CLASS_NAMES,
     DEMO_UNET_CONFIG,
     DEMO_WEIGHTS_PATH,
     METADATA_PREFIX,
     NUM_DEMO_CLASSES,
-    demo_mixture,  # noqa: E402
+    demo_mixture,
     demo_noise_space,
     encode_classes,
     unet_denoiser,
