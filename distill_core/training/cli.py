@@ -7,11 +7,13 @@ CPU, NCCL on CUDA, gradients averaged over the LoRA parameters). The JSON config
       "distill": {...DistillConfig fields...},
       "network": "package.module:factory",     # default: the built-in demo network
       "network_options": {...},                # passed to the factory
-      "output": "lora.safetensors",            # written by rank 0
+      "output": "lora.safetensors",            # written by rank 0 (dmd: the generator's LoRA)
       "checkpoint": "run.ckpt.safetensors",    # optional; with "resume": true it continues
       "resume": false,
       "lora_prefix": "diffusion_model.",
-      "log_every": 10
+      "log_every": 10,
+      "fake_score_output": "fake.safetensors", # dmd, optional: keep the fake score's LoRA (rank 0)
+      "fake_score_init": "fake.safetensors"    # dmd, optional: start the fake score from a kept one
     }
 
 A factory ``factory(options, config) -> HeadlessNetwork`` supplies the denoiser, the module
@@ -41,8 +43,8 @@ from ..safe_files import read_safetensors, write_safetensors
 from ..spaces import NoiseSpace, scaled_linear_alphas_cumprod
 from .conditioning import Denoiser
 from .config import DistillConfig, TrainingData
-from .lora import LoraSet, lora_state_dict
-from .trainer import DistillTrainer, TrainResult, attach_student_lora
+from .lora import lora_state_dict, weights_fingerprint
+from .trainer import LoraTrainer, TrainResult, build_trainer
 
 DEFAULT_NETWORK = f"{__package__}.cli:demo_network"
 CONFIG_FILE, DATA_FILE = "config.json", "data.safetensors"
@@ -59,7 +61,7 @@ class HeadlessNetwork:
 
 @dataclass
 class RunSummary:
-    loraset: LoraSet
+    trainer: LoraTrainer  # its LoRAs stay attached to the network
     result: TrainResult
     rank: int
     world_size: int
@@ -168,9 +170,9 @@ def init_distributed_from_env() -> bool:
     return True
 
 
-def _check_replicas_equal(loraset: LoraSet) -> None:
-    """Fail loudly if ranks ended with different LoRA weights (they must be replicas)."""
-    flat = torch.cat([p.detach().reshape(-1) for p in loraset.parameters()]).double().cpu()
+def _check_replicas_equal(trainer: LoraTrainer) -> None:
+    """Fail loudly if ranks ended with different trained weights (they must be replicas)."""
+    flat = torch.cat([p.detach().reshape(-1) for p in trainer.params]).double().cpu()
     reference = flat.clone()
     dist.broadcast(reference, src=0)
     difference = (flat - reference).abs().max().reshape(1)
@@ -181,39 +183,51 @@ def _check_replicas_equal(loraset: LoraSet) -> None:
 
 def run(settings: dict[str, Any]) -> RunSummary:
     """Train as the JSON ``settings`` say; rank 0 writes ``output``. Returns the attached LoRA."""
-    known = {"distill", "network", "network_options", "output", "checkpoint", "resume", "lora_prefix", "log_every"}
+    known = {"distill", "network", "network_options", "output", "checkpoint", "resume", "lora_prefix", "log_every",
+             "fake_score_output", "fake_score_init"}
     unknown = sorted(set(settings) - known)
     if unknown:
         raise ValueError(f"unknown config keys: {unknown}")
     config = DistillConfig.from_dict(settings.get("distill", {}))
+    if config.objective != "dmd" and ({"fake_score_output", "fake_score_init"} & set(settings)):
+        raise ValueError("fake_score_output / fake_score_init belong to the 'dmd' objective")
     started_group = init_distributed_from_env()
     try:
         rank = dist.get_rank() if dist.is_initialized() else 0
         world_size = dist.get_world_size() if dist.is_initialized() else 1
         network = import_network_factory(settings.get("network", DEFAULT_NETWORK))(settings.get("network_options", {}), config)
-        loraset = attach_student_lora(network.module, config)
         log_every = settings.get("log_every", 10)
 
-        def log(step: int, loss: float) -> None:
+        def log(step: int, losses: dict[str, float]) -> None:
             if rank == 0 and (step % log_every == 0 or step == config.steps):
-                print(json.dumps({"step": step, "loss": loss}), flush=True)
+                print(json.dumps({"step": step, **losses}), flush=True)
 
-        trainer = DistillTrainer(network.denoiser, loraset, network.space, config, network.data)
+        fake_state = None
+        if settings.get("fake_score_init"):
+            from .dmd import read_fake_score  # dmd.py builds on the trainer
+
+            fake_state = read_fake_score(settings["fake_score_init"], weights_fingerprint(network.module))
+        trainer = build_trainer(network.denoiser, network.module, network.space, config, network.data, fake_state)
         result = trainer.train(log, checkpoint_path=settings.get("checkpoint"), resume=settings.get("resume", False))
         if world_size > 1:
-            _check_replicas_equal(loraset)
+            _check_replicas_equal(trainer)
         if rank == 0 and settings.get("output"):
             metadata = {"stride.objective": config.objective, "stride.steps": str(result.steps_done),
                         "stride.config": json.dumps(config.to_dict())}
-            write_safetensors(settings["output"], lora_state_dict(loraset, settings.get("lora_prefix", "diffusion_model.")), metadata)
-        return RunSummary(loraset, result, rank, world_size)
+            write_safetensors(settings["output"], lora_state_dict(trainer.loraset, settings.get("lora_prefix", "diffusion_model.")), metadata)
+        if rank == 0 and settings.get("fake_score_output"):
+            from .dmd import FAKE, fake_score_metadata
+
+            write_safetensors(settings["fake_score_output"], lora_state_dict(trainer.adapters[FAKE]),
+                              fake_score_metadata(weights_fingerprint(network.module), config))
+        return RunSummary(trainer, result, rank, world_size)
     finally:
         if started_group:
             dist.destroy_process_group()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Stride LoRA consistency distillation (headless)")
+    parser = argparse.ArgumentParser(description="Stride LoRA distillation (headless)")
     parser.add_argument("--config", required=True, help="JSON file with the run settings")
     arguments = parser.parse_args(argv)
     with open(arguments.config, encoding="utf-8") as stream:

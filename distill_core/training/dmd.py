@@ -30,23 +30,25 @@ Read from the official code, tianweiy/DMD2 at commit 8d8fa55633d47cfb81bbc7a892e
 """
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Iterator
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..spaces import NoiseSpace
+from ..safe_files import read_safetensors
+from ..spaces import NoiseSpace, per_sample
+from .conditioning import Cond, Denoiser, cond_cat, cond_to
+from .config import DistillConfig, TrainingData
+from .lora import LoraSet, attach_lora, load_lora_state_dict, lora_state_dict
+from .trainer import STUDENT, LoraTrainer, step_seed
 
 MIN_STEP_PERCENT = 0.02
 MAX_STEP_PERCENT = 0.98
 GAN_GENERATOR_WEIGHT = 5e-3
 GAN_CLASSIFIER_WEIGHT = 1e-2
-
-
-def _column(values: Tensor, like: Tensor) -> Tensor:
-    return values.to(device=like.device, dtype=like.dtype).reshape(-1, *([1] * (like.ndim - 1)))
 
 
 # -- timesteps ------------------------------------------------------------------------------------
@@ -101,7 +103,7 @@ def generator_input(space: NoiseSpace, x0: Tensor, eps: Tensor, timesteps: Tenso
     sigma = space.sigma_of(timesteps).to(eps.device)
     a, b = space.coefficients(sigma)
     noised = space.noise(x0, eps, sigma.reshape(-1, *([1] * (eps.ndim - 1))))
-    pure = eps * _column((a**2 + b**2).sqrt(), eps)
+    pure = eps * per_sample((a**2 + b**2).sqrt(), eps)
     top = (timesteps == space.num_timesteps - 1).to(eps.device).reshape(-1, *([1] * (eps.ndim - 1)))
     return torch.where(top, pure, noised)
 
@@ -151,7 +153,7 @@ def fake_score_loss(x0_pred: Tensor, x0: Tensor, sigma: Tensor) -> Tensor:
     """Denoising loss of the fake score: ``mean(((x0_pred - x0) / sigma)^2)``, the MSE of the velocity
     ``(x - x0) / sigma`` (eps in VE spaces, eps - x0 in flow spaces), in at least float32."""
     dtype = torch.promote_types(x0_pred.dtype, torch.float32)
-    return (((x0_pred.to(dtype) - x0.to(dtype)) / _column(sigma, x0_pred).to(dtype)) ** 2).mean()
+    return (((x0_pred.to(dtype) - x0.to(dtype)) / per_sample(sigma, x0_pred).to(dtype)) ** 2).mean()
 
 
 def gan_generator_loss(fake_logits: Tensor) -> Tensor:
@@ -181,12 +183,281 @@ def classifier_head(channels: int, size: int, groups: int = 32) -> nn.Sequential
     return nn.Sequential(*layers)
 
 
-@contextlib.contextmanager
-def captured_output(module: nn.Module) -> Iterator[list[Tensor]]:
-    """Inside the block, every output of ``module`` is appended to the yielded list (a forward hook)."""
-    outputs: list[Tensor] = []
-    handle = module.register_forward_hook(lambda _module, _args, output: outputs.append(output))
-    try:
-        yield outputs
-    finally:
-        handle.remove()
+# -- the trainer ----------------------------------------------------------------------------------
+FAKE = "fake"
+"""The role of the fake score's LoRA (and of the GAN head, trained with it)."""
+FAKE_SCORE_FORMAT = "stride-dmd-fake-score-1"
+
+
+class _FeaturesReached(Exception):
+    """Raised by the feature hook: the rest of the network's forward is not needed."""
+
+
+def attach_fake_score_lora(module: nn.Module, config: DistillConfig) -> LoraSet:
+    """The fake score's LoRA on ``module``: like the student's, initialised from ``config.seed + 1``.
+
+    Its up factors are zero, so the fake score starts as the teacher (DMD2 copies the teacher's weights).
+    """
+    with torch.random.fork_rng():
+        torch.manual_seed(config.seed + 1)
+        return attach_lora(module, config.rank, config.alpha, config.target_layers, config.name_filter,
+                           skip_small_layers=config.skip_small_layers)
+
+
+def fake_score_metadata(fingerprint: str, config: DistillConfig) -> dict[str, str]:
+    """Metadata of a kept fake-score LoRA file: what it is and which base network it belongs to."""
+    return {"stride.format": FAKE_SCORE_FORMAT, "stride.base_fingerprint": fingerprint,
+            "stride.rank": str(config.rank), "stride.alpha": str(config.alpha)}
+
+
+def read_fake_score(path: str, fingerprint: str) -> dict[str, Tensor]:
+    """A kept fake-score LoRA (``diffusion_model.*`` keys), refused unless it was trained on the base network
+    whose :func:`~distill_core.training.lora.weights_fingerprint` is ``fingerprint``."""
+    tensors, metadata = read_safetensors(path)
+    if metadata.get("stride.format") != FAKE_SCORE_FORMAT:
+        raise ValueError(f"{path} is not a Stride DMD fake-score LoRA (format {metadata.get('stride.format')!r}); "
+                         "keep the fake score of a dmd run to get one")
+    if metadata.get("stride.base_fingerprint") != fingerprint:
+        raise ValueError(f"{path} is the fake score of another base model (weights fingerprint "
+                         f"{metadata.get('stride.base_fingerprint')}, this model's is {fingerprint}); use a fake score "
+                         "kept from a run on this model")
+    return tensors
+
+
+def step_weights(space: NoiseSpace, timesteps: Tensor) -> Tensor:
+    """``1 / sigma(t)`` per sample: the generator loss of a step at ``t`` in the units of an eps or velocity
+    network's own output (``x0 = x - sigma * output``), so that AdamW moves every generator step alike."""
+    return 1 / space.sigma_of(timesteps)
+
+
+@dataclass
+class _DMDBatch:
+    """Every random draw of one iteration (a function of seed, rank and step)."""
+
+    cond: Cond
+    uncond: Cond
+    start: Tensor  # the clean latents the generator's input is noised from (zeros: pure noise)
+    timesteps: Tensor  # generator timestep per sample
+    eps: Tensor  # noise of the generator's input
+    dm_timesteps: Tensor
+    dm_noise: Tensor
+    fake_timesteps: Tensor
+    fake_noise: Tensor
+    real: Tensor | None  # real latents for the GAN term
+    real_cond: Cond | None
+    gan_timesteps: Tensor | None  # fake then real, for the diffusion-GAN noise
+    gan_noise: Tensor | None
+
+
+class DMDTrainer(LoraTrainer):
+    """DMD2 with one base network: generator = teacher + student LoRA, real score = teacher (LoRAs off, CFG
+    ``guidance_scale``), fake score = teacher + fake LoRA trained by denoising the generator's samples.
+
+    Iteration ``i`` (see the module docstring for the sources): the generator makes a sample from its input
+    (backward simulation from pure noise, or given latents noised to a generator timestep); on iterations with
+    ``i % ttur == 0`` the generator takes a step on the distribution-matching loss (plus the GAN loss); then the
+    fake score takes a step on the detached sample. Losses: ``"generator"`` (on generator iterations) and ``"fake"``.
+    """
+
+    def __init__(self, denoiser: Denoiser, loraset: LoraSet, space: NoiseSpace, config: DistillConfig,
+                 data: TrainingData, fake_state: Mapping[str, Tensor] | None = None) -> None:
+        if config.objective != "dmd":
+            raise ValueError(f"DMDTrainer trains the 'dmd' objective, the config says {config.objective!r}")
+        if config.generator_timesteps is None:
+            self.timesteps = generator_timesteps(config.generator_steps, space.num_timesteps)
+        else:
+            self.timesteps = check_generator_timesteps(list(config.generator_timesteps), space.num_timesteps)
+        needs_latents = config.gan_features is not None
+        if needs_latents and data.latents is None:
+            raise ValueError("the GAN term (gan_features) compares the generator's samples with real latents; give "
+                             "training images or latents, or leave gan_features unset")
+        super().__init__(denoiser, loraset, space, config, data)
+        self.dm_range = dm_timestep_range(space.num_timesteps, config.min_step_percent, config.max_step_percent)
+        self.shape = tuple(data.latents.shape[1:]) if data.latents is not None else tuple(data.latent_shape)
+        self.dtype = loraset.parameters()[0].dtype
+        fake = attach_fake_score_lora(loraset.root, config)
+        try:
+            if fake_state is not None:
+                load_lora_state_dict(fake, fake_state)
+            self.feature_module = head = None
+            if config.gan_features is not None:
+                self.feature_module, head = self._classifier(fake, config.gan_features)
+            self.add_role(FAKE, fake, config.fake_lr, head)
+        except BaseException:
+            fake.remove()
+            raise
+
+    # -- networks -------------------------------------------------------------------------------
+    def _run(self, x: Tensor, timesteps: Tensor, cond: Cond) -> Tensor:
+        """The network (with whichever LoRAs are on) at integer ``timesteps``: its x0."""
+        return self.denoiser(x, self.space.sigma_of(timesteps).to(device=x.device, dtype=x.dtype), cond)
+
+    def real_x0(self, x: Tensor, timesteps: Tensor, cond: Cond, uncond: Cond) -> Tensor:
+        """The real score's x0: the teacher with CFG ``uncond + g (cond - uncond)`` (one pass when ``g = 1``)."""
+        guidance = self.config.guidance_scale
+        if guidance == 1:
+            with torch.no_grad(), self.roles():
+                return self._run(x, timesteps, cond)
+        sigma = self.space.sigma_of(timesteps).to(device=x.device, dtype=x.dtype)
+        return self.teacher_x0(x, sigma, cond, uncond, torch.full((x.shape[0],), guidance - 1.0, dtype=torch.float64))
+
+    def features(self, x: Tensor, timesteps: Tensor, cond: Cond) -> Tensor:
+        """The fake score network's output at ``gan_features`` (its forward stops there)."""
+        captured: list[Tensor] = []
+
+        def stop(_module: nn.Module, _args: tuple, output: Tensor) -> None:
+            captured.append(output)
+            raise _FeaturesReached
+
+        handle = self.feature_module.register_forward_hook(stop)
+        try:
+            with self.roles(FAKE):
+                self._run(x, timesteps, cond)
+        except _FeaturesReached:
+            pass
+        finally:
+            handle.remove()
+        if not captured:
+            raise ValueError(f"the network's forward never reached gan_features module '{self.config.gan_features}'")
+        return captured[0]
+
+    def _classifier(self, fake: LoraSet, name: str) -> tuple[nn.Module, nn.Module]:
+        """The feature module and DMD2's classifier head for its output shape (seeded by ``config.seed + 2``)."""
+        try:
+            module = fake.root.get_submodule(name)
+        except AttributeError:
+            raise ValueError(f"gan_features: the network has no module named '{name}'") from None
+        self.feature_module = module
+        probe = torch.zeros((1, *self.shape), dtype=self.dtype, device=self.device)
+        with torch.no_grad():
+            shape = self.features(probe, self.timesteps[:1], self.conds[0]).shape
+        if len(shape) != 4 or shape[-1] != shape[-2]:
+            raise ValueError(f"gan_features: '{name}' gives features of shape {tuple(shape)}; the classifier head needs "
+                             "square (batch, channels, size, size) feature maps")
+        with torch.random.fork_rng():
+            torch.manual_seed(self.config.seed + 2)
+            head = classifier_head(shape[1], shape[-1]).to(device=self.device, dtype=self.dtype)
+        return module, head
+
+    def realism_logits(self, x: Tensor, timesteps: Tensor, noise: Tensor, cond: Cond) -> Tensor:
+        """The classifier's logits for latents ``x`` noised to ``timesteps`` (DMD2's diffusion GAN)."""
+        noised = self.space.noise(x, noise, per_sample(self.space.sigma_of(timesteps), x))
+        return self.modules[FAKE](self.features(noised, timesteps, cond).to(self.dtype)).reshape(-1)
+
+    # -- one iteration --------------------------------------------------------------------------
+    def prepare_data(self) -> None:
+        """Training latents are needed only without backward simulation (the GAN reads the given ones)."""
+        if not self.config.backward_simulation:
+            self.latents()
+
+    def sample_batch(self, step: int) -> _DMDBatch:
+        """The draws of iteration ``step``; the backward-simulation depth is the same on every rank."""
+        config, batch, num = self.config, self.config.batch, self.space.num_timesteps
+        generator = self._generator(step)
+
+        def noise() -> Tensor:
+            return torch.randn((batch, *self.shape), generator=generator, dtype=self.dtype).to(self.device)
+
+        uncond = cond_cat([self.uncond] * batch)
+        latents = None if config.backward_simulation else self.latents()
+        picks = None if latents is None else torch.randint(len(latents), (batch,), generator=generator)
+        paired = picks is not None and self.data.paired and self.data.latents is not None
+        cond_ids = picks if paired else torch.randint(len(self.conds), (batch,), generator=generator)
+        cond = cond_cat([self.conds[i] for i in cond_ids.tolist()])
+        if latents is not None:
+            start = latents[picks.to(latents.device)].to(self.device, self.dtype)
+            timesteps = self.timesteps[torch.randint(len(self.timesteps), (batch,), generator=generator)]
+        else:
+            shared = torch.Generator().manual_seed(step_seed(config.seed, 0, step))
+            depth = int(torch.randint(len(self.timesteps), (1,), generator=shared))
+            with self.roles(STUDENT):
+                start = backward_simulation(lambda x, t: self._run(x, t, cond), self.space, self.timesteps, depth,
+                                            noise(), noise)
+            timesteps = self.timesteps[depth].expand(batch)
+        eps = noise()
+        dm_timesteps = sample_dm_timesteps(batch, self.dm_range, num, generator)
+        dm_noise = noise()
+        fake_timesteps = torch.randint(0, num, (batch,), generator=generator)
+        fake_noise = noise()
+        real = real_cond = gan_timesteps = gan_noise = None
+        if self.feature_module is not None:
+            real_picks = torch.randint(len(self.data.latents), (batch,), generator=generator)
+            real = self.data.latents[real_picks.to(self.data.latents.device)].to(self.device, self.dtype)
+            real_cond = (cond_cat([self.conds[i] for i in real_picks.tolist()]) if self.data.paired else uncond)
+            gan_timesteps = torch.randint(0, num, (2 * batch,), generator=generator)
+            gan_noise = torch.cat([noise(), noise()])
+        return _DMDBatch(cond, uncond, start, timesteps, eps, dm_timesteps, dm_noise, fake_timesteps, fake_noise,
+                         real, real_cond, gan_timesteps, gan_noise)
+
+    def generate(self, batch: _DMDBatch, grad: bool) -> Tensor:
+        """The generator's sample (x0 at its timestep), with a graph into the student LoRA when ``grad``."""
+        x = generator_input(self.space, batch.start, batch.eps, batch.timesteps)
+        with self.roles(STUDENT), torch.set_grad_enabled(grad):
+            return self._run(x, batch.timesteps, batch.cond)
+
+    def generator_losses(self, x: Tensor, batch: _DMDBatch) -> tuple[Tensor, Tensor]:
+        """``(loss to minimise, loss to report)``: the DM loss (weighted per generator step when
+        ``balance_generator_steps``) plus the GAN term; the reported one is unweighted."""
+        space, t = self.space, batch.dm_timesteps
+        with torch.no_grad():
+            x_t = space.noise(x.detach(), batch.dm_noise, per_sample(space.sigma_of(t), x))
+            with self.roles(FAKE):
+                x0_fake = self._run(x_t, t, batch.cond)
+            x0_real = self.real_x0(x_t, t, batch.cond, batch.uncond)
+        grad = distribution_matching_gradient(x, x0_real, x0_fake)
+        reported = distribution_matching_loss(x.detach(), grad)
+        if self.config.balance_generator_steps:
+            grad = grad * per_sample(step_weights(space, batch.timesteps), grad)
+        loss = distribution_matching_loss(x, grad)
+        if self.feature_module is not None and self.config.gan_generator_weight > 0:
+            size = x.shape[0]
+            gan = self.config.gan_generator_weight * gan_generator_loss(
+                self.realism_logits(x, batch.gan_timesteps[:size], batch.gan_noise[:size], self._gan_cond(batch)))
+            loss, reported = loss + gan, reported + gan.detach()
+        return loss, reported
+
+    def _gan_cond(self, batch: _DMDBatch) -> Cond:
+        """Generated samples are classified with their prompt when the data is paired, else all with the empty one."""
+        return batch.cond if self.data.paired else batch.uncond
+
+    def fake_loss(self, x: Tensor, batch: _DMDBatch) -> Tensor:
+        """The fake score's denoising loss on the detached sample, plus the classifier's GAN loss."""
+        t = batch.fake_timesteps
+        sigma = self.space.sigma_of(t)
+        x_t = self.space.noise(x, batch.fake_noise, per_sample(sigma, x))
+        with self.roles(FAKE):
+            loss = fake_score_loss(self._run(x_t, t, batch.cond), x, sigma)
+        if self.feature_module is not None and self.config.gan_classifier_weight > 0:
+            both = torch.cat([x, batch.real])
+            logits = self.realism_logits(both, batch.gan_timesteps, batch.gan_noise,
+                                         cond_cat([self._gan_cond(batch), batch.real_cond]))
+            fake_logits, real_logits = logits.chunk(2)
+            loss = loss + self.config.gan_classifier_weight * gan_classifier_loss(real_logits, fake_logits)
+        return loss
+
+    def train_step(self, step: int) -> dict[str, float]:
+        """One DMD2 iteration; losses ``"generator"`` (generator iterations only) and ``"fake"``, NaN if not finite."""
+        batch = self.sample_batch(step)
+        generator_turn = step % self.config.ttur == 0
+        x = self.generate(batch, grad=generator_turn)
+        losses: dict[str, float] = {}
+        if generator_turn:
+            self.optimizers[STUDENT].zero_grad(set_to_none=True)
+            loss, reported = self.generator_losses(x, batch)
+            loss.backward()
+            stepped = self.step_gradients(STUDENT)
+            value = self.rank_mean(reported)
+            losses["generator"] = value if stepped and math.isfinite(value) else math.nan
+            if math.isnan(losses["generator"]):
+                return losses
+        self.optimizers[FAKE].zero_grad(set_to_none=True)
+        loss = self.fake_loss(x.detach(), batch)
+        loss.backward()
+        stepped = self.step_gradients(FAKE)
+        value = self.rank_mean(loss)
+        losses["fake"] = value if stepped and math.isfinite(value) else math.nan
+        return losses
+
+    def fake_state_dict(self) -> dict[str, Tensor]:
+        """The fake score's LoRA with ComfyUI keys (``diffusion_model.*``), to keep it for a later run."""
+        return lora_state_dict(self.adapters[FAKE])

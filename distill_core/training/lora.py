@@ -255,6 +255,15 @@ def attach_lora(
     return LoraSet(module, adapters)
 
 
+def weights_fingerprint(module: nn.Module) -> str:
+    """A short hash of a network's weights (index-weighted sum of every tensor's sum, in name order), so a
+    LoRA records which base it was trained on."""
+    digest = torch.zeros((), dtype=torch.float64)
+    for index, (_, tensor) in enumerate(sorted(module.state_dict().items())):
+        digest += (index + 1) * tensor.detach().double().sum().cpu()
+    return f"{float(digest):.10e}"
+
+
 def ensure_autograd_compatible(module: nn.Module) -> int:
     """Replace parameters and buffers created under ``torch.inference_mode`` by equal normal tensors.
 
@@ -293,20 +302,33 @@ def lora_state_dict(loraset: LoraSet, prefix: str = "diffusion_model.", dtype: t
     return state
 
 
-def load_lora_state_dict(loraset: LoraSet, state_dict: Mapping[str, Tensor], prefix: str = "diffusion_model.") -> None:
-    """Copy weights and alphas of a :func:`lora_state_dict` into ``loraset`` (shapes must match)."""
+def check_lora_state_dict(loraset: LoraSet, state_dict: Mapping[str, Tensor], prefix: str = "diffusion_model.") -> None:
+    """Raise ``ValueError`` unless ``state_dict`` holds every key of ``loraset`` with the adapter's shape."""
     missing = [key for key in lora_state_dict_keys(loraset, prefix) if key not in state_dict]
     if missing:
         raise ValueError(f"LoRA state is missing {len(missing)} key(s), e.g. {missing[:3]}")
+    wrong = [f"{key} has shape {tuple(state_dict[key].shape)}, expected {tuple(param.shape)}"
+             for param, key in _weight_keys(loraset, prefix) if state_dict[key].shape != param.shape]
+    if wrong:
+        raise ValueError(f"LoRA weight {wrong[0]}" + (f" (and {len(wrong) - 1} more)" if len(wrong) > 1 else ""))
+
+
+def _weight_keys(loraset: LoraSet, prefix: str) -> list[tuple[nn.Parameter, str]]:
+    return [(getattr(adapter, part).weight, f"{prefix}{name}.{part}.weight")
+            for name, adapter in loraset.adapters.items() for part in ("lora_up", "lora_down")]
+
+
+def load_lora_state_dict(loraset: LoraSet, state_dict: Mapping[str, Tensor], prefix: str = "diffusion_model.") -> None:
+    """Copy weights and alphas of a :func:`lora_state_dict` into ``loraset``.
+
+    Every key and shape is checked first (:func:`check_lora_state_dict`): a refused state leaves ``loraset`` untouched.
+    """
+    check_lora_state_dict(loraset, state_dict, prefix)
+    pairs = _weight_keys(loraset, prefix)
     with torch.no_grad():
+        for param, key in pairs:
+            param.copy_(state_dict[key])
         for name, adapter in loraset.adapters.items():
-            for part in ("lora_up", "lora_down"):
-                param = getattr(adapter, part).weight
-                value = state_dict[f"{prefix}{name}.{part}.weight"]
-                if value.shape != param.shape:
-                    raise ValueError(f"LoRA weight {prefix}{name}.{part}.weight has shape {tuple(value.shape)}, "
-                                     f"expected {tuple(param.shape)}")
-                param.copy_(value)
             adapter.alpha = float(state_dict[f"{prefix}{name}.alpha"])
 
 

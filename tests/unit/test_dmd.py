@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from distill_core.distill_cli import DemoEpsNet
+from distill_core.training.cli import DemoEpsNet
 from distill_core.spaces import NoiseSpace, scaled_linear_alphas_cumprod
 from distill_core.training.dmd import (
     backward_simulation,
