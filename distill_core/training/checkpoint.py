@@ -3,12 +3,14 @@ settings and loss history, in one safetensors file (never pickle).
 
 A run trains one LoRA per *role* (``"student"``; the ``dmd`` objective adds ``"fake"``), each with its own
 AdamW. Keys: ``lora.<role>.<module>.lora_{up,down}.weight`` / ``.alpha``,
-``optimizer.<role>.state.<index>.<name>``, ``module.<name>.<key>`` (e.g. the GAN head), ``history.<series>``
-(float64, one value per step, NaN where the step has none), ``rng.torch`` / ``rng.cuda.<device>``.
+``optimizer.<role>.state.<index>.<name>``, ``module.<name>.<key>`` (e.g. the GAN head),
+``history.<series>.steps`` / ``.values`` (the 0-based steps that have a value of the series, and the float64
+values; files hold no NaN), ``rng.torch`` / ``rng.cuda.<device>``.
 """
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -74,7 +76,9 @@ def save_checkpoint(
     for name, module in (modules or {}).items():
         tensors.update({f"module.{name}.{key}": value.detach() for key, value in module.state_dict().items()})
     for series, values in history.items():
-        tensors[f"history.{series}"] = torch.tensor(values, dtype=torch.float64)
+        steps = [step for step, value in enumerate(values) if not math.isnan(value)]
+        tensors[f"history.{series}.steps"] = torch.tensor(steps, dtype=torch.int64)
+        tensors[f"history.{series}.values"] = torch.tensor([values[step] for step in steps], dtype=torch.float64)
     tensors["rng.torch"] = torch.get_rng_state()
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         for device_index, cuda_state in enumerate(torch.cuda.get_rng_state_all()):
@@ -106,9 +110,14 @@ def load_checkpoint(path: str) -> TrainingCheckpoint:
                 if name != "params" and isinstance(value, list):
                     group[name] = tuple(value)
         optimizers[role] = {"state": param_state, "param_groups": groups}
-    history = {key[len("history."):]: [float(v) for v in value.tolist()]
-               for key, value in tensors.items() if key.startswith("history.")}
+    step = int(metadata["step"])
+    history = {}
+    for series, parts in _split(tensors, "history.").items():
+        values = [math.nan] * step
+        for index, value in zip(parts["steps"].tolist(), parts["values"].tolist()):
+            values[index] = value
+        history[series] = values
     rng = {key[len("rng."):]: value for key, value in tensors.items() if key.startswith("rng.")}
-    return TrainingCheckpoint(int(metadata["step"]), json.loads(metadata["config"]), _split(tensors, "lora."),
+    return TrainingCheckpoint(step, json.loads(metadata["config"]), _split(tensors, "lora."),
                               optimizers, _split(tensors, "module."), history, rng)
 

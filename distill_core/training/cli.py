@@ -93,21 +93,34 @@ def eps_denoiser(net: nn.Module, space: NoiseSpace) -> Denoiser:
     return denoise
 
 
+def velocity_denoiser(net: nn.Module, space: NoiseSpace) -> Denoiser:
+    """``x0 = x - sigma * v(x, 1000 sigma, cond)``: ComfyUI's CONST (rectified flow) ``apply_model``."""
+    def denoise(x: Tensor, sigma: Tensor, cond: Tensor) -> Tensor:
+        sigma_column = sigma.reshape(-1, *([1] * (x.ndim - 1)))
+        return x - sigma_column * net(x, sigma * 1000, cond)
+    return denoise
+
+
 def demo_network(options: dict[str, Any], config: DistillConfig) -> HeadlessNetwork:
-    """The demo: seeded random net, random conditionings, random latents or data-free."""
+    """The demo: seeded random net, random conditionings, random latents or data-free; an EPS model in the
+    SD1.5 VE space, or with ``"prediction": "velocity"`` a flow model (shift ``options["shift"]``, default 3)."""
     channels, size = options.get("channels", 4), options.get("size", 8)
     cond_dim, dtype = options.get("cond_dim", 8), getattr(torch, options.get("dtype", "float32"))
     generator = torch.Generator().manual_seed(options.get("seed", 0))
     with torch.random.fork_rng():
         torch.manual_seed(options.get("seed", 0))
         net = DemoEpsNet(channels, options.get("hidden", 16), cond_dim).to(dtype)
-    space = NoiseSpace.from_alphas_cumprod(scaled_linear_alphas_cumprod())
+    prediction = options.get("prediction", "eps")
+    if prediction not in ("eps", "velocity"):
+        raise ValueError(f"demo network prediction must be 'eps' or 'velocity', got {prediction!r}")
+    flow = prediction == "velocity"
+    space = NoiseSpace.flow(options.get("shift", 3.0)) if flow else NoiseSpace.from_alphas_cumprod(scaled_linear_alphas_cumprod())
     conds = [torch.randn(1, cond_dim, generator=generator, dtype=dtype) for _ in range(options.get("num_conds", 4))]
     uncond = torch.zeros(1, cond_dim, dtype=dtype)
     num_latents = options.get("num_latents", 8)
     latents = torch.randn(num_latents, channels, size, size, generator=generator, dtype=dtype) if num_latents else None
     data = TrainingData(conds, uncond, latents=latents, latent_shape=(channels, size, size))
-    return HeadlessNetwork(eps_denoiser(net, space), net, space, data)
+    return HeadlessNetwork((velocity_denoiser if flow else eps_denoiser)(net, space), net, space, data)
 
 
 def save_training_data(path: str | os.PathLike, data: TrainingData) -> None:

@@ -1,13 +1,26 @@
 """DMD2 pieces against direct computations in the official code's own form (tianweiy/DMD2 @ 8d8fa55)."""
 from __future__ import annotations
 
+import copy
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
 
-from distill_core.training.cli import DemoEpsNet
+from distill_core.safe_files import read_safetensors
+from distill_core.training.checkpoint import load_checkpoint
+from distill_core.training.cli import DemoEpsNet, demo_network, eps_denoiser, velocity_denoiser
+from distill_core.training.config import DistillConfig
+from distill_core.training.trainer import STUDENT, build_trainer, step_seed
 from distill_core.spaces import NoiseSpace, scaled_linear_alphas_cumprod
 from distill_core.training.dmd import (
+    FAKE,
     backward_simulation,
     check_generator_timesteps,
     classifier_head,
@@ -22,6 +35,8 @@ from distill_core.training.dmd import (
     sample_dm_timesteps,
 )
 
+REPO = os.path.join(os.path.dirname(__file__), "..", "..")
+ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
 ALPHAS = scaled_linear_alphas_cumprod()
 VE = NoiseSpace.from_alphas_cumprod(ALPHAS)
 FLOW = NoiseSpace.flow(3.0)
@@ -207,3 +222,269 @@ def test_classifier_head_has_the_official_layout(size, strides):
     assert [conv.stride[0] for conv in convs] == strides
     assert [conv.kernel_size[0] for conv in convs][-1] == 1 and all(k == 4 for k in [c.kernel_size[0] for c in convs][:-1])
     assert head(torch.randn(3, 64, size, size)).shape == (3, 1, 1, 1)
+
+
+# -- the trainer: one base network, three roles -------------------------------------------------------
+def dmd_setup(data_free: bool = True, prediction: str = "eps", **overrides):
+    """The CLI's demo network (float64) with a dmd trainer attached; small settings."""
+    settings = dict(objective="dmd", steps=8, rank=2, batch=2, lr=1e-3, ttur=2, guidance_scale=1.5, seed=3)
+    config = DistillConfig(**{**settings, **overrides})
+    options = {"dtype": "float64", "num_latents": 0 if data_free else 6, "hidden": 8, "prediction": prediction}
+    network = demo_network(options, config)
+    return network, build_trainer(network.denoiser, network.module, network.space, config, network.data)
+
+
+def randomise_loras(trainer) -> None:
+    """Non-zero up factors, so every role's network differs from the teacher."""
+    generator = torch.Generator().manual_seed(11)
+    with torch.no_grad():
+        for param in trainer.params:
+            param.copy_(torch.randn(param.shape, generator=generator, dtype=param.dtype) * 0.3)
+
+
+def merged_copy(module, loraset):
+    """A separate copy of the network (without the LoRA hooks) with ``loraset``'s low-rank products added to its weights."""
+    copy_ = copy.deepcopy(module)
+    for submodule in copy_.modules():
+        submodule._forward_hooks.clear()
+    with torch.no_grad():
+        for name, adapter in (loraset.adapters.items() if loraset is not None else []):
+            layer = copy_.get_submodule(name)
+            up, down = adapter.lora_up.weight.flatten(1), adapter.lora_down.weight.flatten(1)
+            layer.weight += (adapter.alpha / adapter.rank) * (up @ down).reshape(layer.weight.shape)
+    for param in copy_.parameters():
+        param.requires_grad_(False)
+    return copy_
+
+
+def role_networks(network, trainer):
+    """Denoisers of the teacher, generator and fake score as separate merged copies (no hooks)."""
+    wrap = eps_denoiser if network.space.kind == "ve" else velocity_denoiser
+    return {role: wrap(merged_copy(network.module, loraset), network.space)
+            for role, loraset in {"teacher": None, STUDENT: trainer.adapters[STUDENT], FAKE: trainer.adapters[FAKE]}.items()}
+
+
+def test_all_loras_off_is_the_teacher_bit_for_bit_and_roles_switch_adapters():
+    network, trainer = dmd_setup()
+    randomise_loras(trainer)
+    x = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    sigma = torch.tensor([14.6, 1.0, 0.1], dtype=torch.float64)
+    cond = torch.cat(network.data.conds[:3])
+    untouched = copy.deepcopy(network.module)
+    for submodule in untouched.modules():
+        submodule._forward_hooks.clear()
+    with torch.no_grad():
+        plain = eps_denoiser(untouched, network.space)(x, sigma, cond)
+        with trainer.roles():
+            off = network.denoiser(x, sigma, cond)
+        assert torch.equal(off, plain)
+        references = role_networks(network, trainer)
+        for role in (STUDENT, FAKE):
+            with trainer.roles(role):
+                hooked = network.denoiser(x, sigma, cond)
+            assert torch.allclose(hooked, references[role](x, sigma, cond), atol=1e-12, rtol=0)
+            assert (hooked - plain).abs().max() > 1e-3
+    trainer.detach()
+    with torch.no_grad():
+        assert torch.equal(network.denoiser(x, sigma, cond), plain)
+
+
+@pytest.mark.parametrize("prediction", ["eps", "velocity"])
+def test_generator_gradient_and_fake_score_loss_equal_direct_computations(prediction):
+    network, trainer = dmd_setup(data_free=False, backward_simulation=False, prediction=prediction)
+    randomise_loras(trainer)
+    references = role_networks(network, trainer)
+    space, guidance = network.space, trainer.config.guidance_scale
+    batch = trainer.sample_batch(0)
+    with torch.inference_mode(False):
+        x = trainer.generate(batch, grad=True)
+        x.retain_grad()
+        loss, reported = trainer.generator_losses(x, batch)
+        loss.backward()
+    t_in = batch.timesteps
+    x_in = generator_input(space, batch.start, batch.eps, t_in)
+    with torch.no_grad():
+        expected_x = references[STUDENT](x_in, space.sigma_of(t_in), batch.cond)
+        assert torch.allclose(x, expected_x, atol=1e-12, rtol=0)
+        t = batch.dm_timesteps
+        sigma = space.sigma_of(t)
+        x_t = space.noise(x.detach(), batch.dm_noise, sigma.reshape(-1, 1, 1, 1))
+        cond_x0 = references["teacher"](x_t, sigma, batch.cond)
+        uncond_x0 = references["teacher"](x_t, sigma, batch.uncond)
+        real = uncond_x0 + guidance * (cond_x0 - uncond_x0)
+        fake = references[FAKE](x_t, sigma, batch.cond)
+        gradient = (fake - real) / (x - real).abs().mean(dim=(1, 2, 3), keepdim=True)
+        weight = 1 / space.sigma_of(t_in).reshape(-1, 1, 1, 1)
+    assert torch.allclose(x.grad, weight * gradient / x.numel(), atol=1e-14, rtol=1e-9)
+    assert torch.allclose(reported, 0.5 * (gradient**2).mean(), rtol=1e-9)
+    # the fake score's loss on the detached sample: velocity MSE of the fake network's denoising
+    fake_loss = trainer.fake_loss(x.detach(), batch)
+    t_f = batch.fake_timesteps
+    sigma_f = space.sigma_of(t_f).reshape(-1, 1, 1, 1)
+    x_f = space.noise(x.detach(), batch.fake_noise, sigma_f)
+    with torch.no_grad():
+        x0_f = references[FAKE](x_f, sigma_f.reshape(-1), batch.cond)
+    expected = (((x_f - x0_f) / sigma_f - (x_f - x.detach()) / sigma_f) ** 2).mean()
+    assert torch.allclose(fake_loss, expected, rtol=1e-9)
+
+
+def test_backward_simulation_runs_the_current_generator_from_pure_noise():
+    network, trainer = dmd_setup(generator_steps=4)
+    randomise_loras(trainer)
+    generator_net = role_networks(network, trainer)[STUDENT]
+    space, config = network.space, trainer.config
+    depths = set()
+    for step in range(6):
+        batch = trainer.sample_batch(step)
+        # the draws of sample_batch, in its order: prompts, then (shared) depth, then the rollout's noise
+        draws = trainer._generator(step)
+        cond_ids = torch.randint(len(trainer.conds), (config.batch,), generator=draws)
+        assert torch.equal(batch.cond, torch.cat([trainer.conds[i] for i in cond_ids.tolist()]))
+        depth = int(torch.randint(4, (1,), generator=torch.Generator().manual_seed(step_seed(config.seed, 0, step))))
+        depths.add(depth)
+        assert torch.equal(batch.timesteps, trainer.timesteps[depth].expand(config.batch))
+
+        def noise():
+            return torch.randn((config.batch, 4, 8, 8), generator=draws, dtype=torch.float64)
+
+        x, expected = generator_input(space, torch.zeros(config.batch, 4, 8, 8, dtype=torch.float64), noise(),
+                                      trainer.timesteps[:1].expand(config.batch)), torch.zeros(config.batch, 4, 8, 8, dtype=torch.float64)
+        with torch.no_grad():
+            for index in range(depth):
+                t = trainer.timesteps[index].expand(config.batch)
+                expected = generator_net(x, space.sigma_of(t), batch.cond)
+                if index + 1 < depth:
+                    x = generator_input(space, expected, noise(), trainer.timesteps[index + 1].expand(config.batch))
+        assert torch.allclose(batch.start, expected, atol=1e-12, rtol=0)
+    assert len(depths) > 1
+
+
+def trained_vector(trainer) -> torch.Tensor:
+    return torch.cat([param.detach().reshape(-1) for param in trainer.params])
+
+
+@pytest.mark.parametrize("data_free,overrides", [(True, {}), (False, {"backward_simulation": False}),
+                                                 (False, {"gan_features": "conv_mid"})],
+                         ids=["backward-simulation", "with-images", "gan"])
+def test_resume_gives_the_same_loras_optimizers_and_history_as_an_uninterrupted_run(tmp_path, data_free, overrides):
+    network, trainer = dmd_setup(data_free, **overrides)
+    whole = trainer.train()
+    uninterrupted = trained_vector(trainer)
+    assert set(whole.losses) == {"generator", "fake"} and len(whole.losses["fake"]) == 8
+    assert [math.isnan(v) for v in whole.losses["generator"]] == [step % 2 == 1 for step in range(8)]
+
+    checkpoint = str(tmp_path / "run.ckpt.safetensors")
+    network, trainer = dmd_setup(data_free, **overrides)
+    polls = iter(range(100))
+    first = trainer.train(should_stop=lambda: next(polls) >= 3, checkpoint_path=checkpoint)
+    assert first.cancelled and first.steps_done == 3
+    saved = load_checkpoint(checkpoint)
+    assert set(saved.loras) == set(saved.optimizers) == {STUDENT, FAKE}
+    assert set(saved.modules) == ({FAKE} if overrides.get("gan_features") else set())
+
+    network, trainer = dmd_setup(data_free, **overrides)
+    torch.manual_seed(123)  # the checkpoint restores the torch RNG
+    second = trainer.train(checkpoint_path=checkpoint, resume=True)
+    assert second.steps_done == 8
+    assert (trained_vector(trainer) - uninterrupted).abs().max() < 1e-6
+    for series in ("generator", "fake"):  # the history covers the whole run
+        assert torch.allclose(torch.tensor(second.losses[series]), torch.tensor(whole.losses[series]), rtol=1e-6,
+                              atol=0, equal_nan=True)
+    assert os.listdir(tmp_path) == ["run.ckpt.safetensors"]
+
+
+def test_the_fake_score_learns_the_generator_samples():
+    network, trainer = dmd_setup(steps=60, lr=3e-3, batch=4, ttur=1000)  # one generator step, then the fake score alone
+
+    def held_out_loss() -> float:
+        with torch.no_grad():
+            batches = [trainer.sample_batch(10_000 + i) for i in range(6)]
+            return sum(float(trainer.fake_loss(trainer.generate(batch, False), batch)) for batch in batches) / 6
+
+    before = held_out_loss()
+    trainer.train()
+    assert held_out_loss() < 0.9 * before
+
+
+@pytest.mark.parametrize("settings,message", [
+    ({"ttur": 0}, r"ttur .* >= 1"), ({"ttur": 2.5}, r"ttur .* whole number"),
+    ({"guidance_scale": 0.0}, r"guidance_scale .* > 0"), ({"guidance_scale": -1.0}, r"guidance_scale .* > 0"),
+    ({"generator_steps": 2, "generator_timesteps": [999, 1000]}, r"1\.\.999"),
+    ({"generator_steps": 2, "generator_timesteps": [499, 999]}, "strictly descending"),
+    ({"generator_steps": 3, "generator_timesteps": [999, 499]}, "one timestep per generator step"),
+    ({"generator_steps": 1000}, r"generator steps must be in 1\.\.999"),
+    ({"gan_features": "conv_mid"}, "GAN term .* real latents"), ({"gan_features": "nowhere"}, "no module named"),
+])
+def test_bad_dmd_settings_are_refused_and_leave_the_network_untouched(settings, message):
+    data_free = settings.get("gan_features") != "nowhere"
+    options = {"dtype": "float64", "hidden": 8, "num_latents": 0 if data_free else 6}
+    try:
+        config = DistillConfig(**{**dict(objective="dmd", rank=2, batch=2), **settings})
+    except ValueError as error:  # refused by the settings themselves
+        assert re.search(message, str(error)), error
+        return
+    network = demo_network(options, config)
+    with pytest.raises(ValueError, match=message):
+        build_trainer(network.denoiser, network.module, network.space, config, network.data)
+    assert all(not submodule._forward_hooks for submodule in network.module.modules())
+
+
+def test_resuming_a_dmd_checkpoint_as_another_objective_or_rank_is_refused_and_changes_nothing(tmp_path):
+    checkpoint = str(tmp_path / "run.ckpt.safetensors")
+    network, trainer = dmd_setup(steps=2)
+    trainer.train(checkpoint_path=checkpoint)
+    before = os.stat(checkpoint).st_mtime_ns, read_safetensors(checkpoint)[0]
+    for settings, message in [({"objective": "lcm"}, "objective 'dmd' run, this run is objective 'lcm'"),
+                              ({"objective": "dmd", "rank": 4}, "rank 2 run, this run is rank 4")]:
+        config = DistillConfig(**{**dict(steps=4, rank=2, batch=2, lr=1e-3, seed=3), **settings})
+        network = demo_network({"dtype": "float64", "num_latents": 0, "hidden": 8}, config)
+        fresh = build_trainer(network.denoiser, network.module, network.space, config, network.data)
+        initial = trained_vector(fresh)
+        with pytest.raises(ValueError, match=message):
+            fresh.train(checkpoint_path=checkpoint, resume=True)
+        assert torch.equal(trained_vector(fresh), initial)
+    after = os.stat(checkpoint).st_mtime_ns, read_safetensors(checkpoint)[0]
+    assert before[0] == after[0] and all(torch.equal(before[1][key], after[1][key]) for key in before[1])
+
+
+def test_cli_runs_dmd_keeps_the_fake_score_and_refuses_one_of_another_base(tmp_path):
+    def cli(settings: dict, name: str) -> subprocess.CompletedProcess:
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps(settings))
+        return subprocess.run([sys.executable, "-m", "distill_core.training.cli", "--config", str(path)], cwd=REPO,
+                              env=ONE_THREAD, capture_output=True, text=True, timeout=120)
+
+    distill = {"objective": "dmd", "steps": 3, "rank": 2, "batch": 2, "ttur": 2}
+    first = cli({"distill": distill, "output": "lora.safetensors", "fake_score_output": "fake.safetensors",
+                 "log_every": 1}, "first")
+    assert first.returncode == 0, first.stderr
+    lines = [json.loads(line) for line in first.stdout.splitlines()]
+    assert [sorted(line) for line in lines[:3]] == [["fake", "generator", "step"], ["fake", "step"],
+                                                    ["fake", "generator", "step"]]
+    lora, metadata = read_safetensors(tmp_path / "lora.safetensors")
+    fake, fake_metadata = read_safetensors(tmp_path / "fake.safetensors")
+    assert metadata["stride.objective"] == "dmd" and lora.keys() == fake.keys()
+    assert fake_metadata["stride.format"] == "stride-dmd-fake-score-1"
+    again = cli({"distill": distill, "fake_score_init": "fake.safetensors"}, "again")
+    assert again.returncode == 0, again.stderr
+    other = cli({"distill": distill, "network_options": {"seed": 5}, "fake_score_init": "fake.safetensors",
+                 "output": "other.safetensors"}, "other")
+    assert other.returncode != 0 and "fake score of another base model" in other.stderr
+    assert not (tmp_path / "other.safetensors").exists()
+
+
+def test_two_process_gloo_ranks_end_with_identical_dmd_loras(tmp_path):
+    settings = {
+        "distill": {"objective": "dmd", "steps": 4, "rank": 2, "batch": 2, "lr": 1e-3, "ttur": 2},
+        "network_options": {"dtype": "float64", "hidden": 8, "num_latents": 0},
+        "log_every": 1,
+    }
+    completed = subprocess.run([sys.executable, "-m", "tests.unit.ddp_worker", str(tmp_path), json.dumps(settings)],
+                               cwd=REPO, env=ONE_THREAD, capture_output=True, text=True, timeout=300)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    rank0, _ = read_safetensors(tmp_path / "rank0.safetensors")
+    rank1, _ = read_safetensors(tmp_path / "rank1.safetensors")
+    assert rank0.keys() == rank1.keys() and {key.split(".")[0] for key in rank0} == {STUDENT, FAKE}
+    assert all(torch.equal(rank0[key], rank1[key]) for key in rank0)
+    for role in (STUDENT, FAKE):
+        assert any(key.startswith(role) and key.endswith("lora_up.weight") and rank0[key].abs().max() > 0 for key in rank0)
