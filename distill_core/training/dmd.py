@@ -16,10 +16,11 @@ Read from the official code, tianweiy/DMD2 at commit 8d8fa55633d47cfb81bbc7a892e
   ``(x - x0) / sigma``: in a VE space that is exactly eps, in a flow space the flow-matching loss
   (what FastGen's DMD2 uses for flow teachers: the teacher's own prediction type).
 * ``main/sd_unified_model.py``: the generator's timesteps ``range(T - 1, 0, -(T // N))`` (4 steps:
-  999, 749, 499, 249); ``prepare_denoising_data`` noises the generator's input to one of them, with
-  pure noise at ``T - 1``; ``sample_backward`` (backward simulation) runs the current generator
-  without gradient for ``k ~ U{0..N-1}`` steps (one ``k`` for the whole batch, shared by all ranks),
-  re-noising each ``x0`` with fresh noise to the next timestep, and trains on its ``x0``.
+  999, 749, 499, 249; 1 step: 999, or SDXL's ``conditioning_timestep`` 399); its first step sees pure unit
+  noise (variance-preserving scale); ``prepare_denoising_data`` noises given latents to one of the
+  timesteps, with pure noise at ``T - 1``; ``sample_backward`` (backward simulation) runs the current
+  generator without gradient for ``k ~ U{0..N-1}`` steps (one ``k`` for the whole batch, shared by all
+  ranks), re-noising each ``x0`` with fresh noise to the next timestep, and trains on the result.
 * ``compute_cls_logits`` / ``cls_pred_branch`` (the GAN term): a convolutional head on the fake score's
   bottleneck features of noised (``diffusion_gan``, ``t ~ U{0..999}``) real and generated latents;
   classifier loss ``softplus(fake) + softplus(-real)`` (weight 1e-2), generator loss
@@ -92,20 +93,20 @@ def check_generator_timesteps(timesteps: Tensor | list[int], num_timesteps: int)
 
 
 # -- generator inputs -----------------------------------------------------------------------------
-def generator_input(space: NoiseSpace, x0: Tensor, eps: Tensor, timesteps: Tensor) -> Tensor:
-    """``x0`` noised to each sample's generator timestep; pure noise at the top timestep ``T - 1``.
+def pure_noise(space: NoiseSpace, eps: Tensor, timesteps: Tensor) -> Tensor:
+    """Unit noise in variance-preserving scale, ``sqrt(a^2 + b^2) eps``, in the space's convention at each
+    sample's timestep: what DMD2 feeds its generator's first step (at 999 also ComfyUI's ``max_denoise`` start)."""
+    a, b = space.coefficients(space.sigma_of(timesteps).to(eps.device))
+    return eps * per_sample((a**2 + b**2).sqrt(), eps)
 
-    Pure noise is ``sqrt(a^2 + b^2) eps`` (unit noise in variance-preserving scale, DMD2's
-    ``pure_noise_mask``), which is also how ComfyUI scales the starting noise at the top sigma
-    (``max_denoise``): the generator sees in training what it sees when sampled. With ``x0 = 0``
-    below the top this is ComfyUI's ``b eps`` start from an empty latent.
-    """
+
+def generator_input(space: NoiseSpace, x0: Tensor, eps: Tensor, timesteps: Tensor) -> Tensor:
+    """``x0`` noised to each sample's generator timestep, pure noise at the top timestep ``T - 1``
+    (DMD2's ``prepare_denoising_data`` with its ``pure_noise_mask``)."""
     sigma = space.sigma_of(timesteps).to(eps.device)
-    a, b = space.coefficients(sigma)
     noised = space.noise(x0, eps, sigma.reshape(-1, *([1] * (eps.ndim - 1))))
-    pure = eps * per_sample((a**2 + b**2).sqrt(), eps)
     top = (timesteps == space.num_timesteps - 1).to(eps.device).reshape(-1, *([1] * (eps.ndim - 1)))
-    return torch.where(top, pure, noised)
+    return torch.where(top, pure_noise(space, eps, timesteps), noised)
 
 
 def backward_simulation(
@@ -116,23 +117,21 @@ def backward_simulation(
     eps: Tensor,
     noise: Callable[[], Tensor],
 ) -> Tensor:
-    """The clean estimate after ``steps`` generator steps from pure noise ``eps`` (zeros for ``steps = 0``).
+    """The generator's training input at ``timesteps[steps]``, made by the current generator (DMD2's
+    ``sample_backward``): pure noise ``eps`` for ``steps = 0``; otherwise ``steps`` generator steps from it
+    without gradient, each ``x0`` re-noised with fresh ``noise()`` to the next timestep.
 
-    ``generator(x, timestep_batch) -> x0`` is the current generator; it runs without gradient. After
-    each step but the last, ``x0`` is noised with fresh ``noise()`` to the next generator timestep
-    (DMD2's ``sample_backward``).
+    ``generator(x, timestep_batch) -> x0`` is the current generator.
     """
     if not 0 <= steps < len(timesteps):
         raise ValueError(f"backward simulation steps must be in 0..{len(timesteps) - 1}, got {steps}")
     batch = eps.shape[0]
-    x0 = torch.zeros_like(eps)
-    x = generator_input(space, x0, eps, timesteps[:1].expand(batch))
+    x = pure_noise(space, eps, timesteps[:1].expand(batch))
     with torch.no_grad():
         for index in range(steps):
             x0 = generator(x, timesteps[index].expand(batch))
-            if index + 1 < steps:
-                x = generator_input(space, x0, noise(), timesteps[index + 1].expand(batch))
-    return x0
+            x = generator_input(space, x0, noise(), timesteps[index + 1].expand(batch))
+    return x
 
 
 # -- losses ---------------------------------------------------------------------------------------
@@ -236,9 +235,8 @@ class _DMDBatch:
 
     cond: Cond
     uncond: Cond
-    start: Tensor  # the clean latents the generator's input is noised from (zeros: pure noise)
+    inputs: Tensor  # the generator's input
     timesteps: Tensor  # generator timestep per sample
-    eps: Tensor  # noise of the generator's input
     dm_timesteps: Tensor
     dm_noise: Tensor
     fake_timesteps: Tensor
@@ -365,16 +363,16 @@ class DMDTrainer(LoraTrainer):
         cond_ids = picks if paired else torch.randint(len(self.conds), (batch,), generator=generator)
         cond = cond_cat([self.conds[i] for i in cond_ids.tolist()])
         if latents is not None:
-            start = latents[picks.to(latents.device)].to(self.device, self.dtype)
             timesteps = self.timesteps[torch.randint(len(self.timesteps), (batch,), generator=generator)]
+            start = latents[picks.to(latents.device)].to(self.device, self.dtype)
+            inputs = generator_input(self.space, start, noise(), timesteps)
         else:
             shared = torch.Generator().manual_seed(step_seed(config.seed, 0, step))
             depth = int(torch.randint(len(self.timesteps), (1,), generator=shared))
             with self.roles(STUDENT):
-                start = backward_simulation(lambda x, t: self._run(x, t, cond), self.space, self.timesteps, depth,
-                                            noise(), noise)
+                inputs = backward_simulation(lambda x, t: self._run(x, t, cond), self.space, self.timesteps, depth,
+                                             noise(), noise)
             timesteps = self.timesteps[depth].expand(batch)
-        eps = noise()
         dm_timesteps = sample_dm_timesteps(batch, self.dm_range, num, generator)
         dm_noise = noise()
         fake_timesteps = torch.randint(0, num, (batch,), generator=generator)
@@ -386,14 +384,13 @@ class DMDTrainer(LoraTrainer):
             real_cond = (cond_cat([self.conds[i] for i in real_picks.tolist()]) if self.data.paired else uncond)
             gan_timesteps = torch.randint(0, num, (2 * batch,), generator=generator)
             gan_noise = torch.cat([noise(), noise()])
-        return _DMDBatch(cond, uncond, start, timesteps, eps, dm_timesteps, dm_noise, fake_timesteps, fake_noise,
+        return _DMDBatch(cond, uncond, inputs, timesteps, dm_timesteps, dm_noise, fake_timesteps, fake_noise,
                          real, real_cond, gan_timesteps, gan_noise)
 
     def generate(self, batch: _DMDBatch, grad: bool) -> Tensor:
         """The generator's sample (x0 at its timestep), with a graph into the student LoRA when ``grad``."""
-        x = generator_input(self.space, batch.start, batch.eps, batch.timesteps)
         with self.roles(STUDENT), torch.set_grad_enabled(grad):
-            return self._run(x, batch.timesteps, batch.cond)
+            return self._run(batch.inputs, batch.timesteps, batch.cond)
 
     def generator_losses(self, x: Tensor, batch: _DMDBatch) -> tuple[Tensor, Tensor]:
         """``(loss to minimise, loss to report)``: the DM loss (weighted per generator step when

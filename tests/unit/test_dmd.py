@@ -108,8 +108,9 @@ def test_generator_input_is_the_noised_latent_and_pure_noise_at_the_top():
 
 
 @pytest.mark.parametrize("space", [VE, FLOW], ids=["ve", "flow"])
-def test_backward_simulation_equals_the_official_loop(space):
-    timesteps = generator_timesteps(4, 1000)
+@pytest.mark.parametrize("first", [999, 399])
+def test_backward_simulation_equals_the_official_loop(space, first):
+    timesteps = torch.tensor([first, 249, 149, 49]) if first != 999 else generator_timesteps(4, 1000)
     calls = []
 
     def generator(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -124,15 +125,17 @@ def test_backward_simulation_equals_the_official_loop(space):
         fresh = [torch.randn(2, 4, 2, 2, generator=draws, dtype=torch.float64) for _ in range(3)]
         supply = iter(fresh)
         result = backward_simulation(generator, space, timesteps, steps, eps, lambda: next(supply))
-        # the official loop: x0 = G(x, t_i), x = add_noise(x0, randn, t_{i+1}) from pure noise at t_0 = 999
-        a0, b0 = space.coefficients(space.sigma_of(999))
-        x, expected = eps * float((a0**2 + b0**2).sqrt()), torch.zeros_like(eps)
+        # sample_backward: pure (VP unit) noise, then x0 = G(x, t_i), x = add_noise(x0, randn, t_{i+1})
+        a, b = space.coefficients(space.sigma_of(timesteps[0]))
+        x = eps * float((a**2 + b**2).sqrt())
+        if space.kind == "ve":  # VP unit noise is x_ve = x_vp / sqrt(alpha_cumprod)
+            assert torch.allclose(x, eps / ALPHAS[timesteps[0]].sqrt(), atol=1e-12)
         with torch.no_grad():
             for index in range(steps):
-                expected = generator(x, timesteps[index].expand(2))
-                sigma = space.sigma_of(timesteps[min(index + 1, 3)])
-                x = space.noise(expected, fresh[index], float(sigma))
-        assert torch.allclose(result, expected, atol=1e-12)
+                x0 = generator(x, timesteps[index].expand(2))
+                sigma = space.sigma_of(timesteps[index + 1])
+                x = space.noise(x0, fresh[index], float(sigma))
+        assert torch.allclose(result, x, atol=1e-12)
         assert [int(t[0]) for t in calls] == timesteps[:steps].tolist() * 2
 
 
@@ -302,9 +305,8 @@ def test_generator_gradient_and_fake_score_loss_equal_direct_computations(predic
         loss, reported = trainer.generator_losses(x, batch)
         loss.backward()
     t_in = batch.timesteps
-    x_in = generator_input(space, batch.start, batch.eps, t_in)
     with torch.no_grad():
-        expected_x = references[STUDENT](x_in, space.sigma_of(t_in), batch.cond)
+        expected_x = references[STUDENT](batch.inputs, space.sigma_of(t_in), batch.cond)
         assert torch.allclose(x, expected_x, atol=1e-12, rtol=0)
         t = batch.dm_timesteps
         sigma = space.sigma_of(t)
@@ -347,15 +349,9 @@ def test_backward_simulation_runs_the_current_generator_from_pure_noise():
         def noise():
             return torch.randn((config.batch, 4, 8, 8), generator=draws, dtype=torch.float64)
 
-        x, expected = generator_input(space, torch.zeros(config.batch, 4, 8, 8, dtype=torch.float64), noise(),
-                                      trainer.timesteps[:1].expand(config.batch)), torch.zeros(config.batch, 4, 8, 8, dtype=torch.float64)
-        with torch.no_grad():
-            for index in range(depth):
-                t = trainer.timesteps[index].expand(config.batch)
-                expected = generator_net(x, space.sigma_of(t), batch.cond)
-                if index + 1 < depth:
-                    x = generator_input(space, expected, noise(), trainer.timesteps[index + 1].expand(config.batch))
-        assert torch.allclose(batch.start, expected, atol=1e-12, rtol=0)
+        expected = backward_simulation(lambda x, t: generator_net(x, space.sigma_of(t), batch.cond), space,
+                                       trainer.timesteps, depth, noise(), noise)
+        assert torch.allclose(batch.inputs, expected, atol=1e-12, rtol=0)
     assert len(depths) > 1
 
 
