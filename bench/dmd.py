@@ -1,0 +1,269 @@
+"""Distribution-matching distillation (``dmd``): step cost against its passes, memory against two-copy training
+and LCM, and quality after training against LCM at equal wall time and the teacher at 50 steps.
+
+Everything runs on the demo UNet (a ComfyUI ``UNetModel``, EPS), CPU, float32, LoRA rank 16 on every layer at
+least that wide (as Stride's node attaches it); both LoRAs (generator and fake score) on the one network.
+
+* **Passes.** A generator iteration of DMD2 needs: the backward simulation (``d`` generator forwards without
+  grad, ``d`` drawn per iteration), the generator forward + backward, the real score (teacher, cond and uncond
+  batched into one call), the fake score forward (no grad) and the fake score's update (forward + backward).
+  A fake-score iteration (the other ``ttur - 1`` of every ``ttur``) needs the backward simulation, a generator
+  forward without grad and the fake score's update. Each pass is timed alone on the inputs of one trainer
+  iteration, interleaved with our full iteration (``DMDTrainer.train_step``).
+* **Memory.** Peak RSS growth of a generator iteration: ours (one base network, two LoRAs switched on and off),
+  two-copy training (the fake score on its own copy of the network, as DMD2's code holds ``fake_unet``), and an
+  LCM step at the same batch and rank.
+* **Quality.** The trained demo UNet distilled with ``dmd`` and with ``lcm`` for the same wall time, sampled at
+  1 and 4 steps, against the teacher at 50 steps and the undistilled teacher at the student's steps, plus the
+  hybrid (one base-model step, then the DMD student): SWD, NLL gap, mode recall and mode entropy with 95%
+  intervals over independent repeats.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+from distill_core.spaces import per_sample
+from distill_core.training import dmd
+from distill_core.training.conditioning import cond_cat
+from distill_core.training.config import DistillConfig, TrainingData
+from distill_core.training.memory import frozen_parameters
+from distill_core.training.trainer import STUDENT, DistillTrainer, LoraTrainer, build_trainer, step_seed
+
+from . import models
+from .context import BenchContext
+from .harness import (Goal, Section, Table, check, fmt_bytes, fmt_ratio, fmt_seconds, median, peak_rss_available,
+                      peak_rss_growth, run_interleaved, spread)
+from .training import CLOCK_NAMES, PROMPT, RANK, SEED, cpu_timed, goal_clock, model_conds, noise_space
+
+NAME = "dmd"
+TITLE = "Distribution-matching distillation (dmd): step cost, memory, quality vs LCM (demo UNet)"
+GOAL_PHYSICAL = 1.15
+TTUR = 5  # DMD2's SDXL runs
+GUIDANCE = 1.0  # the real score's CFG: 1 keeps the target distribution the data's, so the reference can score it
+DATASET_SIZE = 16
+
+
+def _data(ctx: BenchContext, model: Any, side: int) -> TrainingData:
+    shape = (4, side, side)
+    latents = torch.randn(DATASET_SIZE, *shape, generator=torch.Generator().manual_seed(SEED))
+    return TrainingData(conds=[model_conds(ctx, model, PROMPT, shape)], uncond=model_conds(ctx, model, "", shape),
+                        latents=latents)
+
+
+def _config(objective: str, batch: int, **overrides: Any) -> DistillConfig:
+    settings: dict[str, Any] = dict(objective=objective, rank=RANK, batch=batch, skip_small_layers=True, seed=SEED)
+    if objective == "dmd":
+        settings |= dict(ttur=TTUR, guidance_scale=GUIDANCE, generator_steps=4)
+    return DistillConfig(**(settings | overrides))
+
+
+def _trainer(ctx: BenchContext, model: Any, config: DistillConfig, data: TrainingData) -> LoraTrainer:
+    base = model.model
+    return build_trainer(lambda x, sigma, cond: base.apply_model(x, sigma, **cond), base.diffusion_model,
+                         noise_space(ctx, model), config, data)
+
+
+def _step_with(trainer: dmd.DMDTrainer, generator_turn: bool, depth: int) -> int:
+    """The first iteration index of the wanted kind whose backward simulation runs ``depth`` generator steps."""
+    config = trainer.config
+    for step in range(10_000):
+        drawn = int(torch.randint(len(trainer.timesteps), (1,),
+                                  generator=torch.Generator().manual_seed(step_seed(config.seed, 0, step))))
+        if (step % config.ttur == 0) == generator_turn and drawn == depth:
+            return step
+    raise AssertionError(f"no iteration with backward-simulation depth {depth}")
+
+
+class DMDPasses:
+    """The passes of one DMD iteration, each callable alone on that iteration's own inputs."""
+
+    def __init__(self, trainer: dmd.DMDTrainer, step: int, depth: int) -> None:
+        self.trainer, self.depth = trainer, depth
+        self.batch = trainer.sample_batch(step)
+        batch = self.batch
+        x = trainer.generate(batch, grad=False)
+        space = trainer.space
+        self.x_t = space.noise(x, batch.dm_noise, per_sample(space.sigma_of(batch.dm_timesteps), x))
+        self.cotangent = torch.randn(x.shape, generator=torch.Generator().manual_seed(SEED), dtype=x.dtype)
+        self.sample = x
+
+    def backward_simulation(self) -> None:
+        """``d`` generator forwards without grad (the cost of the rollout; its values do not matter here)."""
+        trainer, batch = self.trainer, self.batch
+        for index in range(self.depth):
+            trainer.run_role(STUDENT, batch.inputs, trainer.timesteps[index].expand(len(batch.inputs)), batch.cond)
+
+    def generator_forward(self) -> None:
+        self.trainer.generate(self.batch, grad=False)
+
+    def generator_forward_backward(self) -> None:
+        self.trainer.optimizers[STUDENT].zero_grad(set_to_none=True)
+        x = self.trainer.generate(self.batch, grad=True)
+        (x * self.cotangent).sum().backward()
+
+    def real_score(self) -> None:
+        self.trainer.real_x0(self.x_t, self.batch.dm_timesteps, self.batch.cond, self.batch.uncond)
+
+    def fake_score(self) -> None:
+        self.trainer.run_role(dmd.FAKE, self.x_t, self.batch.dm_timesteps, self.batch.cond)
+
+    def fake_update(self) -> None:
+        self.trainer.optimizers[dmd.FAKE].zero_grad(set_to_none=True)
+        self.trainer.fake_loss(self.sample, self.batch).backward()
+
+
+@dataclass
+class IterationTiming:
+    kind: str
+    passes: dict[str, dict[str, list[float]]]  # pass name -> clock -> samples (includes "ours")
+
+    def seconds(self, clock: str) -> dict[str, float]:
+        return {name: median(values[clock]) for name, values in self.passes.items()}
+
+    def limit(self, clock: str) -> float:
+        return sum(value for name, value in self.seconds(clock).items() if name != "ours")
+
+    def ratio(self, clock: str) -> float:
+        return self.seconds(clock)["ours"] / self.limit(clock)
+
+
+def _time_iterations(ctx: BenchContext, section: Section, side: int, batch: int, setting: str) -> list[IterationTiming]:
+    """Our generator and fake-score iterations against the sums of their passes."""
+    repeats = ctx.pick(2, 11, 21)
+    model, _ = models.demo_unet_model(ctx)
+    trainer = _trainer(ctx, model, _config("dmd", batch), _data(ctx, model, side))
+    check(isinstance(trainer, dmd.DMDTrainer), "build_trainer did not give a DMDTrainer for objective 'dmd'")
+    depth = 1
+    timings = []
+    try:
+        with torch.inference_mode(False), frozen_parameters(trainer.loraset.root):
+            for kind, generator_turn in (("generator iteration", True), ("fake-score iteration", False)):
+                step = _step_with(trainer, generator_turn, depth)
+                passes = DMDPasses(trainer, step, depth)
+                candidates: dict[str, Callable[[], Any]] = {
+                    f"backward simulation ({depth} generator forward)": passes.backward_simulation}
+                if generator_turn:
+                    candidates |= {"generator forward + backward": passes.generator_forward_backward,
+                                   "real score (teacher)": passes.real_score, "fake score forward": passes.fake_score}
+                else:
+                    candidates["generator forward"] = passes.generator_forward
+                candidates["fake-score update (forward + backward)"] = passes.fake_update
+                candidates["ours"] = lambda step=step: trainer.train_step(step)
+                ctx.log(f"{NAME}: {kind}, 4x{side}x{side} b{batch} ({repeats} repeats)")
+                timings.append(IterationTiming(kind, run_interleaved(
+                    {name: cpu_timed(fn) for name, fn in candidates.items()}, repeats)))
+    finally:
+        trainer.detach()
+    section.checks.append(f"{setting}: the passes are timed on the inputs of the trainer's own iterations "
+                          f"(sample_batch of a generator and of a fake-score iteration with backward-simulation depth "
+                          f"{depth}); the real score runs {'one call (CFG 1)' if GUIDANCE == 1 else 'cond + uncond'}")
+    return timings
+
+
+def _iteration_table(section: Section, timings: list[IterationTiming], setting: str) -> Table:
+    clock = goal_clock()
+    name = CLOCK_NAMES[clock]
+    table = Table(f"Our DMD iteration vs the passes it needs, each timed alone on the same inputs ({setting}; CPU, "
+                  f"float32), medians; times are {name}s. The TTUR row averages one generator and {TTUR - 1} fake-score "
+                  f"iterations (ttur {TTUR})",
+                  ["compared", f"ratio ({name})", "ratio (wall time)", "our iteration", "sum of passes", "passes",
+                   "spread (ours)"])
+    for timing in timings:
+        seconds = timing.seconds(clock)
+        passes = "; ".join(f"{key} {fmt_seconds(value)}" for key, value in seconds.items() if key != "ours")
+        table.add(f"{timing.kind} (DMDTrainer.train_step) vs sum of passes", fmt_ratio(timing.ratio(clock)),
+                  fmt_ratio(timing.ratio("wall")), fmt_seconds(seconds["ours"]), fmt_seconds(timing.limit(clock)),
+                  passes, f"+-{100 * spread(timing.passes['ours'][clock]):.0f}%")
+    generator, fake = timings
+
+    def averaged(clock: str) -> tuple[float, float]:
+        ours = (generator.seconds(clock)["ours"] + (TTUR - 1) * fake.seconds(clock)["ours"]) / TTUR
+        return ours, (generator.limit(clock) + (TTUR - 1) * fake.limit(clock)) / TTUR
+
+    ours, limit = averaged(clock)
+    wall_ours, wall_limit = averaged("wall")
+    table.add(f"TTUR {TTUR} average", fmt_ratio(ours / limit), fmt_ratio(wall_ours / wall_limit), fmt_seconds(ours),
+              fmt_seconds(limit), "", "")
+    worst = max(timing.ratio(clock) for timing in timings)
+    section.goals.append(Goal(f"DMD iteration <= {GOAL_PHYSICAL}x the sum of its required passes",
+                              "met" if worst <= GOAL_PHYSICAL else "missed",
+                              "; ".join(f"{timing.kind} {fmt_ratio(timing.ratio(clock))} {name} "
+                                        f"({fmt_ratio(timing.ratio('wall'))} wall)" for timing in timings)
+                              + f" on {setting}"))
+    return table
+
+
+def _two_copy(ctx: BenchContext, model: Any, config: DistillConfig, data: TrainingData) -> dmd.DMDTrainer:
+    """A DMD trainer whose fake score runs on its own copy of the network (DMD2's separate ``fake_unet``)."""
+    copy_base = copy.deepcopy(model.model)  # before any LoRA is attached
+    base = model.model
+    trainer: dmd.DMDTrainer | None = None
+
+    def denoise(x: torch.Tensor, sigma: torch.Tensor, cond: dict) -> torch.Tensor:
+        on_copy = trainer is not None and trainer.adapters[dmd.FAKE].is_enabled
+        return (copy_base if on_copy else base).apply_model(x, sigma, **cond)
+
+    trainer = build_trainer(denoise, base.diffusion_model, noise_space(ctx, model), config, data)
+    trainer.adapters[dmd.FAKE].remove()
+    trainer.add_role(dmd.FAKE, dmd.attach_fake_score_lora(copy_base.diffusion_model, config), config.fake_lr)
+    trainer.copy_base = copy_base  # held with the trainer
+    return trainer
+
+
+def _memory_table(ctx: BenchContext, section: Section, side: int, batch: int, setting: str) -> Table:
+    rounds = ctx.pick(1, 2, 3)
+    data = {}
+    grown: dict[str, list[int]] = {"dmd (one network)": [], "dmd (two copies)": [], "lcm": []}
+    held: dict[str, int] = {}
+    for label in grown:
+        model, _ = models.demo_unet_model(ctx)
+        data = _data(ctx, model, side)
+        if label == "lcm":
+            trainer = _trainer(ctx, model, _config("lcm", batch), data)
+            step = 0
+        elif label == "dmd (two copies)":
+            trainer = _two_copy(ctx, model, _config("dmd", batch), data)
+            step = _step_with(trainer, True, 1)
+        else:
+            trainer = _trainer(ctx, model, _config("dmd", batch), data)
+            step = _step_with(trainer, True, 1)
+        networks = [model.model.diffusion_model] + ([trainer.copy_base.diffusion_model] if hasattr(trainer, "copy_base")
+                                                     else [])
+        try:
+            with torch.inference_mode(False), frozen_parameters(model.model.diffusion_model):
+                if hasattr(trainer, "copy_base"):
+                    for parameter in trainer.copy_base.diffusion_model.parameters():
+                        parameter.requires_grad_(False)
+                trainer.train_step(step)  # optimizer states exist from here on
+                for _ in range(rounds):
+                    grown[label].append(peak_rss_growth(lambda: trainer.train_step(step))[1])
+            held[label] = sum(p.numel() * p.element_size() for network in networks for p in network.parameters())
+            held[label] += sum(p.numel() * p.element_size() * 3 for p in trainer.params)  # + AdamW's two moments
+        finally:
+            trainer.detach()
+    table = Table(f"Memory of one training iteration ({setting}; CPU, float32): peak RSS growth of a generator "
+                  f"iteration (median of {rounds}), and the weights a run holds (networks + LoRAs + AdamW moments)",
+                  ["trainer", "peak RSS growth", "weights held", "held vs dmd (one network)"])
+    ours = held["dmd (one network)"]
+    for label in grown:
+        table.add(label, fmt_bytes(median(grown[label])), fmt_bytes(held[label]), fmt_ratio(held[label] / ours))
+    section.goals.append(Goal("dmd holds one base network", "met" if held["dmd (two copies)"] > ours else "missed",
+                              f"{fmt_bytes(ours)} held vs {fmt_bytes(held['dmd (two copies)'])} with a second copy for "
+                              f"the fake score; LCM at the same batch and rank {fmt_bytes(held['lcm'])}"))
+    return table
+
+
+def run(ctx: BenchContext) -> Section:
+    check(peak_rss_available(), "this system does not let a process reset its peak RSS (/proc/self/clear_refs)")
+    section = Section(NAME, TITLE, __doc__.split("\n\n", 1)[1].strip())
+    side, batch = ctx.pick((8, 2), (8, 8), (8, 16))
+    _, trained = models.demo_unet_model(ctx)
+    setting = (f"demo UNet ({'trained weights' if trained else 'random weights of the demo architecture'}), 4x{side}x"
+               f"{side} latent, batch {batch}, LoRA rank {RANK}")
+    section.tables.append(_iteration_table(section, _time_iterations(ctx, section, side, batch, setting), setting))
+    section.tables.append(_memory_table(ctx, section, side, batch, setting))
+    return section
