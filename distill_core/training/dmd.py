@@ -325,7 +325,9 @@ class DMDTrainer(LoraTrainer):
         finally:
             handle.remove()
         if not captured:
-            raise ValueError(f"the network's forward never reached gan_features module '{self.config.gan_features}'")
+            raise ValueError(f"gan_features: the network's forward never calls module '{self.config.gan_features}' itself "
+                             "(a container its parent iterates, e.g. a UNet's middle_block, runs only its layers); "
+                             "name its last layer, e.g. 'middle_block.2'")
         return captured[0]
 
     def _classifier(self, fake: LoraSet, name: str) -> tuple[nn.Module, nn.Module]:
