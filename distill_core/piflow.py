@@ -44,6 +44,7 @@ from torch.nn import functional as F
 from tqdm.auto import trange
 
 from .sampling_utils import NoiseSampler, default_noise_sampler
+from .spaces import time_shift
 
 DEFAULT_SHIFT = 3.2
 DEFAULT_FINAL_STEP_SIZE_SCALE = 0.5
@@ -57,8 +58,8 @@ _EPS = 1e-6  # clamps of the official code (sigma, GM denominators, temperature)
 
 # -- time warping and schedule --------------------------------------------------------------
 def warp_time(raw_t: Tensor, shift: float = DEFAULT_SHIFT) -> Tensor:
-    """Sigma of raw time ``t``: ``shift t / (1 + (shift - 1) t)``."""
-    return shift * raw_t / (1 + (shift - 1) * raw_t)
+    """Sigma of raw time ``t``: :func:`~distill_core.spaces.time_shift` at pi-Flow's default shift."""
+    return time_shift(raw_t, shift)
 
 
 def unwarp_sigma(sigma: Tensor, shift: float = DEFAULT_SHIFT) -> Tensor:
