@@ -95,7 +95,13 @@ def sample_lcm(
     ``x_next = (1 - sigma_next) x0 + sigma_next z``; the boundary condition uses the flow table's
     timestep of sigma (negligible above t ~ 50). Models whose ComfyUI model sampling already applies
     the boundary (the built-in "lcm" sampling) should use ``boundary=False``.
+
+    ``unit_noise_input``: the starting latent ``x = sigma_0 z`` (an empty latent noised by the host) is
+    rescaled by :func:`unit_noise_input_scale`, so the network's first input is the unit noise ``z``, as
+    DMD2's 1-step generator was trained (pure noise at timestep 399). Only for a pure-noise start.
     """
+    if unit_noise_input:
+        x = x * unit_noise_input_scale(space, float(sigmas[0]))
 
     def update(
         i: int, x: Tensor, denoised: Tensor, sigma: float, sigma_next: float, draw_noise: Callable[[], Tensor]
