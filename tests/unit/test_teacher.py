@@ -20,6 +20,7 @@ from distill_core.teacher import (
     demo_mixture,
     latent_to_rgb,
     prediction_target,
+    solve_probability_flow,
     x0_from_prediction,
 )
 
@@ -154,6 +155,28 @@ def test_flow_map_of_one_gaussian_matches_closed_form(space: NoiseSpace, sigma: 
     torch.testing.assert_close(mixture.flow_map(x, sigma, space), exact, rtol=0, atol=5e-6)
     # Fewer steps are measurably worse: the solver converges rather than matching by construction.
     assert (mixture.flow_map(x, sigma, space, steps=20) - exact).abs().max() > 1e-5
+
+
+@pytest.mark.parametrize("space, sigma, sigma_end", [(VE, SIGMA_MAX, 1.0), (VE, 2.0, 0.3), (FLOW, 1.0, 0.6),
+                                                      (FLOW, 0.8, 0.2)])
+def test_ode_to_an_intermediate_sigma_matches_closed_form(space: NoiseSpace, sigma: float, sigma_end: float) -> None:
+    """For N(mu, s^2 I) the ODE point at sigma_end is a_e mu + sqrt(a_e^2 s^2 + b_e^2) (x - a mu) / sqrt(a^2 s^2 + b^2)."""
+    generator = torch.Generator().manual_seed(7)
+    mu = torch.randn(1, 4, 4, 4, generator=generator, dtype=torch.float64)
+    mixture = GaussianMixture(mu, 0.25)
+    x0, _ = mixture.sample(32, generator)
+    x = space.noise(x0, torch.randn(x0.shape, generator=generator, dtype=torch.float64), sigma)
+    a, b = space.coefficients(torch.tensor(sigma, dtype=torch.float64))
+    a_e, b_e = space.coefficients(torch.tensor(sigma_end, dtype=torch.float64))
+    exact = a_e * mu + torch.sqrt(a_e**2 * 0.25**2 + b_e**2) * (x - a * mu) / torch.sqrt(a**2 * 0.25**2 + b**2)
+    solved = solve_probability_flow(lambda z, s: mixture.denoise(z, s, space), x, sigma, space, sigma_end=sigma_end)
+    torch.testing.assert_close(solved, exact, rtol=0, atol=5e-6)
+    # per-sample end points, and one sample already at its end point stays where it is
+    ends = torch.full((32,), sigma_end, dtype=torch.float64)
+    ends[0] = sigma
+    per_sample = solve_probability_flow(lambda z, s: mixture.denoise(z, s, space), x, sigma, space, sigma_end=ends)
+    torch.testing.assert_close(per_sample[1:], exact[1:], rtol=0, atol=5e-6)
+    torch.testing.assert_close(per_sample[0], x[0], rtol=0, atol=1e-12)
 
 
 def test_flow_map_per_sample_sigmas_and_dtype() -> None:
