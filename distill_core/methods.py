@@ -406,7 +406,8 @@ class Method:
         if self.lora_strength is not None:
             parts.append(f"LoRA strength {self.lora_strength:g}")
         if self.expert_boundary is not None:
-            parts.append(f"high-noise expert while sigma >= {self.expert_boundary:g}")
+            parts.append(f"high-noise expert while sigma >= {self.expert_boundary:g} (hybrid hand-over, "
+                         "distill_core.hybrid.handover_steps_at)")
         text = "; ".join(parts) + "."
         if self.notes:
             text += " " + self.notes
@@ -635,13 +636,3 @@ def build_sampler(entry: Method, space: NoiseSpace, **overrides: Any) -> Callabl
     if entry.sampler.name != "piflow":
         options["space"] = space
     return functools.partial(_sampler_function(entry.sampler.name), **options)
-
-
-def expert_steps(sigmas: Tensor, boundary: float) -> int:
-    """How many leading steps of ``sigmas`` run on the high-noise expert: those with ``sigma >= boundary``.
-
-    Wan 2.2 switches while ``t >= boundary * 1000`` with ``t = 1000 sigma`` (official ``text2video.py``).
-    """
-    if not 0.0 < boundary < 1.0:
-        raise ValueError(f"the expert boundary must be a flow sigma in (0, 1), got {boundary}")
-    return int((sigmas[:-1] >= boundary).sum())

@@ -25,7 +25,15 @@ from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 from diffusers.pipelines.z_image.pipeline_z_image import get_default_z_image_sigmas
 
 from distill_core import methods
-from distill_core.methods import METHODS, build_sampler, check_model_kind, check_steps, expert_steps, method, method_sigmas
+from distill_core.hybrid import HybridPhase, handover_steps_at, sample_hybrid
+from distill_core.methods import (
+    METHODS,
+    build_sampler,
+    check_model_kind,
+    check_steps,
+    method,
+    method_sigmas,
+)
 from distill_core.spaces import NoiseSpace
 from tests.unit.diffusion_toys import seeded_noise, toy_eps
 from tests.unit.test_schedules import OFFICIAL_TDD_EQUIDISTANT
@@ -219,12 +227,35 @@ def test_expert_boundary_splits_like_wan22(key, boundary):
     # official: the high-noise model runs while t.item() >= boundary * num_train_timesteps, t = 1000 sigma (float32)
     timesteps = (sigmas[:-1] * 1000).float()
     official = sum(1 for t in timesteps.tolist() if t >= boundary * 1000)
-    assert expert_steps(sigmas, boundary) == official == 2
+    assert handover_steps_at(sigmas, boundary) == official == 2
     # Wan 2.2's own 40-step schedules (UniPC there, same boundary rule): T2V at shift 12, I2V at shift 5
     base = _shift(torch.linspace(1, 0, 41, dtype=torch.float64)[:-1], 12.0 if "t2v" in key else 5.0)
-    assert expert_steps(torch.cat([base, base.new_zeros(1)]), boundary) == int((base * 1000 >= boundary * 1000).sum())
-    with pytest.raises(ValueError, match="flow sigma in"):
-        expert_steps(sigmas, 14.6)
+    assert handover_steps_at(torch.cat([base, base.new_zeros(1)]), boundary) == int((base >= boundary).sum())
+    with pytest.raises(ValueError, match="positive sigma"):
+        handover_steps_at(sigmas, 0.0)
+
+
+@pytest.mark.parametrize("key", ["wan22-lightning-t2v-a14b", "wan22-lightning-i2v-a14b"])
+def test_two_expert_handover_equals_wan22_loop(key):
+    """Hybrid sampling with the registry boundary equals Wan2.2-Lightning's loop, which picks the high-noise
+    model while t >= boundary * 1000 and takes Euler steps, on a 5-D video latent."""
+    entry = method(key)
+    sigmas = method_sigmas(entry, FLOW)
+    high = lambda x, s: toy_eps(x, s * 1000)  # two different toy experts (velocities)
+    low = lambda x, s: 0.5 * toy_eps(x.flip(2), s * 700) - 0.1 * x
+    x = _start(SHAPES["video"])
+    latent, used = x, []
+    for sigma, sigma_next in zip(sigmas[:-1].tolist(), sigmas[1:].tolist()):
+        expert = high if sigma * 1000 >= entry.expert_boundary * 1000 else low
+        used.append("high" if expert is high else "low")
+        latent = latent + (sigma_next - sigma) * expert(latent, sigma)
+    as_denoiser = lambda velocity: (lambda z, s, **_: z - float(s[0]) * velocity(z, float(s[0])))
+    phases = [HybridPhase(as_denoiser(v), build_sampler(entry, FLOW), FLOW) for v in (high, low)]
+    seen = []
+    ours = sample_hybrid(*phases, x, sigmas, handover_steps_at(sigmas, entry.expert_boundary),
+                         callback=lambda info: seen.append(info["i"]))
+    assert used == ["high", "high", "low", "low"] and seen == [0, 1, 2, 3]
+    torch.testing.assert_close(ours, latent, rtol=0, atol=1e-12)
 
 
 # ------------------------------------------------------------------------------------------
