@@ -541,3 +541,20 @@ def test_methods_for_architecture_and_kind():
     assert not sdxl & {"flux1-schnell", "wan21-lightx2v-4step"}
     assert [m.key for m in methods.methods_for(model_kind="x0")] == ["sdxl-lightning-1step-x0"]
     assert {m.key for m in methods.methods_for(methods.WAN22_I2V_A14B)} == {"wan22-lightning-i2v-a14b"}
+
+
+@pytest.mark.parametrize("key", ["lcm-lora", "tcd-lora", "tdd-sdxl", "sdxl-lightning-4step", "dmd2-sdxl-4step"])
+def test_video_latents_sample_like_their_frames_stacked(key):
+    """A [B, C, T, H, W] latent samples exactly as the same numbers laid out as a [B, C, T * H, W] image (the toy
+    network acts per position, noise is drawn in the same order): no sampler treats the extra axis specially,
+    TDD's per-sample x0 clipping included."""
+    entry = method(key)
+    overrides = {"clip_x0_steps": 2} if key == "tdd-sdxl" else {}
+    sigmas = method_sigmas(entry, VE)
+    video = _start(SHAPES["video"]) * (1 + float(sigmas[0]) ** 2) ** 0.5
+    image = video.reshape(video.shape[0], video.shape[1], -1, video.shape[-1])
+    as_video = _run(entry, VE, _ve_model("eps"), video, sigmas, 4, **overrides)
+    as_image = _run(entry, VE, _ve_model("eps"), image, sigmas, 4, **overrides)
+    for frames, flat in zip(as_video, as_image, strict=True):
+        assert frames.shape == video.shape
+        assert torch.equal(frames.reshape(flat.shape), flat)
