@@ -19,11 +19,14 @@ import math
 
 import torch
 
-from distill_core import metrics, teacher
 from distill_core.methods import METHODS, Method, build_sampler, method_sigmas
-from distill_core.sampling_utils import shrunk_timestep, snapped_timestep
+from distill_core.reference import metrics
+from distill_core.reference.demo import DEMO_CLASS_NAMES, demo_mixture
+from distill_core.reference.mixture import GaussianMixture
+from distill_core.reference.ode import solve_probability_flow
+from distill_core.sampling.steps import snapped_timestep
+from distill_core.sampling.tcd import shrunk_timestep
 from distill_core.spaces import NoiseSpace, scaled_linear_alphas_cumprod
-from distill_core.teacher import DEMO_CLASS_NAMES, solve_probability_flow
 
 from .context import BenchContext
 from .harness import Section, Table, check
@@ -82,7 +85,7 @@ def sampler_target(entry: Method, space: NoiseSpace, sigma_next: float) -> float
     return space.scalar_sigma_of(shrunk_timestep(t_next, gamma, float32=entry.sampler.name == "tcd"))
 
 
-def ideal_student(mixture: teacher.GaussianMixture, space: NoiseSpace, entry: Method, sigmas: torch.Tensor,
+def ideal_student(mixture: GaussianMixture, space: NoiseSpace, entry: Method, sigmas: torch.Tensor,
                   labels: torch.Tensor, ode_steps: int):
     """The exact distilled student of ``entry``'s sampler on ``sigmas`` (see the module docstring)."""
     schedule = sigmas.tolist()
@@ -108,7 +111,7 @@ def _host_start(space: NoiseSpace, noise: torch.Tensor, sigma: float) -> torch.T
     return noise * sigma
 
 
-def _mode_tv(samples: torch.Tensor, mixture: teacher.GaussianMixture, labels: torch.Tensor) -> float:
+def _mode_tv(samples: torch.Tensor, mixture: GaussianMixture, labels: torch.Tensor) -> float:
     shares = metrics.mode_shares(samples, mixture)
     return 0.5 * float((shares - metrics.expected_mode_shares(mixture, labels)).abs().sum())
 
@@ -122,7 +125,7 @@ def run(ctx: BenchContext) -> Section:
     repeats = ctx.pick(2, 3, 5)
     flow_map_steps = ctx.pick(8, 32, 64)
     families = ctx.pick(FAMILIES[::4], FAMILIES, FAMILIES)
-    mixture = teacher.demo_mixture()
+    mixture = demo_mixture()
     labels = torch.full((num_samples,), DEMO_CLASS_NAMES.index(PROMPT))
     spaces = {"ve": NoiseSpace.from_alphas_cumprod(scaled_linear_alphas_cumprod()), "flow": NoiseSpace.flow(1.0)}
     calls = [0]

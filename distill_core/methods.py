@@ -39,8 +39,8 @@ from typing import Any, Callable, ClassVar, Mapping
 import torch
 from torch import Tensor
 
-from . import lcm, piflow, tcd, tdd
-from .schedules import (
+from .sampling import lcm, piflow, tcd, tdd
+from .sampling.schedules import (
     HYPER_SDXL_ONE_STEP_TIMESTEP,
     flow_sigmas,
     flux_mu,
@@ -407,7 +407,7 @@ class Method:
             parts.append(f"LoRA strength {self.lora_strength:g}")
         if self.expert_boundary is not None:
             parts.append(f"high-noise expert while sigma >= {self.expert_boundary:g} (hybrid hand-over, "
-                         "distill_core.hybrid.handover_steps_at)")
+                         "distill_core.sampling.hybrid.handover_steps_at)")
         text = "; ".join(parts) + "."
         if self.notes:
             text += " " + self.notes

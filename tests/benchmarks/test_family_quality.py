@@ -10,7 +10,7 @@ import torch
 
 from distill_core.methods import build_sampler, method, method_sigmas
 from distill_core.spaces import NoiseSpace, scaled_linear_alphas_cumprod
-from distill_core.teacher import GaussianMixture
+from distill_core.reference.mixture import GaussianMixture
 
 family_quality = importlib.import_module("bench.family_quality")  # this folder is not named 'bench' (see the smoke test)
 context = importlib.import_module("bench.context")

@@ -25,7 +25,6 @@ from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 from diffusers.pipelines.z_image.pipeline_z_image import get_default_z_image_sigmas
 
 from distill_core import methods
-from distill_core.hybrid import HybridPhase, handover_steps_at, sample_hybrid
 from distill_core.methods import (
     METHODS,
     build_sampler,
@@ -34,6 +33,7 @@ from distill_core.methods import (
     method,
     method_sigmas,
 )
+from distill_core.sampling.hybrid import HybridPhase, handover_steps_at, sample_hybrid
 from distill_core.spaces import NoiseSpace
 from tests.unit.diffusion_toys import seeded_noise, toy_eps
 from tests.unit.test_schedules import OFFICIAL_TDD_EQUIDISTANT

@@ -13,7 +13,7 @@ import math
 import torch
 from torch import Tensor
 
-from .spaces import NUM_TRAIN_TIMESTEPS, time_shift
+from ..spaces import NUM_TRAIN_TIMESTEPS, time_shift
 
 TDD_TRAIN_TARGETS = 250
 """TDD distils towards a grid of 250 target timesteps: 3, 7, ..., 999 (spacing 1000 / 250)."""
