@@ -32,9 +32,10 @@ between DDIM and DDPM. Stride names (1)/(2) ``gamma`` for TCD and keeps TDD's ``
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any, Callable, ClassVar, Mapping
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -99,57 +100,74 @@ def _card(name: str, facts: str, how: str = "") -> Source:
 
 
 DIFFUSERS = Source("diffusers 0.42.1 (pip)", "installed version", "the reference schedulers used by the tests")
-LCM_REPO = _repo("luosiallen/latent-consistency-model", "a9ad79587cc8bd1e404ccd1a3056a3da969b2f62", "README.md",
-                 "LCM: 1-50 steps on the 50-step skipping grid, 1-8 recommended")
-LCM_LORA_CARD = _card("latent-consistency/lcm-lora-sdxl", "LCM-LoRA: 2-8 steps; 'disable guidance_scale or use values "
-                      "between 1.0 and 2.0'", " (wording read from a verbatim copy in another card)")
-TCD_REPO = _repo("jabir-zheng/TCD", "847b2a266cde1537acb96587e6cc101f7a42db75", "README.md",
-                 "TCDScheduler, 4 steps, guidance_scale 0, eta (= gamma) 0.3; 'higher eta when increasing steps'")
-HYPER_CARD = _card("ByteDance/Hyper-SD", "N-step LoRAs: DDIMScheduler timestep_spacing='trailing', guidance_scale 0, "
-                   "fuse_lora() (README diff 831b863); unified 1-step LoRA: TCDScheduler, eta 1.0 at 1 step, 1-8 steps; "
-                   "CFG LoRAs: guidance 5-8; FLUX LoRAs: LoRA scale 0.125, guidance 3.5")
-HYPER_COMFY_NODE = Source("huggingface.co/ByteDance/Hyper-SD comfyui/ComfyUI-HyperSDXL1StepUnetScheduler/node.py",
-                          "commit c9d3150", "1-step UNet: SIGMAS [sigma(800), 0] with the host's noise scaling")
-COMFY_TCD = _repo("JettHu/ComfyUI-TCD", "888a8403b791333ce98c910a3b76f1842e1adee8", "README.md",
-                  "the node Hyper-SD's unified-LoRA workflows use: eta (= gamma) default 0.3")
-TDD_REPO = _repo("RedAIGC/Target-Driven-Distillation", "89cc1e8e685009a04a90fad0839ca7dffc3b333c",
-                 "README.md, tdd_scheduler.py", "SDXL: TDDScheduler, 4 steps, guidance 1.7, eta 0.2, fuse_lora(); "
-                 "FLUX: FluxPipeline (Euler, resolution shift), 8 steps, guidance 2.0, fuse_lora(0.125)")
-PIFLOW_REPO = _repo("Lakonik/piFlow", "422954182a10f27eb05458bb5a43f1518817cf70",
-                    "demo/example_*_pipeline.py, lakonlab/pipelines/*.py",
-                    "FlowMapSDEScheduler shift 3.2, final_step_size_scale 0.5; 128 substeps, temperature 'auto'; "
-                    "4-NFE GM/DX adapters, 8-NFE GM-FLUX; GM-Qwen and GM-FLUX.2 elastic (>= 4 NFE); "
-                    "guidance 3.5 (FLUX.1), 4.0 (FLUX.2)")
-LIGHTNING_CARD = _card("ByteDance/SDXL-Lightning", "EulerDiscreteScheduler timestep_spacing='trailing', guidance_scale 0, "
-                       "the N-step checkpoint for N steps; 1-step UNet only, prediction_type='sample'; ComfyUI: euler + "
-                       "sgm_uniform", " (read from a verbatim copy of its README)")
-DMD2_REPO = _repo("tianweiy/DMD2", "8d8fa55633d47cfb81bbc7a892e7248f9518763f", "README.md, demo/text_to_image_sdxl.py",
-                  "4-step: timesteps 999, 749, 499, 249 (LCMScheduler in the README; own demo: x0, then add_noise at "
-                  "the next timestep); 1-step: timestep 399; guidance_scale 0; LoRA fuse_lora(1.0); unit noise input")
-FLUX_REPO = _repo("black-forest-labs/flux", "802fb4713906133fcbd0d8dc5351620ca4773036", "src/flux/sampling.py, cli.py",
-                  "get_schedule: linspace(1, 0, N + 1), resolution shift mu(256 -> 0.5, 4096 -> 1.15) except schnell "
-                  "(shift=False); schnell 4 steps; Euler")
-SD35_REPO = _repo("Stability-AI/sd3.5", "fbf8f483f992d8d6ad4eaaeb23b1dc5f523c3b3a", "sd3_infer.py",
-                  "sd3.5_large_turbo: shift 3.0, cfg 1.0, 4 steps, euler; get_sigmas: linspace(sigma_max, sigma_min)")
-QWEN_LIGHTNING_REPO = _repo("ModelTC/Qwen-Image-Lightning", "25d1e9935ba97e1f60503f8c000201e08b1fe8f4",
-                            "generate_with_diffusers.py, README.md, workflows/qwen-image-4steps.json",
-                            "FlowMatchEulerDiscrete, exponential shift with base_shift = max_shift = ln 3 ('shift=3 in "
-                            "distillation'), 4 / 8 steps, true_cfg 1.0; ComfyUI: ModelSamplingAuraFlow 3, euler simple, "
-                            "LoRA 1.0")
-ZIMAGE_REPO = _repo("Tongyi-MAI/Z-Image", "c7ec13578cc27b01d547e1b3c62bc8b95bc6cb6e",
-                    "src/config/{inference,model}.py, src/zimage/{scheduler,pipeline}.py",
-                    "8 steps, guidance 0, FlowMatchEuler shift 3.0 without dynamic shifting, raw times "
-                    "linspace(1, 0, N + 1)[:-1]; README: diffusers num_inference_steps=9 'results in 8 DiT forwards'")
-LIGHTX2V_REPO = _repo("ModelTC/LightX2V", "f8aee98b5462cca8d7288888146ebd95592bf266",
-                      "configs/distill/wan21/*lora_4step_cfg.json, lightx2v/models/schedulers/wan/step_distill/scheduler.py",
-                      "denoising_step_list [1000, 750, 500, 250], sample_shift 5, enable_cfg false, LoRA strength 1.0; "
-                      "Euler steps (x0 = x - sigma v, then x0 + sigma_next v)")
-WAN22_LIGHTNING_REPO = _repo("ModelTC/Wan2.2-Lightning", "92efeb4442a90d8f1985a486a0f33afd12dfeacf",
-                             "wan/configs/wan_{t2v,i2v}_A14B.py, wan/text2video.py, wan/utils/fm_solvers_euler.py",
-                             "4 steps, shift 5.0, guide scale (1.0, 1.0), Euler on linspace(1000, 0, N + 1) shifted; "
-                             "high-noise expert while t >= boundary * 1000 (T2V 0.875, I2V 0.900); LoRA on both experts")
-WAN22_REPO = _repo("Wan-Video/Wan2.2", "42bf4cfaa384bc21833865abc2f9e6c0e67233dc", "wan/configs/wan_{t2v,i2v}_A14B.py",
-                   "expert boundary 0.875 (T2V A14B), 0.900 (I2V A14B)")
+LCM_REPO = _repo(
+    "luosiallen/latent-consistency-model", "a9ad79587cc8bd1e404ccd1a3056a3da969b2f62", "README.md",
+    "LCM: 1-50 steps on the 50-step skipping grid, 1-8 recommended")
+LCM_LORA_CARD = _card(
+    "latent-consistency/lcm-lora-sdxl",
+    "LCM-LoRA: 2-8 steps; 'disable guidance_scale or use values between 1.0 and 2.0'",
+    " (wording read from a verbatim copy in another card)")
+TCD_REPO = _repo(
+    "jabir-zheng/TCD", "847b2a266cde1537acb96587e6cc101f7a42db75", "README.md",
+    "TCDScheduler, 4 steps, guidance_scale 0, eta (= gamma) 0.3; 'higher eta when increasing steps'")
+HYPER_CARD = _card(
+    "ByteDance/Hyper-SD",
+    "N-step LoRAs: DDIMScheduler timestep_spacing='trailing', guidance_scale 0, fuse_lora() (README diff "
+    "831b863); unified 1-step LoRA: TCDScheduler, eta 1.0 at 1 step, 1-8 steps; CFG LoRAs: guidance 5-8; "
+    "FLUX LoRAs: LoRA scale 0.125, guidance 3.5")
+HYPER_COMFY_NODE = Source(
+    "huggingface.co/ByteDance/Hyper-SD comfyui/ComfyUI-HyperSDXL1StepUnetScheduler/node.py", "commit c9d3150",
+    "1-step UNet: SIGMAS [sigma(800), 0] with the host's noise scaling")
+COMFY_TCD = _repo(
+    "JettHu/ComfyUI-TCD", "888a8403b791333ce98c910a3b76f1842e1adee8", "README.md",
+    "the node Hyper-SD's unified-LoRA workflows use: eta (= gamma) default 0.3")
+TDD_REPO = _repo(
+    "RedAIGC/Target-Driven-Distillation", "89cc1e8e685009a04a90fad0839ca7dffc3b333c", "README.md, tdd_scheduler.py",
+    "SDXL: TDDScheduler, 4 steps, guidance 1.7, eta 0.2, fuse_lora(); FLUX: FluxPipeline (Euler, resolution "
+    "shift), 8 steps, guidance 2.0, fuse_lora(0.125)")
+PIFLOW_REPO = _repo(
+    "Lakonik/piFlow", "422954182a10f27eb05458bb5a43f1518817cf70", "demo/example_*_pipeline.py, lakonlab/pipelines",
+    "FlowMapSDEScheduler shift 3.2, final_step_size_scale 0.5; 128 substeps, temperature 'auto'; 4-NFE GM/DX "
+    "adapters, 8-NFE GM-FLUX; GM-Qwen and GM-FLUX.2 elastic (>= 4 NFE); guidance 3.5 (FLUX.1), 4.0 (FLUX.2)")
+LIGHTNING_CARD = _card(
+    "ByteDance/SDXL-Lightning",
+    "EulerDiscreteScheduler timestep_spacing='trailing', guidance_scale 0, the N-step checkpoint for N steps; "
+    "1-step UNet only, prediction_type='sample'; ComfyUI: euler + sgm_uniform",
+    " (read from a verbatim copy of its README)")
+DMD2_REPO = _repo(
+    "tianweiy/DMD2", "8d8fa55633d47cfb81bbc7a892e7248f9518763f", "README.md, demo/text_to_image_sdxl.py",
+    "4-step: timesteps 999, 749, 499, 249 (README: LCMScheduler; own demo: x0, then add_noise at the next "
+    "timestep); 1-step: timestep 399; guidance_scale 0; LoRA fuse_lora(1.0); unit noise input")
+FLUX_REPO = _repo(
+    "black-forest-labs/flux", "802fb4713906133fcbd0d8dc5351620ca4773036", "src/flux/sampling.py, cli.py",
+    "get_schedule: linspace(1, 0, N + 1), resolution shift mu(256 -> 0.5, 4096 -> 1.15) except schnell "
+    "(shift=False); schnell 4 steps; Euler")
+SD35_REPO = _repo(
+    "Stability-AI/sd3.5", "fbf8f483f992d8d6ad4eaaeb23b1dc5f523c3b3a", "sd3_infer.py",
+    "sd3.5_large_turbo: shift 3.0, cfg 1.0, 4 steps, euler; get_sigmas: linspace(sigma_max, sigma_min)")
+QWEN_LIGHTNING_REPO = _repo(
+    "ModelTC/Qwen-Image-Lightning", "25d1e9935ba97e1f60503f8c000201e08b1fe8f4",
+    "generate_with_diffusers.py, README.md, workflows/qwen-image-4steps.json",
+    "FlowMatchEulerDiscrete, exponential shift with base_shift = max_shift = ln 3 ('shift=3 in distillation'), "
+    "4 / 8 steps, true_cfg 1.0; ComfyUI: ModelSamplingAuraFlow 3, euler simple, LoRA 1.0")
+ZIMAGE_REPO = _repo(
+    "Tongyi-MAI/Z-Image", "c7ec13578cc27b01d547e1b3c62bc8b95bc6cb6e",
+    "src/config/{inference,model}.py, src/zimage/{scheduler,pipeline}.py",
+    "8 steps, guidance 0, FlowMatchEuler shift 3.0 without dynamic shifting, raw times linspace(1, 0, N + 1)[:-1]; "
+    "README: diffusers num_inference_steps=9 'results in 8 DiT forwards'")
+LIGHTX2V_REPO = _repo(
+    "ModelTC/LightX2V", "f8aee98b5462cca8d7288888146ebd95592bf266",
+    "configs/distill/wan21/*lora_4step_cfg.json, lightx2v/models/schedulers/wan/step_distill/scheduler.py",
+    "denoising_step_list [1000, 750, 500, 250], sample_shift 5, enable_cfg false, LoRA strength 1.0; Euler steps "
+    "(x0 = x - sigma v, then x0 + sigma_next v)")
+WAN22_LIGHTNING_REPO = _repo(
+    "ModelTC/Wan2.2-Lightning", "92efeb4442a90d8f1985a486a0f33afd12dfeacf",
+    "wan/configs/wan_{t2v,i2v}_A14B.py, wan/text2video.py, wan/utils/fm_solvers_euler.py",
+    "4 steps, shift 5.0, guide scale (1.0, 1.0), Euler on linspace(1000, 0, N + 1) shifted; high-noise expert "
+    "while t >= boundary * 1000 (T2V 0.875, I2V 0.900); LoRA on both experts")
+WAN22_REPO = _repo(
+    "Wan-Video/Wan2.2", "42bf4cfaa384bc21833865abc2f9e6c0e67233dc", "wan/configs/wan_{t2v,i2v}_A14B.py",
+    "expert boundary 0.875 (T2V A14B), 0.900 (I2V A14B)")
 
 
 # ------------------------------------------------------------------------------------------
@@ -182,7 +200,7 @@ class _TimestepSchedule:
 
 @dataclass(frozen=True)
 class LCMGrid(_TimestepSchedule):
-    """LCM's / TCD's skipping grid (:func:`~distill_core.schedules.lcm_timesteps`); img2img is LCM's strength."""
+    """LCM's / TCD's skipping grid (:func:`.schedules.lcm_timesteps`); img2img is LCM's strength."""
 
     original_steps: int = 50
 
@@ -195,7 +213,7 @@ class LCMGrid(_TimestepSchedule):
 
 @dataclass(frozen=True)
 class Trailing(_TimestepSchedule):
-    """DDIM / Euler ``timestep_spacing="trailing"`` (:func:`~distill_core.schedules.trailing_timesteps`)."""
+    """DDIM / Euler ``timestep_spacing="trailing"`` (:func:`.schedules.trailing_timesteps`)."""
 
     def _full(self, steps: int) -> list[int]:
         return trailing_timesteps(steps)
@@ -206,7 +224,7 @@ class Trailing(_TimestepSchedule):
 
 @dataclass(frozen=True)
 class TDDGrid(_TimestepSchedule):
-    """TDD's 250-target grid (:func:`~distill_core.schedules.tdd_timesteps`)."""
+    """TDD's 250-target grid (:func:`.schedules.tdd_timesteps`)."""
 
     special_jump: bool = False
 
@@ -252,7 +270,7 @@ class _FlowSchedule:
 
 @dataclass(frozen=True)
 class FlowShift(_FlowSchedule):
-    """Uniform raw times ``linspace(1, 0, N + 1)[:-1]`` at a fixed shift (:func:`~distill_core.schedules.flow_sigmas`)."""
+    """Uniform raw times ``linspace(1, 0, N + 1)[:-1]`` at a fixed shift (:func:`.schedules.flow_sigmas`)."""
 
     shift: float
 
@@ -265,7 +283,7 @@ class FlowShift(_FlowSchedule):
 
 @dataclass(frozen=True)
 class SD3Shift(_FlowSchedule):
-    """SD3.5's raw times from 1 to the table's smallest sigma at a fixed shift (:func:`~distill_core.schedules.sd3_sigmas`)."""
+    """SD3.5's raw times from 1 to the table's smallest sigma, fixed shift (:func:`.schedules.sd3_sigmas`)."""
 
     shift: float
 
@@ -298,7 +316,7 @@ class FluxResolutionShift(_FlowSchedule):
 
 @dataclass(frozen=True)
 class PiFlowSchedule(_FlowSchedule):
-    """pi-Flow's schedule (:func:`~distill_core.piflow.piflow_sigmas`); img2img scales the raw times (official rule)."""
+    """pi-Flow's schedule (:func:`.piflow.piflow_sigmas`); img2img scales the raw times (official rule)."""
 
     shift: float = piflow.DEFAULT_SHIFT
     final_step_size_scale: float = piflow.DEFAULT_FINAL_STEP_SIZE_SCALE
@@ -345,9 +363,9 @@ class Sampler:
         return f"{self.name} ({knobs})" if knobs else self.name
 
 
-def _sampler_function(name: str) -> Callable[..., Tensor]:
-    return {"lcm": lcm.sample_lcm, "tcd": tcd.sample_tcd, "tdd": tdd.sample_tdd, "euler": tcd.sample_tcd,
-            "piflow": piflow.sample_piflow}[name]
+_SAMPLER_FUNCTIONS: dict[str, Callable[..., Tensor]] = {
+    "lcm": lcm.sample_lcm, "tcd": tcd.sample_tcd, "tdd": tdd.sample_tdd, "euler": tcd.sample_tcd,
+    "piflow": piflow.sample_piflow}
 
 
 # ------------------------------------------------------------------------------------------
@@ -429,135 +447,144 @@ WAN22_T2V_BOUNDARY = 0.875
 WAN22_I2V_BOUNDARY = 0.900
 ELASTIC_PIFLOW_STEPS = tuple(range(4, 51))
 
-_GAMMA_NOTE = ("gamma is TCD's stochasticity, called 'eta' by diffusers' TCDScheduler and the model cards (not DDIM's eta): "
-               "0 = deterministic DDIM, 1 = LCM-like.")
-_ELASTIC = "The GM adapters of this model are elastic: any step count from 4 works (the authors' wording: 'any value above 4')."
+_GAMMA_NOTE = ("gamma is TCD's stochasticity, called 'eta' by diffusers' TCDScheduler and the model cards (not "
+               "DDIM's eta): 0 = deterministic DDIM, 1 = LCM-like.")
+_ELASTIC = "Its GM adapters are elastic: any step count from 4 works (the authors: 'any value above 4')."
+_PIFLOW = "Load with Stride pi-Flow Adapter Loader; the network outputs a policy integrated over substeps."
+_DX = " DX grid segment 1 / 3.5 = 4 NFE."
+_SD = (SD15, SDXL)
 
 
 def _entries() -> list[Method]:
     lcm_lora = Method(
-        "lcm-lora", "LCM", "LoRA (SD1.5 / SDXL / SSD-1B)", "eps", (SD15, SDXL), LCMGrid(), tuple(range(1, 51)), 4,
-        Sampler("lcm", {"boundary": True}), 1.0, lora_strength=1.0,
+        "lcm-lora", "LCM", "LoRA (SD1.5 / SDXL / SSD-1B)", "eps", _SD, LCMGrid(), tuple(range(1, 51)), 4,
+        Sampler("lcm", {"boundary": True}), cfg=1.0, lora_strength=1.0,
         notes="Authors recommend 2-8 steps and CFG 1-2 (higher CFG needs a negative prompt).",
         sources=(LCM_REPO, LCM_LORA_CARD, DIFFUSERS))
     tcd_lora = Method(
-        "tcd-lora", "TCD", "LoRA (SD1.5 / SDXL)", "eps", (SD15, SDXL), LCMGrid(), tuple(range(1, 51)), 4,
-        Sampler("tcd", {"gamma": TCD_GAMMA}), 1.0, lora_strength=1.0,
-        notes=_GAMMA_NOTE + " The TCD authors recommend a higher gamma at more steps.", sources=(TCD_REPO, DIFFUSERS))
+        "tcd-lora", "TCD", "LoRA (SD1.5 / SDXL)", "eps", _SD, LCMGrid(), tuple(range(1, 51)), 4,
+        Sampler("tcd", {"gamma": TCD_GAMMA}), cfg=1.0, lora_strength=1.0,
+        notes=_GAMMA_NOTE + " The TCD authors recommend a higher gamma at more steps.",
+        sources=(TCD_REPO, DIFFUSERS))
     hyper_nstep = [
-        Method(f"hyper-sd-{n}step", "Hyper-SD", f"{n}-step LoRA (SD1.5 / SDXL)", "eps", (SD15, SDXL), Trailing(), (n,), n,
-               EULER, 1.0, lora_strength=1.0, notes="DDIM with trailing timesteps (eta 0), which is the Euler step.",
+        Method(f"hyper-sd-{n}step", "Hyper-SD", f"{n}-step LoRA (SD1.5 / SDXL)", "eps", _SD, Trailing(), (n,), n,
+               EULER, cfg=1.0, lora_strength=1.0, notes="DDIM on trailing timesteps (eta 0), which is the Euler step.",
                sources=(HYPER_CARD, DIFFUSERS))
         for n in (2, 4, 8)]
     hyper_cfg = [
-        Method(f"hyper-sd-{n}step-cfg", "Hyper-SD", f"{n}-step CFG-preserved LoRA (SD1.5 / SDXL)", "eps", (SD15, SDXL),
-               Trailing(), (n,), n, EULER, 5.0, lora_strength=1.0,
+        Method(f"hyper-sd-{n}step-cfg", "Hyper-SD", f"{n}-step CFG-preserved LoRA (SD1.5 / SDXL)", "eps", _SD,
+               Trailing(), (n,), n, EULER, cfg=5.0, lora_strength=1.0,
                notes="Trained to keep real CFG: guidance 5-8 and negative prompts work.",
-               unconfirmed=("the sampler and timesteps (taken to be the N-step LoRAs' DDIM trailing; the card's code for "
-                            "the CFG LoRAs could not be read here)",),
+               unconfirmed=("the sampler and timesteps (taken to be the N-step LoRAs' DDIM trailing; the card's "
+                            "code for the CFG LoRAs could not be read here)",),
                sources=(HYPER_CARD,))
         for n in (8, 12)]
     hyper_unified = Method(
-        "hyper-sd-unified", "Hyper-SD", "unified 1-step LoRA with TCD, 1-8 steps (SD1.5 / SDXL)", "eps", (SD15, SDXL),
-        LCMGrid(), tuple(range(1, 9)), 1, Sampler("tcd", {"gamma": TCD_GAMMA}), 1.0, lora_strength=1.0,
-        notes=_GAMMA_NOTE + " At 1 step gamma has no effect; the Hyper-SD card says lower gamma gives more detail at more steps.",
-        unconfirmed=("gamma for 2-8 steps (the card's example is 1 step with eta 1.0; 0.3 is the default of ComfyUI-TCD, "
-                     "the node the authors' workflows use)",),
+        "hyper-sd-unified", "Hyper-SD", "unified 1-step LoRA with TCD, 1-8 steps (SD1.5 / SDXL)", "eps", _SD,
+        LCMGrid(), tuple(range(1, 9)), 1, Sampler("tcd", {"gamma": TCD_GAMMA}), cfg=1.0, lora_strength=1.0,
+        notes=_GAMMA_NOTE + " At 1 step gamma has no effect; per the Hyper-SD card lower gamma gives more detail.",
+        unconfirmed=("gamma for 2-8 steps (the card's example is 1 step with eta 1.0; 0.3 is the default of "
+                     "ComfyUI-TCD, the node the authors' workflows use)",),
         sources=(HYPER_CARD, COMFY_TCD, DIFFUSERS))
     hyper_unet = Method(
         "hyper-sdxl-1step-unet", "Hyper-SD", "SDXL 1-step UNet", "eps", (SDXL,),
-        _fixed((1, (HYPER_SDXL_ONE_STEP_TIMESTEP,))), (1,), 1, Sampler("lcm", {"boundary": True}), 1.0,
+        _fixed((1, (HYPER_SDXL_ONE_STEP_TIMESTEP,))), (1,), 1, Sampler("lcm", {"boundary": True}), cfg=1.0,
         notes="One step at timestep 800, as the authors' ComfyUI scheduler node.",
-        unconfirmed=("the starting noise: the authors' ComfyUI node leaves ComfyUI's sigma(800)-scaled noise (network input "
-                     "std 0.981), their diffusers example (LCMScheduler, timesteps=[800]) starts from unit noise",),
+        unconfirmed=("the starting noise: the authors' ComfyUI node leaves ComfyUI's sigma(800)-scaled noise "
+                     "(network input std 0.981), their diffusers example (LCMScheduler, timesteps=[800]) starts "
+                     "from unit noise",),
         sources=(HYPER_COMFY_NODE, HYPER_CARD, DIFFUSERS))
     hyper_flux = [
-        Method(f"hyper-flux-{n}step", "Hyper-SD", f"FLUX.1-dev {n}-step LoRA", "flow", (FLUX1_DEV,), FluxResolutionShift(),
-               (n,), n, EULER, 1.0, flux_guidance=3.5, lora_strength=0.125,
+        Method(f"hyper-flux-{n}step", "Hyper-SD", f"FLUX.1-dev {n}-step LoRA", "flow", (FLUX1_DEV,),
+               FluxResolutionShift(), (n,), n, EULER, cfg=1.0, flux_guidance=3.5, lora_strength=0.125,
                notes="FluxPipeline's own schedule (resolution-dependent shift) and Euler.",
-               unconfirmed=("the sampler and schedule (the card names only steps, LoRA scale and guidance; FluxPipeline's "
-                            "defaults are assumed)",),
+               unconfirmed=("the sampler and schedule (the card names only steps, LoRA scale and guidance; "
+                            "FluxPipeline's defaults are assumed)",),
                sources=(HYPER_CARD, FLUX_REPO, DIFFUSERS))
         for n in (8, 16)]
     tdd_sdxl = Method(
         "tdd-sdxl", "TDD", "SDXL LoRA", "eps", (SDXL,), TDDGrid(), (4, 5, 6, 7, 8), 4,
-        Sampler("tdd", {"eta": TDD_ETA, "clip_x0_steps": 0, "clip_ratio": 0.995}), 1.7, lora_strength=1.0,
+        Sampler("tdd", {"eta": TDD_ETA, "clip_x0_steps": 0, "clip_ratio": 0.995}), cfg=1.7, lora_strength=1.0,
         notes="Trained with 20% empty prompts, so real CFG works. eta is TDD's name for TCD's gamma (not DDIM's eta).",
         sources=(TDD_REPO,))
     tdd_flux = Method(
-        "tdd-flux", "TDD", "FLUX.1-dev LoRA", "flow", (FLUX1_DEV,), FluxResolutionShift(), (4, 5, 6, 7, 8), 8, EULER, 1.0,
-        flux_guidance=2.0, lora_strength=0.125, notes="Sampled with FluxPipeline's Euler and schedule (TDD with eta 0).",
+        "tdd-flux", "TDD", "FLUX.1-dev LoRA", "flow", (FLUX1_DEV,), FluxResolutionShift(), (4, 5, 6, 7, 8), 8,
+        EULER, cfg=1.0, flux_guidance=2.0, lora_strength=0.125,
+        notes="Sampled with FluxPipeline's Euler and schedule (TDD with eta 0).",
         sources=(TDD_REPO, FLUX_REPO, DIFFUSERS))
 
     piflow_sampler = Sampler("piflow", {"substeps": piflow.DEFAULT_SUBSTEPS, "temperature": piflow.AUTO_TEMPERATURE,
                                         "h": 0.0, "shift": piflow.DEFAULT_SHIFT})  # DX policies have no temperature
-    pi_note = "Load with Stride pi-Flow Adapter Loader; the network outputs a policy integrated over substeps."
     piflow_entries = [
-        Method("pi-flux1-gm-4step", "pi-Flow", "pi-FLUX.1 GM 4-NFE adapter", "flow", (FLUX1_DEV,), PiFlowSchedule(), (4,), 4,
-               piflow_sampler, 1.0, flux_guidance=3.5, notes=pi_note, sources=(PIFLOW_REPO,)),
-        Method("pi-flux1-gm-8step", "pi-Flow", "pi-FLUX.1 GM 8-NFE adapter", "flow", (FLUX1_DEV,), PiFlowSchedule(), (8,), 8,
-               piflow_sampler, 1.0, flux_guidance=3.5, notes=pi_note, sources=(PIFLOW_REPO,)),
-        Method("pi-flux1-dx-4step", "pi-Flow", "pi-FLUX.1 DX 4-NFE adapter", "flow", (FLUX1_DEV,), PiFlowSchedule(), (4,), 4,
-               piflow_sampler, 1.0, flux_guidance=3.5, notes=pi_note + " DX grid segment 1 / 3.5 = 4 NFE.",
-               sources=(PIFLOW_REPO,)),
+        Method(f"pi-flux1-{policy.lower()}-{n}step", "pi-Flow", f"pi-FLUX.1 {policy} {n}-NFE adapter", "flow",
+               (FLUX1_DEV,), PiFlowSchedule(), (n,), n, piflow_sampler, cfg=1.0, flux_guidance=3.5,
+               notes=_PIFLOW + (_DX if policy == "DX" else ""), sources=(PIFLOW_REPO,))
+        for policy, n in (("GM", 4), ("GM", 8), ("DX", 4))]
+    piflow_entries += [
         Method("pi-qwen-gm", "pi-Flow", "pi-Qwen-Image GM adapter", "flow", (QWEN_IMAGE,), PiFlowSchedule(),
-               ELASTIC_PIFLOW_STEPS, 4, piflow_sampler, 1.0, notes=pi_note + " " + _ELASTIC, sources=(PIFLOW_REPO,)),
-        Method("pi-qwen-dx-4step", "pi-Flow", "pi-Qwen-Image DX 4-NFE adapter", "flow", (QWEN_IMAGE,), PiFlowSchedule(), (4,),
-               4, piflow_sampler, 1.0, notes=pi_note + " DX grid segment 1 / 3.5 = 4 NFE.", sources=(PIFLOW_REPO,)),
-        Method("pi-flux2-gm", "pi-Flow", "pi-FLUX.2 GM adapter", "flow", (FLUX2_DEV,), PiFlowSchedule(), ELASTIC_PIFLOW_STEPS,
-               4, piflow_sampler, 1.0, flux_guidance=4.0, notes=pi_note + " " + _ELASTIC, sources=(PIFLOW_REPO,)),
+               ELASTIC_PIFLOW_STEPS, 4, piflow_sampler, cfg=1.0, notes=_PIFLOW + " " + _ELASTIC,
+               sources=(PIFLOW_REPO,)),
+        Method("pi-qwen-dx-4step", "pi-Flow", "pi-Qwen-Image DX 4-NFE adapter", "flow", (QWEN_IMAGE,),
+               PiFlowSchedule(), (4,), 4, piflow_sampler, cfg=1.0, notes=_PIFLOW + _DX, sources=(PIFLOW_REPO,)),
+        Method("pi-flux2-gm", "pi-Flow", "pi-FLUX.2 GM adapter", "flow", (FLUX2_DEV,), PiFlowSchedule(),
+               ELASTIC_PIFLOW_STEPS, 4, piflow_sampler, cfg=1.0, flux_guidance=4.0, notes=_PIFLOW + " " + _ELASTIC,
+               sources=(PIFLOW_REPO,)),
     ]
 
     lightning = [
-        Method(f"sdxl-lightning-{n}step", "SDXL-Lightning", f"{n}-step UNet / LoRA", "eps", (SDXL,), Trailing(), (n,), n,
-               EULER, 1.0, lora_strength=1.0, notes="Use the checkpoint made for this step count.",
+        Method(f"sdxl-lightning-{n}step", "SDXL-Lightning", f"{n}-step UNet / LoRA", "eps", (SDXL,), Trailing(),
+               (n,), n, EULER, cfg=1.0, lora_strength=1.0, notes="Use the checkpoint made for this step count.",
                sources=(LIGHTNING_CARD, DIFFUSERS))
         for n in (2, 4, 8)]
     lightning_x0 = Method(
         "sdxl-lightning-1step-x0", "SDXL-Lightning", "1-step UNet (x0 prediction)", "x0", (SDXL,), Trailing(), (1,), 1,
-        EULER, 1.0, notes="Predicts x0 ('sample'): set the model's sampling to x0 (ComfyUI ModelSamplingDiscrete x0). "
-                          "The authors call it experimental; the 2-step model is better.",
+        EULER, cfg=1.0,
+        notes="Predicts x0 ('sample'): set the model's sampling to x0 (ComfyUI ModelSamplingDiscrete x0). The authors "
+              "call it experimental; the 2-step model is better.",
         sources=(LIGHTNING_CARD, DIFFUSERS))
     dmd2 = [
-        Method("dmd2-sdxl-4step", "DMD2", "SDXL 4-step UNet / LoRA", "eps", (SDXL,), _fixed((4, DMD2_4STEP_TIMESTEPS)), (4,), 4,
-               Sampler("lcm", {"boundary": False}), 1.0, lora_strength=1.0,
+        Method("dmd2-sdxl-4step", "DMD2", "SDXL 4-step UNet / LoRA", "eps", (SDXL,), _fixed((4, DMD2_4STEP_TIMESTEPS)),
+               (4,), 4, Sampler("lcm", {"boundary": False}), cfg=1.0, lora_strength=1.0,
                notes="Predict x0, re-noise to the next trained timestep (ComfyUI's lcm + sgm_uniform lands on "
-                     "fractional timesteps instead). The README's LCMScheduler adds LCM's boundary scalings, a change "
-                     "below 1e-7 at these timesteps.",
+                     "fractional timesteps instead). The README's LCMScheduler adds LCM's boundary scalings, a "
+                     "change below 1e-7 at these timesteps.",
                sources=(DMD2_REPO, DIFFUSERS)),
-        Method("dmd2-sdxl-1step", "DMD2", "SDXL 1-step UNet", "eps", (SDXL,), _fixed((1, (DMD2_1STEP_TIMESTEP,))), (1,), 1,
-               Sampler("lcm", {"boundary": False, "unit_noise_input": True}), 1.0,
+        Method("dmd2-sdxl-1step", "DMD2", "SDXL 1-step UNet", "eps", (SDXL,), _fixed((1, (DMD2_1STEP_TIMESTEP,))),
+               (1,), 1, Sampler("lcm", {"boundary": False, "unit_noise_input": True}), cfg=1.0,
                notes="One step at timestep 399 on pure unit noise (the generator's training input); ComfyUI alone "
                      "would hand it noise of std 0.76. txt2img only.",
                sources=(DMD2_REPO, DIFFUSERS)),
     ]
     schnell = Method(
-        "flux1-schnell", "FLUX.1 schnell", "full model", "flow", (FLUX1_SCHNELL,), FlowShift(1.0), (1, 2, 3, 4), 4, EULER, 1.0,
-        notes="No guidance input and no resolution shift (timestep-distilled).", sources=(FLUX_REPO, DIFFUSERS))
+        "flux1-schnell", "FLUX.1 schnell", "full model", "flow", (FLUX1_SCHNELL,), FlowShift(1.0), (1, 2, 3, 4), 4,
+        EULER, cfg=1.0, notes="No guidance input and no resolution shift (timestep-distilled).",
+        sources=(FLUX_REPO, DIFFUSERS))
     sd35_turbo = Method(
-        "sd35-large-turbo", "SD3.5 Large Turbo", "full model", "flow", (SD35_LARGE,), SD3Shift(3.0), (4,), 4, EULER, 1.0,
-        notes="ComfyUI's 'normal' scheduler on the SD3 model gives the same sigmas; 'simple' does not.",
+        "sd35-large-turbo", "SD3.5 Large Turbo", "full model", "flow", (SD35_LARGE,), SD3Shift(3.0), (4,), 4, EULER,
+        cfg=1.0, notes="ComfyUI's 'normal' scheduler on the SD3 model gives the same sigmas; 'simple' does not.",
         unconfirmed=("step counts other than 4",), sources=(SD35_REPO, DIFFUSERS))
     qwen = [
         Method(f"qwen-image-lightning-{n}step", "Qwen-Image-Lightning", f"{n}-step LoRA", "flow",
-               (QWEN_IMAGE, QWEN_IMAGE_EDIT), FlowShift(3.0), (n,), n, EULER, 1.0, lora_strength=1.0,
+               (QWEN_IMAGE, QWEN_IMAGE_EDIT), FlowShift(3.0), (n,), n, EULER, cfg=1.0, lora_strength=1.0,
                notes="Shift 3 at every resolution (diffusers: exponential shift with base = max = ln 3).",
                sources=(QWEN_LIGHTNING_REPO, DIFFUSERS))
         for n in (4, 8)]
     zimage = Method(
-        "z-image-turbo", "Z-Image-Turbo", "full model", "flow", (Z_IMAGE,), FlowShift(3.0), (8,), 8, EULER, 1.0,
+        "z-image-turbo", "Z-Image-Turbo", "full model", "flow", (Z_IMAGE,), FlowShift(3.0), (8,), 8, EULER, cfg=1.0,
         notes="8 network calls: the README's diffusers 'num_inference_steps=9' ends on a skipped sigma-0 step.",
-        unconfirmed=("shift 3.0 is the official code's default; the released scheduler_config.json could not be read here",),
+        unconfirmed=("shift 3.0 is the official code's default; the released scheduler_config.json could not be "
+                     "read here",),
         sources=(ZIMAGE_REPO, DIFFUSERS))
     wan21 = Method(
         "wan21-lightx2v-4step", "Wan2.1 lightx2v", "step/CFG-distilled 4-step LoRA (T2V / I2V 14B)", "flow",
-        (WAN21_T2V_14B, WAN21_I2V_14B), FlowShift(5.0), (4,), 4, EULER, 1.0, lora_strength=1.0,
+        (WAN21_T2V_14B, WAN21_I2V_14B), FlowShift(5.0), (4,), 4, EULER, cfg=1.0, lora_strength=1.0,
         notes="Sigmas 1, 0.9375, 0.8333, 0.625 (timesteps 1000, 750, 500, 250 at shift 5).", sources=(LIGHTX2V_REPO,))
     wan22 = [
         Method(f"wan22-lightning-{task.lower()}-a14b", "Wan2.2-Lightning", f"{task} A14B 4-step LoRAs (both experts)",
-               "flow", (architecture,), FlowShift(5.0), (4,), 4, EULER, 1.0, lora_strength=1.0, expert_boundary=boundary,
+               "flow", (architecture,), FlowShift(5.0), (4,), 4, EULER, cfg=1.0, lora_strength=1.0,
+               expert_boundary=boundary,
                notes=f"Wan 2.2's own expert boundary {boundary:g}: the high-noise expert runs the steps with sigma >= "
-                     f"{boundary:g} (here the first 2), the low-noise expert the rest; each expert with its Lightning LoRA.",
+                     f"{boundary:g} (here the first 2), the low-noise expert the rest; each with its Lightning LoRA.",
                sources=(WAN22_LIGHTNING_REPO, WAN22_REPO))
         for task, architecture, boundary in (("T2V", WAN22_T2V_A14B, WAN22_T2V_BOUNDARY),
                                              ("I2V", WAN22_I2V_A14B, WAN22_I2V_BOUNDARY))]
@@ -620,7 +647,7 @@ def method_sigmas(entry: Method, space: NoiseSpace, steps: int | None = None, *,
     return entry.schedule.sigmas(space, steps, denoise, image_seq_len)
 
 
-def build_sampler(entry: Method, space: NoiseSpace, **overrides: Any) -> Callable[..., Tensor]:
+def build_sampler(entry: Method, space: NoiseSpace, **overrides: Any) -> functools.partial[Tensor]:
     """The entry's sampler in k-diffusion shape ``fn(model, x, sigmas, extra_args, callback, disable)``.
 
     ``overrides`` replace knobs (e.g. ``gamma=0.5``); a name that is not one of the sampler's knobs is
@@ -635,4 +662,4 @@ def build_sampler(entry: Method, space: NoiseSpace, **overrides: Any) -> Callabl
         options["gamma"] = 0.0
     if entry.sampler.name != "piflow":
         options["space"] = space
-    return functools.partial(_sampler_function(entry.sampler.name), **options)
+    return functools.partial(_SAMPLER_FUNCTIONS[entry.sampler.name], **options)

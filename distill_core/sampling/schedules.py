@@ -9,11 +9,15 @@ all assume 1000 training timesteps unless told otherwise.
 from __future__ import annotations
 
 import math
+from typing import TypeVar
 
 import torch
 from torch import Tensor
 
 from ..spaces import NUM_TRAIN_TIMESTEPS, time_shift
+
+ScheduleT = TypeVar("ScheduleT", list[int], Tensor)
+"""A schedule as training timesteps (``list[int]``) or as SIGMAS (``Tensor``)."""
 
 TDD_TRAIN_TARGETS = 250
 """TDD distils towards a grid of 250 target timesteps: 3, 7, ..., 999 (spacing 1000 / 250)."""
@@ -143,7 +147,8 @@ def sd3_sigmas(steps: int, shift: float) -> Tensor:
     without dynamic shifting: ``t = linspace(1, time_shift(1 / 1000, shift), steps)``, so the last step
     starts close to 0 (4 steps at shift 3 -> 1, 0.858, 0.602, 0.0090, 0), unlike :func:`flow_sigmas`.
     """
-    return flow_sigmas(steps, shift, end=float(time_shift(torch.tensor(1.0 / NUM_TRAIN_TIMESTEPS, dtype=torch.float64), shift)))
+    sigma_min = time_shift(torch.tensor(1.0 / NUM_TRAIN_TIMESTEPS, dtype=torch.float64), shift)
+    return flow_sigmas(steps, shift, end=float(sigma_min))
 
 
 def flux_mu(image_seq_len: int, base_shift: float = 0.5, max_shift: float = 1.15, base_seq_len: int = 256,
@@ -160,7 +165,7 @@ def flux_mu(image_seq_len: int, base_shift: float = 0.5, max_shift: float = 1.15
     return image_seq_len * slope + base_shift - slope * base_seq_len
 
 
-def img2img_tail(schedule: list[int] | Tensor, steps: int, denoise: float) -> list[int] | Tensor:
+def img2img_tail(schedule: ScheduleT, steps: int, denoise: float) -> ScheduleT:
     """The last ``int(steps * denoise)`` steps of a ``steps``-step schedule (diffusers' img2img rule).
 
     Works on timestep lists (``steps`` entries) and on SIGMAS (``steps + 1`` entries ending in 0). The

@@ -9,10 +9,11 @@ import pytest
 import torch
 
 from distill_core.methods import build_sampler, method, method_sigmas
-from distill_core.spaces import NoiseSpace, scaled_linear_alphas_cumprod
 from distill_core.reference.mixture import GaussianMixture
+from distill_core.spaces import NoiseSpace, scaled_linear_alphas_cumprod
 
-family_quality = importlib.import_module("bench.family_quality")  # this folder is not named 'bench' (see the smoke test)
+# this folder is not named 'bench' (see the smoke test): import the benchmark package by its name
+family_quality = importlib.import_module("bench.family_quality")
 context = importlib.import_module("bench.context")
 VE = NoiseSpace.from_alphas_cumprod(scaled_linear_alphas_cumprod())
 FLOW = NoiseSpace.flow(1.0)

@@ -38,20 +38,23 @@ from distill_core.spaces import NoiseSpace
 from tests.unit.diffusion_toys import seeded_noise, toy_eps
 from tests.unit.test_schedules import OFFICIAL_TDD_EQUIDISTANT
 
-SD_BETAS = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+SD_BETAS = {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012}
 ALPHAS_CUMPROD = LCMScheduler(**SD_BETAS).alphas_cumprod.double()
 VE = NoiseSpace.from_alphas_cumprod(ALPHAS_CUMPROD)
 FLOW = NoiseSpace.flow(1.0)
 SHAPES = {"image": (2, 4, 6, 6), "video": (1, 4, 3, 4, 4)}  # [B, C, H, W] and [B, C, T, H, W]
-FLUX_DEV_SCHEDULER = dict(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
-                          max_image_seq_len=4096)  # FLUX.1-dev's scheduler_config.json
-QWEN_LIGHTNING_SCHEDULER = dict(base_image_seq_len=256, base_shift=math.log(3), max_image_seq_len=8192,
-                                max_shift=math.log(3), shift=1.0, use_dynamic_shifting=True, time_shift_type="exponential")
+FLUX_DEV_SCHEDULER = {  # FLUX.1-dev's scheduler_config.json
+    "shift": 3.0, "use_dynamic_shifting": True, "base_shift": 0.5, "max_shift": 1.15, "base_image_seq_len": 256,
+    "max_image_seq_len": 4096}
+QWEN_LIGHTNING_SCHEDULER = {  # Qwen-Image-Lightning's generate_with_diffusers.py
+    "base_image_seq_len": 256, "base_shift": math.log(3), "max_image_seq_len": 8192, "max_shift": math.log(3),
+    "shift": 1.0, "use_dynamic_shifting": True, "time_shift_type": "exponential"}
+QWEN_MU = calculate_shift(4096, 256, 8192, math.log(3), math.log(3))  # ln 3 at every size
 SEQ_LENS = (1024, 4096, 6400)  # 512^2, 1024^2 and 1280^2 images as FLUX tokens
 
 
 def _ints(timesteps) -> list[int]:
-    return [int(round(float(t))) for t in timesteps]
+    return [round(float(t)) for t in timesteps]
 
 
 def _diffusers_timesteps(scheduler, steps: int | None = None, **kwargs) -> list[int]:
@@ -135,7 +138,8 @@ def _official_flow_sigmas(key: str, steps: int, seq_len: int) -> list[torch.Tens
     """Flow entries: every official source of the schedule (each must agree with Stride's)."""
     if key in ("hyper-flux-8step", "hyper-flux-16step", "tdd-flux"):
         mu = calculate_shift(seq_len, 256, 4096, 0.5, 1.15)
-        return [_flow_match(steps, _pipeline_sigmas(steps), mu, **FLUX_DEV_SCHEDULER), _bfl_schedule(steps, seq_len, True)]
+        return [_flow_match(steps, _pipeline_sigmas(steps), mu, **FLUX_DEV_SCHEDULER),
+                _bfl_schedule(steps, seq_len, True)]
     if key.startswith("pi-"):
         return [_piflow_official(steps)]
     if key == "flux1-schnell":
@@ -190,7 +194,8 @@ def test_lightning_sigmas_equal_euler_discrete():
 
 def test_published_values():
     """The numbers the model cards and configs state, independent of any scheduler code."""
-    sigmas = lambda key, **kw: [round(v, 4) for v in method_sigmas(method(key), FLOW, **kw).tolist()]
+    def sigmas(key, **kw):
+        return [round(v, 4) for v in method_sigmas(method(key), FLOW, **kw).tolist()]
     assert sigmas("wan22-lightning-t2v-a14b") == [1.0, 0.9375, 0.8333, 0.625, 0.0]
     assert sigmas("wan21-lightx2v-4step") == [1.0, 0.9375, 0.8333, 0.625, 0.0]
     assert sigmas("pi-flux1-gm-4step") == [1.0, 0.8889, 0.7059, 0.3478, 0.0]
@@ -241,15 +246,18 @@ def test_two_expert_handover_equals_wan22_loop(key):
     model while t >= boundary * 1000 and takes Euler steps, on a 5-D video latent."""
     entry = method(key)
     sigmas = method_sigmas(entry, FLOW)
-    high = lambda x, s: toy_eps(x, s * 1000)  # two different toy experts (velocities)
-    low = lambda x, s: 0.5 * toy_eps(x.flip(2), s * 700) - 0.1 * x
+    def high(x, s):
+        return toy_eps(x, s * 1000)  # two different toy experts (velocities)
+    def low(x, s):
+        return 0.5 * toy_eps(x.flip(2), s * 700) - 0.1 * x
     x = _start(SHAPES["video"])
     latent, used = x, []
-    for sigma, sigma_next in zip(sigmas[:-1].tolist(), sigmas[1:].tolist()):
+    for sigma, sigma_next in zip(sigmas[:-1].tolist(), sigmas[1:].tolist(), strict=False):
         expert = high if sigma * 1000 >= entry.expert_boundary * 1000 else low
         used.append("high" if expert is high else "low")
         latent = latent + (sigma_next - sigma) * expert(latent, sigma)
-    as_denoiser = lambda velocity: (lambda z, s, **_: z - float(s[0]) * velocity(z, float(s[0])))
+    def as_denoiser(velocity):
+        return (lambda z, s, **_: z - float(s[0]) * velocity(z, float(s[0])))
     phases = [HybridPhase(as_denoiser(v), build_sampler(entry, FLOW), FLOW) for v in (high, low)]
     seen = []
     ours = sample_hybrid(*phases, x, sigmas, handover_steps_at(sigmas, entry.expert_boundary),
@@ -292,7 +300,7 @@ def _run(entry, space, model, x, sigmas, noise_seed=0, **overrides):
     seen = []
     final = build_sampler(entry, space, **overrides)(model, x, sigmas, callback=lambda info: seen.append(info["x"]),
                                                      disable=True, noise_sampler=seeded_noise(noise_seed, x.shape))
-    return seen[1:] + [final]
+    return [*seen[1:], final]
 
 
 def _start(shape, seed=3) -> torch.Tensor:
@@ -311,7 +319,7 @@ def test_lightning_euler_equals_euler_discrete(key, shape):
     scheduler.set_timesteps(entry.default_steps)
     x = _start(shape) * scheduler.init_noise_sigma
     expected, latent = [], x
-    for t, sigma in zip(scheduler.timesteps.tolist(), scheduler.sigmas.tolist()):
+    for t, sigma in zip(scheduler.timesteps.tolist(), scheduler.sigmas.tolist(), strict=False):
         x_vp = latent / (sigma**2 + 1) ** 0.5
         output = _toy_x0(x_vp, int(t)) if prediction == "x0" else toy_eps(x_vp, int(t))
         latent = scheduler.step(output.float(), t, latent.float()).prev_sample.double()
@@ -351,7 +359,7 @@ def _flow_scheduler(key: str, steps: int, seq_len: int) -> FlowMatchEulerDiscret
         scheduler.set_timesteps(sigmas=_pipeline_sigmas(steps), mu=calculate_shift(seq_len, 256, 4096, 0.5, 1.15))
     elif key.startswith("qwen-image-lightning-"):
         scheduler = FlowMatchEulerDiscreteScheduler(**QWEN_LIGHTNING_SCHEDULER)
-        scheduler.set_timesteps(sigmas=_pipeline_sigmas(steps), mu=calculate_shift(seq_len, 256, 8192, math.log(3), math.log(3)))
+        scheduler.set_timesteps(sigmas=_pipeline_sigmas(steps), mu=QWEN_MU)
     elif key == "flux1-schnell":
         scheduler = FlowMatchEulerDiscreteScheduler(shift=1.0)
         scheduler.set_timesteps(sigmas=_pipeline_sigmas(steps))
@@ -394,7 +402,7 @@ def test_wan_euler_equals_official_step_in_float64(shape):
     sigmas = method_sigmas(entry, FLOW)
     x = _start(shape)
     expected, latent = [], x
-    for sigma, sigma_next in zip(sigmas[:-1].tolist(), sigmas[1:].tolist()):
+    for sigma, sigma_next in zip(sigmas[:-1].tolist(), sigmas[1:].tolist(), strict=False):
         u = _velocity(latent, sigma)
         latent = (latent - sigma * u) + sigma_next * u
         expected.append(latent)
@@ -433,7 +441,7 @@ def _lcm_scheduler_run(x_vp: torch.Tensor, timesteps: list[int], seed: int) -> l
 
 
 def _to_vp(latents, sigmas):
-    return [x / (1 + s**2) ** 0.5 for x, s in zip(latents, sigmas[1:].tolist())]
+    return [x / (1 + s**2) ** 0.5 for x, s in zip(latents, sigmas[1:].tolist(), strict=False)]
 
 
 @pytest.mark.parametrize("shape", SHAPES.values(), ids=SHAPES.keys())
@@ -507,11 +515,11 @@ def test_errors_list_the_valid_choices():
         method_sigmas(method("qwen-image-lightning-4step"), FLOW, 6)
     with pytest.raises(ValueError, match="trained for 1-8 steps, not 9"):
         check_steps(method("hyper-sd-unified"), 9)
-    with pytest.raises(ValueError, match="is a FLOW model; methods for it: .*flux1-schnell"):
+    with pytest.raises(ValueError, match=r"is a FLOW model; methods for it: .*flux1-schnell"):
         method_sigmas(method("sdxl-lightning-4step"), FLOW)
-    with pytest.raises(ValueError, match="is a VE model; methods for it: .*dmd2-sdxl-4step"):
+    with pytest.raises(ValueError, match=r"is a VE model; methods for it: .*dmd2-sdxl-4step"):
         method_sigmas(method("wan21-lightx2v-4step"), VE)
-    with pytest.raises(ValueError, match="needs a model of kind x0, but this model is eps; methods for eps models: .*"
+    with pytest.raises(ValueError, match=r"needs a model of kind x0, but this model is eps; methods for eps models: .*"
                                          "sdxl-lightning-4step"):
         check_model_kind(method("sdxl-lightning-1step-x0"), "eps")
     with pytest.raises(ValueError, match="model kind must be one of"):
@@ -530,7 +538,8 @@ def test_img2img_keeps_trained_steps():
     assert torch.equal(method_sigmas(entry, VE, denoise=0.5), full[2:])
     assert torch.equal(method_sigmas(entry, VE, denoise=0.6), full[2:])  # int(4 * 0.6) = 2 steps, as diffusers
     lcm_half = method_sigmas(method("lcm-lora"), VE, 4, denoise=0.5)  # LCM's strength truncates the grid instead
-    assert torch.equal(lcm_half, VE.sigmas_for_timesteps(_diffusers_timesteps(LCMScheduler(**SD_BETAS), 4, strength=0.5)))
+    official = _diffusers_timesteps(LCMScheduler(**SD_BETAS), 4, strength=0.5)
+    assert torch.equal(lcm_half, VE.sigmas_for_timesteps(official))
     flow = method("wan21-lightx2v-4step")
     assert torch.equal(method_sigmas(flow, FLOW, denoise=0.75), method_sigmas(flow, FLOW)[1:])
 
