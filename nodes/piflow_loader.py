@@ -1,9 +1,9 @@
 """Released pi-Flow adapters on ComfyUI's FLUX.1, FLUX.2 and Qwen-Image models: the policy output
-head, its capture wrapper and the loader node. The sampler side (policy stash, rollout, schedule)
-is in :mod:`.piflow`; the adapter format and its layer mapping in ``distill_core.piflow_adapter``."""
+head, its capture wrapper and the loader node (a V3 node, :mod:`.compat`). The sampler side (policy
+stash, rollout, schedule) is in :mod:`.piflow`; the adapter format and its layer mapping in
+``distill_core.piflow_adapter``."""
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,7 +20,7 @@ import folder_paths
 
 from ..distill_core import lora, piflow, piflow_adapter
 from ..distill_core.piflow_adapter import FLUX1, FLUX2, QWEN_IMAGE, ModelFamily, PiFlowAdapter
-from .compat import StrideError
+from .compat import StrideError, combo, image_model, io, wrapped_call_arguments
 from .piflow import CATEGORY, PolicyOutput, deposit_policy
 
 WRAPPER_KEY = "stride_piflow_policy"
@@ -65,12 +65,12 @@ SUPPORTED = "a FLUX.1 model, a FLUX.2 model or a Qwen-Image model"
 def model_family(model: Any) -> ComfyFamily:
     """The family of a MODEL, from its BaseModel class and ComfyUI's model detection; others are refused."""
     base = model.model
-    image_model = (getattr(getattr(base, "model_config", None), "unet_config", {}) or {}).get("image_model")
+    architecture = image_model(model)
     for family in COMFY_FAMILIES:
-        if isinstance(base, family.base_class) and image_model == family.image_model:
+        if isinstance(base, family.base_class) and architecture == family.image_model:
             return family
     raise StrideError(f"model: pi-Flow adapters load onto {SUPPORTED} (Load Diffusion Model); "
-                      f"this is {type(base).__name__}" + (f" ({image_model})." if image_model else "."))
+                      f"this is {type(base).__name__}" + (f" ({architecture})." if architecture else "."))
 
 
 # ------------------------------------------------------------------------------------------
@@ -192,7 +192,7 @@ class PolicyCapture:
         finally:
             self.head.capture = None
         if captured:
-            call = inspect.signature(executor.original).bind(*args, **kwargs).arguments
+            call = wrapped_call_arguments(executor, args, kwargs)
             deposit_policy(call.get("transformer_options", {}), self.head.policy_output(captured[-1], call["x"].shape))
         return out
 
@@ -268,35 +268,34 @@ def final_width(model: Any, family: ComfyFamily) -> int:
     return (getattr(module, attribute) if attribute else module).weight.shape[0]
 
 
-class StridePiFlowAdapterLoader:
-    DESCRIPTION = ("Loads a released pi-Flow adapter (safetensors in models/loras: LoRA + policy head in one file) onto "
-                   "its base model: pi-FLUX.1 (gmflux / dxflux) onto FLUX.1 dev, pi-FLUX.2 (gmflux2) onto FLUX.2 dev, "
-                   "pi-Qwen-Image (gmqwen / dxqwen) onto Qwen-Image. Applies the LoRA and swaps the output layer for "
-                   "the policy head. Sample with Stride pi-Flow Sample (or the pi-Flow sampler + scheduler), 4 steps, "
-                   "shift 3.2; Flux guidance 3.5 for FLUX.1, 4.0 for FLUX.2.")
-    CATEGORY = CATEGORY
-    RETURN_TYPES = ("MODEL",)
-    RETURN_NAMES = ("model",)
-    OUTPUT_TOOLTIPS = ("The pi-Flow model (a patched copy; the input MODEL is not changed).",)
-    FUNCTION = "load"
+class StridePiFlowAdapterLoader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="StridePiFlowAdapterLoader", display_name="Stride pi-Flow Adapter Loader", category=CATEGORY,
+            description=("Loads a released pi-Flow adapter (safetensors in models/loras: LoRA + policy head in one "
+                         "file) onto its base model: pi-FLUX.1 (gmflux / dxflux) onto FLUX.1 dev, pi-FLUX.2 (gmflux2) "
+                         "onto FLUX.2 dev, pi-Qwen-Image (gmqwen / dxqwen) onto Qwen-Image. Applies the LoRA and swaps "
+                         "the output layer for the policy head. Sample with Stride pi-Flow Sample (or the pi-Flow "
+                         "sampler + scheduler), 4 steps, shift 3.2; Flux guidance 3.5 for FLUX.1, 4.0 for FLUX.2."),
+            inputs=[
+                io.Model.Input("model", tooltip="The adapter's base model (Load Diffusion Model): FLUX.1 dev, FLUX.2 "
+                                                "dev or Qwen-Image."),
+                combo("adapter_name", folder_paths.get_filename_list("loras"),
+                      "The adapter safetensors in models/loras (LoRA + policy head in one file), e.g. "
+                      "gmflux_k8_piid_4step, gmflux2_k8_piid_4step, gmqwen_k8_piid_4step, dxqwen_n10_piid_4step."),
+                io.Float.Input("strength", default=1.0, min=0.0, max=2.0, step=0.01,
+                               tooltip="Strength of the adapter's LoRA (1.0 as trained; the authors suggest slightly "
+                                       "higher for customised base models). The head is always swapped."),
+            ],
+            outputs=[io.Model.Output(display_name="model", tooltip="The pi-Flow model (a patched copy; the input "
+                                                                   "MODEL is not changed).")],
+        )
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {
-            "model": ("MODEL", {"tooltip": "The adapter's base model (Load Diffusion Model): FLUX.1 dev, FLUX.2 dev "
-                                           "or Qwen-Image."}),
-            "adapter_name": (folder_paths.get_filename_list("loras"),
-                             {"tooltip": "The adapter safetensors in models/loras (LoRA + policy head in one file), e.g. "
-                                         "gmflux_k8_piid_4step, gmflux2_k8_piid_4step, gmqwen_k8_piid_4step, "
-                                         "dxqwen_n10_piid_4step."}),
-            "strength": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 2.0, "step": 0.01,
-                                   "tooltip": "Strength of the adapter's LoRA (1.0 as trained; the authors suggest "
-                                              "slightly higher for customised base models). The head is always swapped."}),
-        }}
-
-    def load(self, model, adapter_name, strength):
+    def execute(cls, model: Any, adapter_name: str, strength: float) -> io.NodeOutput:
         family = model_family(model)
-        if isinstance(model.object_patches.get(f"diffusion_model.{family.head_module}"), PolicyHead):
+        if isinstance(model.get_model_object(f"diffusion_model.{family.head_module}"), PolicyHead):
             raise StrideError("model: this model already has a pi-Flow adapter; load the adapter onto the base model.")
         state_dict, metadata = read_adapter_file(adapter_name)
         adapter = parse_for_model(state_dict, metadata, family, adapter_name)
@@ -314,8 +313,7 @@ class StridePiFlowAdapterLoader:
         for module in family.retired:
             patched.add_object_patch(f"diffusion_model.{module}", nn.Identity())
         patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, WRAPPER_KEY, PolicyCapture(head))
-        return (patched,)
+        return io.NodeOutput(patched)
 
 
-NODE_CLASS_MAPPINGS = {"StridePiFlowAdapterLoader": StridePiFlowAdapterLoader}
-NODE_DISPLAY_NAME_MAPPINGS = {"StridePiFlowAdapterLoader": "Stride pi-Flow Adapter Loader"}
+NODES: list[type[io.ComfyNode]] = [StridePiFlowAdapterLoader]

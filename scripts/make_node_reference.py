@@ -39,9 +39,11 @@ def nodes_doc(nodes: dict[str, dict]) -> str:
                   "| input | type | default | tooltip |", "|---|---|---|---|"]
         for section in ("required", "optional"):
             for name, spec in info["input"].get(section, {}).items():
-                kind_name = "COMBO" if isinstance(spec[0], list) else spec[0]
                 options = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
-                default = options.get("default", spec[0][0] if isinstance(spec[0], list) and spec[0] else "")
+                # a dropdown is typed by its option list (V1) or "COMBO" with the list in "options" (V3)
+                choices = spec[0] if isinstance(spec[0], list) else options.get("options", [])
+                kind_name = "COMBO" if isinstance(spec[0], list) else spec[0]
+                default = options.get("default", choices[0] if kind_name == "COMBO" and choices else "")
                 tooltip = str(options.get("tooltip", "")).replace("|", "/").replace("\n", " ")
                 lines.append(f"| `{name}` | {kind_name} | {default} | {tooltip} |")
         lines += ["", "| output | type | tooltip |", "|---|---|---|"]
