@@ -9,14 +9,13 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-import torch
-
 import comfy.sample
 import comfy.samplers
 import latent_preview
+import torch
 
-from ..distill_core import lcm, schedules, tcd, tdd
-from ..distill_core.sampling_utils import all_finite
+from ..distill_core.sampling import lcm, schedules, tcd, tdd
+from ..distill_core.sampling.steps import all_finite
 from .compat import (StrideError, combo, has_discrete_timesteps, io, model_sampling_in_sampler,
                      model_sampling_of_patcher, noise_space)
 

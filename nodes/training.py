@@ -1,6 +1,6 @@
 """In-graph LoRA distillation: dataset, trainer, save and loss-plot nodes.
 
-The loop lives in ``distill_core.distill``. This module turns ComfyUI objects into its inputs:
+The loop lives in ``distill_core.training``. This module turns ComfyUI objects into its inputs:
 the MODEL becomes a denoiser ``(x, sigma, cond) -> x0`` on a private patcher clone (the MODEL
 passed in is never changed for other nodes: the LoRA is attached by forward hooks for the run
 and removed afterwards), CONDITIONING becomes the model's own conditioning tensors, images are
@@ -18,16 +18,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-import torch
-
 import comfy.model_management
 import comfy.utils
 import folder_paths
+import torch
 
-from ..distill_core import lora as lora_io
-from ..distill_core.distill import (OBJECTIVE_DEFAULTS, OBJECTIVES, DistillConfig, DistillDivergedError, DistillTrainer,
-                                   TrainingData, TrainResult, attach_student_lora)
+from ..distill_core.safe_files import check_safetensors_file, write_safetensors
 from ..distill_core.spaces import NoiseSpace
+from ..distill_core.training.config import OBJECTIVE_DEFAULTS, OBJECTIVES, DistillConfig, TrainingData
+from ..distill_core.training.lora import LoraSet, ensure_autograd_compatible, lora_state_dict
+from ..distill_core.training.trainer import DistillDivergedError, DistillTrainer, TrainResult, attach_student_lora
 from .compat import (StrideError, apply_lora, combo, extra_conds, io, latent_spatial_downscale, load_lora_file,
                      model_sampling_of_patcher, node_unique_id, noise_space, sampling_kind, send_event, ui,
                      vae_spatial_downscale)
@@ -210,7 +210,7 @@ def run_distillation(run: DistillRun, resume: bool, node_id: str | None) -> Dist
     """Train the LoRA on the run's clone (progress bar, loss events, Cancel, checkpoints); the LoRA is
     detached again whatever happens, so the MODEL the graph passed in is never changed."""
     network = run.student.model.diffusion_model
-    lora_io.ensure_autograd_compatible(network)
+    ensure_autograd_compatible(network)
     try:  # like diffusers' LCM-LoRA, layers narrower than the rank (the 4-channel in/out convs) get no adapter
         loraset = attach_student_lora(network, run.config)
     except ValueError as exc:
@@ -232,14 +232,14 @@ def run_distillation(run: DistillRun, resume: bool, node_id: str | None) -> Dist
             headless = {"bundle": str(run.headless_folder), "command": command}
         result = _train(run, loraset, on_step, resume)
     finally:
-        state = lora_io.lora_state_dict(loraset)
+        state = lora_state_dict(loraset)
         loraset.remove()
     if result.cancelled:
         comfy.model_management.throw_exception_if_processing_interrupted()
     return DistillOutcome(result, state, losses, headless)
 
 
-def _train(run: DistillRun, loraset: lora_io.LoraSet, on_step: Callable[[int, float], None],
+def _train(run: DistillRun, loraset: LoraSet, on_step: Callable[[int, float], None],
            resume: bool) -> TrainResult:
     """The trainer's loop on the run's clone, its refusals worded for the node's inputs."""
 
@@ -380,7 +380,7 @@ class StrideSaveLoRA(io.ComfyNode):
         target = folder / name
         if target.exists() and not overwrite:
             raise StrideError(f"file_name: models/loras/{name} already exists; choose another name or turn on overwrite")
-        lora_io.save_lora(target, lora["state_dict"], lora["metadata"])
+        write_safetensors(target, lora["state_dict"], lora["metadata"])
         return io.NodeOutput(name, ui=ui.PreviewText(f"saved models/loras/{name}"))
 
 
@@ -406,7 +406,7 @@ class StrideReloadLoRA(io.ComfyNode):
         if lora_name not in folder_paths.get_filename_list("loras"):
             raise StrideError(f"lora_name: models/loras/{lora_name} does not exist; save the LoRA first")
         try:  # ComfyUI's loader would unpickle .pt/.ckpt files; Stride loads safetensors only
-            lora_io.check_safetensors_file(folder_paths.get_full_path_or_raise("loras", lora_name))
+            check_safetensors_file(folder_paths.get_full_path_or_raise("loras", lora_name))
         except ValueError as exc:
             raise StrideError(f"lora_name: {exc}; use a .safetensors LoRA (Stride Save LoRA writes one)") from None
         return io.NodeOutput(load_lora_file(model, lora_name, strength))
