@@ -26,8 +26,8 @@ classes, the ModelPatcher methods (``clone``, ``get_model_object``, ``add_patche
 from __future__ import annotations
 
 import inspect
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Iterable
+from typing import Any, ClassVar
 
 import torch
 
@@ -71,7 +71,7 @@ class _ListTypedCombo(io.Combo.Input):
 _HOST_CHECKS_V3_COMBOS = hasattr(io, "DynamicCombo")
 
 
-def combo(id: str, options: Sequence[str], tooltip: str, default: str | None = None) -> io.Combo.Input:
+def combo(id: str, options: Iterable[str], tooltip: str, default: str | None = None) -> io.Combo.Input:
     """A dropdown input whose unknown values every host refuses before the run ("Value not in list")."""
     kind = io.Combo.Input if _HOST_CHECKS_V3_COMBOS else _ListTypedCombo
     return kind(id, options=list(options), default=default, tooltip=tooltip)
@@ -177,10 +177,10 @@ def model_from_network(diffusion_model: torch.nn.Module, prediction: str, latent
     """
 
     class StrideConfig(comfy.supported_models_base.BASE):
-        unet_config = {"disable_unet_model_creation": True, "in_channels": latent_channels}
-        unet_extra_config = {}
-        sampling_settings = {"shift": 1.0, "multiplier": 1000} if prediction == "flow" else {}
-        supported_inference_dtypes = [torch.float32]
+        unet_config: ClassVar[dict] = {"disable_unet_model_creation": True, "in_channels": latent_channels}
+        unet_extra_config: ClassVar[dict] = {}
+        sampling_settings: ClassVar[dict] = {"shift": 1.0, "multiplier": 1000} if prediction == "flow" else {}
+        supported_inference_dtypes: ClassVar[list] = [torch.float32]
 
     StrideConfig.latent_format = latent_format
     config = StrideConfig({"disable_unet_model_creation": True, "in_channels": latent_channels})

@@ -11,20 +11,31 @@ rule and the conversions come from ``distill_core.sampling.hybrid``. All nodes a
 from __future__ import annotations
 
 import json
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
+
+import torch
 
 import comfy.model_management
 import comfy.sample
 import comfy.samplers
 import comfy.utils
 import latent_preview
-import torch
 
 from ..distill_core.reference import diversity
 from ..distill_core.sampling import hybrid, lcm, schedules, tcd, tdd
 from ..distill_core.sampling.trace import StepTrace, trace_grid
-from .compat import (StrideError, combo, guider_latent_format, guider_model_sampling, io, latent_spatial_downscale,
-                     model_sampling_of_patcher, noise_space, ui)
+from .compat import (
+    StrideError,
+    combo,
+    guider_latent_format,
+    guider_model_sampling,
+    io,
+    latent_spatial_downscale,
+    model_sampling_of_patcher,
+    noise_space,
+    ui,
+)
 from .samplers import discrete_sigmas, seed_input, stride_ksampler
 
 CATEGORY = "stride/hybrid"
@@ -241,8 +252,9 @@ class StrideHybridSample(io.ComfyNode):
         sigmas = discrete_sigmas(base_model, timesteps, schedule)
 
         guiders = []
-        for model, positive, negative, cfg in ((base_model, base_positive, base_negative, base_cfg),
-                                               (distilled_model, distilled_positive, distilled_negative, distilled_cfg)):
+        phases = ((base_model, base_positive, base_negative, base_cfg),
+                  (distilled_model, distilled_positive, distilled_negative, distilled_cfg))
+        for model, positive, negative, cfg in phases:
             guider = comfy.samplers.CFGGuider(model)
             guider.set_conds(positive, negative)
             guider.set_cfg(cfg)

@@ -2,7 +2,8 @@
 
 A pi-Flow network outputs a *policy* once per step (a Gaussian mixture per latent location,
 "GM", or x0 predictions on a time grid or as a polynomial in time, "DX"); the sampler
-integrates it with many cheap substeps (``distill_core.sampling.piflow``). Inside ComfyUI a pi-Flow MODEL stays an ordinary flow model: its
+integrates it with many cheap substeps (``distill_core.sampling.piflow``). Inside ComfyUI a pi-Flow
+MODEL stays an ordinary flow model: its
 network returns the policy's mean velocity (so ComfyUI's pipeline, previews and plain samplers
 work), and also deposits the full policy in a :class:`PolicyStash` that the Stride pi-Flow
 sampler puts into ``transformer_options`` for each model call. The stash is a plain object, not
@@ -11,21 +12,31 @@ passes other objects by reference. All nodes are V3 nodes (:mod:`.compat`).
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
-import comfy.samplers
 import torch
 from torch import Tensor
 from torch.nn import functional as F
+
+import comfy.samplers
 
 from ..distill_core import piflow_adapter
 from ..distill_core.reference.demo import demo_mixture
 from ..distill_core.reference.mixture import FactorizedMixture
 from ..distill_core.sampling import piflow
 from ..distill_core.spaces import NoiseSpace
-from .compat import (StrideError, combo, inpainting_latent, io, is_flow, mask_function_options, model_sampling_of_patcher,
-                     sampling_kind)
+from .compat import (
+    StrideError,
+    combo,
+    inpainting_latent,
+    io,
+    is_flow,
+    mask_function_options,
+    model_sampling_of_patcher,
+    sampling_kind,
+)
 from .reference import AnalyticModule, wrap_as_model
 from .samplers import denoise_input, require_finite_latent, sample_with, seed_input
 
@@ -33,7 +44,8 @@ CATEGORY = "stride/piflow"
 STASH_KEY = "stride_piflow_stash"
 TEMPERATURE_MODES = ["auto", "manual"]
 NOT_A_PIFLOW_MODEL = ("model: this model did not output a pi-Flow policy. Load a pi-Flow adapter onto its FLUX.1, "
-                      "FLUX.2 or Qwen-Image model with 'Stride pi-Flow Adapter Loader' (or use 'Stride pi-Flow Reference "
+                      "FLUX.2 or Qwen-Image model with 'Stride pi-Flow Adapter Loader' (or use 'Stride pi-Flow "
+                      "Reference "
                       "Teacher'); plain models need a plain sampler.")
 GUIDANCE_HINT = ("pi-Flow models have guidance distilled in: use BasicGuider (or CFGGuider with cfg 1.0) with one "
                  "positive conditioning (no negative prompt, areas or combined conditionings)")
@@ -92,10 +104,13 @@ class PolicyStash:
             raise StrideError(f"guider: the policy covers latents of shape {tuple(tensors[0].shape[2:])}, the batch is "
                               f"{tuple(x.shape[1:])}. {GUIDANCE_HINT}.")
         source = F.pixel_shuffle(x, factor) if factor > 1 else x  # FLUX.2: the policy's unfolded latent
+        policy: piflow.Policy
         if first.kind == "gm":
-            policy = piflow.GMPolicy.from_velocity(*tensors, source, sigma)
+            means, logweights, logstds = tensors
+            policy = piflow.GMPolicy.from_velocity(means, logweights, logstds, source, sigma)
         else:
-            policy = piflow.DXPolicy.from_velocity(tensors[0], source, sigma, first.segment_size, first.shift, first.mode)
+            policy = piflow.DXPolicy.from_velocity(tensors[0], source, sigma, first.segment_size, first.shift,
+                                                   first.mode)
         return piflow.PackedLatentPolicy(policy, factor) if factor > 1 else policy
 
 
@@ -148,7 +163,7 @@ def piflow_ksampler(substeps: int, temperature: float | str, diffusion_coefficie
         denoise_mask = extra_args.get("denoise_mask")
         extra_args["denoise_mask"] = None  # the mask is applied here, not by ComfyUI's per-call blend
         require_finite_latent(x)
-        inpainting = {}
+        inpainting: dict[str, Any] = {}
         if denoise_mask is not None:
             inpainting = {"latent_image": inpainting_latent(model),
                           "denoise_mask": step_masks(model, denoise_mask, extra_args.get("model_options") or {})}
@@ -167,7 +182,8 @@ def piflow_schedule(model: Any, steps: int, shift: float, final_step_size_scale:
     sampling = model_sampling_of_patcher(model)
     if not is_flow(sampling):
         raise StrideError(f"model: pi-Flow schedules are for flow-matching models (FLUX, SD3, Qwen-Image), but this is "
-                          f"an {sampling_kind(sampling).upper()} model. Load a pi-Flow model (Stride pi-Flow Adapter Loader).")
+                          f"an {sampling_kind(sampling).upper()} model. Load a pi-Flow model (Stride pi-Flow Adapter "
+                          "Loader).")
     try:
         return piflow.piflow_sigmas(steps, shift, final_step_size_scale, denoise).float()
     except ValueError as exc:
@@ -220,7 +236,8 @@ class StridePiFlowSampler(io.ComfyNode):
                          "distilled in). Inpaints latents with a noise mask (Set Latent Noise Mask): the unmasked "
                          "region is kept exactly."),
             inputs=[*substep_inputs(), *temperature_inputs(), shift_input()],
-            outputs=[io.Sampler.Output(display_name="sampler", tooltip="Plug into SamplerCustomAdvanced / SamplerCustom.")],
+            outputs=[io.Sampler.Output(display_name="sampler",
+                                       tooltip="Plug into SamplerCustomAdvanced / SamplerCustom.")],
         )
 
     @classmethod
@@ -246,7 +263,8 @@ class StridePiFlowScheduler(io.ComfyNode):
                 final_scale_input(),
                 denoise_input("Below 1 for img2img: scales the raw times (the official rule)."),
             ],
-            outputs=[io.Sigmas.Output(display_name="sigmas", tooltip="Sigmas for SamplerCustomAdvanced / SamplerCustom.")],
+            outputs=[io.Sigmas.Output(display_name="sigmas",
+                                      tooltip="Sigmas for SamplerCustomAdvanced / SamplerCustom.")],
         )
 
     @classmethod
@@ -320,7 +338,8 @@ class ExactPolicyNetwork(AnalyticModule):
         self.mixture = mixture
         self.space = NoiseSpace.flow()
 
-    def forward(self, xc, timesteps, context=None, transformer_options={}, **kwargs):
+    def forward(self, xc, timesteps, context=None, transformer_options=None, **kwargs):
+        transformer_options = transformer_options or {}
         sigma = self.true_sigmas(xc, timesteps, transformer_options)
         x = xc.to(torch.float64)
         posterior = self.mixture.posterior_gm(x, sigma, self.space)

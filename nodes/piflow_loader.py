@@ -7,15 +7,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
 import comfy.ldm.flux.layers
 import comfy.lora
 import comfy.model_base
 import comfy.ops
 import comfy.patcher_extension
 import folder_paths
-import torch
-from torch import Tensor, nn
-from torch.nn import functional as F
 
 from ..distill_core import piflow_adapter
 from ..distill_core.piflow_adapter import PiFlowAdapter
@@ -260,7 +261,8 @@ def lora_patches(adapter: PiFlowAdapter, family: ComfyFamily, weight_shapes: dic
         tensors[f"{module}.lora_A.weight"], tensors[f"{module}.lora_B.weight"] = down, up
     patches = comfy.lora.load_lora(tensors, to_load)
     if len(patches) != len(adapter.lora):
-        raise StrideError(f"adapter_name: ComfyUI loaded {len(patches)} of the {len(adapter.lora)} LoRA layers of '{name}'.")
+        raise StrideError(f"adapter_name: ComfyUI loaded {len(patches)} of the {len(adapter.lora)} LoRA layers of "
+                          f"'{name}'.")
     return patches
 
 
@@ -305,7 +307,8 @@ class StridePiFlowAdapterLoader(io.ComfyNode):
         diffusion_model = model.model.diffusion_model
         weight_shapes = {key: tuple(value.shape) for key, value in diffusion_model.named_parameters()}
         try:
-            piflow_families.check_head(adapter, family.spec, weight_shapes["img_in.weight"][0], final_width(model, family))
+            piflow_families.check_head(adapter, family.spec, weight_shapes["img_in.weight"][0],
+                                       final_width(model, family))
         except ValueError as exc:
             raise StrideError(f"adapter_name: '{adapter_name}': {exc}") from None
         patches = lora_patches(adapter, family, weight_shapes, adapter_name)
@@ -315,7 +318,8 @@ class StridePiFlowAdapterLoader(io.ComfyNode):
         patched.add_object_patch(f"diffusion_model.{family.head_module}", head)
         for module in family.retired:
             patched.add_object_patch(f"diffusion_model.{module}", nn.Identity())
-        patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, WRAPPER_KEY, PolicyCapture(head))
+        patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, WRAPPER_KEY,
+                                     PolicyCapture(head))
         return io.NodeOutput(patched)
 
 

@@ -6,9 +6,10 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import torch
+
 import comfy.latent_formats
 import comfy.ops
-import torch
 from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
 
 from ..distill_core.reference import demo, metrics
@@ -101,7 +102,8 @@ class AnalyticNetwork(AnalyticModule):
         self.flow_map_steps = flow_map_steps
         self.space: NoiseSpace | None = None
 
-    def forward(self, xc, timesteps, context=None, transformer_options={}, **kwargs):
+    def forward(self, xc, timesteps, context=None, transformer_options=None, **kwargs):
+        transformer_options = transformer_options or {}
         check_latent_shape(xc, self.mixture.latent_shape, "the reference teacher")
         sigma = self.true_sigmas(xc, timesteps, transformer_options)
         x64 = xc.to(torch.float64)
@@ -270,7 +272,8 @@ class StrideReferenceMetrics(io.ComfyNode):
         latents = samples["samples"].to(torch.float64)
         mixture = demo_mixture()
         if tuple(latents.shape[1:]) != mixture.latent_shape:
-            raise StrideError(f"samples: expected latents of shape {mixture.latent_shape}, got {tuple(latents.shape[1:])}")
+            raise StrideError(f"samples: expected latents of shape {mixture.latent_shape}, "
+                              f"got {tuple(latents.shape[1:])}")
         if not torch.isfinite(latents).all():
             raise StrideError("samples: the latents contain NaN or inf values; check the sampler and model that "
                               "produced them.")
@@ -281,7 +284,8 @@ class StrideReferenceMetrics(io.ComfyNode):
         class_ids = None if class_id < 0 else torch.full((latents.shape[0],), class_id)
         report = {"label": label, "n": latents.shape[0],
                   **metrics.evaluate_samples(latents, mixture, class_ids, torch.Generator().manual_seed(0))}
-        text = json.dumps({key: round(value, 4) if isinstance(value, float) else value for key, value in report.items()})
+        text = json.dumps({key: round(value, 4) if isinstance(value, float) else value
+                           for key, value in report.items()})
         return io.NodeOutput(text, ui=ui.PreviewText(text))
 
 

@@ -7,17 +7,26 @@ All nodes are V3 nodes (``io.ComfyNode``, the API pinned in :mod:`.compat`).
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
+
+import torch
 
 import comfy.sample
 import comfy.samplers
 import latent_preview
-import torch
 
 from ..distill_core.sampling import lcm, schedules, tcd, tdd
 from ..distill_core.sampling.steps import all_finite
-from .compat import (StrideError, combo, has_discrete_timesteps, io, model_sampling_in_sampler,
-                     model_sampling_of_patcher, noise_space)
+from .compat import (
+    StrideError,
+    combo,
+    has_discrete_timesteps,
+    io,
+    model_sampling_in_sampler,
+    model_sampling_of_patcher,
+    noise_space,
+)
 
 CATEGORY = "stride/sampling"
 
@@ -48,7 +57,8 @@ def finite_output_model(model: Callable[..., torch.Tensor]) -> Callable[..., tor
     def checked(x: torch.Tensor, sigma: torch.Tensor, **extra_args: Any) -> torch.Tensor:
         denoised = model(x, sigma, **extra_args)
         if not all_finite(denoised):
-            raise StrideError(f"model: the model returned NaN or inf values at sigma {float(sigma.reshape(-1)[0]):.4g}. "
+            raise StrideError("model: the model returned NaN or inf values at sigma "
+                              f"{float(sigma.reshape(-1)[0]):.4g}. "
                               "Its weights may be broken, or half precision overflowed: try another model file, or "
                               "run the model in fp32/bf16 (e.g. --force-fp32).")
         return denoised
@@ -209,7 +219,7 @@ class StrideLCMScheduler(io.ComfyNode):
 
 
 class StrideHyperSDScheduler(io.ComfyNode):
-    MODES = ["trailing", "unet 1-step (t=800)", "tcd grid"]
+    MODES = ("trailing", "unet 1-step (t=800)", "tcd grid")
 
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -330,7 +340,8 @@ class StrideFewStepSample(io.ComfyNode):
                                          cfg or recommended_cfg, seed))
 
 
-def sample_with(model, positive, negative, latent_image: dict, sampler, sigmas: torch.Tensor, cfg: float, seed: int) -> dict:
+def sample_with(model: Any, positive: list, negative: list, latent_image: dict, sampler: Any, sigmas: torch.Tensor,
+                cfg: float, seed: int) -> dict:
     """ComfyUI's own custom-sampling path (noise, guider, progress bar, preview, Cancel)."""
     if not positive:
         raise StrideError("positive: the conditioning is empty; connect a prompt (e.g. CLIP Text Encode or "

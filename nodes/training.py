@@ -14,23 +14,38 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
+
+import torch
 
 import comfy.model_management
 import comfy.utils
 import folder_paths
-import torch
 
 from ..distill_core.safe_files import check_safetensors_file, write_safetensors
 from ..distill_core.spaces import NoiseSpace
 from ..distill_core.training.config import OBJECTIVE_DEFAULTS, OBJECTIVES, DistillConfig, TrainingData
 from ..distill_core.training.lora import LoraSet, ensure_autograd_compatible, lora_state_dict
 from ..distill_core.training.trainer import DistillDivergedError, DistillTrainer, TrainResult, attach_student_lora
-from .compat import (StrideError, apply_lora, combo, extra_conds, io, latent_spatial_downscale, load_lora_file,
-                     model_sampling_of_patcher, node_unique_id, noise_space, sampling_kind, send_event, ui,
-                     vae_spatial_downscale)
+from .compat import (
+    StrideError,
+    apply_lora,
+    combo,
+    extra_conds,
+    io,
+    latent_spatial_downscale,
+    load_lora_file,
+    model_sampling_of_patcher,
+    node_unique_id,
+    noise_space,
+    sampling_kind,
+    send_event,
+    ui,
+    vae_spatial_downscale,
+)
 from .headless import export_bundle
 
 CATEGORY = "stride/training"
@@ -114,8 +129,9 @@ class StrideDistillDataset(io.ComfyNode):
         elif latents is not None:
             samples = latents["samples"]
         if samples is not None and not torch.isfinite(samples).all():
-            raise StrideError(f"{'images' if images is not None else 'latents'}: the training latents contain NaN or inf "
-                              "values; check the node that produced them")
+            source = "images" if images is not None else "latents"
+            raise StrideError(f"{source}: the training latents contain NaN or inf values; check the node that "
+                              "produced them")
         return io.NodeOutput({"prompts": prompts, "empty": empty_prompt, "latents": samples, "pixels": (height, width)})
 
 
@@ -166,8 +182,8 @@ def distill_config(objective: str, steps: int, learning_rate: float, rank: int, 
         defaults = OBJECTIVE_DEFAULTS[objective]
         guidance_min, guidance_max = defaults["guidance_min"], defaults["guidance_max"]
     if guidance_min > guidance_max:
-        raise StrideError(f"guidance_min ({guidance_min}) is above guidance_max ({guidance_max}); lower guidance_min or "
-                          "raise guidance_max (0 and 0 = the objective's default range)")
+        raise StrideError(f"guidance_min ({guidance_min}) is above guidance_max ({guidance_max}); lower guidance_min "
+                          "or raise guidance_max (0 and 0 = the objective's default range)")
     try:
         return DistillConfig(objective=objective, steps=steps, lr=learning_rate, rank=rank, alpha=alpha or None,
                              batch=batch_size, guidance_min=guidance_min, guidance_max=guidance_max, loss=loss,
@@ -274,15 +290,15 @@ class StrideDistillLoRA(io.ComfyNode):
             node_id="StrideDistillLoRA", display_name="Stride Distill LoRA", category=CATEGORY,
             description=("Distils the MODEL's many-step sampling into a LoRA for 2-8 step sampling (LCM, TDD or "
                          "segmented consistency objectives). The teacher is the same network with the LoRA switched "
-                         "off; the MODEL passed in is not changed. Shows the loss in the progress bar and a live chart; "
-                         "Cancel stops at the next step and keeps a checkpoint; resume continues it."),
+                         "off; the MODEL passed in is not changed. Shows the loss in the progress bar and a live "
+                         "chart; Cancel stops at the next step and keeps a checkpoint; resume continues it."),
             inputs=[
                 io.Model.Input("model", tooltip="The teacher (an EPS/V model, with any LoRAs you want kept applied)."),
                 DistillData.Input("data", tooltip="Prompts / images from Stride Distillation Data."),
                 combo("objective", OBJECTIVES, "lcm: LCM-LoRA (skipping-step DDIM teacher, w ~ U[3,15]); tdd: "
-                                               "Target-Driven Distillation (4-8 step targets, 20% empty prompts, w 3.5, "
-                                               "real CFG works); segmented: Hyper-SD stage-1 consistency within time "
-                                               "segments."),
+                                               "Target-Driven Distillation (4-8 step targets, 20% empty prompts, "
+                                               "w 3.5, real CFG works); segmented: Hyper-SD stage-1 consistency "
+                                               "within time segments."),
                 io.Int.Input("steps", default=1000, min=1, max=100000, tooltip="Optimizer steps."),
                 io.Float.Input("learning_rate", default=1e-4, min=1e-7, max=1e-1, step=1e-5,
                                tooltip="AdamW learning rate (LCM-LoRA: 1e-4)."),
@@ -325,7 +341,8 @@ class StrideDistillLoRA(io.ComfyNode):
     @classmethod
     def execute(cls, model: Any, data: dict, objective: str, steps: int, learning_rate: float, rank: int, alpha: float,
                 batch_size: int, guidance_min: float, guidance_max: float, loss: str, gradient_checkpointing: bool,
-                seed: int, save_every: int, lora_name: str, resume: bool, export_headless: bool = False) -> io.NodeOutput:
+                seed: int, save_every: int, lora_name: str, resume: bool,
+                export_headless: bool = False) -> io.NodeOutput:
         config = distill_config(objective, steps, learning_rate, rank, alpha, batch_size, guidance_min, guidance_max,
                                 loss, gradient_checkpointing, seed, save_every)
         run = prepare_run(model, data, config, lora_name, export_headless)
@@ -379,7 +396,8 @@ class StrideSaveLoRA(io.ComfyNode):
         folder.mkdir(parents=True, exist_ok=True)
         target = folder / name
         if target.exists() and not overwrite:
-            raise StrideError(f"file_name: models/loras/{name} already exists; choose another name or turn on overwrite")
+            raise StrideError(f"file_name: models/loras/{name} already exists; choose another name or turn on "
+                              "overwrite")
         write_safetensors(target, lora["state_dict"], lora["metadata"])
         return io.NodeOutput(name, ui=ui.PreviewText(f"saved models/loras/{name}"))
 
@@ -440,7 +458,8 @@ class StrideLossPlot(io.ComfyNode):
             low, high = min(logs), max(logs)
             span = (high - low) or 1.0
             window = max(1, len(logs) // 20)
-            smooth = [sum(logs[max(0, i - window + 1): i + 1]) / len(logs[max(0, i - window + 1): i + 1]) for i in range(len(logs))]
+            smooth = [sum(logs[max(0, i - window + 1): i + 1]) / len(logs[max(0, i - window + 1): i + 1])
+                      for i in range(len(logs))]
 
             def point(i: int, value: float) -> tuple[float, float]:
                 x = margin + (width - 10 - margin) * i / (len(logs) - 1)
@@ -449,9 +468,11 @@ class StrideLossPlot(io.ComfyNode):
 
             draw.line([point(i, v) for i, v in enumerate(logs)], fill=(170, 190, 230), width=1)
             draw.line([point(i, v) for i, v in enumerate(smooth)], fill=(30, 80, 200), width=2)
-            draw.text((margin + 4, 12), f"loss {values[-1]:.4g} (max {10 ** high:.3g}, min {10 ** low:.3g}), log scale", fill="black")
+            draw.text((margin + 4, 12), f"loss {values[-1]:.4g} (max {10 ** high:.3g}, min {10 ** low:.3g}), log scale",
+                      fill="black")
         draw.text((margin, height - margin + 8), f"step 1 .. {len(loss)}", fill="black")
-        array = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).reshape(height, width, 3).float() / 255.0
+        pixels = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).reshape(height, width, 3)
+        array = pixels.float() / 255.0
         return io.NodeOutput(array.unsqueeze(0))
 
 
