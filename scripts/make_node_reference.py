@@ -48,10 +48,9 @@ def nodes_doc(nodes: dict[str, dict]) -> str:
         for section in ("required", "optional"):
             for name, spec in info["input"].get(section, {}).items():
                 options = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
-                # a dropdown is typed by its option list (V1) or "COMBO" with the list in "options" (V3)
-                choices = spec[0] if isinstance(spec[0], list) else options.get("options", [])
-                kind_name = "COMBO" if isinstance(spec[0], list) else spec[0]
-                default = options.get("default", choices[0] if kind_name == "COMBO" and choices else "")
+                choices = host.combo_options(spec)
+                kind_name = "COMBO" if choices is not None else spec[0]
+                default = options.get("default", choices[0] if choices else "")
                 lines.append(f"| `{name}` | {kind_name} | {default} | {cell(str(options.get('tooltip', '')))} |")
         lines += ["", "| output | type | tooltip |", "|---|---|---|"]
         tooltips = info.get("output_tooltips") or [""] * len(info["output"])
