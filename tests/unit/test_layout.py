@@ -20,6 +20,7 @@ ALLOWED = {
     "spaces": set(),
     "safe_files": set(),
     "piflow_adapter": {"sampling"},
+    "methods": {"sampling", "spaces"},
     "sampling": {"spaces"},
     "training": {"sampling", "spaces", "safe_files"},
     "reference": {"spaces", "safe_files"},
