@@ -58,6 +58,7 @@ from torch import Tensor
 
 from ..lora import load_lora_state as read_safetensors
 from ..lora import save_lora as write_safetensors
+from ..sampling_utils import all_finite
 
 Denoiser = Callable[[Tensor, Tensor], Tensor]
 """``model(x, sigma)``: the denoised ``x0`` of latents ``x`` at per-row noise levels ``sigma``."""
@@ -114,10 +115,9 @@ class _CountedModel:
             self.cost.model_seconds += time.perf_counter() - began
             self.cost.calls += 1
             self.cost.evaluations += rows.shape[0]
-            if not bool(torch.isfinite(out).all()):
+            if not all_finite(out):
                 low, high = float(sigma[start:start + chunk].min()), float(sigma[start:start + chunk].max())
-                raise ValueError(f"the model returned NaN or inf at sigma {low:.4g}..{high:.4g}; the search stopped "
-                                 "and nothing was written")
+                raise ValueError(f"the model returned NaN or inf at sigma {low:.4g}..{high:.4g}; the search stopped")
             outputs.append(out)
             if self.progress is not None:
                 self.progress(self.cost.calls, self.total_calls)
@@ -135,7 +135,7 @@ def _sigma_rows(value: Tensor | float, rows: int, like: Tensor) -> Tensor:
 # ---------------------------------------------------------------------------------------------
 # Solvers
 # ---------------------------------------------------------------------------------------------
-def euler_coefficients(sigma: Tensor, sigma_next: Tensor) -> tuple[Tensor, Tensor]:
+def euler_coefficients(sigma: Tensor | float, sigma_next: Tensor | float) -> tuple[Tensor | float, Tensor | float]:
     """``(alpha, beta)`` of the Euler step ``x' = x + (s' - s) (x - x0) / s = alpha x + beta x0`` (``s > 0``):
     ``alpha = s' / s``, ``beta = 1 - s' / s``. Broadcasts over its arguments."""
     alpha = sigma_next / sigma
@@ -143,8 +143,8 @@ def euler_coefficients(sigma: Tensor, sigma_next: Tensor) -> tuple[Tensor, Tenso
 
 
 def _euler(x: Tensor, x0: Tensor, sigma: float, sigma_next: float) -> Tensor:
-    alpha, beta = euler_coefficients(torch.tensor(sigma, dtype=torch.float64), torch.tensor(sigma_next, dtype=torch.float64))
-    return x * float(alpha) + x0 * float(beta)
+    alpha, beta = euler_coefficients(sigma, sigma_next)
+    return x * alpha + x0 * beta
 
 
 def solve(model: Denoiser, x: Tensor, sigmas: Tensor, solver: str = "euler", record: bool = False
@@ -183,7 +183,7 @@ class OptimalSchedule:
     """A searched schedule: ``indices`` into the trajectory's ``teacher_sigmas`` (``0`` first, ``M`` last),
     ``sigmas`` = ``teacher_sigmas[indices]`` (float64, ending at 0), each noise sample's own indices and
     the error its own schedule reached (paper mode: the mean squared distance of the student's endpoint
-    to the teacher's; fast mode: the summed per-step root mean square errors)."""
+    to the teacher's; fast mode: the path's summed relative step errors)."""
 
     indices: tuple[int, ...]
     sigmas: Tensor
@@ -221,8 +221,10 @@ def check_search_arguments(x: Tensor, sigmas: Tensor, steps: int, solver: str, t
                          "(the paper uses 100-200 for 5-10 student steps)")
     if x.ndim not in (4, 5) or x.shape[0] < 1:
         raise ValueError(f"latents must be a 4-D image or 5-D video batch, got shape {tuple(x.shape)}")
-    if not x.is_floating_point() or not bool(torch.isfinite(x).all()):
-        raise ValueError("the starting latents contain NaN or inf (or are not floating point); the search needs finite noise")
+    if not x.is_floating_point():
+        raise ValueError(f"latents must be floating point, got {x.dtype}")
+    if not all_finite(x):
+        raise ValueError("the starting latents contain NaN or inf; the search needs finite noise")
 
 
 def search_calls(batch: int, total: int, steps: int, teacher_solver: str, mode: str, max_batch: int | None) -> int:
