@@ -30,18 +30,20 @@ from types import SimpleNamespace
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
-from scipy import stats  # noqa: E402
+import matplotlib.pyplot as plt
+import torch
+from scipy import stats
 
-from distill_core import metrics, teacher  # noqa: E402
-from distill_core.sampling.optimal_steps import search_schedule, solve  # noqa: E402
-from distill_core.spaces import NoiseSpace  # noqa: E402
+from distill_core.reference import metrics
+from distill_core.reference.demo import demo_mixture
+from distill_core.reference.mixture import GaussianMixture
+from distill_core.sampling.optimal_steps import search_schedule, solve
+from distill_core.spaces import NoiseSpace
 
-from . import models  # noqa: E402
-from .context import BenchContext  # noqa: E402
-from .harness import Goal, Section, Table, check, fmt_ratio, fmt_seconds  # noqa: E402
-from .samplers import sample  # noqa: E402
+from . import models
+from .context import BenchContext
+from .harness import Goal, Section, Table, check, fmt_ratio, fmt_seconds
+from .samplers import sample
 
 NAME = "optimal_steps"
 TITLE = "Optimal-steps schedule search (OSS): quality against ComfyUI's schedules, cost against the official DP"
@@ -63,7 +65,7 @@ class Interval:
     half_width: float
 
     @classmethod
-    def of(cls, values: torch.Tensor) -> "Interval":
+    def of(cls, values: torch.Tensor) -> Interval:
         values = values.to(torch.float64).reshape(-1)
         factor = float(stats.t.ppf((1 + CONFIDENCE) / 2, values.numel() - 1))
         return cls(float(values.mean()), factor * float(values.std()) / math.sqrt(values.numel()))
@@ -85,11 +87,12 @@ class Setting:
     def label(self) -> str:
         return f"{'EPS (VE sigmas)' if self.kind == 've' else 'flow (shift 1)'}, prompt '{self.prompt or '(empty)'}'"
 
-    def denoiser(self, mixture: teacher.GaussianMixture) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    def denoiser(self, mixture: GaussianMixture) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
         class_id = PROMPTS[self.prompt]
 
         def model(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-            return mixture.denoise(x, sigma, self.space, None if class_id is None else torch.full((x.shape[0],), class_id))
+            labels = None if class_id is None else torch.full((x.shape[0],), class_id)
+            return mixture.denoise(x, sigma, self.space, labels)
 
         return model
 
@@ -109,7 +112,8 @@ def comfy_schedules(setting: Setting, steps: int) -> dict[str, torch.Tensor]:
     import comfy.samplers
 
     sampling = setting.comfy_model.get_model_object("model_sampling")
-    out = {name: comfy.samplers.calculate_sigmas(sampling, name, steps) for name in ("normal", "simple", "karras", "beta")}
+    out = {name: comfy.samplers.calculate_sigmas(sampling, name, steps)
+           for name in ("normal", "simple", "karras", "beta")}
     from comfy_extras import nodes_align_your_steps, nodes_gits, nodes_optimalsteps
 
     if setting.kind == "ve":
@@ -117,14 +121,15 @@ def comfy_schedules(setting: Setting, steps: int) -> dict[str, torch.Tensor]:
         out["GITS preset (coeff 1.2)"] = nodes_gits.GITSScheduler.execute(1.2, steps, 1.0).result[0]
     else:
         for preset in ("FLUX", "Wan"):
-            out[f"OSS preset ({preset})"] = nodes_optimalsteps.OptimalStepsScheduler.execute(preset, steps, 1.0).result[0]
+            preset_sigmas = nodes_optimalsteps.OptimalStepsScheduler.execute(preset, steps, 1.0).result[0]
+            out[f"OSS preset ({preset})"] = preset_sigmas
     return {name: sigmas.to(torch.float64) for name, sigmas in out.items()}
 
 
 def rms_errors(setting: Setting, model, noise: torch.Tensor, sigmas: torch.Tensor, exact: torch.Tensor) -> torch.Tensor:
     """Per held-out noise, the RMS distance of Euler's endpoint on ``sigmas`` (started as ComfyUI starts) to the
     exact ODE endpoint."""
-    end = solve(model, setting.start(noise, sigmas), sigmas)[0]
+    end = solve(model, setting.start(noise, sigmas), sigmas)
     return ((end - exact) ** 2).flatten(1).mean(1).sqrt()
 
 
@@ -136,7 +141,7 @@ def run(ctx: BenchContext) -> Section:
     step_counts = ctx.pick((4,), STEP_COUNTS, STEP_COUNTS)
     kinds = ctx.pick(("ve",), ("ve", "flow"), ("ve", "flow"))
     prompts = ctx.pick(("ring",), tuple(PROMPTS), tuple(PROMPTS))
-    mixture = teacher.demo_mixture()
+    mixture = demo_mixture()
     builder = ctx.node("StrideReferenceModel")
     comfy_models = {kind: builder.build("demo", "eps" if kind == "ve" else "flow", models.DENOISER_FORM, 0)[0]
                     for kind in kinds}
@@ -161,9 +166,9 @@ def run(ctx: BenchContext) -> Section:
     _exhaustive(ctx, section, Setting("ve", "ring", spaces["ve"], comfy_models["ve"]), mixture)
     section.notes += [
         f"Search: {search_noises} noises (seed {SEARCH_SEED}), teacher = Euler on ComfyUI's normal schedule with M = "
-        f"{teacher_steps} steps, per-noise schedules aggregated by their per-position median (the official cal_medium). "
-        f"Scores: {held_out} held-out noises (seed {HELD_OUT_SEED}); the exact ODE solution is the reference's 3rd-order "
-        "exponential integrator on 200 steps (teacher.solve_probability_flow).",
+        f"{teacher_steps} steps, per-noise schedules aggregated by their per-position median (the official "
+        f"cal_medium). Scores: {held_out} held-out noises (seed {HELD_OUT_SEED}); the exact ODE solution is the "
+        "reference's 3rd-order exponential integrator on 200 steps (reference.ode.solve_probability_flow).",
         "Presets are ComfyUI's nodes: AYS and GITS were made for SD1.5-type (VE) models, the OSS presets for FLUX and "
         "Wan (flow, with their own shifts), so on this reference they are other models' schedules.",
         "Searched schedules start at the teacher's first sigma. The official search also lets the first step start the "
@@ -188,9 +193,9 @@ def _quality(ctx: BenchContext, section: Section, setting: Setting, mixture, tea
     columns = [f"N = {steps}" for steps in step_counts]
     error_table = Table(f"{setting.label}: endpoint RMS error to the exact ODE (mean ± 95% interval over "
                         f"{held_start.shape[0]} held-out noises); in brackets the paired difference to the searched "
-                        "schedule (positive: the searched one is closer)", ["schedule"] + columns)
+                        "schedule (positive: the searched one is closer)", ["schedule", *columns])
     metric_table = Table(f"{setting.label}: SWD to fresh data / NLL gap (mean ± 95% interval over {repeats} repeats of "
-                         f"{held_start.shape[0] // repeats} samples, fresh reference each)", ["schedule"] + columns)
+                         f"{held_start.shape[0] // repeats} samples, fresh reference each)", ["schedule", *columns])
     rows: dict[str, list[str]] = {}
     metric_rows: dict[str, list[str]] = {}
     beaten_everywhere = True
@@ -212,7 +217,7 @@ def _quality(ctx: BenchContext, section: Section, setting: Setting, mixture, tea
             rows.setdefault(name, []).append(cell)
             plot_data.setdefault(setting.label, {}).setdefault(name, []).append(float(errors[name].mean()))
             if full_metrics:
-                samples = solve(model, setting.start(held_start, sigmas), sigmas)[0]
+                samples = solve(model, setting.start(held_start, sigmas), sigmas)
                 metric_rows.setdefault(name, []).append(_scored_cell(samples, mixture, labels, repeats))
     for name, cells in rows.items():
         error_table.add(name, *cells)
@@ -257,8 +262,9 @@ def _check_paths_agree(ctx: BenchContext, setting: Setting, mixture, teacher_ste
     start = torch.randn((4, *mixture.latent_shape), generator=torch.Generator().manual_seed(SEARCH_SEED))
     found = search_schedule(setting.denoiser(mixture), setting.start(start.double(), teacher_sigmas), teacher_sigmas, 4)
     prompt = models.class_prompt(ctx, setting.prompt)
-    theirs = sample(setting.comfy_model, comfy.samplers.sampler_object("euler"), found.sigmas.float(), start, prompt, prompt)
-    ours = solve(setting.denoiser(mixture), setting.start(start.double(), found.sigmas), found.sigmas)[0]
+    euler = comfy.samplers.sampler_object("euler")
+    theirs = sample(setting.comfy_model, euler, found.sigmas.float(), start, prompt, prompt)
+    ours = solve(setting.denoiser(mixture), setting.start(start.double(), found.sigmas), found.sigmas)
     difference = float((theirs.double() - ours).abs().max())
     check(difference < PATHS_AGREE, f"ComfyUI's euler and the reference path differ by {difference:.2e} on a searched "
                                     f"schedule (expected < {PATHS_AGREE})")
@@ -292,8 +298,8 @@ class _Recorder:
         return time.perf_counter() - started
 
 
-def _cost_row(table: Table, label: str, model, start: torch.Tensor, sigmas: torch.Tensor, steps: int, max_batch: int | None,
-              sync: Callable[[], None]) -> tuple[float, float]:
+def _cost_row(table: Table, label: str, model, start: torch.Tensor, sigmas: torch.Tensor, steps: int,
+              max_batch: int | None, sync: Callable[[], None]) -> tuple[float, float]:
     recorder = _Recorder(model)
     found = search_schedule(recorder, start, sigmas, steps, max_batch=max_batch, sync=sync)
     fast = search_schedule(model, start, sigmas, steps, mode="fast", max_batch=max_batch, sync=sync)
@@ -332,15 +338,15 @@ def _cost(ctx: BenchContext, section: Section, setting: Setting, mixture, teache
     section.goals.append(Goal(f"search evaluations <= {CALLS_GOAL}x the official DP's (1 + N) M per noise",
                               "met" if max(calls_ratios) <= CALLS_GOAL else "missed",
                               f"worst {fmt_ratio(max(calls_ratios))}"))
+    wall_goal = f"search wall time <= {WALL_GOAL}x its model calls measured alone (full-size network)"
+    reference_text = (f"analytic reference (a model call costs microseconds, so the programme's own work shows) worst "
+                      f"{fmt_ratio(max(reference_wall))}")
     if unet_wall is None:
-        section.goals.append(Goal(f"search wall time <= {WALL_GOAL}x its model calls measured alone (full-size network)",
-                                  "undecided", f"the SD1.5 UNet runs in the full tier only; on the analytic reference "
-                                               f"(a model call costs microseconds) worst {fmt_ratio(max(reference_wall))}"))
+        section.goals.append(Goal(wall_goal, "undecided",
+                                  f"the SD1.5 UNet runs in the full tier only; {reference_text}"))
     else:
-        section.goals.append(Goal(f"search wall time <= {WALL_GOAL}x its model calls measured alone (full-size network)",
-                                  "met" if unet_wall <= WALL_GOAL else "missed",
-                                  f"SD1.5 UNet {fmt_ratio(unet_wall)}; analytic reference (a model call costs "
-                                  f"microseconds, so the programme's own work shows) worst {fmt_ratio(max(reference_wall))}"))
+        section.goals.append(Goal(wall_goal, "met" if unet_wall <= WALL_GOAL else "missed",
+                                  f"SD1.5 UNet {fmt_ratio(unet_wall)}; {reference_text}"))
 
 
 def _unet_cost(ctx: BenchContext, table: Table, calls_ratios: list[float]) -> float:
@@ -382,14 +388,14 @@ def _exhaustive(ctx: BenchContext, section: Section, setting: Setting, mixture) 
                                              total).to(torch.float64)
     start = setting.start(torch.randn((count, *mixture.latent_shape), dtype=torch.float64,
                                       generator=torch.Generator().manual_seed(HELD_OUT_SEED)), sigmas)
-    teacher_end = solve(model, start, sigmas)[0]
+    teacher_end = solve(model, start, sigmas)
     table = Table(f"Paper mode vs exhaustive search of the endpoint error over every N-subset ({setting.label}, "
                   f"M = {total}, {count} noises, each noise's own schedule)",
                   ["N", "subsets", "optimum found", "excess MSE of the found schedule: median / worst",
                    "fast mode: optimum found, worst excess"])
     for steps in ctx.pick((2, 3), (2, 3, 4), (2, 3, 4, 5)):
         subsets = [(0, *middle, total) for middle in itertools.combinations(range(1, total), steps - 1)]
-        ends = torch.stack([solve(model, start, sigmas[list(subset)])[0] for subset in subsets])
+        ends = torch.stack([solve(model, start, sigmas[list(subset)]) for subset in subsets])
         errors = ((ends - teacher_end) ** 2).flatten(2).mean(2)  # (subsets, noises)
         optimum = errors.min(0).values
         results = []
@@ -409,7 +415,7 @@ def _exhaustive(ctx: BenchContext, section: Section, setting: Setting, mixture) 
 def _plot(ctx: BenchContext, plot_data: dict) -> object:
     settings = list(plot_data)
     figure, axes = plt.subplots(1, len(settings), figsize=(4.6 * len(settings), 4), squeeze=False)
-    for axis, label in zip(axes[0], settings):
+    for axis, label in zip(axes[0], settings, strict=True):
         for name, values in plot_data[label].items():
             style = "-" if name.startswith("OSS search") else "--"
             axis.plot(range(len(values)), values, marker="o", linestyle=style, label=name)

@@ -4,7 +4,7 @@ Each sampler draws class-conditional samples (prompt "disc", CFG 1, the same ini
 all) at 1, 2, 4 and 8 steps from three models: the analytic reference teacher in its *denoiser*
 form (the ideal many-step teacher: fair for plain solvers) and its *flow-map* form (the ideal
 consistency-distilled student: fair for few-step samplers), and the demo UNet (an undistilled
-network trained on the same data). Metrics (``distill_core.metrics.evaluate_samples``): sliced
+network trained on the same data). Metrics (``distill_core.reference.metrics.evaluate_samples``): sliced
 Wasserstein distance to fresh data (SWD), NLL gap to the data (negative = over-concentrated),
 mode recall and normalised mode entropy.
 """
@@ -16,7 +16,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
-from distill_core import demo, metrics, teacher  # noqa: E402
+from distill_core.reference import demo, metrics
+from distill_core.reference.demo import demo_mixture
 
 from . import models  # noqa: E402
 from .context import BenchContext  # noqa: E402
@@ -53,7 +54,7 @@ def run(ctx: BenchContext) -> Section:
     num_samples = ctx.pick(16, 64, 256)
     step_counts = ctx.pick((1, 4), STEP_COUNTS, STEP_COUNTS)
     flow_map_steps = ctx.pick(16, 64, 64)
-    mixture = teacher.demo_mixture()
+    mixture = demo_mixture()
     positive, negative = models.class_prompt(ctx, PROMPT), models.class_prompt(ctx, "")
     class_id = int(demo.decode_context(positive[0][0])[0])
     labels = torch.full((num_samples,), class_id)

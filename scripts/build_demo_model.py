@@ -1,10 +1,10 @@
 """Train Stride's demo model: a small ComfyUI ``UNetModel`` fitted to the demo Gaussian mixture.
 
-The network (:data:`distill_core.demo.DEMO_UNET_CONFIG`) is an SD1.5-style EPS model: VE
+The network (:data:`distill_core.reference.demo.DEMO_UNET_CONFIG`) is an SD1.5-style EPS model: VE
 convention ``x = x0 + sigma * eps`` with the scaled-linear 1000-step schedule, called like
 ComfyUI calls it (input ``/ sqrt(sigma^2 + 1)``, nearest discrete timestep). Instead of noisy
 targets it regresses the *exact* noise prediction of the analytic teacher
-(:func:`distill_core.teacher.demo_mixture`), which converges much faster. A fraction of the
+(:func:`distill_core.reference.demo.demo_mixture`), which converges much faster. A fraction of the
 batch carries the empty prompt (unconditional mixture) so classifier-free guidance works.
 
 Everything runs on CPU from one seed with deterministic algorithms. Afterwards the script
@@ -35,20 +35,21 @@ from torch import Tensor, nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from distill_core import metrics  # noqa: E402
-from distill_core.demo import (  # noqa: E402
+from distill_core.reference import metrics  # noqa: E402
+from distill_core.reference.demo import (  # noqa: E402
     DEMO_CLASS_NAMES,
     DEMO_UNET_CONFIG,
     DEMO_WEIGHTS_PATH,
     METADATA_PREFIX,
     NUM_DEMO_CLASSES,
+    demo_mixture,
     demo_noise_space,
     encode_classes,
     unet_denoiser,
     unet_eps,
 )
+from distill_core.reference.mixture import GaussianMixture  # noqa: E402
 from distill_core.spaces import NoiseSpace  # noqa: E402
-from distill_core.teacher import GaussianMixture, demo_mixture  # noqa: E402
 from scripts.comfy_host import host_dir  # noqa: E402
 
 Denoiser = Callable[[Tensor, Tensor, "Tensor | None"], Tensor]
@@ -159,7 +160,7 @@ def euler_sample(denoise: Denoiser, noise: Tensor, sigmas: Tensor, class_ids: Te
     """Euler on the probability-flow ODE ``dx/dsigma = (x - denoised) / sigma``, started like
     ComfyUI starts a full denoise of an EPS model (``noise * sqrt(1 + sigma_max^2)``)."""
     x = noise * math.sqrt(1 + float(sigmas[0]) ** 2)
-    for sigma, sigma_next in zip(sigmas[:-1].tolist(), sigmas[1:].tolist()):
+    for sigma, sigma_next in zip(sigmas[:-1].tolist(), sigmas[1:].tolist(), strict=True):
         denoised = denoise(x, x.new_full((x.shape[0],), sigma), class_ids)
         x = x + (x - denoised) / sigma * (sigma_next - sigma)
     return x
@@ -200,7 +201,8 @@ def trajectory_agreement(net_samples: Tensor, exact_samples: Tensor, mixture: Ga
 
 
 def evaluate(
-    unet: nn.Module, mixture: GaussianMixture, space: NoiseSpace, steps: int, samples_per_class: int, cfg_scale: float, seed: int
+    unet: nn.Module, mixture: GaussianMixture, space: NoiseSpace, steps: int, samples_per_class: int, cfg_scale: float,
+    seed: int,
 ) -> dict[str, dict[str, dict[str, float]]]:
     """Metrics of the net's and the exact teacher's ``steps``-step Euler samples (same noise) and of
     fresh data, per class, for the empty prompt, and with classifier-free guidance. The net's entry
@@ -306,7 +308,7 @@ def main() -> None:
         "batch": args.batch,
         "learning_rate": args.lr,
         "schedule": "AdamW, 5% linear warm-up, cosine decay, grad-norm clip 1",
-        "target": "exact eps of distill_core.teacher.demo_mixture()",
+        "target": "exact eps of distill_core.reference.demo.demo_mixture()",
         "timesteps": "uniform over 1000 scaled-linear steps",
         "unconditional_fraction": args.unconditional_fraction,
         "seed": args.seed,
@@ -325,7 +327,8 @@ def main() -> None:
         "eps_relative_error": eps_errors,
         "evaluation": {"sampler": f"euler, {args.sample_steps} steps, normal schedule", "results": evaluation},
     }
-    summary = {name: {k: round(row["net"][k], 4) for k in ("swd", "nll_gap", "mode_recall")} for name, row in evaluation.items()}
+    summary = {name: {k: round(row["net"][k], 4) for k in ("swd", "nll_gap", "mode_recall")}
+               for name, row in evaluation.items()}
     metadata = {
         f"{METADATA_PREFIX}config": json.dumps(DEMO_UNET_CONFIG),
         f"{METADATA_PREFIX}class_names": json.dumps(list(DEMO_CLASS_NAMES)),

@@ -21,7 +21,7 @@ class Node:
     widgets: dict[str, Any]
     pos: tuple[float, float]
     title: str | None = None
-    links_in: dict[str, tuple["Node", int]] = field(default_factory=dict)
+    links_in: dict[str, tuple[Node, int]] = field(default_factory=dict)
 
 
 class Graph:
@@ -81,11 +81,12 @@ class Graph:
                 linked = name in node.links_in
                 if name in widget_names and not linked:
                     continue
-                entry: dict[str, Any] = {"name": name, "type": spec[0] if isinstance(spec[0], str) else "COMBO", "link": None}
+                input_type = spec[0] if isinstance(spec[0], str) else "COMBO"
+                entry: dict[str, Any] = {"name": name, "type": input_type, "link": None}
                 if name in widget_names:
                     entry["widget"] = {"name": name}
                 if linked:
-                    link = next(l for l in links if l[3] == node.id and l[6] == name)
+                    link = next(candidate for candidate in links if candidate[3] == node.id and candidate[6] == name)
                     link[4] = len(inputs)
                     entry["link"] = link[0]
                 inputs.append(entry)

@@ -44,22 +44,24 @@ entry per batch row, and the latents are 4-D images or 5-D videos, in either noi
 """
 from __future__ import annotations
 
+import collections
 import hashlib
+import itertools
 import json
 import math
 import os
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor
 
-from ..lora import load_lora_state as read_safetensors
-from ..lora import save_lora as write_safetensors
-from ..sampling_utils import all_finite
+from ..safe_files import read_safetensors, write_safetensors
+from .steps import all_finite
 
+Scalar = TypeVar("Scalar", Tensor, float)
 Denoiser = Callable[[Tensor, Tensor], Tensor]
 """``model(x, sigma)``: the denoised ``x0`` of latents ``x`` at per-row noise levels ``sigma``."""
 
@@ -135,44 +137,46 @@ def _sigma_rows(value: Tensor | float, rows: int, like: Tensor) -> Tensor:
 # ---------------------------------------------------------------------------------------------
 # Solvers
 # ---------------------------------------------------------------------------------------------
-def euler_coefficients(sigma: Tensor | float, sigma_next: Tensor | float) -> tuple[Tensor | float, Tensor | float]:
+def euler_coefficients(sigma: Scalar, sigma_next: Scalar) -> tuple[Scalar, Scalar]:
     """``(alpha, beta)`` of the Euler step ``x' = x + (s' - s) (x - x0) / s = alpha x + beta x0`` (``s > 0``):
-    ``alpha = s' / s``, ``beta = 1 - s' / s``. Broadcasts over its arguments."""
+    ``alpha = s' / s``, ``beta = 1 - s' / s``. Broadcasts over tensor arguments. In both noise conventions
+    this is also the DDIM move :meth:`NoiseSpace.ddim` (tested)."""
     alpha = sigma_next / sigma
     return alpha, 1 - alpha
 
 
-def _euler(x: Tensor, x0: Tensor, sigma: float, sigma_next: float) -> Tensor:
-    alpha, beta = euler_coefficients(sigma, sigma_next)
-    return x * alpha + x0 * beta
-
-
-def solve(model: Denoiser, x: Tensor, sigmas: Tensor, solver: str = "euler", record: bool = False
-          ) -> tuple[Tensor, Tensor | None, Tensor | None]:
-    """Integrate from ``x`` at ``sigmas[0]`` through ``sigmas`` (descending, last 0) with ``solver``.
-
-    Returns ``(x_end, states, denoised)``; with ``record`` also every latent ``(M + 1, B, ...)`` and the
-    model's ``x0`` at each of them but the last ``(M, B, ...)``, else ``None``. Heun (k-diffusion's
-    ``sample_heun``) corrects each step with a second call at the target sigma, except the last.
-    """
+def _steps(model: Denoiser, x: Tensor, sigmas: Tensor, solver: str) -> Iterator[tuple[Tensor, Tensor]]:
+    """``(x0, x_next)`` of each step from ``x`` at ``sigmas[0]`` through ``sigmas`` with ``solver``: Euler, or
+    Heun (k-diffusion's ``sample_heun``), which corrects each step with a second call at the target sigma
+    except the last."""
     if solver not in TEACHER_SOLVERS:
         raise ValueError(f"solver must be one of {TEACHER_SOLVERS}, got {solver!r}")
-    values = sigmas.tolist()
-    states, denoised = ([x], []) if record else (None, None)
-    for sigma, sigma_next in zip(values[:-1], values[1:]):
+    for sigma, sigma_next in itertools.pairwise(sigmas.tolist()):
         x0 = model(x, _sigma_rows(sigma, x.shape[0], x))
-        x_next = _euler(x, x0, sigma, sigma_next)
+        alpha, beta = euler_coefficients(sigma, sigma_next)
+        x_next = x * alpha + x0 * beta
         if solver == "heun" and sigma_next > 0:
             x0_next = model(x_next, _sigma_rows(sigma_next, x.shape[0], x))
             slope = ((x - x0) / sigma + (x_next - x0_next) / sigma_next) / 2
             x_next = x + slope * (sigma_next - sigma)
-        if record:
-            denoised.append(x0)
-            states.append(x_next)
+        yield x0, x_next
         x = x_next
-    if record:
-        return x, torch.stack(states), torch.stack(denoised)
-    return x, None, None
+
+
+def solve(model: Denoiser, x: Tensor, sigmas: Tensor, solver: str = "euler") -> Tensor:
+    """The latent reached from ``x`` at ``sigmas[0]`` through ``sigmas`` (descending, last 0) with ``solver``."""
+    last_step = collections.deque(_steps(model, x, sigmas, solver), maxlen=1)  # keeps only the last (x0, x_next)
+    return last_step[0][1] if last_step else x
+
+
+def trajectory(model: Denoiser, x: Tensor, sigmas: Tensor, solver: str = "euler") -> tuple[Tensor, Tensor]:
+    """Every latent of :func:`solve`'s run ``(M + 1, B, ...)`` and the model's ``x0`` at each but the last
+    ``(M, B, ...)``."""
+    states, denoised = [x], []
+    for x0, x_next in _steps(model, x, sigmas, solver):
+        denoised.append(x0)
+        states.append(x_next)
+    return torch.stack(states), torch.stack(denoised)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -205,7 +209,8 @@ def check_search_arguments(x: Tensor, sigmas: Tensor, steps: int, solver: str, t
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if sigmas.ndim != 1 or sigmas.numel() < 3:
-        raise ValueError(f"the teacher sigmas must be a 1-D schedule of at least 2 steps, got shape {tuple(sigmas.shape)}")
+        raise ValueError(f"the teacher sigmas must be a 1-D schedule of at least 2 steps, got shape "
+                         f"{tuple(sigmas.shape)}")
     values = sigmas.detach().to("cpu", torch.float64)
     if not bool(torch.isfinite(values).all()) or float(values[-1]) != 0 or not bool((values[:-1] > values[1:]).all()):
         raise ValueError("the teacher sigmas must be finite, strictly decreasing and end at 0")
@@ -213,8 +218,8 @@ def check_search_arguments(x: Tensor, sigmas: Tensor, steps: int, solver: str, t
     if not isinstance(steps, int) or steps < 1:
         raise ValueError(f"the number of student steps N must be a positive integer, got {steps!r}")
     if steps >= total:
-        raise ValueError(f"N ({steps}) must be smaller than the teacher's step count M ({total}): the search picks N of "
-                         "the teacher's M steps")
+        raise ValueError(f"N ({steps}) must be smaller than the teacher's step count M ({total}): the search picks "
+                         "N of the teacher's M steps")
     if total < MIN_STEPS_PER_STUDENT_STEP * steps:
         raise ValueError(f"M ({total}) is too small for N ({steps}): the search needs M >= "
                          f"{MIN_STEPS_PER_STUDENT_STEP} * N = {MIN_STEPS_PER_STUDENT_STEP * steps} teacher steps "
@@ -264,7 +269,7 @@ def search_schedule(
     total = teacher_sigmas.numel() - 1
     counted = _CountedModel(model, max_batch, progress,
                             search_calls(x.shape[0], total, steps, teacher_solver, mode, max_batch), sync)
-    _, states, denoised = solve(counted, x, teacher_sigmas, teacher_solver, record=True)
+    states, denoised = trajectory(counted, x, teacher_sigmas, teacher_solver)
     if mode == "paper":
         paths, errors = _paper_paths(counted, states, denoised[0], teacher_sigmas, steps)
     else:
@@ -279,7 +284,8 @@ def _flat64(t: Tensor) -> Tensor:
     return t.reshape(*t.shape[:2], -1).to(torch.float64)
 
 
-def step_errors(sources: Tensor, denoised: Tensor, source_sigmas: Tensor, targets: Tensor, target_sigmas: Tensor) -> Tensor:
+def step_errors(sources: Tensor, denoised: Tensor, source_sigmas: Tensor, targets: Tensor, target_sigmas: Tensor
+                ) -> Tensor:
     """Mean squared distance of every Euler step from a source latent to every target: ``(B, I, J)``.
 
     ``sources``, ``denoised`` ``(B, I, D)`` (the model's ``x0`` at the sources), ``targets`` ``(B, J, D)``,
@@ -414,7 +420,8 @@ def save_schedule(path: str | os.PathLike, schedule: OptimalSchedule, fingerprin
     tensors = {"sigmas": schedule.sigmas.to(torch.float64), "indices": torch.tensor(schedule.indices, dtype=torch.long),
                "teacher_sigmas": schedule.teacher_sigmas.to(torch.float64)}
     metadata = {"format": FILE_FORMAT, "version": FILE_VERSION, "fingerprint": fingerprint_hex,
-                "settings": json.dumps(dict(settings), sort_keys=True), "report": json.dumps(dict(report or {}), sort_keys=True)}
+                "settings": json.dumps(dict(settings), sort_keys=True),
+                "report": json.dumps(dict(report or {}), sort_keys=True)}
     write_safetensors(path, tensors, metadata)
 
 
@@ -444,6 +451,6 @@ def load_schedule(path: str | os.PathLike, expected_fingerprint: str | None = No
                          "sigmas ending at 0)")
     if expected_fingerprint is not None and saved_fingerprint != expected_fingerprint:
         raise ValueError(f"{name} was searched for another model or other settings (fingerprint "
-                         f"{saved_fingerprint[:12]}..., this model and settings: {expected_fingerprint[:12]}...); search "
-                         "again for this model, or load the file with the model it was made for")
+                         f"{saved_fingerprint[:12]}..., this model and settings: {expected_fingerprint[:12]}...); "
+                         "search again for this model, or load the file with the model it was made for")
     return SavedSchedule(sigmas, tuple(indices.tolist()), teacher, saved_fingerprint, settings, report)

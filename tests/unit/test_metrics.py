@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from distill_core.metrics import (
+from distill_core.reference.demo import demo_mixture
+from distill_core.reference.metrics import (
     data_nll,
     evaluate_samples,
     expected_mode_shares,
@@ -18,7 +19,7 @@ from distill_core.metrics import (
     nll_gap,
     sliced_wasserstein,
 )
-from distill_core.teacher import GaussianMixture, demo_mixture
+from distill_core.reference.mixture import GaussianMixture
 
 
 def seeded(seed: int) -> torch.Generator:

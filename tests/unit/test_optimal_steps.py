@@ -23,6 +23,9 @@ import pytest
 import torch
 from scipy import stats
 
+from distill_core.reference.demo import demo_mixture
+from distill_core.reference.mixture import GaussianMixture
+from distill_core.safe_files import write_safetensors
 from distill_core.sampling import optimal_steps
 from distill_core.sampling.optimal_steps import (
     load_schedule,
@@ -31,9 +34,9 @@ from distill_core.sampling.optimal_steps import (
     search_calls,
     search_schedule,
     solve,
+    trajectory,
 )
 from distill_core.spaces import NoiseSpace, scaled_linear_alphas_cumprod
-from distill_core.teacher import GaussianMixture, demo_mixture
 
 VE = NoiseSpace.from_alphas_cumprod(scaled_linear_alphas_cumprod())
 FLOW = NoiseSpace.flow()
@@ -87,7 +90,7 @@ def noise(count: int, seed: int, shape=(4, 8, 8)) -> torch.Tensor:
 
 
 def endpoint(model, x: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
-    return solve(model, x, sigmas)[0]
+    return solve(model, x, sigmas)
 
 
 def mse(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -104,24 +107,27 @@ def test_teacher_solvers_converge_at_their_order(space):
     model = reference_model(demo_mixture(), space, RING)
     x = noise(16, 0) * float(normal_sigmas(space, 2)[0])
     for solver, order, steps in (("euler", 1, 20), ("heun", 2, 10)):
-        fine = solve(model, x, normal_sigmas(space, 8 * steps), solver)[0]
-        errors = [float(mse(solve(model, x, normal_sigmas(space, m), solver)[0], fine).mean().sqrt())
+        fine = solve(model, x, normal_sigmas(space, 8 * steps), solver)
+        errors = [float(mse(solve(model, x, normal_sigmas(space, m), solver), fine).mean().sqrt())
                   for m in (steps, 2 * steps)]
         assert math.log2(errors[0] / errors[1]) == pytest.approx(order, abs=0.3), (solver, errors)
 
 
-def test_solve_records_the_trajectory_and_takes_euler_steps():
-    model = reference_model(demo_mixture(), VE)
-    sigmas = normal_sigmas(VE, 6)
+@pytest.mark.parametrize("space", [VE, FLOW], ids=["ve", "flow"])
+def test_trajectory_takes_euler_steps_which_are_ddim_moves(space):
+    model = reference_model(demo_mixture(), space)
+    sigmas = normal_sigmas(space, 6)
     x = noise(3, 1) * sigmas[0]
-    end, states, denoised = solve(model, x, sigmas, record=True)
+    states, denoised = trajectory(model, x, sigmas)
     assert states.shape == (7, 3, 4, 8, 8) and denoised.shape == (6, 3, 4, 8, 8)
-    torch.testing.assert_close(states[-1], end)
+    torch.testing.assert_close(states[-1], solve(model, x, sigmas), rtol=0, atol=0)
     for i in range(6):
         x0 = model(states[i], sigmas[i].expand(3))
         torch.testing.assert_close(denoised[i], x0)
-        expected = states[i] + (sigmas[i + 1] - sigmas[i]) * (states[i] - x0) / sigmas[i]
-        torch.testing.assert_close(states[i + 1], expected, rtol=0, atol=1e-12)
+        euler = states[i] + (sigmas[i + 1] - sigmas[i]) * (states[i] - x0) / sigmas[i]  # k-diffusion's sample_euler
+        torch.testing.assert_close(states[i + 1], euler, rtol=0, atol=1e-12)
+        ddim = space.ddim(states[i], x0, float(sigmas[i]), float(sigmas[i + 1]))
+        torch.testing.assert_close(states[i + 1], ddim, rtol=0, atol=1e-12)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -140,14 +146,14 @@ def test_fast_mode_equals_exhaustive_search_of_its_objective(space, steps):
     x = noise(3, 2) * sigmas[0]
     found = search_schedule(model, x, sigmas, steps, mode="fast")
     assert found.cost.evaluations == 3 * 11  # the trajectory only
-    _, states, denoised = solve(model, x, sigmas, record=True)
+    states, denoised = trajectory(model, x, sigmas)
 
     def step_cost(b: int, i: int, j: int) -> float:  # Euler from the teacher's x_i with its own x0, vs x_j
         moved = states[i, b] + (sigmas[j] - sigmas[i]) * (states[i, b] - denoised[i, b]) / sigmas[i]
         return float(((moved - states[j, b]) ** 2).mean() / (states[j, b] ** 2).mean())
 
     for b in range(3):
-        costs = {path: sum(step_cost(b, i, j) for i, j in zip(path[:-1], path[1:])) for path in subsets(11, steps)}
+        costs = {path: sum(step_cost(b, i, j) for i, j in itertools.pairwise(path)) for path in subsets(11, steps)}
         best = min(costs, key=costs.get)
         assert found.per_sample[b] == best
         assert found.per_sample_error[b] == pytest.approx(costs[best], rel=1e-9)
@@ -194,7 +200,7 @@ def test_median_schedule_follows_the_official_rounding():
 # ---------------------------------------------------------------------------------------------
 # The official code
 # ---------------------------------------------------------------------------------------------
-SHARP = dict(std=0.05, seed=0, count=4)
+SHARP = {"std": 0.05, "seed": 0, "count": 4}
 """The shared toy on which the unmodified official code and Stride agree: the demo mixture's means
 with component std 0.05, SD1.5's VE schedule ("normal", M steps), 4 float64 noises of seed 0."""
 RECORDED_OFFICIAL = {
@@ -241,11 +247,14 @@ def official(tmp_path_factory):
                              capture_output=True, check=True).stdout
     subprocess.run(["tar", "-x", "-C", str(folder)], input=archive, check=True)
     source = (folder / "OSS" / "OSS.py").read_text()
-    pinned = source[source.index("def search_OSS_batch("):].replace("def search_OSS_batch(", "def search_OSS_batch_pinned(")
+    pinned = source[source.index("def search_OSS_batch("):]
+    pinned = pinned.replace("def search_OSS_batch(", "def search_OSS_batch_pinned(")
     edits = [  # start only at the top; layer k + 1 starts empty and extends only the latents layer k reached
-        ("        for k in range(STEP):\n", "        valid = torch.arange(N + 1) == N\n        for k in range(STEP):\n"),
+        ("        for k in range(STEP):\n",
+         "        valid = torch.arange(N + 1) == N\n        for k in range(STEP):\n"),
         ("            for i in reversed(range(1,N+1)):\n                t = torch.ones((i,)",
-         "            for i in reversed(range(1,N+1)):\n                if not valid[i]: continue\n                t = torch.ones((i,)"),
+         "            for i in reversed(range(1,N+1)):\n                if not valid[i]: continue\n"
+         "                t = torch.ones((i,)"),
         ("            dp[k+1] = dp[k].clone()\n            tracestep[k+1] = tracestep[k].clone()\n",
          "            valid = torch.isfinite(dp[k]).cpu()\n"),
     ]
@@ -399,23 +408,24 @@ def test_bad_inputs_are_refused_with_the_reason():
     model = reference_model(demo_mixture(), VE)
     sigmas = normal_sigmas(VE, 10)
     x = noise(2, 9) * sigmas[0]
+    poisoned = x.clone()
+    poisoned[1, 0, 0, 0] = math.nan
     cases = [
-        (dict(steps=10), "must be smaller than the teacher's step count"),
-        (dict(steps=12), "must be smaller than the teacher's step count"),
-        (dict(steps=6), "too small for N"),
-        (dict(steps=0), "positive integer"),
-        (dict(steps=3, solver="heun"), "supports the solver"),
-        (dict(steps=3, solver="dpmpp_2m"), "supports the solver"),
-        (dict(steps=3, teacher_solver="lms"), "teacher_solver"),
-        (dict(steps=3, mode="slow"), "mode must be"),
-        (dict(steps=3, sigmas=sigmas.flip(0)), "strictly decreasing and end at 0"),
-        (dict(steps=3, sigmas=sigmas[:-1]), "strictly decreasing and end at 0"),
-        (dict(steps=3, x=x.clone().index_put_((torch.tensor([1]),), torch.tensor(math.nan, dtype=torch.float64))),
-         "NaN or inf"),
-        (dict(steps=3, x=x[:, 0]), "4-D image or 5-D video"),
+        ({"steps": 10}, "must be smaller than the teacher's step count"),
+        ({"steps": 12}, "must be smaller than the teacher's step count"),
+        ({"steps": 6}, "too small for N"),
+        ({"steps": 0}, "positive integer"),
+        ({"steps": 3, "solver": "heun"}, "supports the solver"),
+        ({"steps": 3, "solver": "dpmpp_2m"}, "supports the solver"),
+        ({"steps": 3, "teacher_solver": "lms"}, "teacher_solver"),
+        ({"steps": 3, "mode": "slow"}, "mode must be"),
+        ({"steps": 3, "sigmas": sigmas.flip(0)}, "strictly decreasing and end at 0"),
+        ({"steps": 3, "sigmas": sigmas[:-1]}, "strictly decreasing and end at 0"),
+        ({"steps": 3, "x": poisoned}, "NaN or inf"),
+        ({"steps": 3, "x": x[:, 0]}, "4-D image or 5-D video"),
     ]
     for overrides, message in cases:
-        arguments = dict(model=model, x=x, sigmas=sigmas) | overrides
+        arguments = {"model": model, "x": x, "sigmas": sigmas} | overrides
         with pytest.raises(ValueError, match=message):
             search_schedule(**arguments)
 
@@ -448,7 +458,8 @@ def test_saved_schedule_round_trips(tmp_path, searched):
     loaded = load_schedule(path, key)
     assert torch.equal(loaded.sigmas, searched.sigmas) and loaded.sigmas.dtype == torch.float64
     assert loaded.indices == searched.indices and torch.equal(loaded.teacher_sigmas, searched.teacher_sigmas)
-    assert (loaded.fingerprint, loaded.settings, loaded.report) == (key, {"steps": 4, "solver": "euler"}, {"error": 0.5})
+    assert loaded.fingerprint == key and loaded.settings == {"steps": 4, "solver": "euler"}
+    assert loaded.report == {"error": 0.5}
     assert load_schedule(path).indices == searched.indices  # no expected fingerprint: read as it is
     assert [entry.name for entry in tmp_path.iterdir()] == ["schedule.safetensors"]  # no temporary files left
 
@@ -480,16 +491,20 @@ def test_corrupt_schedule_files_are_refused(tmp_path, searched):
     garbage = tmp_path / "garbage.safetensors"
     garbage.write_bytes(b"not a schedule at all")
     foreign = tmp_path / "foreign.safetensors"
-    optimal_steps.write_safetensors(foreign, {"weight": torch.zeros(3)}, {"format": "something else"})
+    write_safetensors(foreign, {"weight": torch.zeros(3)}, {"format": "something else"})
     tampered = tmp_path / "tampered.safetensors"
-    optimal_steps.write_safetensors(tampered, {"sigmas": searched.sigmas * 1.01, "indices": torch.tensor(searched.indices),
+    write_safetensors(tampered, {"sigmas": searched.sigmas * 1.01, "indices": torch.tensor(searched.indices),
                                                "teacher_sigmas": searched.teacher_sigmas},
                                     {"format": optimal_steps.FILE_FORMAT, "version": optimal_steps.FILE_VERSION,
                                      "fingerprint": "f" * 64, "settings": "{}", "report": "{}"})
+    poisoned = tmp_path / "poisoned.safetensors"
+    write_safetensors(poisoned, {"sigmas": searched.sigmas * math.nan, "indices": torch.tensor(searched.indices),
+                                 "teacher_sigmas": searched.teacher_sigmas})
     missing = tmp_path / "missing.safetensors"
-    optimal_steps.write_safetensors(missing, {"sigmas": searched.sigmas},
+    write_safetensors(missing, {"sigmas": searched.sigmas},
                                     {"format": optimal_steps.FILE_FORMAT, "version": optimal_steps.FILE_VERSION})
-    for path, message in ((truncated, "truncated or damaged"), (pickled, "zip archive"), (garbage, "not a safetensors"),
+    for path, message in ((truncated, "damaged safetensors file"), (pickled, "zip archive"),
+                          (garbage, "not a safetensors"), (poisoned, "NaN or infinite"),
                           (foreign, "not a Stride optimal-steps schedule"), (tampered, "damaged schedule file"),
                           (missing, "damaged schedule file")):
         with pytest.raises(ValueError, match=message):

@@ -18,7 +18,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from .teacher import FactorizedMixture, GaussianMixture
+from .mixture import FactorizedMixture, GaussianMixture
 
 Mixture = GaussianMixture | FactorizedMixture
 
