@@ -187,7 +187,7 @@ class OptimalSchedule:
     """A searched schedule: ``indices`` into the trajectory's ``teacher_sigmas`` (``0`` first, ``M`` last),
     ``sigmas`` = ``teacher_sigmas[indices]`` (float64, ending at 0), each noise sample's own indices and
     the error its own schedule reached (paper mode: the mean squared distance of the student's endpoint
-    to the teacher's; fast mode: the path's summed relative step errors)."""
+    to the teacher's; fast mode: the path's summed relative step errors), and the teacher's endpoints."""
 
     indices: tuple[int, ...]
     sigmas: Tensor
@@ -196,6 +196,7 @@ class OptimalSchedule:
     per_sample_error: tuple[float, ...]
     mode: str
     cost: SearchCost
+    teacher_end: Tensor
 
 
 def check_search_arguments(x: Tensor, sigmas: Tensor, steps: int, solver: str, teacher_solver: str, mode: str) -> None:
@@ -277,7 +278,7 @@ def search_schedule(
     indices = median_schedule(paths)
     counted.cost.total_seconds = time.perf_counter() - started
     return OptimalSchedule(tuple(indices), teacher_sigmas[list(indices)], teacher_sigmas,
-                           tuple(tuple(path) for path in paths), tuple(errors), mode, counted.cost)
+                           tuple(tuple(path) for path in paths), tuple(errors), mode, counted.cost, states[-1])
 
 
 def _flat64(t: Tensor) -> Tensor:

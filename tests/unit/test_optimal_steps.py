@@ -166,6 +166,7 @@ def test_paper_mode_with_two_steps_equals_exhaustive_search_of_the_endpoint(spac
     x = noise(4, 3) * sigmas[0]
     found = search_schedule(model, x, sigmas, 2)
     teacher_end = endpoint(model, x, sigmas)
+    torch.testing.assert_close(found.teacher_end, teacher_end, rtol=0, atol=0)
     for b in range(4):
         errors = {path: float(mse(endpoint(model, x[b:b + 1], sigmas[list(path)]), teacher_end[b:b + 1]))
                   for path in subsets(14, 2)}
