@@ -199,6 +199,29 @@ class OptimalSchedule:
     teacher_end: Tensor
 
 
+def check_teacher_sigmas(sigmas: Tensor) -> None:
+    """Raise ``ValueError`` unless ``sigmas`` is a teacher schedule: 1-D, finite, strictly decreasing, ending at 0."""
+    if sigmas.ndim != 1 or sigmas.numel() < 3:
+        raise ValueError(f"the teacher sigmas must be a 1-D schedule of at least 2 steps, got shape "
+                         f"{tuple(sigmas.shape)}")
+    values = sigmas.detach().to("cpu", torch.float64)
+    if not bool(torch.isfinite(values).all()) or float(values[-1]) != 0 or not bool((values[:-1] > values[1:]).all()):
+        raise ValueError("the teacher sigmas must be finite, strictly decreasing and end at 0")
+
+
+def check_step_counts(steps: int, total: int) -> None:
+    """Raise ``ValueError`` unless N = ``steps`` student steps can be searched in M = ``total`` teacher steps."""
+    if not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"the number of student steps N must be a positive integer, got {steps!r}")
+    if steps >= total:
+        raise ValueError(f"N ({steps}) must be smaller than the teacher's step count M ({total}): the search picks "
+                         "N of the teacher's M steps")
+    if total < MIN_STEPS_PER_STUDENT_STEP * steps:
+        raise ValueError(f"M ({total}) is too small for N ({steps}): the search needs M >= "
+                         f"{MIN_STEPS_PER_STUDENT_STEP} * N = {MIN_STEPS_PER_STUDENT_STEP * steps} teacher steps "
+                         "(the paper uses 100-200 for 5-10 student steps)")
+
+
 def check_search_arguments(x: Tensor, sigmas: Tensor, steps: int, solver: str, teacher_solver: str, mode: str) -> None:
     """Raise ``ValueError`` with the reason when a search would be meaningless or impossible."""
     if solver not in SOLVERS:
@@ -209,22 +232,8 @@ def check_search_arguments(x: Tensor, sigmas: Tensor, steps: int, solver: str, t
         raise ValueError(f"teacher_solver must be one of {TEACHER_SOLVERS}, got {teacher_solver!r}")
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    if sigmas.ndim != 1 or sigmas.numel() < 3:
-        raise ValueError(f"the teacher sigmas must be a 1-D schedule of at least 2 steps, got shape "
-                         f"{tuple(sigmas.shape)}")
-    values = sigmas.detach().to("cpu", torch.float64)
-    if not bool(torch.isfinite(values).all()) or float(values[-1]) != 0 or not bool((values[:-1] > values[1:]).all()):
-        raise ValueError("the teacher sigmas must be finite, strictly decreasing and end at 0")
-    total = sigmas.numel() - 1
-    if not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"the number of student steps N must be a positive integer, got {steps!r}")
-    if steps >= total:
-        raise ValueError(f"N ({steps}) must be smaller than the teacher's step count M ({total}): the search picks "
-                         "N of the teacher's M steps")
-    if total < MIN_STEPS_PER_STUDENT_STEP * steps:
-        raise ValueError(f"M ({total}) is too small for N ({steps}): the search needs M >= "
-                         f"{MIN_STEPS_PER_STUDENT_STEP} * N = {MIN_STEPS_PER_STUDENT_STEP * steps} teacher steps "
-                         "(the paper uses 100-200 for 5-10 student steps)")
+    check_teacher_sigmas(sigmas)
+    check_step_counts(steps, sigmas.numel() - 1)
     if x.ndim not in (4, 5) or x.shape[0] < 1:
         raise ValueError(f"latents must be a 4-D image or 5-D video batch, got shape {tuple(x.shape)}")
     if not x.is_floating_point():
