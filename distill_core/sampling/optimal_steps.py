@@ -17,21 +17,21 @@ code: bebebe666/OptimalSteps, ``OSS/OSS.py`` (``search_OSS``, ``search_OSS_batch
 * Several noise samples: each gets its own schedule, and the schedule used is the per-position
   median of their indices (``cal_medium``).
 
-Differences from the official code, each measured on the reference teacher: (1) its first layer
-also starts the noise, unscaled, at every lower sigma; a start below ``s_0`` lowers the typical
-error but sends samples to other modes than the teacher's (up to 34 of 256 on one demo class),
-so the student here starts where the teacher does. (2) It copies layer k into layer k + 1 before
-filling it, so a point keeps a shorter path's latent when no k + 1-step latent is closer, and the
-trace-back then reads pointers of different path lengths: the schedule it returns was never
-evaluated and can end far from the teacher (13x the endpoint error of this module's schedule on a
-demo toy). Here layer k holds exactly-k-step latents. With those two lines changed the official
-code returns the schedules of this module (tested). (3) Points that cannot reach ``s_M`` in the
-remaining steps are not evaluated and the first layer reuses the teacher's call at ``x_0``:
-``(N - 1)(M - N + 1) + M`` evaluations per sample instead of ``(1 + N) M``. (4) ``cal_medium``
-of an odd number of samples averages the middle value with the one below it; here the middle value
-is used. The amplitude calibration of ``infer_OSS`` (the latent's 5%-95% quantile range rescaled to
-the teacher's before each call) needs its own sampler and is left out: the result is a SIGMAS
-schedule for any Euler sampler.
+Differences from the official code: (1) its first layer also starts the noise, unscaled, at every
+lower sigma; on the reference teacher a start below ``s_0`` lowered the typical error but sent
+held-out samples to other modes than the teacher's, so the student here starts where the teacher
+does. (2) It copies layer k into layer k + 1 before filling it, so a point keeps a shorter path's
+latent when no (k + 1)-step latent is closer, and the trace-back then reads pointers of different
+path lengths: the schedule it returns is not the path that was evaluated. Here layer k holds
+exactly-k-step latents. With those two behaviours switched off (three lines) the official code
+returns the schedules of this module, and unmodified it does where neither fires (both tested).
+(3) Points that cannot reach ``s_M`` in the remaining steps are not evaluated and the first layer
+reuses the teacher's call at ``x_0``: ``M + (N - 1)(M - N + 1)`` evaluations per sample instead of
+``(1 + N) M``. (4) ``cal_medium`` of an odd number of samples averages the middle value with the
+one below it; here the middle value is used. The amplitude calibration of ``infer_OSS`` (the
+latent's 5%-95% quantile range rescaled to the teacher's, averaged over samples, before each call)
+is left out: it needs its own sampler (the result here is a SIGMAS schedule for any Euler sampler),
+and on the reference teacher it made the endpoint error several times larger.
 
 ``mode="fast"`` is Stride's variant without extra model calls: each candidate step starts from the
 teacher's own latent ``x_i`` with the teacher's ``D(x_i, s_i)``; its cost is its squared error at
