@@ -223,6 +223,14 @@ def read_fake_score(path: str, fingerprint: str) -> dict[str, Tensor]:
     return tensors
 
 
+def dmd_timesteps(config: DistillConfig, num_timesteps: int) -> Tensor:
+    """The run's generator timesteps: ``config.generator_timesteps`` (checked against the schedule), else DMD2's
+    list for ``config.generator_steps``."""
+    if config.generator_timesteps is None:
+        return generator_timesteps(config.generator_steps, num_timesteps)
+    return check_generator_timesteps(list(config.generator_timesteps), num_timesteps)
+
+
 def step_weights(space: NoiseSpace, timesteps: Tensor) -> Tensor:
     """``1 / sigma(t)`` per sample: the generator loss of a step at ``t`` in the units of an eps or velocity
     network's own output (``x0 = x - sigma * output``), so that AdamW moves every generator step alike."""
@@ -261,10 +269,7 @@ class DMDTrainer(LoraTrainer):
                  data: TrainingData, fake_state: Mapping[str, Tensor] | None = None) -> None:
         if config.objective != "dmd":
             raise ValueError(f"DMDTrainer trains the 'dmd' objective, the config says {config.objective!r}")
-        if config.generator_timesteps is None:
-            self.timesteps = generator_timesteps(config.generator_steps, space.num_timesteps)
-        else:
-            self.timesteps = check_generator_timesteps(list(config.generator_timesteps), space.num_timesteps)
+        self.timesteps = dmd_timesteps(config, space.num_timesteps)
         needs_latents = config.gan_features is not None
         if needs_latents and data.latents is None:
             raise ValueError("the GAN term (gan_features) compares the generator's samples with real latents; give "

@@ -28,6 +28,10 @@ from torch import Tensor, nn
 LAYER_KINDS: dict[str, type[nn.Module]] = {"Linear": nn.Linear, "Conv2d": nn.Conv2d}
 
 
+class LoraTargetError(ValueError):
+    """The network's layers cannot take the requested LoRA (none selected, grouped convolutions, rank too large)."""
+
+
 class LoraAdapter(nn.Module):
     """The low-rank pair for one layer: ``delta(x) = alpha / rank * up(down(x))``."""
 
@@ -228,17 +232,17 @@ def attach_lora(
     if skip_small_layers:
         selected = [(name, layer) for name, layer in selected if rank <= min(_matrix_shape(layer))]
     if not selected:
-        raise ValueError(f"no {'/'.join(target)} layer below the module matches the LoRA target")
+        raise LoraTargetError(f"no {'/'.join(target)} layer below the module matches the LoRA target")
     grouped = [name for name, layer in selected if isinstance(layer, nn.Conv2d) and layer.groups != 1]
     if grouped:
-        raise ValueError(f"grouped convolutions cannot take a LoRA here: {grouped[:5]}; exclude them with name_filter")
+        raise LoraTargetError(f"grouped convolutions cannot take a LoRA here: {grouped[:5]}; exclude them with name_filter")
     too_small = [
         f"{name} ({type(layer).__name__} {_matrix_shape(layer)[0]}->{_matrix_shape(layer)[1]})"
         for name, layer in selected
         if rank > min(_matrix_shape(layer))
     ]
     if too_small:
-        raise ValueError(
+        raise LoraTargetError(
             f"LoRA rank {rank} exceeds min(in, out) of {len(too_small)} layer(s): {', '.join(too_small[:5])}"
             f"{' ...' if len(too_small) > 5 else ''}; lower the rank, exclude them with name_filter or pass skip_small_layers=True"
         )

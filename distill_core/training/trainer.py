@@ -255,8 +255,8 @@ class LoraTrainer:
         current = self.config.to_dict()
         for name in ("objective", "rank"):
             if saved[name] != current[name]:
-                raise ValueError(f"cannot resume: the checkpoint is a {name} {saved[name]!r} run, this run is {name} "
-                                 f"{current[name]!r}")
+                raise ValueError(f"cannot resume: the checkpoint was trained with different settings ({name} "
+                                 f"{saved[name]!r} there, {current[name]!r} here)")
         changed = sorted(name for name in current if name not in RESUMABLE_CHANGES and current[name] != saved[name])
         if changed:
             raise ValueError(f"cannot resume: the checkpoint was trained with different settings {changed} "

@@ -430,8 +430,8 @@ def test_resuming_a_dmd_checkpoint_as_another_objective_or_rank_is_refused_and_c
     network, trainer = dmd_setup(steps=2)
     trainer.train(checkpoint_path=checkpoint)
     before = os.stat(checkpoint).st_mtime_ns, read_safetensors(checkpoint)[0]
-    for settings, message in [({"objective": "lcm"}, "objective 'dmd' run, this run is objective 'lcm'"),
-                              ({"objective": "dmd", "rank": 4}, "rank 2 run, this run is rank 4")]:
+    for settings, message in [({"objective": "lcm"}, r"different settings \(objective 'dmd' there, 'lcm' here\)"),
+                              ({"objective": "dmd", "rank": 4}, r"different settings \(rank 2 there, 4 here\)")]:
         config = DistillConfig(**{**dict(steps=4, rank=2, batch=2, lr=1e-3, seed=3), **settings})
         network = demo_network({"dtype": "float64", "num_latents": 0, "hidden": 8}, config)
         fresh = build_trainer(network.denoiser, network.module, network.space, config, network.data)
