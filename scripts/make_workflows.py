@@ -15,7 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import comfy_host as host
-from workflow_builder import Graph
+from workflow_builder import Graph, Node
 
 WORKFLOWS = host.ROOT / "workflows"
 FLOW_MAP = "flow map (ideal distilled student)"
@@ -160,6 +160,84 @@ def distill_training(steps: int = 300) -> Graph:
     return g
 
 
+DMD_WORKFLOW = {"steps": 400, "learning_rate": 1e-3, "rank": 16, "batch_size": 16, "dmd_guidance": 1.0, "ttur": 5}
+"""Settings of the dmd workflow's two runs (the demo model, its data distribution as the target: CFG 1)."""
+
+
+def dmd_distillation() -> Graph:
+    """Distil the demo UNet with dmd into a 4-step and a 1-step LoRA; sample before/after; hybrid; metrics."""
+    g = Graph()
+    base = g.add("StrideDemoModel", (0, 0), title="Teacher: demo model")
+    prompts = [g.add("StrideClassPrompt", (0, 140 + 110 * i), title=f"Prompt {name}", prompt=name)
+               for i, name in enumerate(("disc", "square", "cross", "ring"))]
+    empty = g.add("StrideClassPrompt", (0, 600), title="Empty prompt", prompt="")
+    shown = prompts[0]
+    data = g.add("StrideDistillDataset", (COL, 0), prompt_1=(prompts[0], 0), prompt_2=(prompts[1], 0),
+                 prompt_3=(prompts[2], 0), prompt_4=(prompts[3], 0), empty_prompt=(empty, 0), width=64, height=64)
+    common = dict(model=(base, 0), data=(data, 0), objective="dmd", steps=DMD_WORKFLOW["steps"],
+                  learning_rate=DMD_WORKFLOW["learning_rate"], rank=DMD_WORKFLOW["rank"], alpha=0.0,
+                  batch_size=DMD_WORKFLOW["batch_size"], guidance_min=0.0, guidance_max=0.0, loss="huber",
+                  gradient_checkpointing=False, seed=0, save_every=100, resume=True, export_headless=False,
+                  dmd_guidance=DMD_WORKFLOW["dmd_guidance"], ttur=DMD_WORKFLOW["ttur"], keep_fake_score=False)
+    train4 = g.add("StrideDistillLoRA", (2 * COL, 0), title="DMD2: 4-step generator", generator_steps=4,
+                   lora_name="stride_demo_dmd4", **common)
+    train1 = g.add("StrideDistillLoRA", (2 * COL, 560), title="DMD2: 1-step generator", generator_steps=1,
+                   lora_name="stride_demo_dmd1", **common)
+    plots = []
+    for index, (train, name) in enumerate(((train4, "dmd4"), (train1, "dmd1"))):
+        g.add("StrideSaveLoRA", (3 * COL, 560 * index), lora=(train, 1), file_name=f"stride_demo_{name}",
+              overwrite=True)
+        plot = g.add("StrideLossPlot", (3 * COL, 560 * index + 150), loss=(train, 2), width=640, height=320)
+        g.add("SaveImage", (4 * COL, 560 * index + 150), images=(plot, 0), filename_prefix=f"stride_{name}_loss")
+        plots.append(plot)
+    latent = g.add("EmptyLatentImage", (COL, 420), title="32 samples (one noise draw each)", width=64, height=64,
+                   batch_size=32)
+    noise = g.add("RandomNoise", (COL, 600), noise_seed=5)
+    base_guider = g.add("BasicGuider", (COL, 720), title="Teacher guider (CFG 1)", model=(base, 0),
+                        conditioning=(shown, 0))
+    sampling4 = g.add("StrideDistilledSampling", (5 * COL, 0), title="The 4-step LoRA's sampling (DMD2 timesteps)",
+                      model=(base, 0), lora=(train4, 1))
+    sampling1 = g.add("StrideDistilledSampling", (5 * COL, 180), title="The 1-step LoRA's sampling",
+                      model=(base, 0), lora=(train1, 1))
+    rows: dict[str, Node] = {}
+    rows["teacher_50_steps"] = g.add("KSampler", (6 * COL, 0), title="Teacher: euler, 50 steps", model=(base, 0),
+                                     positive=(shown, 0), negative=(empty, 0), latent_image=(latent, 0), seed=5,
+                                     steps=50, cfg=1.0, sampler_name="euler", scheduler="normal", denoise=1.0)
+
+    def custom(title: str, y: float, guider: Node, sampling: Node) -> Node:
+        return g.add("SamplerCustomAdvanced", (6 * COL, y), title=title, noise=(noise, 0), guider=(guider, 0),
+                     sampler=(sampling, 0), sigmas=(sampling, 1), latent_image=(latent, 0))
+
+    rows["teacher_4_steps"] = custom("Teacher, 4 DMD steps (before)", 420, base_guider, sampling4)
+    guider4 = g.add("BasicGuider", (5 * COL, 420), title="4-step student", model=(train4, 0), conditioning=(shown, 0))
+    guider1 = g.add("BasicGuider", (5 * COL, 560), title="1-step student", model=(train1, 0), conditioning=(shown, 0))
+    rows["dmd_4_steps"] = custom("DMD student, 4 steps (after)", 840, guider4, sampling4)
+    rows["dmd_1_step"] = custom("DMD student, 1 step (after)", 1260, guider1, sampling1)
+    euler = g.add("KSamplerSelect", (5 * COL, 700), sampler_name="euler")
+    hybrid = g.add("StrideHybridGuider", (5 * COL, 840), title="Hybrid: 1 teacher step, then the 4-step student",
+                   base_guider=(base_guider, 0), distilled_guider=(guider4, 0), base_sampler=(euler, 0),
+                   handover_steps=1)
+    rows["hybrid_1_plus_3"] = custom("Hybrid: 1 teacher step + 3 student steps", 1680, hybrid, sampling4)
+    for row, (name, sample) in enumerate(rows.items()):
+        _view(g, (sample, 0), 7 * COL, 420 * row, f"stride_dmd_{name}", name.replace("_", " "), (shown, 0))
+    g.group("DMD2 distillation (two runs)", [data, train4, train1, *plots])
+    g.group("Sampling", [sampling4, sampling1, *rows.values()])
+    g.note(
+        "Distribution-matching distillation (DMD2) inside ComfyUI. Each Stride Distill LoRA run trains two LoRAs on the "
+        "one demo UNet: the generator (what you load) and a fake score that learns the generator's samples; the real "
+        "score is the teacher with its LoRAs switched off. Top run: a 4-step generator on DMD2's timesteps 999, 749, "
+        "499, 249; bottom: a 1-step one. Stride Distilled Sampling gives each LoRA's sampler and sigmas (predict x0, "
+        "re-noise). Rows: the teacher with 50 euler steps; the undistilled teacher on the 4 DMD steps; the 4-step and "
+        "1-step students; the hybrid (the teacher takes the first step, the student the rest) to recover what the "
+        "mode-seeking student loses. Stride Reference Metrics scores each row against the demo's known data "
+        "distribution (SWD, NLL gap, mode recall and entropy, with intervals).\n\nReal models: Load Checkpoint "
+        "(SD1.5/SDXL) as the teacher, CLIP Text Encode prompts, dmd_guidance 1.75 (SD1.5) or 8 (SDXL) as DMD2 used, "
+        "ttur 5-10, rank 64, thousands of steps; VAE Decode instead of the preview decode.",
+        (0, 760), (760, 230),
+    )
+    return g
+
+
 def piflow() -> Graph:
     """pi-Flow policy sampling on the exact reference pi-Flow teacher (no downloads)."""
     g = Graph()
@@ -246,8 +324,8 @@ def hybrid_diversity() -> Graph:
 
 
 def build_all() -> dict[str, Graph]:
-    graphs = {"stride_demo": demo(), "distill_lcm_lora": distill_training(), "piflow": piflow(),
-              "hybrid_diversity": hybrid_diversity()}
+    graphs = {"stride_demo": demo(), "distill_lcm_lora": distill_training(), "distill_dmd_lora": dmd_distillation(),
+              "piflow": piflow(), "hybrid_diversity": hybrid_diversity()}
     for method in ("lcm", "tcd", "hyper_sd", "tdd"):
         graphs[f"sampler_{method}"] = few_step_method(method)
     return graphs
