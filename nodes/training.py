@@ -327,12 +327,14 @@ class StrideDistillLoRA(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="StrideDistillLoRA", display_name="Stride Distill LoRA", category=CATEGORY,
-            description=("Distils the MODEL's many-step sampling into a LoRA for 2-8 step sampling (LCM, TDD or "
-                         "segmented consistency objectives). The teacher is the same network with the LoRA switched "
-                         "off; the MODEL passed in is not changed. Shows the loss in the progress bar and a live "
-                         "chart; Cancel stops at the next step and keeps a checkpoint; resume continues it."),
+            description=("Distils the MODEL's many-step sampling into a LoRA for 1-8 step sampling (LCM, TDD or "
+                         "segmented consistency objectives, or DMD2 distribution matching). The teacher is the same "
+                         "network with the LoRA switched off; the MODEL passed in is not changed. Shows the loss(es) in "
+                         "the progress bar and a live chart; Cancel stops at the next step and keeps a checkpoint; "
+                         "resume continues it."),
             inputs=[
-                io.Model.Input("model", tooltip="The teacher (an EPS/V model, with any LoRAs you want kept applied)."),
+                io.Model.Input("model", tooltip="The teacher (an EPS/V model; dmd also a flow model), with any LoRAs you "
+                                                "want kept applied."),
                 DistillData.Input("data", tooltip="Prompts / images from Stride Distillation Data."),
                 combo("objective", OBJECTIVES, "lcm: LCM-LoRA (skipping-step DDIM teacher, w ~ U[3,15]); tdd: "
                                                "Target-Driven Distillation (4-8 step targets, 20% empty prompts, "
