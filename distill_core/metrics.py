@@ -16,18 +16,22 @@ Figures on one sample set:
 :func:`evaluate` scores a sample set in independent repeats (see :mod:`.reference.statistics` for why
 repeats and not a bootstrap) and returns every figure as a :class:`~.reference.statistics.Estimate`.
 
-**Sample sizes** (measured on the demo mixture, class "disc": two modes, 4x8x8 latents, 256 projections;
-see ``tests/unit/test_metrics.py`` for the coverage checks). The low-variance figures need few samples:
-at 2048 samples the NLL gap's 95% half-width is about 0.002 nats per element and the endpoint error's
-is about 1% of its value; each mode's shares, the mode total variation and the moment errors of 8
-repeats of 256 samples resolve differences of 0.02 in a mode's share. SWD is the noisy one: one set of
-256 samples against a fresh reference scores 0.30 with a standard deviation of 0.08 from draw to draw
-(the set's mode mix), so 8 independent repeats give a half-width of about 0.07 on the mean; paired
-rows (same noises, same references and projections per repeat) differ by a far steadier amount
-and 8 repeats of 256 separate SWD differences of about 0.02 between such rows. Unpaired rows (a
-sampler against fresh data) need differences of about 0.1 at that size.
+**Sample sizes** (measured on the demo mixture, class "disc": two modes of 4x8x8 latents, 256 projections,
+8 repeats; Stride's benchmarks use 8 repeats of 256 samples). SWD is the noisy figure: one set of ``n`` data
+samples against a fresh reference scores 0.30 / 0.25 / 0.19 / 0.15 at n = 128 / 256 / 512 / 1024 with a
+draw-to-draw standard deviation of 0.15 / 0.11 / 0.08 / 0.07 (the set's mode mix), so 8 repeats of 256 give a
+half-width of about 0.09 on one row, and the difference of two *unpaired* rows (e.g. a sampler against fresh
+data) varies by 0.15 per repeat: resolving an unpaired SWD difference of 0.05 takes about 35 repeats of 256
+or 11 of 1024, roughly 10^4 samples per row. *Paired* rows (same noises, same references and projections per
+repeat) differ by a far steadier amount: 8 repeats of 256 resolve SWD differences of 0.002-0.02 between
+samplers on the analytic teacher (0.1 on the demo UNet, whose samples follow the noise less closely). The
+low-variance figures need far fewer samples: at 2048 samples close to the data, the NLL gap's 95% half-width
+is about 0.002-0.004 nats per element (heavier-tailed samples of an imperfect network: up to 0.1), the mode
+total variation's 0.02-0.03, the per-mode mean shift's 0.001 and covariance error's 0.01-0.02, and the
+endpoint error's below 1% of its value.
 
-All metrics compute in float64 and return Python floats (or small tensors for per-mode data).
+All metrics compute in float64 and return Python floats, small tensors for per-mode data, or (:func:`evaluate`)
+estimates with intervals.
 """
 from __future__ import annotations
 
@@ -331,10 +335,10 @@ def evaluate(
     """Every figure of a sample set with its 95% interval, from ``repeats`` independent repeats.
 
     The samples (iid, e.g. one batch from independent noises) are split into ``repeats`` disjoint groups of
-    about ``n / repeats`` (:func:`repeat_groups`); each group is scored against its own fresh data set of the
-    same size and labels, with fresh projections, drawn from ``generator`` (seed 0 unless given). Score two
-    sample sets with the same seed and labels and their repeats are paired
-    (:func:`~.reference.statistics.paired_difference`).
+    about ``n / repeats`` (:func:`repeat_groups`; fewer when ``n < 2 repeats``: at least 2 groups of 2 samples).
+    Each group is scored against its own fresh data set of the same size and labels, with fresh projections,
+    drawn from ``generator`` (seed 0 unless given). Score two sample sets with the same seed and labels and
+    their repeats are paired (:func:`~.reference.statistics.paired_difference`).
 
     Figures per repeat (value = mean over repeats, interval over repeats): ``swd`` (to the fresh data),
     ``swd_data`` (a second fresh data set to the same reference: the finite-sample floor); for a
@@ -346,6 +350,9 @@ def evaluate(
     """
     generator = generator if generator is not None else torch.Generator().manual_seed(0)
     n = samples.shape[0]
+    repeats = min(repeats, n // 2)
+    if repeats < 2:
+        raise ValueError(f"an interval needs at least 2 repeats of 2 samples; got {n} samples")
     labels = None if class_ids is None else torch.as_tensor(class_ids).reshape(-1).to(generator.device)
     if labels is not None and (labels.numel() != n or not isinstance(mixture, GaussianMixture)):
         raise ValueError("class_ids need a GaussianMixture with classes and one label per sample")

@@ -234,6 +234,9 @@ def test_evaluate_reports_data_like_and_collapsed_sets() -> None:
     assert flat["swd_pm"] == report["swd"].half_width
     with pytest.raises(ValueError):
         evaluate(fresh, mixture, torch.zeros(5, dtype=torch.long))
+    assert evaluate(fresh[:6], mixture)["swd"].repeats == 3  # small sets: fewer repeats of 2 samples
+    with pytest.raises(ValueError, match="at least 2 repeats"):
+        evaluate(fresh[:3], mixture)
 
 
 def test_evaluate_without_modes_and_with_exact_endpoints() -> None:
