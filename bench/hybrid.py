@@ -11,8 +11,8 @@ initial noise: the base alone (25 steps, ComfyUI euler, simple schedule), the di
 the first 1 or 2 steps, distilled LCM for the rest). Scores against the base's data (the demo
 mixture): mode recall, normalised mode entropy and the total-variation distance of the mode histogram to the
 true weights (diversity across modes), kornia image diversity of the decoded previews
-(``distill_core.diversity`` on ``teacher.latent_to_rgb``), SWD and NLL gap
-(``distill_core.metrics.evaluate``), each as mean ± 95% half-width over 8 independent repeats (per
+(``distill_core.reference.diversity`` on ``latent_to_rgb``), SWD and NLL gap
+(``distill_core.reference.metrics.evaluate``), each as mean ± 95% half-width over 8 independent repeats (per
 sample for the NLL gap); every run shares the noises and the references of each repeat, so the
 differences to the distilled model alone are paired. NFE = counted network calls of each model.
 """
@@ -27,8 +27,11 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
-from distill_core import diversity, hybrid, lcm, metrics, tcd, teacher  # noqa: E402
-from distill_core.reference.statistics import Estimate, estimate, judge, paired_difference, share_interval  # noqa: E402
+from distill_core.reference import diversity, metrics
+from distill_core.reference.demo import DEMO_COMPONENTS, demo_mixture, latent_to_rgb
+from distill_core.reference.mixture import GaussianMixture
+from distill_core.reference.statistics import Estimate, estimate, judge, paired_difference, share_interval
+from distill_core.sampling import hybrid, lcm, tcd
 
 from . import models  # noqa: E402
 from .context import BenchContext  # noqa: E402
@@ -63,7 +66,7 @@ def run(ctx: BenchContext) -> Section:
     distilled_model = ctx.node("StrideReferenceModel").build(COLLAPSED_VARIANT, "eps", models.FLOW_MAP_FORM,
                                                              flow_map_steps)[0]
     empty = models.class_prompt(ctx, "")
-    data_mixture = teacher.demo_mixture()
+    data_mixture = demo_mixture()
     latent = torch.zeros(num_samples, *data_mixture.latent_shape)
     import comfy.sample
 
@@ -118,7 +121,7 @@ def run(ctx: BenchContext) -> Section:
     def score(latents: torch.Tensor) -> dict[str, Estimate]:
         result = metrics.evaluate(latents.double(), data_mixture, None, torch.Generator().manual_seed(METRIC_SEED),
                                   metric_repeats)
-        rgb = teacher.latent_to_rgb(latents.float())
+        rgb = latent_to_rgb(latents.float())
         image_diversity = [diversity.image_diversity(rgb[group]).overall for group in groups]  # the same repeats
         return result | {"image_diversity": estimate(torch.tensor(image_diversity), per_repeat)}
 
@@ -181,7 +184,7 @@ def run(ctx: BenchContext) -> Section:
         f"({flow_map_steps} exact-denoiser evaluations), so here a distilled NFE costs far more than a base NFE; "
         "with real networks both cost about the same per NFE and the NFE column is the cost to compare.",
         "The node refuses handover_steps >= steps (the distilled model must take at least one step), so the identity "
-        "'handover = steps is the base alone' is checked on distill_core.hybrid.sample_hybrid, the same schedule "
+        "'handover = steps is the base alone' is checked on distill_core.sampling.hybrid.sample_hybrid, the same schedule "
         "split and seed rule the node uses.",
         "Mode recall counts a mode when it holds at least a quarter of its expected share; mode entropy is the "
         "normalised entropy of the samples' mode histogram (1 = all 8 modes equally often); mode TV is half the summed "
@@ -205,7 +208,7 @@ def _compare_exact(ours: torch.Tensor, theirs: torch.Tensor, what: str, referenc
     return f"{what} == {reference}: bit-identical"
 
 
-def _check_library_identities(mixture: teacher.GaussianMixture, collapsed: teacher.GaussianMixture, space,
+def _check_library_identities(mixture: GaussianMixture, collapsed: GaussianMixture, space,
                               flow_map_steps: int) -> str:
     """``sample_hybrid`` with handover 0 is the distilled sampler alone and with handover = steps the base
     sampler alone (float64 analytic models, same seed): bit-identical."""
@@ -228,7 +231,7 @@ def _check_library_identities(mixture: teacher.GaussianMixture, collapsed: teach
 
 
 def _plot(ctx: BenchContext, samples: dict[str, torch.Tensor], data_samples: torch.Tensor,
-          mixture: teacher.GaussianMixture):
+          mixture: GaussianMixture):
     """Mode shares of every run next to the data's: where the distilled model's mass went and what came back."""
     rows = {**samples, "data": data_samples}
     modes = torch.arange(mixture.num_components)
@@ -240,7 +243,7 @@ def _plot(ctx: BenchContext, samples: dict[str, torch.Tensor], data_samples: tor
         axis.bar(modes + (index - (len(rows) - 1) / 2) * width, shares.numpy(), width, label=label,
                  yerr=torch.stack([shares - low, high - shares]).numpy(), capsize=2)
     axis.axhline(1 / mixture.num_components, color="grey", linestyle=":", label="data's expected share")
-    names = [f"{shape}\n{'ab'[k % 2]}" for k, (shape, _) in enumerate(teacher.DEMO_COMPONENTS)]
+    names = [f"{shape}\n{'ab'[k % 2]}" for k, (shape, _) in enumerate(DEMO_COMPONENTS)]
     axis.set_xticks(modes.tolist(), names, fontsize=8)
     axis.set_ylabel("share of samples")
     axis.set_title("Mode shares: base, collapsed distilled model and hybrid runs (unconditional)", fontsize=10)

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from distill_core import demo
+from distill_core.reference import demo
 
 from .context import BenchContext
 
@@ -85,8 +85,8 @@ def demo_unet_model(ctx: BenchContext) -> tuple[Any, bool]:
     random weights when they have not been built (timings do not depend on weight values)."""
     if demo.DEMO_WEIGHTS_PATH.is_file():
         return ctx.node("StrideDemoModel").load()[0], True
-    from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
     import comfy.ops
+    from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
 
     network = init_random_(UNetModel(**demo.DEMO_UNET_CONFIG, operations=comfy.ops.disable_weight_init)).eval()
     return ctx.stride_module("nodes.reference").wrap_as_model(network, "eps"), False

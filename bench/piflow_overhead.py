@@ -1,6 +1,6 @@
 """pi-Flow rollout overhead: 128 substeps of a GM policy (K = 8) vs one network evaluation.
 
-The rollout is Stride's real sampler (``distill_core.piflow.sample_piflow``, 4 NFE, 128 substeps
+The rollout is Stride's real sampler (``distill_core.sampling.piflow.sample_piflow``, 4 NFE, 128 substeps
 in total) driven by a stand-in network that returns precomputed GM outputs of the right shapes
 (velocity means ``(1, 8, C, H, W)``, log-weights, log-std), so its time is the whole policy
 overhead of a 4-NFE run: policy construction, temperature and every substep. It is timed side by
@@ -20,7 +20,7 @@ from typing import Any, Callable
 
 import torch
 
-from distill_core import piflow
+from distill_core.sampling import piflow
 
 from . import models
 from .context import BenchContext
@@ -58,8 +58,8 @@ CPU_SIZES = {"smoke": ("tiny", "tiny"), "quick": ("reduced", "reduced"), "full":
 
 def sd15_network(size: str, device: torch.device, dtype: torch.dtype) -> NetworkUnderTest:
     """ComfyUI's SD1.5 UNetModel on a 4x64x64 latent (8x8 for the tiny size)."""
-    from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
     import comfy.ops
+    from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
 
     config = models.unet_config("sd15", **SD15_SIZES[size])
     network = UNetModel(**config, dtype=dtype, device=device, operations=comfy.ops.disable_weight_init)

@@ -4,9 +4,9 @@ Each sampler draws class-conditional samples (prompt "disc", CFG 1, the same ini
 all) at 1, 2, 4 and 8 steps from three models: the analytic reference teacher in its *denoiser*
 form (the ideal many-step teacher: fair for plain solvers) and its *flow-map* form (the ideal
 consistency-distilled student: fair for few-step samplers), and the demo UNet (an undistilled
-network trained on the same data). Every figure is ``distill_core.metrics.evaluate``'s: the samples
-are scored in 8 independent repeats, each against its own fresh data set and projections, and shown
-as mean ± 95% half-width. All runs share the noises and the references of each repeat, so their
+network trained on the same data). Every figure is ``distill_core.reference.metrics.evaluate``'s: the
+samples are scored in 8 independent repeats, each against its own fresh data set and projections, and
+shown as mean ± 95% half-width. All runs share the noises and the references of each repeat, so their
 differences are paired. Figures: sliced Wasserstein distance to fresh data (SWD) and its paired
 difference to the exact ODE solution from the same noises; NLL gap to the data (negative =
 over-concentrated); total-variation distance of the mode histogram to the true mode weights (mode
@@ -22,8 +22,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
-from distill_core import demo, metrics, teacher  # noqa: E402
-from distill_core.reference.statistics import Estimate, paired_difference, verdict  # noqa: E402
+from distill_core.reference import demo, metrics
+from distill_core.reference.demo import demo_mixture
+from distill_core.reference.statistics import Estimate, paired_difference, verdict
 
 from . import models  # noqa: E402
 from .context import BenchContext  # noqa: E402
@@ -68,7 +69,7 @@ def run(ctx: BenchContext) -> Section:
     num_samples = per_repeat * repeats
     step_counts = ctx.pick((1, 4), STEP_COUNTS, STEP_COUNTS)
     flow_map_steps = ctx.pick(16, 64, 64)
-    mixture = teacher.demo_mixture()
+    mixture = demo_mixture()
     positive, negative = models.class_prompt(ctx, PROMPT), models.class_prompt(ctx, "")
     class_id = int(demo.decode_context(positive[0][0])[0])
     labels = torch.full((num_samples,), class_id)
@@ -186,7 +187,7 @@ def run(ctx: BenchContext) -> Section:
         "means no difference was detected. The exact ODE row is the ideal sampler; the data row shares only the "
         "references.",
         "Mode mean shift and cov error are the count-weighted per-mode ||E[x|k] - mu_k||^2 / (s_k^2 D) and "
-        "||Cov_k - s_k^2 I||_F^2 / (s_k^4 D), both unbiased (0 for data; see distill_core.metrics.mode_moment_errors); "
+        "||Cov_k - s_k^2 I||_F^2 / (s_k^4 D), both unbiased (0 for data; see distill_core.reference.metrics.mode_moment_errors); "
         "endpoint error (RMS per latent element) is shown for deterministic samplers only (ComfyUI euler, dpmpp_2m, "
         "uni_pc, Stride Hyper-SD = DDIM): the others draw fresh noise, so no single ODE solution is their target.",
         "Fair comparisons: plain solvers (ComfyUI euler, dpmpp_2m, uni_pc) on the denoiser form; few-step samplers "

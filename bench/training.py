@@ -9,7 +9,7 @@ float32, with LoRA rank 16 on every layer at least that wide (as Stride's node a
   uncond (batched into one call, LoRA off, no grad), a target forward (student, no grad; the
   trainer folds the LoRA into each layer's weight for it, ``LoraSet.merged``) and a student
   forward + backward. Each pass is timed alone on exactly the inputs of a trainer step
-  (``DistillTrainer.sample_batch(step)``), interleaved with our full step (``_train_step``:
+  (``DistillTrainer.sample_batch(step)``), interleaved with our full step (``train_step``:
   the passes plus batch sampling, the DDIM jump, loss, clipping and AdamW).
 * **Reference recipe.** The loop of diffusers' ``train_lcm_distill_lora_sd_wds.py`` written here on
   the same model, LoRA and batch: student forward first (its graph held), the teacher as a second
@@ -35,15 +35,36 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from distill_core import demo, distill, lora, metrics, objectives, teacher  # noqa: E402
-from distill_core.reference.statistics import judge, paired_difference  # noqa: E402
+from distill_core.reference import demo, metrics
+from distill_core.reference.demo import DEMO_CLASS_NAMES, demo_mixture
+from distill_core.reference.mixture import GaussianMixture
+from distill_core.reference.statistics import judge, paired_difference
+from distill_core.spaces import per_sample
+from distill_core.training import objectives
+from distill_core.training.conditioning import cond_cat
+from distill_core.training.config import DistillConfig, TrainingData
+from distill_core.training.lora import LoraSet, attach_lora, lora_state_dict
+from distill_core.training.memory import frozen_parameters
+from distill_core.training.trainer import DistillTrainer
 
 from . import models  # noqa: E402
-from .scaling import plot_step_time_memory, scaling_table  # noqa: E402
 from .context import BenchContext  # noqa: E402
-from .harness import (Goal, Section, Table, check, fmt_bytes, fmt_ratio, fmt_seconds, median,  # noqa: E402
-                      peak_rss_available, peak_rss_growth, run_interleaved, spread)
+from .harness import (  # noqa: E402
+    Goal,
+    Section,
+    Table,
+    check,
+    fmt_bytes,
+    fmt_ratio,
+    fmt_seconds,
+    median,
+    peak_rss_available,
+    peak_rss_growth,
+    run_interleaved,
+    spread,
+)
 from .samplers import COMFY_EULER, STRIDE_LCM, sample  # noqa: E402
+from .scaling import plot_step_time_memory, scaling_table  # noqa: E402
 
 NAME = "training"
 TITLE = "In-graph LoRA distillation: step cost, memory, quality and scaling (demo UNet)"
@@ -73,7 +94,7 @@ class Rig:
     """A ComfyUI MODEL's network with a LoRA attached (as ``StrideDistillLoRA`` attaches it)."""
 
     model: Any  # the MODEL (ModelPatcher)
-    loraset: lora.LoraSet
+    loraset: LoraSet
 
     @property
     def base(self) -> Any:
@@ -95,7 +116,7 @@ def attach(model: Any) -> Rig:
     """Attach a seeded, zero-initialised rank-16 LoRA to the MODEL's network."""
     with torch.random.fork_rng():
         torch.manual_seed(SEED)
-        loraset = lora.attach_lora(model.model.diffusion_model, RANK, skip_small_layers=True)
+        loraset = attach_lora(model.model.diffusion_model, RANK, skip_small_layers=True)
     return Rig(model, loraset)
 
 
@@ -110,20 +131,20 @@ def noise_space(ctx: BenchContext, model: Any) -> Any:
     return compat.noise_space(compat.model_sampling_of_patcher(model))
 
 
-def make_trainer(ctx: BenchContext, rig: Rig, side: int, batch: int) -> distill.DistillTrainer:
+def make_trainer(ctx: BenchContext, rig: Rig, side: int, batch: int) -> DistillTrainer:
     """An LCM ``DistillTrainer`` on random latents of ``4 x side x side`` with the class prompt."""
     shape = (4, side, side)
     latents = torch.randn(DATASET_SIZE, *shape, generator=torch.Generator().manual_seed(SEED))
-    data = distill.TrainingData(conds=[model_conds(ctx, rig.model, PROMPT, shape)],
+    data = TrainingData(conds=[model_conds(ctx, rig.model, PROMPT, shape)],
                                 uncond=model_conds(ctx, rig.model, "", shape), latents=latents)
-    config = distill.DistillConfig(objective="lcm", rank=RANK, batch=batch, skip_small_layers=True, seed=SEED)
-    return distill.DistillTrainer(rig.denoise, rig.loraset, noise_space(ctx, rig.model), config, data)
+    config = DistillConfig(objective="lcm", rank=RANK, batch=batch, skip_small_layers=True, seed=SEED)
+    return DistillTrainer(rig.denoise, rig.loraset, noise_space(ctx, rig.model), config, data)
 
 
 @contextlib.contextmanager
 def training(rig: Rig) -> Iterator[None]:
     """What ``DistillTrainer.train`` sets up around its steps: autograd on, base weights frozen."""
-    with torch.inference_mode(False), distill.frozen_parameters(rig.network):
+    with torch.inference_mode(False), frozen_parameters(rig.network):
         yield
 
 
@@ -163,26 +184,26 @@ class StepInputs:
         return sigma.to(device=self.x_t.device, dtype=self.x_t.dtype)
 
 
-def step_inputs(trainer: distill.DistillTrainer, step: int) -> StepInputs:
+def step_inputs(trainer: DistillTrainer, step: int) -> StepInputs:
     """The inputs ``DistillTrainer.batch_loss(step)`` builds (same batch, noise, guidance, timesteps)."""
     batch = trainer.sample_batch(step)
     space = trainer.space
     sigma_start, sigma_prev = space.sigma_of(batch.timesteps.start), space.sigma_of(batch.timesteps.prev)
-    x_t = space.noise(batch.x0, batch.noise, objectives.per_sample(sigma_start, batch.x0))
+    x_t = space.noise(batch.x0, batch.noise, per_sample(sigma_start, batch.x0))
     guided = trainer.teacher_x0(x_t, sigma_start.to(batch.x0), batch.cond, batch.uncond, batch.guidance)
-    x_prev = objectives.ddim_jump(space, x_t, guided, sigma_start, sigma_prev)
+    x_prev = space.ddim(x_t, guided, sigma_start, sigma_prev)
     return StepInputs(batch, x_t, sigma_start, sigma_prev, x_prev)
 
 
 class Passes:
     """The three passes a distillation step cannot avoid, each callable alone on fixed inputs."""
 
-    def __init__(self, rig: Rig, trainer: distill.DistillTrainer, inputs: StepInputs) -> None:
+    def __init__(self, rig: Rig, trainer: DistillTrainer, inputs: StepInputs) -> None:
         self.rig, self.trainer, self.inputs = rig, trainer, inputs
         batch = inputs.batch
         self.teacher_x = torch.cat([inputs.x_t, inputs.x_t])
         self.teacher_sigma = inputs.model_sigma(torch.cat([inputs.sigma_start, inputs.sigma_start]))
-        self.teacher_cond = distill.cond_cat([batch.cond, batch.uncond])
+        self.teacher_cond = cond_cat([batch.cond, batch.uncond])
         with torch.no_grad():
             self.target = trainer.objective.target_output(inputs.x_prev, self.target_pass(), batch.timesteps)
 
@@ -217,7 +238,7 @@ class ReferenceRecipe:
     student forward first (graph held through the teacher and target), a second model copy as the
     teacher with separate cond and uncond calls, then target, loss, backward, clipping and AdamW."""
 
-    def __init__(self, rig: Rig, teacher_base: Any, trainer: distill.DistillTrainer) -> None:
+    def __init__(self, rig: Rig, teacher_base: Any, trainer: DistillTrainer) -> None:
         self.rig, self.teacher_base, self.trainer = rig, teacher_base, trainer
         self.optimizer = torch.optim.AdamW(rig.loraset.parameters(), lr=trainer.config.lr)
 
@@ -226,14 +247,14 @@ class ReferenceRecipe:
         batch = trainer.sample_batch(step)
         steps = batch.timesteps
         sigma_start, sigma_prev = space.sigma_of(steps.start), space.sigma_of(steps.prev)
-        x_t = space.noise(batch.x0, batch.noise, objectives.per_sample(sigma_start, batch.x0))
+        x_t = space.noise(batch.x0, batch.noise, per_sample(sigma_start, batch.x0))
         student_x0 = self.rig.denoise(x_t, sigma_start.to(x_t), batch.cond)
         prediction = trainer.objective.student_output(x_t, student_x0, steps)
         with torch.no_grad():
             x0_cond = self.teacher_base.apply_model(x_t, sigma_start.to(x_t), **batch.cond)
             x0_uncond = self.teacher_base.apply_model(x_t, sigma_start.to(x_t), **batch.uncond)
-            guided = x0_cond + objectives.per_sample(batch.guidance, x0_cond) * (x0_cond - x0_uncond)
-            x_prev = objectives.ddim_jump(space, x_t, guided, sigma_start, sigma_prev)
+            guided = x0_cond + per_sample(batch.guidance, x0_cond) * (x0_cond - x0_uncond)
+            x_prev = space.ddim(x_t, guided, sigma_start, sigma_prev)
             target = trainer.objective.target_output(x_prev, self.rig.denoise(x_prev, sigma_prev.to(x_t), batch.cond),
                                                      steps)
         return objectives.consistency_loss(prediction, target, config.loss, config.huber_c)
@@ -317,7 +338,7 @@ def _measure_step(ctx: BenchContext, section: Section, side: int, batch: int, se
     teacher_copy = copy.deepcopy(model.model)  # the recipe's second model, copied before any LoRA is attached
     probe = torch.randn(batch, 4, side, side, generator=torch.Generator().manual_seed(SEED))
     probe_sigma = torch.full((batch,), 2.0)
-    probe_cond = distill.cond_cat([model_conds(ctx, model, PROMPT, (4, side, side))] * batch)
+    probe_cond = cond_cat([model_conds(ctx, model, PROMPT, (4, side, side))] * batch)
     with torch.no_grad():
         before = model.model.apply_model(probe, probe_sigma, **probe_cond)
     rig = attach(model)
@@ -352,13 +373,13 @@ def _measure_step(ctx: BenchContext, section: Section, side: int, batch: int, se
             ctx.log(f"{NAME}: 4x{side}x{side} b{batch}: passes, our step and the recipe ({repeats} repeats)")
             timings = run_interleaved({
                 "teacher": cpu_timed(passes.teacher_pass), "target": cpu_timed(passes.target_pass),
-                "student": cpu_timed(passes.student_pass), "ours": cpu_timed(lambda: trainer._train_step(step)),
+                "student": cpu_timed(passes.student_pass), "ours": cpu_timed(lambda: trainer.train_step(step)),
             }, repeats)
-            recipe_timings = run_interleaved({"ours": cpu_timed(lambda: trainer._train_step(step)),
+            recipe_timings = run_interleaved({"ours": cpu_timed(lambda: trainer.train_step(step)),
                                               "recipe": cpu_timed(lambda: recipe.step(step))}, repeats)
             memory: dict[str, list[int]] = {"ours": [], "recipe": []}
             for _ in range(ctx.pick(1, 2, 3)):
-                memory["ours"].append(peak_rss_growth(lambda: trainer._train_step(step))[1])
+                memory["ours"].append(peak_rss_growth(lambda: trainer.train_step(step))[1])
                 memory["recipe"].append(peak_rss_growth(lambda: recipe.step(step))[1])
     finally:
         rig.loraset.remove()
@@ -386,7 +407,7 @@ def _step_tables(section: Section, measured: list[StepMeasurement]) -> list[Tabl
          "spread (ours / recipe)"])
     for m in measured:
         seconds = m.seconds(clock)
-        physical.add("our step (DistillTrainer._train_step) vs sum of the passes", m.setting, "CPU, float32",
+        physical.add("our step (DistillTrainer.train_step) vs sum of the passes", m.setting, "CPU, float32",
                      fmt_ratio(m.physical_ratio(clock)), fmt_ratio(m.physical_ratio("wall")),
                      fmt_seconds(seconds["ours"]), fmt_seconds(m.limit(clock)), fmt_seconds(seconds["teacher"]),
                      fmt_seconds(seconds["target"]), fmt_seconds(seconds["student"]),
@@ -517,25 +538,25 @@ class Distilled:
     probe_output: torch.Tensor
 
 
-def _distil(ctx: BenchContext, model: Any, mixture: teacher.GaussianMixture, steps: int, batch: int,
+def _distil(ctx: BenchContext, model: Any, mixture: GaussianMixture, steps: int, batch: int,
             dataset_size: int) -> Distilled:
     """LCM-distil ``model`` with ``DistillTrainer.train`` on paired class-conditional mixture samples."""
-    names = list(teacher.DEMO_CLASS_NAMES)
+    names = list(DEMO_CLASS_NAMES)
     shape = mixture.latent_shape
     generator = torch.Generator().manual_seed(SEED)
     labels = torch.arange(dataset_size) % len(names)
     latents = mixture.sample(dataset_size, generator, labels)[0].float()
     class_conds = [model_conds(ctx, model, name, shape) for name in names]
-    data = distill.TrainingData(conds=[class_conds[label] for label in labels.tolist()],
+    data = TrainingData(conds=[class_conds[label] for label in labels.tolist()],
                                 uncond=model_conds(ctx, model, "", shape), latents=latents, paired=True)
-    config = distill.DistillConfig(objective="lcm", steps=steps, lr=QUALITY_LR, rank=RANK, batch=batch,
+    config = DistillConfig(objective="lcm", steps=steps, lr=QUALITY_LR, rank=RANK, batch=batch,
                                    guidance_min=QUALITY_GUIDANCE, guidance_max=QUALITY_GUIDANCE,
                                    skip_small_layers=True, seed=SEED)
     probe = (latents[:4] + 2.0 * torch.randn(latents[:4].shape, generator=generator), torch.full((4,), 2.0),
-             distill.cond_cat(data.conds[:4]))
+             cond_cat(data.conds[:4]))
     rig = attach(model)
     try:
-        trainer = distill.DistillTrainer(rig.denoise, rig.loraset, noise_space(ctx, model), config, data)
+        trainer = DistillTrainer(rig.denoise, rig.loraset, noise_space(ctx, model), config, data)
 
         def held_out_loss() -> float:
             """Mean loss on batches the run never trains on (step indices past its end), LoRA as it is now."""
@@ -549,7 +570,7 @@ def _distil(ctx: BenchContext, model: Any, mixture: teacher.GaussianMixture, ste
         seconds = time.perf_counter() - started
         with torch.no_grad():
             probe_output = rig.denoise(*probe)
-        return Distilled(lora.lora_state_dict(rig.loraset), losses, seconds, (before, held_out_loss()), probe,
+        return Distilled(lora_state_dict(rig.loraset), losses, seconds, (before, held_out_loss()), probe,
                          probe_output)
     finally:
         rig.loraset.remove()
@@ -561,7 +582,7 @@ def _class_samples(ctx: BenchContext, model: Any, spec, steps: int, noise: torch
     sampler, sigmas = spec.build(ctx, model, steps)
     empty = models.class_prompt(ctx, "")
     samples = torch.empty_like(noise)
-    for index, name in enumerate(teacher.DEMO_CLASS_NAMES):
+    for index, name in enumerate(DEMO_CLASS_NAMES):
         chosen = labels == index
         samples[chosen] = sample(model, sampler, sigmas, noise[chosen], models.class_prompt(ctx, name), empty, seed=SEED)
     check(bool(torch.isfinite(samples).all()), f"{spec.label} at {steps} steps: NaN or inf in the samples")
@@ -581,7 +602,7 @@ def _quality_table(ctx: BenchContext, section: Section) -> Table | None:
     import comfy.sd
 
     steps, batch = ctx.pick(30, 60, 300), ctx.pick(8, 16, 16)
-    mixture = teacher.demo_mixture()
+    mixture = demo_mixture()
     distilled = _distil(ctx, model, mixture, steps, batch, ctx.pick(64, 1024, 1024))
     check(bool(torch.isfinite(distilled.losses).all()) and len(distilled.losses) == steps,
           "the quality run's losses are not all finite")
@@ -595,7 +616,7 @@ def _quality_table(ctx: BenchContext, section: Section) -> Table | None:
                           f"of the steps, {last:.4g} over the last)")
 
     repeats, per_repeat = ctx.pick(4, metrics.REPEATS, metrics.REPEATS), ctx.pick(16, 64, 256)
-    num_classes = len(teacher.DEMO_CLASS_NAMES)
+    num_classes = len(DEMO_CLASS_NAMES)
     per_class = repeats * per_repeat // num_classes
     labels = torch.arange(num_classes).repeat_interleave(per_class)
     noise = torch.randn(len(labels), *mixture.latent_shape, generator=torch.Generator().manual_seed(SEED + 1))
@@ -683,18 +704,18 @@ def _scaling(ctx: BenchContext, section: Section) -> tuple[Table, Any]:
         memory = {}
         with training(rig):
             for key in configs:  # ascending size, so a smaller run never reuses memory a bigger one freed
-                trainers[key]._train_step(0)  # one-time allocations (AdamW state) are not a step's memory
-                loss, memory[key] = peak_rss_growth(lambda: trainers[key]._train_step(1))
+                trainers[key].train_step(0)  # one-time allocations (AdamW state) are not a step's memory
+                loss, memory[key] = peak_rss_growth(lambda: trainers[key].train_step(1))
                 check(bool(torch.isfinite(torch.tensor(loss))), f"training step at {key}: loss {loss}")
             ctx.log(f"{NAME}: timing {len(configs)} training configurations")
-            timings = run_interleaved({key: (lambda key=key: trainers[key]._train_step(1)) for key in configs},
+            timings = run_interleaved({key: (lambda key=key: trainers[key].train_step(1)) for key in configs},
                                       repeats, warmup=0)
     finally:
         rig.loraset.remove()
     section.checks.append("scaling: every configuration's training step has a finite loss")
     step = {key: median(timings[key]["wall"]) for key in configs}
     weights = "trained weights" if trained else "random weights of the demo architecture"
-    table = scaling_table(f"Our LCM distillation step (DistillTrainer._train_step) on the demo UNet ({weights}), "
+    table = scaling_table(f"Our LCM distillation step (DistillTrainer.train_step) on the demo UNet ({weights}), "
                           f"LoRA rank {RANK}, median of {repeats} interleaved repeats", configs, step, memory)
     return table, plot_step_time_memory(ctx, NAME, sides, batches, step, memory, "training step time (ms)",
                                         f"Demo UNet + rank-{RANK} LoRA, LCM distillation step (CPU float32)")

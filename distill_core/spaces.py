@@ -86,24 +86,43 @@ class NoiseSpace:
         """:meth:`coefficients` of one Python float, as floats (the samplers' per-step path: no tensors)."""
         return (1.0, sigma) if self.kind == "ve" else (1.0 - sigma, sigma)
 
-    def _coefficients_for(self, sigma: Tensor | float, dtype: torch.dtype) -> tuple[Tensor | float, Tensor | float]:
-        """Coefficients ready to scale a tensor of ``dtype``: floats for a float sigma, else cast tensors."""
+    def _coefficients_for(self, sigma: Tensor | float, like: Tensor) -> tuple[Tensor | float, Tensor | float]:
+        """Coefficients ready to scale ``like``: floats for a float sigma, else tensors in its dtype and device;
+        a 1-D sigma is one value per batch element (:func:`per_sample`)."""
         if isinstance(sigma, float):
             return self.scalar_coefficients(sigma)
         a, b = self.coefficients(sigma)
-        return a.to(dtype), b.to(dtype)
+        if a.ndim == 1:
+            return per_sample(a, like), per_sample(b, like)
+        return a.to(like.dtype), b.to(like.dtype)
 
     def noise(self, x0: Tensor, eps: Tensor, sigma: Tensor | float) -> Tensor:
         """Put ``x0`` at noise level ``sigma`` with the given unit noise."""
-        a, b = self._coefficients_for(sigma, x0.dtype)
+        a, b = self._coefficients_for(sigma, x0)
         if isinstance(a, float):  # one fused multiply-add (and no scaling of x0 when a = 1, the VE case)
             return torch.add(x0 if a == 1.0 else x0 * a, eps, alpha=b)
         return x0 * a + eps * b
 
     def eps(self, x: Tensor, x0: Tensor, sigma: Tensor | float) -> Tensor:
         """The noise implied by a latent ``x`` at ``sigma`` and a prediction ``x0`` (sigma > 0)."""
-        a, b = self._coefficients_for(sigma, x.dtype)
+        a, b = self._coefficients_for(sigma, x)
         return (x - x0 * a) / b
+
+    def ddim(self, x: Tensor, x0: Tensor, sigma: Tensor | float, sigma_target: Tensor | float) -> Tensor:
+        """Deterministic DDIM move of ``x`` at ``sigma`` to ``sigma_target`` given the prediction ``x0``.
+
+        Keeps the implied noise ``eps_hat = (x - a x0) / b`` and re-weights it: ``a_s x0 + b_s eps_hat``.
+        This is also DPM-Solver++(1) and, on flow models, one Euler step. Sigmas are floats (one for the
+        batch) or tensors (one per sample); a float ``sigma_target`` of 0 returns ``x0``.
+        """
+        if isinstance(sigma_target, float) and sigma_target == 0:
+            return x0
+        return self.noise(x0, self.eps(x, x0, sigma), sigma_target)
+
+    def vp_scaled(self, x: Tensor, sigma: Tensor) -> Tensor:
+        """``x`` in variance-preserving scale, ``x / sqrt(a^2 + b^2)``, at per-sample ``sigma``."""
+        a, b = self.coefficients(sigma)
+        return x * per_sample((a**2 + b**2).rsqrt(), x)
 
     def renoise(self, x: Tensor, sigma_from: Tensor | float, sigma_to: Tensor | float, noise: Tensor) -> Tensor:
         """Forward-diffuse ``x`` from ``sigma_from`` to a noisier ``sigma_to`` with fresh unit noise.
@@ -125,6 +144,10 @@ class NoiseSpace:
         """The variance-preserving ``alpha_cumprod`` equivalent of ``sigma`` (signal fraction)."""
         a, b = self.coefficients(sigma)
         return a**2 / (a**2 + b**2)
+
+    def sigma_at_half_log_snr(self, lam: Tensor) -> Tensor:
+        """The sigma whose ``log(a / b)`` equals ``lam`` (the inverse of the half log-SNR)."""
+        return torch.exp(-lam) if self.kind == "ve" else torch.sigmoid(-lam)
 
     # -- timesteps ------------------------------------------------------------------------
     @cached_property
@@ -179,6 +202,82 @@ class NoiseSpace:
         if append_zero:
             sigmas = torch.cat([sigmas, sigmas.new_zeros(1)])
         return sigmas
+
+
+# -- per-sample values ---------------------------------------------------------------------------
+def per_sample(values: Tensor | float, like: Tensor) -> Tensor:
+    """``values`` (a scalar or one per sample) shaped to broadcast over ``like`` (batch first), in its dtype/device."""
+    if isinstance(values, Tensor):
+        values = values.to(device=like.device, dtype=like.dtype)
+    else:
+        values = torch.tensor(values, dtype=like.dtype, device=like.device)
+    if values.ndim == 0:
+        return values.reshape([1] * like.ndim)
+    return values.reshape(-1, *([1] * (like.ndim - 1)))
+
+
+def sigma_batch(sigma: Tensor | float, n: int, device: torch.device) -> Tensor:
+    """``sigma`` (scalar, 0-d or ``(n,)``) as a float64 ``(n,)`` tensor on ``device``."""
+    sigma = torch.as_tensor(sigma, dtype=torch.float64, device=device).reshape(-1)
+    if sigma.numel() == 1:
+        return sigma.expand(n)
+    if sigma.numel() != n:
+        raise ValueError(f"sigma has {sigma.numel()} entries for a batch of {n}")
+    return sigma
+
+
+# -- prediction types ------------------------------------------------------------------------------
+PREDICTION_KINDS = ("x0", "eps", "v", "velocity")
+
+
+def prediction_target(x: Tensor, x0: Tensor, sigma: Tensor | float, space: NoiseSpace, kind: str) -> Tensor:
+    """What a model of prediction type ``kind`` should output at ``(x, sigma)`` when the clean sample is ``x0``.
+
+    With ``x = a x0 + b eps`` (``sigma > 0`` except for ``"x0"``):
+
+    * ``"x0"``: ``x0``.
+    * ``"eps"``: ``eps = (x - a x0) / b``; a ComfyUI EPS model outputs this.
+    * ``"v"``: ``v = alpha eps - s x0`` with the variance-preserving ``alpha = a / sqrt(a^2 + b^2)``,
+      ``s = b / sqrt(a^2 + b^2)``. In the VE space this is ``(eps - sigma x0) / sqrt(1 + sigma^2)``,
+      which ComfyUI's ``V_PREDICTION.calculate_denoised`` (``sigma_data = 1``) maps back to ``x0``.
+    * ``"velocity"``: ``(x - x0) / sigma = dx/dsigma`` of the probability-flow ODE; in the flow space
+      ``eps - x0`` (a ComfyUI CONST model's output), in the VE space equal to ``eps``.
+
+    Computed in float64; the result has ``x``'s dtype.
+    """
+    if kind not in PREDICTION_KINDS:
+        raise ValueError(f"prediction kind must be one of {PREDICTION_KINDS}, got {kind!r}")
+    if kind == "x0":
+        return x0
+    x64, x064 = x.to(torch.float64), x0.to(torch.float64)
+    sigma64 = sigma_batch(sigma, x.shape[0], x.device)
+    a, b = (per_sample(c, x64) for c in space.coefficients(sigma64))
+    if kind == "velocity":
+        out = (x64 - x064) / per_sample(sigma64, x64)
+    else:
+        eps = (x64 - a * x064) / b
+        out = eps if kind == "eps" else (a * eps - b * x064) / (a**2 + b**2).sqrt()
+    return out.to(x.dtype)
+
+
+def x0_from_prediction(x: Tensor, prediction: Tensor, sigma: Tensor | float, space: NoiseSpace, kind: str) -> Tensor:
+    """The clean sample implied by a model output of type ``kind`` (inverse of :func:`prediction_target`)."""
+    if kind not in PREDICTION_KINDS:
+        raise ValueError(f"prediction kind must be one of {PREDICTION_KINDS}, got {kind!r}")
+    if kind == "x0":
+        return prediction
+    x64, p64 = x.to(torch.float64), prediction.to(torch.float64)
+    sigma64 = sigma_batch(sigma, x.shape[0], x.device)
+    a, b = (per_sample(c, x64) for c in space.coefficients(sigma64))
+    if kind == "velocity":
+        out = x64 - per_sample(sigma64, x64) * p64
+    elif kind == "eps":
+        out = (x64 - b * p64) / a
+    else:
+        # x = a x0 + b eps and v = (a eps - b x0) / norm  =>  x0 = (a x - b norm v) / (a^2 + b^2).
+        norm2 = a**2 + b**2
+        out = (a * x64 - b * norm2.sqrt() * p64) / norm2
+    return out.to(x.dtype)
 
 
 # -- conversion between noise conventions -------------------------------------------------------

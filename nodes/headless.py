@@ -3,7 +3,7 @@
 The trainer node writes a bundle folder: ``teacher.safetensors`` (the network's weights as the
 graph ran them, a user's LoRAs merged in, plus how to rebuild the ComfyUI model around them),
 ``data.safetensors`` (the conditionings and latents the node derived) and ``config.json`` for
-``distill_core.distill_cli``, whose network factory is ``scripts/headless_teacher.py``. The same
+``distill_core.training.cli``, whose network factory is ``scripts/headless_teacher.py``. The same
 seed and settings then give the same LoRA as the node (tested on CPU).
 """
 from __future__ import annotations
@@ -15,12 +15,13 @@ from typing import Any
 import comfy.model_base
 import comfy.supported_models
 
-from ..distill_core.distill import DistillConfig, TrainingData
-from ..distill_core.distill_cli import CONFIG_FILE, DATA_FILE, TEACHER_FILE, TEACHER_FORMAT, save_training_data
-from ..distill_core.lora import save_lora, write_atomically
+from ..distill_core.safe_files import write_atomically, write_safetensors
+from ..distill_core.training.cli import CONFIG_FILE, DATA_FILE, TEACHER_FILE, TEACHER_FORMAT, save_training_data
+from ..distill_core.training.config import DistillConfig, TrainingData
 from .compat import StrideError
 
 STRIDE_ROOT = Path(__file__).resolve().parents[1]
+HEADLESS_NETWORK = "nodes/headless_teacher.py:comfy_teacher"  # relative to STRIDE_ROOT, the run's working directory
 
 
 def _json_safe(config: dict) -> dict:
@@ -50,13 +51,13 @@ def export_bundle(folder: Path, patcher: Any, config: DistillConfig, data: Train
         "unet_config": json.dumps(_json_safe(unet_config)),
     }
     folder.mkdir(parents=True, exist_ok=True)
-    save_lora(folder / TEACHER_FILE, network.state_dict(), metadata)
+    write_safetensors(folder / TEACHER_FILE, network.state_dict(), metadata)
     save_training_data(folder / DATA_FILE, data)
-    settings = {"distill": config.to_dict(), "network": "headless_teacher:comfy_teacher",
+    settings = {"distill": config.to_dict(), "network": HEADLESS_NETWORK,
                 "network_options": {"teacher": TEACHER_FILE, "data": DATA_FILE},
                 "output": f"{lora_name}.safetensors", "checkpoint": f"{lora_name}.checkpoint.safetensors",
                 "resume": True}
     write_atomically(folder / CONFIG_FILE, json.dumps(settings, indent=2).encode("utf-8"))
     host = Path(comfy.model_base.__file__).resolve().parents[1]
-    return (f"cd {STRIDE_ROOT} && PYTHONPATH={STRIDE_ROOT / 'scripts'}:{host} torchrun --nproc_per_node=<GPUs> "
-            f"-m distill_core.distill_cli --config {folder / CONFIG_FILE}")
+    return (f"cd {STRIDE_ROOT} && PYTHONPATH={host} torchrun --nproc_per_node=<GPUs> "
+            f"-m distill_core.training.cli --config {folder / CONFIG_FILE}")

@@ -6,23 +6,23 @@ SNR-converted ``sigmas[k:]`` with zero noise and the base result as its latent. 
 ``noise_scaling`` / ``inverse_noise_scaling`` keep that hand-over exact also across EPS <-> flow:
 a flow phase returns ``x / (1 - s)`` (the VE latent at ``sigma = s / (1 - s)``) and starts from
 ``(1 - s) * latent``. Progress bar, previews and Cancel come from ComfyUI; the schedule, the seed
-rule and the conversions come from ``distill_core.hybrid``.
+rule and the conversions come from ``distill_core.sampling.hybrid``.
 """
 from __future__ import annotations
 
 import json
 from typing import Any, Callable
 
-import torch
-
 import comfy.model_management
 import comfy.sample
 import comfy.samplers
 import comfy.utils
 import latent_preview
+import torch
 
-from ..distill_core import diversity, hybrid, lcm, schedules, tcd, tdd
-from ..distill_core.trace import StepTrace, trace_grid
+from ..distill_core.reference import diversity
+from ..distill_core.sampling import hybrid, lcm, schedules, tcd, tdd
+from ..distill_core.sampling.trace import StepTrace, trace_grid
 from .compat import StrideError, latent_spatial_downscale, model_sampling_of_patcher, noise_space
 from .samplers import discrete_sigmas, stride_ksampler
 

@@ -2,7 +2,7 @@
 
 A pi-Flow network outputs a *policy* once per step (a Gaussian mixture per latent location,
 "GM", or x0 predictions on a time grid or as a polynomial in time, "DX"); the sampler
-integrates it with many cheap substeps (``distill_core.piflow``). Inside ComfyUI a pi-Flow MODEL stays an ordinary flow model: its
+integrates it with many cheap substeps (``distill_core.sampling.piflow``). Inside ComfyUI a pi-Flow MODEL stays an ordinary flow model: its
 network returns the policy's mean velocity (so ComfyUI's pipeline, previews and plain samplers
 work), and also deposits the full policy in a :class:`PolicyStash` that the Stride pi-Flow
 sampler puts into ``transformer_options`` for each model call. The stash is a plain object, not
@@ -14,13 +14,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable
 
+import comfy.samplers
 import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-import comfy.samplers
-
-from ..distill_core import piflow, piflow_adapter, teacher
+from ..distill_core import piflow_adapter
+from ..distill_core.reference.demo import demo_mixture
+from ..distill_core.reference.mixture import FactorizedMixture
+from ..distill_core.sampling import piflow
 from ..distill_core.spaces import NoiseSpace
 from .compat import StrideError, is_flow, model_sampling_of_patcher, sampling_kind
 from .reference import AnalyticModule, wrap_as_model
@@ -71,7 +73,7 @@ class PolicyStash:
 
         A policy deposited for the unfolded latent of ``x`` (FLUX.2: 32 channels at twice the
         resolution of ComfyUI's 128-channel latent) is built there and used through
-        :class:`distill_core.piflow.PackedLatentPolicy`.
+        :class:`distill_core.sampling.piflow.PackedLatentPolicy`.
         """
         if not self.outputs:
             raise StrideError(NOT_A_PIFLOW_MODEL)
@@ -136,7 +138,7 @@ def piflow_ksampler(substeps: int, temperature: float | str, diffusion_coefficie
 
     Inpainting (a LATENT with a noise mask): ComfyUI's wrapper would blend the kept region in
     only at network calls, but the substeps between calls must keep it too, so the sampler takes
-    the mask over (official ComfyUI-piFlow rule, :class:`distill_core.piflow.Inpainting`) and the
+    the mask over (official ComfyUI-piFlow rule, :class:`distill_core.sampling.piflow.Inpainting`) and the
     network sees the trajectory's own latent, as in the official sampler.
     """
 
@@ -285,10 +287,10 @@ REFERENCE_COMPONENTS = (0, 2, 4, 6)  # one coloured shape of each demo class
 REFERENCE_STD = 0.25
 
 
-def reference_policy_mixture() -> teacher.FactorizedMixture:
+def reference_policy_mixture() -> FactorizedMixture:
     """The reference pi-Flow teacher's data: every latent location (4 channels, 8x8) independently
     takes the channel vector of one of four demo shapes' means there, plus Gaussian noise."""
-    return teacher.FactorizedMixture(teacher.demo_mixture().means[list(REFERENCE_COMPONENTS)], REFERENCE_STD)
+    return FactorizedMixture(demo_mixture().means[list(REFERENCE_COMPONENTS)], REFERENCE_STD)
 
 
 class ExactPolicyNetwork(AnalyticModule):
@@ -300,7 +302,7 @@ class ExactPolicyNetwork(AnalyticModule):
     ``transformer_options["sigmas"]`` (repeated over cond/uncond chunks).
     """
 
-    def __init__(self, mixture: teacher.FactorizedMixture) -> None:
+    def __init__(self, mixture: FactorizedMixture) -> None:
         super().__init__()
         self.mixture = mixture
         self.space = NoiseSpace.flow()

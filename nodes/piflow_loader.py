@@ -1,15 +1,11 @@
 """Released pi-Flow adapters on ComfyUI's FLUX.1, FLUX.2 and Qwen-Image models: the policy output
 head, its capture wrapper and the loader node. The sampler side (policy stash, rollout, schedule)
-is in :mod:`.piflow`; the adapter format and its layer mapping in ``distill_core.piflow_adapter``."""
+is in :mod:`.piflow`; the adapter format in ``distill_core.piflow_adapter``, its layer mapping in :mod:`.piflow_families`."""
 from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass
 from typing import Any
-
-import torch
-from torch import Tensor, nn
-from torch.nn import functional as F
 
 import comfy.ldm.flux.layers
 import comfy.lora
@@ -17,11 +13,18 @@ import comfy.model_base
 import comfy.ops
 import comfy.patcher_extension
 import folder_paths
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
 
-from ..distill_core import lora, piflow, piflow_adapter
-from ..distill_core.piflow_adapter import FLUX1, FLUX2, QWEN_IMAGE, ModelFamily, PiFlowAdapter
+from ..distill_core import piflow_adapter
+from ..distill_core.piflow_adapter import PiFlowAdapter
+from ..distill_core.safe_files import read_safetensors
+from ..distill_core.sampling import piflow
+from . import piflow_families
 from .compat import StrideError
 from .piflow import CATEGORY, PolicyOutput, deposit_policy
+from .piflow_families import FLUX1, FLUX2, QWEN_IMAGE, ModelFamily
 
 WRAPPER_KEY = "stride_piflow_policy"
 SAFETENSORS_SUFFIXES = (".safetensors", ".sft")
@@ -207,14 +210,14 @@ def read_adapter_file(name: str) -> tuple[dict[str, Tensor], dict[str, str]]:
                           "safetensors; Stride never loads pickle files (.pt, .ckpt, .bin) because they can run code.")
     path = folder_paths.get_full_path_or_raise("loras", name)
     try:
-        return lora.load_lora_state(path)
+        return read_safetensors(path)
     except (ValueError, OSError) as exc:
         raise StrideError(f"adapter_name: cannot read '{name}': {exc}") from None
 
 
 def check_adapter_family(modules: set[str], family: ComfyFamily, name: str) -> None:
     """Refuse an adapter whose LoRA layers belong to another family than the model's."""
-    candidates = piflow_adapter.families_of(modules)
+    candidates = piflow_families.families_of(modules)
     if not modules or family.spec in candidates:
         return
     if not candidates:
@@ -247,7 +250,7 @@ def lora_patches(adapter: PiFlowAdapter, family: ComfyFamily, weight_shapes: dic
                  name: str) -> dict:
     """ComfyUI weight patches for the adapter's LoRA (ComfyUI's own LoRA loading; every key used)."""
     try:
-        targets = piflow_adapter.lora_targets(adapter, family.spec, weight_shapes)
+        targets = piflow_families.lora_targets(adapter, family.spec, weight_shapes)
     except ValueError as exc:
         raise StrideError(f"adapter_name: '{name}': {exc}") from None
     to_load, tensors = {}, {}
@@ -303,7 +306,7 @@ class StridePiFlowAdapterLoader:
         diffusion_model = model.model.diffusion_model
         weight_shapes = {key: tuple(value.shape) for key, value in diffusion_model.named_parameters()}
         try:
-            piflow_adapter.check_head(adapter, family.spec, weight_shapes["img_in.weight"][0], final_width(model, family))
+            piflow_families.check_head(adapter, family.spec, weight_shapes["img_in.weight"][0], final_width(model, family))
         except ValueError as exc:
             raise StrideError(f"adapter_name: '{adapter_name}': {exc}") from None
         patches = lora_patches(adapter, family, weight_shapes, adapter_name)

@@ -4,17 +4,19 @@ from __future__ import annotations
 
 import json
 
-import torch
 import comfy.latent_formats
 import comfy.model_base
 import comfy.model_management
 import comfy.model_patcher
 import comfy.ops
 import comfy.supported_models_base
+import torch
 from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
 
-from ..distill_core import demo, metrics, teacher
-from ..distill_core.spaces import NoiseSpace
+from ..distill_core.reference import demo, metrics
+from ..distill_core.reference.demo import DEMO_CLASS_NAMES, demo_mixture, latent_to_rgb
+from ..distill_core.reference.mixture import GaussianMixture
+from ..distill_core.spaces import NoiseSpace, prediction_target
 from .compat import StrideError, noise_space
 
 CATEGORY = "stride/reference"
@@ -28,10 +30,10 @@ _MODEL_TYPES = {
 }
 
 
-def mixture_for(variant: str) -> teacher.GaussianMixture:
+def mixture_for(variant: str) -> GaussianMixture:
     """The demo mixture or its mode-collapsed partner: 90% of the mass on the first component of two classes,
     10% spread over the rest (a distilled model that under-samples modes, as CFG and mode-seeking distillation do)."""
-    mixture = teacher.demo_mixture()
+    mixture = demo_mixture()
     if variant == VARIANTS[1]:
         return mixture.sharpened(keep=[0, 2], residual_weight=0.1)
     return mixture
@@ -115,7 +117,7 @@ class AnalyticNetwork(AnalyticModule):
     """The exact Gaussian-mixture denoiser (or flow map) as an EPS, V or flow network: it returns what
     the model type predicts, so ComfyUI's own ``calculate_denoised`` recovers the exact x0."""
 
-    def __init__(self, mixture: teacher.GaussianMixture, prediction: str, flow_map_steps: int = 0) -> None:
+    def __init__(self, mixture: GaussianMixture, prediction: str, flow_map_steps: int = 0) -> None:
         super().__init__()
         self.mixture = mixture
         self.prediction = prediction
@@ -134,7 +136,7 @@ class AnalyticNetwork(AnalyticModule):
         else:
             x0 = self.mixture.denoise(x64, sigma, self.space, class_ids)
         kind = {"eps": "eps", "v": "v", "flow": "velocity"}[self.prediction]
-        return teacher.prediction_target(x64, x0, sigma, self.space, kind).to(xc.dtype)
+        return prediction_target(x64, x0, sigma, self.space, kind).to(xc.dtype)
 
 
 class StrideReferenceModel:
@@ -214,7 +216,7 @@ def _check_demo_inputs(_network, args: tuple, kwargs: dict) -> None:
 
 class StrideClassPrompt:
     DESCRIPTION = (
-        "Conditioning for the reference teacher and the demo model: name a class (" + ", ".join(teacher.DEMO_CLASS_NAMES)
+        "Conditioning for the reference teacher and the demo model: name a class (" + ", ".join(DEMO_CLASS_NAMES)
         + "); an empty prompt is the unconditional (negative) prompt."
     )
     CATEGORY = CATEGORY
@@ -225,7 +227,7 @@ class StrideClassPrompt:
 
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {"prompt": ("STRING", {"default": teacher.DEMO_CLASS_NAMES[0], "multiline": False,
+        return {"required": {"prompt": ("STRING", {"default": DEMO_CLASS_NAMES[0], "multiline": False,
                                                    "tooltip": "A class name, or empty for unconditional."})}}
 
     def encode(self, prompt):
@@ -233,9 +235,9 @@ class StrideClassPrompt:
         if not text:
             class_id = None
         else:
-            matches = [i for i, name in enumerate(teacher.DEMO_CLASS_NAMES) if name in text or text in name]
+            matches = [i for i, name in enumerate(DEMO_CLASS_NAMES) if name in text or text in name]
             if not matches:
-                raise StrideError(f"prompt '{prompt}': no such class; use one of {', '.join(teacher.DEMO_CLASS_NAMES)} or leave it empty")
+                raise StrideError(f"prompt '{prompt}': no such class; use one of {', '.join(DEMO_CLASS_NAMES)} or leave it empty")
             class_id = matches[0]
         context = demo.encode_classes(None if class_id is None else torch.tensor([class_id]), 1)
         return ([[context.float(), {}]],)
@@ -260,7 +262,7 @@ class StrideLatentToImage:
         latents = samples["samples"]
         if latents.ndim != 4 or latents.shape[1] != 4:
             raise StrideError(f"samples: expected 4-channel image latents, got shape {tuple(latents.shape)}")
-        rgb = teacher.latent_to_rgb(latents.float())
+        rgb = latent_to_rgb(latents.float())
         rgb = rgb.repeat_interleave(scale, dim=1).repeat_interleave(scale, dim=2)
         return (rgb.float().cpu(),)
 
@@ -288,7 +290,7 @@ class StrideReferenceMetrics:
 
     def measure(self, samples, conditioning, label):
         latents = samples["samples"].to(torch.float64)
-        mixture = teacher.demo_mixture()
+        mixture = demo_mixture()
         if tuple(latents.shape[1:]) != mixture.latent_shape:
             raise StrideError(f"samples: expected latents of shape {mixture.latent_shape}, got {tuple(latents.shape[1:])}")
         if not torch.isfinite(latents).all():

@@ -8,15 +8,14 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-import torch
-
 import comfy.model_sampling
 import comfy.sample
 import comfy.samplers
 import latent_preview
+import torch
 
-from ..distill_core import lcm, schedules, tcd, tdd
-from ..distill_core.sampling_utils import all_finite
+from ..distill_core.sampling import lcm, schedules, tcd, tdd
+from ..distill_core.sampling.steps import all_finite
 from .compat import StrideError, model_sampling_in_sampler, model_sampling_of_patcher, noise_space
 
 CATEGORY = "stride/sampling"

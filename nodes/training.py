@@ -1,6 +1,6 @@
 """In-graph LoRA distillation: dataset, trainer, save and loss-plot nodes.
 
-The loop lives in ``distill_core.distill``. This module turns ComfyUI objects into its inputs:
+The loop lives in ``distill_core.training``. This module turns ComfyUI objects into its inputs:
 the MODEL becomes a denoiser ``(x, sigma, cond) -> x0`` on a private patcher clone (the MODEL
 passed in is never changed for other nodes: the LoRA is attached by forward hooks for the run
 and removed afterwards), CONDITIONING becomes the model's own conditioning tensors, images are
@@ -14,18 +14,25 @@ import math
 import re
 from pathlib import Path
 
-import torch
-
 import comfy.model_management
 import comfy.sd
 import comfy.utils
 import folder_paths
+import torch
 
-from ..distill_core import lora as lora_io
-from ..distill_core.distill import (OBJECTIVE_DEFAULTS, OBJECTIVES, DistillConfig, DistillDivergedError, DistillTrainer,
-                                   TrainingData, attach_student_lora)
-from .compat import (StrideError, latent_spatial_downscale, model_sampling_of_patcher, noise_space, sampling_kind, send_event,
-                     vae_spatial_downscale)
+from ..distill_core.safe_files import check_safetensors_file, write_safetensors
+from ..distill_core.training.config import OBJECTIVE_DEFAULTS, OBJECTIVES, DistillConfig, TrainingData
+from ..distill_core.training.lora import ensure_autograd_compatible, lora_state_dict
+from ..distill_core.training.trainer import DistillDivergedError, DistillTrainer, attach_student_lora
+from .compat import (
+    StrideError,
+    latent_spatial_downscale,
+    model_sampling_of_patcher,
+    noise_space,
+    sampling_kind,
+    send_event,
+    vae_spatial_downscale,
+)
 from .headless import export_bundle
 
 CATEGORY = "stride/training"
@@ -223,7 +230,7 @@ class StrideDistillLoRA:
         if any(c.keys() != uncond.keys() or any(c[k].shape != uncond[k].shape for k in c) for c in conds):
             raise StrideError("data: the prompts and the empty prompt have different conditioning shapes; encode them "
                               "with the same text encoder")
-        lora_io.ensure_autograd_compatible(network)
+        ensure_autograd_compatible(network)
         try:  # like diffusers' LCM-LoRA, layers narrower than the rank (the 4-channel in/out convs) get no adapter
             loraset = attach_student_lora(network, config)
         except ValueError as exc:
@@ -257,7 +264,7 @@ class StrideDistillLoRA:
         except ValueError as exc:
             raise StrideError(f"resume: {exc}; set resume off or choose another lora_name") from None
         finally:
-            state = lora_io.lora_state_dict(loraset)
+            state = lora_state_dict(loraset)
             loraset.remove()
         if result.cancelled:
             comfy.model_management.throw_exception_if_processing_interrupted()
@@ -317,7 +324,7 @@ class StrideSaveLoRA:
         target = folder / name
         if target.exists() and not overwrite:
             raise StrideError(f"file_name: models/loras/{name} already exists; choose another name or turn on overwrite")
-        lora_io.save_lora(target, lora["state_dict"], lora["metadata"])
+        write_safetensors(target, lora["state_dict"], lora["metadata"])
         return {"ui": {"text": [f"saved models/loras/{name}"]}, "result": (name,)}
 
 
@@ -344,7 +351,7 @@ class StrideReloadLoRA:
         if lora_name not in folder_paths.get_filename_list("loras"):
             raise StrideError(f"lora_name: models/loras/{lora_name} does not exist; save the LoRA first")
         try:  # ComfyUI's loader would unpickle .pt/.ckpt files; Stride loads safetensors only
-            lora_io.check_safetensors_file(folder_paths.get_full_path_or_raise("loras", lora_name))
+            check_safetensors_file(folder_paths.get_full_path_or_raise("loras", lora_name))
         except ValueError as exc:
             raise StrideError(f"lora_name: {exc}; use a .safetensors LoRA (Stride Save LoRA writes one)") from None
         return nodes.LoraLoaderModelOnly().load_lora_model_only(model, lora_name, strength)

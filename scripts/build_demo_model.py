@@ -1,10 +1,10 @@
 """Train Stride's demo model: a small ComfyUI ``UNetModel`` fitted to the demo Gaussian mixture.
 
-The network (:data:`distill_core.demo.DEMO_UNET_CONFIG`) is an SD1.5-style EPS model: VE
+The network (:data:`distill_core.reference.demo.DEMO_UNET_CONFIG`) is an SD1.5-style EPS model: VE
 convention ``x = x0 + sigma * eps`` with the scaled-linear 1000-step schedule, called like
 ComfyUI calls it (input ``/ sqrt(sigma^2 + 1)``, nearest discrete timestep). Instead of noisy
 targets it regresses the *exact* noise prediction of the analytic teacher
-(:func:`distill_core.teacher.demo_mixture`), which converges much faster. A fraction of the
+(:func:`distill_core.reference.demo.demo_mixture`), which converges much faster. A fraction of the
 batch carries the empty prompt (unconditional mixture) so classifier-free guidance works.
 
 Everything runs on CPU from one seed with deterministic algorithms. Afterwards the script
@@ -35,20 +35,21 @@ from torch import Tensor, nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from distill_core import metrics  # noqa: E402
-from distill_core.demo import (  # noqa: E402
+from distill_core.reference import metrics
+from distill_core.reference.demo import (  # noqa: E402
     DEMO_CLASS_NAMES,
     DEMO_UNET_CONFIG,
     DEMO_WEIGHTS_PATH,
     METADATA_PREFIX,
     NUM_DEMO_CLASSES,
+    demo_mixture,  # noqa: E402
     demo_noise_space,
     encode_classes,
     unet_denoiser,
     unet_eps,
 )
+from distill_core.reference.mixture import GaussianMixture  # noqa: E402
 from distill_core.spaces import NoiseSpace  # noqa: E402
-from distill_core.teacher import GaussianMixture, demo_mixture  # noqa: E402
 from scripts.comfy_host import host_dir  # noqa: E402
 
 Denoiser = Callable[[Tensor, Tensor, "Tensor | None"], Tensor]
@@ -306,7 +307,7 @@ def main() -> None:
         "batch": args.batch,
         "learning_rate": args.lr,
         "schedule": "AdamW, 5% linear warm-up, cosine decay, grad-norm clip 1",
-        "target": "exact eps of distill_core.teacher.demo_mixture()",
+        "target": "exact eps of distill_core.reference.demo.demo_mixture()",
         "timesteps": "uniform over 1000 scaled-linear steps",
         "unconditional_fraction": args.unconditional_fraction,
         "seed": args.seed,

@@ -66,7 +66,7 @@ def test_runner_smoke_writes_checked_sections_and_keeps_others(tmp_path):
     training_rows = {line.split(" | ")[0]: line.split(" | ") for line in blocks["training"].splitlines()
                      if line.startswith("| ") and " vs " in line.split(" | ")[0]}
     for compared in ("| StrideDistillLoRA vs TrainLoraNode", "| our step vs the diffusers recipe",
-                     "| our step (DistillTrainer._train_step) vs sum of the passes"):
+                     "| our step (DistillTrainer.train_step) vs sum of the passes"):
         assert re.fullmatch(r"[\d.e+-]+x", training_rows[compared][3]), training_rows[compared]
     assert "the loss recomputed from them equals DistillTrainer.batch_loss" in blocks["training"]
     assert (tmp_path / "plots" / "training_step_time_memory.png").is_file()

@@ -1,6 +1,6 @@
 """Hybrid sampling, trace and diversity nodes inside a real ComfyUI graph.
 
-The graph result must equal ``distill_core.hybrid.sample_hybrid`` run directly on the exact
+The graph result must equal ``distill_core.sampling.hybrid.sample_hybrid`` run directly on the exact
 reference models with the same noise (float32 like the host): base = exact denoiser with CFG and
 Euler (= DDIM), distilled = exact flow map with Stride's LCM sampler, on the 4-step LCM schedule.
 """
@@ -12,8 +12,9 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from distill_core import lcm, tcd, teacher
-from distill_core.hybrid import HybridPhase, sample_hybrid
+from distill_core.reference.demo import demo_mixture, latent_to_rgb
+from distill_core.sampling import lcm, tcd
+from distill_core.sampling.hybrid import HybridPhase, sample_hybrid
 from distill_core.spaces import NoiseSpace, scaled_linear_alphas_cumprod
 
 SEED = 5
@@ -93,7 +94,7 @@ def library_reference(comfy_host, distilled_prediction: str, handover_steps: int
     base_model = nodes["StrideReferenceModel"]().build("demo", base_prediction, DENOISER, FLOW_MAP_STEPS)[0]
     sigmas = nodes["StrideLCMScheduler"]().schedule(base_model, 4, 50, 1.0)[0]
     base_space, distilled_space = SPACES[base_prediction], SPACES[distilled_prediction]
-    mixture = teacher.demo_mixture()
+    mixture = demo_mixture()
     square = torch.full((BATCH,), 1)
 
     def base_denoiser(x, sigma, **_):
@@ -177,7 +178,7 @@ def test_trace_grid_shows_every_step_of_both_phases(comfy_host, form):
     tile, gap = 64, 2  # 8x8 latents decoded with the preview colours, upscaled 8x
     assert grid.shape == (4 * tile + 3 * gap, 4 * tile + 3 * gap, 3), "4 steps x (x_t | x0 for 2 images)"
     samples = load_file(str(comfy_host.output_path(result.outputs["save"]["latents"][0])))["latent_tensor"]
-    final_x0 = teacher.latent_to_rgb(samples[:2].float()).repeat_interleave(8, 1).repeat_interleave(8, 2).numpy()
+    final_x0 = latent_to_rgb(samples[:2].float()).repeat_interleave(8, 1).repeat_interleave(8, 2).numpy()
     last_row = 3 * (tile + gap)
     for item in range(2):
         left = (2 * item + 1) * (tile + gap)

@@ -1,10 +1,10 @@
 """A Stride distillation LoRA on full-size SD1.5, SDXL and FLUX.1 maps onto ComfyUI's LoraLoader with
 zero unmatched keys. The networks are built on torch's ``meta`` device: full architectures, no memory."""
+import comfy_host as host
 import pytest
 import torch
 
-import comfy_host as host
-from distill_core import lora
+from distill_core.training.lora import attach_lora, lora_state_dict_keys
 
 SD15 = {"use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True,
         "legacy": False, "adm_in_channels": None, "in_channels": 4, "model_channels": 320,
@@ -42,9 +42,9 @@ def test_every_lora_key_maps_onto_the_full_size_model(comfy_host, name, unet_con
 
     model = meta_model(unet_config)
     assert type(model).__name__ == family
-    adapters = lora.attach_lora(model.diffusion_model, rank=64, skip_small_layers=True)
+    adapters = attach_lora(model.diffusion_model, rank=64, skip_small_layers=True)
     try:
-        keys = lora.lora_state_dict_keys(adapters)
+        keys = lora_state_dict_keys(adapters)
     finally:
         adapters.remove()
     key_map = comfy.lora.model_lora_keys_unet(model, {})

@@ -19,8 +19,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch.nn import functional as F
 
-from distill_core import piflow
 from distill_core.piflow_adapter import DX_POLICY, GM_POLICY, parse_piflow_adapter, unpack_dx_tokens, unpack_gm_tokens
+from distill_core.sampling import piflow
 
 ROOT = Path(__file__).resolve().parents[2]
 SEED = 7

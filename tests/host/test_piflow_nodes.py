@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 from torch.nn import functional as F
 
-from distill_core.piflow import substep_sigmas
+from distill_core.sampling.piflow import substep_sigmas
 from distill_core.spaces import NoiseSpace
 
 SEED = 5

@@ -8,7 +8,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from distill_core import lcm, tcd, tdd, teacher
+from distill_core.reference.demo import demo_mixture
+from distill_core.sampling import lcm, tcd, tdd
 from distill_core.spaces import NoiseSpace, scaled_linear_alphas_cumprod
 
 SEED = 11
@@ -80,7 +81,7 @@ def library_reference(comfy_host, method: str, prediction: str) -> torch.Tensor:
     sampling = model.get_model_object("model_sampling")
     starts_at_max = bool(torch.isclose(sigmas[0], sampling.sigma_max.double(), rtol=1e-5) or sigmas[0] > sampling.sigma_max)
     x = sampling.noise_scaling(sigmas[0], noise, torch.zeros_like(noise), max_denoise=starts_at_max)
-    mixture = teacher.demo_mixture()
+    mixture = demo_mixture()
     square = torch.full((BATCH,), 1)
 
     def denoiser(z, sigma, **_):

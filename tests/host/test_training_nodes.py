@@ -92,7 +92,7 @@ def test_training_leaves_the_input_model_unchanged_and_logs_progress(comfy_host)
 def test_cancel_keeps_a_checkpoint_and_resume_matches_uninterrupted(comfy_host):
     import folder_paths
 
-    from distill_core.distill import load_checkpoint
+    from distill_core.training.checkpoint import load_checkpoint
 
     comfy_host.progress_listener = lambda value, total: comfy_host.interrupt() if value == 3 else None
     try:
@@ -184,7 +184,8 @@ def test_a_model_carrying_a_user_lora_trains_with_that_lora_applied(comfy_host):
     import comfy.sd
     import folder_paths
 
-    from distill_core import lora as lora_io
+    from distill_core.safe_files import write_safetensors
+    from distill_core.training.lora import attach_lora, lora_state_dict
 
     stride = {name: cls() for name, cls in comfy_host.nodes.NODE_CLASS_MAPPINGS.items() if name.startswith("Stride")}
     base = stride["StrideDemoModel"].load()[0]
@@ -194,15 +195,15 @@ def test_a_model_carrying_a_user_lora_trains_with_that_lora_applied(comfy_host):
 
     with torch.random.fork_rng():  # a user's style LoRA: random, large enough to change the teacher's outputs
         torch.manual_seed(11)
-        user = lora_io.attach_lora(base.model.diffusion_model, 4, init="random", skip_small_layers=True)
+        user = attach_lora(base.model.diffusion_model, 4, init="random", skip_small_layers=True)
         with torch.no_grad():
             for parameter in user.parameters():
                 parameter.normal_(0.0, 0.08)
-        user_state = lora_io.lora_state_dict(user)
+        user_state = lora_state_dict(user)
         user.remove()
     folder = folder_paths.get_folder_paths("loras")[0]
     os.makedirs(folder, exist_ok=True)
-    lora_io.save_lora(os.path.join(folder, "user_style.safetensors"), user_state)
+    write_safetensors(os.path.join(folder, "user_style.safetensors"), user_state)
     with_user = comfy_host.nodes.LoraLoaderModelOnly().load_lora_model_only(base, "user_style.safetensors", 1.0)[0]
 
     latent = {"samples": torch.zeros(2, 4, 8, 8)}
@@ -257,10 +258,9 @@ def test_exported_headless_run_reproduces_the_in_graph_lora(comfy_host, tmp_path
     assert sorted(os.listdir(bundle)) == ["config.json", "data.safetensors", "teacher.safetensors"]
     settings = json.load(open(os.path.join(bundle, "config.json")))
     root = Path(__file__).resolve().parents[2]
-    search_path = f"{root / 'scripts'}{os.pathsep}{comfy_host.path}"
-    done = subprocess.run([sys.executable, "-m", "distill_core.distill_cli", "--config",
+    done = subprocess.run([sys.executable, "-m", "distill_core.training.cli", "--config",
                            os.path.join(bundle, "config.json")], cwd=root, capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": search_path, "OMP_NUM_THREADS": "1"}, timeout=300)
+                          env={**os.environ, "PYTHONPATH": comfy_host.path, "OMP_NUM_THREADS": "1"}, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert json.loads(done.stdout.strip().splitlines()[-1]) == {"done": 4, "world_size": 1}
     headless = load_file(os.path.join(bundle, settings["output"]))
@@ -276,10 +276,10 @@ def test_headless_export_rebuilds_comfyui_sd15_and_sdxl_models(comfy_host, arch)
     (tiny widths, random weights) is exported, rebuilt by the headless factory, and computes what the graph's
     model computes on the exported conditionings (SDXL's pooled/size vector included)."""
     import folder_paths
-    import headless_teacher
 
     from bench import models
-    from distill_core.distill import DistillConfig
+    from distill_core.training.cli import import_network_factory
+    from distill_core.training.config import DistillConfig
 
     config = models.unet_config(arch, reduced_depth=True, model_channels=32, context_dim=64)
     model = models.unet_model(arch, config, torch.device("cpu"), torch.float32, seed=0)
@@ -291,7 +291,8 @@ def test_headless_export_rebuilds_comfyui_sd15_and_sdxl_models(comfy_host, arch)
                                       gradient_checkpointing=False, seed=0, save_every=0, lora_name=f"export_{arch}",
                                       resume=False, export_headless=True)
     bundle = os.path.join(folder_paths.get_output_directory(), "stride_headless", f"export_{arch}")
-    rebuilt = headless_teacher.comfy_teacher({"teacher": os.path.join(bundle, "teacher.safetensors"),
+    comfy_teacher = import_network_factory(f"{Path(__file__).resolve().parents[2]}/nodes/headless_teacher.py:comfy_teacher")
+    rebuilt = comfy_teacher({"teacher": os.path.join(bundle, "teacher.safetensors"),
                                               "data": os.path.join(bundle, "data.safetensors")}, DistillConfig())
     cond = rebuilt.data.conds[0]
     assert set(cond) == ({"c_crossattn", "y"} if arch == "sdxl" else {"c_crossattn"})

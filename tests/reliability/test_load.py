@@ -14,13 +14,13 @@ import uuid
 from collections import Counter
 from pathlib import Path
 
+import comfy_host as host
 import pytest
 import torch
 from safetensors.torch import load_file
 
-import comfy_host as host
+from distill_core.training.checkpoint import load_checkpoint
 from tests.artifacts import docs_path
-from distill_core.distill import load_checkpoint
 from tests.reliability.support import hybrid_graph, sampling_graph, training_graph, with_sampled_latents
 
 ROOT = Path(__file__).resolve().parents[2]

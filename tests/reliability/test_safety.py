@@ -20,8 +20,17 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from tests.reliability.support import (changed_files, class_prompt, empty_latent, hybrid_graph, reference_model,
-                                       sampling_graph, snapshot, training_graph, with_sampled_latents)
+from tests.reliability.support import (
+    changed_files,
+    class_prompt,
+    empty_latent,
+    hybrid_graph,
+    reference_model,
+    sampling_graph,
+    snapshot,
+    training_graph,
+    with_sampled_latents,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 STRIDE_SOURCES = sorted([ROOT / "__init__.py", *(ROOT / "nodes").glob("*.py"), *(ROOT / "distill_core").glob("*.py")])
@@ -142,8 +151,8 @@ def test_pickles_offered_as_lora_adapter_checkpoint_or_weights_are_refused_unrea
             piflow_nodes.read_adapter_file(name)
         refusals.append(str(refused.value))
 
-    distill = stride_module(fault_host, "StrideDistillLoRA", "distill_core.distill")
-    demo = stride_module(fault_host, "StrideDemoModel", "distill_core.demo")
+    distill = stride_module(fault_host, "StrideDistillLoRA", "distill_core.training.checkpoint")
+    demo = stride_module(fault_host, "StrideDemoModel", "distill_core.reference.demo")
     pickled = tmp_path / "checkpoint.safetensors"
     pickled.write_bytes(payload)
     for load in (distill.load_checkpoint, demo.load_demo_weights):

@@ -18,13 +18,13 @@ import sys
 import time
 from pathlib import Path
 
+import comfy_host as host
 import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-import comfy_host as host
-from distill_core.distill import load_checkpoint
+from distill_core.training.checkpoint import load_checkpoint
 from tests.reliability.support import sampling_graph, training_graph, with_sampled_latents
 
 STEPS = 8
@@ -125,14 +125,14 @@ def test_exception_at_a_random_step_then_resume(fault_host, straight, demo_basel
     fail_at = DRAW.randint(1, STEPS)
     context = f"exception in step {fail_at} (STRIDE_FAULT_SEED={FAULT_SEED})"
     trainer = training_module(fault_host).DistillTrainer
-    original = trainer._train_step
+    original = trainer.train_step
 
     def failing_step(self, step: int) -> float:
         if step + 1 == fail_at:
             raise RuntimeError("injected fault in the training step")
         return original(self, step)
 
-    monkeypatch.setattr(trainer, "_train_step", failing_step)
+    monkeypatch.setattr(trainer, "train_step", failing_step)
     failed = fault_host.run(faulty_run_graph("reliability_exception"))
     monkeypatch.undo()
     assert not failed.success, context

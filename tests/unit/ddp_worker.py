@@ -13,8 +13,9 @@ import sys
 import torch
 import torch.multiprocessing
 
-from distill_core.distill_cli import run
-from distill_core.lora import lora_state_dict, save_lora
+from distill_core.safe_files import write_safetensors
+from distill_core.training.cli import run
+from distill_core.training.lora import lora_state_dict
 
 WORLD_SIZE = 2
 
@@ -26,7 +27,7 @@ def distill_rank(rank: int, world_size: int, port: int, folder: str, settings: d
     torch.set_num_threads(1)
     torch.manual_seed(100 + rank)  # different initial LoRA per rank: the loop must broadcast rank 0's
     summary = run(settings)
-    save_lora(os.path.join(folder, f"rank{rank}.safetensors"), lora_state_dict(summary.loraset),
+    write_safetensors(os.path.join(folder, f"rank{rank}.safetensors"), lora_state_dict(summary.loraset),
               {"world_size": str(summary.world_size)})
 
 

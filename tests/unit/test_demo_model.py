@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 
-from distill_core.demo import (
+from distill_core.reference.demo import (
     CONTEXT_DIM,
     DEMO_CLASS_NAMES,
     DEMO_REPORT_PATH,
@@ -19,6 +19,7 @@ from distill_core.demo import (
     DEMO_WEIGHTS_PATH,
     NUM_DEMO_CLASSES,
     decode_context,
+    demo_mixture,
     demo_noise_space,
     encode_classes,
     load_demo_weights,
@@ -26,7 +27,6 @@ from distill_core.demo import (
     unet_denoiser,
     unet_eps,
 )
-from distill_core.teacher import demo_mixture
 from scripts.comfy_host import HostError, host_dir
 
 EPS_TOLERANCE = 0.1

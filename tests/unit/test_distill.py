@@ -9,28 +9,24 @@ import sys
 import pytest
 import torch
 
-from distill_core.distill import (
-    DistillConfig,
-    DistillDivergedError,
-    DistillTrainer,
-    TrainingData,
-    cond_cat,
-    gradient_checkpointing,
-    load_checkpoint,
-    train,
-)
-from distill_core.distill_cli import demo_network
-from distill_core.lora import attach_lora, ensure_autograd_compatible, load_lora_state
-from distill_core.objectives import (
+from distill_core.safe_files import read_safetensors
+from distill_core.sampling.lcm import lcm_boundary_scalings
+from distill_core.spaces import NoiseSpace, scaled_linear_alphas_cumprod
+from distill_core.training.checkpoint import load_checkpoint
+from distill_core.training.cli import demo_network
+from distill_core.training.conditioning import cond_cat
+from distill_core.training.config import DistillConfig, TrainingData
+from distill_core.training.lora import attach_lora, ensure_autograd_compatible
+from distill_core.training.memory import gradient_checkpointing
+from distill_core.training.objectives import (
     LCMObjective,
     SegmentedObjective,
     TDDObjective,
     ddim_timesteps,
     evenly_picked,
-    lcm_boundary_scalings,
     tdd_candidate_timesteps,
 )
-from distill_core.spaces import NoiseSpace, scaled_linear_alphas_cumprod
+from distill_core.training.trainer import DistillDivergedError, DistillTrainer, train
 from tests.unit.distill_fixtures import comfy, tiny_comfy_sd15  # noqa: F401 (fixtures)
 
 REPO = os.path.join(os.path.dirname(__file__), "..", "..")
@@ -195,7 +191,7 @@ def test_checkpoint_holds_optimizer_rng_and_config_as_safetensors(tmp_path):
     checkpoint = str(tmp_path / "run.ckpt.safetensors")
     network, loraset, config = demo_setup(steps=2)
     train(network.denoiser, loraset, network.space, config, network.data, checkpoint_path=checkpoint)
-    tensors, metadata = load_lora_state(checkpoint)
+    tensors, metadata = read_safetensors(checkpoint)
     state = load_checkpoint(checkpoint)
     assert state.step == 2 and DistillConfig.from_dict(state.config) == config
     assert len(state.optimizer["state"]) == len(loraset.parameters())
@@ -247,13 +243,13 @@ def test_two_process_gloo_ranks_end_with_identical_lora(tmp_path):
     completed = subprocess.run([sys.executable, "-m", "tests.unit.ddp_worker", str(tmp_path), json.dumps(settings)],
                                cwd=REPO, env=ONE_THREAD, capture_output=True, text=True, timeout=300)
     assert completed.returncode == 0, completed.stderr[-3000:]
-    rank0, meta0 = load_lora_state(tmp_path / "rank0.safetensors")
-    rank1, meta1 = load_lora_state(tmp_path / "rank1.safetensors")
+    rank0, meta0 = read_safetensors(tmp_path / "rank0.safetensors")
+    rank1, meta1 = read_safetensors(tmp_path / "rank1.safetensors")
     assert meta0["world_size"] == meta1["world_size"] == "2"
     assert rank0.keys() == rank1.keys()
     assert all(torch.equal(rank0[key], rank1[key]) for key in rank0)
     assert any(key.endswith("lora_up.weight") and rank0[key].abs().max() > 0 for key in rank0)
-    output, _ = load_lora_state(tmp_path / "lora.safetensors")
+    output, _ = read_safetensors(tmp_path / "lora.safetensors")
     assert all(torch.equal(output[key], rank0[key]) for key in rank0)
 
 
@@ -264,12 +260,12 @@ def test_cli_runs_headless_and_writes_a_comfyui_keyed_lora(tmp_path):
         "distill": {"objective": "segmented", "steps": 3, "rank": 2, "batch": 2},
         "output": str(output), "checkpoint": str(tmp_path / "run.ckpt.safetensors"), "log_every": 1,
     }))
-    completed = subprocess.run([sys.executable, "-m", "distill_core.distill_cli", "--config", str(config_path)],
+    completed = subprocess.run([sys.executable, "-m", "distill_core.training.cli", "--config", str(config_path)],
                                cwd=REPO, env=ONE_THREAD, capture_output=True, text=True, timeout=120)
     assert completed.returncode == 0, completed.stderr
     lines = [json.loads(line) for line in completed.stdout.splitlines()]
     assert [line["step"] for line in lines[:3]] == [1, 2, 3] and lines[-1] == {"done": 3, "world_size": 1}
-    tensors, metadata = load_lora_state(output)
+    tensors, metadata = read_safetensors(output)
     assert metadata["stride.objective"] == "segmented"
     assert "diffusion_model.conv_in.lora_up.weight" in tensors and "diffusion_model.embed.alpha" in tensors
 

@@ -4,7 +4,12 @@ import math
 import pytest
 import torch
 
-from distill_core.diversity import ORIENTATION_BINS, image_descriptors, image_diversity, mean_pairwise_distance
+from distill_core.reference.diversity import (
+    ORIENTATION_BINS,
+    image_descriptors,
+    image_diversity,
+    mean_pairwise_distance,
+)
 
 
 def coloured_squares(colours: torch.Tensor, size: int = 32, half_width: int = 8) -> torch.Tensor:

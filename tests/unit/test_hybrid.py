@@ -6,9 +6,12 @@ import time
 import pytest
 import torch
 
-from distill_core import lcm, metrics, tcd, teacher
-from distill_core.hybrid import HybridPhase, handover_seed, sample_hybrid, split_schedule
-from distill_core.schedules import lcm_timesteps
+from distill_core.reference import metrics
+from distill_core.reference.demo import demo_mixture
+from distill_core.reference.mixture import GaussianMixture
+from distill_core.sampling import lcm, tcd
+from distill_core.sampling.hybrid import HybridPhase, handover_seed, sample_hybrid, split_schedule
+from distill_core.sampling.schedules import lcm_timesteps
 from distill_core.spaces import NoiseSpace, convert_latent, convert_sigmas, scaled_linear_alphas_cumprod
 
 VE = NoiseSpace.from_alphas_cumprod(scaled_linear_alphas_cumprod())
@@ -17,11 +20,11 @@ SEED = 123
 
 
 @pytest.fixture(scope="module")
-def small_mixture() -> teacher.GaussianMixture:
-    return teacher.demo_mixture(size=4)
+def small_mixture() -> GaussianMixture:
+    return demo_mixture(size=4)
 
 
-def start_latent(mixture: teacher.GaussianMixture, sigma: torch.Tensor, n: int = 6, seed: int = 0) -> torch.Tensor:
+def start_latent(mixture: GaussianMixture, sigma: torch.Tensor, n: int = 6, seed: int = 0) -> torch.Tensor:
     """Unit noise scaled like ComfyUI's EPS ``noise_scaling`` at the schedule's maximum sigma."""
     noise = torch.randn((n, *mixture.latent_shape), generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
     return noise * (1 + sigma**2).sqrt()
@@ -183,7 +186,7 @@ def test_one_base_step_restores_the_base_models_mode_diversity():
     mass on 2 modes and 10% on the other 6, LCM sampler) at 759, 499, 259. Unconditional, CFG 1 in both
     phases (one model pass per step)."""
     started = time.perf_counter()
-    mixture = teacher.demo_mixture()
+    mixture = demo_mixture()
     collapsed = mixture.sharpened(keep=[0, 2], residual_weight=0.1)
     base, distilled = phases(mixture, VE, collapsed=collapsed)
     calls = {"base": 0, "distilled": 0}

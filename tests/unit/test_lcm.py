@@ -5,8 +5,8 @@ import pytest
 import torch
 from diffusers import LCMScheduler
 
-from distill_core.lcm import lcm_boundary_denoised, lcm_boundary_scalings, sample_lcm
-from distill_core.schedules import lcm_timesteps
+from distill_core.sampling.lcm import lcm_boundary_denoised, lcm_boundary_scalings, sample_lcm
+from distill_core.sampling.schedules import lcm_timesteps
 from distill_core.spaces import NoiseSpace
 from tests.unit.diffusion_toys import SHAPE, clean_target_model, seeded_noise, toy_eps, ve_denoiser
 

@@ -10,15 +10,10 @@ import safetensors.torch
 import torch
 from torch import nn
 
-from distill_core.lora import (
-    attach_lora,
-    ensure_autograd_compatible,
-    load_lora_state,
-    load_lora_state_dict,
-    lora_state_dict,
-    save_lora,
-)
+from distill_core.safe_files import read_safetensors, write_safetensors
+from distill_core.training.lora import attach_lora, ensure_autograd_compatible, load_lora_state_dict, lora_state_dict
 from tests.unit.distill_fixtures import comfy, tiny_comfy_sd15  # noqa: F401 (fixtures)
+
 
 class TinyNet(nn.Module):
     def __init__(self) -> None:
@@ -181,8 +176,8 @@ def test_state_dict_keys_and_round_trip(tmp_path):
     assert state["diffusion_model.conv.lora_up.weight"].shape == (8, 2, 1, 1)
     assert state["diffusion_model.head.alpha"].item() == 3.0
     path = tmp_path / "lora.safetensors"
-    save_lora(path, state, {"note": "test"})
-    loaded, metadata = load_lora_state(path)
+    write_safetensors(path, state, {"note": "test"})
+    loaded, metadata = read_safetensors(path)
     assert metadata == {"note": "test"}
     other = attach_lora(tiny_net(), rank=2, alpha=1.0)
     load_lora_state_dict(other, loaded)
@@ -194,7 +189,7 @@ def test_state_dict_keys_and_round_trip(tmp_path):
 
 def test_atomic_save_leaves_no_temp_files_and_survives_a_failed_write(tmp_path, monkeypatch):
     path = tmp_path / "lora.safetensors"
-    save_lora(path, {"a": torch.ones(3)}, {"version": "1"})
+    write_safetensors(path, {"a": torch.ones(3)}, {"version": "1"})
     assert sorted(os.listdir(tmp_path)) == ["lora.safetensors"]
     reference = tmp_path / "reference"
     reference.write_bytes(b"")  # a file created the ordinary way: same permissions expected
@@ -207,13 +202,13 @@ def test_atomic_save_leaves_no_temp_files_and_survives_a_failed_write(tmp_path, 
 
     monkeypatch.setattr(os, "fsync", failing_fsync)
     with pytest.raises(OSError, match="disk full"):
-        save_lora(path, {"a": torch.zeros(1000)}, {"version": "2"})
+        write_safetensors(path, {"a": torch.zeros(1000)}, {"version": "2"})
     with pytest.raises(OSError, match="disk full"):
-        save_lora(tmp_path / "new.safetensors", {"a": torch.zeros(3)})
+        write_safetensors(tmp_path / "new.safetensors", {"a": torch.zeros(3)})
     assert sorted(os.listdir(tmp_path)) == ["lora.safetensors"]
     assert path.read_bytes() == original
     with pytest.raises(TypeError, match="str to str"):
-        save_lora(path, {"a": torch.ones(1)}, {"steps": 3})
+        write_safetensors(path, {"a": torch.ones(1)}, {"steps": 3})
 
 
 class _Exploit:
@@ -227,15 +222,15 @@ def test_pickle_and_torch_save_files_are_refused_before_unpickling(tmp_path, mon
     raw_pickle = tmp_path / "raw.ckpt"
     raw_pickle.write_bytes(pickle.dumps(_Exploit(), protocol=2))
     with pytest.raises(ValueError, match="Python pickle"):
-        load_lora_state(raw_pickle)
+        read_safetensors(raw_pickle)
     zipped = tmp_path / "torch.pt"
     torch.save({"weights": _Exploit()}, zipped)
     with pytest.raises(ValueError, match="zip archive"):
-        load_lora_state(zipped)
+        read_safetensors(zipped)
     garbage = tmp_path / "garbage.safetensors"
     garbage.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00not json at all!")
     with pytest.raises(ValueError, match="not a safetensors file"):
-        load_lora_state(garbage)
+        read_safetensors(garbage)
     assert not marker.exists()
 
 
@@ -249,7 +244,7 @@ def test_a_safetensors_header_length_that_looks_like_a_pickle_opcode_is_accepted
     else:
         pytest.fail("no padding gave a header length ending in 0x80")
     path.write_bytes(payload)
-    tensors, metadata = load_lora_state(path)
+    tensors, metadata = read_safetensors(path)
     assert torch.equal(tensors["w"], torch.ones(2)) and metadata["pad"] == "x" * pad
 
 
@@ -303,7 +298,7 @@ def test_saved_lora_loads_in_comfyui_and_reproduces_the_hooked_model(comfy, tmp_
         hooked = model.apply_model(x, sigma, c_crossattn=context)
     assert (hooked - base).abs().max() > 1e-3
     path = tmp_path / "stride_lora.safetensors"
-    save_lora(path, lora_state_dict(loraset))
+    write_safetensors(path, lora_state_dict(loraset))
     loraset.remove()
 
     patcher = comfy.model_patcher.ModelPatcher(model, load_device=torch.device("cpu"), offload_device=torch.device("cpu"))

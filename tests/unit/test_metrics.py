@@ -9,7 +9,8 @@ import math
 import pytest
 import torch
 
-from distill_core.metrics import (
+from distill_core.reference.demo import demo_mixture
+from distill_core.reference.metrics import (
     REPEATS,
     data_nll,
     endpoint_error,
@@ -21,13 +22,15 @@ from distill_core.metrics import (
     mode_entropy,
     mode_moment_errors,
     mode_recall,
+    mode_shares,
     mode_total_variation,
     nll_gap,
     repeat_groups,
     sliced_wasserstein,
 )
-from distill_core.reference.statistics import paired_difference, verdict
-from distill_core.teacher import GaussianMixture, demo_mixture
+from distill_core.reference.mixture import FactorizedMixture, GaussianMixture
+from distill_core.reference.statistics import paired_difference, share_interval, verdict
+from distill_core.spaces import NoiseSpace
 
 
 def seeded(seed: int) -> torch.Generator:
@@ -242,8 +245,6 @@ def test_evaluate_reports_data_like_and_collapsed_sets() -> None:
 def test_evaluate_without_modes_and_with_exact_endpoints() -> None:
     """A factorized mixture has no whole-latent modes: SWD and NLL only. Exact endpoints add the endpoint error."""
     means = torch.randn(3, 2, 2, 2, generator=seeded(22), dtype=torch.float64)
-    from distill_core.teacher import FactorizedMixture
-
     mixture = FactorizedMixture(means, 0.3)
     samples, _ = mixture.sample(64, seeded(23))
     report = evaluate(samples, mixture, generator=seeded(24), exact_endpoints=samples + 0.1)
@@ -325,9 +326,6 @@ def test_mode_share_intervals_cover_the_mixture_weights() -> None:
     count of covering (trial, mode) pairs over 400 trials x 3 modes lies in the 1e-6 band of Binomial(1200, 0.95)
     unless the interval is miscalibrated (the Wilson interval's coverage at n = 64 oscillates around 95% by about
     a percent, inside the band [1109, 1172])."""
-    from distill_core.metrics import mode_shares
-    from distill_core.reference.statistics import share_interval
-
     means = torch.zeros(3, 1, 2, 2, dtype=torch.float64)
     means[0, 0, 0, 0] = means[1, 0, 0, 1] = means[2, 0, 1, 0] = 3.0
     weights = torch.tensor([0.5, 0.3, 0.2], dtype=torch.float64)
@@ -350,8 +348,6 @@ def test_identical_samplers_show_no_difference_and_a_collapsed_model_is_worse() 
     mixture = demo_mixture()
     noise = torch.randn(512, *mixture.latent_shape, generator=seeded(30), dtype=torch.float64)
     sigma = 2.0
-    from distill_core.spaces import NoiseSpace
-
     space = NoiseSpace.flow()
     first = mixture.flow_map(noise * sigma / (1 + sigma), sigma / (1 + sigma), space, steps=32)
     second = mixture.flow_map(noise * sigma / (1 + sigma), sigma / (1 + sigma), space, steps=32)

@@ -7,7 +7,8 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from distill_core.piflow import (
+from distill_core.reference.mixture import FactorizedMixture
+from distill_core.sampling.piflow import (
     DX_POLYNOMIAL,
     DXPolicy,
     GMPolicy,
@@ -24,7 +25,6 @@ from distill_core.piflow import (
     with_temperature,
 )
 from distill_core.spaces import NoiseSpace
-from distill_core.teacher import FactorizedMixture
 
 F64 = torch.float64
 FLOW = NoiseSpace.flow()

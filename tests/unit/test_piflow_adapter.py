@@ -4,6 +4,7 @@ official converters, full size on the meta device) and head unpacking."""
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -15,14 +16,7 @@ from torch.nn import functional as F
 
 from distill_core.piflow_adapter import (
     DX_POLICY,
-    FAMILIES,
-    FLUX1,
-    FLUX2,
     GM_POLICY,
-    QWEN_IMAGE,
-    check_head,
-    families_of,
-    lora_targets,
     packing_factor,
     parse_piflow_adapter,
     split_adapter_state_dict,
@@ -30,7 +24,23 @@ from distill_core.piflow_adapter import (
     unpack_gm_tokens,
 )
 
-COMFYUI = Path(__file__).resolve().parents[2] / ".cache" / "ComfyUI"
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _load_families():
+    """``nodes/piflow_families.py`` on its own (plain data, no ComfyUI), without importing the node package."""
+    spec = importlib.util.spec_from_file_location("stride_piflow_families", ROOT / "nodes" / "piflow_families.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+families = _load_families()
+FAMILIES, FLUX1, FLUX2, QWEN_IMAGE = families.FAMILIES, families.FLUX1, families.FLUX2, families.QWEN_IMAGE
+check_head, families_of, lora_targets = families.check_head, families.families_of, families.lora_targets
+
+COMFYUI = ROOT / ".cache" / "ComfyUI"
 
 
 @dataclasses.dataclass(frozen=True)

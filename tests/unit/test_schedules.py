@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 from diffusers import DDIMScheduler, LCMScheduler, TCDScheduler
 
-from distill_core.schedules import (
+from distill_core.sampling.schedules import (
     hyper_sdxl_one_step_timesteps,
     lcm_timesteps,
     tcd_timesteps,

@@ -5,11 +5,11 @@ import pytest
 import torch
 from diffusers import TCDScheduler
 
-from distill_core.lcm import sample_lcm
-from distill_core.schedules import tcd_timesteps
+from distill_core.reference.mixture import GaussianMixture
+from distill_core.sampling.lcm import sample_lcm
+from distill_core.sampling.schedules import tcd_timesteps
+from distill_core.sampling.tcd import sample_tcd
 from distill_core.spaces import NoiseSpace
-from distill_core.tcd import sample_tcd
-from distill_core.teacher import GaussianMixture
 from tests.unit.diffusion_toys import (
     SHAPE,
     clean_target_model,

@@ -7,10 +7,10 @@ import pytest
 import torch
 from diffusers import DDPMScheduler
 
-from distill_core.schedules import tdd_timesteps
+from distill_core.reference.mixture import GaussianMixture
+from distill_core.sampling.schedules import tdd_timesteps
+from distill_core.sampling.tdd import dynamic_threshold, sample_tdd
 from distill_core.spaces import NoiseSpace, scaled_linear_alphas_cumprod
-from distill_core.tdd import dynamic_threshold, sample_tdd
-from distill_core.teacher import GaussianMixture
 from tests.unit.diffusion_toys import (
     SHAPE,
     clean_target_model,

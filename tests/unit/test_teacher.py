@@ -11,18 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from distill_core.metrics import data_nll, mean_nll, sliced_wasserstein
-from distill_core.spaces import NoiseSpace, scaled_linear_alphas_cumprod
-from distill_core.teacher import (
-    SD15_LATENT_RGB_FACTORS,
-    FactorizedMixture,
-    GaussianMixture,
-    demo_mixture,
-    latent_to_rgb,
-    prediction_target,
-    x0_from_prediction,
-)
-
+from distill_core.reference.demo import SD15_LATENT_RGB_FACTORS, demo_mixture, latent_to_rgb
+from distill_core.reference.metrics import data_nll, mean_nll, sliced_wasserstein
+from distill_core.reference.mixture import FactorizedMixture, GaussianMixture
+from distill_core.spaces import NoiseSpace, prediction_target, scaled_linear_alphas_cumprod, x0_from_prediction
 
 COMFYUI = Path(__file__).resolve().parents[2] / ".cache" / "ComfyUI"
 VE = NoiseSpace.from_alphas_cumprod(scaled_linear_alphas_cumprod())

@@ -4,11 +4,12 @@ import functools
 import pytest
 import torch
 
-from distill_core import lcm, tcd, teacher
-from distill_core.hybrid import HybridPhase, sample_hybrid
-from distill_core.schedules import lcm_timesteps
+from distill_core.reference.demo import demo_mixture
+from distill_core.sampling import lcm, tcd
+from distill_core.sampling.hybrid import HybridPhase, sample_hybrid
+from distill_core.sampling.schedules import lcm_timesteps
+from distill_core.sampling.trace import StepTrace, trace_grid
 from distill_core.spaces import NoiseSpace, scaled_linear_alphas_cumprod
-from distill_core.trace import StepTrace, trace_grid
 
 VE = NoiseSpace.from_alphas_cumprod(scaled_linear_alphas_cumprod())
 FLOW = NoiseSpace.flow()
@@ -28,7 +29,7 @@ def test_record_scales_x_t_to_unit_variance_in_either_convention():
 
 
 def test_a_hybrid_run_is_traced_across_both_phases():
-    mixture = teacher.demo_mixture(size=4)
+    mixture = demo_mixture(size=4)
     base = HybridPhase(lambda x, s, **_: mixture.denoise(x, s, VE), functools.partial(tcd.sample_tcd, space=VE, gamma=0.0), VE)
     distilled = HybridPhase(lambda x, s, **_: mixture.flow_map(x, s, FLOW, steps=8),
                             functools.partial(lcm.sample_lcm, space=FLOW), FLOW)

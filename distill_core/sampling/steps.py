@@ -1,4 +1,4 @@
-"""Pieces shared by Stride's few-step samplers (LCM, TCD, TDD, hybrid sampling).
+"""The step loop and pieces shared by Stride's few-step samplers (LCM, TCD, TDD, hybrid sampling).
 
 The samplers have the k-diffusion shape ``fn(model, x, sigmas, extra_args, callback, disable, ...)``:
 ``model(x, sigma_batch, **extra_args)`` returns the denoised ``x0`` and ``callback`` is called once
@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import trange
 
-from .spaces import NoiseSpace
+from ..spaces import NoiseSpace
 
 NoiseSampler = Callable[[Tensor, Tensor], Tensor]
 """``noise_sampler(sigma, sigma_next)`` returns unit Gaussian noise shaped like the latent."""
@@ -66,61 +66,10 @@ def snapped_timestep(space: NoiseSpace, sigma: Tensor | float) -> Tensor | float
     return torch.where((t - nearest).abs() < TIMESTEP_SNAP_TOLERANCE, nearest, t)
 
 
-def shrunk_timestep(timestep: float, gamma: float, float32: bool = False) -> int:
-    """``floor((1 - gamma) * timestep)``: the intermediate target of TCD / TDD steps.
-
-    ``float32=True`` evaluates the product in float32 like diffusers' ``TCDScheduler`` (a Python float
-    times an integer tensor), which floors differently from float64 at some exact products
-    (e.g. gamma 0.3, timestep 90 -> 62 instead of 63). TDD's official scheduler uses numpy float64.
-    """
-    if float32:
-        product = torch.tensor(1 - gamma, dtype=torch.float32) * torch.tensor(timestep, dtype=torch.float32)
-        return int(torch.floor(product).item())
-    return math.floor((1 - gamma) * timestep)
-
-
 def check_unit_interval(name: str, value: float) -> None:
     """Raise ``ValueError`` unless ``0 <= value <= 1``."""
     if not 0.0 <= value <= 1.0:
         raise ValueError(f"{name} must be in [0, 1], got {value}")
-
-
-def ddim_to(space: NoiseSpace, x: Tensor, x0: Tensor, sigma: float, sigma_target: float) -> Tensor:
-    """Deterministic DDIM move of ``x`` at ``sigma`` to ``sigma_target`` given the prediction ``x0``.
-
-    Keeps the implied noise ``eps_hat = (x - a x0) / b`` and re-weights it: ``a_s x0 + b_s eps_hat``.
-    This is also DPM-Solver++(1) and, on flow models, one Euler step.
-    """
-    if sigma_target == 0:
-        return x0
-    return space.noise(x0, space.eps(x, x0, sigma), sigma_target)
-
-
-def gamma_step(
-    space: NoiseSpace,
-    x: Tensor,
-    x0: Tensor,
-    sigma: float,
-    sigma_next: float,
-    gamma: float,
-    draw_noise: Callable[[], Tensor],
-    float32_floor: bool,
-) -> Tensor:
-    """One TCD / TDD step: DDIM to ``s = floor((1 - gamma) t_next)``, then re-noise to ``sigma_next``.
-
-    ``t_next`` is the training timestep of ``sigma_next`` read from the space's table and ``s``
-    is looked up in the same table. ``gamma = 0`` moves straight to ``sigma_next`` (DDIM, also for
-    off-grid sigmas); ``sigma_next = 0`` returns ``x0``. Noise is drawn only when ``gamma > 0`` and
-    ``sigma_next > 0``, which keeps the random stream aligned with diffusers' schedulers.
-    """
-    if sigma_next == 0:
-        return x0
-    if gamma == 0:
-        return ddim_to(space, x, x0, sigma, sigma_next)
-    t_next = snapped_timestep(space, float(sigma_next))
-    sigma_s = space.scalar_sigma_of(shrunk_timestep(t_next, gamma, float32=float32_floor))
-    x_s = ddim_to(space, x, x0, sigma, sigma_s)
-    return space.renoise(x_s, sigma_s, sigma_next, draw_noise())
 
 
 def run_steps(

@@ -1,6 +1,6 @@
 """Consistency-distillation objectives: which outputs of student and target are compared.
 
-All three objectives share one training step (see :mod:`distill_core.distill`): a clean
+All three objectives share one training step (see :mod:`distill_core.training.trainer`): a clean
 latent is noised to a DDIM-grid timestep ``t`` (``grid = (1..N) * (T // N) - 1``), the
 teacher takes one CFG DDIM step to ``t_prev = max(t - T // N, 0)``, the student sees
 ``x_t`` and the target (the student without gradient) sees ``x_prev``. They differ only in
@@ -29,8 +29,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .lcm import lcm_boundary_scalings
-from .spaces import NoiseSpace
+from ..sampling.lcm import lcm_boundary_scalings
+from ..spaces import NoiseSpace, per_sample
 
 
 def ddim_timesteps(num_ddim_timesteps: int, num_train_timesteps: int) -> Tensor:
@@ -70,25 +70,6 @@ def tdd_select_target(
 def segment_starts(num_ddim_timesteps: int, segments: int) -> Tensor:
     """First grid index of each segment: ``floor(linspace(0, N, k, endpoint=False))``."""
     return torch.floor(torch.arange(segments, dtype=torch.float64) * (num_ddim_timesteps / segments)).long()
-
-
-def vp_scaled(space: NoiseSpace, x: Tensor, sigma: Tensor) -> Tensor:
-    """``x`` in variance-preserving scale: ``x / sqrt(a^2 + b^2)`` at per-sample ``sigma``."""
-    a, b = space.coefficients(sigma)
-    return x * per_sample((a**2 + b**2).rsqrt(), x)
-
-
-def ddim_jump(space: NoiseSpace, x: Tensor, x0: Tensor, sigma_from: Tensor, sigma_to: Tensor) -> Tensor:
-    """Move ``x`` from ``sigma_from`` to ``sigma_to`` along the prediction ``x0`` and its implied noise."""
-    a_from, b_from = space.coefficients(sigma_from)
-    a_to, b_to = space.coefficients(sigma_to)
-    eps = (x - x0 * per_sample(a_from, x)) / per_sample(b_from, x)
-    return x0 * per_sample(a_to, x) + eps * per_sample(b_to, x)
-
-
-def per_sample(values: Tensor, like: Tensor) -> Tensor:
-    """A per-sample vector shaped to broadcast over ``like`` (batch first), in its dtype/device."""
-    return values.to(device=like.device, dtype=like.dtype).reshape(-1, *([1] * (like.ndim - 1)))
 
 
 @dataclass(frozen=True)
@@ -143,7 +124,7 @@ class LCMObjective(ConsistencyObjective):
 
     def _boundary_output(self, x: Tensor, x0: Tensor, timestep: Tensor) -> Tensor:
         c_skip, c_out = lcm_boundary_scalings(timestep, self.timestep_scaling)
-        return per_sample(c_skip, x) * vp_scaled(self.space, x, self.sigma(timestep)) + per_sample(c_out, x) * x0
+        return per_sample(c_skip, x) * self.space.vp_scaled(x, self.sigma(timestep)) + per_sample(c_out, x) * x0
 
     def student_output(self, x: Tensor, x0: Tensor, steps: TrainingTimesteps) -> Tensor:
         return self._boundary_output(x, x0, steps.start)
@@ -157,7 +138,7 @@ class _JumpObjective(ConsistencyObjective):
 
     def _jump(self, x: Tensor, x0: Tensor, timestep: Tensor, steps: TrainingTimesteps) -> Tensor:
         sigma_end = self.sigma(steps.end)
-        return vp_scaled(self.space, ddim_jump(self.space, x, x0, self.sigma(timestep), sigma_end), sigma_end)
+        return self.space.vp_scaled(self.space.ddim(x, x0, self.sigma(timestep), sigma_end), sigma_end)
 
     def student_output(self, x: Tensor, x0: Tensor, steps: TrainingTimesteps) -> Tensor:
         return self._jump(x, x0, steps.start, steps)
@@ -202,7 +183,7 @@ class SegmentedObjective(_JumpObjective):
     def target_output(self, x_prev: Tensor, x0: Tensor, steps: TrainingTimesteps) -> Tensor:
         on_edge = torch.isin(steps.index, self.starts).to(x_prev.device)
         jumped = super().target_output(x_prev, x0, steps)
-        unchanged = vp_scaled(self.space, x_prev, self.sigma(steps.prev))
+        unchanged = self.space.vp_scaled(x_prev, self.sigma(steps.prev))
         return torch.where(on_edge.reshape(-1, *([1] * (x_prev.ndim - 1))), unchanged, jumped)
 
 

@@ -43,7 +43,8 @@ from torch import Tensor
 from torch.nn import functional as F
 from tqdm.auto import trange
 
-from .sampling_utils import NoiseSampler, default_noise_sampler
+from ..spaces import per_sample
+from .steps import NoiseSampler, default_noise_sampler
 
 DEFAULT_SHIFT = 3.2
 DEFAULT_FINAL_STEP_SIZE_SCALE = 0.5
@@ -120,14 +121,6 @@ def resolve_temperature(temperature: float | str, nfe: int) -> float:
 
 
 # -- policies ---------------------------------------------------------------------------------
-def _per_sample(sigma: Tensor | float, like: Tensor) -> Tensor:
-    """``sigma`` (scalar or one per sample) shaped to broadcast against ``like`` (B, ...)."""
-    sigma = torch.as_tensor(sigma, dtype=like.dtype, device=like.device)
-    if sigma.ndim == 0:
-        return sigma.reshape([1] * like.ndim)
-    return sigma.reshape(-1, *([1] * (like.ndim - 1)))
-
-
 class Policy(Protocol):
     """What ``sample_piflow`` needs from a policy anchored at its source point.
 
@@ -175,7 +168,7 @@ class GMPolicy:
         self.logweights = logweights.log_softmax(dim=1)
         self.variance = variance
         self.x_src = x_src
-        self.sigma_src = _per_sample(sigma_src, x_src)
+        self.sigma_src = per_sample(sigma_src, x_src)
 
     @classmethod
     def from_velocity(cls, means: Tensor, logweights: Tensor, logstds: Tensor, x_src: Tensor,
@@ -186,7 +179,7 @@ class GMPolicy:
         ``logstds`` (B, 1, 1, 1, 1) the log-std of u. In x0 space the means are
         ``x_src - sigma_src u_k`` and the variance ``exp(2 logstd) sigma_src^2``.
         """
-        sigma = _per_sample(sigma_src, x_src).unsqueeze(1)
+        sigma = per_sample(sigma_src, x_src).unsqueeze(1)
         means_x0 = x_src.unsqueeze(1) - sigma * means
         variance = (2 * logstds).exp() * sigma.square()
         return cls(means_x0, logweights, variance, x_src, sigma_src)
@@ -205,7 +198,7 @@ class GMPolicy:
 
     def x0(self, x_t: Tensor, sigma_t: Tensor | float) -> Tensor:
         """Posterior mean of x0 at ``(x_t, sigma_t)`` on this policy's trajectory."""
-        sigma_t = _per_sample(sigma_t, x_t).clamp(min=_EPS)
+        sigma_t = per_sample(sigma_t, x_t).clamp(min=_EPS)
         sigma_src = self.sigma_src.clamp(min=_EPS)
         snr_t = (1 - sigma_t) / sigma_t
         snr_src = (1 - sigma_src) / sigma_src
@@ -218,7 +211,7 @@ class GMPolicy:
 
     def velocity(self, x_t: Tensor, sigma_t: Tensor | float) -> Tensor:
         """Flow velocity ``(x_t - x0) / sigma_t`` of the policy at ``(x_t, sigma_t)``."""
-        return (x_t - self.x0(x_t, sigma_t)) / _per_sample(sigma_t, x_t).clamp(min=_EPS)
+        return (x_t - self.x0(x_t, sigma_t)) / per_sample(sigma_t, x_t).clamp(min=_EPS)
 
     @property
     def denoised(self) -> Tensor:
@@ -254,7 +247,7 @@ class DXPolicy:
             raise ValueError(f"DX segment_size must be > 0, got {segment_size}")
         self.x0_terms = x0_terms
         self.x_src = x_src
-        self.sigma_src = _per_sample(sigma_src, x_src)
+        self.sigma_src = per_sample(sigma_src, x_src)
         self.shift = shift
         self.mode = mode
         self.raw_src = unwarp_sigma(self.sigma_src, shift)
@@ -266,12 +259,12 @@ class DXPolicy:
                       shift: float = DEFAULT_SHIFT, mode: str = DX_GRID) -> "DXPolicy":
         """The policy from a DX network output: N velocities, each term ``x_src - sigma_src u_n``
         (in both modes, as the official code converts every output channel group)."""
-        sigma = _per_sample(sigma_src, x_src).unsqueeze(1)
+        sigma = per_sample(sigma_src, x_src).unsqueeze(1)
         return cls(x_src.unsqueeze(1) - sigma * velocities, x_src, sigma_src, segment_size, shift, mode)
 
     def x0(self, x_t: Tensor, sigma_t: Tensor | float) -> Tensor:
         """x0 at ``sigma_t``'s raw time (``x_t`` is not used by this policy)."""
-        raw_t = unwarp_sigma(_per_sample(sigma_t, x_t), self.shift)
+        raw_t = unwarp_sigma(per_sample(sigma_t, x_t), self.shift)
         if self.mode == DX_POLYNOMIAL:
             return self._polynomial(self.raw_src - raw_t)
         return self._interpolate((raw_t - self.raw_end) / self.segment)
@@ -298,7 +291,7 @@ class DXPolicy:
 
     def velocity(self, x_t: Tensor, sigma_t: Tensor | float) -> Tensor:
         """Flow velocity ``(x_t - x0) / sigma_t`` of the policy at ``(x_t, sigma_t)``."""
-        return (x_t - self.x0(x_t, sigma_t)) / _per_sample(sigma_t, x_t).clamp(min=1e-4)
+        return (x_t - self.x0(x_t, sigma_t)) / per_sample(sigma_t, x_t).clamp(min=1e-4)
 
     @property
     def denoised(self) -> Tensor:
@@ -360,7 +353,7 @@ class Inpainting:
 
     def velocity(self, policy_velocity: Tensor, x_t: Tensor, sigma_t: Tensor | float) -> Tensor:
         """The rollout velocity at ``(x_t, sigma_t)`` given the policy's velocity there."""
-        kept_velocity = (x_t - self.latent) / _per_sample(sigma_t, x_t).clamp(min=_EPS)
+        kept_velocity = (x_t - self.latent) / per_sample(sigma_t, x_t).clamp(min=_EPS)
         return policy_velocity * self.mask + kept_velocity * (1 - self.mask)
 
     def denoised(self, policy_denoised: Tensor) -> Tensor:

@@ -1,4 +1,4 @@
-"""Headless distillation: ``python -m distill_core.distill_cli --config config.json``.
+"""Headless distillation: ``python -m distill_core.training.cli --config config.json``.
 
 Runs the same loop as the in-graph node, single-process or under ``torchrun`` (DDP: gloo on
 CPU, NCCL on CUDA, gradients averaged over the LoRA parameters). The JSON config::
@@ -17,7 +17,7 @@ CPU, NCCL on CUDA, gradients averaged over the LoRA parameters). The JSON config
 A factory ``factory(options, config) -> HeadlessNetwork`` supplies the denoiser, the module
 carrying its weights, the noise space and the training data; exporters point it at their own
 loader (the ComfyUI node exports a bundle folder: this config, the teacher's weights and
-:func:`save_training_data`'s file, read back by ``scripts/headless_teacher.py``). Relative paths in a config
+:func:`save_training_data`'s file, read back by ``nodes/headless_teacher.py``). Relative paths in a config
 are relative to the config file's folder. The demo network is a tiny EPS-predicting conv net
 wrapped like ComfyUI's ``BaseModel.apply_model`` (VE space).
 """
@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
 import json
 import os
 import sys
@@ -36,11 +37,14 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from .distill import Denoiser, DistillConfig, DistillTrainer, TrainingData, TrainResult, attach_student_lora
-from .lora import LoraSet, load_lora_state, lora_state_dict, save_lora
-from .spaces import NoiseSpace, scaled_linear_alphas_cumprod
+from ..safe_files import read_safetensors, write_safetensors
+from ..spaces import NoiseSpace, scaled_linear_alphas_cumprod
+from .conditioning import Denoiser
+from .config import DistillConfig, TrainingData
+from .lora import LoraSet, lora_state_dict
+from .trainer import DistillTrainer, TrainResult, attach_student_lora
 
-DEFAULT_NETWORK = f"{__package__}.distill_cli:demo_network"
+DEFAULT_NETWORK = f"{__package__}.cli:demo_network"
 CONFIG_FILE, DATA_FILE = "config.json", "data.safetensors"
 TEACHER_FILE, TEACHER_FORMAT = "teacher.safetensors", "stride-headless-teacher-1"  # written by the node layer
 
@@ -115,12 +119,12 @@ def save_training_data(path: str | os.PathLike, data: TrainingData) -> None:
     metadata = {"format": "stride-training-data-1", "num_conds": str(len(data.conds)),
                 "latent_shape": json.dumps(list(data.latent_shape) if data.latent_shape else None),
                 "paired": json.dumps(data.paired)}
-    save_lora(path, tensors, metadata)
+    write_safetensors(path, tensors, metadata)
 
 
 def load_training_data(path: str | os.PathLike, device: torch.device | str = "cpu") -> TrainingData:
     """Read :func:`save_training_data`'s file (safetensors only) onto ``device``."""
-    tensors, metadata = load_lora_state(path)
+    tensors, metadata = read_safetensors(path)
     if metadata.get("format") != "stride-training-data-1":
         raise ValueError(f"{path} is not a Stride training-data file (format {metadata.get('format')!r})")
     tensors = {key: value.to(device) for key, value in tensors.items()}
@@ -136,10 +140,20 @@ def load_training_data(path: str | os.PathLike, device: torch.device | str = "cp
                         paired=json.loads(metadata["paired"]))
 
 
-def _import_factory(path: str) -> Callable[[dict[str, Any], DistillConfig], HeadlessNetwork]:
+def import_network_factory(path: str) -> Callable[[dict[str, Any], DistillConfig], HeadlessNetwork]:
+    """The factory named ``package.module:factory`` or ``path/to/file.py:factory`` (a file is loaded on its own,
+    without importing the package around it; :func:`main` makes a relative file path absolute from the
+    directory the run was started in)."""
     module_name, _, attribute = path.partition(":")
     if not attribute:
-        raise ValueError(f"network must look like 'package.module:factory', got {path!r}")
+        raise ValueError(f"network must look like 'package.module:factory' or 'path/file.py:factory', got {path!r}")
+    if module_name.endswith(".py"):
+        spec = importlib.util.spec_from_file_location(f"stride_network_{os.path.basename(module_name)[:-3]}", module_name)
+        if spec is None or spec.loader is None or not os.path.isfile(module_name):
+            raise ValueError(f"network file {module_name!r} not found (paths are relative to the working directory)")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return getattr(module, attribute)
     return getattr(importlib.import_module(module_name), attribute)
 
 
@@ -176,7 +190,7 @@ def run(settings: dict[str, Any]) -> RunSummary:
     try:
         rank = dist.get_rank() if dist.is_initialized() else 0
         world_size = dist.get_world_size() if dist.is_initialized() else 1
-        network = _import_factory(settings.get("network", DEFAULT_NETWORK))(settings.get("network_options", {}), config)
+        network = import_network_factory(settings.get("network", DEFAULT_NETWORK))(settings.get("network_options", {}), config)
         loraset = attach_student_lora(network.module, config)
         log_every = settings.get("log_every", 10)
 
@@ -191,7 +205,7 @@ def run(settings: dict[str, Any]) -> RunSummary:
         if rank == 0 and settings.get("output"):
             metadata = {"stride.objective": config.objective, "stride.steps": str(result.steps_done),
                         "stride.config": json.dumps(config.to_dict())}
-            save_lora(settings["output"], lora_state_dict(loraset, settings.get("lora_prefix", "diffusion_model.")), metadata)
+            write_safetensors(settings["output"], lora_state_dict(loraset, settings.get("lora_prefix", "diffusion_model.")), metadata)
         return RunSummary(loraset, result, rank, world_size)
     finally:
         if started_group:
@@ -204,7 +218,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     arguments = parser.parse_args(argv)
     with open(arguments.config, encoding="utf-8") as stream:
         settings = json.load(stream)
-    os.chdir(os.path.dirname(os.path.abspath(arguments.config)))  # relative paths are relative to the config
+    network = settings.get("network", DEFAULT_NETWORK)
+    if network.partition(":")[0].endswith(".py"):  # a network file is relative to where the run was started
+        settings["network"] = os.path.abspath(network)
+    os.chdir(os.path.dirname(os.path.abspath(arguments.config)))  # other relative paths are relative to the config
     summary = run(settings)
     if summary.rank == 0:
         print(json.dumps({"done": summary.result.steps_done, "world_size": summary.world_size}), flush=True)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 
-from .spaces import NUM_TRAIN_TIMESTEPS
+from ..spaces import NUM_TRAIN_TIMESTEPS
 
 TDD_TRAIN_TARGETS = 250
 """TDD distils towards a grid of 250 target timesteps: 3, 7, ..., 999 (spacing 1000 / 250)."""

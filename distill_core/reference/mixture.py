@@ -1,4 +1,4 @@
-"""Analytic reference teachers: Gaussian-mixture data whose exact denoiser and flow map are known.
+"""The analytic reference: Gaussian-mixture data whose exact denoiser and flow map are known.
 
 With data ``x0`` from a mixture of isotropic Gaussians and ``x = a x0 + b eps`` (the
 :class:`~distill_core.spaces.NoiseSpace` convention), each component's posterior of ``x0``
@@ -15,203 +15,20 @@ draws each latent location's channel vector independently, which makes its x0-po
 per-location Gaussian mixture, the form of a pi-Flow GM policy.
 
 Everything is computed in float64 on the input's device; results come back in the input's dtype.
-Prediction targets (``x0``, ``eps``, ``v``, ``velocity``) and their inverses are
-:func:`prediction_target` and :func:`x0_from_prediction`.
+The probability-flow solver is :mod:`distill_core.reference.ode`; the demo's mixture is
+:mod:`distill_core.reference.demo`.
 """
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
-from .spaces import NoiseSpace
-
-PREDICTION_KINDS = ("x0", "eps", "v", "velocity")
-
-# ComfyUI's SD1.5 latent -> RGB preview factors (rows: latent channels; columns: R, G, B).
-# The preview is ``rgb = (latent @ factors + 1) / 2`` clamped to [0, 1].
-SD15_LATENT_RGB_FACTORS = (
-    (0.3512, 0.2297, 0.3227),
-    (0.3250, 0.4974, 0.2350),
-    (-0.2829, 0.1762, 0.2721),
-    (-0.2120, -0.2616, -0.7177),
-)
-
-
-# ---------------------------------------------------------------------------------------------
-# Noise-space helpers
-# ---------------------------------------------------------------------------------------------
-def _sigma_batch(sigma: Tensor | float, n: int, device: torch.device) -> Tensor:
-    """``sigma`` (scalar, 0-d or ``(n,)``) as a float64 ``(n,)`` tensor on ``device``."""
-    sigma = torch.as_tensor(sigma, dtype=torch.float64, device=device).reshape(-1)
-    if sigma.numel() == 1:
-        return sigma.expand(n)
-    if sigma.numel() != n:
-        raise ValueError(f"sigma has {sigma.numel()} entries for a batch of {n}")
-    return sigma
-
-
-def _coefficients(space: NoiseSpace, sigma: Tensor | float, n: int, device: torch.device) -> tuple[Tensor, Tensor]:
-    """``(a, b)`` of ``x = a x0 + b eps`` as float64 ``(n,)`` tensors."""
-    return space.coefficients(_sigma_batch(sigma, n, device))
-
-
-def _sigma_at_half_log_snr(space: NoiseSpace, lam: Tensor) -> Tensor:
-    """The sigma whose ``log(a / b)`` equals ``lam`` (the inverse of the half log-SNR)."""
-    if space.kind == "ve":
-        return torch.exp(-lam)
-    return torch.sigmoid(-lam)
-
-
-def _per_sample(t: Tensor, ndim: int) -> Tensor:
-    return t.reshape(-1, *([1] * (ndim - 1)))
-
-
-def prediction_target(x: Tensor, x0: Tensor, sigma: Tensor | float, space: NoiseSpace, kind: str) -> Tensor:
-    """What a model of prediction type ``kind`` should output at ``(x, sigma)`` when the clean sample is ``x0``.
-
-    With ``x = a x0 + b eps`` (``sigma > 0`` except for ``"x0"``):
-
-    * ``"x0"``: ``x0``.
-    * ``"eps"``: ``eps = (x - a x0) / b``; a ComfyUI EPS model outputs this.
-    * ``"v"``: ``v = alpha eps - s x0`` with the variance-preserving ``alpha = a / sqrt(a^2 + b^2)``,
-      ``s = b / sqrt(a^2 + b^2)``. In the VE space this is ``(eps - sigma x0) / sqrt(1 + sigma^2)``,
-      which ComfyUI's ``V_PREDICTION.calculate_denoised`` (``sigma_data = 1``) maps back to ``x0``.
-    * ``"velocity"``: ``(x - x0) / sigma = dx/dsigma`` of the probability-flow ODE; in the flow space
-      ``eps - x0`` (a ComfyUI CONST model's output), in the VE space equal to ``eps``.
-    """
-    if kind not in PREDICTION_KINDS:
-        raise ValueError(f"prediction kind must be one of {PREDICTION_KINDS}, got {kind!r}")
-    if kind == "x0":
-        return x0
-    n = x.shape[0]
-    sigma64 = _sigma_batch(sigma, n, x.device)
-    a, b = (_per_sample(c, x.ndim) for c in space.coefficients(sigma64))
-    x64, x064 = x.to(torch.float64), x0.to(torch.float64)
-    if kind == "velocity":
-        out = (x64 - x064) / _per_sample(sigma64, x.ndim)
-    else:
-        eps = (x64 - a * x064) / b
-        if kind == "eps":
-            out = eps
-        else:
-            norm = (a**2 + b**2).sqrt()
-            out = (a * eps - b * x064) / norm
-    return out.to(x.dtype)
-
-
-def x0_from_prediction(x: Tensor, prediction: Tensor, sigma: Tensor | float, space: NoiseSpace, kind: str) -> Tensor:
-    """The clean sample implied by a model output of type ``kind`` (inverse of :func:`prediction_target`)."""
-    if kind not in PREDICTION_KINDS:
-        raise ValueError(f"prediction kind must be one of {PREDICTION_KINDS}, got {kind!r}")
-    if kind == "x0":
-        return prediction
-    n = x.shape[0]
-    sigma64 = _sigma_batch(sigma, n, x.device)
-    a, b = (_per_sample(c, x.ndim) for c in space.coefficients(sigma64))
-    x64, p64 = x.to(torch.float64), prediction.to(torch.float64)
-    if kind == "velocity":
-        out = x64 - _per_sample(sigma64, x.ndim) * p64
-    elif kind == "eps":
-        out = (x64 - b * p64) / a
-    else:
-        # x = a x0 + b eps and v = (a eps - b x0) / norm  =>  x0 = (a x - b norm v) / (a^2 + b^2).
-        norm2 = a**2 + b**2
-        out = (a * x64 - b * norm2.sqrt() * p64) / norm2
-    return out.to(x.dtype)
-
-
-def solve_probability_flow(
-    denoise: Callable[[Tensor, Tensor], Tensor],
-    x: Tensor,
-    sigma: Tensor | float,
-    space: NoiseSpace,
-    steps: int = 200,
-    final_noise_ratio: float = 2.5e-4,
-    initial_noise_ratio: float = 1e3,
-) -> Tensor:
-    """Solve the probability-flow ODE from ``(x, sigma)`` down to sigma = 0 with a third-order
-    multistep exponential integrator (DPM-Solver++ 3M without noise).
-
-    ``denoise(x, sigma_batch)`` takes float64 ``x`` and a ``(n,)`` sigma and returns ``E[x0 | x]``.
-    With ``lam = log(a / b)`` the ODE is exactly ``d(x / b) / d(e^lam) = denoise``, so a step from
-    ``lam_s`` to ``lam_t = lam_s + h`` is ``x_t = (b_t / b_s) x_s + a_t * integral`` of the denoiser
-    weighted by ``e^(lam - lam_t)``; the denoiser is expanded to second order in ``lam`` around
-    ``lam_s`` using the two previous evaluations (the first step spends one extra evaluation half
-    way, so every step is at least second order). Steps are uniform in ``lam`` from the start to
-    the noise ratio ``b / a = final_noise_ratio``, followed by one final denoising jump to
-    sigma = 0. A start noisier than ``b / a = initial_noise_ratio`` (e.g. flow sigma = 1, where
-    ``a = 0``) first takes one first-order step onto the grid (the denoiser is nearly constant
-    there). Uses ``steps + 2`` denoiser calls; per-sample sigmas are allowed, samples already below
-    the final ratio are just denoised.
-    """
-    n = x.shape[0]
-    shape = x.shape
-    x = x.to(torch.float64).reshape(n, -1)
-    a0, b0 = _coefficients(space, sigma, n, x.device)
-    lam0 = a0.log() - b0.log()
-    lam_end = torch.full_like(lam0, -math.log(final_noise_ratio)).maximum(lam0)
-    lam_first = lam0.clamp(min=-math.log(initial_noise_ratio)).minimum(lam_end)
-    fractions = torch.linspace(0, 1, steps + 1, dtype=torch.float64, device=x.device).reshape(-1, 1)
-    span = torch.where(lam_end > lam_first, lam_end - lam_first, torch.zeros_like(lam_first))
-    grid = lam_first + span * fractions
-    grid[0] = lam0
-    sigmas = _sigma_at_half_log_snr(space, grid)
-    sigmas[0] = _sigma_batch(sigma, n, x.device)
-    a_grid, b_grid = space.coefficients(sigmas)
-
-    def evaluate(x_flat: Tensor, sigma_batch: Tensor) -> Tensor:
-        return denoise(x_flat.reshape(shape), sigma_batch).reshape(n, -1)
-
-    def usable(step: Tensor) -> Tensor:
-        return torch.isfinite(step) & (step > 0)
-
-    def safe(step: Tensor) -> Tensor:
-        return torch.where(usable(step), step, torch.ones_like(step))
-
-    def column(t: Tensor) -> Tensor:
-        return t.unsqueeze(1)
-
-    history: list[tuple[Tensor, Tensor]] = []  # (lam, denoised) of the last two evaluations before this step
-    for i in range(steps):
-        lam = grid[i]
-        denoised = evaluate(x, sigmas[i])
-        h = grid[i + 1] - lam
-        h = torch.where(h.isnan(), torch.zeros_like(h), h)  # inf - inf: a sample already at sigma = 0
-        h_safe = safe(h)
-        zeros = torch.zeros_like(denoised)
-        slope, half_curvature = zeros, zeros  # d denoised / d lam and half its second derivative at lam
-        if i == 0 and usable(h).any():
-            half_h = torch.where(usable(h), h / 2, torch.zeros_like(h))
-            a_mid, b_mid = space.coefficients(_sigma_at_half_log_snr(space, lam + half_h))
-            x_mid = column(b_mid / b_grid[0]) * x + column(-a_mid * torch.expm1(-half_h)) * denoised
-            x_mid = torch.where(column(usable(h)), x_mid, x)
-            denoised_mid = evaluate(x_mid, _sigma_at_half_log_snr(space, lam + half_h))
-            slope = torch.where(column(usable(h)), (denoised_mid - denoised) / column(safe(half_h)), zeros)
-            lam_next_history = [(lam, denoised), (lam + half_h, denoised_mid)]
-        elif history:
-            (lam_2, denoised_2), (lam_1, denoised_1) = history
-            h1, h2 = lam - lam_1, lam_1 - lam_2
-            backward = (denoised - denoised_1) / column(safe(h1))
-            second = column(usable(h) & usable(h1))
-            third = second & column(usable(h2))
-            older = (denoised_1 - denoised_2) / column(safe(h2))
-            curvature_estimate = (backward - older) / column(safe(h1) + safe(h2))
-            slope = torch.where(third, backward + curvature_estimate * column(safe(h1)), torch.where(second, backward, zeros))
-            half_curvature = torch.where(third, curvature_estimate, zeros)
-            lam_next_history = [(lam_1, denoised_1), (lam, denoised)]
-        else:
-            lam_next_history = [(lam, denoised), (lam, denoised)]
-        weight_1 = h_safe + torch.expm1(-h_safe)  # integral of (lam' - lam) e^(lam' - lam_t) over the step
-        weight_2 = h_safe**2 / 2 - weight_1  # integral of (lam' - lam)^2 / 2 e^(lam' - lam_t)
-        update = column(-torch.expm1(-h)) * denoised + column(weight_1) * slope + column(2 * weight_2) * half_curvature
-        ratio = torch.where(h > 0, b_grid[i + 1] / b_grid[i], torch.ones_like(h))
-        x = column(ratio) * x + column(a_grid[i + 1]) * update
-        history = lam_next_history
-    return denoise(x.reshape(shape), sigmas[-1])
+from ..spaces import NoiseSpace, per_sample, prediction_target, sigma_batch
+from .ode import solve_probability_flow
 
 
 # ---------------------------------------------------------------------------------------------
@@ -348,7 +165,7 @@ class GaussianMixture(_ComponentMeans):
         self, x: Tensor, sigma: Tensor | float, space: NoiseSpace, class_ids: Tensor | None = None
     ) -> Tensor:
         """Exact ``log p_t(x)`` ``(n,)`` of noisy latents at ``sigma`` (differentiable in ``x``)."""
-        a, b = _coefficients(space, sigma, x.shape[0], x.device)
+        a, b = space.coefficients(sigma_batch(sigma, x.shape[0], x.device))
         return self._log_prob64(x, a, b, class_ids).to(x.dtype)
 
     def log_prob(self, x: Tensor, class_ids: Tensor | None = None) -> Tensor:
@@ -421,7 +238,7 @@ class GaussianMixture(_ComponentMeans):
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Responsibilities and, per component, the coefficients of ``x`` and ``mu_k`` in the posterior mean, and its variance."""
         n = x_flat.shape[0]
-        a, b = _coefficients(space, sigma, n, x_flat.device)
+        a, b = space.coefficients(sigma_batch(sigma, n, x_flat.device))
         log_w = self.conditional_log_weights(n, class_ids, x_flat.device)
         responsibilities = torch.softmax(self._joint_log_likelihoods(x_flat, a, b, log_w), dim=1)
         _, stds, _, _ = self._params(x_flat.device)
@@ -563,7 +380,7 @@ class FactorizedMixture(_ComponentMeans):
 
     def marginal_log_prob(self, x: Tensor, sigma: Tensor | float, space: NoiseSpace) -> Tensor:
         """Exact ``log p_t(x)`` ``(n,)`` of noisy latents at ``sigma`` (differentiable in ``x``)."""
-        a, b = _coefficients(space, sigma, x.shape[0], x.device)
+        a, b = space.coefficients(sigma_batch(sigma, x.shape[0], x.device))
         return self._log_prob64(x, a, b).to(x.dtype)
 
     def log_prob(self, x: Tensor) -> Tensor:
@@ -596,11 +413,11 @@ class FactorizedMixture(_ComponentMeans):
     def _posterior64(self, x: Tensor, sigma: Tensor | float, space: NoiseSpace) -> tuple[Tensor, Tensor, Tensor]:
         n = x.shape[0]
         x64 = x.to(torch.float64)
-        a, b = _coefficients(space, sigma, n, x.device)
+        a, b = space.coefficients(sigma_batch(sigma, n, x.device))
         log_weights = torch.log_softmax(self._location_log_likelihoods(x64, a, b), dim=1).unsqueeze(2)
         denominator = b**2 + a**2 * self.std**2
-        coefficient_x = _per_sample(a * self.std**2 / denominator, 5)
-        coefficient_mu = _per_sample(b**2 / denominator, 5)
+        coefficient_x = per_sample(a * self.std**2 / denominator, x64.unsqueeze(1))
+        coefficient_mu = per_sample(b**2 / denominator, x64.unsqueeze(1))
         means = coefficient_x * x64.unsqueeze(1) + coefficient_mu * self.means.to(x.device)
         return means, log_weights, self.std**2 * b**2 / denominator
 
@@ -623,72 +440,3 @@ class FactorizedMixture(_ComponentMeans):
             lambda z, s: self._denoise64(z, s, space), x, sigma, space, steps, 1e-3 * self.std
         )
         return solution.to(x.dtype)
-
-
-# ---------------------------------------------------------------------------------------------
-# Demo mixture and preview decoding
-# ---------------------------------------------------------------------------------------------
-def latent_to_rgb(latents: Tensor) -> Tensor:
-    """Decode SD1.5-format latents ``(n, 4, H, W)`` to ``(n, H, W, 3)`` RGB in [0, 1] with ComfyUI's
-    latent preview factors (a linear map, then ``(value + 1) / 2`` clamped)."""
-    factors = torch.tensor(SD15_LATENT_RGB_FACTORS, dtype=torch.float64, device=latents.device)
-    rgb = latents.to(torch.float64).movedim(1, -1) @ factors
-    return ((rgb + 1) / 2).clamp(0, 1).to(latents.dtype if latents.is_floating_point() else torch.float32)
-
-
-def rgb_to_latent(rgb: Tensor) -> Tensor:
-    """The minimum-norm SD1.5 latent ``(n, 4, H, W)`` whose preview (before clamping) is ``rgb`` ``(n, H, W, 3)``."""
-    factors = torch.tensor(SD15_LATENT_RGB_FACTORS, dtype=torch.float64, device=rgb.device)
-    preview_values = rgb.to(torch.float64) * 2 - 1
-    return (preview_values @ torch.linalg.pinv(factors)).movedim(-1, 1)
-
-
-DEMO_CLASS_NAMES = ("disc", "square", "cross", "ring")
-DEMO_COMPONENTS = (  # (shape, colour RGB) per component; classes are shapes, two colours each
-    ("disc", (0.95, 0.15, 0.1)),
-    ("disc", (0.1, 0.85, 0.9)),
-    ("square", (0.15, 0.25, 0.95)),
-    ("square", (0.95, 0.6, 0.1)),
-    ("cross", (0.15, 0.9, 0.2)),
-    ("cross", (0.9, 0.15, 0.9)),
-    ("ring", (0.95, 0.9, 0.1)),
-    ("ring", (0.95, 0.95, 0.95)),
-)
-
-
-def _shape_coverage(shape: str, size: int, supersample: int = 4) -> Tensor:
-    """Anti-aliased coverage ``(size, size)`` in [0, 1] of a centred shape on a ``size`` x ``size`` grid."""
-    fine = (torch.arange(size * supersample, dtype=torch.float64) + 0.5) / supersample - size / 2
-    y, x = torch.meshgrid(fine, fine, indexing="ij")
-    radius = (x**2 + y**2).sqrt()
-    scale = size / 8
-    if shape == "disc":
-        inside = radius <= 2.9 * scale
-    elif shape == "square":
-        inside = (x.abs() <= 2.6 * scale) & (y.abs() <= 2.6 * scale)
-    elif shape == "cross":
-        inside = ((x.abs() <= 1.0 * scale) | (y.abs() <= 1.0 * scale)) & (x.abs() <= 3.6 * scale) & (y.abs() <= 3.6 * scale)
-    elif shape == "ring":
-        inside = (radius >= 1.9 * scale) & (radius <= 3.5 * scale)
-    else:
-        raise ValueError(f"unknown demo shape {shape!r}")
-    return inside.to(torch.float64).reshape(size, supersample, size, supersample).mean(dim=(1, 3))
-
-
-def demo_mixture(size: int = 8, std: float = 0.25, latent_rms: float = 1.0) -> GaussianMixture:
-    """The demo teacher: 8 components in 4 classes (disc, square, cross, ring; two colours each) on
-    ``4 x size x size`` SD1.5-format latents, equal weights, isotropic ``std``.
-
-    Each mean is the minimum-norm latent whose ComfyUI preview shows the coloured shape on a
-    mid-grey background (latent 0), scaled by one common factor so the means' root-mean-square
-    element is ``latent_rms`` (SD latents after their scale factor have roughly unit variance).
-    """
-    grey = 0.5
-    images = []
-    for shape, colour in DEMO_COMPONENTS:
-        coverage = _shape_coverage(shape, size).unsqueeze(-1)
-        images.append(grey + coverage * (torch.tensor(colour, dtype=torch.float64) - grey))
-    means = rgb_to_latent(torch.stack(images))
-    means = means * (latent_rms / means.pow(2).mean().sqrt())
-    classes = torch.tensor([DEMO_CLASS_NAMES.index(shape) for shape, _ in DEMO_COMPONENTS])
-    return GaussianMixture(means, std, classes=classes)

@@ -27,7 +27,7 @@ from typing import Any
 
 from torch import Tensor
 
-from .spaces import NoiseSpace, convert_latent, convert_sigmas
+from ..spaces import NoiseSpace, convert_latent, convert_sigmas
 
 HANDOVER_SEED_OFFSET = 0x9E3779B97F4A7C15
 """Added (mod 2^64) to the seed of the distilled phase; the golden-ratio constant keeps it far from

@@ -4,7 +4,7 @@ The network is an SD1.5-style EPS model (``x = x0 + sigma * eps``, scaled-linear
 schedule) on ``4 x 8 x 8`` latents, conditioned by cross-attention on a one-token "prompt":
 a one-hot vector over the demo classes plus one last slot meaning "unconditional / empty
 prompt", so classifier-free guidance works. ``scripts/build_demo_model.py`` trains it on the
-exact denoiser of :func:`~distill_core.teacher.demo_mixture` and ships the weights at
+exact denoiser of :func:`demo_mixture` and ships the weights at
 :data:`DEMO_WEIGHTS_PATH`.
 
 This module holds the host-independent facts: the ``UNetModel`` keyword arguments, the
@@ -19,11 +19,87 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, safe_open
 from torch import Tensor, nn
 
-from .spaces import NoiseSpace, scaled_linear_alphas_cumprod
-from .teacher import DEMO_CLASS_NAMES
+from ..safe_files import read_safetensors
+from ..spaces import NoiseSpace, scaled_linear_alphas_cumprod
+from .mixture import GaussianMixture
+
+# ComfyUI's SD1.5 latent -> RGB preview factors (rows: latent channels; columns: R, G, B).
+# The preview is ``rgb = (latent @ factors + 1) / 2`` clamped to [0, 1].
+SD15_LATENT_RGB_FACTORS = (
+    (0.3512, 0.2297, 0.3227),
+    (0.3250, 0.4974, 0.2350),
+    (-0.2829, 0.1762, 0.2721),
+    (-0.2120, -0.2616, -0.7177),
+)
+
+
+def latent_to_rgb(latents: Tensor) -> Tensor:
+    """Decode SD1.5-format latents ``(n, 4, H, W)`` to ``(n, H, W, 3)`` RGB in [0, 1] with ComfyUI's
+    latent preview factors (a linear map, then ``(value + 1) / 2`` clamped)."""
+    factors = torch.tensor(SD15_LATENT_RGB_FACTORS, dtype=torch.float64, device=latents.device)
+    rgb = latents.to(torch.float64).movedim(1, -1) @ factors
+    return ((rgb + 1) / 2).clamp(0, 1).to(latents.dtype if latents.is_floating_point() else torch.float32)
+
+
+def rgb_to_latent(rgb: Tensor) -> Tensor:
+    """The minimum-norm SD1.5 latent ``(n, 4, H, W)`` whose preview (before clamping) is ``rgb`` ``(n, H, W, 3)``."""
+    factors = torch.tensor(SD15_LATENT_RGB_FACTORS, dtype=torch.float64, device=rgb.device)
+    preview_values = rgb.to(torch.float64) * 2 - 1
+    return (preview_values @ torch.linalg.pinv(factors)).movedim(-1, 1)
+
+
+DEMO_CLASS_NAMES = ("disc", "square", "cross", "ring")
+DEMO_COMPONENTS = (  # (shape, colour RGB) per component; classes are shapes, two colours each
+    ("disc", (0.95, 0.15, 0.1)),
+    ("disc", (0.1, 0.85, 0.9)),
+    ("square", (0.15, 0.25, 0.95)),
+    ("square", (0.95, 0.6, 0.1)),
+    ("cross", (0.15, 0.9, 0.2)),
+    ("cross", (0.9, 0.15, 0.9)),
+    ("ring", (0.95, 0.9, 0.1)),
+    ("ring", (0.95, 0.95, 0.95)),
+)
+
+
+def _shape_coverage(shape: str, size: int, supersample: int = 4) -> Tensor:
+    """Anti-aliased coverage ``(size, size)`` in [0, 1] of a centred shape on a ``size`` x ``size`` grid."""
+    fine = (torch.arange(size * supersample, dtype=torch.float64) + 0.5) / supersample - size / 2
+    y, x = torch.meshgrid(fine, fine, indexing="ij")
+    radius = (x**2 + y**2).sqrt()
+    scale = size / 8
+    if shape == "disc":
+        inside = radius <= 2.9 * scale
+    elif shape == "square":
+        inside = (x.abs() <= 2.6 * scale) & (y.abs() <= 2.6 * scale)
+    elif shape == "cross":
+        inside = ((x.abs() <= 1.0 * scale) | (y.abs() <= 1.0 * scale)) & (x.abs() <= 3.6 * scale) & (y.abs() <= 3.6 * scale)
+    elif shape == "ring":
+        inside = (radius >= 1.9 * scale) & (radius <= 3.5 * scale)
+    else:
+        raise ValueError(f"unknown demo shape {shape!r}")
+    return inside.to(torch.float64).reshape(size, supersample, size, supersample).mean(dim=(1, 3))
+
+
+def demo_mixture(size: int = 8, std: float = 0.25, latent_rms: float = 1.0) -> GaussianMixture:
+    """The demo teacher: 8 components in 4 classes (disc, square, cross, ring; two colours each) on
+    ``4 x size x size`` SD1.5-format latents, equal weights, isotropic ``std``.
+
+    Each mean is the minimum-norm latent whose ComfyUI preview shows the coloured shape on a
+    mid-grey background (latent 0), scaled by one common factor so the means' root-mean-square
+    element is ``latent_rms`` (SD latents after their scale factor have roughly unit variance).
+    """
+    grey = 0.5
+    images = []
+    for shape, colour in DEMO_COMPONENTS:
+        coverage = _shape_coverage(shape, size).unsqueeze(-1)
+        images.append(grey + coverage * (torch.tensor(colour, dtype=torch.float64) - grey))
+    means = rgb_to_latent(torch.stack(images))
+    means = means * (latent_rms / means.pow(2).mean().sqrt())
+    classes = torch.tensor([DEMO_CLASS_NAMES.index(shape) for shape, _ in DEMO_COMPONENTS])
+    return GaussianMixture(means, std, classes=classes)
+
 
 NUM_DEMO_CLASSES = len(DEMO_CLASS_NAMES)
 UNCONDITIONAL_SLOT = NUM_DEMO_CLASSES
@@ -52,7 +128,7 @@ Channels 32 -> 64 over two levels (8x8, 4x4); one spatial transformer (self-atte
 cross-attention to the prompt) in the 4x4 input block and in both 4x4 output blocks; the
 middle block is a single ResBlock. About 0.8M parameters, ~0.1 CPU-s per training step of 64."""
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 DEMO_WEIGHTS_PATH = REPO_ROOT / "assets" / "demo" / "stride_demo_unet.safetensors"
 DEMO_REPORT_PATH = DEMO_WEIGHTS_PATH.with_suffix(".json")
 METADATA_PREFIX = "stride."
@@ -126,9 +202,8 @@ def load_demo_weights(path: Path | str = DEMO_WEIGHTS_PATH) -> tuple[dict[str, T
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"demo weights not found at {path}; run scripts/build_demo_model.py")
-    with safe_open(str(path), framework="pt") as handle:
-        raw = handle.metadata() or {}
+    tensors, raw = read_safetensors(path)
     metadata = {
         key[len(METADATA_PREFIX):]: json.loads(value) for key, value in raw.items() if key.startswith(METADATA_PREFIX)
     }
-    return load_file(str(path)), metadata
+    return tensors, metadata

@@ -11,8 +11,9 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-from .sampling_utils import NoiseSampler, check_unit_interval, gamma_step, run_steps
-from .spaces import NoiseSpace
+from ..spaces import NoiseSpace
+from .steps import NoiseSampler, check_unit_interval, run_steps
+from .tcd import gamma_step
 
 
 def dynamic_threshold(x0: Tensor, ratio: float = 0.995, max_value: float = 1.0) -> Tensor:
@@ -60,7 +61,7 @@ def sample_tdd(
     guidance, e.g. 1.7 on SDXL) comes from the host's guider around ``model``.
 
     Noise: ``noise_sampler(sigma, sigma_next)`` (default seeded from ``extra_args["seed"]``, see
-    :func:`~distill_core.sampling_utils.run_steps`).
+    :func:`~distill_core.sampling.steps.run_steps`).
 
     Flow models: the same update in the flow convention with ``t_next``/``s`` from the flow table.
     With ``eta = 0`` it is exactly the Euler method, which is how the official FLUX TDD LoRA is sampled

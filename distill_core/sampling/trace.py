@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .spaces import NoiseSpace
+from ..spaces import NoiseSpace
 
 
 @dataclass(frozen=True)
@@ -63,7 +63,7 @@ class StepTrace:
 
     def callback(self, space: NoiseSpace | None = None) -> Callable[[dict[str, Any]], None]:
         """A k-diffusion callback that records each step; the step's ``"space"`` entry (set by
-        :func:`~distill_core.hybrid.sample_hybrid`) overrides ``space``."""
+        :func:`~distill_core.sampling.hybrid.sample_hybrid`) overrides ``space``."""
 
         def record_step(info: dict[str, Any]) -> None:
             step_space = info.get("space", space)

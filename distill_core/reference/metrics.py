@@ -13,8 +13,8 @@ Figures on one sample set:
 * :func:`endpoint_error`: per-sample distance to the exact probability-flow ODE solution from the same
   noise (deterministic samplers).
 
-:func:`evaluate` scores a sample set in independent repeats (see :mod:`.reference.statistics` for why
-repeats and not a bootstrap) and returns every figure as a :class:`~.reference.statistics.Estimate`.
+:func:`evaluate` scores a sample set in independent repeats (see :mod:`.statistics` for why
+repeats and not a bootstrap) and returns every figure as a :class:`~.statistics.Estimate`.
 
 **Sample sizes** (measured on the demo mixture, class "disc": two modes of 4x8x8 latents, 256 projections,
 8 repeats; Stride's benchmarks use 8 repeats of 256 samples). SWD is the noisy figure: one set of ``n`` data
@@ -41,8 +41,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from .reference.statistics import Estimate, estimate
-from .teacher import FactorizedMixture, GaussianMixture
+from .mixture import FactorizedMixture, GaussianMixture
+from .statistics import Estimate, estimate
 
 Mixture = GaussianMixture | FactorizedMixture
 REPEATS = 8
@@ -338,7 +338,7 @@ def evaluate(
     about ``n / repeats`` (:func:`repeat_groups`; fewer when ``n < 2 repeats``: at least 2 groups of 2 samples).
     Each group is scored against its own fresh data set of the same size and labels, with fresh projections,
     drawn from ``generator`` (seed 0 unless given). Score two sample sets with the same seed and labels and
-    their repeats are paired (:func:`~.reference.statistics.paired_difference`).
+    their repeats are paired (:func:`~.statistics.paired_difference`).
 
     Figures per repeat (value = mean over repeats, interval over repeats): ``swd`` (to the fresh data),
     ``swd_data`` (a second fresh data set to the same reference: the finite-sample floor); for a

@@ -11,7 +11,7 @@ under ``no_grad`` (no EMA, as in LCM-LoRA). One step, per sample:
    (LCM formulation; ComfyUI's cfg scale is ``w + 1``), one DDIM step to ``t_prev``;
 3. target: the student at ``(x_prev, t_prev)`` under ``no_grad`` (its LoRA folded into the weights
    layer by layer, :meth:`LoraSet.merged`); student at ``(x_t, t)``;
-4. loss between the objectives' consistency outputs (:mod:`distill_core.objectives`),
+4. loss between the objectives' consistency outputs (:mod:`distill_core.training.objectives`),
    AdamW step on the LoRA parameters after gradient clipping.
 
 Data: given latents (e.g. VAE-encoded images, already in the model's latent scale), or
@@ -27,19 +27,20 @@ Checkpoints are safetensors (LoRA, AdamW state, RNG state) with JSON metadata, n
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import json
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
-import torch.distributed as dist
-import torch.utils.checkpoint
 from torch import Tensor, nn
 
-from .lora import LoraSet, attach_lora, lora_state_dict, load_lora_state, load_lora_state_dict, save_lora
+from ..spaces import NoiseSpace, per_sample
+from .checkpoint import TrainingCheckpoint, load_checkpoint, save_checkpoint
+from .conditioning import Cond, Denoiser, cond_cat, cond_to, cond_where
+from .config import RESUMABLE_CHANGES, DistillConfig, TrainingData
+from .distributed import all_reduce_mean, any_rank, barrier, broadcast_from_rank0, flatten, unflatten_into, world
+from .lora import LoraSet, attach_lora, load_lora_state_dict
+from .memory import frozen_parameters, gradient_checkpointing
 from .objectives import (
     ConsistencyObjective,
     LCMObjective,
@@ -47,98 +48,9 @@ from .objectives import (
     TDDObjective,
     TrainingTimesteps,
     consistency_loss,
-    ddim_jump,
     ddim_timesteps,
     evenly_picked,
-    per_sample,
 )
-from .spaces import NoiseSpace
-
-Denoiser = Callable[[Tensor, Tensor, Any], Tensor]
-Cond = Any  # a tensor, or a dict / list / tuple of tensors, batch first (other leaves pass through)
-
-OBJECTIVES = ("lcm", "tdd", "segmented")
-# Per-objective defaults, from the official scripts (see objectives.py and DESIGN.md §3).
-OBJECTIVE_DEFAULTS = {
-    "lcm": {"guidance_min": 3.0, "guidance_max": 15.0, "num_ddim_timesteps": 50, "empty_prompt_proportion": 0.0},
-    "tdd": {"guidance_min": 3.5, "guidance_max": 3.5, "num_ddim_timesteps": 250, "empty_prompt_proportion": 0.2},
-    "segmented": {"guidance_min": 4.0, "guidance_max": 5.0, "num_ddim_timesteps": 50, "empty_prompt_proportion": 0.0},
-}
-CHECKPOINT_FORMAT = "stride-distill-checkpoint-1"
-CHECKPOINT_LORA_PREFIX = "lora."
-
-
-@dataclass
-class DistillConfig:
-    """Everything that defines a distillation run (JSON-serialisable; ``None`` = objective default).
-
-    Guidance values use the LCM formulation ``x0_c + w (x0_c - x0_u)``; ComfyUI's cfg = w + 1.
-    """
-
-    objective: str = "lcm"
-    steps: int = 1000
-    lr: float = 1e-4
-    weight_decay: float = 0.0
-    rank: int = 64
-    alpha: float | None = None
-    target_layers: tuple[str, ...] = ("Linear", "Conv2d")
-    name_filter: str | None = None
-    skip_small_layers: bool = False
-    batch: int = 1
-    guidance_min: float | None = None
-    guidance_max: float | None = None
-    loss: str = "huber"
-    huber_c: float = 0.001
-    grad_clip: float = 1.0
-    num_ddim_timesteps: int | None = None
-    timestep_scaling: float = 10.0
-    empty_prompt_proportion: float | None = None
-    tdd_shrink: float = 0.3
-    tdd_window: int = 260
-    tdd_min_steps: int = 4
-    tdd_max_steps: int = 8
-    segments: int = 4
-    seed: int = 0
-    gradient_checkpointing: bool = False
-    save_every: int = 0
-    data_free_samples: int = 16
-    data_free_steps: int = 8
-    data_free_guidance: float = 4.0
-
-    def __post_init__(self) -> None:
-        if self.objective not in OBJECTIVES:
-            raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
-        for name, value in OBJECTIVE_DEFAULTS[self.objective].items():
-            if getattr(self, name) is None:
-                setattr(self, name, value)
-        if self.alpha is None:
-            self.alpha = float(self.rank)
-        self.target_layers = tuple(self.target_layers)
-        positive = {"steps": self.steps, "lr": self.lr, "rank": self.rank, "alpha": self.alpha, "batch": self.batch,
-                    "huber_c": self.huber_c, "grad_clip": self.grad_clip, "data_free_samples": self.data_free_samples,
-                    "data_free_steps": self.data_free_steps}
-        bad = [f"{name}={value!r}" for name, value in positive.items() if not value > 0]
-        if bad:
-            raise ValueError(f"these settings must be > 0: {', '.join(bad)}")
-        if not 0 <= self.guidance_min <= self.guidance_max:
-            raise ValueError(f"guidance range must satisfy 0 <= min <= max, got [{self.guidance_min}, {self.guidance_max}]")
-        if not 0 <= self.empty_prompt_proportion <= 1:
-            raise ValueError(f"empty_prompt_proportion must be in [0, 1], got {self.empty_prompt_proportion}")
-        if self.loss not in ("huber", "l2"):
-            raise ValueError(f"loss must be 'huber' or 'l2', got {self.loss!r}")
-        if self.save_every < 0:
-            raise ValueError(f"save_every must be >= 0 (0 = only at the end), got {self.save_every}")
-
-    def to_dict(self) -> dict[str, Any]:
-        return {name: list(value) if isinstance(value, tuple) else value for name, value in dataclasses.asdict(self).items()}
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> "DistillConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown distillation settings: {unknown}")
-        return cls(**values)
 
 
 def attach_student_lora(module: nn.Module, config: DistillConfig) -> LoraSet:
@@ -153,36 +65,6 @@ def attach_student_lora(module: nn.Module, config: DistillConfig) -> LoraSet:
                            skip_small_layers=config.skip_small_layers)
 
 
-# Settings that may change between a checkpoint and the run resuming it.
-RESUMABLE_CHANGES = ("steps", "save_every")
-
-
-@dataclass
-class TrainingData:
-    """Conditionings (each with batch size 1), the unconditional one, and latents or a shape.
-
-    ``latents`` (N, ...) are in the denoiser's space. Without latents the run is data-free and
-    ``latent_shape`` (without batch) is required. ``paired`` ties ``latents[i]`` to ``conds[i]``;
-    otherwise each sample draws its conditioning independently.
-    """
-
-    conds: Sequence[Cond]
-    uncond: Cond
-    latents: Tensor | None = None
-    latent_shape: tuple[int, ...] | None = None
-    paired: bool = False
-
-    def __post_init__(self) -> None:
-        if not self.conds:
-            raise ValueError("at least one conditioning is required")
-        if self.latents is None and self.latent_shape is None:
-            raise ValueError("give latents, or latent_shape for data-free training")
-        if self.latents is not None and len(self.latents) == 0:
-            raise ValueError("latents must hold at least one sample")
-        if self.paired and (self.latents is None or len(self.latents) != len(self.conds)):
-            raise ValueError("paired data needs exactly one conditioning per latent")
-
-
 @dataclass
 class TrainResult:
     steps_done: int
@@ -195,179 +77,6 @@ class DistillDivergedError(RuntimeError):
     """The loss or the gradients became NaN/inf; the last good checkpoint was kept."""
 
 
-# -- conditioning trees ---------------------------------------------------------------------
-def _cond_map(fn: Callable[..., Tensor], *conds: Cond) -> Cond:
-    first = conds[0]
-    if isinstance(first, Tensor):
-        return fn(*conds)
-    if isinstance(first, dict):
-        return {key: _cond_map(fn, *(cond[key] for cond in conds)) for key in first}
-    if isinstance(first, (list, tuple)):
-        return type(first)(_cond_map(fn, *items) for items in zip(*conds))
-    return first
-
-
-def cond_cat(conds: Sequence[Cond]) -> Cond:
-    """Concatenate conditionings along the batch dimension (shapes must agree beyond it)."""
-    def cat(*tensors: Tensor) -> Tensor:
-        shapes = {tuple(t.shape[1:]) for t in tensors}
-        if len(shapes) > 1:
-            raise ValueError(f"conditionings must share their shape beyond the batch to be batched together, got {sorted(shapes)}")
-        return torch.cat(tensors)
-    return _cond_map(cat, *conds)
-
-
-def _cond_where(mask: Tensor, replacement: Cond, cond: Cond) -> Cond:
-    def where(new: Tensor, old: Tensor) -> Tensor:
-        if new.shape != old.shape:
-            raise ValueError(f"empty-prompt substitution needs cond and uncond of equal shape, got "
-                             f"{tuple(old.shape)} and {tuple(new.shape)}")
-        return torch.where(mask.to(old.device).reshape(-1, *([1] * (old.ndim - 1))), new, old)
-    return _cond_map(where, replacement, cond)
-
-
-def _cond_to(cond: Cond, device: torch.device) -> Cond:
-    """A private copy on ``device``: host tensors may be inference tensors autograd cannot save."""
-    with torch.inference_mode(False):
-        return _cond_map(lambda t: t.to(device, copy=True), cond)
-
-
-# -- model context helpers ------------------------------------------------------------------
-@contextlib.contextmanager
-def frozen_parameters(module: nn.Module) -> Iterator[None]:
-    """Stop gradients into the base weights inside the block; the flags are restored after."""
-    flags = [(param, param.requires_grad) for param in module.parameters()]
-    for param, _ in flags:
-        param.requires_grad_(False)
-    try:
-        yield
-    finally:
-        for param, flag in flags:
-            param.requires_grad_(flag)
-
-
-def checkpoint_blocks(module: nn.Module) -> list[nn.Module]:
-    """The highest submodules with their own ``forward`` below ``module`` (containers are opened)."""
-    blocks = []
-    for child in module.children():
-        if isinstance(child, (nn.ModuleList, nn.ModuleDict)) or type(child) is nn.Sequential:
-            blocks.extend(checkpoint_blocks(child))
-        else:
-            blocks.append(child)
-    return blocks
-
-
-@contextlib.contextmanager
-def gradient_checkpointing(module: nn.Module) -> Iterator[None]:
-    """Recompute each top-level block in backward instead of storing its activations.
-
-    Each block's ``forward`` is wrapped while the block is active and restored on exit; under
-    ``no_grad`` (teacher and target passes) blocks run unwrapped.
-    """
-    patched = []
-    for block in checkpoint_blocks(module):
-        original = block.forward
-        had_instance_forward = "forward" in block.__dict__
-
-        def checkpointed(*args: Any, _forward: Callable = original, **kwargs: Any) -> Any:
-            if not torch.is_grad_enabled():
-                return _forward(*args, **kwargs)
-            return torch.utils.checkpoint.checkpoint(_forward, *args, use_reentrant=False, **kwargs)
-
-        block.forward = checkpointed
-        patched.append((block, original, had_instance_forward))
-    try:
-        yield
-    finally:
-        for block, original, had_instance_forward in patched:
-            if had_instance_forward:
-                block.forward = original
-            else:
-                del block.forward
-
-
-# -- distributed helpers --------------------------------------------------------------------
-def _world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def _flat(tensors: Sequence[Tensor]) -> Tensor:
-    return torch.cat([t.reshape(-1) for t in tensors])
-
-
-def _unflatten_into(flat: Tensor, tensors: Sequence[Tensor]) -> None:
-    offset = 0
-    for tensor in tensors:
-        tensor.copy_(flat[offset:offset + tensor.numel()].view_as(tensor))
-        offset += tensor.numel()
-
-
-def _step_seed(seed: int, rank: int, step: int) -> int:
-    """A distinct generator seed per (seed, rank, step), stable across runs and resumes."""
-    return (seed * 1_000_003 + rank * 7_919 + step * 104_729 + 0x5EED) % (2**63)
-
-
-# -- checkpoints ----------------------------------------------------------------------------
-@dataclass
-class TrainingCheckpoint:
-    step: int
-    config: dict[str, Any]
-    lora: dict[str, Tensor]
-    optimizer: dict[str, Any]
-    rng: dict[str, Tensor]
-
-
-def save_checkpoint(path: str, loraset: LoraSet, optimizer: torch.optim.Optimizer, step: int, config: DistillConfig) -> None:
-    """Write LoRA weights, AdamW state, torch RNG state(s), step and config atomically."""
-    tensors = {CHECKPOINT_LORA_PREFIX + key: value for key, value in lora_state_dict(loraset, prefix="").items()}
-    state = optimizer.state_dict()
-    scalars: dict[str, dict[str, Any]] = {}
-    for index, param_state in state["state"].items():
-        for name, value in param_state.items():
-            if isinstance(value, Tensor):
-                tensors[f"optimizer.state.{index}.{name}"] = value
-            else:
-                scalars.setdefault(str(index), {})[name] = value
-    tensors["rng.torch"] = torch.get_rng_state()
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        for device_index, cuda_state in enumerate(torch.cuda.get_rng_state_all()):
-            tensors[f"rng.cuda.{device_index}"] = cuda_state
-    metadata = {
-        "format": CHECKPOINT_FORMAT,
-        "step": str(step),
-        "config": json.dumps(config.to_dict()),
-        "optimizer.param_groups": json.dumps(state["param_groups"]),
-        "optimizer.scalars": json.dumps(scalars),
-    }
-    save_lora(path, tensors, metadata)
-
-
-def load_checkpoint(path: str) -> TrainingCheckpoint:
-    """Read a checkpoint written by :func:`save_checkpoint` (safetensors only, never pickle)."""
-    tensors, metadata = load_lora_state(path)
-    if metadata.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path} is not a Stride distillation checkpoint (format {metadata.get('format')!r})")
-    lora = {key[len(CHECKPOINT_LORA_PREFIX):]: value for key, value in tensors.items() if key.startswith(CHECKPOINT_LORA_PREFIX)}
-    param_state: dict[int, dict[str, Any]] = {}
-    for key, value in tensors.items():
-        if key.startswith("optimizer.state."):
-            index, name = key[len("optimizer.state."):].split(".", 1)
-            param_state.setdefault(int(index), {})[name] = value
-    for index, values in json.loads(metadata["optimizer.scalars"]).items():
-        param_state.setdefault(int(index), {}).update(values)
-    groups = json.loads(metadata["optimizer.param_groups"])
-    for group in groups:  # JSON turns tuples (AdamW betas) into lists
-        for name, value in group.items():
-            if name != "params" and isinstance(value, list):
-                group[name] = tuple(value)
-    rng = {key[len("rng."):]: value for key, value in tensors.items() if key.startswith("rng.")}
-    return TrainingCheckpoint(int(metadata["step"]), json.loads(metadata["config"]), lora,
-                              {"state": param_state, "param_groups": groups}, rng)
-
-
-# -- the trainer ----------------------------------------------------------------------------
 def make_objective(config: DistillConfig, space: NoiseSpace) -> ConsistencyObjective:
     if config.objective == "lcm":
         return LCMObjective(space, config.num_ddim_timesteps, config.timestep_scaling)
@@ -375,6 +84,11 @@ def make_objective(config: DistillConfig, space: NoiseSpace) -> ConsistencyObjec
         return TDDObjective(space, config.num_ddim_timesteps, config.tdd_window, config.tdd_shrink,
                             config.tdd_min_steps, config.tdd_max_steps)
     return SegmentedObjective(space, config.num_ddim_timesteps, config.segments)
+
+
+def _step_seed(seed: int, rank: int, step: int) -> int:
+    """A distinct generator seed per (seed, rank, step), stable across runs and resumes."""
+    return (seed * 1_000_003 + rank * 7_919 + step * 104_729 + 0x5EED) % (2**63)
 
 
 @dataclass
@@ -403,11 +117,11 @@ class DistillTrainer:
         self.config = config
         self.data = data
         self.objective = make_objective(config, space)
-        self.rank, self.world_size = _world()
+        self.rank, self.world_size = world()
         self.params = loraset.parameters()
         self.device = self.params[0].device
-        self.conds = [_cond_to(cond, self.device) for cond in data.conds]
-        self.uncond = _cond_to(data.uncond, self.device)
+        self.conds = [cond_to(cond, self.device) for cond in data.conds]
+        self.uncond = cond_to(data.uncond, self.device)
         self.optimizer = torch.optim.AdamW(self.params, lr=config.lr, weight_decay=config.weight_decay)
         self._pool: Tensor | None = None
 
@@ -451,7 +165,7 @@ class DistillTrainer:
                 sigma_batch = sigma.expand(count).to(device=self.device, dtype=dtype)
                 x0 = self.teacher_x0(x, sigma_batch, cond, uncond, guidance)
                 if i + 1 < len(sigmas):
-                    x = ddim_jump(self.space, x, x0, sigma.expand(count), sigmas[i + 1].expand(count))
+                    x = self.space.ddim(x, x0, sigma.expand(count), sigmas[i + 1].expand(count))
             samples.append(x0)
         return torch.cat(samples)
 
@@ -472,7 +186,7 @@ class DistillTrainer:
         uncond = cond_cat([self.uncond] * config.batch)
         cond = cond_cat([self.conds[i] for i in cond_ids.tolist()])
         if bool(empty.any()):
-            cond = _cond_where(empty, uncond, cond)
+            cond = cond_where(empty, uncond, cond)
         return _Batch(x0, cond, uncond, noise, guidance, timesteps)
 
     # -- one step ---------------------------------------------------------------------------
@@ -486,7 +200,7 @@ class DistillTrainer:
         as_model = dict(device=x0.device, dtype=x0.dtype)
         x_t = self.space.noise(x0, batch.noise, per_sample(sigma_start, x0))
         teacher = self.teacher_x0(x_t, sigma_start.to(**as_model), batch.cond, batch.uncond, batch.guidance)
-        x_prev = ddim_jump(self.space, x_t, teacher, sigma_start, sigma_prev)
+        x_prev = self.space.ddim(x_t, teacher, sigma_start, sigma_prev)
         with self.loraset.merged():  # no grad: the LoRA folded into the weights is cheaper than its hooks
             target_x0 = self.denoiser(x_prev, sigma_prev.to(**as_model), batch.cond)
             target = self.objective.target_output(x_prev, target_x0, steps)
@@ -494,32 +208,7 @@ class DistillTrainer:
         prediction = self.objective.student_output(x_t, student_x0, steps)
         return consistency_loss(prediction, target, self.config.loss, self.config.huber_c)
 
-    def _all_reduce_mean(self, tensor: Tensor) -> Tensor:
-        """Mean over ranks (gloo reduces CPU tensors, other backends the tensor's own device)."""
-        if self.world_size == 1:
-            return tensor
-        staged = tensor.cpu() if dist.get_backend() == "gloo" else tensor
-        dist.all_reduce(staged)
-        return (staged / self.world_size).to(tensor.device)
-
-    def _any_rank(self, flag: bool) -> bool:
-        """True on every rank when ``flag`` is true on any (so all ranks stop together)."""
-        if self.world_size == 1:
-            return flag
-        value = torch.tensor([1.0 if flag else 0.0], device="cpu" if dist.get_backend() == "gloo" else self.device)
-        dist.all_reduce(value, op=dist.ReduceOp.MAX)
-        return bool(value.item() > 0)
-
-    def _sync_initial_weights(self) -> None:
-        """Every rank starts from rank 0's LoRA weights."""
-        if self.world_size > 1:
-            with torch.no_grad():
-                flat = _flat([p.detach() for p in self.params])
-                staged = flat.cpu() if dist.get_backend() == "gloo" else flat
-                dist.broadcast(staged, src=0)
-                _unflatten_into(staged.to(self.device), self.params)
-
-    def _train_step(self, step: int) -> float:
+    def train_step(self, step: int) -> float:
         """Forward, backward, rank-mean of the LoRA gradients, clip, AdamW; NaN if not finite."""
         self.optimizer.zero_grad(set_to_none=True)
         loss = self.batch_loss(step)
@@ -529,9 +218,9 @@ class DistillTrainer:
                 param.grad = torch.zeros_like(param)
         grads = [param.grad for param in self.params]
         if self.world_size > 1:
-            _unflatten_into(self._all_reduce_mean(_flat(grads)), grads)
+            unflatten_into(all_reduce_mean(flatten(grads), self.world_size), grads)
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.config.grad_clip))
-        mean_loss = float(self._all_reduce_mean(loss.detach().double().reshape(1)))
+        mean_loss = float(all_reduce_mean(loss.detach().double().reshape(1), self.world_size))
         if not (math.isfinite(mean_loss) and math.isfinite(grad_norm)):
             return math.nan
         self.optimizer.step()
@@ -542,8 +231,7 @@ class DistillTrainer:
         """Rank 0 writes the checkpoint; every rank waits until it is on disk."""
         if self.rank == 0:
             save_checkpoint(path, self.loraset, self.optimizer, step, self.config)
-        if self.world_size > 1:
-            dist.barrier()
+        barrier(self.world_size)
 
     def restore(self, checkpoint: TrainingCheckpoint) -> int:
         """Load a checkpoint's LoRA, optimizer and RNG state; returns the step it was saved at."""
@@ -582,7 +270,7 @@ class DistillTrainer:
         if inference_tensors:
             raise ValueError(f"{len(inference_tensors)} weights of the model were created under torch.inference_mode "
                              f"(e.g. {inference_tensors[0]}) and cannot take part in backward; call "
-                             "distill_core.lora.ensure_autograd_compatible(module) first")
+                             "distill_core.training.lora.ensure_autograd_compatible(module) first")
         start = 0
         saved_step: int | None = None
         result = TrainResult(steps_done=start)
@@ -591,16 +279,16 @@ class DistillTrainer:
             if resume and checkpoint_path is not None:
                 with contextlib.suppress(FileNotFoundError):
                     start = saved_step = result.steps_done = self.restore(load_checkpoint(checkpoint_path))
-            self._sync_initial_weights()
+            broadcast_from_rank0(self.params, self.world_size)
             stack.enter_context(frozen_parameters(self.loraset.root))
             if config.gradient_checkpointing:
                 stack.enter_context(gradient_checkpointing(self.loraset.root))
             self.latents()
             for step in range(start, config.steps):
-                if self._any_rank(bool(should_stop and should_stop())):
+                if any_rank(bool(should_stop and should_stop()), self.world_size, self.device):
                     result.cancelled = True
                     break
-                loss = self._train_step(step)
+                loss = self.train_step(step)
                 if math.isnan(loss):
                     kept = (f"the last good checkpoint ({checkpoint_path}, step {saved_step}) was kept"
                             if saved_step is not None else "no checkpoint had been written")

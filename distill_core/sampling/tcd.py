@@ -6,13 +6,55 @@ noise. ``gamma = 0`` is DDIM; ``gamma = 1`` is LCM-like (predict, then fully re-
 """
 from __future__ import annotations
 
+import math
 from typing import Any, Callable
 
 import torch
 from torch import Tensor
 
-from .sampling_utils import NoiseSampler, check_unit_interval, gamma_step, run_steps
-from .spaces import NoiseSpace
+from ..spaces import NoiseSpace
+from .steps import NoiseSampler, check_unit_interval, run_steps, snapped_timestep
+
+
+def shrunk_timestep(timestep: float, gamma: float, float32: bool = False) -> int:
+    """``floor((1 - gamma) * timestep)``: the intermediate target of TCD / TDD steps.
+
+    ``float32=True`` evaluates the product in float32 like diffusers' ``TCDScheduler`` (a Python float
+    times an integer tensor), which floors differently from float64 at some exact products
+    (e.g. gamma 0.3, timestep 90 -> 62 instead of 63). TDD's official scheduler uses numpy float64.
+    """
+    if float32:
+        product = torch.tensor(1 - gamma, dtype=torch.float32) * torch.tensor(timestep, dtype=torch.float32)
+        return int(torch.floor(product).item())
+    return math.floor((1 - gamma) * timestep)
+
+
+def gamma_step(
+    space: NoiseSpace,
+    x: Tensor,
+    x0: Tensor,
+    sigma: float,
+    sigma_next: float,
+    gamma: float,
+    draw_noise: Callable[[], Tensor],
+    float32_floor: bool,
+) -> Tensor:
+    """One TCD / TDD step: DDIM to ``s = floor((1 - gamma) t_next)``, then re-noise to ``sigma_next``.
+
+    ``t_next`` is the training timestep of ``sigma_next`` read from the space's table and ``s``
+    is looked up in the same table. ``gamma = 0`` moves straight to ``sigma_next`` (DDIM, also for
+    off-grid sigmas); ``sigma_next = 0`` returns ``x0``. Noise is drawn only when ``gamma > 0`` and
+    ``sigma_next > 0``, which keeps the random stream aligned with diffusers' schedulers.
+    """
+    if sigma_next == 0:
+        return x0
+    if gamma == 0:
+        return space.ddim(x, x0, sigma, sigma_next)
+    t_next = snapped_timestep(space, float(sigma_next))
+    sigma_s = space.scalar_sigma_of(shrunk_timestep(t_next, gamma, float32=float32_floor))
+    x_s = space.ddim(x, x0, sigma, sigma_s)
+    return space.renoise(x_s, sigma_s, sigma_next, draw_noise())
+
 
 
 @torch.no_grad()
@@ -39,7 +81,7 @@ def sample_tcd(
     ``sqrt(1 - alpha_cumprod[0]) eps_hat``); SIGMAS ending ``[..., sigma_of(0)]`` reproduce that exactly.
 
     Noise: ``noise_sampler(sigma, sigma_next)`` (default seeded from ``extra_args["seed"]``, see
-    :func:`~distill_core.sampling_utils.run_steps`).
+    :func:`~distill_core.sampling.steps.run_steps`).
 
     Flow models: the same construction in the flow convention, with ``t_next`` and ``s`` read from
     the space's flow timestep table; every step still has the exact marginal

@@ -1,8 +1,9 @@
 """Network factory for headless distillation of a teacher exported by the Stride Distill LoRA node.
 
-``distill_core.distill_cli`` imports it by the name in the exported ``config.json``
-(``headless_teacher:comfy_teacher``), with this folder and the ComfyUI checkout on
-``PYTHONPATH`` (the node's report gives the whole command). It rebuilds the ComfyUI model from
+``distill_core.training.cli`` loads this file by the path in the exported ``config.json``
+(``nodes/headless_teacher.py:comfy_teacher``, run from the Stride folder with the ComfyUI checkout on
+``PYTHONPATH``; the node's report gives the whole command). It is loaded on its own, not as part of the
+``nodes`` package, so it imports ``distill_core`` absolutely and ComfyUI only inside functions. It rebuilds the ComfyUI model from
 ``teacher.safetensors`` (float32, on ``cuda:LOCAL_RANK`` when CUDA is there, else the CPU), so
 the headless loop calls the very ``apply_model`` the graph did.
 """
@@ -14,10 +15,10 @@ from typing import Any
 
 import torch
 
-from distill_core.distill import DistillConfig
-from distill_core.distill_cli import TEACHER_FORMAT, HeadlessNetwork, load_training_data
-from distill_core.lora import load_lora_state
+from distill_core.safe_files import read_safetensors
 from distill_core.spaces import NoiseSpace
+from distill_core.training.cli import TEACHER_FORMAT, HeadlessNetwork, load_training_data
+from distill_core.training.config import DistillConfig
 
 
 def _device() -> torch.device:
@@ -42,7 +43,7 @@ def _import_comfy(device: torch.device):
 
 def comfy_teacher(options: dict[str, Any], config: DistillConfig) -> HeadlessNetwork:
     """The exported teacher as a ComfyUI model, its noise space and the exported training data."""
-    state, metadata = load_lora_state(options["teacher"])
+    state, metadata = read_safetensors(options["teacher"])
     if metadata.get("format") != TEACHER_FORMAT:
         raise ValueError(f"{options['teacher']} is not a teacher exported by Stride Distill LoRA")
     device = _device()

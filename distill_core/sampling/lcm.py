@@ -11,8 +11,8 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-from .sampling_utils import NoiseSampler, run_steps, snapped_timestep
-from .spaces import NoiseSpace
+from ..spaces import NoiseSpace, per_sample
+from .steps import NoiseSampler, run_steps, snapped_timestep
 
 LCM_SIGMA_DATA = 0.5
 
@@ -47,8 +47,7 @@ def lcm_boundary_denoised(
     c_skip, c_out = lcm_boundary_scalings(snapped_timestep(space, sigma), timestep_scaling)
     a, b = space.coefficients(sigma)
     skip_on_x = c_skip / (a**2 + b**2).sqrt()
-    shape = (-1,) + (1,) * (x.ndim - 1) if sigma.ndim > 0 else ()
-    return x0 * c_out.reshape(shape).to(x0) + x * skip_on_x.reshape(shape).to(x)
+    return x0 * per_sample(c_out, x0) + x * per_sample(skip_on_x, x)
 
 
 @torch.no_grad()
