@@ -23,12 +23,12 @@ draw-to-draw standard deviation of 0.15 / 0.11 / 0.08 / 0.07 (the set's mode mix
 half-width of about 0.09 on one row, and the difference of two *unpaired* rows (e.g. a sampler against fresh
 data) varies by 0.15 per repeat: resolving an unpaired SWD difference of 0.05 takes about 35 repeats of 256
 or 11 of 1024, roughly 10^4 samples per row. *Paired* rows (same noises, same references and projections per
-repeat) differ by a far steadier amount: 8 repeats of 256 resolve SWD differences of 0.002-0.02 between
-samplers on the analytic teacher (0.1 on the demo UNet, whose samples follow the noise less closely). The
-low-variance figures need far fewer samples: at 2048 samples close to the data, the NLL gap's 95% half-width
-is about 0.002-0.004 nats per element (heavier-tailed samples of an imperfect network: up to 0.1), the mode
-total variation's 0.02-0.03, the per-mode mean shift's 0.001 and covariance error's 0.01-0.02, and the
-endpoint error's below 1% of its value.
+repeat) differ by a far steadier amount: 8 repeats of 256 resolve SWD differences of 0.001-0.02 between
+samplers on the analytic teacher and 0.03-0.05 on the demo UNet (whose samples follow the noise less
+closely). The low-variance figures need far fewer samples: at 2048 samples the NLL gap's 95% half-width is
+0.002-0.004 nats per element for samples close to the data (0.02-0.06 for the demo UNet's heavier-tailed
+ones), the mode total variation's 0.01-0.03, the per-mode mean shift's 0.0001-0.001, the covariance error's
+0.005-0.05, and the endpoint error's under 1% of its value on the analytic teacher (8% on the demo UNet).
 
 All metrics compute in float64 and return Python floats, small tensors for per-mode data, or (:func:`evaluate`)
 estimates with intervals.
