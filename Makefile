@@ -6,7 +6,7 @@ export OMP_NUM_THREADS ?= 1
 WORKFLOW ?= workflows/stride_demo.json
 OUT ?= demo_out
 
-.PHONY: setup demo test bench bench-quick bench-gpu test-newest-host
+.PHONY: setup demo test lint bench bench-quick bench-gpu test-newest-host
 setup:
 	bash scripts/provision.sh
 
@@ -17,6 +17,11 @@ test: setup
 	bash scripts/provision.sh --browser
 	$(PY) -m pytest -q -ra tests
 
+# ruff (lint, whole repository) and mypy (types, distill_core and nodes); settings in pyproject.toml.
+# Both run, so that one call shows all findings; it fails if either finds something.
+lint: setup
+	$(PY) -m ruff check .; ruff=$$?; $(PY) -m mypy && exit $$ruff
+
 bench: setup
 	$(PY) -m bench.run
 
@@ -26,8 +31,8 @@ bench-quick: setup
 bench-gpu: setup
 	$(PY) -m bench.run --gpu
 
-# The host-facing tests against another ComfyUI work tree (e.g. the newest) in its own environment
-# (.cache/newest-host-venv); not part of `test`/CI. See scripts/test_newest_host.sh.
-test-newest-host:
+# The host-facing tests against another ComfyUI work tree (e.g. the newest) in an environment layered on .venv
+# (.cache/newest-host-venv). CI (.ci/run) runs it on ComfyUI 0.33.0 after `test`. See scripts/test_newest_host.sh.
+test-newest-host: setup
 	@test -n "$(COMFYUI_NEWEST)" || { echo "usage: make test-newest-host COMFYUI_NEWEST=/path/to/ComfyUI"; exit 2; }
 	bash scripts/test_newest_host.sh $(COMFYUI_NEWEST)

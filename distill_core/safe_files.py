@@ -13,6 +13,7 @@ import json
 import os
 import re
 import secrets
+import stat
 from collections.abc import Mapping
 
 import safetensors
@@ -83,37 +84,79 @@ def _fsync_folder(folder: str) -> None:
         os.close(descriptor)
 
 
-def check_safetensors_file(path: str | os.PathLike) -> None:
-    """Raise ``ValueError`` unless ``path`` has a safetensors layout (checked before any parsing).
+class UnsafeFileError(ValueError):
+    """A file that is not a well-formed safetensors file; the message names the file and what to do."""
 
-    A safetensors file is an 8-byte little-endian header length, a JSON object header of that
-    length, then exactly the tensor bytes the header's ``data_offsets`` describe. Pickle and
-    ``torch.save`` zip files fail this test and are named in the error; a truncated file is
-    named as such; nothing is ever unpickled.
+
+# What the safetensors library's header errors mean, in plain words (its own text never reaches a user).
+_HEADER_PROBLEMS = (
+    ("unknown variant", "a tensor has an unknown dtype"),
+    ("invalid shape, data type, or offset", "a tensor's shape and dtype do not match the bytes its offsets give it"),
+    ("invalid offset", "two tensors overlap or a tensor's offsets leave a gap"),
+    ("file not fully covered", "the tensor data does not fill the file exactly (truncated or padded)"),
+    ("expected a string", "a metadata value is not a string"),
+    ("expected usize", "a shape or offset is negative or not an integer"),
+    ("invalid JSON", "the header is not valid JSON of the safetensors layout"),
+    ("header too large", "the header is larger than safetensors allows"),
+    ("header too small", "the file is too short to hold a safetensors header"),
+)
+
+
+def _header_problem(error: Exception) -> str:
+    text = str(error)
+    return next((plain for marker, plain in _HEADER_PROBLEMS if marker in text), "its header is not a valid safetensors header")
+
+
+def check_safetensors_file(path: str | os.PathLike) -> None:
+    """Raise :class:`UnsafeFileError` unless ``path`` is a complete, well-formed safetensors file.
+
+    Checked before any tensor is read, in this order: a regular file (not a folder, device or pipe); an
+    8-byte little-endian header length that fits the file; not a pickle or ``torch.save`` zip (named in the
+    error, never unpickled); a JSON object header; then the safetensors library's own validation of the
+    header (``safe_open`` without reading tensors): known dtypes, each shape's byte size equal to its
+    offsets, offsets in bounds and non-overlapping, the data covering the file exactly, metadata mapping
+    strings to strings. Library errors are translated; their text never reaches the caller.
     """
-    size = os.path.getsize(path)
-    with open(path, "rb") as stream:
+    name = os.fspath(path)
+    try:
+        info = os.stat(name)
+    except FileNotFoundError:  # not a bad file: callers decide (a missing checkpoint means "start fresh")
+        raise FileNotFoundError(f"{name} does not exist; check the file name") from None
+    except OSError as error:
+        raise UnsafeFileError(f"{name} cannot be read ({error.strerror}); check its permissions") from None
+    if not stat.S_ISREG(info.st_mode):
+        raise UnsafeFileError(f"{name} is not a regular file (a folder, device or pipe); choose a .safetensors file")
+    size = info.st_size
+    with open(name, "rb") as stream:
         head = stream.read(8)
         header_size = int.from_bytes(head, "little") if len(head) == 8 else -1
         header = stream.read(header_size) if 2 <= header_size <= min(size - 8, MAX_HEADER_BYTES) else b""
-    if header[:1] == b"{":
-        try:
-            entries = json.loads(header.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            entries = None
-        if isinstance(entries, dict):
-            data_bytes = _described_tensor_bytes(entries)
-            if 8 + header_size + data_bytes == size:
-                return
-            raise ValueError(f"{path} is a truncated or damaged safetensors file (its header describes {data_bytes} "
-                             f"bytes of tensor data, the file holds {size - 8 - header_size}); copy or download it again")
-    if head.startswith(b"PK\x03\x04"):
-        kind = "a zip archive (a torch.save checkpoint holding pickled data)"
-    elif head[:1] == b"\x80":
-        kind = "a Python pickle"
-    else:
-        kind = "not a safetensors file"
-    raise ValueError(f"{path} is {kind}; only safetensors files are loaded and pickle is never unpickled")
+    if header[:1] != b"{":
+        if head.startswith(b"PK\x03\x04"):
+            kind = "a zip archive (a torch.save checkpoint holding pickled data)"
+        elif head[:1] == b"\x80":
+            kind = "a Python pickle"
+        elif size == 0:
+            kind = "empty"
+        else:
+            kind = "not a safetensors file"
+        raise UnsafeFileError(f"{name} is {kind}; only safetensors files are loaded and pickle is never unpickled")
+    try:
+        entries = json.loads(header.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        entries = None
+    if not isinstance(entries, dict):
+        raise UnsafeFileError(f"{name} is not a safetensors file (its header is not a JSON object); only safetensors "
+                              "files are loaded")
+    try:
+        with safetensors.safe_open(name, framework="pt", device="cpu"):
+            pass
+    except Exception as error:  # SafetensorError and the JSON errors it wraps: never shown raw
+        problem = _header_problem(error)
+        if "not fully covered" in str(error):
+            problem += (f" (its header describes {_described_tensor_bytes(entries)} bytes of tensor data, the file holds "
+                        f"{size - 8 - header_size})")
+        raise UnsafeFileError(f"{name} is a damaged safetensors file: {problem}; copy or download it again") from None
 
 
 def _described_tensor_bytes(entries: dict) -> int:
@@ -124,10 +167,19 @@ def _described_tensor_bytes(entries: dict) -> int:
     return max(ends, default=0)
 
 
-def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[str, str]]:
-    """Read ``(tensors, metadata)`` of a safetensors file onto the CPU; anything else is refused."""
+def read_safetensors(path: str | os.PathLike, require_finite: bool = True) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """Read ``(tensors, metadata)`` of a safetensors file onto the CPU after :func:`check_safetensors_file`.
+
+    With ``require_finite`` a floating-point tensor holding NaN or inf is refused (named): such weights
+    would silently turn every output into NaN.
+    """
     check_safetensors_file(path)
     with safetensors.safe_open(os.fspath(path), framework="pt", device="cpu") as reader:
         metadata = dict(reader.metadata() or {})
         tensors = {key: reader.get_tensor(key) for key in reader.keys()}
+    if require_finite:
+        broken = [key for key, value in tensors.items() if value.is_floating_point() and not bool(value.isfinite().all())]
+        if broken:
+            raise UnsafeFileError(f"{os.fspath(path)} holds NaN or infinite values in {len(broken)} tensor(s) (e.g. "
+                                  f"{broken[0]!r}); the file is broken: re-create or download it again")
     return tensors, metadata

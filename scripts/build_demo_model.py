@@ -35,14 +35,14 @@ from torch import Tensor, nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from distill_core.reference import metrics
+from distill_core.reference import metrics  # noqa: E402
 from distill_core.reference.demo import (  # noqa: E402
     DEMO_CLASS_NAMES,
     DEMO_UNET_CONFIG,
     DEMO_WEIGHTS_PATH,
     METADATA_PREFIX,
     NUM_DEMO_CLASSES,
-    demo_mixture,  # noqa: E402
+    demo_mixture,
     demo_noise_space,
     encode_classes,
     unet_denoiser,
@@ -160,7 +160,7 @@ def euler_sample(denoise: Denoiser, noise: Tensor, sigmas: Tensor, class_ids: Te
     """Euler on the probability-flow ODE ``dx/dsigma = (x - denoised) / sigma``, started like
     ComfyUI starts a full denoise of an EPS model (``noise * sqrt(1 + sigma_max^2)``)."""
     x = noise * math.sqrt(1 + float(sigmas[0]) ** 2)
-    for sigma, sigma_next in zip(sigmas[:-1].tolist(), sigmas[1:].tolist()):
+    for sigma, sigma_next in zip(sigmas[:-1].tolist(), sigmas[1:].tolist(), strict=True):
         denoised = denoise(x, x.new_full((x.shape[0],), sigma), class_ids)
         x = x + (x - denoised) / sigma * (sigma_next - sigma)
     return x
@@ -201,7 +201,8 @@ def trajectory_agreement(net_samples: Tensor, exact_samples: Tensor, mixture: Ga
 
 
 def evaluate(
-    unet: nn.Module, mixture: GaussianMixture, space: NoiseSpace, steps: int, samples_per_class: int, cfg_scale: float, seed: int
+    unet: nn.Module, mixture: GaussianMixture, space: NoiseSpace, steps: int, samples_per_class: int, cfg_scale: float,
+    seed: int,
 ) -> dict[str, dict[str, dict[str, float]]]:
     """Metrics of the net's and the exact teacher's ``steps``-step Euler samples (same noise) and of
     fresh data, per class, for the empty prompt, and with classifier-free guidance. The net's entry
@@ -326,7 +327,8 @@ def main() -> None:
         "eps_relative_error": eps_errors,
         "evaluation": {"sampler": f"euler, {args.sample_steps} steps, normal schedule", "results": evaluation},
     }
-    summary = {name: {k: round(row["net"][k], 4) for k in ("swd", "nll_gap", "mode_recall")} for name, row in evaluation.items()}
+    summary = {name: {k: round(row["net"][k], 4) for k in ("swd", "nll_gap", "mode_recall")}
+               for name, row in evaluation.items()}
     metadata = {
         f"{METADATA_PREFIX}config": json.dumps(DEMO_UNET_CONFIG),
         f"{METADATA_PREFIX}class_names": json.dumps(list(DEMO_CLASS_NAMES)),

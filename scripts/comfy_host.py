@@ -19,9 +19,10 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL_FOLDERS = ("checkpoints", "loras", "vae", "diffusion_models", "stride")
@@ -88,6 +89,17 @@ def load_workflow(path: Path) -> dict:
     if not isinstance(data, dict) or "nodes" not in data or "links" not in data:
         raise WorkflowError(f"{path}: not a ComfyUI UI-format workflow (no 'nodes'/'links')")
     return data
+
+
+def combo_options(spec: Any) -> list | None:
+    """The choices of a dropdown input spec, else None. V1 nodes type a dropdown by its option list, V3
+    nodes as "COMBO" with the list under "options" (Stride's V3 nodes give the list type on 0.3.75)."""
+    if isinstance(spec[0], list):
+        return spec[0]
+    if spec[0] == "COMBO":
+        options = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
+        return list(options.get("options", []))
+    return None
 
 
 def _widget_inputs(info: dict) -> list[tuple[str, Any]]:
@@ -160,9 +172,10 @@ def ui_to_api(workflow: dict, object_info: dict, name: str = "workflow") -> dict
                     break
                 inputs[input_name] = values[position]
                 position += 1
-                if _has_seed_control(input_name, spec) and position < len(values) and values[position] in SEED_CONTROL_VALUES:
+                if (_has_seed_control(input_name, spec) and position < len(values)
+                        and values[position] in SEED_CONTROL_VALUES):
                     position += 1
-                if spec[0] == "COMBO" or isinstance(spec[0], list):
+                if combo_options(spec) is not None:
                     options = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
                     if options.get("image_upload") and position < len(values) and values[position] == "image":
                         position += 1
@@ -297,7 +310,7 @@ class InProcessHost:
         while str(self.path) in sys.path:
             sys.path.remove(str(self.path))
         sys.path.insert(0, str(self.path))
-        import comfy.options  # noqa: F401  (must precede cli_args)
+        import comfy.options  # must precede cli_args
         from comfy.cli_args import args
 
         args.cpu = True
@@ -308,6 +321,7 @@ class InProcessHost:
         if Path(folder_paths.base_path) != self.base_dir:
             _rebase_folder_paths(folder_paths, self.base_dir)
         import utils.extra_config  # noqa: F401  (as main.py: ComfyUI's utils package before nodes.py shadows it)
+        # isort: split
         import comfy.utils
         import execution
         import nodes
@@ -324,7 +338,8 @@ class InProcessHost:
         _report_every_progress_step(comfy.utils)
         # Newer ComfyUI also reads "ram_inactive" (the RAM-pressure cache's second threshold); older ones ignore it.
         cache_args = {"lru": 0, "ram": 0, "ram_inactive": 0}
-        self.executor = execution.PromptExecutor(self.server, cache_type=execution.CacheType.CLASSIC, cache_args=cache_args)
+        self.executor = execution.PromptExecutor(self.server, cache_type=execution.CacheType.CLASSIC,
+                                                 cache_args=cache_args)
 
     def _progress_hook(self, value, total, preview_image=None, prompt_id=None, node_id=None) -> None:
         import comfy.model_management
@@ -364,12 +379,14 @@ class InProcessHost:
         """Validate and execute an API-format prompt; raise on validation errors."""
         valid, error, outputs, node_errors = self.validate(prompt)
         if not valid:
-            raise WorkflowError(f"prompt rejected by validation: {error.get('message')} {json.dumps(node_errors)[:2000]}")
+            raise WorkflowError(f"prompt rejected by validation: {error.get('message')} "
+                                f"{json.dumps(node_errors)[:2000]}")
         self.progress = []
         prompt_id = str(uuid.uuid4())
         in_own_thread(self.executor.execute, prompt, prompt_id, {}, outputs)
         history = self.executor.history_result or {}
-        return RunResult(self.executor.success, history.get("outputs", {}), list(self.executor.status_messages), list(self.progress))
+        return RunResult(self.executor.success, history.get("outputs", {}), list(self.executor.status_messages),
+                         list(self.progress))
 
     def output_path(self, item: dict) -> Path:
         """File of one UI output entry ({filename, subfolder, type})."""
@@ -404,7 +421,7 @@ class ServerHost:
             "--base-directory", str(self.base_dir), "--disable-api-nodes",
             "--database-url", "sqlite:///:memory:", *(extra_args or []),
         ]
-        self._log = open(self.log_path, "w")
+        self._log = open(self.log_path, "w")  # noqa: SIM115 (the server writes to it until stop() closes it)
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         self.process = subprocess.Popen(command, cwd=self.path, stdout=self._log, stderr=subprocess.STDOUT, env=env)
 
@@ -412,7 +429,8 @@ class ServerHost:
         deadline = time.time() + timeout
         while time.time() < deadline:
             if self.process.poll() is not None:
-                raise HostError(f"ComfyUI server exited with code {self.process.returncode}; log: {self.log_path}\n{self.log_tail()}")
+                raise HostError(f"ComfyUI server exited with code {self.process.returncode}; log: {self.log_path}\n"
+                                f"{self.log_tail()}")
             try:
                 self.get_json("/system_stats")
                 return
@@ -461,7 +479,8 @@ class ServerHost:
         return self.post_json("/prompt", {"prompt": prompt, "client_id": client_id or self.client_id})
 
     def view(self, item: dict) -> bytes:
-        return self.get("/view", {"filename": item["filename"], "subfolder": item.get("subfolder", ""), "type": item.get("type", "output")})
+        return self.get("/view", {"filename": item["filename"], "subfolder": item.get("subfolder", ""),
+                                  "type": item.get("type", "output")})
 
     def run(self, prompt: dict, timeout: float = 300.0) -> RunResult:
         """Queue a prompt, follow it on the websocket until done, return its history entry."""

@@ -6,8 +6,8 @@
 The browser test saves a full-page screenshot of the loaded, executed graph with a
 ``graph-box`` PNG text entry (the page pixels the graph covers, clear of toolbars). This script
 crops to that box, centres it on a landscape card of the canvas colour (the shape of the
-frontend's template cards) and saves a small JPEG. ComfyUI's frontend (1.32.9) asks for exactly ``<name>.jpg`` next to an
-extension's workflow template.
+frontend's template cards) and saves a small JPEG. ComfyUI's frontend (1.32.9) asks for exactly ``<name>.jpg`` next
+to an extension's workflow template.
 """
 from __future__ import annotations
 

@@ -14,8 +14,8 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import comfy_host as host  # noqa: E402
-from workflow_builder import Graph  # noqa: E402
+import comfy_host as host
+from workflow_builder import Graph
 
 WORKFLOWS = host.ROOT / "workflows"
 FLOW_MAP = "flow map (ideal distilled student)"
@@ -98,7 +98,7 @@ def demo(distill_steps: int = 200) -> Graph:
     g.add("SaveImage", (COL, 1080), title="Distillation loss", images=(plot, 0), filename_prefix="stride_demo_loss")
     latent = g.add("EmptyLatentImage", (0, 640), title=f"{DEMO_SAMPLES} samples (the first {DEMO_SHOWN} shown)",
                    width=64, height=64, batch_size=DEMO_SAMPLES)
-    common = dict(positive=(shown, 0), negative=(empty, 0), latent_image=(latent, 0))
+    common = {"positive": (shown, 0), "negative": (empty, 0), "latent_image": (latent, 0)}
     rows = {
         "base_euler_25": g.add("KSampler", (2 * COL, 0), title="Base: euler, 25 steps", model=(base, 0), seed=3,
                                steps=25, cfg=1.0, sampler_name="euler", scheduler="normal", denoise=1.0, **common),
@@ -163,8 +163,8 @@ def distill_training(steps: int = 300) -> Graph:
     _view(g, (after, 0), 5 * COL, 800, "stride_distill_after", "distilled lora lcm 4 steps (after)", (prompts[3], 0))
     g.group("Distillation", [data, train, save, plot])
     g.note(
-        "LCM-LoRA distillation inside ComfyUI. The teacher is the demo UNet; the LoRA is trained data-free from its own "
-        "trajectories (add images + VAE to the data node to train on images), saved to models/loras, reloaded with "
+        "LCM-LoRA distillation inside ComfyUI. The teacher is the demo UNet; the LoRA is trained data-free from its "
+        "own trajectories (add images + VAE to the data node to train on images), saved to models/loras, reloaded with "
         "ComfyUI's LoraLoader and sampled in 4 steps. For SD1.5/SDXL: Load Checkpoint as teacher, CLIP Text Encode "
         "prompts, rank 64, 1000+ steps, batch 4-8, lr 1e-4.",
         (0, 760), (700, 170),

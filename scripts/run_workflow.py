@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import comfy_host as host  # noqa: E402
+import comfy_host as host
 
 
 class TerminalProgress:
@@ -186,13 +186,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {args.workflow}: {exc}", file=sys.stderr)
         return 2
     wall = time.perf_counter() - begin
-    ends = sorted(starts.items(), key=lambda item: item[1]) + [("_end", begin + wall)]
+    ends = [*sorted(starts.items(), key=lambda item: item[1]), ("_end", begin + wall)]
     timings = {nid: ends[i + 1][1] - start for i, (nid, start) in enumerate(ends[:-1])}
 
     if not result.success:
         error = result.error() or {}
-        print(f"error: node #{error.get('node_id')} ({error.get('node_type')}): {error.get('exception_message', '').strip()}",
-              file=sys.stderr)
+        print(f"error: node #{error.get('node_id')} ({error.get('node_type')}): "
+              f"{error.get('exception_message', '').strip()}", file=sys.stderr)
         return 1
 
     images, texts = [], []

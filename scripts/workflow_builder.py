@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from comfy_host import _has_seed_control, _widget_inputs
+from comfy_host import _has_seed_control, _widget_inputs, combo_options
 
 NODE_WIDTH = 320
 
@@ -21,7 +21,7 @@ class Node:
     widgets: dict[str, Any]
     pos: tuple[float, float]
     title: str | None = None
-    links_in: dict[str, tuple["Node", int]] = field(default_factory=dict)
+    links_in: dict[str, tuple[Node, int]] = field(default_factory=dict)
 
 
 class Graph:
@@ -81,19 +81,21 @@ class Graph:
                 linked = name in node.links_in
                 if name in widget_names and not linked:
                     continue
-                entry: dict[str, Any] = {"name": name, "type": spec[0] if isinstance(spec[0], str) else "COMBO", "link": None}
+                input_type = "COMBO" if combo_options(spec) is not None else spec[0]
+                entry: dict[str, Any] = {"name": name, "type": input_type, "link": None}
                 if name in widget_names:
                     entry["widget"] = {"name": name}
                 if linked:
-                    link = next(l for l in links if l[3] == node.id and l[6] == name)
+                    link = next(candidate for candidate in links if candidate[3] == node.id and candidate[6] == name)
                     link[4] = len(inputs)
                     entry["link"] = link[0]
                 inputs.append(entry)
             values = []
             for name, spec in widgets:
                 default = spec[1].get("default") if len(spec) > 1 and isinstance(spec[1], dict) else None
-                if default is None and isinstance(spec[0], list) and spec[0]:
-                    default = spec[0][0]
+                choices = combo_options(spec)
+                if default is None and choices:
+                    default = choices[0]
                 values.append(node.widgets.get(name, default))
                 if _has_seed_control(name, spec):
                     values.append("fixed")
