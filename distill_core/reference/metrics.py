@@ -47,6 +47,8 @@ from .statistics import Estimate, estimate
 Mixture = GaussianMixture | FactorizedMixture
 REPEATS = 8
 """Independent repeats of :func:`evaluate` (disjoint sample groups, each with its own fresh reference)."""
+MIN_SAMPLES = 4
+"""The fewest samples :func:`evaluate` scores: 2 repeats of 2 (an interval needs two repeats, SWD two samples)."""
 
 
 def _empirical_quantiles(sorted_values: Tensor, levels: Tensor) -> Tensor:
@@ -350,9 +352,9 @@ def evaluate(
     """
     generator = generator if generator is not None else torch.Generator().manual_seed(0)
     n = samples.shape[0]
+    if n < MIN_SAMPLES:
+        raise ValueError(f"an interval needs at least {MIN_SAMPLES} samples (2 repeats of 2); got {n}")
     repeats = min(repeats, n // 2)
-    if repeats < 2:
-        raise ValueError(f"an interval needs at least 2 repeats of 2 samples; got {n} samples")
     labels = None if class_ids is None else torch.as_tensor(class_ids).reshape(-1).to(generator.device)
     if labels is not None and (labels.numel() != n or not isinstance(mixture, GaussianMixture)):
         raise ValueError("class_ids need a GaussianMixture with classes and one label per sample")

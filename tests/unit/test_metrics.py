@@ -238,7 +238,7 @@ def test_evaluate_reports_data_like_and_collapsed_sets() -> None:
     with pytest.raises(ValueError):
         evaluate(fresh, mixture, torch.zeros(5, dtype=torch.long))
     assert evaluate(fresh[:6], mixture)["swd"].repeats == 3  # small sets: fewer repeats of 2 samples
-    with pytest.raises(ValueError, match="at least 2 repeats"):
+    with pytest.raises(ValueError, match="at least 4 samples"):
         evaluate(fresh[:3], mixture)
 
 
