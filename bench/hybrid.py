@@ -146,7 +146,7 @@ def run(ctx: BenchContext) -> Section:
 
     def cells(result: dict[str, Estimate]) -> list[str]:
         values = [result[name].format(digits, signed) for name, digits, signed in figures]
-        return values[:2] + [gain(result, "mode_entropy").format(3, signed=True)] + values[2:]
+        return [*values[:2], gain(result, "mode_entropy").format(3, signed=True), *values[2:]]
 
     for label in runs:
         base_nfe, distilled_nfe = calls[label]
@@ -156,7 +156,7 @@ def run(ctx: BenchContext) -> Section:
     section.tables.append(table)
     section.plots.append(_plot(ctx, samples, data_samples, data_mixture))
 
-    base = scores[list(runs)[0]]
+    base = scores[next(iter(runs))]
     for k in HANDOVERS:
         label = _hybrid_label(k)
         result = scores[label]
@@ -187,10 +187,10 @@ def run(ctx: BenchContext) -> Section:
         "'handover = steps is the base alone' is checked on distill_core.sampling.hybrid.sample_hybrid, the same schedule "
         "split and seed rule the node uses.",
         "Mode recall counts a mode when it holds at least a quarter of its expected share; mode entropy is the "
-        "normalised entropy of the samples' mode histogram (1 = all 8 modes equally often); mode TV is half the summed "
-        "absolute difference between the mode shares and the true weights. Image diversity is the mean pairwise "
-        "distance of kornia colour/edge descriptors of the 8x8 previews (compare rows, not absolute values). The plot's "
-        "error bars are 95% Wilson intervals of each mode's share over all samples.",
+        "normalised entropy of the samples' mode histogram (1 = all 8 modes equally often); mode TV is half the "
+        "summed absolute difference between the mode shares and the true weights. Image diversity is the mean "
+        "pairwise distance of kornia colour/edge descriptors of the 8x8 previews (compare rows, not absolute "
+        "values). The plot's error bars are 95% Wilson intervals of each mode's share over all samples.",
     ]
     return section
 

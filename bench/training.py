@@ -673,16 +673,21 @@ def _quality_table(ctx: BenchContext, section: Section) -> Table | None:
         "every row is scored against the same data distribution; LCM-LoRA's default range w ~ U[3, 15] would distil a "
         "guided distribution that the data cannot score.")
     undistilled = scores[list(runs)[1]]
+
+    def change(name: str) -> str:
+        if name not in student_result or name not in undistilled:
+            return "-"
+        return paired_difference(student_result[name], undistilled[name]).format(3, signed=True)
+
+    undistilled_excess = paired_difference(undistilled["swd"], teacher_result["swd"], scale=GOAL_QUALITY)
     section.notes.append(
-        f"What distillation changed, paired against the undistilled teacher at {STUDENT_STEPS} LCM steps (same noises, "
-        f"same references): NLL gap {paired_difference(student_result['nll_gap'], undistilled['nll_gap']).format(3, True)}"
-        f", SWD {paired_difference(student_result['swd'], undistilled['swd']).format(3, True)}, mode cov error "
-        + (paired_difference(student_result['mode_cov_error'], undistilled['mode_cov_error']).format(3, True)
-           if "mode_cov_error" in student_result and "mode_cov_error" in undistilled else "-")
-        + f". The SWD goal does not by itself show that distillation helped: the undistilled teacher at "
-        f"{STUDENT_STEPS} steps scores {paired_difference(undistilled['swd'], teacher_result['swd'], scale=GOAL_QUALITY).format(3, True)} "
-        f"on the same test (undistilled - {GOAL_QUALITY} x teacher).")
-    section.goals.append(Goal(f"{goal} (judged on the paired 95% interval of student SWD - {GOAL_QUALITY} x teacher SWD)",
+        f"What distillation changed, paired against the undistilled teacher at {STUDENT_STEPS} LCM steps (same "
+        f"noises, same references): NLL gap {change('nll_gap')}, SWD {change('swd')}, mode cov error "
+        f"{change('mode_cov_error')}. The SWD goal does not by itself show that distillation helped: the undistilled "
+        f"teacher at {STUDENT_STEPS} steps scores {undistilled_excess.format(3, signed=True)} on the same test "
+        f"(undistilled - {GOAL_QUALITY} x teacher).")
+    section.goals.append(Goal(f"{goal} (judged on the paired 95% interval of student SWD - {GOAL_QUALITY} x teacher "
+                              "SWD)",
                               judge(excess, 0.0),
                               f"student {student_result['swd'].format()} vs teacher {teacher_result['swd'].format()}: "
                               f"student - {GOAL_QUALITY} x teacher = {excess.format(signed=True)} (the undistilled "

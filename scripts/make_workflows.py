@@ -125,11 +125,11 @@ def demo(distill_steps: int = 200) -> Graph:
     g.group("Sampling", list(rows.values()))
     g.note(
         "Stride demo on the project's own demo model (a small ComfyUI UNet trained on a known mixture of coloured "
-        f"shapes; the metrics nodes score all {DEMO_SAMPLES} samples of a row exactly, with 95% intervals). 1) 25 Euler "
-        "steps of the base model. 2) LCM with 4 steps on the undistilled base. 3) The same after a short in-graph "
-        "LCM-LoRA distillation. 4) Hybrid: the base model's first step, then the distilled model (the method aims at "
-        "the base model's diversity at distilled cost: compare the mode figures). The trace grid shows x_t | predicted "
-        "x0 per step. Change the prompt (disc, square, cross, ring) or the distillation steps.",
+        f"shapes; the metrics nodes score all {DEMO_SAMPLES} samples of a row exactly, with 95% intervals). 1) 25 "
+        "Euler steps of the base model. 2) LCM with 4 steps on the undistilled base. 3) The same after a short "
+        "in-graph LCM-LoRA distillation. 4) Hybrid: the base model's first step, then the distilled model (the "
+        "method aims at the base model's diversity at distilled cost: compare the mode figures). The trace grid shows "
+        "x_t | predicted x0 per step. Change the prompt (disc, square, cross, ring) or the distillation steps.",
         (0, 800), (700, 170),
     )
     return g
@@ -243,9 +243,9 @@ def hybrid_diversity() -> Graph:
         "schedule (t=999), the distilled model the rest (759, 499, 259). Compare mode entropy / recall / TV (Stride "
         "Reference Metrics) and Stride Image Diversity: the method aims at the base model's variety at 1 base + 3 "
         "distilled model calls. The metrics come with 95% intervals, wide at 32 samples: raise the batch to a few "
-        "hundred to tell the rows apart. The trace grid shows x_t | predicted x0 per step: the first row is the base model's blurry "
-        "guess, then the distilled model commits to a picture. Base CFG is 3 here: on the exact reference teacher one "
-        "big base step at the paper's CFG 7 overshoots for some classes.\n\n"
+        "hundred to tell the rows apart. The trace grid shows x_t | predicted x0 per step: the first row is the base "
+        "model's blurry guess, then the distilled model commits to a picture. Base CFG is 3 here: on the exact "
+        "reference teacher one big base step at the paper's CFG 7 overshoots for some classes.\n\n"
         "Real models: Load Checkpoint (SDXL base) -> base_model; the same checkpoint + LoraLoader with an LCM / "
         "Hyper-SD / TDD LoRA -> distilled_model (both must share the VAE); CLIP Text Encode for the prompts; base cfg "
         "7 (the paper's), distilled cfg 1 (TDD 1.7); distilled_sampler and schedule as the LoRA was trained (LCM: lcm "

@@ -105,7 +105,7 @@ def metrics_section(rows: list[dict]) -> list[str]:
               f"Every figure is a mean with its 95% interval: SWD and the mode figures over {rows[0].get('repeats')} "
               "independent repeats (disjoint groups of the samples, each scored against its own fresh data), the "
               "NLL gap over all samples. Two rows are called different below only where their intervals do not "
-              "overlap; a pair not listed is not distinguishable at these sample sizes.", ""] + statements + [""]
+              "overlap; a pair not listed is not distinguishable at these sample sizes.", "", *statements, ""]
     return lines
 
 

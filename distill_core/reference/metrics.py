@@ -321,6 +321,8 @@ def repeat_groups(n: int, repeats: int, class_ids: Tensor | None = None) -> list
 def _draw_data(mixture: Mixture, n: int, generator: torch.Generator, labels: Tensor | None) -> Tensor:
     if labels is None:
         return mixture.sample(n, generator)[0]
+    if not isinstance(mixture, GaussianMixture):
+        raise ValueError("class_ids need a GaussianMixture with classes")
     return mixture.sample(n, generator, labels)[0]
 
 

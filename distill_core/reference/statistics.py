@@ -152,7 +152,10 @@ def judge(figure: Estimate, bound: float, at_most: bool = True) -> str:
     """A goal ``figure <= bound`` (or ``>= bound`` with ``at_most=False``) judged on the interval:
     ``"met"`` when the whole interval satisfies it, ``"missed"`` when the whole interval violates it,
     ``"undecided"`` when the interval straddles the bound."""
-    inside, outside = (figure.high <= bound, figure.low > bound) if at_most else (figure.low >= bound, figure.high < bound)
+    if at_most:
+        inside, outside = figure.high <= bound, figure.low > bound
+    else:
+        inside, outside = figure.low >= bound, figure.high < bound
     return "met" if inside else "missed" if outside else "undecided"
 
 

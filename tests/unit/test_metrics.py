@@ -163,11 +163,14 @@ def test_mode_metrics_follow_weights_and_classes() -> None:
 
 def test_mode_total_variation_on_hand_built_histograms() -> None:
     mixture = demo_mixture()
-    assert mode_total_variation(_samples_with_counts(mixture, [25] * 8), mixture) == pytest.approx(0.0)
-    assert mode_total_variation(_samples_with_counts(mixture, [0, 0, 0, 200, 0, 0, 0, 0]), mixture) == pytest.approx(7 / 8)
-    assert mode_total_variation(_samples_with_counts(mixture, [50, 0, 50, 0, 50, 0, 50, 0]), mixture) == pytest.approx(0.5)
+    def total_variation(counts: list[int], class_ids: torch.Tensor | None = None) -> float:
+        return mode_total_variation(_samples_with_counts(mixture, counts), mixture, class_ids)
+
+    assert total_variation([25] * 8) == pytest.approx(0.0)
+    assert total_variation([0, 0, 0, 200, 0, 0, 0, 0]) == pytest.approx(7 / 8)
+    assert total_variation([50, 0, 50, 0, 50, 0, 50, 0]) == pytest.approx(0.5)
     class_ids = torch.zeros(100, dtype=torch.long)  # class "disc": components 0 and 1, half each
-    assert mode_total_variation(_samples_with_counts(mixture, [75, 25, 0, 0, 0, 0, 0, 0]), mixture, class_ids) == pytest.approx(0.25)
+    assert total_variation([75, 25, 0, 0, 0, 0, 0, 0], class_ids) == pytest.approx(0.25)
 
 
 def test_mode_moment_errors_are_unbiased_and_find_shifted_and_rescaled_modes() -> None:
@@ -298,7 +301,8 @@ def test_intervals_cover_known_answers_at_the_nominal_rate() -> None:
     0.85 with ~1.3%, and one so wide that it covers 99.9% of the time with ~0.8% (both are computed below)."""
     band = _binomial_band(COVERAGE_TRIALS, 0.95, 1e-6)
     assert band == (356, 397)
-    assert _pass_probability(COVERAGE_TRIALS, band, 0.80) < 2e-6 and _pass_probability(COVERAGE_TRIALS, band, 0.85) < 0.015
+    assert _pass_probability(COVERAGE_TRIALS, band, 0.80) < 2e-6
+    assert _pass_probability(COVERAGE_TRIALS, band, 0.85) < 0.015
     assert _pass_probability(COVERAGE_TRIALS, band, 0.999) < 0.01
 
     means = torch.zeros(3, 1, 2, 2, dtype=torch.float64)
@@ -343,8 +347,8 @@ def test_mode_share_intervals_cover_the_mixture_weights() -> None:
 def test_identical_samplers_show_no_difference_and_a_collapsed_model_is_worse() -> None:
     """The same sampler from the same noises scored against the same references: every paired difference is
     exactly 0 +- 0 ("no difference"). A collapsed partner (90% of the mass on 2 of 8 modes, stds x 0.8) drawn
-    from the same seed is judged worse on every figure; its differences exceed 5 half-widths (12 standard errors), so the verdicts
-    cannot flip with the draw."""
+    from the same seed is judged worse on every figure; its differences exceed 5 half-widths (12 standard errors),
+    so the verdicts cannot flip with the draw."""
     mixture = demo_mixture()
     noise = torch.randn(512, *mixture.latent_shape, generator=seeded(30), dtype=torch.float64)
     sigma = 2.0
