@@ -21,11 +21,17 @@ least that wide (as Stride's node attaches it); both LoRAs (generator and fake s
 from __future__ import annotations
 
 import copy
+import json
+import math
+import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
 
+from distill_core.reference import metrics
+from distill_core.reference.demo import DEMO_CLASS_NAMES, demo_mixture
+from distill_core.reference.statistics import judge, paired_difference
 from distill_core.spaces import per_sample
 from distill_core.training import dmd
 from distill_core.training.conditioning import cond_cat
@@ -37,7 +43,8 @@ from . import models
 from .context import BenchContext
 from .harness import (Goal, Section, Table, check, fmt_bytes, fmt_ratio, fmt_seconds, median, peak_rss_available,
                       peak_rss_growth, run_interleaved, spread)
-from .training import CLOCK_NAMES, PROMPT, RANK, SEED, cpu_timed, goal_clock, model_conds, noise_space
+from .samplers import COMFY_EULER, SamplerSpec
+from .training import CLOCK_NAMES, PROMPT, RANK, SEED, _class_samples, cpu_timed, goal_clock, model_conds, noise_space
 
 NAME = "dmd"
 TITLE = "Distribution-matching distillation (dmd): step cost, memory, quality vs LCM (demo UNet)"
@@ -266,4 +273,155 @@ def run(ctx: BenchContext) -> Section:
                f"{side} latent, batch {batch}, LoRA rank {RANK}")
     section.tables.append(_iteration_table(section, _time_iterations(ctx, section, side, batch, setting), setting))
     section.tables.append(_memory_table(ctx, section, side, batch, setting))
+    quality = _quality_table(ctx, section)
+    if quality is not None:
+        section.tables.append(quality)
     return section
+
+
+# ------------------------------------------------------------------------------------------
+# Quality: dmd vs lcm at equal training time, against the teacher at 50 steps
+# ------------------------------------------------------------------------------------------
+TEACHER_STEPS = 50
+QUALITY_LR = 3e-4
+LCM_LR = 3e-4
+GOAL_DMD_SWD = 1.25
+GOAL_HYBRID_ENTROPY = 0.05
+
+
+def _train_node(ctx: BenchContext, model: Any, data: dict, objective: str, steps: int, batch: int) -> tuple:
+    """Stride Distill LoRA as the executor calls it: ``(student MODEL, lora, losses, CPU seconds)``."""
+    settings: dict[str, Any] = dict(
+        model=model, data=data, objective=objective, steps=steps, learning_rate=QUALITY_LR if objective == "dmd"
+        else LCM_LR, rank=RANK, alpha=0.0, batch_size=batch, guidance_min=0.0, guidance_max=0.0, loss="huber",
+        gradient_checkpointing=False, seed=SEED, save_every=0, lora_name=f"bench_quality_{objective}", resume=False)
+    if objective == "dmd":
+        settings |= dict(dmd_guidance=GUIDANCE, ttur=TTUR, generator_steps=4)
+    started = time.process_time()
+    output = ctx.node("StrideDistillLoRA").execute(**settings)
+    return output[0], output[1], output[2], time.process_time() - started
+
+
+def _at_steps(lora: dict, steps: int) -> dict:
+    """A LoRA dict whose recommended sampling takes ``steps`` steps (a dmd LoRA: its first ``steps`` timesteps)."""
+    recommended = json.loads(lora["metadata"]["stride.recommended"]) | {"steps": steps}
+    if recommended["timesteps"] is not None:
+        recommended["timesteps"] = recommended["timesteps"][:steps]
+    return {"metadata": {**lora["metadata"], "stride.recommended": json.dumps(recommended)}}
+
+
+def _lora_spec(label: str, lora: dict) -> SamplerSpec:
+    """The LoRA's own sampling (Stride Distilled Sampling) as a benchmark sampler spec."""
+    def build(ctx: BenchContext, model: Any, steps: int) -> tuple[Any, torch.Tensor]:
+        output = ctx.node("StrideDistilledSampling").execute(model, _at_steps(lora, steps))
+        return output[0], output[1]
+
+    return SamplerSpec(label, "Stride", True, False, "the LoRA's trained schedule", build)
+
+
+def _hybrid_samples(ctx: BenchContext, base: Any, student: Any, spec: SamplerSpec, noise: torch.Tensor,
+                    labels: torch.Tensor) -> torch.Tensor:
+    """One base (teacher) euler step on the student's first timestep, the student for the rest (CFG 1 both)."""
+    import comfy.samplers
+
+    sampler, sigmas = spec.build(ctx, base, 4)
+    empty = models.class_prompt(ctx, "")
+    samples = torch.empty_like(noise)
+    for index, name in enumerate(DEMO_CLASS_NAMES):
+        chosen = labels == index
+        prompt = models.class_prompt(ctx, name)
+        guiders = []
+        for model in (base, student):
+            guider = comfy.samplers.CFGGuider(model)
+            guider.set_conds(prompt, empty)
+            guider.set_cfg(1.0)
+            guiders.append(guider)
+        hybrid = ctx.node("StrideHybridGuider").execute(guiders[0], guiders[1], comfy.samplers.sampler_object("euler"),
+                                                         1)[0]
+        with torch.inference_mode():
+            samples[chosen] = hybrid.sample(noise[chosen], torch.zeros_like(noise[chosen]), sampler, sigmas.clone(),
+                                            seed=SEED).cpu()
+    check(bool(torch.isfinite(samples).all()), "hybrid: NaN or inf in the samples")
+    return samples
+
+
+def _quality_table(ctx: BenchContext, section: Section) -> Table | None:
+    """dmd and lcm LoRAs of the trained demo UNet after the same CPU time, at 4 and 1 steps, plus the hybrid."""
+    model, trained = models.demo_unet_model(ctx)
+    swd_goal = f"4-step dmd student SWD <= {GOAL_DMD_SWD}x teacher {TEACHER_STEPS}-step SWD"
+    entropy_goal = f"hybrid mode entropy within {GOAL_HYBRID_ENTROPY:.0%} of the base model's ({TEACHER_STEPS} steps)"
+    if not trained:
+        for goal in (swd_goal, entropy_goal):
+            section.goals.append(Goal(goal, "undecided", "the demo UNet's trained weights are not built; run "
+                                                         "scripts/build_demo_model.py"))
+        return None
+    dmd_steps, batch = ctx.pick(20, 300, 500), ctx.pick(4, 16, 16)
+    mixture = demo_mixture()
+    prompts = [models.class_prompt(ctx, name) for name in DEMO_CLASS_NAMES]
+    data = ctx.node("StrideDistillDataset").execute(prompts[0], models.class_prompt(ctx, ""), prompt_2=prompts[1],
+                                                    prompt_3=prompts[2], prompt_4=prompts[3], width=64, height=64)[0]
+    ctx.log(f"{NAME}: dmd, {dmd_steps} iterations (batch {batch})")
+    dmd_student, dmd_lora, dmd_losses, dmd_seconds = _train_node(ctx, model, data, "dmd", dmd_steps, batch)
+    probe_steps = ctx.pick(2, 10, 10)
+    *_, probe_seconds = _train_node(ctx, model, data, "lcm", probe_steps, batch)
+    lcm_steps = max(1, round(dmd_seconds / (probe_seconds / probe_steps)))
+    ctx.log(f"{NAME}: lcm, {lcm_steps} steps (the same CPU time)")
+    lcm_student, lcm_lora, lcm_losses, lcm_seconds = _train_node(ctx, model, data, "lcm", lcm_steps, batch)
+    check(all(math.isfinite(v) for v in dmd_losses["fake"]) and len(dmd_losses["fake"]) == dmd_steps,
+          "the dmd run's fake-score losses are not all finite")
+
+    repeats, per_repeat = ctx.pick(2, metrics.REPEATS, metrics.REPEATS), ctx.pick(8, 64, 256)
+    per_class = repeats * per_repeat // len(DEMO_CLASS_NAMES)
+    labels = torch.arange(len(DEMO_CLASS_NAMES)).repeat_interleave(per_class)
+    noise = torch.randn(len(labels), *mixture.latent_shape, generator=torch.Generator().manual_seed(SEED + 1))
+    dmd_spec, lcm_spec = _lora_spec("dmd", dmd_lora), _lora_spec("lcm", lcm_lora)
+    teacher_label = f"teacher, {TEACHER_STEPS} steps (ComfyUI euler)"
+    runs = {teacher_label: _class_samples(ctx, model, COMFY_EULER, TEACHER_STEPS, noise, labels)}
+    for steps in (4, 1):
+        runs[f"teacher, {steps} DMD step(s) (undistilled)"] = _class_samples(ctx, model, dmd_spec, steps, noise, labels)
+        runs[f"dmd student, {steps} step(s)"] = _class_samples(ctx, dmd_student, dmd_spec, steps, noise, labels)
+        runs[f"lcm student, {steps} step(s) (LCM grid)"] = _class_samples(ctx, lcm_student, lcm_spec, steps, noise,
+                                                                          labels)
+    hybrid_label = "hybrid: 1 teacher step + 3 dmd student steps"
+    runs[hybrid_label] = _hybrid_samples(ctx, model, dmd_student, dmd_spec, noise, labels)
+
+    def score(samples: torch.Tensor) -> dict:
+        return metrics.evaluate(samples.double(), mixture, labels, torch.Generator().manual_seed(SEED + 2), repeats)
+
+    scores = {label: score(samples) for label, samples in runs.items()}
+    scores[f"data ({len(labels)} fresh samples, same labels)"] = score(
+        mixture.sample(len(labels), torch.Generator().manual_seed(SEED + 3), labels)[0])
+    teacher = scores[teacher_label]
+    table = Table(
+        f"Quality after the same CPU time of training ({fmt_seconds(dmd_seconds)} dmd = {dmd_steps} iterations, ttur "
+        f"{TTUR}, lr {QUALITY_LR:g}; {fmt_seconds(lcm_seconds)} lcm = {lcm_steps} steps, lr {LCM_LR:g}; batch {batch}, "
+        f"rank {RANK}, teacher CFG 1) of the trained demo UNet, through Stride Distill LoRA: {len(labels)} "
+        f"class-conditional samples ({per_class} per class, CFG 1, same noise) scored in {repeats} repeats of "
+        f"{per_repeat} (NLL gap: per sample); mean ± 95% half-width; CPU, float32",
+        ["compared", "SWD", f"SWD - teacher {TEACHER_STEPS}-step (paired)", "NLL gap", "mode recall", "mode entropy",
+         f"entropy - teacher {TEACHER_STEPS}-step (paired)"])
+    for label, result in scores.items():
+        table.add(label, result["swd"].format(), paired_difference(result["swd"], teacher["swd"]).format(3, True),
+                  result["nll_gap"].format(3, True), result["mode_recall"].format(2), result["mode_entropy"].format(),
+                  paired_difference(result["mode_entropy"], teacher["mode_entropy"]).format(3, True))
+    student = scores["dmd student, 4 step(s)"]
+    excess = paired_difference(student["swd"], teacher["swd"], scale=GOAL_DMD_SWD)
+    section.goals.append(Goal(f"{swd_goal} (paired 95% interval of dmd SWD - {GOAL_DMD_SWD} x teacher SWD)",
+                              judge(excess, 0.0), f"dmd {student['swd'].format()} vs teacher {teacher['swd'].format()}: "
+                                                  f"{excess.format(signed=True)}"))
+    hybrid = scores[hybrid_label]
+    shortfall = paired_difference(hybrid["mode_entropy"], teacher["mode_entropy"], scale=1 - GOAL_HYBRID_ENTROPY)
+    section.goals.append(Goal(f"{entropy_goal} (paired 95% interval of hybrid entropy - "
+                              f"{1 - GOAL_HYBRID_ENTROPY:g} x base entropy >= 0)",
+                              judge(shortfall, 0.0, at_most=False),
+                              f"hybrid {hybrid['mode_entropy'].format()} vs base {teacher['mode_entropy'].format()}: "
+                              f"{shortfall.format(signed=True)}; the 4-step dmd student alone "
+                              f"{student['mode_entropy'].format()}"))
+    undistilled = scores["teacher, 4 DMD step(s) (undistilled)"]
+    section.notes.append(
+        "What dmd changed, paired against the undistilled teacher on the same 4 DMD steps (same noises, same "
+        f"references): SWD {paired_difference(student['swd'], undistilled['swd']).format(3, True)}, NLL gap "
+        f"{paired_difference(student['nll_gap'], undistilled['nll_gap']).format(3, True)}, mode entropy "
+        f"{paired_difference(student['mode_entropy'], undistilled['mode_entropy']).format(3, True)}. The real score "
+        "runs at CFG 1 so that every row is scored against the same data distribution.")
+    return table
