@@ -24,8 +24,9 @@ import copy
 import json
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -34,15 +35,26 @@ from distill_core.reference.demo import DEMO_CLASS_NAMES, demo_mixture
 from distill_core.reference.statistics import judge, paired_difference
 from distill_core.spaces import per_sample
 from distill_core.training import dmd
-from distill_core.training.conditioning import cond_cat
 from distill_core.training.config import DistillConfig, TrainingData
 from distill_core.training.memory import frozen_parameters
-from distill_core.training.trainer import STUDENT, DistillTrainer, LoraTrainer, build_trainer, step_seed
+from distill_core.training.trainer import STUDENT, LoraTrainer, build_trainer, step_seed
 
 from . import models
 from .context import BenchContext
-from .harness import (Goal, Section, Table, check, fmt_bytes, fmt_ratio, fmt_seconds, median, peak_rss_available,
-                      peak_rss_growth, run_interleaved, spread)
+from .harness import (
+    Goal,
+    Section,
+    Table,
+    check,
+    fmt_bytes,
+    fmt_ratio,
+    fmt_seconds,
+    median,
+    peak_rss_available,
+    peak_rss_growth,
+    run_interleaved,
+    spread,
+)
 from .samplers import COMFY_EULER, SamplerSpec
 from .training import CLOCK_NAMES, PROMPT, RANK, SEED, _class_samples, cpu_timed, goal_clock, model_conds, noise_space
 
@@ -62,9 +74,10 @@ def _data(ctx: BenchContext, model: Any, side: int) -> TrainingData:
 
 
 def _config(objective: str, batch: int, **overrides: Any) -> DistillConfig:
-    settings: dict[str, Any] = dict(objective=objective, rank=RANK, batch=batch, skip_small_layers=True, seed=SEED)
+    settings: dict[str, Any] = {"objective": objective, "rank": RANK, "batch": batch, "skip_small_layers": True,
+                                "seed": SEED}
     if objective == "dmd":
-        settings |= dict(ttur=TTUR, guidance_scale=GUIDANCE, generator_steps=4)
+        settings |= {"ttur": TTUR, "guidance_scale": GUIDANCE, "generator_steps": 4}
     return DistillConfig(**(settings | overrides))
 
 
@@ -175,8 +188,8 @@ def _iteration_table(section: Section, timings: list[IterationTiming], setting: 
     clock = goal_clock()
     name = CLOCK_NAMES[clock]
     table = Table(f"Our DMD iteration vs the passes it needs, each timed alone on the same inputs ({setting}; CPU, "
-                  f"float32), medians; times are {name}s. The TTUR row averages one generator and {TTUR - 1} fake-score "
-                  f"iterations (ttur {TTUR})",
+                  f"float32), medians; times are {name}s. The TTUR row averages one generator and {TTUR - 1} "
+                  f"fake-score iterations (ttur {TTUR})",
                   ["compared", f"ratio ({name})", "ratio (wall time)", "our iteration", "sum of passes", "passes",
                    "spread (ours)"])
     for timing in timings:
@@ -247,7 +260,7 @@ def _memory_table(ctx: BenchContext, section: Section, side: int, batch: int, se
                         parameter.requires_grad_(False)
                 trainer.train_step(step)  # optimizer states exist from here on
                 for _ in range(rounds):
-                    grown[label].append(peak_rss_growth(lambda: trainer.train_step(step))[1])
+                    grown[label].append(peak_rss_growth(lambda trainer=trainer, step=step: trainer.train_step(step))[1])
             held[label] = sum(p.numel() * p.element_size() for network in networks for p in network.parameters())
             held[label] += sum(p.numel() * p.element_size() * 3 for p in trainer.params)  # + AdamW's two moments
         finally:
@@ -291,12 +304,13 @@ GOAL_HYBRID_ENTROPY = 0.05
 
 def _train_node(ctx: BenchContext, model: Any, data: dict, objective: str, steps: int, batch: int) -> tuple:
     """Stride Distill LoRA as the executor calls it: ``(student MODEL, lora, losses, CPU seconds)``."""
-    settings: dict[str, Any] = dict(
-        model=model, data=data, objective=objective, steps=steps, learning_rate=QUALITY_LR if objective == "dmd"
-        else LCM_LR, rank=RANK, alpha=0.0, batch_size=batch, guidance_min=0.0, guidance_max=0.0, loss="huber",
-        gradient_checkpointing=False, seed=SEED, save_every=0, lora_name=f"bench_quality_{objective}", resume=False)
+    settings: dict[str, Any] = {
+        "model": model, "data": data, "objective": objective, "steps": steps, "rank": RANK, "alpha": 0.0,
+        "learning_rate": QUALITY_LR if objective == "dmd" else LCM_LR, "batch_size": batch, "guidance_min": 0.0,
+        "guidance_max": 0.0, "loss": "huber", "gradient_checkpointing": False, "seed": SEED, "save_every": 0,
+        "lora_name": f"bench_quality_{objective}", "resume": False}
     if objective == "dmd":
-        settings |= dict(dmd_guidance=GUIDANCE, ttur=TTUR, generator_steps=4)
+        settings |= {"dmd_guidance": GUIDANCE, "ttur": TTUR, "generator_steps": 4}
     started = time.process_time()
     output = ctx.node("StrideDistillLoRA").execute(**settings)
     return output[0], output[1], output[2], time.process_time() - started
@@ -366,7 +380,7 @@ def _quality_table(ctx: BenchContext, section: Section) -> Table | None:
     *_, probe_seconds = _train_node(ctx, model, data, "lcm", probe_steps, batch)
     lcm_steps = max(1, round(dmd_seconds / (probe_seconds / probe_steps)))
     ctx.log(f"{NAME}: lcm, {lcm_steps} steps (the same CPU time)")
-    lcm_student, lcm_lora, lcm_losses, lcm_seconds = _train_node(ctx, model, data, "lcm", lcm_steps, batch)
+    lcm_student, lcm_lora, _lcm_losses, lcm_seconds = _train_node(ctx, model, data, "lcm", lcm_steps, batch)
     check(all(math.isfinite(v) for v in dmd_losses["fake"]) and len(dmd_losses["fake"]) == dmd_steps,
           "the dmd run's fake-score losses are not all finite")
 
@@ -407,8 +421,9 @@ def _quality_table(ctx: BenchContext, section: Section) -> Table | None:
     student = scores["dmd student, 4 step(s)"]
     excess = paired_difference(student["swd"], teacher["swd"], scale=GOAL_DMD_SWD)
     section.goals.append(Goal(f"{swd_goal} (paired 95% interval of dmd SWD - {GOAL_DMD_SWD} x teacher SWD)",
-                              judge(excess, 0.0), f"dmd {student['swd'].format()} vs teacher {teacher['swd'].format()}: "
-                                                  f"{excess.format(signed=True)}"))
+                              judge(excess, 0.0),
+                              f"dmd {student['swd'].format()} vs teacher {teacher['swd'].format()}: "
+                              f"{excess.format(signed=True)}"))
     hybrid = scores[hybrid_label]
     shortfall = paired_difference(hybrid["mode_entropy"], teacher["mode_entropy"], scale=1 - GOAL_HYBRID_ENTROPY)
     section.goals.append(Goal(f"{entropy_goal} (paired 95% interval of hybrid entropy - "

@@ -30,8 +30,12 @@ from ..distill_core.safe_files import check_safetensors_file, write_safetensors
 from ..distill_core.spaces import NoiseSpace
 from ..distill_core.training import dmd
 from ..distill_core.training.config import OBJECTIVE_DEFAULTS, OBJECTIVES, DistillConfig, TrainingData
-from ..distill_core.training.lora import (LoraTargetError, ensure_autograd_compatible, lora_state_dict,
-                                         weights_fingerprint)
+from ..distill_core.training.lora import (
+    LoraTargetError,
+    ensure_autograd_compatible,
+    lora_state_dict,
+    weights_fingerprint,
+)
 from ..distill_core.training.trainer import STUDENT, DistillDivergedError, LoraTrainer, TrainResult, build_trainer
 from .compat import (
     StrideError,
@@ -231,7 +235,8 @@ def prepare_run(model: Any, data: dict, config: DistillConfig, lora_name: str, e
                       path.parent.parent / "stride_headless" / path.stem if export_headless else None)
 
 
-def run_distillation(run: DistillRun, resume: bool, node_id: str | None, keep_fake_score: bool = False) -> DistillOutcome:
+def run_distillation(run: DistillRun, resume: bool, node_id: str | None,
+                     keep_fake_score: bool = False) -> DistillOutcome:
     """Train the LoRA(s) on the run's clone (progress bar, loss events, Cancel, checkpoints); the LoRAs are
     detached again whatever happens, so the MODEL the graph passed in is never changed."""
     network = run.student.model.diffusion_model
@@ -257,8 +262,8 @@ def run_distillation(run: DistillRun, resume: bool, node_id: str | None, keep_fa
         bar.update_absolute(step, steps)
         event: dict[str, Any] = {"node": node_id, "step": step, "steps": steps, "losses": losses}
         if first_event and step > 1:  # the first step after a resume: the chart gets the steps before it too
-            event["history"] = [{name: values[k] for name, values in trainer.history.items() if math.isfinite(values[k])}
-                                for k in range(step - 1)]
+            event["history"] = [{name: values[k] for name, values in trainer.history.items()
+                                 if math.isfinite(values[k])} for k in range(step - 1)]
         first_event = False
         send_event(LOSS_EVENT, event)
 
@@ -297,7 +302,8 @@ def training_report(model: Any, run: DistillRun, outcome: DistillOutcome) -> io.
     trained = apply_lora(model, outcome.state_dict, 1.0)
     metadata = lora_metadata(model, config, outcome.result.steps_done, run.space)
     lora = {"state_dict": outcome.state_dict, "metadata": metadata}
-    final = {name: next((v for v in reversed(values) if math.isfinite(v)), None) for name, values in outcome.losses.items()}
+    final = {name: next((v for v in reversed(values) if math.isfinite(v)), None)
+             for name, values in outcome.losses.items()}
     report = {"objective": config.objective, "steps": outcome.result.steps_done, "final_loss": final,
               "checkpoint": str(run.checkpoint), "recommended_sampling": json.loads(metadata["stride.recommended"]),
               "settings": config.to_dict(), "headless": outcome.headless,
@@ -329,12 +335,12 @@ class StrideDistillLoRA(io.ComfyNode):
             node_id="StrideDistillLoRA", display_name="Stride Distill LoRA", category=CATEGORY,
             description=("Distils the MODEL's many-step sampling into a LoRA for 1-8 step sampling (LCM, TDD or "
                          "segmented consistency objectives, or DMD2 distribution matching). The teacher is the same "
-                         "network with the LoRA switched off; the MODEL passed in is not changed. Shows the loss(es) in "
-                         "the progress bar and a live chart; Cancel stops at the next step and keeps a checkpoint; "
-                         "resume continues it."),
+                         "network with the LoRA switched off; the MODEL passed in is not changed. Shows the "
+                         "loss(es) in the progress bar and a live chart; Cancel stops at the next step and keeps a "
+                         "checkpoint; resume continues it."),
             inputs=[
-                io.Model.Input("model", tooltip="The teacher (an EPS/V model; dmd also a flow model), with any LoRAs you "
-                                                "want kept applied."),
+                io.Model.Input("model", tooltip="The teacher (an EPS/V model; dmd also a flow model), with any LoRAs "
+                                                "you want kept applied."),
                 DistillData.Input("data", tooltip="Prompts / images from Stride Distillation Data."),
                 combo("objective", OBJECTIVES, "lcm: LCM-LoRA (skipping-step DDIM teacher, w ~ U[3,15]); tdd: "
                                                "Target-Driven Distillation (4-8 step targets, 20% empty prompts, "
@@ -529,11 +535,11 @@ class StrideLossPlot(io.ComfyNode):
                     continue
                 colour = SERIES_COLOURS[index % len(SERIES_COLOURS)]
                 window = max(1, len(series) // 20)
-                smooth = [sum(v for _, v in series[max(0, k - window + 1): k + 1]) / len(series[max(0, k - window + 1): k + 1])
-                          for k in range(len(series))]
+                windows = [[v for _, v in series[max(0, k - window + 1): k + 1]] for k in range(len(series))]
+                smooth = [sum(values) / len(values) for values in windows]
                 faint = tuple(int(c + (255 - c) * 0.65) for c in colour)
                 draw.line([point(i, v) for i, v in series], fill=faint, width=1)
-                draw.line([point(i, v) for (i, _), v in zip(series, smooth)], fill=colour, width=2)
+                draw.line([point(i, v) for (i, _), v in zip(series, smooth, strict=True)], fill=colour, width=2)
                 legend.append((f"{name} {10 ** series[-1][1]:.4g}", colour))
             x = margin + 4
             for text, colour in legend:
@@ -551,9 +557,10 @@ class StrideDistilledSampling(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="StrideDistilledSampling", display_name="Stride Distilled Sampling", category=CATEGORY,
-            description=("The SAMPLER and SIGMAS a LoRA from Stride Distill LoRA is made for (its recommended sampling, "
-                         "from the method registry; a dmd LoRA: DMD2's sampler on its own trained timesteps). Connect "
-                         "them to SamplerCustomAdvanced (or a Stride Hybrid Guider run) with CFG 1."),
+            description=("The SAMPLER and SIGMAS a LoRA from Stride Distill LoRA is made for (its recommended "
+                         "sampling, from the method registry; a dmd LoRA: DMD2's sampler on its own trained "
+                         "timesteps). Connect them to SamplerCustomAdvanced (or a Stride Hybrid Guider run) with "
+                         "CFG 1."),
             inputs=[
                 io.Model.Input("model", tooltip="The model the LoRA belongs to (base or base + LoRA: same schedule)."),
                 Lora.Input("lora", tooltip="The LoRA from Stride Distill LoRA."),

@@ -114,7 +114,7 @@ def load_checkpoint(path: str) -> TrainingCheckpoint:
     history = {}
     for series, parts in _split(tensors, "history.").items():
         values = [math.nan] * step
-        for index, value in zip(parts["steps"].tolist(), parts["values"].tolist()):
+        for index, value in zip(parts["steps"].tolist(), parts["values"].tolist(), strict=True):
             values[index] = value
         history[series] = values
     rng = {key[len("rng."):]: value for key, value in tensors.items() if key.startswith("rng.")}

@@ -41,7 +41,7 @@ from torch import Tensor, nn
 
 from ..safe_files import read_safetensors
 from ..spaces import NoiseSpace, per_sample
-from .conditioning import Cond, Denoiser, cond_cat, cond_to
+from .conditioning import Cond, Denoiser, cond_cat
 from .config import DistillConfig, TrainingData
 from .lora import LoraSet, attach_lora, load_lora_state_dict, lora_state_dict
 from .trainer import STUDENT, LoraTrainer, step_seed
@@ -88,7 +88,8 @@ def check_generator_timesteps(timesteps: Tensor | list[int], num_timesteps: int)
         raise ValueError(f"generator timesteps must lie in 1..{num_timesteps - 1} (this model's schedule has "
                          f"{num_timesteps} training timesteps), got {ints.tolist()}")
     if ints.numel() > 1 and not bool((ints[1:] < ints[:-1]).all()):
-        raise ValueError(f"generator timesteps must be strictly descending (e.g. 999, 749, 499, 249), got {ints.tolist()}")
+        raise ValueError(f"generator timesteps must be strictly descending (e.g. 999, 749, 499, 249), got "
+                         f"{ints.tolist()}")
     return ints
 
 
@@ -330,9 +331,9 @@ class DMDTrainer(LoraTrainer):
         finally:
             handle.remove()
         if not captured:
-            raise ValueError(f"gan_features: the network's forward never calls module '{self.config.gan_features}' itself "
-                             "(a container its parent iterates, e.g. a UNet's middle_block, runs only its layers); "
-                             "name its last layer, e.g. 'middle_block.2'")
+            raise ValueError(f"gan_features: the network's forward never calls module '{self.config.gan_features}' "
+                             "itself (a container its parent iterates, e.g. a UNet's middle_block, runs only its "
+                             "layers); name its last layer, e.g. 'middle_block.2'")
         return captured[0]
 
     def _classifier(self, fake: LoraSet, name: str) -> tuple[nn.Module, nn.Module]:
@@ -346,8 +347,8 @@ class DMDTrainer(LoraTrainer):
         with torch.no_grad():
             shape = self.features(probe, self.timesteps[:1], self.conds[0]).shape
         if len(shape) != 4 or shape[-1] != shape[-2]:
-            raise ValueError(f"gan_features: '{name}' gives features of shape {tuple(shape)}; the classifier head needs "
-                             "square (batch, channels, size, size) feature maps")
+            raise ValueError(f"gan_features: '{name}' gives features of shape {tuple(shape)}; the classifier head "
+                             "needs square (batch, channels, size, size) feature maps")
         with torch.random.fork_rng():
             torch.manual_seed(self.config.seed + 2)
             head = classifier_head(shape[1], shape[-1]).to(device=self.device, dtype=self.dtype)

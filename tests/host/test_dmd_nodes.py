@@ -81,12 +81,12 @@ def test_distilled_sampling_gives_the_trained_timesteps_as_sigmas(comfy_host):
     lora = {"metadata": {"stride.recommended": json.dumps({
         "method": "dmd2-sdxl-1step", "family": "DMD2", "sampler": "lcm", "knobs": {}, "steps": 1, "timesteps": [399],
         "cfg": 1.0})}}
-    sampler, sigmas = nodes["StrideDistilledSampling"].execute(model, lora)
+    _sampler, sigmas = nodes["StrideDistilledSampling"].execute(model, lora)
     space = stride_nodes(comfy_host, "StrideDistillLoRA").noise_space(model.get_model_object("model_sampling"))
     assert torch.allclose(sigmas.double(), space.sigmas_for_timesteps([399]), rtol=1e-6)
     bad = {"metadata": {"stride.recommended": json.dumps({**json.loads(lora["metadata"]["stride.recommended"]),
                                                           "timesteps": [1000]})}}
-    with pytest.raises(Exception, match="model: generator timesteps must lie in 1..999"):
+    with pytest.raises(Exception, match=r"model: generator timesteps must lie in 1\.\.999"):
         nodes["StrideDistilledSampling"].execute(model, bad)
 
 
@@ -116,7 +116,7 @@ def test_dmd_cancel_keeps_a_checkpoint_and_resume_matches_uninterrupted(comfy_ho
     for series in ("generator", "fake"):  # the loss history covers the whole resumed run
         assert len(a.history[series]) == STEPS
         assert all(math.isclose(x, y, rel_tol=1e-5) or (math.isnan(x) and math.isnan(y))
-                   for x, y in zip(a.history[series], b.history[series]))
+                   for x, y in zip(a.history[series], b.history[series], strict=True))
 
 
 def test_resuming_a_dmd_run_as_lcm_is_refused(comfy_host):
@@ -139,8 +139,8 @@ def test_bad_dmd_inputs_are_refused_naming_the_input(comfy_host, overrides, word
 
 def test_dmd_trains_a_flow_teacher(comfy_host):
     """The demo UNet wrapped as a CONST (rectified flow) model: dmd trains it in flow units, lcm refuses it."""
-    from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
     import comfy.ops
+    from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
 
     from distill_core.reference import demo
 

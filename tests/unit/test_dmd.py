@@ -14,11 +14,10 @@ import torch
 import torch.nn.functional as F
 
 from distill_core.safe_files import read_safetensors
+from distill_core.spaces import NoiseSpace, scaled_linear_alphas_cumprod
 from distill_core.training.checkpoint import load_checkpoint
 from distill_core.training.cli import DemoEpsNet, demo_network, eps_denoiser, velocity_denoiser
 from distill_core.training.config import DistillConfig
-from distill_core.training.trainer import STUDENT, build_trainer, step_seed
-from distill_core.spaces import NoiseSpace, scaled_linear_alphas_cumprod
 from distill_core.training.dmd import (
     FAKE,
     backward_simulation,
@@ -34,6 +33,7 @@ from distill_core.training.dmd import (
     generator_timesteps,
     sample_dm_timesteps,
 )
+from distill_core.training.trainer import STUDENT, build_trainer, step_seed
 
 REPO = os.path.join(os.path.dirname(__file__), "..", "..")
 ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -124,7 +124,7 @@ def test_backward_simulation_equals_the_official_loop(space, first):
         eps = torch.randn(2, 4, 2, 2, generator=draws, dtype=torch.float64)
         fresh = [torch.randn(2, 4, 2, 2, generator=draws, dtype=torch.float64) for _ in range(3)]
         supply = iter(fresh)
-        result = backward_simulation(generator, space, timesteps, steps, eps, lambda: next(supply))
+        result = backward_simulation(generator, space, timesteps, steps, eps, supply.__next__)
         # sample_backward: pure (VP unit) noise, then x0 = G(x, t_i), x = add_noise(x0, randn, t_{i+1})
         a, b = space.coefficients(space.sigma_of(timesteps[0]))
         x = eps * float((a**2 + b**2).sqrt())
@@ -223,14 +223,16 @@ def test_classifier_head_has_the_official_layout(size, strides):
     head = classifier_head(64, size)
     convs = [layer for layer in head if isinstance(layer, torch.nn.Conv2d)]
     assert [conv.stride[0] for conv in convs] == strides
-    assert [conv.kernel_size[0] for conv in convs][-1] == 1 and all(k == 4 for k in [c.kernel_size[0] for c in convs][:-1])
+    kernels = [conv.kernel_size[0] for conv in convs]
+    assert kernels[-1] == 1 and all(k == 4 for k in kernels[:-1])
     assert head(torch.randn(3, 64, size, size)).shape == (3, 1, 1, 1)
 
 
 # -- the trainer: one base network, three roles -------------------------------------------------------
 def dmd_setup(data_free: bool = True, prediction: str = "eps", **overrides):
     """The CLI's demo network (float64) with a dmd trainer attached; small settings."""
-    settings = dict(objective="dmd", steps=8, rank=2, batch=2, lr=1e-3, ttur=2, guidance_scale=1.5, seed=3)
+    settings = {"objective": "dmd", "steps": 8, "rank": 2, "batch": 2, "lr": 1e-3, "ttur": 2, "guidance_scale": 1.5,
+                "seed": 3}
     config = DistillConfig(**{**settings, **overrides})
     options = {"dtype": "float64", "num_latents": 0 if data_free else 6, "hidden": 8, "prediction": prediction}
     network = demo_network(options, config)
@@ -246,7 +248,7 @@ def randomise_loras(trainer) -> None:
 
 
 def merged_copy(module, loraset):
-    """A separate copy of the network (without the LoRA hooks) with ``loraset``'s low-rank products added to its weights."""
+    """A separate copy of the network (without the LoRA hooks) with ``loraset``'s low-rank products in its weights."""
     copy_ = copy.deepcopy(module)
     for submodule in copy_.modules():
         submodule._forward_hooks.clear()
@@ -264,7 +266,8 @@ def role_networks(network, trainer):
     """Denoisers of the teacher, generator and fake score as separate merged copies (no hooks)."""
     wrap = eps_denoiser if network.space.kind == "ve" else velocity_denoiser
     return {role: wrap(merged_copy(network.module, loraset), network.space)
-            for role, loraset in {"teacher": None, STUDENT: trainer.adapters[STUDENT], FAKE: trainer.adapters[FAKE]}.items()}
+            for role, loraset in {"teacher": None, STUDENT: trainer.adapters[STUDENT],
+                                  FAKE: trainer.adapters[FAKE]}.items()}
 
 
 def test_all_loras_off_is_the_teacher_bit_for_bit_and_roles_switch_adapters():
@@ -346,10 +349,10 @@ def test_backward_simulation_runs_the_current_generator_from_pure_noise():
         depths.add(depth)
         assert torch.equal(batch.timesteps, trainer.timesteps[depth].expand(config.batch))
 
-        def noise():
+        def noise(draws=draws):
             return torch.randn((config.batch, 4, 8, 8), generator=draws, dtype=torch.float64)
 
-        expected = backward_simulation(lambda x, t: generator_net(x, space.sigma_of(t), batch.cond), space,
+        expected = backward_simulation(lambda x, t, cond=batch.cond: generator_net(x, space.sigma_of(t), cond), space,
                                        trainer.timesteps, depth, noise(), noise)
         assert torch.allclose(batch.inputs, expected, atol=1e-12, rtol=0)
     assert len(depths) > 1
@@ -363,14 +366,14 @@ def trained_vector(trainer) -> torch.Tensor:
                                                  (False, {"gan_features": "conv_mid"})],
                          ids=["backward-simulation", "with-images", "gan"])
 def test_resume_gives_the_same_loras_optimizers_and_history_as_an_uninterrupted_run(tmp_path, data_free, overrides):
-    network, trainer = dmd_setup(data_free, **overrides)
+    _, trainer = dmd_setup(data_free, **overrides)
     whole = trainer.train()
     uninterrupted = trained_vector(trainer)
     assert set(whole.losses) == {"generator", "fake"} and len(whole.losses["fake"]) == 8
     assert [math.isnan(v) for v in whole.losses["generator"]] == [step % 2 == 1 for step in range(8)]
 
     checkpoint = str(tmp_path / "run.ckpt.safetensors")
-    network, trainer = dmd_setup(data_free, **overrides)
+    _, trainer = dmd_setup(data_free, **overrides)
     polls = iter(range(100))
     first = trainer.train(should_stop=lambda: next(polls) >= 3, checkpoint_path=checkpoint)
     assert first.cancelled and first.steps_done == 3
@@ -378,7 +381,7 @@ def test_resume_gives_the_same_loras_optimizers_and_history_as_an_uninterrupted_
     assert set(saved.loras) == set(saved.optimizers) == {STUDENT, FAKE}
     assert set(saved.modules) == ({FAKE} if overrides.get("gan_features") else set())
 
-    network, trainer = dmd_setup(data_free, **overrides)
+    _, trainer = dmd_setup(data_free, **overrides)
     torch.manual_seed(123)  # the checkpoint restores the torch RNG
     second = trainer.train(checkpoint_path=checkpoint, resume=True)
     assert second.steps_done == 8
@@ -390,7 +393,7 @@ def test_resume_gives_the_same_loras_optimizers_and_history_as_an_uninterrupted_
 
 
 def test_the_fake_score_learns_the_generator_samples():
-    network, trainer = dmd_setup(steps=60, lr=3e-3, batch=4, ttur=1000)  # one generator step, then the fake score alone
+    _, trainer = dmd_setup(steps=60, lr=3e-3, batch=4, ttur=1000)  # one generator step, then the fake score alone
 
     def held_out_loss() -> float:
         with torch.no_grad():
@@ -415,7 +418,7 @@ def test_bad_dmd_settings_are_refused_and_leave_the_network_untouched(settings, 
     data_free = settings.get("gan_features") != "nowhere"
     options = {"dtype": "float64", "hidden": 8, "num_latents": 0 if data_free else 6}
     try:
-        config = DistillConfig(**{**dict(objective="dmd", rank=2, batch=2), **settings})
+        config = DistillConfig(**{**{"objective": "dmd", "rank": 2, "batch": 2}, **settings})
     except ValueError as error:  # refused by the settings themselves
         assert re.search(message, str(error)), error
         return
@@ -432,7 +435,7 @@ def test_resuming_a_dmd_checkpoint_as_another_objective_or_rank_is_refused_and_c
     before = os.stat(checkpoint).st_mtime_ns, read_safetensors(checkpoint)[0]
     for settings, message in [({"objective": "lcm"}, r"different settings \(objective 'dmd' there, 'lcm' here\)"),
                               ({"objective": "dmd", "rank": 4}, r"different settings \(rank 2 there, 4 here\)")]:
-        config = DistillConfig(**{**dict(steps=4, rank=2, batch=2, lr=1e-3, seed=3), **settings})
+        config = DistillConfig(**{**{"steps": 4, "rank": 2, "batch": 2, "lr": 1e-3, "seed": 3}, **settings})
         network = demo_network({"dtype": "float64", "num_latents": 0, "hidden": 8}, config)
         fresh = build_trainer(network.denoiser, network.module, network.space, config, network.data)
         initial = trained_vector(fresh)
@@ -483,4 +486,5 @@ def test_two_process_gloo_ranks_end_with_identical_dmd_loras(tmp_path):
     assert rank0.keys() == rank1.keys() and {key.split(".")[0] for key in rank0} == {STUDENT, FAKE}
     assert all(torch.equal(rank0[key], rank1[key]) for key in rank0)
     for role in (STUDENT, FAKE):
-        assert any(key.startswith(role) and key.endswith("lora_up.weight") and rank0[key].abs().max() > 0 for key in rank0)
+        assert any(key.startswith(role) and key.endswith("lora_up.weight") and rank0[key].abs().max() > 0
+                   for key in rank0)
