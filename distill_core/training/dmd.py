@@ -239,6 +239,16 @@ def step_weights(space: NoiseSpace, timesteps: Tensor) -> Tensor:
 
 
 @dataclass
+class _GANDraws:
+    """The GAN term's draws: real latents with their conditioning, diffusion-GAN noise (generated, then real)."""
+
+    real: Tensor
+    real_cond: Cond
+    timesteps: Tensor
+    noise: Tensor
+
+
+@dataclass
 class _DMDBatch:
     """Every random draw of one iteration (a function of seed, rank and step)."""
 
@@ -250,10 +260,7 @@ class _DMDBatch:
     dm_noise: Tensor
     fake_timesteps: Tensor
     fake_noise: Tensor
-    real: Tensor | None  # real latents for the GAN term
-    real_cond: Cond | None
-    gan_timesteps: Tensor | None  # fake then real, for the diffusion-GAN noise
-    gan_noise: Tensor | None
+    gan: _GANDraws | None
 
 
 class DMDTrainer(LoraTrainer):
@@ -277,7 +284,7 @@ class DMDTrainer(LoraTrainer):
                              "training images or latents, or leave gan_features unset")
         super().__init__(denoiser, loraset, space, config, data)
         self.dm_range = dm_timestep_range(space.num_timesteps, config.min_step_percent, config.max_step_percent)
-        self.shape = tuple(data.latents.shape[1:]) if data.latents is not None else tuple(data.latent_shape)
+        self.shape = tuple(data.latents.shape[1:]) if data.latents is not None else tuple(data.latent_shape or ())
         self.dtype = loraset.parameters()[0].dtype
         fake = attach_fake_score_lora(loraset.root, config)
         try:
@@ -286,7 +293,7 @@ class DMDTrainer(LoraTrainer):
             self.feature_module = head = None
             if config.gan_features is not None:
                 self.feature_module, head = self._classifier(fake, config.gan_features)
-            self.add_role(FAKE, fake, config.fake_lr, head)
+            self.add_role(FAKE, fake, config.fake_lr or config.lr or 0.0, head)  # both resolved for dmd
         except BaseException:
             fake.remove()
             raise
@@ -322,6 +329,8 @@ class DMDTrainer(LoraTrainer):
             captured.append(output)
             raise _FeaturesReached
 
+        if self.feature_module is None:
+            raise ValueError("the GAN term is off (gan_features unset)")
         handle = self.feature_module.register_forward_hook(stop)
         try:
             with self.roles(FAKE):
@@ -374,34 +383,36 @@ class DMDTrainer(LoraTrainer):
             return torch.randn((batch, *self.shape), generator=generator, dtype=self.dtype).to(self.device)
 
         uncond = cond_cat([self.uncond] * batch)
-        latents = None if config.backward_simulation else self.latents()
-        picks = None if latents is None else torch.randint(len(latents), (batch,), generator=generator)
-        paired = picks is not None and self.data.paired and self.data.latents is not None
-        cond_ids = picks if paired else torch.randint(len(self.conds), (batch,), generator=generator)
-        cond = cond_cat([self.conds[i] for i in cond_ids.tolist()])
-        if latents is not None:
-            timesteps = self.timesteps[torch.randint(len(self.timesteps), (batch,), generator=generator)]
-            start = latents[picks.to(latents.device)].to(self.device, self.dtype)
-            inputs = generator_input(self.space, start, noise(), timesteps)
-        else:
+        if config.backward_simulation:
+            cond_ids = torch.randint(len(self.conds), (batch,), generator=generator)
+            cond = cond_cat([self.conds[i] for i in cond_ids.tolist()])
             shared = torch.Generator().manual_seed(step_seed(config.seed, 0, step))
             depth = int(torch.randint(len(self.timesteps), (1,), generator=shared))
             inputs = backward_simulation(lambda x, t: self.run_role(STUDENT, x, t, cond), self.space, self.timesteps,
                                          depth, noise(), noise)
             timesteps = self.timesteps[depth].expand(batch)
+        else:
+            latents = self.latents()
+            picks = torch.randint(len(latents), (batch,), generator=generator)
+            paired = self.data.paired and self.data.latents is not None
+            cond_ids = picks if paired else torch.randint(len(self.conds), (batch,), generator=generator)
+            cond = cond_cat([self.conds[i] for i in cond_ids.tolist()])
+            timesteps = self.timesteps[torch.randint(len(self.timesteps), (batch,), generator=generator)]
+            start = latents[picks.to(latents.device)].to(self.device, self.dtype)
+            inputs = generator_input(self.space, start, noise(), timesteps)
         dm_timesteps = sample_dm_timesteps(batch, self.dm_range, num, generator)
         dm_noise = noise()
         fake_timesteps = torch.randint(0, num, (batch,), generator=generator)
         fake_noise = noise()
-        real = real_cond = gan_timesteps = gan_noise = None
-        if self.feature_module is not None:
-            real_picks = torch.randint(len(self.data.latents), (batch,), generator=generator)
-            real = self.data.latents[real_picks.to(self.data.latents.device)].to(self.device, self.dtype)
-            real_cond = (cond_cat([self.conds[i] for i in real_picks.tolist()]) if self.data.paired else uncond)
+        gan = None
+        real_latents = self.data.latents
+        if self.feature_module is not None and real_latents is not None:
+            real_picks = torch.randint(len(real_latents), (batch,), generator=generator)
+            real = real_latents[real_picks.to(real_latents.device)].to(self.device, self.dtype)
+            real_cond = cond_cat([self.conds[i] for i in real_picks.tolist()]) if self.data.paired else uncond
             gan_timesteps = torch.randint(0, num, (2 * batch,), generator=generator)
-            gan_noise = torch.cat([noise(), noise()])
-        return _DMDBatch(cond, uncond, inputs, timesteps, dm_timesteps, dm_noise, fake_timesteps, fake_noise,
-                         real, real_cond, gan_timesteps, gan_noise)
+            gan = _GANDraws(real, real_cond, gan_timesteps, torch.cat([noise(), noise()]))
+        return _DMDBatch(cond, uncond, inputs, timesteps, dm_timesteps, dm_noise, fake_timesteps, fake_noise, gan)
 
     def generate(self, batch: _DMDBatch, grad: bool) -> Tensor:
         """The generator's sample (x0 at its timestep), with a graph into the student LoRA when ``grad``."""
@@ -420,10 +431,10 @@ class DMDTrainer(LoraTrainer):
         if self.config.balance_generator_steps:
             grad = grad * per_sample(step_weights(space, batch.timesteps), grad)
         loss = distribution_matching_loss(x, grad)
-        if self.feature_module is not None and self.config.gan_generator_weight > 0:
+        if batch.gan is not None and self.config.gan_generator_weight > 0:
             size = x.shape[0]
             gan = self.config.gan_generator_weight * gan_generator_loss(
-                self.realism_logits(x, batch.gan_timesteps[:size], batch.gan_noise[:size], self._gan_cond(batch)))
+                self.realism_logits(x, batch.gan.timesteps[:size], batch.gan.noise[:size], self._gan_cond(batch)))
             loss, reported = loss + gan, reported + gan.detach()
         return loss, reported
 
@@ -437,10 +448,10 @@ class DMDTrainer(LoraTrainer):
         sigma = self.space.sigma_of(t)
         x_t = self.space.noise(x, batch.fake_noise, per_sample(sigma, x))
         loss = fake_score_loss(self.run_role(FAKE, x_t, t, batch.cond, grad=True), x, sigma)
-        if self.feature_module is not None and self.config.gan_classifier_weight > 0:
-            both = torch.cat([x, batch.real])
-            logits = self.realism_logits(both, batch.gan_timesteps, batch.gan_noise,
-                                         cond_cat([self._gan_cond(batch), batch.real_cond]))
+        if batch.gan is not None and self.config.gan_classifier_weight > 0:
+            both = torch.cat([x, batch.gan.real])
+            logits = self.realism_logits(both, batch.gan.timesteps, batch.gan.noise,
+                                         cond_cat([self._gan_cond(batch), batch.gan.real_cond]))
             fake_logits, real_logits = logits.chunk(2)
             loss = loss + self.config.gan_classifier_weight * gan_classifier_loss(real_logits, fake_logits)
         return loss
