@@ -704,11 +704,12 @@ def check_architecture(entry: Method, architectures: tuple[str, ...]) -> None:
                          f"{' / '.join(architectures)}; methods for it: {_listing(fitting) or 'none registered'}")
 
 
-def detect_method(architectures: tuple[str, ...], model_kind: str, steps: int, piflow_model: bool = False) -> Method:
+def detect_method(architectures: tuple[str, ...], model_kind: str, steps: int | None,
+                  piflow_model: bool = False) -> Method:
     """The entry a model must be sampled with, where its architecture and kind leave one choice.
 
     Candidates: the entries for one of ``architectures`` and of ``model_kind``; pi-Flow entries exactly when the
-    model carries a pi-Flow adapter (``piflow_model``); then those published for ``steps``. Candidates that
+    model carries a pi-Flow adapter (``piflow_model``); then those published for ``steps`` (``None``: any). Candidates that
     :func:`samples_alike` count as one (e.g. Wan 2.1 lightx2v and Wan2.2-Lightning on a Wan 14B model, which
     the two share). Otherwise a ``ValueError`` lists the choices.
     """
@@ -719,7 +720,7 @@ def detect_method(architectures: tuple[str, ...], model_kind: str, steps: int, p
         kind_fits = [m for m in methods_for(model_kind=model_kind) if (m.family == PIFLOW_FAMILY) == piflow_model]
         raise ValueError(f"cannot tell the few-step family of a {model_kind} model of {named}; choose one of: "
                          f"{_listing(kind_fits) or 'none registered'}")
-    fitting = [m for m in candidates if steps in m.steps]
+    fitting = [m for m in candidates if steps is None or steps in m.steps]
     if not fitting:
         raise ValueError(f"no few-step family for {named} was published for {steps} steps; choose one of: "
                          f"{_listing(candidates)}")

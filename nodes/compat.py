@@ -26,7 +26,7 @@ classes, the ModelPatcher methods (``clone``, ``get_model_object``, ``add_patche
 from __future__ import annotations
 
 import inspect
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any, ClassVar
 
 import torch
@@ -39,6 +39,7 @@ import comfy.sd
 import comfy.supported_models_base
 from comfy_api.v0_0_2 import ComfyExtension, io, ui
 
+from ..distill_core import methods
 from ..distill_core.spaces import NoiseSpace
 
 __all__ = ["ComfyExtension", "StrideError", "io", "ui"]
@@ -132,9 +133,11 @@ def has_discrete_timesteps(model_sampling: Any) -> bool:
 
 
 def sampling_kind(model_sampling: Any) -> str:
-    """"eps", "v", "flow" or "x0": the parameterisation a model predicts."""
+    """"eps", "v", "flow" or "x0": the parameterisation a model predicts (ComfyUI's X0 subclasses EPS)."""
     if isinstance(model_sampling, comfy.model_sampling.CONST):
         return "flow"
+    if isinstance(model_sampling, comfy.model_sampling.X0):
+        return "x0"
     if isinstance(model_sampling, comfy.model_sampling.V_PREDICTION):
         return "v"
     if isinstance(model_sampling, comfy.model_sampling.EPS):
@@ -188,6 +191,35 @@ def model_from_network(diffusion_model: torch.nn.Module, prediction: str, latent
     base.diffusion_model = diffusion_model
     return comfy.model_patcher.ModelPatcher(base, load_device=comfy.model_management.get_torch_device(),
                                             offload_device=comfy.model_management.unet_offload_device())
+
+
+# ComfyUI's model config classes (exact class, not subclasses: SSD-1B, FLUX Fill or Wan VACE are others) -> the
+# registry's architectures; a function of the detected config where one class covers several sizes.
+_ARCHITECTURES: dict[str, Callable[[dict], tuple[str, ...]]] = {
+    "SD15": lambda config: (methods.SD15,),
+    "SDXL": lambda config: (methods.SDXL,),
+    "Flux": lambda config: (methods.FLUX1_DEV,),
+    "FluxSchnell": lambda config: (methods.FLUX1_SCHNELL,),
+    "Flux2": lambda config: (methods.FLUX2_DEV,),
+    "SD3": lambda config: (methods.SD35_LARGE,) if config.get("depth") == SD35_LARGE_DEPTH else (),
+    "QwenImage": lambda config: (methods.QWEN_IMAGE, methods.QWEN_IMAGE_EDIT),  # one class for both
+    "ZImage": lambda config: (methods.Z_IMAGE,),
+    # Wan 2.2 A14B's experts have Wan 2.1 14B's architecture, so a 14B model is either
+    "WAN21_T2V": lambda config: (methods.WAN21_T2V_14B, methods.WAN22_T2V_A14B)
+    if config.get("dim") == WAN_14B_DIM else (),
+    "WAN21_I2V": lambda config: (methods.WAN21_I2V_14B, methods.WAN22_I2V_A14B)
+    if config.get("dim") == WAN_14B_DIM else (),
+}
+SD35_LARGE_DEPTH = 38
+WAN_14B_DIM = 5120
+
+
+def model_architectures(model: Any) -> tuple[str, ...]:
+    """The registry architectures (:mod:`distill_core.methods`) a MODEL can be, from the config class ComfyUI's model
+    detection chose and its detected sizes; empty when it is none of them (or a custom model such as the reference)."""
+    config = getattr(model.model, "model_config", None)
+    architectures = _ARCHITECTURES.get(type(config).__name__)
+    return architectures(getattr(config, "unet_config", None) or {}) if architectures else ()
 
 
 def image_model(model: Any) -> str | None:

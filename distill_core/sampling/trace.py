@@ -80,15 +80,14 @@ class StepTrace:
 
 
 def _decode_tiles(latents: Tensor, decode: Callable[[Tensor], Tensor]) -> Tensor:
-    """Tiles ``(m, th, tw, 3)`` of latents ``(m, C, h, w)``; video latents ``(m, C, T, h, w)`` are decoded frame by
-    frame and their frames put side by side (``(m, th, T * tw, 3)``)."""
-    if latents.ndim == 4:
-        return decode(latents).float().cpu()
-    if latents.ndim != 5:
+    """Tiles ``(m, th, tw, 3)`` of latents ``(m, C, h, w)``; video latents ``(m, C, T, h, w)`` decode to frames
+    ``(m, F, th, tw, 3)`` (a video VAE may give ``F != T``), put side by side (``(m, th, F * tw, 3)``)."""
+    if latents.ndim not in (4, 5):
         raise ValueError(f"trace latents must be images (B, C, H, W) or videos (B, C, T, H, W), got {tuple(latents.shape)}")
-    m, _, frames = latents.shape[:3]
-    tiles = decode(latents.movedim(2, 1).flatten(0, 1)).float().cpu()  # (m * T, th, tw, 3)
-    return tiles.reshape(m, frames, *tiles.shape[1:]).movedim(1, 2).flatten(2, 3)
+    tiles = decode(latents).float().cpu()
+    if latents.ndim == 4:
+        return tiles
+    return tiles.movedim(1, 2).flatten(2, 3)
 
 
 def trace_grid(
@@ -102,8 +101,8 @@ def trace_grid(
     """One ``(H, W, 3)`` picture of a trace: a row per step, for each of the first ``max_items`` batch
     items a column pair ``x_t | x0``, tiles ``gap`` pixels apart on a ``background`` grey level.
 
-    ``decode`` maps latents ``(m, C, h, w)`` to images ``(m, th, tw, 3)`` in [0, 1]; all tiles are
-    decoded in one call (video latents: every frame, shown side by side). With ``phase_colours`` each row
+    ``decode`` maps latents ``(m, C, h, w)`` to images ``(m, th, tw, 3)`` in [0, 1], video latents
+    ``(m, C, T, h, w)`` to frames ``(m, F, th, tw, 3)`` (shown side by side); all tiles are decoded in one call. With ``phase_colours`` each row
     starts with a bar in the colour of the model that ran the step (:attr:`TraceStep.phase`; background
     for a phase without a colour).
     """

@@ -91,9 +91,9 @@ def test_video_latents_are_traced_with_their_frames_side_by_side():
     trace.record(0, 1.0, frames * 2**0.5, frames + 10, VE)
     assert trace.steps[0].x_t.shape == (2, 1, 3, 2, 2)
 
-    def decode(latents):  # (m, 1, h, w) -> one grey tile of 2 x 4 pixels per latent, its value / 20
-        assert latents.ndim == 4
-        return (latents.mean(dim=(1, 2, 3)) / 20).reshape(-1, 1, 1, 1).expand(-1, 2, 4, 3)
+    def decode(latents):  # (m, 1, T, h, w) -> per frame one grey tile of 2 x 4 pixels, its value / 20
+        assert latents.ndim == 5
+        return (latents.mean(dim=(1, 3, 4)) / 20)[..., None, None, None].expand(-1, -1, 2, 4, 3)
 
     grid = trace_grid(trace.steps, decode, max_items=1, gap=1)
     assert grid.shape == (2, 2 * 12 + 1, 3)  # one row; x_t and x0 tiles of 3 frames x 4 pixels each
