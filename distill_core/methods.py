@@ -709,9 +709,9 @@ def detect_method(architectures: tuple[str, ...], model_kind: str, steps: int | 
     """The entry a model must be sampled with, where its architecture and kind leave one choice.
 
     Candidates: the entries for one of ``architectures`` and of ``model_kind``; pi-Flow entries exactly when the
-    model carries a pi-Flow adapter (``piflow_model``); then those published for ``steps`` (``None``: any). Candidates that
-    :func:`samples_alike` count as one (e.g. Wan 2.1 lightx2v and Wan2.2-Lightning on a Wan 14B model, which
-    the two share). Otherwise a ``ValueError`` lists the choices.
+    model carries a pi-Flow adapter (``piflow_model``); then those published for ``steps`` (``None``: any).
+    Candidates that :func:`samples_alike` count as one (e.g. Wan 2.1 lightx2v and Wan2.2-Lightning on a Wan 14B
+    model, which the two share). Otherwise a ``ValueError`` lists the choices.
     """
     named = " / ".join(architectures) or "this model's architecture (not one the registry knows)"
     candidates = [m for m in methods_for(model_kind=model_kind)

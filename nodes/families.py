@@ -173,8 +173,8 @@ class StrideFewStepSample(io.ComfyNode):
                          "Z-Image-Turbo, Wan 2.1 lightx2v, Wan2.2-Lightning, pi-Flow); 'auto' reads it from the "
                          "model where that leaves one choice. cfg 0 uses the family's recommendation."),
             inputs=[
-                io.Model.Input("model", tooltip="A distilled model: base + the family's LoRA / adapter, or a "
-                                                "distilled checkpoint (FLUX.1 schnell, SD3.5 Large Turbo, Z-Image-Turbo, "
+                io.Model.Input("model", tooltip="A distilled model: base + the family's LoRA / adapter, or a distilled "
+                                                "checkpoint (FLUX.1 schnell, SD3.5 Large Turbo, Z-Image-Turbo, "
                                                 "SDXL-Lightning / DMD2 UNets)."),
                 io.Conditioning.Input("positive", tooltip="Prompt conditioning. FLUX families: its FLUX guidance is "
                                                           "set to the family's unless FluxGuidance set one."),
@@ -192,7 +192,8 @@ class StrideFewStepSample(io.ComfyNode):
                 io.Float.Input("gamma", default=tcd.sampler.knobs["gamma"], min=0.0, max=1.0, step=0.01,
                                tooltip=f"TCD-sampled families only ({', '.join(m.key for m in TCD_FAMILIES)}): TCD's "
                                        "gamma, called 'eta' by diffusers' TCDScheduler and the model cards (not DDIM's "
-                                       f"eta); 0 = DDIM, 1 = LCM-like. Authors' default {tcd.sampler.knobs['gamma']:g}. "
+                                       "eta); 0 = DDIM, 1 = LCM-like. Authors' default "
+                                       f"{tcd.sampler.knobs['gamma']:g}. "
                                        "Not confirmed: " + METHODS["hyper-sd-unified"].unconfirmed[0] + "."),
                 io.Float.Input("eta", default=tdd.sampler.knobs["eta"], min=0.0, max=1.0, step=0.01,
                                tooltip=f"TDD only ({', '.join(m.key for m in TDD_FAMILIES)}): TDD's name for TCD's "

@@ -179,8 +179,9 @@ class HybridGuider:
         k = self.base_steps(sigmas)
         if k >= steps and self.handover_boundary is not None:
             raise StrideError(
-                f"handover_boundary: every sigma of this {steps}-step schedule is at or above {self.handover_boundary:g}, "
-                "so the distilled model gets no step; choose a higher boundary (a sigma of the base model).")
+                f"handover_boundary: every sigma of this {steps}-step schedule is at or above "
+                f"{self.handover_boundary:g}, so the distilled model gets no step; choose a higher boundary (a sigma "
+                "of the base model).")
         if k >= steps:
             raise StrideError(
                 f"handover_steps: {k} base steps leave nothing for the distilled model on this {steps}-step schedule; "

@@ -223,8 +223,8 @@ def substep_inputs() -> list[io.Input]:
 
 def shift_input() -> io.Float.Input:
     return io.Float.Input("shift", default=PIFLOW_SCHEDULE.shift, min=0.01, max=100.0, step=0.01,
-                          tooltip=f"Time shift sigma = s t / (1 + (s - 1) t) ({PIFLOW_SCHEDULE.shift:g} for all released "
-                                  "pi-FLUX.1, "
+                          tooltip="Time shift sigma = s t / (1 + (s - 1) t) "
+                                  f"({PIFLOW_SCHEDULE.shift:g} for all released pi-FLUX.1, "
                                   "pi-FLUX.2 and pi-Qwen-Image adapters). Use the same value in sampler and scheduler.")
 
 

@@ -24,7 +24,15 @@ from ..distill_core.safe_files import read_safetensors
 from ..distill_core.sampling import piflow
 from . import piflow_families
 from .compat import StrideError, combo, image_model, io, wrapped_call_arguments
-from .piflow import CATEGORY, FLUX_GUIDANCE_TEXT, PIFLOW_FLUX1, PIFLOW_FLUX2, PIFLOW_SCHEDULE, PolicyOutput, deposit_policy
+from .piflow import (
+    CATEGORY,
+    FLUX_GUIDANCE_TEXT,
+    PIFLOW_FLUX1,
+    PIFLOW_FLUX2,
+    PIFLOW_SCHEDULE,
+    PolicyOutput,
+    deposit_policy,
+)
 from .piflow_families import FLUX1, FLUX2, QWEN_IMAGE, ModelFamily
 
 WRAPPER_KEY = "stride_piflow_policy"
@@ -57,7 +65,8 @@ class ComfyFamily:
 
 COMFY_FAMILIES = (  # FLUX.2's BaseModel subclasses FLUX.1's: test it first
     ComfyFamily(FLUX2, comfy.model_base.Flux2, "flux2", "final_layer", "final_layer.linear",
-                f"e.g. flux2_dev_fp8mixed in Load Diffusion Model, Flux guidance {PIFLOW_FLUX2.flux_guidance:g}", packing=2),
+                f"e.g. flux2_dev_fp8mixed in Load Diffusion Model, Flux guidance {PIFLOW_FLUX2.flux_guidance:g}",
+                packing=2),
     ComfyFamily(FLUX1, comfy.model_base.Flux, "flux", "final_layer", "final_layer.linear",
                 f"e.g. flux1-dev in Load Diffusion Model, Flux guidance {PIFLOW_FLUX1.flux_guidance:g}"),
     ComfyFamily(QWEN_IMAGE, comfy.model_base.QwenImage, "qwen_image", "norm_out", "proj_out",

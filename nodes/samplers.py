@@ -146,7 +146,8 @@ class StrideTDDSampler(io.ComfyNode):
             node_id="StrideTDDSampler", display_name="Stride TDD Sampler", category=CATEGORY,
             description=("TDD sampling (Target-Driven Distillation): DPM-Solver++(1) to a shrunk target timestep, "
                          "then re-noise (eta), with optional x0 clipping in the first steps. TDD LoRAs were trained "
-                         f"with empty prompts, so real CFG works: authors' SDXL default {TDD_SDXL.default_steps} steps, "
+                         "with empty prompts, so real CFG works: authors' SDXL default "
+                         f"{TDD_SDXL.default_steps} steps, "
                          f"CFG {TDD_SDXL.cfg:g}, eta {TDD_SDXL.sampler.knobs['eta']:g}."),
             inputs=[
                 io.Float.Input("eta", default=TDD_SDXL.sampler.knobs["eta"], min=0.0, max=1.0, step=0.01,
@@ -217,7 +218,8 @@ class StrideLCMScheduler(io.ComfyNode):
                              tooltip=f"Sampling steps (LCM-LoRA: {LCM_LORA.steps_text()}, default "
                                      f"{LCM_LORA.default_steps}; {LCM_LORA.notes})"),
                 io.Int.Input("original_steps", default=LCM_LORA.schedule.original_steps, min=1, max=1000,
-                             tooltip=f"Grid size the model was distilled on (LCM: {LCM_LORA.schedule.original_steps})."),
+                             tooltip="Grid size the model was distilled on (LCM: "
+                                     f"{LCM_LORA.schedule.original_steps})."),
                 denoise_input("Below 1 for img2img: the grid stops at denoise x 1000 (LCM's strength)."),
             ],
             outputs=[sigmas_output()],

@@ -83,7 +83,8 @@ def _decode_tiles(latents: Tensor, decode: Callable[[Tensor], Tensor]) -> Tensor
     """Tiles ``(m, th, tw, 3)`` of latents ``(m, C, h, w)``; video latents ``(m, C, T, h, w)`` decode to frames
     ``(m, F, th, tw, 3)`` (a video VAE may give ``F != T``), put side by side (``(m, th, F * tw, 3)``)."""
     if latents.ndim not in (4, 5):
-        raise ValueError(f"trace latents must be images (B, C, H, W) or videos (B, C, T, H, W), got {tuple(latents.shape)}")
+        raise ValueError("trace latents must be images (B, C, H, W) or videos (B, C, T, H, W), got "
+                         f"{tuple(latents.shape)}")
     tiles = decode(latents).float().cpu()
     if latents.ndim == 4:
         return tiles
@@ -102,9 +103,9 @@ def trace_grid(
     items a column pair ``x_t | x0``, tiles ``gap`` pixels apart on a ``background`` grey level.
 
     ``decode`` maps latents ``(m, C, h, w)`` to images ``(m, th, tw, 3)`` in [0, 1], video latents
-    ``(m, C, T, h, w)`` to frames ``(m, F, th, tw, 3)`` (shown side by side); all tiles are decoded in one call. With ``phase_colours`` each row
-    starts with a bar in the colour of the model that ran the step (:attr:`TraceStep.phase`; background
-    for a phase without a colour).
+    ``(m, C, T, h, w)`` to frames ``(m, F, th, tw, 3)`` (shown side by side); all tiles are decoded in one
+    call. With ``phase_colours`` each row starts with a bar in the colour of the model that ran the step
+    (:attr:`TraceStep.phase`; background for a phase without a colour).
     """
     if not steps:
         raise ValueError("the trace is empty: run the sampler that records it first")

@@ -156,5 +156,5 @@ def test_flow_renoise_has_the_exact_marginal():
 def test_invalid_options_are_refused(options, message):
     space = NoiseSpace.flow()
     with pytest.raises(ValueError, match=message):
-        sample_tdd(clean_target_model(torch.zeros(SHAPE)), torch.zeros(SHAPE), space.sigmas_for_timesteps([999]), space=space,
-                   **{"eta": TDD_ETA, **options})
+        sample_tdd(clean_target_model(torch.zeros(SHAPE)), torch.zeros(SHAPE), space.sigmas_for_timesteps([999]),
+                   space=space, **{"eta": TDD_ETA, **options})
