@@ -257,8 +257,8 @@ class StrideHybridSample(io.ComfyNode):
                       "shared schedule is its schedule (on the distilled model's sigmas, converted to the base "
                       "model's) and the distilled steps use its sampler with the authors' knobs. Wan2.2-Lightning "
                       "families also hand over at Wan 2.2's expert boundary (high-noise expert = base_model, "
-                      "low-noise expert = distilled_model).", default=NO_FAMILY),
-                io.Float.Input("handover_boundary", default=0.0, min=0.0, max=1000.0, step=0.001,
+                      "low-noise expert = distilled_model).", default=NO_FAMILY, optional=True),
+                io.Float.Input("handover_boundary", default=0.0, min=0.0, max=1000.0, step=0.001, optional=True,
                                tooltip=BOUNDARY_TOOLTIP + ", or the family's expert boundary if it has one."),
             ],
             outputs=[
@@ -347,7 +347,7 @@ class StrideHybridGuider(io.ComfyNode):
                 io.Int.Input("handover_steps", default=1, min=0, max=49,
                              tooltip="Sigmas stepped by the base model before the hand-over (paper: 1); must be "
                                      "below the number of steps."),
-                io.Float.Input("handover_boundary", default=0.0, min=0.0, max=1000.0, step=0.001,
+                io.Float.Input("handover_boundary", default=0.0, min=0.0, max=1000.0, step=0.001, optional=True,
                                tooltip=BOUNDARY_TOOLTIP + "."),
             ],
             outputs=[io.Guider.Output(display_name="guider", tooltip="Plug into SamplerCustomAdvanced (its sampler "

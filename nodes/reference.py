@@ -163,7 +163,7 @@ class StrideReferenceModel(io.ComfyNode):
                 combo("latents", LATENTS, "image: 4x8x8 latents (Empty Latent Image 64x64). video: the same per frame, "
                                           "frames drawn independently for the prompt's class; takes the first 4 "
                                           "channels of an empty video latent (e.g. EmptyHunyuanLatentVideo 64x64), "
-                                          "a stand-in for Wan models.", default=LATENTS[0]),
+                                          "a stand-in for Wan models.", default=LATENTS[0], optional=True),
             ],
             outputs=[io.Model.Output(display_name="model",
                                      tooltip="A real ComfyUI MODEL; use Stride Class Prompt for its conditioning.")],
