@@ -15,7 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import comfy_host as host
 
 sys.path.insert(0, str(host.ROOT))
-from distill_core.methods import METHODS, READ_ON, Method  # noqa: E402
+from distill_core.methods import METHODS, READ_ON, Method
 
 README = host.ROOT / "README.md"
 NODES_DOC = host.ROOT / "docs" / "NODES.md"

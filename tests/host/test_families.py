@@ -13,6 +13,7 @@
 """
 from __future__ import annotations
 
+import itertools
 import math
 import sys
 from types import SimpleNamespace
@@ -20,12 +21,12 @@ from types import SimpleNamespace
 import pytest
 import torch
 from safetensors.torch import load_file
-from tests.host.tiny_families import TINY, empty_latent, tiny_model
 
 from distill_core import methods
 from distill_core.methods import METHODS, method_sigmas
 from distill_core.sampling.schedules import flux_image_seq_len
 from distill_core.spaces import NoiseSpace, time_shift
+from tests.host.tiny_families import TINY, empty_latent, tiny_model
 
 SEED = 7
 TOLERANCE = {"rtol": 1e-4, "atol": 1e-4}  # float32 models; ComfyUI's euler and Stride's DDIM round differently
@@ -224,7 +225,7 @@ def gamma_reference(x0_of, x: torch.Tensor, sigmas: list[float], table: torch.Te
     s = floor((1 - gamma) t_next) on the model's timestep table, then forward-diffuse to t_next with fresh noise
     (TDD: the same with a float64 floor)."""
     noise = torch.Generator().manual_seed(SEED)
-    for sigma, sigma_next in zip(sigmas[:-1], sigmas[1:], strict=True):
+    for sigma, sigma_next in itertools.pairwise(sigmas):
         x0 = x0_of(x, sigma)
         if sigma_next == 0:
             return x0
@@ -233,7 +234,10 @@ def gamma_reference(x0_of, x: torch.Tensor, sigmas: list[float], table: torch.Te
             x = (1 - sigma_next) * x0 + sigma_next * eps
             continue
         t_next = int(torch.argmin((table - sigma_next).abs()))
-        product = (torch.tensor(1 - gamma, dtype=torch.float32) * t_next).item() if float32_floor else (1 - gamma) * t_next
+        if float32_floor:  # diffusers multiplies in float32
+            product = (torch.tensor(1 - gamma, dtype=torch.float32) * t_next).item()
+        else:
+            product = (1 - gamma) * t_next
         sigma_s = float(table[math.floor(product)])
         x_s = (1 - sigma_s) * x0 + sigma_s * eps
         ratio = (1 - sigma_next) / (1 - sigma_s)
