@@ -262,6 +262,7 @@ def hybrid_diversity() -> Graph:
 # Few-step families (issue 13): one workflow per family group, on the reference models
 # ------------------------------------------------------------------------------------------
 VIDEO = "video (B, 4, T, 8, 8): independent frames"
+ROW_PITCH = 600  # a Few-Step Sample node is ~500 px tall
 FAMILY_WORKFLOWS = {  # name: (title, description) for the templates' index
     "families_sdxl": ("Few-step SDXL families: Lightning, DMD2, Hyper-SD",
                       "Stride Few-Step Sample with SDXL-Lightning, DMD2 and Hyper-SD on an ideal distilled model, and "
@@ -301,7 +302,7 @@ def _family_result(g: Graph, latent, x: float, y: float, prefix: str, label: str
 def _family_rows(g: Graph, model, positive, negative, latent, rows: list[tuple[str, int, str]], prefix: str) -> None:
     """One Stride Few-Step Sample per (family, steps, title), each with its result, one group per row."""
     for index, (family, steps, title) in enumerate(rows):
-        y = 440 * index
+        y = ROW_PITCH * index
         sample = g.add("StrideFewStepSample", (COL, y), title=title, model=(model, 0), positive=(positive, 0),
                        negative=(negative, 0), latent_image=(latent, 0), method=family, steps=steps, cfg=0.0, seed=7,
                        denoise=1.0)
@@ -318,7 +319,7 @@ def families_sdxl() -> Graph:
         ("sdxl-lightning-4step", 4, "SDXL-Lightning 4-step: Euler on trailing timesteps"),
         ("dmd2-sdxl-4step", 4, "DMD2 4-step: x0, re-noise at 999, 749, 499, 249"),
         ("hyper-sd-4step", 4, "Hyper-SD 4-step LoRA: DDIM trailing")], "stride_sdxl")
-    y = 3 * 440
+    y = 3 * ROW_PITCH
     schedule = g.add("StrideFewStepScheduler", (COL, y), title="Lightning 8-step SIGMAS + sampler", model=(model, 0),
                      family="sdxl-lightning-8step", steps=0, denoise=1.0, width=64, height=64)
     guider = g.add("CFGGuider", (COL, y + 260), model=(model, 0), positive=(positive, 0), negative=(negative, 0),
@@ -351,7 +352,7 @@ def families_flux() -> Graph:
     latent = g.add("EmptySD3LatentImage", (0, 520), title="16 samples (64 x 64)", width=64, height=64, batch_size=16)
     _family_rows(g, model, positive, negative, latent,
                  [("flux1-schnell", 4, "FLUX.1 schnell: 4 Euler steps, no shift, no guidance")], "stride_flux")
-    y = 440
+    y = ROW_PITCH
     schedule = g.add("StrideFewStepScheduler", (COL, y), title="Hyper-FLUX 8-step SIGMAS (image-size shift)",
                      model=(model, 0), family="hyper-flux-8step", steps=0, denoise=1.0, width=64, height=64)
     guidance = g.add("FluxGuidance", (COL, y + 260), title="FLUX guidance 3.5 (Hyper-FLUX)",
@@ -407,9 +408,9 @@ def families_wan_video() -> Graph:
                    height=64, length=9, batch_size=4)
     _family_rows(g, model, positive, negative, latent,
                  [("wan21-lightx2v-4step", 4, "Wan 2.1 lightx2v: 4 Euler steps at shift 5")], "stride_wan21")
-    high = g.add("StrideReferenceModel", (0, 900), title="High-noise expert (stand-in)", variant="demo",
+    high = g.add("StrideReferenceModel", (0, 760), title="High-noise expert (stand-in)", variant="demo",
                  prediction="flow", form=DENOISER, flow_map_steps=48, latents=VIDEO)
-    y = 440
+    y = ROW_PITCH
     hybrid = g.add("StrideHybridSample", (COL, y), title="Wan 2.2: high-noise expert, then low-noise expert",
                    base_model=(high, 0), base_positive=(positive, 0), base_negative=(negative, 0), base_cfg=1.0,
                    base_sampler="euler", distilled_model=(model, 0), distilled_positive=(positive, 0),
@@ -435,7 +436,7 @@ def families_wan_video() -> Graph:
         "wan) -> CLIP Text Encode; EmptyHunyuanLatentVideo 832 x 480, 81 frames; Load VAE wan_2.1_vae.safetensors "
         "-> VAE Decode -> Create Video -> Save Video. Wan 2.1: wan2.1_t2v_14B_fp8_scaled.safetensors + the lightx2v "
         "4-step LoRA in row 1.",
-        (0, 1150), (760, 300),
+        (0, 1000), (760, 300),
     )
     return g
 
