@@ -17,10 +17,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import comfy_host as host
 from workflow_builder import Graph
 
+sys.path.insert(0, str(host.ROOT))
+from distill_core.methods import METHODS
+
 WORKFLOWS = host.ROOT / "workflows"
 FLOW_MAP = "flow map (ideal distilled student)"
 DENOISER = "denoiser (ideal many-step teacher)"
 COL = 360
+TDD_SDXL = METHODS["tdd-sdxl"]  # widgets left out of a node take the node's defaults, the registry's values
 
 
 def _prompts(g: Graph, x: float, y: float, prompt: str = "disc"):
@@ -48,19 +52,19 @@ def few_step_method(method: str) -> Graph:
     positive, negative = _prompts(g, 0, 260)
     latent = g.add("EmptyLatentImage", (0, 560), width=64, height=64, batch_size=16)
     guider = g.add("CFGGuider", (COL, 0), model=(model, 0), positive=(positive, 0), negative=(negative, 0),
-                   cfg=1.7 if method == "tdd" else 1.0)
+                   cfg=TDD_SDXL.cfg if method == "tdd" else 1.0)
     noise = g.add("RandomNoise", (COL, 200), noise_seed=7)
     if method == "lcm":
         sampler = g.add("StrideLCMSampler", (COL, 330), s_noise=1.0, boundary_condition=True)
         sigmas = g.add("StrideLCMScheduler", (COL, 480), model=(model, 0), steps=4, original_steps=50, denoise=1.0)
     elif method == "tcd":
-        sampler = g.add("StrideTCDSampler", (COL, 330), gamma=0.3)
+        sampler = g.add("StrideTCDSampler", (COL, 330))  # the node's default gamma is the registry's
         sigmas = g.add("StrideHyperSDScheduler", (COL, 480), model=(model, 0), mode="tcd grid", steps=4, denoise=1.0)
     elif method == "hyper_sd":
         sampler = g.add("StrideTCDSampler", (COL, 330), title="DDIM (TCD gamma 0)", gamma=0.0)
         sigmas = g.add("StrideHyperSDScheduler", (COL, 480), model=(model, 0), mode="trailing", steps=4, denoise=1.0)
     else:
-        sampler = g.add("StrideTDDSampler", (COL, 330), eta=0.2, clip_x0_steps=0, clip_ratio=0.995)
+        sampler = g.add("StrideTDDSampler", (COL, 330))  # eta and clipping: the registry's defaults
         sigmas = g.add("StrideTDDScheduler", (COL, 480), model=(model, 0), steps=4, special_jump=False, denoise=1.0)
     sample = g.add("SamplerCustomAdvanced", (2 * COL, 0), noise=(noise, 0), guider=(guider, 0), sampler=(sampler, 0),
                    sigmas=(sigmas, 0), latent_image=(latent, 0))
@@ -103,10 +107,10 @@ def demo(distill_steps: int = 200) -> Graph:
         "base_euler_25": g.add("KSampler", (2 * COL, 0), title="Base: euler, 25 steps", model=(base, 0), seed=3,
                                steps=25, cfg=1.0, sampler_name="euler", scheduler="normal", denoise=1.0, **common),
         "base_lcm_4": g.add("StrideFewStepSample", (2 * COL, 420), title="Base, LCM 4 steps (before distillation)",
-                            model=(base, 0), method="lcm", steps=4, cfg=1.0, gamma=0.3, eta=0.2, seed=3, denoise=1.0,
+                            model=(base, 0), method="lcm", steps=4, cfg=1.0, seed=3, denoise=1.0,
                             **common),
         "distilled_lcm_4": g.add("StrideFewStepSample", (2 * COL, 840), title="Distilled, LCM 4 steps (after)",
-                                 model=(train, 0), method="lcm", steps=4, cfg=1.0, gamma=0.3, eta=0.2, seed=3,
+                                 model=(train, 0), method="lcm", steps=4, cfg=1.0, seed=3,
                                  denoise=1.0, **common),
     }
     hybrid = g.add("StrideHybridSample", (2 * COL, 1260), title="Hybrid: 1 base step + 3 distilled steps",
@@ -155,10 +159,10 @@ def distill_training(steps: int = 300) -> Graph:
     latent = g.add("EmptyLatentImage", (2 * COL, 600), width=64, height=64, batch_size=16)
     before = g.add("StrideFewStepSample", (4 * COL, 420), title="Teacher, LCM 4 steps (before)", model=(base, 0),
                    positive=(prompts[3], 0), negative=(empty, 0), latent_image=(latent, 0), method="lcm", steps=4,
-                   cfg=0.0, gamma=0.3, eta=0.2, seed=5, denoise=1.0)
+                   cfg=0.0, seed=5, denoise=1.0)
     after = g.add("StrideFewStepSample", (4 * COL, 800), title="Distilled LoRA, LCM 4 steps (after)", model=(reload, 0),
                   positive=(prompts[3], 0), negative=(empty, 0), latent_image=(latent, 0), method="lcm", steps=4,
-                  cfg=0.0, gamma=0.3, eta=0.2, seed=5, denoise=1.0)
+                  cfg=0.0, seed=5, denoise=1.0)
     _view(g, (before, 0), 5 * COL, 420, "stride_distill_before", "teacher lcm 4 steps (before)", (prompts[3], 0))
     _view(g, (after, 0), 5 * COL, 800, "stride_distill_after", "distilled lora lcm 4 steps (after)", (prompts[3], 0))
     g.group("Distillation", [data, train, save, plot])
@@ -218,7 +222,7 @@ def hybrid_diversity() -> Graph:
                          cfg=3.0, sampler_name="euler", scheduler="normal", denoise=1.0)
     rows["distilled"] = g.add("StrideFewStepSample", (COL, 420), title="Distilled alone: LCM, 4 steps",
                               model=(distilled, 0), positive=(positive, 0), negative=(negative, 0),
-                              latent_image=(latent, 0), method="lcm", steps=4, cfg=1.0, gamma=0.3, eta=0.2, seed=3,
+                              latent_image=(latent, 0), method="lcm", steps=4, cfg=1.0, seed=3,
                               denoise=1.0)
     rows["hybrid"] = g.add("StrideHybridSample", (COL, 840), title="Hybrid: 1 base step + 3 distilled steps",
                            base_model=(base, 0), base_positive=(positive, 0), base_negative=(negative, 0),
@@ -248,7 +252,8 @@ def hybrid_diversity() -> Graph:
         "reference teacher one big base step at the paper's CFG 7 overshoots for some classes.\n\n"
         "Real models: Load Checkpoint (SDXL base) -> base_model; the same checkpoint + LoraLoader with an LCM / "
         "Hyper-SD / TDD LoRA -> distilled_model (both must share the VAE); CLIP Text Encode for the prompts; base cfg "
-        "7 (the paper's), distilled cfg 1 (TDD 1.7); distilled_sampler and schedule as the LoRA was trained (LCM: lcm "
+        f"7 (the paper's), distilled cfg 1 (TDD {TDD_SDXL.cfg:g}); distilled_sampler and schedule as the LoRA was "
+        "trained (LCM: lcm "
         "+ lcm grid, Hyper-SD unified: tcd + lcm grid, Hyper-SD N-step: euler + trailing, TDD: tdd + tdd); VAE Decode "
         "instead of the preview decode, and connect the VAE to Stride Trace Grid. Stride Reference Metrics only "
         "scores the reference models; Stride Image Diversity works on any images. For other sampler settings use "
@@ -275,7 +280,8 @@ FAMILY_WORKFLOWS = {  # name: (title, description) for the templates' index
                              "distilled flow model."),
     "families_wan_video": ("Few-step Wan video: lightx2v and the Wan 2.2 two-expert hand-over",
                            "Video latents: Wan 2.1 lightx2v in one node, and Wan 2.2's high-noise then low-noise "
-                           "expert handing over at the registry's sigma boundary, with the trace of who ran each step."),
+                           "expert handing over at the registry's sigma boundary, with the trace of who ran each "
+                           "step."),
 }
 
 
