@@ -35,7 +35,7 @@ import functools
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 import torch
 from torch import Tensor
@@ -335,6 +335,8 @@ class PiFlowSchedule(_FlowSchedule):
 
 
 Schedule = LCMGrid | Trailing | TDDGrid | FixedTimesteps | FlowShift | SD3Shift | FluxResolutionShift | PiFlowSchedule
+ScheduleKind = TypeVar("ScheduleKind", LCMGrid, Trailing, TDDGrid, FixedTimesteps, FlowShift, SD3Shift,
+                       FluxResolutionShift, PiFlowSchedule)
 
 
 # ------------------------------------------------------------------------------------------
@@ -606,6 +608,13 @@ def method(key: str) -> Method:
     if key not in METHODS:
         raise KeyError(f"unknown few-step method {key!r}; choose one of: {', '.join(METHODS)}")
     return METHODS[key]
+
+
+def schedule_as(entry: Method, kind: type[ScheduleKind]) -> ScheduleKind:
+    """``entry``'s schedule as the schedule class ``kind`` (to read its parameters); another class is refused."""
+    if not isinstance(entry.schedule, kind):
+        raise TypeError(f"{entry.key}'s schedule is a {type(entry.schedule).__name__}, not a {kind.__name__}")
+    return entry.schedule
 
 
 def methods_for(architecture: str | None = None, model_kind: str | None = None) -> list[Method]:

@@ -10,6 +10,7 @@ rule and the conversions come from ``distill_core.sampling.hybrid``. All nodes a
 """
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Callable
 from typing import Any
@@ -54,7 +55,7 @@ SCHEDULES: dict[str, Callable[[int], list[int]]] = {
 # distilled_sampler: the registry entry whose sampler (with the authors' knobs) each name stands for
 SAMPLER_FAMILIES = {"lcm": METHODS["lcm-lora"], "tcd": METHODS["tcd-lora"], "tdd": METHODS["tdd-sdxl"]}
 DISTILLED_SAMPLERS: dict[str, Callable[[], Any]] = {
-    **{name: (lambda entry=entry: family_sampler(entry)) for name, entry in SAMPLER_FAMILIES.items()},
+    **{name: functools.partial(family_sampler, entry) for name, entry in SAMPLER_FAMILIES.items()},
     "euler": lambda: comfy.samplers.sampler_object("euler"),
 }
 NO_FAMILY = "none (schedule + distilled_sampler)"
@@ -322,7 +323,7 @@ def shared_family_sigmas(base_model: Any, distilled_model: Any, entry: methods.M
     """The family's schedule on the distilled model, in the base model's convention (the hybrid's shared SIGMAS)."""
     check_fits(distilled_model, entry, entry.key, "family")
     check_family_steps(entry, steps)
-    sigmas = family_sigmas(distilled_model, entry, steps, 1.0, tuple(latent.shape[-2:]))
+    sigmas = family_sigmas(distilled_model, entry, steps, 1.0, (int(latent.shape[-2]), int(latent.shape[-1])))
     distilled_space = noise_space(model_sampling_of_patcher(distilled_model))
     base_space = noise_space(model_sampling_of_patcher(base_model))
     return convert_sigmas(sigmas.double(), distilled_space, base_space).float()

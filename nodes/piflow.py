@@ -23,7 +23,7 @@ from torch.nn import functional as F
 import comfy.samplers
 
 from ..distill_core import piflow_adapter
-from ..distill_core.methods import METHODS
+from ..distill_core.methods import METHODS, PiFlowSchedule, schedule_as
 from ..distill_core.reference.demo import demo_mixture
 from ..distill_core.reference.mixture import FactorizedMixture
 from ..distill_core.sampling import piflow
@@ -46,7 +46,7 @@ STASH_KEY = "stride_piflow_stash"
 TEMPERATURE_MODES = ["auto", "manual"]
 # the registry entries whose settings are these nodes' defaults (every released pi-Flow adapter shares them)
 PIFLOW_FLUX1, PIFLOW_FLUX2 = METHODS["pi-flux1-gm-4step"], METHODS["pi-flux2-gm"]
-PIFLOW_KNOBS, PIFLOW_SCHEDULE = PIFLOW_FLUX1.sampler.knobs, PIFLOW_FLUX1.schedule
+PIFLOW_KNOBS, PIFLOW_SCHEDULE = PIFLOW_FLUX1.sampler.knobs, schedule_as(PIFLOW_FLUX1, PiFlowSchedule)
 FLUX_GUIDANCE_TEXT = (f"Flux guidance {PIFLOW_FLUX1.flux_guidance:g} for FLUX.1 and {PIFLOW_FLUX2.flux_guidance:g} "
                       "for FLUX.2 adapters")
 NOT_A_PIFLOW_MODEL = ("model: this model did not output a pi-Flow policy. Load a pi-Flow adapter onto its FLUX.1, "

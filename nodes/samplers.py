@@ -16,7 +16,7 @@ import comfy.sample
 import comfy.samplers
 import latent_preview
 
-from ..distill_core.methods import METHODS
+from ..distill_core.methods import METHODS, LCMGrid, TDDGrid, schedule_as
 from ..distill_core.sampling import lcm, schedules, tcd, tdd
 from ..distill_core.sampling.steps import all_finite
 from .compat import (
@@ -33,6 +33,7 @@ CATEGORY = "stride/sampling"
 # the registry entries whose defaults these nodes show (distill_core.methods is the one place they are written)
 LCM_LORA, TCD_LORA, HYPER_UNIFIED, TDD_SDXL = (METHODS[key] for key in ("lcm-lora", "tcd-lora", "hyper-sd-unified",
                                                                       "tdd-sdxl"))
+LCM_GRID, TDD_GRID = schedule_as(LCM_LORA, LCMGrid), schedule_as(TDD_SDXL, TDDGrid)
 
 
 def stride_ksampler(sample_fn: Callable[..., torch.Tensor], **options: Any) -> comfy.samplers.KSAMPLER:
@@ -217,9 +218,9 @@ class StrideLCMScheduler(io.ComfyNode):
                 io.Int.Input("steps", default=LCM_LORA.default_steps, min=1, max=50,
                              tooltip=f"Sampling steps (LCM-LoRA: {LCM_LORA.steps_text()}, default "
                                      f"{LCM_LORA.default_steps}; {LCM_LORA.notes})"),
-                io.Int.Input("original_steps", default=LCM_LORA.schedule.original_steps, min=1, max=1000,
+                io.Int.Input("original_steps", default=LCM_GRID.original_steps, min=1, max=1000,
                              tooltip="Grid size the model was distilled on (LCM: "
-                                     f"{LCM_LORA.schedule.original_steps})."),
+                                     f"{LCM_GRID.original_steps})."),
                 denoise_input("Below 1 for img2img: the grid stops at denoise x 1000 (LCM's strength)."),
             ],
             outputs=[sigmas_output()],
@@ -283,7 +284,7 @@ class StrideTDDScheduler(io.ComfyNode):
                 io.Int.Input("steps", default=TDD_SDXL.default_steps, min=1, max=250,
                              tooltip=f"Steps (TDD was trained for {TDD_SDXL.steps_text()}; {TDD_SDXL.default_steps} "
                                      "recommended)."),
-                io.Boolean.Input("special_jump", default=TDD_SDXL.schedule.special_jump,
+                io.Boolean.Input("special_jump", default=TDD_GRID.special_jump,
                                  tooltip="Non-equidistant schedules for 5-7 steps."),
                 denoise_input("Below 1 for img2img."),
             ],

@@ -629,3 +629,10 @@ def test_flux_image_tokens():
     assert flux_image_seq_len(9, 8) == 20  # odd sizes are padded to whole patches
     with pytest.raises(ValueError, match="positive"):
         flux_image_seq_len(0, 8)
+
+
+def test_schedule_parameters_are_read_by_class():
+    assert methods.schedule_as(method("lcm-lora"), methods.LCMGrid).original_steps == 50
+    assert methods.schedule_as(method("pi-flux1-gm-4step"), methods.PiFlowSchedule).shift == 3.2
+    with pytest.raises(TypeError, match="tdd-sdxl's schedule is a TDDGrid, not a LCMGrid"):
+        methods.schedule_as(method("tdd-sdxl"), methods.LCMGrid)
