@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from ..safe_files import read_safetensors
-from ..spaces import NoiseSpace, scaled_linear_alphas_cumprod
+from ..spaces import NoiseSpace, require_finite, scaled_linear_alphas_cumprod
 from .mixture import GaussianMixture
 
 # ComfyUI's SD1.5 latent -> RGB preview factors (rows: latent channels; columns: R, G, B).
@@ -37,7 +37,9 @@ SD15_LATENT_RGB_FACTORS = (
 
 def latent_to_rgb(latents: Tensor) -> Tensor:
     """Decode SD1.5-format latents ``(n, 4, H, W)`` to ``(n, H, W, 3)`` RGB in [0, 1] with ComfyUI's
-    latent preview factors (a linear map, then ``(value + 1) / 2`` clamped)."""
+    latent preview factors (a linear map, then ``(value + 1) / 2`` clamped). NaN/inf latents are refused
+    (``ValueError``): clamping would show them as a plausible black or white picture."""
+    require_finite(latents, "the latents")
     factors = torch.tensor(SD15_LATENT_RGB_FACTORS, dtype=torch.float64, device=latents.device)
     rgb = latents.to(torch.float64).movedim(1, -1) @ factors
     return ((rgb + 1) / 2).clamp(0, 1).to(latents.dtype if latents.is_floating_point() else torch.float32)

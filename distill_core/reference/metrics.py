@@ -18,6 +18,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from ..spaces import require_finite
 from .mixture import FactorizedMixture, GaussianMixture
 
 Mixture = GaussianMixture | FactorizedMixture
@@ -187,8 +188,10 @@ def evaluate_samples(
 
     ``swd`` is measured against fresh data of the same size (and labels); ``swd_data`` is the
     same distance between two fresh data sets (the finite-sample floor). Mode metrics are only
-    reported for a :class:`GaussianMixture` (a factorized mixture has no whole-latent modes).
+    reported for a :class:`GaussianMixture` (a factorized mixture has no whole-latent modes). NaN/inf samples
+    are refused (``ValueError``): every metric of them would be NaN or silently wrong.
     """
+    require_finite(samples, "the samples")
     generator = generator if generator is not None else torch.Generator().manual_seed(0)
     n = samples.shape[0]
     if class_ids is None:

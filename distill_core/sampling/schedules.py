@@ -54,6 +54,9 @@ def lcm_timesteps(
         raise ValueError(f"strength must be in (0, 1], got {strength}")
     k = num_train_timesteps // original_steps
     grid = [j * k - 1 for j in range(int(original_steps * strength), 0, -1)]
+    if not grid:
+        raise ValueError(f"strength {strength} leaves no timestep on the {original_steps}-step LCM grid: it needs "
+                         f"strength at least {1 / original_steps:g} (one grid step)")
     _check_steps(steps, len(grid), f"LCM grid (original_steps={original_steps}, strength={strength})")
     return _pick_evenly(grid, steps)
 
@@ -79,6 +82,9 @@ def tcd_timesteps(
     if steps > original_steps:
         raise ValueError(f"steps ({steps}) cannot exceed original_steps ({original_steps})")
     grid = list(range(int(num_train_timesteps * strength) - 1, -1, -1))
+    if not grid:
+        raise ValueError(f"strength {strength} leaves no training timestep: it needs strength at least "
+                         f"{1 / num_train_timesteps:g}")
     _check_steps(steps, len(grid), f"training grid (strength={strength})")
     return _pick_evenly(grid, steps)
 

@@ -9,7 +9,6 @@ produce; ``STRIDE_WRITE_DOCS=1`` rewrites it, a test keeps it current.
 """
 from __future__ import annotations
 
-import importlib.util
 import os
 import pickle
 import re
@@ -21,15 +20,13 @@ import pytest
 import torch
 from safetensors.torch import save as safetensors_bytes
 
-from tests.reliability.support import (changed_files, class_prompt, empty_latent, few_step, hybrid_graph,
-                                       reference_model, sampling_graph, snapshot, training_graph)
+from tests.reliability.support import (RAW_MESSAGES, changed_files, class_prompt, empty_latent, few_step, hybrid_graph,
+                                       reference_model, sampling_graph, snapshot, tiny_flux_installed, training_graph)
 
 ROOT = Path(__file__).resolve().parents[2]
 DOC = ROOT / "docs" / "TROUBLESHOOTING.md"
 STAYS_INSIDE = ("output", "models", "temp")  # the folders ComfyUI lets nodes write
 OUTPUT_SUFFIXES = (".safetensors", ".latent", ".tmp", ".pt", ".ckpt", ".png")
-RAW_MESSAGES = ("Traceback", 'File "', "mat1 and mat2", "Given groups", "size of tensor", "shapes cannot",
-                "Error while deserializing", "Weights only load failed", "KeyError", "NoneType")
 
 
 @dataclass
@@ -593,44 +590,11 @@ def context(fault_host, tmp_path_factory) -> Context:
                    outside=tmp_path_factory.mktemp("outside"), rescan=folder_paths.filename_list_cache.clear)
 
 
-def piflow_test_module():
-    """tests/host/test_piflow_loader.py: its tiny FLUX.1 builder and adapter files (one definition of them)."""
-    spec = importlib.util.spec_from_file_location("piflow_loader_tests", ROOT / "tests/host/test_piflow_loader.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def tiny_flux(context):
     """A tiny FLUX.1 MODEL node and adapters (one matching it, one for a wider model, a plain LoRA)."""
-    from safetensors.torch import save_file
-
-    piflow_tests = piflow_test_module()
-    model, conditioning = piflow_tests.tiny_model("FLUX.1")
-
-    class ReliabilityTinyFlux:
-        CATEGORY = "testing"
-        RETURN_TYPES = ("MODEL", "CONDITIONING")
-        FUNCTION = "load"
-
-        @classmethod
-        def INPUT_TYPES(cls):
-            return {"required": {}}
-
-        def load(self):
-            return model, conditioning
-
-    for ours, theirs in (("reliability_tiny_gm", piflow_tests.adapter_file("FLUX.1", piflow_tests.GM)),
-                         ("reliability_wide_gm", piflow_tests.WIDE_ADAPTER),
-                         ("reliability_plain_lora", piflow_tests.PLAIN_LORA)):
-        state, metadata = piflow_tests.ADAPTERS[theirs]
-        save_file({k: v.contiguous() for k, v in state.items()}, str(context.loras / f"{ours}.safetensors"), metadata)
-    context.rescan()
-    nodes = context.host.nodes.NODE_CLASS_MAPPINGS
-    nodes["ReliabilityTinyFlux"] = ReliabilityTinyFlux
-    yield
-    del nodes["ReliabilityTinyFlux"]
+    with tiny_flux_installed(context.host, context.loras):
+        yield
 
 
 @pytest.mark.parametrize("case", CASES, ids=[case.id for case in CASES])

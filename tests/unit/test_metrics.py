@@ -162,3 +162,11 @@ def test_evaluate_samples_reports_data_like_and_collapsed_sets() -> None:
     assert report["mode_recall"] == 0.5 and report["mode_entropy"] == pytest.approx(2 / 3, abs=0.01)
     assert report["nll_gap"] == pytest.approx((0.49 - 1) / 2, abs=0.01)
     assert report["swd"] > 3 * report["swd_data"]
+
+
+def test_evaluate_samples_refuses_non_finite_samples() -> None:
+    mixture = demo_mixture()
+    samples, _ = mixture.sample(8, seeded(3))
+    samples[2, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="the samples contain NaN or inf"):
+        evaluate_samples(samples, mixture, generator=seeded(4))

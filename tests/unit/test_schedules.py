@@ -118,3 +118,11 @@ def test_tdd_schedules_equal_official(steps):
 def test_invalid_arguments_raise_clear_errors(call, message):
     with pytest.raises(ValueError, match=message):
         call()
+
+
+def test_a_strength_below_one_grid_step_names_the_strength_it_needs():
+    with pytest.raises(ValueError, match=r"strength 0.01 leaves no timestep .* at least 0.02"):
+        lcm_timesteps(1, 50, strength=0.01)
+    assert lcm_timesteps(1, 50, strength=0.02) == [19]
+    with pytest.raises(ValueError, match=r"strength 0.0005 leaves no training timestep: .* at least 0.001"):
+        tcd_timesteps(1, 50, strength=0.0005, every_training_step=True)
