@@ -31,7 +31,19 @@ from typing import Any
 
 from hypothesis import strategies as st
 
-from tests.reliability.support import RAW_MESSAGES, changed_files, class_prompt, empty_latent, reference_model, snapshot
+from tests.reliability.support import (
+    RAW_MESSAGES,
+    changed_files,
+    class_prompt,
+    empty_latent,
+    fault_conditioning,
+    fault_image,
+    fault_latent,
+    reference_model,
+    repo_outputs,
+    snapshot,
+    validation_message,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 STAYS_INSIDE = ("output", "models", "temp")  # the folders ComfyUI lets nodes write
@@ -176,30 +188,18 @@ def widget_values(node: str, spec: InputSpec) -> st.SearchStrategy[Mutation]:
                      labelled([("number", 1), ("fraction", 1.5), ("null", None), ("bool", True)]))
 
 
-def fault_latent(**inputs) -> dict:
-    base = {"channels": 4, "height": 8, "width": 8, "batch": 2, "fill": "random"}
-    return {"class_type": "ReliabilityFaultLatent", "inputs": {**base, **inputs}}
-
-
-def fault_conditioning(**inputs) -> dict:
-    base = {"width": 768, "tokens": 77, "empty": False}
-    return {"class_type": "ReliabilityFaultConditioning", "inputs": {**base, **inputs}}
-
-
-def fault_image(**inputs) -> dict:
-    return {"class_type": "ReliabilityFaultImage", "inputs": {"height": 64, "width": 64, "batch": 4, "fill": "random", **inputs}}
-
-
 def fault_model(fill: str) -> list[tuple[str, dict]]:
     return [("fault_model", {"class_type": "ReliabilityFaultModel", "inputs": {"model": ["fault_base", 0], "fill": fill}}),
             ("fault_base", reference_model())]
 
 
 LINK_VARIANTS: dict[str, list[tuple[str, list[tuple[str, dict]]]]] = {
-    "LATENT": [(f"latent {fill}", [("bad", fault_latent(fill=fill))]) for fill in ("nan", "inf", "-inf", "huge", "zeros")]
-    + [("latent 16 channels", [("bad", fault_latent(channels=16))]), ("latent 1 channel", [("bad", fault_latent(channels=1))]),
-       ("latent 1x1", [("bad", fault_latent(height=1, width=1))]), ("latent 7x9", [("bad", fault_latent(height=7, width=9))]),
-       ("latent empty batch", [("bad", fault_latent(batch=0))]), ("video latent", [("bad", fault_latent(frames=2))]),
+    "LATENT": [(f"latent {fill}", [("bad", fault_latent(batch=2, fill=fill))]) for fill in ("nan", "inf", "-inf", "huge", "zeros")]
+    + [("latent 16 channels", [("bad", fault_latent(channels=16, batch=2))]),
+       ("latent 1 channel", [("bad", fault_latent(channels=1, batch=2))]),
+       ("latent 1x1", [("bad", fault_latent(height=1, width=1, batch=2))]),
+       ("latent 7x9", [("bad", fault_latent(height=7, width=9, batch=2))]),
+       ("latent empty batch", [("bad", fault_latent(batch=0))]), ("video latent", [("bad", fault_latent(batch=2, frames=2))]),
        ("latent 64x64", [("bad", fault_latent(height=64, width=64, batch=1))])],
     "CONDITIONING": [("empty conditioning", [("bad", fault_conditioning(empty=True))]),
                      ("text-encoder conditioning", [("bad", fault_conditioning())]),
@@ -396,15 +396,6 @@ CLASSES = {
 }
 
 
-def validation_message(error: dict, node_errors: dict) -> str:
-    """The text ComfyUI's frontend shows for a rejected prompt: the error and each input's details."""
-    parts = [error.get("message", "")]
-    for node in node_errors.values():
-        for item in node.get("errors", []):
-            parts.append(f"{item.get('message', '')}: {item.get('details', '')}")
-    return " | ".join(part for part in parts if part)
-
-
 def names_input(message: str, names: tuple[str, ...]) -> bool:
     return any(re.search(rf"(?<![A-Za-z0-9_]){re.escape(name)}(?![A-Za-z0-9_])", message) for name in names)
 
@@ -483,17 +474,6 @@ def temp_files(base_dir: Path) -> list[str]:
     return sorted(found)
 
 
-def repo_outputs() -> set[str]:
-    """Files in the repository that look like something a node writes (outputs, LoRAs, temp files)."""
-    found = set()
-    for folder, dirs, names in os.walk(ROOT):
-        dirs[:] = [d for d in dirs if d not in (".git", ".venv", ".cache", "__pycache__", "node_modules")]
-        found.update(os.path.join(folder, name) for name in names
-                     if name.endswith((".safetensors", ".latent", ".tmp", ".pt", ".ckpt", ".png"))
-                     or name.startswith("fuzz"))
-    return found
-
-
 @dataclass
 class Probe:
     """What must not change during a draw: files outside output/models/temp, the repository, ``outside``."""
@@ -544,8 +524,10 @@ SHARED: dict[str, dict] = {  # the valid providers a baseline links to (only tho
     "flux": _node("ReliabilityTinyFlux"),
     "disc": class_prompt("disc"), "ring": class_prompt("ring"), "empty": class_prompt(""),
     "latent": empty_latent(1),
-    "latent2": fault_latent(),
-    "images": fault_image(),
+    "empty2": empty_latent(2),
+    "latent2": _node("StrideFewStepSample", model=["ref", 0], positive=["disc", 0], negative=["empty", 0],
+                     latent_image=["empty2", 0], method="lcm", steps=2, cfg=0.0, gamma=0.3, eta=0.2, seed=0, denoise=1.0),
+    "images": _node("StrideLatentToImage", samples=["latent2", 0], scale=8),
     "noise": _node("RandomNoise", noise_seed=1),
     "lcm_sampler": _node("StrideLCMSampler", s_noise=1.0, boundary_condition=True),
     "euler": _node("KSamplerSelect", sampler_name="euler"),

@@ -252,6 +252,22 @@ def tiny_flux_installed(host, loras: Path) -> Iterator[None]:
 # ------------------------------------------------------------------------------------------
 # Graph builders
 # ------------------------------------------------------------------------------------------
+def fault_latent(channels: int = 4, height: int = 8, width: int = 8, batch: int = 1, fill: str = "random",
+                 frames: int = 0) -> dict:
+    return {"class_type": "ReliabilityFaultLatent", "inputs": {
+        "channels": channels, "height": height, "width": width, "batch": batch, "fill": fill,
+        **({"frames": frames} if frames else {})}}
+
+
+def fault_conditioning(width: int = 768, tokens: int = 77, empty: bool = False, nan: bool = False) -> dict:
+    return {"class_type": "ReliabilityFaultConditioning",
+            "inputs": {"width": width, "tokens": tokens, "empty": empty, **({"nan": True} if nan else {})}}
+
+
+def fault_image(height: int = 64, width: int = 64, batch: int = 4, fill: str = "random") -> dict:
+    return {"class_type": "ReliabilityFaultImage", "inputs": {"height": height, "width": width, "batch": batch, "fill": fill}}
+
+
 def reference_model(prediction: str = "eps") -> dict:
     return {"class_type": "StrideReferenceModel", "inputs": {"variant": "demo", "prediction": prediction,
                                                               "form": REFERENCE_DENOISER, "flow_map_steps": 8}}
@@ -356,3 +372,23 @@ def snapshot(root: Path, skip: tuple[str, ...] = ()) -> dict[str, tuple[int, int
 
 def changed_files(before: dict, after: dict) -> list[str]:
     return sorted(path for path in after.keys() | before.keys() if before.get(path) != after.get(path))
+
+
+def repo_outputs() -> set[str]:
+    """Files in the repository that look like something a node writes (outputs, LoRAs, temp files)."""
+    found = set()
+    for folder, dirs, names in os.walk(ROOT):
+        dirs[:] = [d for d in dirs if d not in (".git", ".venv", ".cache", "__pycache__", "node_modules")]
+        found.update(os.path.join(folder, name) for name in names
+                     if name.endswith((".safetensors", ".latent", ".tmp", ".pt", ".ckpt", ".png"))
+                     or ("reliability" in name or name.startswith("fuzz")) and not name.endswith(".py"))
+    return found
+
+
+def validation_message(error: dict, node_errors: dict) -> str:
+    """The text ComfyUI's frontend shows for a rejected prompt: the error and each input's details."""
+    parts = [error.get("message", "")]
+    for node in node_errors.values():
+        for item in node.get("errors", []):
+            parts.append(f"{item.get('message', '')}: {item.get('details', '')}")
+    return " | ".join(part for part in parts if part)

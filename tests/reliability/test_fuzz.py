@@ -17,7 +17,7 @@ import json
 import os
 import shutil
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 
 import pytest
@@ -104,12 +104,13 @@ def summary(groups: dict) -> str:
     return "\n".join(lines)
 
 
-def write_report(name: str, groups: dict, draws: int, seconds: float) -> None:
+def write_report(name: str, groups: dict, drawn: Counter, seconds: float) -> None:
     if not REPORT:
         return
     path = Path(REPORT)
     data = json.loads(path.read_text()) if path.is_file() else {}
-    data[name] = {"draws": draws, "seconds": round(seconds, 1), "seed": SEED, "per_input": PER_INPUT,
+    data[name] = {"draws": sum(drawn.values()), "seconds": round(seconds, 1), "seed": SEED, "per_input": PER_INPUT,
+                  "drawn": dict(drawn.most_common()),
                   "distinct": len(groups),
                   "findings": [{"class": key[0], "node": key[1], "input": key[2],
                                 "labels": sorted({item.label for item in items}), "example": items[0].detail}
@@ -127,32 +128,32 @@ def test_every_node_has_a_clean_baseline(fuzz_context):
         assert outcome.kind == "success" and not outcome.nonfinite, f"{node}: {outcome}"
 
 
-def fuzz_node(host, files: fuzz.Files, info: dict, node: str, findings: list[fuzz.Finding]) -> int:
-    """Hypothesis draws for one node (``PER_INPUT`` per input); returns how many ran."""
+def fuzz_node(host, files: fuzz.Files, info: dict, node: str, findings: list[fuzz.Finding], drawn: Counter) -> None:
+    """Hypothesis draws for one node (``PER_INPUT`` per input); ``drawn`` counts them by kind of value."""
     inputs = len(fuzz.node_inputs(info, node)) + ("SAMPLER" in fuzz.node_outputs(info, node))
-    draws = 0
     if not inputs:
-        return draws
+        return
 
     @seed(SEED)
     @hypothesis_settings(PER_INPUT * inputs)
     @given(fuzz.mutations(info, node))
     def draw(mutation):
-        nonlocal draws
-        draws += 1
+        drawn[mutation.label.split(":")[0]] += 1
         findings.extend(run_draw(host, files, info, node, mutation))
 
     draw()
-    return draws
 
 
 def test_fuzzer_over_every_input_of_every_node(fuzz_context):
     host, files, info = fuzz_context
     findings: list[fuzz.Finding] = []
+    drawn: Counter = Counter()
     start = time.monotonic()
-    draws = sum(fuzz_node(host, files, info, node, findings) for node in fuzz.stride_nodes(info))
+    for node in fuzz.stride_nodes(info):
+        fuzz_node(host, files, info, node, findings, drawn)
+    draws = sum(drawn.values())
     groups = distinct(findings)
-    write_report("in-process", groups, draws, time.monotonic() - start)
+    write_report("in-process", groups, drawn, time.monotonic() - start)
     unknown = {key: items for key, items in groups.items() if key not in KNOWN}
     assert not unknown, f"{len(unknown)} new distinct failures in {draws} draws:\n{summary(unknown)}"
 
@@ -203,7 +204,9 @@ def test_fuzzer_sample_through_the_server(comfy_server, demo_weights, tmp_path):
     nodes = [node for node in fuzz.stride_nodes(info)
              if server_graph(fuzz.baseline(info, node, files, 0)) is not None and fuzz.node_inputs(info, node)]
     findings: list[fuzz.Finding] = []
-    skip = ("StrideServerLog", "server.log", "user")
+    drawn: Counter = Counter()
+    skip = ("server.log", "user")
+    start = time.monotonic()
 
     @seed(SEED)
     @hypothesis_settings(SERVER_DRAWS)
@@ -213,6 +216,7 @@ def test_fuzzer_sample_through_the_server(comfy_server, demo_weights, tmp_path):
         number = next(COUNTER)
         graph = server_graph(fuzz.apply(fuzz.baseline(info, node, files, number), node, mutation, files, number))
         assume(graph is not None)  # draws with a test-only upstream node run in-process only
+        drawn[mutation.label.split(":")[0]] += 1
         before = fuzz.snapshot(comfy_server.base_dir, skip=fuzz.STAYS_INSIDE + skip)
         findings.extend(fuzz.judge(node, mutation, server_outcome(comfy_server, graph)))
         if fuzz.changed_files(before, fuzz.snapshot(comfy_server.base_dir, skip=fuzz.STAYS_INSIDE + skip)):
@@ -223,6 +227,6 @@ def test_fuzzer_sample_through_the_server(comfy_server, demo_weights, tmp_path):
 
     draw()
     groups = distinct(findings)
-    write_report("server", groups, SERVER_DRAWS, 0.0)
+    write_report("server", groups, drawn, time.monotonic() - start)
     unknown = {key: items for key, items in groups.items() if key not in KNOWN}
     assert not unknown, f"{len(unknown)} new distinct failures through the server:\n{summary(unknown)}"
