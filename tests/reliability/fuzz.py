@@ -107,7 +107,7 @@ class Mutation:
     input: str
     label: str  # the class of the value, e.g. "nan", "wrong type", "file: truncated" (findings are grouped by it)
     value: Any = None
-    link: tuple[tuple[str, dict], ...] | None = None  # (node id, node) pairs; the first is linked (slot 0)
+    link: tuple[tuple[str, dict], ...] | None = None  # (node id, node) pairs; the first, "bad", is linked (slot 0)
     file: tuple[str, int] | None = None  # (mutation kind, seed) of a safetensors file
     culprits: tuple[str, ...] = ()  # input names a message may name; the input itself when empty
     unset: bool = False  # leave the input out (an optional input not connected)
@@ -132,7 +132,8 @@ NAN, INF = float("nan"), float("inf")
 WRONG_TYPES = (("wrong type: text", "abc"), ("wrong type: null", None), ("wrong type: bool", True),
                ("wrong type: object", {"a": 1}), ("wrong type: wrapped list", {"__value__": [1, 2]}))
 HOSTILE_TEXT = (
-    "", " ", "\n", "\t", "x\n", "x\r\n", " x ", "\x00", "x\x00y", "\x1b[31mred", "..", "../x", "../../escape", "/etc/passwd",
+    "", " ", "\n", "\t", "x\n", "x\r\n", " x ", "\x00", "x\x00y", "\x1b[31mred", "..", "../x", "../../escape",
+    "/etc/passwd",
     "C:\\x", "\\\\server\\share", "~", "$HOME", "%s%n", "{0}", "CON", "nul.txt", "lpt1", "x:y", "a*?", "<>|", "é",
     "🙂", "\u202ex", "\u200b", "e\u0301", "中文", "disc ring", "DISC", " disc ", "discs", "a" * 121, "a" * 255,
     "a" * 4096, "x.safetensors", "x.pt", ".hidden", "-", "- x",
@@ -170,7 +171,8 @@ def widget_values(node: str, spec: InputSpec) -> st.SearchStrategy[Mutation]:
         top = min(high, cap) if cap is not None else high
         special = [("min", low), ("max", top), ("below min", low - 1), ("above max", high + 1), ("zero", 0),
                    ("negative", -1), ("2**63", 2**63), ("2**64", 2**64), ("-2**63", -(2**63)), ("huge", 10**30),
-                   ("fraction", 1.5), ("nan", NAN), ("inf", INF), ("text number", "7"), ("default", min(o.get("default", low), top))]
+                   ("fraction", 1.5), ("nan", NAN), ("inf", INF), ("text number", "7"),
+                   ("default", min(o.get("default", low), top))]
         in_range = st.integers(low, max(low, top)).map(lambda v: Mutation(spec.name, "in range", v))
         return st.one_of(labelled(special), labelled(special), in_range, wrong)
     if spec.kind == "BOOLEAN":
@@ -189,17 +191,19 @@ def widget_values(node: str, spec: InputSpec) -> st.SearchStrategy[Mutation]:
 
 
 def fault_model(fill: str) -> list[tuple[str, dict]]:
-    return [("fault_model", {"class_type": "ReliabilityFaultModel", "inputs": {"model": ["fault_base", 0], "fill": fill}}),
-            ("fault_base", reference_model())]
+    return [("bad", {"class_type": "ReliabilityFaultModel", "inputs": {"model": ["bad_base", 0], "fill": fill}}),
+            ("bad_base", reference_model())]
 
 
 LINK_VARIANTS: dict[str, list[tuple[str, list[tuple[str, dict]]]]] = {
-    "LATENT": [(f"latent {fill}", [("bad", fault_latent(batch=2, fill=fill))]) for fill in ("nan", "inf", "-inf", "huge", "zeros")]
+    "LATENT": [(f"latent {fill}", [("bad", fault_latent(batch=2, fill=fill))])
+               for fill in ("nan", "inf", "-inf", "huge", "zeros")]
     + [("latent 16 channels", [("bad", fault_latent(channels=16, batch=2))]),
        ("latent 1 channel", [("bad", fault_latent(channels=1, batch=2))]),
        ("latent 1x1", [("bad", fault_latent(height=1, width=1, batch=2))]),
        ("latent 7x9", [("bad", fault_latent(height=7, width=9, batch=2))]),
-       ("latent empty batch", [("bad", fault_latent(batch=0))]), ("video latent", [("bad", fault_latent(batch=2, frames=2))]),
+       ("latent empty batch", [("bad", fault_latent(batch=0))]),
+       ("video latent", [("bad", fault_latent(batch=2, frames=2))]),
        ("latent 64x64", [("bad", fault_latent(height=64, width=64, batch=1))])],
     "CONDITIONING": [("empty conditioning", [("bad", fault_conditioning(empty=True))]),
                      ("text-encoder conditioning", [("bad", fault_conditioning())]),
@@ -209,13 +213,15 @@ LINK_VARIANTS: dict[str, list[tuple[str, list[tuple[str, dict]]]]] = {
     + [("empty image batch", [("bad", fault_image(batch=0))]), ("one image", [("bad", fault_image(batch=1))]),
        ("1x1 images", [("bad", fault_image(height=1, width=1))])],
     "MODEL": [("model returning NaN", fault_model("nan")), ("model returning inf", fault_model("inf")),
-              ("v-prediction model", [("bad", reference_model("v"))]), ("flow model", [("bad", reference_model("flow"))]),
+              ("v-prediction model", [("bad", reference_model("v"))]),
+              ("flow model", [("bad", reference_model("flow"))]),
               ("pi-Flow model", [("bad", {"class_type": "StridePiFlowReferenceModel", "inputs": {}})]),
               ("demo model", [("bad", {"class_type": "StrideDemoModel", "inputs": {}})])],
     "STRIDE_LOSS": [(f"loss {name}", [("bad", {"class_type": "ReliabilityFaultLoss", "inputs": {"values": name}})])
                     for name in ("empty", "one", "nan", "inf", "negative", "zeros", "huge", "long")],
     "SAMPLER": [("ComfyUI euler", [("bad", {"class_type": "KSamplerSelect", "inputs": {"sampler_name": "euler"}})]),
-                ("ComfyUI dpmpp_2m", [("bad", {"class_type": "KSamplerSelect", "inputs": {"sampler_name": "dpmpp_2m"}})])],
+                ("ComfyUI dpmpp_2m",
+                 [("bad", {"class_type": "KSamplerSelect", "inputs": {"sampler_name": "dpmpp_2m"}})])],
 }
 LINK_LITERALS = (("literal number", 0), ("literal text", "abc"), ("literal null", None), ("literal object", {}),
                  ("literal latent-like object", {"samples": 1}), ("literal bool", True))
@@ -271,7 +277,8 @@ def mutated_safetensors(payload: bytes, kind: str, seed: int) -> bytes:
     if kind == "unknown dtype":
         entry["dtype"] = rng.choice(["X7", "F128", "", "f32", "float"])
     elif kind == "other dtype":
-        entry["dtype"] = rng.choice([d for d in ("F64", "F16", "BF16", "I8", "U8", "BOOL", "I64", "F8_E4M3") if d != entry["dtype"]])
+        others = [d for d in ("F64", "F16", "BF16", "I8", "U8", "BOOL", "I64", "F8_E4M3") if d != entry["dtype"]]
+        entry["dtype"] = rng.choice(others)
     elif kind == "shape changed":
         entry["shape"] = [*entry["shape"][:-1], entry["shape"][-1] + rng.choice([-1, 1, 7])] if entry["shape"] else [2]
     elif kind == "shape negative":
@@ -323,7 +330,8 @@ def mutated_safetensors(payload: bytes, kind: str, seed: int) -> bytes:
     elif kind == "empty file":
         return b""
     elif kind == "metadata not a string":
-        header["__metadata__"] = {**header.get("__metadata__", {}), "stride.steps": rng.choice([1, 1.5, None, [1], {"a": 1}])}
+        value = rng.choice([1, 1.5, None, [1], {"a": 1}])
+        header["__metadata__"] = {**header.get("__metadata__", {}), "stride.steps": value}
     elif kind == "metadata a list":
         header["__metadata__"] = ["stride.format", "x"]
     elif kind in ("nan weights", "inf weights"):
@@ -518,7 +526,8 @@ TRAINING = {"objective": "lcm", "steps": 1, "learning_rate": 1e-3, "rank": 4, "a
             "save_every": 0, "resume": False}
 SHARED: dict[str, dict] = {  # the valid providers a baseline links to (only those it uses are added)
     "ref": reference_model(),
-    "ref_fm": {**reference_model(), "inputs": {**reference_model()["inputs"], "form": "flow map (ideal distilled student)"}},
+    "ref_fm": {**reference_model(),
+               "inputs": {**reference_model()["inputs"], "form": "flow map (ideal distilled student)"}},
     "piref": _node("StridePiFlowReferenceModel"),
     "demo": _node("StrideDemoModel"),
     "flux": _node("ReliabilityTinyFlux"),
@@ -526,7 +535,8 @@ SHARED: dict[str, dict] = {  # the valid providers a baseline links to (only tho
     "latent": empty_latent(1),
     "empty2": empty_latent(2),
     "latent2": _node("StrideFewStepSample", model=["ref", 0], positive=["disc", 0], negative=["empty", 0],
-                     latent_image=["empty2", 0], method="lcm", steps=2, cfg=0.0, gamma=0.3, eta=0.2, seed=0, denoise=1.0),
+                     latent_image=["empty2", 0], method="lcm", steps=2, cfg=0.0, gamma=0.3, eta=0.2, seed=0,
+                     denoise=1.0),
     "images": _node("StrideLatentToImage", samples=["latent2", 0], scale=8),
     "noise": _node("RandomNoise", noise_seed=1),
     "lcm_sampler": _node("StrideLCMSampler", s_noise=1.0, boundary_condition=True),
@@ -544,8 +554,9 @@ SHARED: dict[str, dict] = {  # the valid providers a baseline links to (only tho
     "trace_sampler": _node("StrideTraceSampler", sampler=["lcm_sampler", 0]),
     "trace_run": _custom_sampling("guider", ["trace_sampler", 0], ["lcm_sigmas", 0]),
 }
-TYPE_SOURCES = {"MODEL": ["ref", 0], "CONDITIONING": ["disc", 0], "LATENT": ["latent", 0], "SAMPLER": ["lcm_sampler", 0],
-                "GUIDER": ["guider", 0], "IMAGE": ["images", 0], "STRIDE_DISTILL_DATA": ["data", 0],
+TYPE_SOURCES = {"MODEL": ["ref", 0], "CONDITIONING": ["disc", 0], "LATENT": ["latent", 0],
+                "SAMPLER": ["lcm_sampler", 0], "GUIDER": ["guider", 0], "IMAGE": ["images", 0],
+                "STRIDE_DISTILL_DATA": ["data", 0],
                 "STRIDE_LORA": ["train", 1], "STRIDE_LOSS": ["train", 2], "STRIDE_TRACE": ["trace_sampler", 1],
                 "SIGMAS": ["lcm_sigmas", 0]}
 NODE_SOURCES = {  # where a node's baseline differs from TYPE_SOURCES
@@ -569,7 +580,7 @@ NODE_VALUES = {  # cheap valid widget values where the declared default is slow 
     "StridePiFlowScheduler": {"steps": 2},
     "StrideLatentToImage": {"scale": 2},
     "StrideDistillDataset": {"width": 64, "height": 64},
-    "StrideDistillLoRA": {key: value for key, value in TRAINING.items()},
+    "StrideDistillLoRA": dict(TRAINING),
 }
 PIFLOW_MODELS = ("StridePiFlowReferenceModel", "StridePiFlowAdapterLoader")
 # Inputs that read a file: (node, input) -> the file kind a draw mutates
@@ -697,8 +708,8 @@ def apply(graph: dict, node: str, mutation: Mutation, files: Files, draw: int) -
     if mutation.unset:
         target.pop(mutation.input, None)
     elif mutation.link is not None:
-        for index, (node_id, sub) in enumerate(mutation.link):
-            graph[f"bad_{node_id}" if index else "bad"] = json.loads(json.dumps(sub).replace('"fault_base"', '"bad_fault_base"'))
+        for node_id, sub in mutation.link:  # the first is "bad"; others are its own upstream nodes
+            graph[node_id] = json.loads(json.dumps(sub))
         target[mutation.input] = ["bad", 0]
     elif node == "StrideReloadLoRA" and mutation.input == "lora_name":
         graph["lora_name"]["inputs"]["value"] = mutation.value

@@ -12,6 +12,7 @@ import importlib.util
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 
@@ -35,7 +36,8 @@ class FaultLatent:
     RETURN_TYPES = ("LATENT",)
     FUNCTION = "make"
     CATEGORY = "testing"
-    FILLS = {"nan": float("nan"), "inf": float("inf"), "-inf": float("-inf"), "zeros": 0.0, "huge": 1e30}
+    FILLS: ClassVar[dict[str, float]] = {"nan": float("nan"), "inf": float("inf"), "-inf": float("-inf"), "zeros": 0.0,
+                                         "huge": 1e30}
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -45,7 +47,7 @@ class FaultLatent:
                              "batch": ("INT", {"default": 1, "min": 0, "max": 64}),
                              "fill": (["random", *cls.FILLS],)},
                 "optional": {"frames": ("INT", {"default": 0, "min": 0, "max": 16,
-                                                "tooltip": "0: an image latent (4-D); n: a video latent with n frames"})}}
+                                                "tooltip": "0: an image latent (4-D); n: a video latent of n frames"})}}
 
     def make(self, channels, height, width, batch, fill, frames=0):
         shape = (batch, channels, *((frames,) if frames else ()), height, width)
@@ -62,7 +64,7 @@ class FaultImage:
     RETURN_TYPES = ("IMAGE",)
     FUNCTION = "make"
     CATEGORY = "testing"
-    FILLS = {"nan": float("nan"), "inf": float("inf"), "zeros": 0.0, "huge": 1e30}
+    FILLS: ClassVar[dict[str, float]] = {"nan": float("nan"), "inf": float("inf"), "zeros": 0.0, "huge": 1e30}
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -84,9 +86,10 @@ class FaultLoss:
     RETURN_TYPES = ("STRIDE_LOSS",)
     FUNCTION = "make"
     CATEGORY = "testing"
-    VALUES = {"decreasing": [1.0, 0.5, 0.25, 0.125], "empty": [], "one": [0.5], "nan": [1.0, float("nan"), 0.5],
-              "inf": [float("inf"), 1.0], "negative": [-1.0, -2.0], "zeros": [0.0, 0.0], "huge": [1e308, 1e-308],
-              "long": [1.0 / (1 + i) for i in range(100000)]}
+    VALUES: ClassVar[dict[str, list[float]]] = {
+        "decreasing": [1.0, 0.5, 0.25, 0.125], "empty": [], "one": [0.5], "nan": [1.0, float("nan"), 0.5],
+        "inf": [float("inf"), 1.0], "negative": [-1.0, -2.0], "zeros": [0.0, 0.0], "huge": [1e308, 1e-308],
+        "long": [1.0 / (1 + i) for i in range(100000)]}
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -102,8 +105,9 @@ class FaultSigmas:
     RETURN_TYPES = ("SIGMAS",)
     FUNCTION = "make"
     CATEGORY = "testing"
-    VALUES = {"empty": [], "one": [14.6], "increasing": [0.0, 1.0, 14.6], "negative": [14.6, -1.0, 0.0],
-              "nan": [14.6, float("nan"), 0.0], "huge": [1e30, 1.0, 0.0], "flat": [1.0, 1.0, 1.0]}
+    VALUES: ClassVar[dict[str, list[float]]] = {
+        "empty": [], "one": [14.6], "increasing": [0.0, 1.0, 14.6], "negative": [14.6, -1.0, 0.0],
+        "nan": [14.6, float("nan"), 0.0], "huge": [1e30, 1.0, 0.0], "flat": [1.0, 1.0, 1.0]}
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -265,7 +269,8 @@ def fault_conditioning(width: int = 768, tokens: int = 77, empty: bool = False, 
 
 
 def fault_image(height: int = 64, width: int = 64, batch: int = 4, fill: str = "random") -> dict:
-    return {"class_type": "ReliabilityFaultImage", "inputs": {"height": height, "width": width, "batch": batch, "fill": fill}}
+    return {"class_type": "ReliabilityFaultImage",
+            "inputs": {"height": height, "width": width, "batch": batch, "fill": fill}}
 
 
 def reference_model(prediction: str = "eps") -> dict:
@@ -381,7 +386,7 @@ def repo_outputs() -> set[str]:
         dirs[:] = [d for d in dirs if d not in (".git", ".venv", ".cache", "__pycache__", "node_modules")]
         found.update(os.path.join(folder, name) for name in names
                      if name.endswith((".safetensors", ".latent", ".tmp", ".pt", ".ckpt", ".png"))
-                     or ("reliability" in name or name.startswith("fuzz")) and not name.endswith(".py"))
+                     or (("reliability" in name or name.startswith("fuzz")) and not name.endswith(".py")))
     return found
 
 

@@ -20,9 +20,24 @@ import pytest
 import torch
 from safetensors.torch import save as safetensors_bytes
 
-from tests.reliability.support import (RAW_MESSAGES, changed_files, fault_conditioning, fault_image, fault_latent,
-                                       repo_outputs, validation_message, class_prompt, empty_latent, few_step, hybrid_graph,
-                                       reference_model, sampling_graph, snapshot, tiny_flux_installed, training_graph)
+from tests.reliability.support import (
+    RAW_MESSAGES,
+    changed_files,
+    class_prompt,
+    empty_latent,
+    fault_conditioning,
+    fault_image,
+    fault_latent,
+    few_step,
+    hybrid_graph,
+    reference_model,
+    repo_outputs,
+    sampling_graph,
+    snapshot,
+    tiny_flux_installed,
+    training_graph,
+    validation_message,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 DOC = ROOT / "docs" / "TROUBLESHOOTING.md"
@@ -226,7 +241,8 @@ def piflow_sample(**overrides) -> Callable[[Context], dict]:
 
 
 def piflow_custom(sampler: dict | None = None, scheduler: dict | None = None) -> Callable[[Context], dict]:
-    """SamplerCustomAdvanced with the Stride pi-Flow sampler and scheduler (inputs overridden) on the pi-Flow reference."""
+    """SamplerCustomAdvanced with the Stride pi-Flow sampler and scheduler (inputs overridden) on the pi-Flow
+    reference."""
     def build(ctx: Context) -> dict:
         return {
             "model": PIFLOW_REFERENCE, "pos": class_prompt(""), "latent": empty_latent(),
@@ -323,7 +339,8 @@ def renamed_modules(share: float) -> Callable[[dict, dict], tuple[dict, dict]]:
         renamed = {}
         for key, value in state.items():
             module = key.rsplit(".", 2)[0] if key.endswith(".weight") else key.rsplit(".", 1)[0]
-            renamed[key.replace("diffusion_model.", "diffusion_model.other_net.", 1) if module in moved else key] = value
+            new_key = key.replace("diffusion_model.", "diffusion_model.other_net.", 1) if module in moved else key
+            renamed[new_key] = value
         return renamed, metadata
 
     return transform
@@ -366,6 +383,18 @@ def no_file_named(name: str) -> Callable[[Context], None]:
         assert not (ctx.loras / name).exists(), f"{name!r} was written"
 
     return verify
+
+
+def link_in_loras(name: str, target: str) -> Callable[[Context], None]:
+    """A symbolic link ``name`` in models/loras pointing at ``target`` (a missing file, a device, ...)."""
+    def setup(ctx: Context) -> None:
+        link = ctx.loras / name
+        if link.is_symlink():
+            link.unlink()
+        link.symlink_to(target)
+        ctx.rescan()
+
+    return setup
 
 
 def existing_file_kept(ctx: Context) -> None:
@@ -675,8 +704,8 @@ CASES = [
          ("guidance_min", "NaN"), "Type a number for guidance_min (0 and 0 = the objective's default).",
          needs=("demo",), xfail=NODE_BOUNDARY),
     Case("hybrid_distilled_model_nan", "Stride Hybrid Sample", "a distilled model whose output is NaN",
-         changed(hybrid(distilled_model=["broken", 0]), broken={"class_type": "ReliabilityFaultModel",
-                                                                  "inputs": {"model": ["distilled", 0], "fill": "nan"}}),
+         changed(hybrid(distilled_model=["broken", 0]),
+                 broken={"class_type": "ReliabilityFaultModel", "inputs": {"model": ["distilled", 0], "fill": "nan"}}),
          "execution", ("distilled_model", "returned NaN or inf"), "Re-download the distilled model (or LoRA), or run "
          "it in fp32/bf16.", xfail=NODE_BOUNDARY),
     Case("reference_conditioning_named_by_input", FEW, "a 1x1 CONDITIONING as positive for the reference teacher",
@@ -693,16 +722,28 @@ CASES = [
     Case("hybrid_latent_1x1", "Stride Hybrid Sample", "a 1x1 latent for the reference teacher",
          changed(hybrid(), latent=fault_latent(height=1, width=1)), "execution", ("latent_image", "use Empty Latent"),
          "Use Empty Latent Image 64x64.", xfail=NODE_BOUNDARY),
-    Case("metrics_latent_1x1", "Stride Reference Metrics", "1x1 latents", metrics_graph(fault_latent(height=1, width=1, batch=2)),
+    Case("metrics_latent_1x1", "Stride Reference Metrics", "1x1 latents",
+         metrics_graph(fault_latent(height=1, width=1, batch=2)),
          "execution", ("samples", "use"), "Score samples of the reference teacher or demo model (4x8x8 latents).",
          xfail=NODE_BOUNDARY),
+    Case("reload_broken_link", "Stride Reload Saved LoRA", "a LoRA name that is a broken link (or a link to a device)",
+         reload("reliability_broken_link.safetensors"), "execution", ("lora_name", "not a regular file"),
+         "Point the link at the LoRA file again, or copy the file into models/loras.",
+         setup=link_in_loras("reliability_broken_link.safetensors", "/nonexistent/stride.safetensors"),
+         xfail=NODE_BOUNDARY),
+    Case("adapter_broken_link", "Stride pi-Flow Adapter Loader", "an adapter name that links to a device",
+         piflow_on(TINY_FLUX, adapter="reliability_device_link.safetensors"), "execution",
+         ("adapter_name", "not a regular file"), "Point the link at the adapter file again, or copy the file.",
+         setup=link_in_loras("reliability_device_link.safetensors", "/dev/zero"), needs=("flux",), xfail=NODE_BOUNDARY),
     # --- hostile values (issue #18 and the fuzzer, tests/reliability/test_fuzz.py) ----------------------
     Case("cfg_nan", FEW, "cfg = NaN (passes ComfyUI's min/max check)", sample(cfg=float("nan")), "execution",
-         ("cfg", "NaN"), "Type a number for cfg (0 = the method's recommendation).", absent=("weights",), xfail=NODE_BOUNDARY),
+         ("cfg", "NaN"), "Type a number for cfg (0 = the method's recommendation).", absent=("weights",),
+         xfail=NODE_BOUNDARY),
     Case("denoise_nan", FEW, "denoise = NaN", sample(denoise=float("nan")), "execution", ("denoise", "NaN"),
          "Type a number between 0.01 and 1 for denoise.", absent=("fewer steps",), xfail=NODE_BOUNDARY),
     Case("lcm_s_noise_nan", "Stride LCM Sampler", "s_noise = NaN",
-         custom_sampling(with_inputs(LCM_SAMPLER, s_noise=float("nan")), LCM_SCHEDULER), "execution", ("s_noise", "NaN"),
+         custom_sampling(with_inputs(LCM_SAMPLER, s_noise=float("nan")), LCM_SCHEDULER), "execution",
+         ("s_noise", "NaN"),
          "Type a number for s_noise (1.0 = LCM as trained).", absent=("weights",), xfail=NODE_BOUNDARY),
     Case("tcd_gamma_nan", "Stride TCD / Hyper-SD Sampler", "gamma = NaN",
          custom_sampling(with_inputs(TCD_SAMPLER, gamma=float("nan")), LCM_SCHEDULER), "execution", ("gamma", "NaN"),
@@ -712,7 +753,8 @@ CASES = [
          "Type a number between 0 and 1 for eta (the authors use 0.2).", xfail=NODE_BOUNDARY),
     Case("lcm_denoise_below_grid", FEW, "lcm, 1 step at denoise 0.01 (below one step of the 50-step grid)",
          sample(method="lcm", steps=1, denoise=0.01), "execution", ("denoise", "0.02"),
-         "Raise denoise to at least 1/50 = 0.02 (one step of LCM's grid).", absent=("fewer steps",), xfail=NODE_BOUNDARY),
+         "Raise denoise to at least 1/50 = 0.02 (one step of LCM's grid).", absent=("fewer steps",),
+         xfail=NODE_BOUNDARY),
     Case("hybrid_base_model_nan", "Stride Hybrid Sample", "a base model whose output is NaN",
          changed(hybrid(base_model=["broken", 0]), broken={"class_type": "ReliabilityFaultModel",
                                                             "inputs": {"model": ["model", 0], "fill": "nan"}}),
@@ -757,7 +799,8 @@ CASES = [
          setup=train_first_steps("reliability_noop", 2), needs=("demo",), xfail=NODE_BOUNDARY),
     Case("save_name_trailing_newline", "Stride Save LoRA", "file_name 'lora\\n.safetensors' (a newline before the "
          "suffix)", save_as("reliability_newline\n.safetensors"), "execution", ("file_name", "not a plain file name"),
-         "Type the name without line breaks.", verify=no_file_named("reliability_newline\n.safetensors"), needs=("demo",),
+         "Type the name without line breaks.", verify=no_file_named("reliability_newline\n.safetensors"),
+         needs=("demo",),
          xfail=NODE_BOUNDARY),
     Case("save_name_too_long", "Stride Save LoRA", "a 200-character file_name", save_as("a" * 200), "execution",
          ("file_name", "at most", "characters"), "Shorten the name (the limit is stated in the message).",
@@ -770,7 +813,8 @@ CASES = [
     Case("reload_lora_without_lora_keys", "Stride Reload Saved LoRA", "a safetensors file without LoRA weights",
          reload_onto_demo("reliability_not_lora.safetensors"), "execution", ("lora_name", "no LoRA weights"),
          "Choose a LoRA file (lora_up/lora_down or lora_A/lora_B weights).",
-         setup=stride_lora_variant("reliability_not_lora.safetensors", no_lora_keys), needs=("demo",), xfail=NODE_BOUNDARY),
+         setup=stride_lora_variant("reliability_not_lora.safetensors", no_lora_keys), needs=("demo",),
+         xfail=NODE_BOUNDARY),
     Case("reload_lora_wrong_shapes", "Stride Reload Saved LoRA", "a LoRA whose weights have other shapes",
          reload_onto_demo("reliability_wrong_shapes.safetensors"), "execution", ("lora_name", "shape"),
          "The LoRA is for a model of another size: load it onto the model it was made for.",
@@ -848,7 +892,8 @@ def tiny_flux(context):
 
 def params(cases: list[Case]) -> list:
     """Cases as pytest parameters; a case whose fix is pending is a strict xfail (it fails the suite once it passes)."""
-    return [pytest.param(case, id=case.id, marks=[pytest.mark.xfail(reason=case.xfail, strict=True)] if case.xfail else [])
+    return [pytest.param(case, id=case.id,
+                         marks=[pytest.mark.xfail(reason=case.xfail, strict=True)] if case.xfail else [])
             for case in cases]
 
 
@@ -904,10 +949,12 @@ def test_bad_input_through_the_server(case, comfy_server, tmp_path):
     else:  # queued once: follow it in the history
         entry = comfy_server._history_entry(answer["prompt_id"], timeout=300)
         if entry.get("status", {}).get("status_str") == "success":
-            texts = [text for ui in entry.get("outputs", {}).values() for text in ui.get("text", []) if isinstance(text, str)]
+            texts = [text for ui in entry.get("outputs", {}).values() for text in ui.get("text", [])
+                     if isinstance(text, str)]
             outcome = Outcome("report", " | ".join(texts))
         else:
-            error = next((data for event, data in entry["status"].get("messages", []) if event == "execution_error"), {})
+            messages = entry["status"].get("messages", [])
+            error = next((data for event, data in messages if event == "execution_error"), {})
             outcome = Outcome("execution", error.get("exception_message", "").strip(), error.get("exception_type", ""))
     check_message(case, outcome)
     assert not changed_files(before, snapshot(comfy_server.base_dir, skip=STAYS_INSIDE + ("server.log", "user")))

@@ -314,14 +314,16 @@ def test_resuming_a_run_that_already_has_the_steps_trains_nothing_and_says_so(tm
     trained = lora_vector(loraset)
 
     network, loraset, config = demo_setup(steps=2)
-    again = train(network.denoiser, loraset, network.space, config, network.data, checkpoint_path=checkpoint, resume=True)
+    again = train(network.denoiser, loraset, network.space, config, network.data, checkpoint_path=checkpoint,
+                  resume=True)
     assert again.resumed_from == 3 and again.steps_done == 3 and not again.losses
     assert (lora_vector(loraset) - trained).abs().max() == 0  # the checkpoint's LoRA, not a 2-step one
     assert "already had 3 steps, more than the 2 asked for" in again.resume_note(config.steps)
     assert load_checkpoint(checkpoint).step == 3
 
     network, loraset, config = demo_setup(steps=5)
-    longer = train(network.denoiser, loraset, network.space, config, network.data, checkpoint_path=checkpoint, resume=True)
+    longer = train(network.denoiser, loraset, network.space, config, network.data, checkpoint_path=checkpoint,
+                   resume=True)
     assert longer.resumed_from == 3 and longer.steps_done == 5 and longer.resume_note(config.steps) is None
 
 
