@@ -243,7 +243,7 @@ FILE_MUTATIONS = (
     "header length one short", "header length one long", "truncated in header", "truncated in data",
     "junk appended", "junk header", "header is a JSON list", "header deeply nested", "header not UTF-8",
     "header with duplicate keys", "all zero bytes", "zeroed header", "zeroed length", "empty file",
-    "metadata not a string", "metadata a list", "nan weights", "inf weights", "symlink dangling", "symlink loop",
+    "metadata not a string", "metadata a list", "metadata value garbled", "metadata removed", "nan weights", "inf weights", "symlink dangling", "symlink loop",
     "symlink to a folder", "symlink to a device", "symlink to a good file outside",
 )
 
@@ -334,6 +334,13 @@ def mutated_safetensors(payload: bytes, kind: str, seed: int) -> bytes:
         header["__metadata__"] = {**header.get("__metadata__", {}), "stride.steps": value}
     elif kind == "metadata a list":
         header["__metadata__"] = ["stride.format", "x"]
+    elif kind == "metadata value garbled":  # each file kind's declared metadata (step, config JSON, fingerprint, ...)
+        declared = header.get("__metadata__") or {"format": ""}
+        key = rng.choice(sorted(declared))
+        declared[key] = rng.choice(["", "{", "abc", "[]", "-1", "3.5", "1e999", "null", "[" * 5000 + "]" * 5000])
+        header["__metadata__"] = declared
+    elif kind == "metadata removed":
+        header.pop("__metadata__", None)
     elif kind in ("nan weights", "inf weights"):
         start, end = entry["data_offsets"]
         if entry["dtype"] != "F32" or end - start < 4:

@@ -397,6 +397,28 @@ def link_in_loras(name: str, target: str) -> Callable[[Context], None]:
     return setup
 
 
+def adapter_variant(name: str, metadata_changes: dict[str, str]) -> Callable[[Context], None]:
+    """The tiny FLUX.1 GM adapter with its metadata changed, written to models/loras as ``name``."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    def setup(ctx: Context) -> None:
+        source = str(ctx.loras / "reliability_tiny_gm.safetensors")
+        with safe_open(source, "pt") as reader:
+            metadata = dict(reader.metadata() or {})
+        save_file(load_file(source), str(ctx.loras / name), {**metadata, **metadata_changes})
+        ctx.rescan()
+
+    return setup
+
+
+def nan_weight(state: dict, metadata: dict) -> tuple[dict, dict]:
+    key = sorted(key for key in state if key.endswith("lora_down.weight"))[0]
+    broken = state[key].clone()
+    broken.view(-1)[0] = float("nan")
+    return {**state, key: broken}, metadata
+
+
 def existing_file_kept(ctx: Context) -> None:
     assert (ctx.loras / "reliability_existing.safetensors").read_bytes() == EXISTING
 
@@ -735,6 +757,16 @@ CASES = [
          piflow_on(TINY_FLUX, adapter="reliability_device_link.safetensors"), "execution",
          ("adapter_name", "not a regular file"), "Point the link at the adapter file again, or copy the file.",
          setup=link_in_loras("reliability_device_link.safetensors", "/dev/zero"), needs=("flux",), xfail=NODE_BOUNDARY),
+    Case("reload_lora_nan_weights", "Stride Reload Saved LoRA", "a LoRA file holding NaN weights",
+         reload_onto_demo("reliability_nan_lora.safetensors"), "execution", ("lora_name", "NaN"),
+         "The file is broken: train and save the LoRA again.",
+         setup=stride_lora_variant("reliability_nan_lora.safetensors", nan_weight), needs=("demo",),
+         xfail=NODE_BOUNDARY),
+    Case("adapter_garbled_metadata", "Stride pi-Flow Adapter Loader", "an adapter whose policy_config metadata is '[]'",
+         piflow_on(TINY_FLUX, adapter="reliability_garbled_gm.safetensors"), "execution",
+         ("adapter_name", "policy_config", "download"), "Download the adapter again (its metadata is damaged).",
+         setup=adapter_variant("reliability_garbled_gm.safetensors", {"policy_config": "[]"}), needs=("flux",),
+         xfail=NODE_BOUNDARY),
     # --- hostile values (issue #18 and the fuzzer, tests/reliability/test_fuzz.py) ----------------------
     Case("cfg_nan", FEW, "cfg = NaN (passes ComfyUI's min/max check)", sample(cfg=float("nan")), "execution",
          ("cfg", "NaN"), "Type a number for cfg (0 = the method's recommendation).", absent=("weights",),

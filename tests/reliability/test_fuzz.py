@@ -81,7 +81,9 @@ PENDING: dict[str, list[tuple[str, str]]] = {
     "hybrid_latent_1x1": [("StrideHybridSample", "latent_image")],
     "metrics_latent_1x1": [("StrideReferenceMetrics", "samples")],
     "reload_broken_link": [("StrideReloadLoRA", "lora_name")],
+    "reload_lora_nan_weights": [("StrideReloadLoRA", "lora_name")],
     "adapter_broken_link": [("StridePiFlowAdapterLoader", "adapter_name")],
+    "adapter_garbled_metadata": [("StridePiFlowAdapterLoader", "adapter_name")],
 }
 KNOWN: set[tuple[str, str]] = {key for keys in PENDING.values() for key in keys}
 

@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from distill_core.safe_files import read_safetensors
+from distill_core.safe_files import UnsafeFileError, read_safetensors, write_safetensors
 from distill_core.sampling.lcm import lcm_boundary_scalings
 from distill_core.spaces import NoiseSpace, scaled_linear_alphas_cumprod
 from distill_core.training.checkpoint import load_checkpoint
@@ -337,3 +337,27 @@ def test_training_data_refuses_non_finite_latents_and_conditioning():
         TrainingData(conds=[{"c": good}, {"c": bad}], uncond={"c": good}, latent_shape=(4, 8, 8))
     with pytest.raises(ValueError, match="the empty prompt's conditioning tensors contain NaN or inf"):
         TrainingData(conds=[good], uncond=[bad], latent_shape=(4, 8, 8))
+
+
+@pytest.mark.parametrize("key,value,problem", [
+    ("step", "3.5", "its step '3.5' is not a whole number"),
+    ("step", None, "its metadata lacks ['step']"),
+    ("config", "{not json", "its 'config' metadata is not valid JSON"),
+    ("config", "[1, 2]", "its settings ('config') are not a JSON object"),
+    ("optimizer.scalars", '{"x": {}}', "optimizer scalars are not objects keyed by parameter number"),
+    ("optimizer.param_groups", '[{"lr": 1}]', "parameter groups are not a list of objects with 'params'"),
+    ("optimizer.param_groups", "[" * 100000 + "]" * 100000, "'optimizer.param_groups' metadata is not valid JSON"),
+])
+def test_a_checkpoint_with_damaged_metadata_is_refused_in_plain_words(tmp_path, key, value, problem):
+    checkpoint = str(tmp_path / "run.ckpt.safetensors")
+    network, loraset, config = demo_setup(steps=1)
+    train(network.denoiser, loraset, network.space, config, network.data, checkpoint_path=checkpoint)
+    tensors, metadata = read_safetensors(checkpoint)
+    if value is None:
+        del metadata[key]
+    else:
+        metadata[key] = value
+    write_safetensors(checkpoint, tensors, metadata)
+    with pytest.raises(UnsafeFileError, match="is a damaged Stride checkpoint") as refused:
+        load_checkpoint(checkpoint)
+    assert problem in str(refused.value)
