@@ -237,8 +237,8 @@ def attach_lora(
         widest = max(min(_matrix_shape(layer)) for _, layer in selected)
         selected = [(name, layer) for name, layer in selected if rank <= min(_matrix_shape(layer))]
         if not selected:
-            raise ValueError(f"LoRA rank {rank} exceeds the width of every {'/'.join(target)} layer of the model; "
-                             f"lower the rank to at most {widest}")
+            raise ValueError(f"LoRA rank {rank} exceeds the width of every {'/'.join(target)} layer of the model "
+                             f"(the widest allows rank {widest}); lower the rank")
     grouped = [name for name, layer in selected if isinstance(layer, nn.Conv2d) and layer.groups != 1]
     if grouped:
         raise ValueError(f"grouped convolutions cannot take a LoRA here: {grouped[:5]}; exclude them with name_filter")
