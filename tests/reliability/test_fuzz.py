@@ -35,56 +35,9 @@ FILE_DRAWS = int(os.environ.get("STRIDE_FUZZ_FILE_DRAWS", "16"))
 REPORT = os.environ.get("STRIDE_FUZZ_REPORT")
 
 # The fuzzer's findings not fixed yet: catalogue case (a strict xfail that pins the failure down) -> (node, input)s.
-# Found with STRIDE_FUZZ_PER_INPUT=8 and 40 server draws: 69 distinct (class, node, input) failures in 1047 draws
-# in-process, 3 of the same kind in 40 through the server; none with malformed files, writes outside
-# output/models/temp, temporary files, hangs or a broken host.
-PENDING: dict[str, list[tuple[str, str]]] = {
-    "literal_value_on_a_link_input": [
-        ("StrideDistillDataset", "latents"), ("StrideDistillLoRA", "data"), ("StrideDistillLoRA", "model"),
-        ("StrideFewStepSample", "latent_image"), ("StrideFewStepSample", "model"), ("StrideFewStepSample", "negative"),
-        ("StrideHybridGuider", "base_guider"), ("StrideHybridGuider", "base_sampler"),
-        ("StrideHybridGuider", "distilled_guider"), ("StrideHybridSample", "base_positive"),
-        ("StrideHybridSample", "distilled_negative"), ("StrideHyperSDScheduler", "model"),
-        ("StrideLCMScheduler", "model"), ("StridePiFlowAdapterLoader", "model"), ("StridePiFlowSample", "latent_image"),
-        ("StridePiFlowScheduler", "model"), ("StrideReferenceMetrics", "conditioning"), ("StrideReloadLoRA", "model"),
-        ("StrideSaveLoRA", "lora"), ("StrideTDDScheduler", "model"), ("StrideTraceGrid", "trace"),
-        ("StrideTraceGrid", "vae"), ("StrideTraceSampler", "sampler")],
-    "cfg_nan": [("StrideFewStepSample", "cfg"), ("StrideFewStepSample", "eta"), ("StrideFewStepSample", "gamma")],
-    "denoise_nan": [("StrideFewStepSample", "denoise")],
-    "tcd_gamma_nan": [("StrideTCDSampler", "gamma")],
-    "tdd_eta_nan": [("StrideTDDSampler", "eta")],
-    "tdd_clip_ratio_nan": [("StrideTDDSampler", "clip_ratio")],
-    "lcm_s_noise_nan": [("StrideLCMSampler", "s_noise")],
-    "piflow_sample_denoise_nan": [("StridePiFlowSample", "denoise"), ("StridePiFlowSample", "final_step_size_scale"),
-                                  ("StridePiFlowSample", "diffusion_coefficient")],
-    "piflow_sampler_shift_nan": [("StridePiFlowSampler", "diffusion_coefficient"), ("StridePiFlowSampler", "shift")],
-    "piflow_scheduler_shift_nan": [("StridePiFlowScheduler", "shift")],
-    "scheduler_denoise_nan": [("StrideHyperSDScheduler", "denoise")],
-    "lcm_scheduler_denoise_below_grid": [("StrideLCMScheduler", "denoise")],
-    "tdd_scheduler_denoise_too_small": [("StrideTDDScheduler", "denoise")],
-    "reload_strength_nan": [("StrideReloadLoRA", "strength")],
-    "adapter_strength_nan": [("StridePiFlowAdapterLoader", "strength")],
-    "train_guidance_nan": [("StrideDistillLoRA", "guidance_min")],
-    "sampler_with_nan_sigmas": [("StrideLCMSampler", "sigmas"), ("StrideTDDSampler", "sigmas"),
-                                ("StrideTraceSampler", "sigmas")],
-    "hybrid_base_model_nan": [("StrideHybridSample", "base_model")],
-    "hybrid_distilled_model_nan": [("StrideHybridSample", "distilled_model")],
-    "reference_conditioning_named_by_input": [
-        ("StrideFewStepSample", "positive"), ("StrideHybridSample", "base_negative"),
-        ("StrideHybridSample", "distilled_positive")],
-    "dataset_prompt_named_by_input": [("StrideDistillDataset", name) for name in
-                                      ("prompt_1", "prompt_2", "prompt_3", "empty_prompt")],
-    "train_nan_conditioning": [("StrideDistillDataset", "prompt_4")],
-    "diversity_nan_images": [("StrideImageDiversity", "images")],
-    "decode_nan_latent": [("StrideLatentToImage", "samples")],
-    "train_piflow_teacher": [("StrideDistillLoRA", "model")],
-    "hybrid_latent_1x1": [("StrideHybridSample", "latent_image")],
-    "metrics_latent_1x1": [("StrideReferenceMetrics", "samples")],
-    "reload_broken_link": [("StrideReloadLoRA", "lora_name")],
-    "reload_lora_nan_weights": [("StrideReloadLoRA", "lora_name")],
-    "adapter_broken_link": [("StridePiFlowAdapterLoader", "adapter_name")],
-    "adapter_garbled_metadata": [("StridePiFlowAdapterLoader", "adapter_name")],
-}
+# Before the fixes of issue #18 (STRIDE_FUZZ_PER_INPUT=8, 40 server draws, 360 malformed files) it found 74 distinct
+# (class, node, input) failures; each is now a passing catalogue case, so nothing is pending.
+PENDING: dict[str, list[tuple[str, str]]] = {}
 KNOWN: set[tuple[str, str]] = {key for keys in PENDING.values() for key in keys}
 
 
