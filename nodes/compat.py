@@ -104,6 +104,8 @@ _LINKED: dict[str, Callable[[Any], bool]] = {  # what a linked value of each hos
     "VAE": lambda value: callable(getattr(value, "decode", None)),
 }
 _WIDGETS = ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO")
+_LITERAL_KINDS = {type(None): "null", bool: "a boolean", int: "a number", float: "a number", str: "text",
+                  dict: "an object", list: "a list"}
 
 
 def _json_literal(value: Any) -> bool:
@@ -130,8 +132,10 @@ def input_problem(node_input: Any, value: Any) -> str | None:
         return None
     valid = _LINKED.get(kind)
     if (valid is not None and not valid(value)) or (valid is None and kind not in _WIDGETS and _json_literal(value)):
-        return (f"{name}: expected a {kind} from another node's output, got {type(value).__name__} {value!r:.40}; "
-                f"connect a {kind} output (API clients send a link as [node_id, output_index])")
+        article = "an" if kind[:1] in "AEIOU" else "a"
+        got = _LITERAL_KINDS.get(type(value), type(value).__name__)
+        return (f"{name}: expected {article} {kind} from another node's output, got {got} {value!r:.40}; connect "
+                f"{article} {kind} output (API clients send a link as [node_id, output_index])")
     return None
 
 
