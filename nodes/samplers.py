@@ -214,8 +214,8 @@ def truncate_for_denoise(timesteps_for: Callable[[int], list[int]], steps: int, 
         if longest is None:
             raise
     raise StrideError(f"denoise: at {denoise:g}, {steps} steps need a {total}-step schedule and this one has at most "
-                      f"{longest}; raise denoise to at least {math.ceil(1000 * steps / longest) / 1000:g}, or choose "
-                      "fewer steps.")
+                      f"{longest}. Choose fewer steps, or raise denoise to at least "
+                      f"{math.ceil(1000 * steps / longest) / 1000:g}.")
 
 
 def _longest_schedule(timesteps_for: Callable[[int], list[int]], shortest: int, too_long: int) -> int | None:

@@ -510,7 +510,7 @@ CASES = [
          "At denoise d the LCM grid has 50 x d entries: use fewer steps or a higher denoise."),
     Case("tdd_scheduler_steps_above_grid", "Stride TDD Scheduler", "250 steps at denoise 0.5 (needs 500 targets)",
          custom_sampling(TDD_SAMPLER, with_inputs(TDD_SCHEDULER, steps=250, denoise=0.5)), "execution",
-         ("steps", "denoise", "choose fewer steps"), "TDD's grid has 250 targets: steps / denoise must not exceed 250."),
+         ("steps", "denoise", "Choose fewer steps"), "TDD's grid has 250 targets: steps / denoise must not exceed 250."),
     Case("one_step_schedule_partial_denoise", "Stride Hyper-SD Scheduler", "unet 1-step mode with denoise 0.5",
          custom_sampling(TCD_SAMPLER, with_inputs(HYPER_SCHEDULER, mode="unet 1-step (t=800)", denoise=0.5)),
          "execution", ("denoise", "set denoise to 1.0"), "The 1-step UNet only starts from pure noise: denoise 1.0, or "
