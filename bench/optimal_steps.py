@@ -143,7 +143,7 @@ def run(ctx: BenchContext) -> Section:
     prompts = ctx.pick(("ring",), tuple(PROMPTS), tuple(PROMPTS))
     mixture = demo_mixture()
     builder = ctx.node("StrideReferenceModel")
-    comfy_models = {kind: builder.build("demo", "eps" if kind == "ve" else "flow", models.DENOISER_FORM, 0)[0]
+    comfy_models = {kind: builder.execute("demo", "eps" if kind == "ve" else "flow", models.DENOISER_FORM, 0)[0]
                     for kind in kinds}
     spaces = {kind: NoiseSpace.from_sigma_table(kind, comfy_models[kind].get_model_object("model_sampling").sigmas)
               for kind in kinds}
