@@ -243,8 +243,9 @@ FILE_MUTATIONS = (
     "header length one short", "header length one long", "truncated in header", "truncated in data",
     "junk appended", "junk header", "header is a JSON list", "header deeply nested", "header not UTF-8",
     "header with duplicate keys", "all zero bytes", "zeroed header", "zeroed length", "empty file",
-    "metadata not a string", "metadata a list", "metadata value garbled", "metadata removed", "nan weights", "inf weights", "symlink dangling", "symlink loop",
-    "symlink to a folder", "symlink to a device", "symlink to a good file outside",
+    "metadata not a string", "metadata a list", "metadata value garbled", "metadata removed", "nan weights",
+    "inf weights", "symlink dangling", "symlink loop", "symlink to a folder", "symlink to a device",
+    "symlink to a good file outside",
 )
 
 
@@ -542,8 +543,8 @@ SHARED: dict[str, dict] = {  # the valid providers a baseline links to (only tho
     "latent": empty_latent(1),
     "empty_batch": empty_latent(4),
     "latent_batch": _node("StrideFewStepSample", model=["ref", 0], positive=["disc", 0], negative=["empty", 0],
-                     latent_image=["empty_batch", 0], method="lcm", steps=2, cfg=0.0, gamma=0.3, eta=0.2, seed=0,
-                     denoise=1.0),
+                          latent_image=["empty_batch", 0], method="lcm", steps=2, cfg=0.0, gamma=0.3, eta=0.2,
+                          seed=0, denoise=1.0),
     "images": _node("StrideLatentToImage", samples=["latent_batch", 0], scale=8),
     "noise": _node("RandomNoise", noise_seed=1),
     "lcm_sampler": _node("StrideLCMSampler", s_noise=1.0, boundary_condition=True),
