@@ -140,7 +140,9 @@ def family_sigmas(model: Any, entry: Method, steps: int, denoise: float, latent_
         sigmas = methods.method_sigmas(entry, noise_space(model_sampling_of_patcher(model)), steps, denoise=denoise,
                                        image_seq_len=image_seq_len)
     except ValueError as exc:
-        raise schedule_error(exc) from None
+        if str(exc).startswith("denoise "):  # img2img keeps no trained step
+            raise StrideError(f"denoise: {exc}; raise denoise.") from None
+        raise schedule_error(exc, denoise) from None
     return sigmas.float()
 
 

@@ -28,7 +28,7 @@ from ..distill_core.methods import METHODS
 from ..distill_core.reference import diversity
 from ..distill_core.sampling import hybrid, schedules
 from ..distill_core.sampling.trace import StepTrace, trace_grid
-from ..distill_core.spaces import convert_sigmas
+from ..distill_core.spaces import all_finite, convert_sigmas
 from .compat import (
     StrideError,
     combo,
@@ -41,7 +41,8 @@ from .compat import (
     ui,
 )
 from .families import check_family_steps, check_fits, family_sampler, family_sigmas
-from .samplers import discrete_sigmas, seed_input
+from .reference import check_prompt_input
+from .samplers import discrete_sigmas, non_finite_output, seed_input
 
 CATEGORY = "stride/hybrid"
 MAX_TRACE_ITEMS = 8
@@ -150,12 +151,14 @@ class HybridGuider:
     SamplerCustomAdvanced passes (sigmas converted by signal-to-noise ratio)."""
 
     def __init__(self, base_guider: Any, distilled_guider: Any, base_sampler: Any, handover_steps: int,
-                 handover_boundary: float | None = None) -> None:
+                 handover_boundary: float | None = None,
+                 names: tuple[str, str] = ("base_guider", "distilled_guider")) -> None:
         self.base_guider = base_guider
         self.distilled_guider = distilled_guider
         self.base_sampler = base_sampler
         self.handover_steps = handover_steps
         self.handover_boundary = handover_boundary
+        self.names = names  # the node inputs of the two models, for errors
         self.model_patcher = distilled_guider.model_patcher  # previews and denoised_output use the distilled model
         self.model_options = distilled_guider.model_options
 
@@ -198,14 +201,27 @@ class HybridGuider:
         except ValueError as exc:
             raise StrideError(f"handover_steps: {exc}; hand over at least one step later.") from None
         base_sampler, distilled_sampler = self._phase_samplers(sampler, k)
-        if k == 0:
-            return self.distilled_guider.sample(noise, latent_image, distilled_sampler, distilled_sigmas, None,
-                                                _offset_callback(callback, 0, steps), disable_pbar, seed)
-        handed_over = self.base_guider.sample(noise, latent_image, base_sampler, base_sigmas, None,
-                                              _offset_callback(callback, 0, steps), disable_pbar, seed)
-        return self.distilled_guider.sample(torch.zeros_like(noise), handed_over, distilled_sampler, distilled_sigmas,
-                                            None, _offset_callback(callback, k, steps), disable_pbar,
-                                            hybrid.handover_seed(seed))
+        start, start_seed = latent_image, seed
+        if k > 0:
+            start = self._named(0, lambda: self.base_guider.sample(
+                noise, latent_image, base_sampler, base_sigmas, None, _offset_callback(callback, 0, steps),
+                disable_pbar, seed))
+            if not all_finite(start):  # a core base sampler does not check each step
+                raise non_finite_output(f"in its {k} step(s)", self.names[0])
+            noise, start_seed = torch.zeros_like(noise), hybrid.handover_seed(seed)
+        return self._named(1, lambda: self.distilled_guider.sample(
+            noise, start, distilled_sampler, distilled_sigmas, None, _offset_callback(callback, k, steps),
+            disable_pbar, start_seed))
+
+    def _named(self, phase: int, run: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """Run one phase; a model that returns NaN/inf is named by its input (base or distilled)."""
+        try:
+            return run()
+        except StrideError as exc:
+            where = getattr(exc, "stride_where", None)
+            if where is None:
+                raise
+            raise non_finite_output(where, self.names[phase]) from None
 
 
 # ------------------------------------------------------------------------------------------
@@ -279,6 +295,12 @@ class StrideHybridSample(io.ComfyNode):
         check_conditioning("base_negative", base_negative, required=base_cfg != 1.0)
         check_conditioning("distilled_positive", distilled_positive)
         check_conditioning("distilled_negative", distilled_negative, required=distilled_cfg != 1.0)
+        prompts = ((base_model, {"base_positive": base_positive, "base_negative": base_negative}),
+                   (distilled_model, {"distilled_positive": distilled_positive,
+                                      "distilled_negative": distilled_negative}))
+        for model, conditionings in prompts:
+            for name, conditioning in conditionings.items():
+                check_prompt_input(model, conditioning, name)
         entry = None if family == NO_FAMILY else METHODS[family]
         boundary = handover_boundary or (entry.expert_boundary if entry is not None else None) or None
         if boundary is None and handover_steps >= steps:
@@ -304,7 +326,7 @@ class StrideHybridSample(io.ComfyNode):
             guider.set_cfg(cfg)
             guiders.append(guider)
         guider = HybridGuider(guiders[0], guiders[1], comfy.samplers.sampler_object(base_sampler), handover_steps,
-                              boundary)
+                              boundary, ("base_model", "distilled_model"))
         trace = SamplingTrace()
         sampler = TracingSampler(distilled, trace)
 
@@ -484,7 +506,10 @@ class StrideImageDiversity(io.ComfyNode):
     def execute(cls, images: torch.Tensor, label: str) -> io.NodeOutput:
         if images.shape[0] < 2:
             raise StrideError(f"images: diversity needs at least 2 images, got {images.shape[0]}.")
-        result = diversity.image_diversity(images)
+        try:
+            result = diversity.image_diversity(images)
+        except ValueError as exc:
+            raise StrideError(f"images: {exc}; check the decode that produced them.") from None
         report = {"label": label, "n": int(images.shape[0]), "diversity": round(result.overall, 4),
                   "colour_diversity": round(result.colour, 4), "edge_diversity": round(result.edges, 4)}
         text = json.dumps(report)
