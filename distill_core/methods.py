@@ -722,12 +722,12 @@ def detect_method(architectures: tuple[str, ...], model_kind: str, steps: int | 
     Candidates that :func:`samples_alike` count as one (e.g. Wan 2.1 lightx2v and Wan2.2-Lightning on a Wan 14B
     model, which the two share). Otherwise a ``ValueError`` lists the choices.
     """
-    named = " / ".join(architectures) or "this model's architecture (not one the registry knows)"
+    named = " / ".join(architectures) or "an architecture the registry does not know"
     candidates = [m for m in methods_for(model_kind=model_kind)
                   if set(architectures) & set(m.architectures) and (m.family == PIFLOW_FAMILY) == piflow_model]
     if not candidates:
         kind_fits = [m for m in methods_for(model_kind=model_kind) if (m.family == PIFLOW_FAMILY) == piflow_model]
-        raise ValueError(f"cannot tell the few-step family of a {model_kind} model of {named}; choose one of: "
+        raise ValueError(f"cannot tell the few-step family of this model ({model_kind}, {named}); choose one of: "
                          f"{_listing(kind_fits) or 'none registered'}")
     fitting = [m for m in candidates if steps is None or steps in m.steps]
     if not fitting:
