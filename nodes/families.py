@@ -98,7 +98,7 @@ def check_fits(model: Any, entry: Method, choice: str, input_name: str) -> None:
     except ValueError as exc:
         hint = (" For the 1-step x0 UNet put ModelSamplingDiscrete (sampling x0) before this node."
                 if entry.model_kind == "x0" else "")
-        raise StrideError(f"{input_name}: {exc}.{hint}") from None
+        raise StrideError(f"{input_name}: {exc}. Choose one of those for this model.{hint}") from None
     adapter = has_policy_head(model)
     if entry.family == methods.PIFLOW_FAMILY and architectures and not adapter:
         raise StrideError(f"model: {entry.label} needs its pi-Flow adapter on the model; load it with Stride pi-Flow "
