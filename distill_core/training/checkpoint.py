@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..safe_files import read_safetensors, write_safetensors
+from ..safe_files import UnsafeFileError, read_safetensors, write_safetensors
 from .config import DistillConfig
 from .lora import LoraSet, lora_state_dict
 
@@ -37,12 +37,14 @@ class TrainingCheckpoint:
     rng: dict[str, Tensor]
 
 
-def _split(tensors: Mapping[str, Tensor], prefix: str) -> dict[str, dict[str, Tensor]]:
+def _split(path: str, tensors: Mapping[str, Tensor], prefix: str) -> dict[str, dict[str, Tensor]]:
     """``{"<prefix><group>.<rest>": t}`` -> ``{group: {rest: t}}``."""
     grouped: dict[str, dict[str, Tensor]] = {}
     for key, value in tensors.items():
         if key.startswith(prefix):
-            group, rest = key[len(prefix):].split(".", 1)
+            group, dot, rest = key[len(prefix):].partition(".")
+            if not (group and dot and rest):
+                raise _damaged(path, f"its tensor {key!r} names no group after {prefix!r}")
             grouped.setdefault(group, {})[rest] = value
     return grouped
 
@@ -87,7 +89,12 @@ def save_checkpoint(
 
 
 def load_checkpoint(path: str) -> TrainingCheckpoint:
-    """Read a checkpoint written by :func:`save_checkpoint` (safetensors only, never pickle)."""
+    """Read a checkpoint written by :func:`save_checkpoint` (safetensors only, never pickle).
+
+    The file's structure is checked by :func:`read_safetensors`, its declared metadata and tensor names here (format,
+    step, settings, optimizer states, history) before any of it is used: a damaged checkpoint raises
+    :class:`~distill_core.safe_files.UnsafeFileError` in plain words.
+    """
     tensors, metadata = read_safetensors(path)
     found = metadata.get("format")
     if found in OLDER_FORMATS:
@@ -95,29 +102,82 @@ def load_checkpoint(path: str) -> TrainingCheckpoint:
                          "nor several LoRAs; start a new run (resume off, or another name)")
     if found != CHECKPOINT_FORMAT:
         raise ValueError(f"{path} is not a Stride distillation checkpoint (format {found!r})")
+    step, config, roles = _declared_metadata(path, metadata)
     optimizers: dict[str, dict[str, Any]] = {}
-    states = _split(tensors, "optimizer.")
-    for role in json.loads(metadata["optimizers"]):
+    states = _split(path, tensors, "optimizer.")
+    for role in roles:
+        scalars, groups = _optimizer_metadata(path, metadata, role)
         param_state: dict[int, dict[str, Any]] = {}
         for key, value in states.get(role, {}).items():
-            index, name = key[len("state."):].split(".", 1)
+            index, _, name = key[len("state."):].partition(".")
+            if not (key.startswith("state.") and index.isdigit() and name):
+                raise _damaged(path, f"its tensor 'optimizer.{role}.{key}' is not an optimizer state of a numbered "
+                                     "parameter")
             param_state.setdefault(int(index), {})[name] = value
-        for index, values in json.loads(metadata[f"optimizer.{role}.scalars"]).items():
+        for index, values in scalars.items():
             param_state.setdefault(int(index), {}).update(values)
-        groups = json.loads(metadata[f"optimizer.{role}.param_groups"])
         for group in groups:  # JSON turns tuples (AdamW betas) into lists
             for name, value in group.items():
                 if name != "params" and isinstance(value, list):
                     group[name] = tuple(value)
         optimizers[role] = {"state": param_state, "param_groups": groups}
-    step = int(metadata["step"])
     history = {}
-    for series, parts in _split(tensors, "history.").items():
+    for series, parts in _split(path, tensors, "history.").items():
+        if parts.keys() != {"steps", "values"} or parts["steps"].dtype != torch.int64 or \
+                parts["steps"].shape != parts["values"].shape or parts["steps"].dim() != 1:
+            raise _damaged(path, f"its loss history {series!r} is not a list of steps with one value each")
+        indices = parts["steps"].tolist()
+        if any(not 0 <= index < step for index in indices):
+            raise _damaged(path, f"its loss history {series!r} names steps outside 0..{step - 1}")
         values = [math.nan] * step
-        for index, value in zip(parts["steps"].tolist(), parts["values"].tolist(), strict=True):
+        for index, value in zip(indices, parts["values"].tolist(), strict=True):
             values[index] = value
         history[series] = values
     rng = {key[len("rng."):]: value for key, value in tensors.items() if key.startswith("rng.")}
-    return TrainingCheckpoint(step, json.loads(metadata["config"]), _split(tensors, "lora."),
-                              optimizers, _split(tensors, "module."), history, rng)
+    if "torch" not in rng:
+        raise _damaged(path, "it holds no random-number state ('rng.torch')")
+    return TrainingCheckpoint(step, config, _split(path, tensors, "lora."), optimizers,
+                              _split(path, tensors, "module."), history, rng)
 
+
+def _damaged(path: str, problem: str) -> UnsafeFileError:
+    return UnsafeFileError(f"{path} is a damaged Stride checkpoint: {problem}; delete it (or train without resuming)")
+
+
+def _json(path: str, metadata: Mapping[str, str], key: str) -> Any:
+    if key not in metadata:
+        raise _damaged(path, f"its metadata lacks [{key!r}]")
+    try:
+        return json.loads(metadata[key])
+    except (ValueError, RecursionError):
+        raise _damaged(path, f"its {key!r} metadata is not valid JSON") from None
+
+
+def _declared_metadata(path: str, metadata: Mapping[str, str]) -> tuple[int, dict[str, Any], list[str]]:
+    """``step``, ``config`` and the ``optimizers`` roles of a checkpoint, each checked against what
+    :func:`save_checkpoint` declares: a non-negative integer, a JSON object, a JSON list of role names."""
+    missing = [key for key in ("step", "config", "optimizers") if key not in metadata]
+    if missing:
+        raise _damaged(path, f"its metadata lacks {missing}")
+    if not metadata["step"].isdigit():
+        raise _damaged(path, f"its step {metadata['step']!r} is not a whole number")
+    config, roles = _json(path, metadata, "config"), _json(path, metadata, "optimizers")
+    if not isinstance(config, dict):
+        raise _damaged(path, "its settings ('config') are not a JSON object")
+    if not (isinstance(roles, list) and all(isinstance(role, str) and role for role in roles)):
+        raise _damaged(path, "its 'optimizers' metadata is not a list of role names")
+    return int(metadata["step"]), config, roles
+
+
+def _optimizer_metadata(path: str, metadata: Mapping[str, str], role: str) -> tuple[dict[str, dict], list[dict]]:
+    """``optimizer.<role>.scalars`` (a JSON object of objects keyed by parameter number) and
+    ``optimizer.<role>.param_groups`` (a JSON list of objects that each hold a ``params`` list), checked."""
+    scalars = _json(path, metadata, f"optimizer.{role}.scalars")
+    groups = _json(path, metadata, f"optimizer.{role}.param_groups")
+    if not (isinstance(scalars, dict)
+            and all(key.isdigit() and isinstance(value, dict) for key, value in scalars.items())):
+        raise _damaged(path, f"its {role} optimizer scalars are not objects keyed by parameter number")
+    if not (isinstance(groups, list) and all(isinstance(group, dict) and isinstance(group.get("params"), list)
+                                             for group in groups)):
+        raise _damaged(path, f"its {role} optimizer's parameter groups are not a list of objects with 'params'")
+    return scalars, groups

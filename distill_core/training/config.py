@@ -8,7 +8,8 @@ from typing import Any
 
 from torch import Tensor
 
-from .conditioning import Cond
+from ..spaces import require_finite
+from .conditioning import Cond, cond_tensors
 
 CONSISTENCY_OBJECTIVES = ("lcm", "tdd", "segmented")
 OBJECTIVES = (*CONSISTENCY_OBJECTIVES, "dmd")
@@ -167,3 +168,10 @@ class TrainingData:
             raise ValueError("latents must hold at least one sample")
         if self.paired and (self.latents is None or len(self.latents) != len(self.conds)):
             raise ValueError("paired data needs exactly one conditioning per latent")
+        if self.latents is not None:
+            require_finite(self.latents, "the training latents")
+        for index, cond in enumerate([*self.conds, self.uncond]):
+            for tensor in cond_tensors(cond):
+                if tensor.is_floating_point():
+                    require_finite(tensor, "the empty prompt's conditioning tensors" if index == len(self.conds)
+                                   else f"the conditioning tensors of prompt {index + 1}")
