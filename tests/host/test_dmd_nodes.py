@@ -78,13 +78,14 @@ def stride_nodes(comfy_host, node: str):
 def test_distilled_sampling_gives_the_trained_timesteps_as_sigmas(comfy_host):
     nodes = comfy_host.nodes.NODE_CLASS_MAPPINGS
     model = nodes["StrideDemoModel"].execute()[0]
-    lora = {"metadata": {"stride.recommended": json.dumps({
+    state = {"diffusion_model.out.2.lora_up.weight": torch.zeros(4, 1)}  # a STRIDE_LORA carries tensors (not a literal)
+    lora = {"state_dict": state, "metadata": {"stride.recommended": json.dumps({
         "method": "dmd2-sdxl-1step", "family": "DMD2", "sampler": "lcm", "knobs": {}, "steps": 1, "timesteps": [399],
         "cfg": 1.0})}}
     _sampler, sigmas = nodes["StrideDistilledSampling"].execute(model, lora)
     space = stride_nodes(comfy_host, "StrideDistillLoRA").noise_space(model.get_model_object("model_sampling"))
     assert torch.allclose(sigmas.double(), space.sigmas_for_timesteps([399]), rtol=1e-6)
-    bad = {"metadata": {"stride.recommended": json.dumps({**json.loads(lora["metadata"]["stride.recommended"]),
+    bad = {"state_dict": state, "metadata": {"stride.recommended": json.dumps({**json.loads(lora["metadata"]["stride.recommended"]),
                                                           "timesteps": [1000]})}}
     with pytest.raises(Exception, match=r"model: generator timesteps must lie in 1\.\.999"):
         nodes["StrideDistilledSampling"].execute(model, bad)
