@@ -14,9 +14,10 @@ least that wide (as Stride's node attaches it); both LoRAs (generator and fake s
   two-copy training (the fake score on its own copy of the network, as DMD2's code holds ``fake_unet``), and an
   LCM step at the same batch and rank.
 * **Quality.** The trained demo UNet distilled with ``dmd`` and with ``lcm`` for the same wall time, sampled at
-  1 and 4 steps, against the teacher at 50 steps and the undistilled teacher at the student's steps, plus the
-  hybrid (one base-model step, then the DMD student): SWD, NLL gap, mode recall and mode entropy with 95%
-  intervals over independent repeats.
+  1 and 4 steps (a 4-step and a 1-step generator), against the teacher at 50 steps and the undistilled teacher on
+  the same DMD steps, plus the hybrid (one base-model step, then the DMD student: the diversity the student lost,
+  measured and restored) and the GAN term's effect (dmd given data latents, with and without DMD2's classifier
+  head): SWD, NLL gap, mode recall, mode entropy and mode TV with 95% intervals over independent repeats.
 """
 from __future__ import annotations
 
@@ -32,10 +33,11 @@ import torch
 
 from distill_core.reference import metrics
 from distill_core.reference.demo import DEMO_CLASS_NAMES, demo_mixture
-from distill_core.reference.statistics import judge, paired_difference
+from distill_core.reference.statistics import judge, paired_difference, verdict
 from distill_core.spaces import per_sample
 from distill_core.training import dmd
 from distill_core.training.config import DistillConfig, TrainingData
+from distill_core.training.lora import ensure_autograd_compatible, lora_state_dict
 from distill_core.training.memory import frozen_parameters
 from distill_core.training.trainer import STUDENT, LoraTrainer, build_trainer, step_seed
 
@@ -296,24 +298,52 @@ def run(ctx: BenchContext) -> Section:
 # Quality: dmd vs lcm at equal training time, against the teacher at 50 steps
 # ------------------------------------------------------------------------------------------
 TEACHER_STEPS = 50
-QUALITY_LR = 3e-4
+QUALITY_LR = 1e-3  # lower rates left the student within noise of the undistilled teacher at these budgets
 LCM_LR = 3e-4
+GAN_FEATURES = "middle_block.0"  # the demo UNet's bottleneck (4x4) ResBlock, as DMD2 reads the fake UNet's mid block
+GAN_DATASET = 1024
 GOAL_DMD_SWD = 1.25
 GOAL_HYBRID_ENTROPY = 0.05
 
 
-def _train_node(ctx: BenchContext, model: Any, data: dict, objective: str, steps: int, batch: int) -> tuple:
+def _train_node(ctx: BenchContext, model: Any, data: dict, objective: str, steps: int, batch: int,
+                generator_steps: int = 4) -> tuple:
     """Stride Distill LoRA as the executor calls it: ``(student MODEL, lora, losses, CPU seconds)``."""
     settings: dict[str, Any] = {
         "model": model, "data": data, "objective": objective, "steps": steps, "rank": RANK, "alpha": 0.0,
         "learning_rate": QUALITY_LR if objective == "dmd" else LCM_LR, "batch_size": batch, "guidance_min": 0.0,
         "guidance_max": 0.0, "loss": "huber", "gradient_checkpointing": False, "seed": SEED, "save_every": 0,
-        "lora_name": f"bench_quality_{objective}", "resume": False}
+        "lora_name": f"bench_quality_{objective}{generator_steps if objective == 'dmd' else ''}", "resume": False}
     if objective == "dmd":
-        settings |= {"dmd_guidance": GUIDANCE, "ttur": TTUR, "generator_steps": 4}
+        settings |= {"dmd_guidance": GUIDANCE, "ttur": TTUR, "generator_steps": generator_steps}
     started = time.process_time()
     output = ctx.node("StrideDistillLoRA").execute(**settings)
     return output[0], output[1], output[2], time.process_time() - started
+
+
+def _train_with_latents(ctx: BenchContext, model: Any, steps: int, batch: int, gan: bool) -> tuple[Any, float]:
+    """A 4-step dmd run given paired class-conditional data latents (the with-images mode), with or without
+    DMD2's GAN term on the fake score's bottleneck features: ``(student MODEL, CPU seconds)``."""
+    mixture = demo_mixture()
+    labels = torch.arange(GAN_DATASET) % len(DEMO_CLASS_NAMES)
+    latents = mixture.sample(GAN_DATASET, torch.Generator().manual_seed(SEED), labels)[0].float()
+    shape = mixture.latent_shape
+    class_conds = [model_conds(ctx, model, name, shape) for name in DEMO_CLASS_NAMES]
+    data = TrainingData(conds=[class_conds[label] for label in labels.tolist()],
+                        uncond=model_conds(ctx, model, "", shape), latents=latents, paired=True)
+    config = _config("dmd", batch, steps=steps, lr=QUALITY_LR, gan_features=GAN_FEATURES if gan else None)
+    ensure_autograd_compatible(model.model.diffusion_model)
+    trainer = _trainer(ctx, model, config, data)
+    try:
+        started = time.process_time()
+        result = trainer.train()
+        seconds = time.process_time() - started
+        check(len(result.losses["fake"]) == steps and all(math.isfinite(v) for v in result.losses["fake"]),
+              f"dmd with data latents (GAN {'on' if gan else 'off'}): the fake-score losses are not all finite")
+        state = lora_state_dict(trainer.adapters[STUDENT])
+    finally:
+        trainer.detach()
+    return ctx.stride_module("nodes.compat").apply_lora(model, state, 1.0), seconds
 
 
 def _at_steps(lora: dict, steps: int) -> dict:
@@ -321,7 +351,7 @@ def _at_steps(lora: dict, steps: int) -> dict:
     recommended = json.loads(lora["metadata"]["stride.recommended"]) | {"steps": steps}
     if recommended["timesteps"] is not None:
         recommended["timesteps"] = recommended["timesteps"][:steps]
-    return {"metadata": {**lora["metadata"], "stride.recommended": json.dumps(recommended)}}
+    return {**lora, "metadata": {**lora["metadata"], "stride.recommended": json.dumps(recommended)}}
 
 
 def _lora_spec(label: str, lora: dict) -> SamplerSpec:
@@ -359,8 +389,15 @@ def _hybrid_samples(ctx: BenchContext, base: Any, student: Any, spec: SamplerSpe
     return samples
 
 
+def _paired(a: dict, b: dict, figures: tuple[str, ...] = ("swd", "nll_gap", "mode_entropy", "mode_tv")) -> str:
+    """``a - b`` per figure, paired (same noises, same references), with 95% half-widths."""
+    return ", ".join(f"{name.replace('_', ' ')} {paired_difference(a[name], b[name]).format(3, True)}"
+                     for name in figures)
+
+
 def _quality_table(ctx: BenchContext, section: Section) -> Table | None:
-    """dmd and lcm LoRAs of the trained demo UNet after the same CPU time, at 4 and 1 steps, plus the hybrid."""
+    """dmd (4-step and 1-step generators) and lcm LoRAs of the trained demo UNet after the same CPU time, the
+    hybrid, and the GAN term's effect (dmd with data latents, with and without it)."""
     model, trained = models.demo_unet_model(ctx)
     swd_goal = f"4-step dmd student SWD <= {GOAL_DMD_SWD}x teacher {TEACHER_STEPS}-step SWD"
     entropy_goal = f"hybrid mode entropy within {GOAL_HYBRID_ENTROPY:.0%} of the base model's ({TEACHER_STEPS} steps)"
@@ -369,35 +406,46 @@ def _quality_table(ctx: BenchContext, section: Section) -> Table | None:
             section.goals.append(Goal(goal, "undecided", "the demo UNet's trained weights are not built; run "
                                                          "scripts/build_demo_model.py"))
         return None
-    dmd_steps, batch = ctx.pick(20, 300, 500), ctx.pick(4, 16, 16)
+    dmd_steps, batch = ctx.pick(20, 300, 600), ctx.pick(4, 16, 16)
     mixture = demo_mixture()
     prompts = [models.class_prompt(ctx, name) for name in DEMO_CLASS_NAMES]
     data = ctx.node("StrideDistillDataset").execute(prompts[0], models.class_prompt(ctx, ""), prompt_2=prompts[1],
                                                     prompt_3=prompts[2], prompt_4=prompts[3], width=64, height=64)[0]
-    ctx.log(f"{NAME}: dmd, {dmd_steps} iterations (batch {batch})")
+    ctx.log(f"{NAME}: dmd, 4-step and 1-step generators, {dmd_steps} iterations each (batch {batch})")
     dmd_student, dmd_lora, dmd_losses, dmd_seconds = _train_node(ctx, model, data, "dmd", dmd_steps, batch)
+    dmd1_student, dmd1_lora, _dmd1_losses, dmd1_seconds = _train_node(ctx, model, data, "dmd", dmd_steps, batch, 1)
     probe_steps = ctx.pick(2, 10, 10)
     *_, probe_seconds = _train_node(ctx, model, data, "lcm", probe_steps, batch)
     lcm_steps = max(1, round(dmd_seconds / (probe_seconds / probe_steps)))
-    ctx.log(f"{NAME}: lcm, {lcm_steps} steps (the same CPU time)")
+    ctx.log(f"{NAME}: lcm, {lcm_steps} steps (the 4-step dmd run's CPU time)")
     lcm_student, lcm_lora, _lcm_losses, lcm_seconds = _train_node(ctx, model, data, "lcm", lcm_steps, batch)
     check(all(math.isfinite(v) for v in dmd_losses["fake"]) and len(dmd_losses["fake"]) == dmd_steps,
           "the dmd run's fake-score losses are not all finite")
+    ctx.log(f"{NAME}: dmd with data latents, without and with the GAN term ({dmd_steps} iterations each)")
+    plain_student, plain_seconds = _train_with_latents(ctx, model, dmd_steps, batch, gan=False)
+    gan_student, gan_seconds = _train_with_latents(ctx, model, dmd_steps, batch, gan=True)
 
     repeats, per_repeat = ctx.pick(2, metrics.REPEATS, metrics.REPEATS), ctx.pick(8, 64, 256)
     per_class = repeats * per_repeat // len(DEMO_CLASS_NAMES)
     labels = torch.arange(len(DEMO_CLASS_NAMES)).repeat_interleave(per_class)
     noise = torch.randn(len(labels), *mixture.latent_shape, generator=torch.Generator().manual_seed(SEED + 1))
-    dmd_spec, lcm_spec = _lora_spec("dmd", dmd_lora), _lora_spec("lcm", lcm_lora)
-    teacher_label = f"teacher, {TEACHER_STEPS} steps (ComfyUI euler)"
-    runs = {teacher_label: _class_samples(ctx, model, COMFY_EULER, TEACHER_STEPS, noise, labels)}
-    for steps in (4, 1):
-        runs[f"teacher, {steps} DMD step(s) (undistilled)"] = _class_samples(ctx, model, dmd_spec, steps, noise, labels)
-        runs[f"dmd student, {steps} step(s)"] = _class_samples(ctx, dmd_student, dmd_spec, steps, noise, labels)
-        runs[f"lcm student, {steps} step(s) (LCM grid)"] = _class_samples(ctx, lcm_student, lcm_spec, steps, noise,
-                                                                          labels)
-    hybrid_label = "hybrid: 1 teacher step + 3 dmd student steps"
-    runs[hybrid_label] = _hybrid_samples(ctx, model, dmd_student, dmd_spec, noise, labels)
+    dmd_spec, dmd1_spec, lcm_spec = _lora_spec("dmd", dmd_lora), _lora_spec("dmd 1", dmd1_lora), _lora_spec("lcm",
+                                                                                                             lcm_lora)
+    teacher_label, undistilled_label = f"teacher, {TEACHER_STEPS} steps (ComfyUI euler)", "teacher, 4 DMD steps"
+    student_label, hybrid_label = "dmd student, 4 steps", "hybrid: 1 teacher step + 3 dmd student steps"
+    plain_label, gan_label = "dmd student, 4 steps, data latents", f"dmd student + GAN ({GAN_FEATURES}), 4 steps"
+    runs = {
+        teacher_label: _class_samples(ctx, model, COMFY_EULER, TEACHER_STEPS, noise, labels),
+        undistilled_label + " (undistilled)": _class_samples(ctx, model, dmd_spec, 4, noise, labels),
+        student_label: _class_samples(ctx, dmd_student, dmd_spec, 4, noise, labels),
+        "lcm student, 4 steps (LCM grid)": _class_samples(ctx, lcm_student, lcm_spec, 4, noise, labels),
+        hybrid_label: _hybrid_samples(ctx, model, dmd_student, dmd_spec, noise, labels),
+        plain_label: _class_samples(ctx, plain_student, dmd_spec, 4, noise, labels),
+        gan_label: _class_samples(ctx, gan_student, dmd_spec, 4, noise, labels),
+        "teacher, 1 DMD step (undistilled)": _class_samples(ctx, model, dmd1_spec, 1, noise, labels),
+        "dmd student, 1-step generator": _class_samples(ctx, dmd1_student, dmd1_spec, 1, noise, labels),
+        "lcm student, 1 step (LCM grid)": _class_samples(ctx, lcm_student, lcm_spec, 1, noise, labels),
+    }
 
     def score(samples: torch.Tensor) -> dict:
         return metrics.evaluate(samples.double(), mixture, labels, torch.Generator().manual_seed(SEED + 2), repeats)
@@ -407,24 +455,27 @@ def _quality_table(ctx: BenchContext, section: Section) -> Table | None:
         mixture.sample(len(labels), torch.Generator().manual_seed(SEED + 3), labels)[0])
     teacher = scores[teacher_label]
     table = Table(
-        f"Quality after the same CPU time of training ({fmt_seconds(dmd_seconds)} dmd = {dmd_steps} iterations, ttur "
-        f"{TTUR}, lr {QUALITY_LR:g}; {fmt_seconds(lcm_seconds)} lcm = {lcm_steps} steps, lr {LCM_LR:g}; batch {batch}, "
-        f"rank {RANK}, teacher CFG 1) of the trained demo UNet, through Stride Distill LoRA: {len(labels)} "
-        f"class-conditional samples ({per_class} per class, CFG 1, same noise) scored in {repeats} repeats of "
-        f"{per_repeat} (NLL gap: per sample); mean ± 95% half-width; CPU, float32",
+        f"Quality after the same CPU time of training ({fmt_seconds(dmd_seconds)} dmd 4-step generator = {dmd_steps} "
+        f"iterations, ttur {TTUR}, lr {QUALITY_LR:g}; {fmt_seconds(lcm_seconds)} lcm = {lcm_steps} steps, lr "
+        f"{LCM_LR:g}; the 1-step generator {dmd_steps} iterations, {fmt_seconds(dmd1_seconds)}; with data latents "
+        f"{fmt_seconds(plain_seconds)} without and {fmt_seconds(gan_seconds)} with the GAN term; batch {batch}, rank "
+        f"{RANK}, real score CFG {GUIDANCE:g}) of the trained demo UNet, through Stride Distill LoRA (data latents: "
+        f"DMDTrainer): {len(labels)} class-conditional samples ({per_class} per class, CFG 1, same noise) scored in "
+        f"{repeats} repeats of {per_repeat} (NLL gap: per sample; mode TV: total variation of the mode shares to the "
+        "true weights); mean ± 95% half-width; CPU, float32",
         ["compared", "SWD", f"SWD - teacher {TEACHER_STEPS}-step (paired)", "NLL gap", "mode recall", "mode entropy",
-         f"entropy - teacher {TEACHER_STEPS}-step (paired)"])
+         f"entropy - teacher {TEACHER_STEPS}-step (paired)", "mode TV"])
     for label, result in scores.items():
         table.add(label, result["swd"].format(), paired_difference(result["swd"], teacher["swd"]).format(3, True),
                   result["nll_gap"].format(3, True), result["mode_recall"].format(2), result["mode_entropy"].format(),
-                  paired_difference(result["mode_entropy"], teacher["mode_entropy"]).format(3, True))
-    student = scores["dmd student, 4 step(s)"]
+                  paired_difference(result["mode_entropy"], teacher["mode_entropy"]).format(3, True),
+                  result["mode_tv"].format())
+    student, hybrid = scores[student_label], scores[hybrid_label]
     excess = paired_difference(student["swd"], teacher["swd"], scale=GOAL_DMD_SWD)
     section.goals.append(Goal(f"{swd_goal} (paired 95% interval of dmd SWD - {GOAL_DMD_SWD} x teacher SWD)",
                               judge(excess, 0.0),
                               f"dmd {student['swd'].format()} vs teacher {teacher['swd'].format()}: "
                               f"{excess.format(signed=True)}"))
-    hybrid = scores[hybrid_label]
     shortfall = paired_difference(hybrid["mode_entropy"], teacher["mode_entropy"], scale=1 - GOAL_HYBRID_ENTROPY)
     section.goals.append(Goal(f"{entropy_goal} (paired 95% interval of hybrid entropy - "
                               f"{1 - GOAL_HYBRID_ENTROPY:g} x base entropy >= 0)",
@@ -432,11 +483,19 @@ def _quality_table(ctx: BenchContext, section: Section) -> Table | None:
                               f"hybrid {hybrid['mode_entropy'].format()} vs base {teacher['mode_entropy'].format()}: "
                               f"{shortfall.format(signed=True)}; the 4-step dmd student alone "
                               f"{student['mode_entropy'].format()}"))
-    undistilled = scores["teacher, 4 DMD step(s) (undistilled)"]
-    section.notes.append(
-        "What dmd changed, paired against the undistilled teacher on the same 4 DMD steps (same noises, same "
-        f"references): SWD {paired_difference(student['swd'], undistilled['swd']).format(3, True)}, NLL gap "
-        f"{paired_difference(student['nll_gap'], undistilled['nll_gap']).format(3, True)}, mode entropy "
-        f"{paired_difference(student['mode_entropy'], undistilled['mode_entropy']).format(3, True)}. The real score "
-        "runs at CFG 1 so that every row is scored against the same data distribution.")
+    lost = paired_difference(student["mode_entropy"], teacher["mode_entropy"])
+    section.notes += [
+        f"Diversity, measured and restored (paired, same noises and references). Measured: 4-step dmd student - "
+        f"teacher {TEACHER_STEPS}-step: {_paired(student, teacher)} (entropy: {verdict(lost)}). Restored: hybrid - "
+        f"teacher: {_paired(hybrid, teacher)}; hybrid - dmd student: {_paired(hybrid, student)}. 1-step generator - "
+        f"teacher: {_paired(scores['dmd student, 1-step generator'], teacher)}.",
+        "What dmd changed, paired against the undistilled teacher on the same DMD steps: 4 steps "
+        f"{_paired(student, scores[undistilled_label + ' (undistilled)'])}; 1 step "
+        f"{_paired(scores['dmd student, 1-step generator'], scores['teacher, 1 DMD step (undistilled)'])}. The real "
+        "score runs at CFG 1 so that every row is scored against the same data distribution.",
+        f"GAN term (DMD2's classifier head on the fake score's {GAN_FEATURES} features, real latents noised to "
+        f"t ~ U{{0..999}}, weights 5e-3 generator / 1e-2 classifier), paired, same data latents and iterations: "
+        f"with - without {_paired(scores[gan_label], scores[plain_label])}; its CPU time "
+        f"{fmt_ratio(gan_seconds / plain_seconds)} the run's without it.",
+    ]
     return table
