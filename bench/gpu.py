@@ -17,10 +17,28 @@ import torch
 
 from . import models, piflow_overhead
 from .context import BenchContext
-from .harness import (Goal, Section, Table, check, cuda_sync_for, fmt_bytes, fmt_ratio, fmt_seconds, median,
-                      peak_rss_growth, run_interleaved)
-from .samplers import (COMFY_EULER, OVERHEAD_BUILTINS, STRIDE_HYPER, STRIDE_SAMPLERS, SamplerTiming, sample,
-                       timed_sampler)
+from .harness import (
+    Goal,
+    Section,
+    Table,
+    check,
+    cuda_sync_for,
+    fmt_bytes,
+    fmt_ratio,
+    fmt_seconds,
+    median,
+    peak_rss_growth,
+    run_interleaved,
+)
+from .samplers import (
+    COMFY_EULER,
+    OVERHEAD_BUILTINS,
+    STRIDE_HYPER,
+    STRIDE_SAMPLERS,
+    SamplerTiming,
+    sample,
+    timed_sampler,
+)
 
 NAME = "gpu"
 TITLE = "Full-size SD1.5 / SDXL / FLUX.1 on CUDA: sampler step time, overhead, VRAM; pi-Flow rollout"

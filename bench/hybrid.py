@@ -19,13 +19,13 @@ differences to the distilled model alone are paired. NFE = counted network calls
 from __future__ import annotations
 
 import functools
-from typing import Callable
+from collections.abc import Callable
 
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
+import matplotlib.pyplot as plt
+import torch
 
 from distill_core.reference import diversity, metrics
 from distill_core.reference.demo import DEMO_COMPONENTS, demo_mixture, latent_to_rgb
@@ -33,10 +33,10 @@ from distill_core.reference.mixture import GaussianMixture
 from distill_core.reference.statistics import Estimate, estimate, judge, paired_difference, share_interval
 from distill_core.sampling import hybrid, lcm, tcd
 
-from . import models  # noqa: E402
-from .context import BenchContext  # noqa: E402
-from .harness import Goal, Section, Table, check, fmt_ratio, fmt_seconds, median, run_interleaved  # noqa: E402
-from .samplers import COMFY_EULER, STRIDE_LCM, counting_model, sample  # noqa: E402
+from . import models
+from .context import BenchContext
+from .harness import Goal, Section, Table, check, fmt_ratio, fmt_seconds, median, run_interleaved
+from .samplers import COMFY_EULER, STRIDE_LCM, counting_model, sample
 
 NAME = "hybrid"
 TITLE = "Hybrid sampling (diversity distillation) on the reference models: base, distilled and hybrid"

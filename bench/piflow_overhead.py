@@ -15,8 +15,9 @@ ratio (nothing is extrapolated). The issue's goal: the 128 substeps cost <= 3% o
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 

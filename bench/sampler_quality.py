@@ -19,17 +19,17 @@ from __future__ import annotations
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
+import matplotlib.pyplot as plt
+import torch
 
 from distill_core.reference import demo, metrics
 from distill_core.reference.demo import demo_mixture
 from distill_core.reference.statistics import Estimate, paired_difference, verdict
 
-from . import models  # noqa: E402
-from .context import BenchContext  # noqa: E402
-from .harness import Section, Table, check  # noqa: E402
-from .samplers import (  # noqa: E402
+from . import models
+from .context import BenchContext
+from .harness import Section, Table, check
+from .samplers import (
     COMFY_EULER,
     QUALITY_BUILTINS,
     STRIDE_HYPER,

@@ -13,14 +13,24 @@ from __future__ import annotations
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
+import matplotlib.pyplot as plt
+import torch
 
-from . import models  # noqa: E402
-from .context import BenchContext  # noqa: E402
-from .harness import (Section, Table, check, fmt_bytes, fmt_ratio, fmt_seconds, median, peak_rss_available,  # noqa: E402
-                      peak_rss_growth, run_interleaved)
-from .samplers import STRIDE_HYPER, STRIDE_LCM, sample  # noqa: E402
+from . import models
+from .context import BenchContext
+from .harness import (
+    Section,
+    Table,
+    check,
+    fmt_bytes,
+    fmt_ratio,
+    fmt_seconds,
+    median,
+    peak_rss_available,
+    peak_rss_growth,
+    run_interleaved,
+)
+from .samplers import STRIDE_HYPER, STRIDE_LCM, sample
 
 NAME = "scaling"
 TITLE = "Sampling step time and memory vs latent size and batch (demo UNet)"

@@ -29,7 +29,7 @@ def _device() -> torch.device:
 
 def _import_comfy(device: torch.device):
     """ComfyUI's model modules, told the device first (ComfyUI picks it when model_management is imported)."""
-    import comfy.options  # noqa: F401  (must precede cli_args)
+    import comfy.options  # must precede cli_args
     from comfy.cli_args import args
 
     args.cpu = device.type == "cpu"

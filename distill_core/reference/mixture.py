@@ -288,13 +288,13 @@ class GaussianMixture(_ComponentMeans):
         return solution.to(x.dtype)
 
     # -- partners ------------------------------------------------------------------------------
-    def reweighted(self, log_weights: Tensor) -> "GaussianMixture":
+    def reweighted(self, log_weights: Tensor) -> GaussianMixture:
         """The same components with new (unnormalised) log-weights."""
         return GaussianMixture(self.means, self.stds, log_weights, self.classes)
 
     def sharpened(
         self, keep: Sequence[int], residual_weight: float = 0.0, std_scale: float = 1.0
-    ) -> "GaussianMixture":
+    ) -> GaussianMixture:
         """A mode-collapsed partner: the components in ``keep`` share all but ``residual_weight`` of the mass
         (in proportion to their weights), the rest share ``residual_weight``; stds are multiplied by
         ``std_scale`` (< 1 also loses diversity inside modes). Class sub-mixtures renormalise their

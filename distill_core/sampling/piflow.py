@@ -35,8 +35,9 @@ optionally ``with_temperature``) instead of a denoised tensor.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Protocol
+from typing import Protocol
 
 import torch
 from torch import Tensor
@@ -172,7 +173,7 @@ class GMPolicy:
 
     @classmethod
     def from_velocity(cls, means: Tensor, logweights: Tensor, logstds: Tensor, x_src: Tensor,
-                      sigma_src: Tensor | float) -> "GMPolicy":
+                      sigma_src: Tensor | float) -> GMPolicy:
         """The policy from a GM network output in velocity space (official layout).
 
         ``means`` (B, K, C, H, W) are velocities u_k, ``logweights`` (B, K, 1, H, W) logits,
@@ -184,7 +185,7 @@ class GMPolicy:
         variance = (2 * logstds).exp() * sigma.square()
         return cls(means_x0, logweights, variance, x_src, sigma_src)
 
-    def with_temperature(self, temperature: float) -> "GMPolicy":
+    def with_temperature(self, temperature: float) -> GMPolicy:
         """A copy with log-weights divided by ``T`` (renormalised) and variance times ``T``.
 
         ``T >= 1`` returns the policy unchanged, as the official code does; ``T`` is clamped
@@ -256,7 +257,7 @@ class DXPolicy:
 
     @classmethod
     def from_velocity(cls, velocities: Tensor, x_src: Tensor, sigma_src: Tensor | float, segment_size: float = 1.0,
-                      shift: float = DEFAULT_SHIFT, mode: str = DX_GRID) -> "DXPolicy":
+                      shift: float = DEFAULT_SHIFT, mode: str = DX_GRID) -> DXPolicy:
         """The policy from a DX network output: N velocities, each term ``x_src - sigma_src u_n``
         (in both modes, as the official code converts every output channel group)."""
         sigma = per_sample(sigma_src, x_src).unsqueeze(1)
@@ -329,7 +330,7 @@ class PackedLatentPolicy:
     def denoised(self) -> Tensor:
         return F.pixel_unshuffle(self.inner.denoised, self.factor)
 
-    def with_temperature(self, temperature: float) -> "PackedLatentPolicy":
+    def with_temperature(self, temperature: float) -> PackedLatentPolicy:
         return PackedLatentPolicy(with_temperature(self.inner, temperature), self.factor)
 
 

@@ -1,9 +1,9 @@
 """A Stride distillation LoRA on full-size SD1.5, SDXL and FLUX.1 maps onto ComfyUI's LoraLoader with
 zero unmatched keys. The networks are built on torch's ``meta`` device: full architectures, no memory."""
-import comfy_host as host
 import pytest
 import torch
 
+import comfy_host as host
 from distill_core.training.lora import attach_lora, lora_state_dict_keys
 
 SD15 = {"use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True,

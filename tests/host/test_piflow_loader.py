@@ -13,12 +13,12 @@ import re
 import sys
 from pathlib import Path
 
-import comfy_host as harness
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 from torch.nn import functional as F
 
+import comfy_host as harness
 from distill_core.piflow_adapter import DX_POLICY, GM_POLICY, parse_piflow_adapter, unpack_dx_tokens, unpack_gm_tokens
 from distill_core.sampling import piflow
 

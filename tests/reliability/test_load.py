@@ -14,11 +14,11 @@ import uuid
 from collections import Counter
 from pathlib import Path
 
-import comfy_host as host
 import pytest
 import torch
 from safetensors.torch import load_file
 
+import comfy_host as host
 from distill_core.training.checkpoint import load_checkpoint
 from tests.artifacts import docs_path
 from tests.reliability.support import hybrid_graph, sampling_graph, training_graph, with_sampled_latents

@@ -18,12 +18,12 @@ import sys
 import time
 from pathlib import Path
 
-import comfy_host as host
 import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+import comfy_host as host
 from distill_core.training.checkpoint import load_checkpoint
 from tests.reliability.support import sampling_graph, training_graph, with_sampled_latents
 

@@ -9,11 +9,11 @@ import json
 import sys
 from pathlib import Path
 
-import comfy_host as harness
 import pytest
 import torch
 from torch.nn import functional as F
 
+import comfy_host as harness
 from distill_core.piflow_adapter import (
     DX_POLICY,
     GM_POLICY,

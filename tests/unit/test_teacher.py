@@ -17,7 +17,6 @@ from distill_core.reference.mixture import FactorizedMixture, GaussianMixture
 from distill_core.reference.ode import solve_probability_flow
 from distill_core.spaces import NoiseSpace, prediction_target, scaled_linear_alphas_cumprod, x0_from_prediction
 
-
 COMFYUI = Path(__file__).resolve().parents[2] / ".cache" / "ComfyUI"
 VE = NoiseSpace.from_alphas_cumprod(scaled_linear_alphas_cumprod())
 FLOW = NoiseSpace.flow()
