@@ -11,6 +11,7 @@ functional check that keeps this benchmark working, whose numbers say nothing ab
 """
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -105,8 +106,8 @@ def run(ctx: BenchContext) -> Section:
         noise = torch.randn(shape, generator=torch.Generator().manual_seed(SEED))
         built = {spec.label: spec.build(ctx, model, STEPS) for spec in SAMPLERS}
         section.checks.append(_check(ctx, description, dtype, model, built, noise, conditioning))
-        memory = {name: peak_memory(device, lambda: sample(model, sampler, sigmas, noise, conditioning, conditioning,
-                                                            seed=SEED))
+        memory = {name: peak_memory(device, functools.partial(sample, model, sampler, sigmas, noise, conditioning,
+                                                              conditioning, seed=SEED))
                   for name, (sampler, sigmas) in built.items()}
         candidates = {name: _candidate(model, sampler, sigmas, noise, conditioning, sync)
                       for name, (sampler, sigmas) in built.items()}

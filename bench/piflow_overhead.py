@@ -188,7 +188,7 @@ def run(ctx: BenchContext) -> Section:
     repeats = ctx.pick(2, 2, 3)
     section = Section(NAME, TITLE, __doc__.split("\n\n", 1)[1].strip())
     results = []
-    for build, size in zip((sd15_network, flux_network), CPU_SIZES[ctx.tier]):
+    for build, size in zip((sd15_network, flux_network), CPU_SIZES[ctx.tier], strict=True):
         network = build(size, device, dtype)
         ctx.log(f"{NAME}: {network.description}")
         results.append(measure(network, device, repeats))

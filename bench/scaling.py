@@ -53,16 +53,15 @@ def run(ctx: BenchContext) -> Section:
 
     section = Section(NAME, TITLE, __doc__.split("\n\n", 1)[1].strip())
     section.checks.append(_check_batches(ctx, model, sides[:2], batches, noises, positive, negative))
-    memory = {}
-    for key in configs:  # ascending size, so a smaller run never reuses memory a bigger one freed
-        samples, memory[key] = peak_rss_growth(
-            lambda: sample(model, sampler, sigmas, noises[key], positive, negative, seed=SEED))
-        check(bool(torch.isfinite(samples).all()), f"Stride LCM on a {key[0]}x{key[0]} latent, batch {key[1]}: NaN or inf")
-    section.checks.append("Stride LCM samples finite in every configuration")
 
     def candidate(key: tuple[int, int]):
         return lambda: sample(model, sampler, sigmas, noises[key], positive, negative, seed=SEED)
 
+    memory = {}
+    for key in configs:  # ascending size, so a smaller run never reuses memory a bigger one freed
+        samples, memory[key] = peak_rss_growth(candidate(key))
+        check(bool(torch.isfinite(samples).all()), f"Stride LCM on a {key[0]}x{key[0]} latent, batch {key[1]}: NaN or inf")
+    section.checks.append("Stride LCM samples finite in every configuration")
     ctx.log(f"{NAME}: timing {len(configs)} configurations")
     # the memory pass above ran every configuration once: it is the warm-up
     timings = run_interleaved({key: candidate(key) for key in configs}, repeats, warmup=0)

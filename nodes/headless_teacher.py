@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -52,9 +52,9 @@ def comfy_teacher(options: dict[str, Any], config: DistillConfig) -> HeadlessNet
     class UnlistedConfig(comfy.supported_models_base.BASE):
         """A UNet config ComfyUI does not list (e.g. Stride's demo model): SD1.5 latents, default schedule."""
 
-        unet_extra_config = {}
+        unet_extra_config: ClassVar[dict[str, Any]] = {}
         latent_format = comfy.latent_formats.SD15
-        supported_inference_dtypes = [torch.float32]
+        supported_inference_dtypes: ClassVar[list[torch.dtype]] = [torch.float32]
 
     config_class = getattr(comfy.supported_models, metadata["config_class"], None) if metadata["config_class"] else None
     model_class = getattr(comfy.model_base, metadata["model_class"])

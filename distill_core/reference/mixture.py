@@ -199,7 +199,7 @@ class GaussianMixture(_ComponentMeans):
             return self._expected_nll_of(None, num_samples, generator)
         labels, counts = torch.as_tensor(class_ids).reshape(-1).unique(return_counts=True)
         values = [self._expected_nll_of(int(label), num_samples, generator) for label in labels]
-        return float(sum(v * int(c) for v, c in zip(values, counts)) / counts.sum().item())
+        return float(sum(v * int(c) for v, c in zip(values, counts, strict=True)) / counts.sum().item())
 
     def _expected_nll_of(self, label: int | None, num_samples: int, generator: torch.Generator | None) -> float:
         device = generator.device if generator is not None else self.means.device

@@ -35,6 +35,7 @@ optionally ``with_temperature``) instead of a denoised tensor.
 """
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
@@ -370,7 +371,7 @@ step's mask (ComfyUI's ``denoise_mask_function``, e.g. Differential Diffusion)."
 def rollout(policy: Policy, x: Tensor, sigmas: Tensor, inpainting: Inpainting | None = None) -> Tensor:
     """Euler-integrate ``dx/dsigma = policy.velocity`` along the grid ``sigmas`` (masked by ``inpainting``)."""
     ones = x.new_ones([x.shape[0]])
-    for sigma, sigma_next in zip(sigmas[:-1].tolist(), sigmas[1:].tolist()):
+    for sigma, sigma_next in itertools.pairwise(sigmas.tolist()):
         velocity = policy.velocity(x, sigma * ones)
         if inpainting is not None:
             velocity = inpainting.velocity(velocity, x, sigma * ones)

@@ -260,7 +260,7 @@ def test_models_with_different_latent_formats_are_refused(comfy_host):
         guider = comfy.samplers.CFGGuider(model)
         guider.set_conds(prompt, prompt)
         guiders.append(guider)
-    with pytest.raises(stride_error(comfy_host), match="distilled_guider: .*latent format"):
+    with pytest.raises(stride_error(comfy_host), match=r"distilled_guider: .*latent format"):
         guider_node.execute(guiders[0], guiders[1], comfy.samplers.sampler_object("euler"), 1)
 
 

@@ -257,7 +257,7 @@ def test_adapter_lands_on_the_right_weights_and_its_head_makes_the_policy(comfy_
     assert output.mode == DX_MODE.get(kind, piflow.DX_GRID)
     want = direct_policy(state, name, kind, *recorder.calls[0], x.shape)
     assert [tuple(t.shape) for t in output.tensors] == [tuple(t.shape) for t in want]
-    for got, direct in zip(output.tensors, want):
+    for got, direct in zip(output.tensors, want, strict=True):
         torch.testing.assert_close(got, direct, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(build_policy(name, kind, output.tensors, x, SIGMA).denoised, denoised,
                                atol=1e-5, rtol=1e-5)
@@ -331,7 +331,7 @@ def test_flux2_inpaints_and_cools_on_its_unfolded_latent(comfy_host, tiny):
         unfolded_mask = mask.repeat_interleave(2, dim=-2).repeat_interleave(2, dim=-1)[:, None]
         inpainting = piflow.Inpainting(F.pixel_shuffle(original, 2), unfolded_mask)
         x = F.pixel_shuffle(noise, 2)  # at sigma 1 ComfyUI's noise scaling starts from the noise itself
-        for i, (call, temperature) in enumerate(zip(recorder.calls, (first_temperature, 1.0))):
+        for i, (call, temperature) in enumerate(zip(recorder.calls, (first_temperature, 1.0), strict=True)):
             sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
             tensors = direct_policy(state, "FLUX.2", GM, *call, noise.shape)
             policy = piflow.GMPolicy.from_velocity(*tensors, x, torch.full((x.shape[0],), sigma))

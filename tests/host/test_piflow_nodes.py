@@ -3,6 +3,7 @@ and clear refusals of wrong inputs. Released adapters on ComfyUI's own FLUX.1, F
 classes: tests/host/test_piflow_loader.py."""
 from __future__ import annotations
 
+import itertools
 import sys
 
 import pytest
@@ -72,7 +73,7 @@ def reference_sigmas(comfy_host, steps: int, denoise: float = 1.0) -> torch.Tens
 def reference_substep_grid(comfy_host, steps: int, denoise: float = 1.0) -> torch.Tensor:
     """The sampler's substep sigmas (float64) on the scheduler's SIGMAS."""
     sigmas = reference_sigmas(comfy_host, steps, denoise)
-    return torch.cat([substep_sigmas(float(a), float(b), 128, 3.2)[:-1] for a, b in zip(sigmas[:-1], sigmas[1:])]
+    return torch.cat([substep_sigmas(float(a), float(b), 128, 3.2)[:-1] for a, b in itertools.pairwise(sigmas)]
                      + [sigmas[-1:].double()])
 
 
@@ -87,7 +88,7 @@ def teacher_euler(comfy_host, steps: int, *, denoise: float = 1.0, latent: torch
     sigma0 = float(grid[0])
     x = sigma0 * noise + (1 - sigma0) * latent  # ComfyUI's noise_scaling of the start latent
     space = NoiseSpace.flow()
-    for sigma, sigma_next in zip(grid[:-1].tolist(), grid[1:].tolist()):
+    for sigma, sigma_next in itertools.pairwise(grid.tolist()):
         x = x + (sigma_next - sigma) * (x - mixture.denoise(x, sigma, space)) / sigma
     return x
 

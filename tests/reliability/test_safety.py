@@ -178,7 +178,7 @@ def test_resuming_from_a_pickled_checkpoint_is_refused_unread(fault_host, demo_w
 # ------------------------------------------------------------------------------------------
 TRICKY_NAMES = ["lora", "my lora v2", "a.b.c", "x" * 120, "x" * 121, "..", "a/../b", "../../etc/passwd", "/etc/passwd",
                 "\\\\server\\share\\x", "C:\\Windows\\x", "C:x", "~/x", "$HOME", "%APPDATA%", "a\x00b", "a\nb",
-                "．．／x", "nul", "Com1.safetensors", "lpt9.txt", ".hidden", "-rf", "name.", "name ", " name",
+                "\uff0e\uff0e\uff0fx", "nul", "Com1.safetensors", "lpt9.txt", ".hidden", "-rf", "name.", "name ", " name",
                 "a:b", "a*b", "a?b", "a<b>", "a|b", 'a"b', "é", "名前"]
 
 

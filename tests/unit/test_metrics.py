@@ -210,7 +210,7 @@ def test_repeat_groups_are_disjoint_balanced_and_paired() -> None:
     groups = repeat_groups(64, 8, labels)
     assert torch.equal(torch.cat(groups).sort().values, torch.arange(64))
     assert all(torch.equal(labels[group].bincount(minlength=4), torch.tensor([2, 2, 2, 2])) for group in groups)
-    assert all(torch.equal(a, b) for a, b in zip(groups, repeat_groups(64, 8, labels.clone())))
+    assert all(torch.equal(a, b) for a, b in zip(groups, repeat_groups(64, 8, labels.clone()), strict=True))
     assert [len(group) for group in repeat_groups(19, 4)] == [5, 5, 5, 4]
     with pytest.raises(ValueError):
         repeat_groups(15, 8)

@@ -1,6 +1,7 @@
 """pi-Flow policies, schedule and sampler; exactness on the factorised reference teacher."""
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -70,7 +71,7 @@ def test_warp_roundtrip_and_substep_split():
     raw = torch.linspace(0, 1, 11, dtype=F64)
     torch.testing.assert_close(unwarp_sigma(warp_time(raw, 3.2), 3.2), raw)
     sigmas = piflow_sigmas(4)
-    counts = [len(substep_sigmas(float(a), float(b))) - 1 for a, b in zip(sigmas[:-1], sigmas[1:])]
+    counts = [len(substep_sigmas(float(a), float(b))) - 1 for a, b in itertools.pairwise(sigmas)]
     assert counts == [37, 37, 37, 18]  # round(128 * 2/7) three times, round(128 * 1/7) last
     grid = substep_sigmas(1.0, 0.0)
     assert len(grid) == 129 and grid[0] == 1 and grid[-1] == 0
@@ -338,7 +339,7 @@ def test_exact_policy_velocity_equals_teacher_along_rollout(teacher_setup):
     for i in range(4):
         policy = exact_policy(teacher)(x, float(sigmas[i]))
         grid = substep_sigmas(float(sigmas[i]), float(sigmas[i + 1]))
-        for s, s_next in zip(grid[:-1].tolist(), grid[1:].tolist()):
+        for s, s_next in itertools.pairwise(grid.tolist()):
             u = policy.velocity(x, s)
             worst = max(worst, float((u - teacher_velocity(teacher, x, s)).abs().max()))
             x = x + (s_next - s) * u
@@ -347,7 +348,7 @@ def test_exact_policy_velocity_equals_teacher_along_rollout(teacher_setup):
 
 
 def teacher_euler(teacher, x, grid):
-    for s, s_next in zip(grid[:-1].tolist(), grid[1:].tolist()):
+    for s, s_next in itertools.pairwise(grid.tolist()):
         x = x + (s_next - s) * teacher_velocity(teacher, x, s)
     return x
 
@@ -359,7 +360,7 @@ def test_rollout_equals_teacher_euler_and_approaches_the_ode(teacher_setup, nfe)
     steps = []
     sample = sample_piflow(exact_policy(teacher), x, sigmas, temperature=1.0,
                            callback=lambda info: steps.append(info), disable=True)
-    grid = torch.cat([substep_sigmas(float(a), float(b))[:-1] for a, b in zip(sigmas[:-1], sigmas[1:])] + [sigmas[-1:]])
+    grid = torch.cat([substep_sigmas(float(a), float(b))[:-1] for a, b in itertools.pairwise(sigmas)] + [sigmas[-1:]])
     same_grid = teacher_euler(teacher, x, grid)
     fine = teacher.flow_map(x, 1.0, FLOW, steps=1000)
     err_grid = float((sample - same_grid).abs().max())
@@ -440,7 +441,7 @@ def test_masked_sampling_keeps_the_original_and_follows_the_teacher(inpainting_s
         assert on_line < 1e-12
         torch.testing.assert_close(info["denoised"].masked_select(kept), latent.masked_select(kept))
     # the teacher factorises over locations, so the generated region is the teacher's own Euler ODE there
-    grid = torch.cat([substep_sigmas(float(a), float(b))[:-1] for a, b in zip(sigmas[:-1], sigmas[1:])] + [sigmas[-1:]])
+    grid = torch.cat([substep_sigmas(float(a), float(b))[:-1] for a, b in itertools.pairwise(sigmas)] + [sigmas[-1:]])
     generated_error = float((got - teacher_euler(teacher, x, grid)).masked_select(~kept).abs().max())
     print(f"denoise {denoise}: kept region max|out - original| = {kept_error:.1e}, "
           f"generated region max|out - teacher Euler| = {generated_error:.1e}")

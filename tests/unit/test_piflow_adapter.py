@@ -193,12 +193,13 @@ def diffusers_model(family, size: str = "full") -> torch.nn.Module:
 
 
 TINY_DIFFUSERS = {
-    FLUX1: dict(in_channels=64, num_layers=2, num_single_layers=3, attention_head_dim=32, num_attention_heads=2,
-                joint_attention_dim=32, pooled_projection_dim=16, axes_dims_rope=(8, 12, 12)),
-    FLUX2: dict(num_layers=1, num_single_layers=2, attention_head_dim=32, num_attention_heads=2,
-                joint_attention_dim=32, axes_dims_rope=(8, 8, 8, 8)),
-    QWEN_IMAGE: dict(in_channels=64, out_channels=16, num_layers=2, attention_head_dim=32, num_attention_heads=2,
-                     joint_attention_dim=32, axes_dims_rope=(8, 12, 12)),
+    FLUX1: {"in_channels": 64, "num_layers": 2, "num_single_layers": 3, "attention_head_dim": 32,
+            "num_attention_heads": 2, "joint_attention_dim": 32, "pooled_projection_dim": 16,
+            "axes_dims_rope": (8, 12, 12)},
+    FLUX2: {"num_layers": 1, "num_single_layers": 2, "attention_head_dim": 32, "num_attention_heads": 2,
+            "joint_attention_dim": 32, "axes_dims_rope": (8, 8, 8, 8)},
+    QWEN_IMAGE: {"in_channels": 64, "out_channels": 16, "num_layers": 2, "attention_head_dim": 32,
+                 "num_attention_heads": 2, "joint_attention_dim": 32, "axes_dims_rope": (8, 12, 12)},
 }
 
 
@@ -291,7 +292,7 @@ def test_wrong_family_is_recognised():
     # a pi-Qwen-Image adapter parsed as FLUX.2 (32 channels) does not fit its head
     with pytest.raises(ValueError, match="proj_out_means"):
         parse_piflow_adapter(qwen, GM_METADATA, FLUX2.latent_channels)
-    with pytest.raises(ValueError, match="not a Linear layer of a FLUX.2"):
+    with pytest.raises(ValueError, match=r"not a Linear layer of a FLUX\.2"):
         lora_targets(flux1, FLUX2, FluxShape().weight_shapes())
 
 
@@ -300,14 +301,14 @@ def test_lora_targets_and_fit_checks():
     adapter = parse_piflow_adapter(official_adapter(), GM_METADATA)
     targets = lora_targets(adapter, FLUX1, SMALL.weight_shapes())
     assert set(targets) == set(adapter.lora)
-    target, down, up = targets["single_transformer_blocks.1.proj_mlp"]
+    target, _, _ = targets["single_transformer_blocks.1.proj_mlp"]
     assert target.key == "single_blocks.1.linear1.weight" and target.rows == (3 * 64, 256)
     assert targets["transformer_blocks.1.ff_context.net.2"][0].key == "double_blocks.1.txt_mlp.2.weight"
     assert targets["time_text_embed.timestep_embedder.linear_1"][0].key == "time_in.in_layer.weight"
     # the same adapter on a wider or shallower model is refused
-    with pytest.raises(ValueError, match="do not fit.*another model"):
+    with pytest.raises(ValueError, match=r"do not fit.*another model"):
         lora_targets(adapter, FLUX1, FluxShape(hidden_size=128, depth=2, depth_single_blocks=3).weight_shapes())
-    with pytest.raises(ValueError, match="no counterpart in this FLUX.1 model"):
+    with pytest.raises(ValueError, match=r"no counterpart in this FLUX\.1 model"):
         lora_targets(adapter, FLUX1, FluxShape(hidden_size=64, depth=1, depth_single_blocks=3).weight_shapes())
     with pytest.raises(ValueError, match="not a Linear layer"):
         FLUX1.comfy_target("transformer_blocks.0.attn.norm_q", SMALL.weight_shapes())
@@ -320,7 +321,7 @@ def test_head_checks():
     check_head(adapter, FLUX1, 64, 64)
     with pytest.raises(ValueError, match="another model"):
         check_head(adapter, FLUX1, 128, 64)
-    with pytest.raises(ValueError, match="values per token.*another model"):
+    with pytest.raises(ValueError, match=r"values per token.*another model"):
         check_head(adapter, FLUX1, 64, 128)
 
 
@@ -340,22 +341,22 @@ def _comfy():
     return comfy
 
 
-FLUX1_DEV = dict(in_channels=16, out_channels=16, vec_in_dim=768, context_in_dim=4096, hidden_size=3072, mlp_ratio=4.0,
-                 num_heads=24, depth=19, depth_single_blocks=38, axes_dim=[16, 56, 56], theta=10000, patch_size=2,
-                 qkv_bias=True, guidance_embed=True)
+FLUX1_DEV = {"in_channels": 16, "out_channels": 16, "vec_in_dim": 768, "context_in_dim": 4096, "hidden_size": 3072,
+             "mlp_ratio": 4.0, "num_heads": 24, "depth": 19, "depth_single_blocks": 38, "axes_dim": [16, 56, 56],
+             "theta": 10000, "patch_size": 2, "qkv_bias": True, "guidance_embed": True}
 # ComfyUI's model detection for flux2-dev (comfy/model_detection.py)
-FLUX2_DEV = dict(in_channels=128, out_channels=128, vec_in_dim=None, context_in_dim=15360, hidden_size=6144, mlp_ratio=3.0,
-                 num_heads=48, depth=8, depth_single_blocks=48, axes_dim=[32, 32, 32, 32], theta=2000, patch_size=1,
-                 qkv_bias=False, guidance_embed=True, global_modulation=True, mlp_silu_act=True, ops_bias=False,
-                 default_ref_method="index", ref_index_scale=10.0)
+FLUX2_DEV = {"in_channels": 128, "out_channels": 128, "vec_in_dim": None, "context_in_dim": 15360, "hidden_size": 6144,
+             "mlp_ratio": 3.0, "num_heads": 48, "depth": 8, "depth_single_blocks": 48, "axes_dim": [32, 32, 32, 32],
+             "theta": 2000, "patch_size": 1, "qkv_bias": False, "guidance_embed": True, "global_modulation": True,
+             "mlp_silu_act": True, "ops_bias": False, "default_ref_method": "index", "ref_index_scale": 10.0}
 # tiny sizes with the real latents (FLUX.1 and Qwen-Image 16 channels, FLUX.2 128 at patch 1), as in TINY_DIFFUSERS
 TINY_COMFY = {
     FLUX1: dict(FLUX1_DEV, vec_in_dim=16, context_in_dim=32, hidden_size=64, num_heads=2, depth=2, depth_single_blocks=3,
                 axes_dim=[8, 12, 12]),
     FLUX2: dict(FLUX2_DEV, context_in_dim=32, hidden_size=64, num_heads=2, depth=1, depth_single_blocks=2,
                 axes_dim=[8, 8, 8, 8]),
-    QWEN_IMAGE: dict(num_layers=2, attention_head_dim=32, num_attention_heads=2, joint_attention_dim=32,
-                     axes_dims_rope=(8, 12, 12)),
+    QWEN_IMAGE: {"num_layers": 2, "attention_head_dim": 32, "num_attention_heads": 2, "joint_attention_dim": 32,
+                 "axes_dims_rope": (8, 12, 12)},
 }
 
 

@@ -4,6 +4,7 @@ an equivalent product mixture, ComfyUI's own prediction conversions, and samplin
 probability-flow ODE."""
 from __future__ import annotations
 
+import itertools
 import math
 import sys
 from pathlib import Path
@@ -232,7 +233,7 @@ def test_thousand_step_euler_on_the_exact_denoiser_lands_on_the_mixture(demo_ref
     sigmas = _karras(1000, 2e-3, SIGMA_MAX) if space is VE else torch.linspace(1, 0, 1001, dtype=torch.float64)
     x = _start(mixture, space, float(sigmas[0]), 512, seed=10)
     start = x
-    for sigma, sigma_next in zip(sigmas[:-1], sigmas[1:]):
+    for sigma, sigma_next in itertools.pairwise(sigmas):
         x = x + (x - mixture.denoise(x, sigma, space)) / sigma * (sigma_next - sigma)
     swd, nll = _demo_metrics(x, mixture, demo_reference["reference"])
     assert swd < 1.5 * demo_reference["swd_floor"]
