@@ -76,8 +76,9 @@ def run(ctx: BenchContext) -> Section:
     hybrid_node = ctx.node("StrideHybridSample")
 
     def hybrid_run(handover: int) -> torch.Tensor:
-        return hybrid_node.execute(counted_base, empty, empty, 1.0, "euler", counted_distilled, empty, empty, 1.0, "lcm",
-                                  "lcm / tcd grid", HYBRID_STEPS, handover, SEED, {"samples": latent})[0]["samples"]
+        return hybrid_node.execute(counted_base, empty, empty, 1.0, "euler", counted_distilled, empty, empty, 1.0,
+                                   "lcm", "lcm / tcd grid", HYBRID_STEPS, handover, SEED,
+                                   {"samples": latent})[0]["samples"]
 
     base_sampler, base_sigmas = COMFY_EULER.build(ctx, counted_base, BASE_STEPS)
     lcm_sampler, lcm_sigmas = STRIDE_LCM.build(ctx, counted_distilled, HYBRID_STEPS)
@@ -184,8 +185,8 @@ def run(ctx: BenchContext) -> Section:
         f"({flow_map_steps} exact-denoiser evaluations), so here a distilled NFE costs far more than a base NFE; "
         "with real networks both cost about the same per NFE and the NFE column is the cost to compare.",
         "The node refuses handover_steps >= steps (the distilled model must take at least one step), so the identity "
-        "'handover = steps is the base alone' is checked on distill_core.sampling.hybrid.sample_hybrid, the same schedule "
-        "split and seed rule the node uses.",
+        "'handover = steps is the base alone' is checked on distill_core.sampling.hybrid.sample_hybrid, the same "
+        "schedule split and seed rule the node uses.",
         "Mode recall counts a mode when it holds at least a quarter of its expected share; mode entropy is the "
         "normalised entropy of the samples' mode histogram (1 = all 8 modes equally often); mode TV is half the "
         "summed absolute difference between the mode shares and the true weights. Image diversity is the mean "

@@ -157,7 +157,8 @@ def measure(network: NetworkUnderTest, device: torch.device, repeats: int) -> Ro
 
 
 def goal_for(result: RolloutMeasurement) -> Goal:
-    text = f"{SUBSTEPS} GM substeps <= {fmt_percent(GOAL_FRACTION)} of one {result.description.split(',')[0]} evaluation"
+    model = result.description.split(",")[0]
+    text = f"{SUBSTEPS} GM substeps <= {fmt_percent(GOAL_FRACTION)} of one {model} evaluation"
     evidence = f"{fmt_percent(result.fraction)} measured"
     if result.fraction <= GOAL_FRACTION:
         if result.reduced:

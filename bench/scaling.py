@@ -60,7 +60,8 @@ def run(ctx: BenchContext) -> Section:
     memory = {}
     for key in configs:  # ascending size, so a smaller run never reuses memory a bigger one freed
         samples, memory[key] = peak_rss_growth(candidate(key))
-        check(bool(torch.isfinite(samples).all()), f"Stride LCM on a {key[0]}x{key[0]} latent, batch {key[1]}: NaN or inf")
+        check(bool(torch.isfinite(samples).all()),
+              f"Stride LCM on a {key[0]}x{key[0]} latent, batch {key[1]}: NaN or inf")
     section.checks.append("Stride LCM samples finite in every configuration")
     ctx.log(f"{NAME}: timing {len(configs)} configurations")
     # the memory pass above ran every configuration once: it is the warm-up
@@ -98,7 +99,8 @@ def scaling_table(title: str, configs: list[tuple[int, int]], step: dict, memory
     table = Table(title, ["compared", "latent", "batch", "device, dtype", "step time ratio vs smallest", "step time",
                           "per sample", "peak RSS growth"])
     for side, batch in configs:
-        compared = "(baseline)" if (side, batch) == base else f"{side}x{side} b{batch} vs {base[0]}x{base[0]} b{base[1]}"
+        compared = ("(baseline)" if (side, batch) == base
+                    else f"{side}x{side} b{batch} vs {base[0]}x{base[0]} b{base[1]}")
         table.add(compared, f"4x{side}x{side}", batch, "CPU, float32", fmt_ratio(step[(side, batch)] / step[base]),
                   fmt_seconds(step[(side, batch)]), fmt_seconds(step[(side, batch)] / batch),
                   fmt_bytes(memory[(side, batch)]))

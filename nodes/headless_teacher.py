@@ -3,8 +3,8 @@
 ``distill_core.training.cli`` loads this file by the path in the exported ``config.json``
 (``nodes/headless_teacher.py:comfy_teacher``, run from the Stride folder with the ComfyUI checkout on
 ``PYTHONPATH``; the node's report gives the whole command). It is loaded on its own, not as part of the
-``nodes`` package, so it imports ``distill_core`` absolutely and ComfyUI only inside functions. It rebuilds the ComfyUI model from
-``teacher.safetensors`` (float32, on ``cuda:LOCAL_RANK`` when CUDA is there, else the CPU), so
+``nodes`` package, so it imports ``distill_core`` absolutely and ComfyUI only inside functions. It rebuilds the
+ComfyUI model from ``teacher.safetensors`` (float32, on ``cuda:LOCAL_RANK`` when CUDA is there, else the CPU), so
 the headless loop calls the very ``apply_model`` the graph did.
 """
 from __future__ import annotations

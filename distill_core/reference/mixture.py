@@ -94,7 +94,8 @@ class GaussianMixture(_ComponentMeans):
         self.means = means
         self.stds = stds
         self.log_weights = torch.log_softmax(log_weights, dim=0)
-        self.classes = None if classes is None else torch.as_tensor(classes, dtype=torch.long, device=means.device).reshape(k)
+        self.classes = (None if classes is None
+                        else torch.as_tensor(classes, dtype=torch.long, device=means.device).reshape(k))
         self._device_cache: dict[torch.device, tuple[Tensor, Tensor, Tensor, Tensor | None]] = {}
 
 
@@ -236,7 +237,8 @@ class GaussianMixture(_ComponentMeans):
     def _posterior_terms(
         self, x_flat: Tensor, sigma: Tensor | float, space: NoiseSpace, class_ids: Tensor | None
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """Responsibilities and, per component, the coefficients of ``x`` and ``mu_k`` in the posterior mean, and its variance."""
+        """Responsibilities and, per component, the coefficients of ``x`` and ``mu_k`` in the posterior mean,
+        and its variance."""
         n = x_flat.shape[0]
         a, b = space.coefficients(sigma_batch(sigma, n, x_flat.device))
         log_w = self.conditional_log_weights(n, class_ids, x_flat.device)
@@ -255,7 +257,8 @@ class GaussianMixture(_ComponentMeans):
         x_flat = x.reshape(n, -1).to(torch.float64)
         responsibilities, coefficient_x, coefficient_mu, _ = self._posterior_terms(x_flat, sigma, space, class_ids)
         means, _, _, _ = self._params(x.device)
-        x0 = (responsibilities * coefficient_x).sum(dim=1, keepdim=True) * x_flat + (responsibilities * coefficient_mu) @ means
+        x0 = ((responsibilities * coefficient_x).sum(dim=1, keepdim=True) * x_flat
+              + (responsibilities * coefficient_mu) @ means)
         return x0.reshape(x.shape)
 
     def cfg_denoise(
@@ -266,7 +269,9 @@ class GaussianMixture(_ComponentMeans):
         cond = self._denoise64(x, sigma, space, class_ids)
         return (uncond + scale * (cond - uncond)).to(x.dtype)
 
-    def targets(self, x: Tensor, sigma: Tensor | float, space: NoiseSpace, kind: str, class_ids: Tensor | None = None) -> Tensor:
+    def targets(
+        self, x: Tensor, sigma: Tensor | float, space: NoiseSpace, kind: str, class_ids: Tensor | None = None
+    ) -> Tensor:
         """The exact model output of prediction type ``kind`` (see :func:`prediction_target`)."""
         x0 = self._denoise64(x, sigma, space, class_ids)
         return prediction_target(x.to(torch.float64), x0, sigma, space, kind).to(x.dtype)
@@ -373,7 +378,8 @@ class FactorizedMixture(_ComponentMeans):
         probabilities = self.log_weights.to(device).exp().permute(1, 2, 0).reshape(h * w, k)
         components = torch.multinomial(probabilities.repeat(n, 1), 1, generator=generator).reshape(n, h, w)
         means = self.means.to(device)
-        chosen = means.permute(0, 2, 3, 1)[components, torch.arange(h, device=device)[:, None], torch.arange(w, device=device)]
+        rows, columns = torch.arange(h, device=device)[:, None], torch.arange(w, device=device)
+        chosen = means.permute(0, 2, 3, 1)[components, rows, columns]
         noise = torch.randn((n, c, h, w), generator=generator, device=device, dtype=torch.float64)
         x0 = chosen.permute(0, 3, 1, 2) + self.std * noise
         return x0.to(dtype), components

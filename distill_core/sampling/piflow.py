@@ -240,7 +240,8 @@ class DXPolicy:
 
     def __init__(self, x0_terms: Tensor, x_src: Tensor, sigma_src: Tensor | float,
                  segment_size: float = 1.0, shift: float = DEFAULT_SHIFT, mode: str = DX_GRID) -> None:
-        if x0_terms.ndim != x_src.ndim + 1 or x0_terms.shape[0] != x_src.shape[0] or x0_terms.shape[2:] != x_src.shape[1:]:
+        if (x0_terms.ndim != x_src.ndim + 1 or x0_terms.shape[0] != x_src.shape[0]
+                or x0_terms.shape[2:] != x_src.shape[1:]):
             raise ValueError(f"DX terms must be (B, N, *x.shape[1:]), got {tuple(x0_terms.shape)} "
                              f"for x of shape {tuple(x_src.shape)}")
         if mode not in DX_MODES:

@@ -158,7 +158,8 @@ def forward(name: str, model, conditioning, x: torch.Tensor, transformer_options
         conds["y"] = extras["pooled_output"].repeat(batch, 1)
     if "guidance" in extras:
         conds["guidance"] = torch.full((batch,), extras["guidance"])
-    return model.model.apply_model(x, torch.full((batch,), SIGMA), transformer_options=transformer_options or {}, **conds)
+    return model.model.apply_model(x, torch.full((batch,), SIGMA), transformer_options=transformer_options or {},
+                                   **conds)
 
 
 class HeadInputs:
@@ -172,13 +173,14 @@ class HeadInputs:
         self.handle.remove()
 
 
-def direct_policy(state: dict[str, torch.Tensor], name: str, kind: str, tokens: torch.Tensor, conditioning: torch.Tensor,
-                  latent_shape: torch.Size) -> tuple[torch.Tensor, ...]:
+def direct_policy(state: dict[str, torch.Tensor], name: str, kind: str, tokens: torch.Tensor,
+                  conditioning: torch.Tensor, latent_shape: torch.Size) -> tuple[torch.Tensor, ...]:
     """The policy tensors computed straight from the adapter's head tensors (diffusers names) and the head's inputs."""
     family = MODELS[name][0]
     packing = 2 if family is FLUX2 else 1
     cond = conditioning.float()
-    scale, shift = F.linear(F.silu(cond), state["norm_out.linear.weight"], state.get("norm_out.linear.bias")).chunk(2, -1)
+    modulation = F.linear(F.silu(cond), state["norm_out.linear.weight"], state.get("norm_out.linear.bias"))
+    scale, shift = modulation.chunk(2, -1)
     hidden = F.layer_norm(tokens.float(), tokens.shape[-1:], eps=1e-6) * (1 + scale[:, None]) + shift[:, None]
     height, width = latent_shape[-2] * packing, latent_shape[-1] * packing
     if kind == GM:
@@ -228,7 +230,8 @@ def test_adapter_lands_on_the_right_weights_and_its_head_makes_the_policy(comfy_
     assert sum(len(entries) for entries in patched.patches.values()) == len(adapter.lora) > 0
     head = patched.object_patches[f"diffusion_model.{comfy_family.head_module}"]
     assert isinstance(head, loader.PolicyHead)
-    assert all(isinstance(patched.object_patches[f"diffusion_model.{m}"], torch.nn.Identity) for m in comfy_family.retired)
+    assert all(isinstance(patched.object_patches[f"diffusion_model.{m}"], torch.nn.Identity)
+               for m in comfy_family.retired)
 
     # every LoRA pair lands on its ComfyUI weight (rows of fused q|k|v|mlp weights included), scale 1
     shapes = {key: tuple(value.shape) for key, value in original.items()}
@@ -281,10 +284,12 @@ def test_stride_sampler_integrates_the_heads_policy(comfy_host, tiny, name, kind
     sampler = piflow_nodes.piflow_ksampler(substeps, 1.0, 0.0, piflow.DEFAULT_SHIFT)
     noise = latent_batch(name)
     previews: list[torch.Tensor] = []
-    recorder = HeadInputs(patched.object_patches[f"diffusion_model.{loader_module(comfy_host).model_family(model).head_module}"])
+    head_module = loader_module(comfy_host).model_family(model).head_module
+    recorder = HeadInputs(patched.object_patches[f"diffusion_model.{head_module}"])
     try:
         samples = comfy.sample.sample_custom(patched, noise, 1.0, sampler, torch.tensor([1.0, 0.0]), conditioning, [],
-                                             torch.zeros_like(noise), callback=lambda i, x0, x, total: previews.append(x0),
+                                             torch.zeros_like(noise),
+                                             callback=lambda i, x0, x, total: previews.append(x0),
                                              disable_pbar=True, seed=SEED)
     finally:
         recorder.remove()

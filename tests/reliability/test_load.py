@@ -203,6 +203,7 @@ def test_training_and_sampling_queued_together(server, references, demo_weights)
                 assert torch.equal(got, references[method, int(seed)]), label
 
     folder = server.base_dir / "output" / "stride_checkpoints"
-    together, solo = load_checkpoint(str(folder / "load_together.safetensors")), load_checkpoint(str(folder / "load_alone.safetensors"))
+    together = load_checkpoint(str(folder / "load_together.safetensors"))
+    solo = load_checkpoint(str(folder / "load_alone.safetensors"))
     assert together.step == solo.step == 4
     assert all(torch.equal(together.lora[key], solo.lora[key]) for key in solo.lora)

@@ -10,7 +10,8 @@ import sys
 import pytest
 import torch
 
-COMFYUI_PATH = os.environ.get("COMFYUI_PATH") or os.path.join(os.path.dirname(__file__), "..", "..", ".cache", "ComfyUI")
+COMFYUI_PATH = (os.environ.get("COMFYUI_PATH")
+                or os.path.join(os.path.dirname(__file__), "..", "..", ".cache", "ComfyUI"))
 
 
 @pytest.fixture(scope="module")

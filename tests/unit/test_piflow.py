@@ -61,7 +61,8 @@ def test_sigmas_match_official_schedule():
     torch.testing.assert_close(unwarp_sigma(sigmas[:-1]), torch.tensor([7, 5, 3, 1], dtype=F64) / 7, atol=1e-12, rtol=0)
     torch.testing.assert_close(piflow_sigmas(1), torch.tensor([1.0, 0.0], dtype=F64))
     # f = 1: even raw-time steps; denoise scales raw times
-    torch.testing.assert_close(unwarp_sigma(piflow_sigmas(2, final_step_size_scale=1.0)[:-1]), torch.tensor([1.0, 0.5], dtype=F64))
+    torch.testing.assert_close(unwarp_sigma(piflow_sigmas(2, final_step_size_scale=1.0)[:-1]),
+                               torch.tensor([1.0, 0.5], dtype=F64))
     torch.testing.assert_close(unwarp_sigma(piflow_sigmas(4, denoise=0.5)[:1]), torch.tensor([0.5], dtype=F64))
     with pytest.raises(ValueError):
         piflow_sigmas(0)
@@ -86,7 +87,8 @@ def test_gm_velocity_matches_closed_form():
     x_t = torch.randn(x_src.shape, generator=g, dtype=F64)
     expected_x0 = gm_posterior_mean_reference(means, logweights, variance, x_src, s_src, x_t, s_t)
     torch.testing.assert_close(policy.x0(x_t, s_t), expected_x0, atol=1e-12, rtol=0)
-    torch.testing.assert_close(policy.velocity(x_t, torch.full((2,), s_t, dtype=F64)), (x_t - expected_x0) / s_t, atol=1e-12, rtol=0)
+    torch.testing.assert_close(policy.velocity(x_t, torch.full((2,), s_t, dtype=F64)), (x_t - expected_x0) / s_t,
+                               atol=1e-12, rtol=0)
     # at the source the posterior is the mixture itself
     mixture_mean = (logweights.softmax(1) * means).sum(1)
     torch.testing.assert_close(policy.x0(x_src, s_src), mixture_mean, atol=1e-12, rtol=0)
@@ -209,7 +211,8 @@ def test_dx_polynomial_reproduces_its_coefficients():
     policy = DXPolicy(coefficients, x_src, sigma_src, shift=shift, mode=DX_POLYNOMIAL)
     raw_src = float(unwarp_sigma(torch.tensor(sigma_src, dtype=F64), shift))
     elapsed = torch.tensor([0.0, 0.1, 0.2, 2 / 7], dtype=F64)
-    values = torch.stack([policy.x0(x_src, warp_time(torch.tensor(raw_src - e, dtype=F64), shift)) for e in elapsed.tolist()], 1)
+    values = torch.stack([policy.x0(x_src, warp_time(torch.tensor(raw_src - e, dtype=F64), shift))
+                          for e in elapsed.tolist()], 1)
     vandermonde = elapsed.unsqueeze(1) ** torch.arange(order, dtype=F64)
     recovered = torch.linalg.solve(vandermonde, values.reshape(order, -1)).reshape(coefficients.shape)
     torch.testing.assert_close(recovered, coefficients, atol=1e-9, rtol=0)
@@ -274,7 +277,8 @@ def test_dx_rollout_matches_the_official_loop(mode):
     error = float((got - want).abs().max())
     print(f"DX {mode} 4-NFE rollout vs the official loop: max |diff| = {error:.1e}")
     assert error < 1e-11
-    other = sample_piflow(linear_dx_network("grid" if mode == DX_POLYNOMIAL else DX_POLYNOMIAL), x, sigmas, disable=True)
+    other = sample_piflow(linear_dx_network("grid" if mode == DX_POLYNOMIAL else DX_POLYNOMIAL), x, sigmas,
+                          disable=True)
     assert (got - other).abs().max() > 1e-2  # the two modes read the same output differently
 
 
@@ -300,7 +304,8 @@ def test_stochastic_sampler_step_formula():
         return GMPolicy(means, logweights, variance, x, sigma)
 
     sigmas = piflow_sigmas(2)
-    result = sample_piflow(model, x_src, sigmas, temperature=1.0, h=0.7, noise_sampler=lambda s, t: next(calls), disable=True)
+    result = sample_piflow(model, x_src, sigmas, temperature=1.0, h=0.7, noise_sampler=lambda s, t: next(calls),
+                           disable=True)
     x = x_src
     for i in range(2):
         s, s_next = float(sigmas[i]), float(sigmas[i + 1])
@@ -542,7 +547,8 @@ def test_sampling_on_the_folded_latent_is_the_unfolded_sampling():
         return PackedLatentPolicy(unfolded_model(unfold(x_src), sigma), 2)
 
     sigmas = piflow_sigmas(4)
-    got = sample_piflow(folded_model, x, sigmas, temperature="auto", latent_image=latent, denoise_mask=mask, disable=True)
+    got = sample_piflow(folded_model, x, sigmas, temperature="auto", latent_image=latent, denoise_mask=mask,
+                        disable=True)
     unfolded_mask = mask.repeat_interleave(2, dim=-2).repeat_interleave(2, dim=-1)
     want = sample_piflow(unfolded_model, unfold(x), sigmas, temperature="auto", latent_image=unfold(latent),
                          denoise_mask=unfolded_mask, disable=True)

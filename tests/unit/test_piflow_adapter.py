@@ -114,7 +114,8 @@ def flux2_targets(single_blocks: int) -> list[str]:
 def official_lora_modules(shape: FluxShape) -> dict[str, tuple[int, int]]:
     """pi-FLUX.1's LoRA targets (GM and DX alike) -> (in, out) features."""
     h, mlp = shape.hidden_size, shape.mlp_hidden
-    modules = {"time_text_embed.timestep_embedder.linear_1": (256, h), "time_text_embed.timestep_embedder.linear_2": (h, h)}
+    modules = {"time_text_embed.timestep_embedder.linear_1": (256, h),
+               "time_text_embed.timestep_embedder.linear_2": (h, h)}
     for i in range(shape.depth):
         for stream in ("ff", "ff_context"):
             modules[f"transformer_blocks.{i}.{stream}.net.0.proj"] = (h, mlp)
@@ -265,7 +266,8 @@ def test_parse_qwen_and_flux2_layouts(family, kind, lora_count):
     ({k: v for k, v in official_adapter().items() if k != "transformer_blocks.0.ff.net.2.lora_B.weight"}, None,
      "incomplete.*lora_B"),
     ({**official_adapter(), "transformer_blocks.0.ff.net.2.lora_B.weight": torch.zeros(64, 5)}, None, "mismatched"),
-    ({**official_adapter(), "transformer_blocks.0.ff.net.2.lora_down.weight": torch.zeros(4, 256)}, None, "peft layout"),
+    ({**official_adapter(), "transformer_blocks.0.ff.net.2.lora_down.weight": torch.zeros(4, 256)}, None,
+     "peft layout"),
     ({**official_adapter(), "proj_out_logweights.weight": torch.zeros(30, 64)}, None, "proj_out_logweights"),
     ({**official_adapter(), "proj_out_means.weight": torch.zeros(8 * 60, 64)}, None, "proj_out_means"),
     ({k: v for k, v in official_adapter().items() if not k.startswith("proj_out_logstds")}, None, "log-std"),
@@ -351,8 +353,8 @@ FLUX2_DEV = {"in_channels": 128, "out_channels": 128, "vec_in_dim": None, "conte
              "mlp_silu_act": True, "ops_bias": False, "default_ref_method": "index", "ref_index_scale": 10.0}
 # tiny sizes with the real latents (FLUX.1 and Qwen-Image 16 channels, FLUX.2 128 at patch 1), as in TINY_DIFFUSERS
 TINY_COMFY = {
-    FLUX1: dict(FLUX1_DEV, vec_in_dim=16, context_in_dim=32, hidden_size=64, num_heads=2, depth=2, depth_single_blocks=3,
-                axes_dim=[8, 12, 12]),
+    FLUX1: dict(FLUX1_DEV, vec_in_dim=16, context_in_dim=32, hidden_size=64, num_heads=2, depth=2,
+                depth_single_blocks=3, axes_dim=[8, 12, 12]),
     FLUX2: dict(FLUX2_DEV, context_in_dim=32, hidden_size=64, num_heads=2, depth=1, depth_single_blocks=2,
                 axes_dim=[8, 8, 8, 8]),
     QWEN_IMAGE: {"num_layers": 2, "attention_head_dim": 32, "num_attention_heads": 2, "joint_attention_dim": 32,
@@ -381,7 +383,8 @@ def test_full_size_layout_on_meta(family):
     comfy = _comfy()
     model = comfy_model(comfy, family)
     shapes = weight_shapes(model)
-    adapter = parse_piflow_adapter(released_adapter(family, rank=256, device="meta"), GM_METADATA, family.latent_channels)
+    adapter = parse_piflow_adapter(released_adapter(family, rank=256, device="meta"), GM_METADATA,
+                                   family.latent_channels)
     assert len(adapter.lora) == {FLUX1: 4 * 19 + 2 * 38 + 2, FLUX2: 4 * 8 + 2 * 48 + 2, QWEN_IMAGE: 240}[family]
     targets = lora_targets(adapter, family, shapes)
     assert set(targets) == set(adapter.lora)
@@ -461,7 +464,8 @@ def test_unpack_gm_and_dx_tokens():
     means = torch.randn(2, 3, 16, 4, 6, generator=g)
     logits = torch.randn(2, 3, 1, 4, 6, generator=g)
     logstds = torch.randn(2, 1, generator=g)
-    out_means, out_logweights, out_logstds = unpack_gm_tokens(pack_tokens(means, 2), pack_tokens(logits, 2), logstds, 4, 6)
+    out_means, out_logweights, out_logstds = unpack_gm_tokens(pack_tokens(means, 2), pack_tokens(logits, 2), logstds,
+                                                              4, 6)
     torch.testing.assert_close(out_means, means)
     torch.testing.assert_close(out_logweights, logits.log_softmax(1))
     assert out_logstds.shape == (2, 1, 1, 1, 1)
