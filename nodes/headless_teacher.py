@@ -27,18 +27,12 @@ def _device() -> torch.device:
     return torch.device("cpu")
 
 
-def _import_comfy(device: torch.device):
-    """ComfyUI's model modules, told the device first (ComfyUI picks it when model_management is imported)."""
-    import comfy.options  # must precede cli_args
+def _tell_comfy_the_device(device: torch.device) -> None:
+    """Set ComfyUI's device before its model modules load (ComfyUI picks it when model_management is imported)."""
+    import comfy.options  # noqa: F401  (must precede cli_args)
     from comfy.cli_args import args
 
     args.cpu = device.type == "cpu"
-    import comfy.latent_formats
-    import comfy.model_base
-    import comfy.supported_models
-    import comfy.supported_models_base
-
-    return comfy
 
 
 def comfy_teacher(options: dict[str, Any], config: DistillConfig) -> HeadlessNetwork:
@@ -47,7 +41,11 @@ def comfy_teacher(options: dict[str, Any], config: DistillConfig) -> HeadlessNet
     if metadata.get("format") != TEACHER_FORMAT:
         raise ValueError(f"{options['teacher']} is not a teacher exported by Stride Distill LoRA")
     device = _device()
-    comfy = _import_comfy(device)
+    _tell_comfy_the_device(device)
+    import comfy.latent_formats
+    import comfy.model_base
+    import comfy.supported_models
+    import comfy.supported_models_base
 
     class UnlistedConfig(comfy.supported_models_base.BASE):
         """A UNet config ComfyUI does not list (e.g. Stride's demo model): SD1.5 latents, default schedule."""

@@ -430,11 +430,14 @@ def sample_piflow(
     official sampler does: it stays the original latent noised to each sigma, with that step's noise.
     """
     extra_args = {} if extra_args is None else extra_args
-    if denoise_mask is not None and latent_image is None:
-        raise ValueError("a denoise_mask needs the latent_image whose masked-out region it keeps")
+    inpainting_inputs: tuple[Tensor, DenoiseMask] | None = None  # (latent_image, denoise_mask)
+    if denoise_mask is not None:
+        if latent_image is None:
+            raise ValueError("a denoise_mask needs the latent_image whose masked-out region it keeps")
+        inpainting_inputs = (latent_image, denoise_mask)
     nfe = len(sigmas) - 1
     gm_temperature = resolve_temperature(temperature, nfe)
-    if h > 0 and noise_sampler is None:
+    if noise_sampler is None:  # only drawn from when h > 0
         noise_sampler = default_noise_sampler(x, extra_args.get("seed"))
     ones = x.new_ones([x.shape[0]])
     for i in trange(nfe, disable=disable):
@@ -444,9 +447,9 @@ def sample_piflow(
         if i < nfe - 1:
             policy = with_temperature(policy, gm_temperature)
         inpainting = None
-        if denoise_mask is not None:
-            mask = denoise_mask(sigma_batch) if callable(denoise_mask) else denoise_mask
-            inpainting = Inpainting(latent_image, mask)
+        if inpainting_inputs is not None:
+            original, mask = inpainting_inputs
+            inpainting = Inpainting(original, mask(sigma_batch) if callable(mask) else mask)
         if callback is not None:
             denoised = policy.denoised if inpainting is None else inpainting.denoised(policy.denoised)
             callback({"x": x, "i": i, "sigma": sigmas[i], "sigma_hat": sigmas[i], "denoised": denoised})
