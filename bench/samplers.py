@@ -9,8 +9,9 @@ guider, noise scaling, latent format), so both sides pay the same host costs.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
