@@ -244,7 +244,8 @@ def dmd_distillation() -> Graph:
     g.group("DMD2 distillation (two runs)", [data, train4, train1, *plots])
     g.group("Sampling", [sampling4, sampling1, *rows.values()])
     g.note(
-        "Distribution-matching distillation (DMD2) inside ComfyUI. Each Stride Distill LoRA run trains two LoRAs on the "
+        "Distribution-matching distillation (DMD2) inside ComfyUI. Each Stride Distill LoRA run trains two LoRAs on "
+        "the "
         "one demo UNet: the generator (what you load) and a fake score that learns the generator's samples; the real "
         "score is the teacher with its LoRAs switched off. Top run: a 4-step generator on DMD2's timesteps 999, 749, "
         "499, 249; bottom: a 1-step one. Stride Distilled Sampling gives each LoRA's sampler and sigmas (predict x0, "

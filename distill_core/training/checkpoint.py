@@ -121,7 +121,7 @@ def load_checkpoint(path: str) -> TrainingCheckpoint:
                 if name != "params" and isinstance(value, list):
                     group[name] = tuple(value)
         optimizers[role] = {"state": param_state, "param_groups": groups}
-    history = {}
+    history: dict[str, list[float]] = {}
     for series, parts in _split(path, tensors, "history.").items():
         if parts.keys() != {"steps", "values"} or parts["steps"].dtype != torch.int64 or \
                 parts["steps"].shape != parts["values"].shape or parts["steps"].dim() != 1:
@@ -129,10 +129,10 @@ def load_checkpoint(path: str) -> TrainingCheckpoint:
         indices = parts["steps"].tolist()
         if any(not 0 <= index < step for index in indices):
             raise _damaged(path, f"its loss history {series!r} names steps outside 0..{step - 1}")
-        values = [math.nan] * step
+        per_step = [math.nan] * step
         for index, value in zip(indices, parts["values"].tolist(), strict=True):
-            values[index] = value
-        history[series] = values
+            per_step[index] = value
+        history[series] = per_step
     rng = {key[len("rng."):]: value for key, value in tensors.items() if key.startswith("rng.")}
     if "torch" not in rng:
         raise _damaged(path, "it holds no random-number state ('rng.torch')")

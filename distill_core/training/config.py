@@ -126,7 +126,8 @@ class DistillConfig:
         if self.fake_lr is not None and not self.fake_lr > 0:
             raise ValueError(f"fake_lr must be > 0, got {self.fake_lr!r}")
         if not (self.gan_generator_weight >= 0 and self.gan_classifier_weight >= 0):
-            raise ValueError(f"GAN weights must be >= 0, got {self.gan_generator_weight!r} and {self.gan_classifier_weight!r}")
+            raise ValueError(f"GAN weights must be >= 0, got {self.gan_generator_weight!r} and "
+                             f"{self.gan_classifier_weight!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return {name: list(value) if isinstance(value, tuple) else value for name, value in dataclasses.asdict(self).items()}

@@ -245,7 +245,8 @@ def attach_lora(
                                   f"(the widest allows rank {widest}); lower the rank")
     grouped = [name for name, layer in selected if isinstance(layer, nn.Conv2d) and layer.groups != 1]
     if grouped:
-        raise LoraTargetError(f"grouped convolutions cannot take a LoRA here: {grouped[:5]}; exclude them with name_filter")
+        raise LoraTargetError(f"grouped convolutions cannot take a LoRA here: {grouped[:5]}; exclude them with "
+                              "name_filter")
     too_small = [
         f"{name} ({type(layer).__name__} {_matrix_shape(layer)[0]}->{_matrix_shape(layer)[1]})"
         for name, layer in selected

@@ -75,7 +75,8 @@ StepCallback = Callable[[int, dict[str, float]], None]
 @dataclass
 class TrainResult:
     steps_done: int
-    losses: dict[str, list[float]] = field(default_factory=dict)  # series -> value per step of the whole run (NaN: none)
+    # series -> value per step of the whole run (NaN: none)
+    losses: dict[str, list[float]] = field(default_factory=dict)
     cancelled: bool = False
     checkpoint: str | None = None
     resumed_from: int | None = None  # the checkpoint's step when the run resumed from one

@@ -85,7 +85,8 @@ def test_distilled_sampling_gives_the_trained_timesteps_as_sigmas(comfy_host):
     _sampler, sigmas = nodes["StrideDistilledSampling"].execute(model, lora)
     space = stride_nodes(comfy_host, "StrideDistillLoRA").noise_space(model.get_model_object("model_sampling"))
     assert torch.allclose(sigmas.double(), space.sigmas_for_timesteps([399]), rtol=1e-6)
-    bad = {"state_dict": state, "metadata": {"stride.recommended": json.dumps({**json.loads(lora["metadata"]["stride.recommended"]),
+    recommended = json.loads(lora["metadata"]["stride.recommended"])
+    bad = {"state_dict": state, "metadata": {"stride.recommended": json.dumps({**recommended,
                                                           "timesteps": [1000]})}}
     with pytest.raises(Exception, match=r"model: generator timesteps must lie in 1\.\.999"):
         nodes["StrideDistilledSampling"].execute(model, bad)
