@@ -58,13 +58,13 @@ class NoiseSpace:
 
     # -- constructors -------------------------------------------------------------------------
     @classmethod
-    def from_alphas_cumprod(cls, alphas_cumprod: Tensor) -> "NoiseSpace":
+    def from_alphas_cumprod(cls, alphas_cumprod: Tensor) -> NoiseSpace:
         """A discrete VE space (EPS / V-prediction model) from its training ``alphas_cumprod``."""
         ac = alphas_cumprod.to(torch.float64)
         return cls("ve", ((1 - ac) / ac).sqrt())
 
     @classmethod
-    def from_sigma_table(cls, kind: str, table: Tensor) -> "NoiseSpace":
+    def from_sigma_table(cls, kind: str, table: Tensor) -> NoiseSpace:
         """A space from a host's per-timestep sigma table (e.g. ComfyUI's ``model_sampling.sigmas``),
         resampled to the 1000-step grid when the host keeps a different number of entries."""
         table = table.detach().to("cpu", torch.float64)
@@ -74,7 +74,7 @@ class NoiseSpace:
         return cls(kind, table)
 
     @classmethod
-    def flow(cls, shift: float = 1.0, num_timesteps: int = NUM_TRAIN_TIMESTEPS) -> "NoiseSpace":
+    def flow(cls, shift: float = 1.0, num_timesteps: int = NUM_TRAIN_TIMESTEPS) -> NoiseSpace:
         """A rectified-flow space: timestep t -> shifted sigma of (t + 1) / num_timesteps."""
         t = torch.arange(1, num_timesteps + 1, dtype=torch.float64) / num_timesteps
         return cls("flow", time_shift(t, shift))

@@ -6,7 +6,8 @@ result to the next sigma with fresh noise (none when the next sigma is 0).
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor
