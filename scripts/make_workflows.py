@@ -18,221 +18,279 @@ import comfy_host as host
 from workflow_builder import Graph
 
 WORKFLOWS = host.ROOT / "workflows"
+TEMPLATE_INDEX = host.ROOT / "web" / "workflow_templates.json"
 FLOW_MAP = "flow map (ideal distilled student)"
 DENOISER = "denoiser (ideal many-step teacher)"
-COL = 360
+COL = 360  # sketch pitch: column c is sketched at x = c * COL (the builder spaces columns by their real widths)
+ROW = 100  # sketch pitch of rows; the builder pushes nodes down as far as their real heights need
+METHOD_NAMES = {
+    "lcm": "LCM (Latent Consistency Model)",
+    "tcd": "TCD (Trajectory Consistency Distillation, Hyper-SD)",
+    "hyper_sd": "Hyper-SD N-step (DDIM = TCD with gamma 0)",
+    "tdd": "TDD (Target-Driven Distillation)",
+}
 
 
-def _prompts(g: Graph, x: float, y: float, prompt: str = "disc"):
-    positive = g.add("StrideClassPrompt", (x, y), title="Positive prompt", prompt=prompt)
-    negative = g.add("StrideClassPrompt", (x, y + 130), title="Negative prompt (empty)", prompt="")
+def _prompts(g: Graph, row: float, prompt: str = "disc"):
+    positive = g.add("StrideClassPrompt", (0, row * ROW), title="Positive prompt (a class name)", prompt=prompt)
+    negative = g.add("StrideClassPrompt", (0, (row + 1) * ROW), title="Negative prompt (empty)", prompt="")
     return positive, negative
 
 
-def _view(g: Graph, latent, x: float, y: float, prefix: str, label: str, positive):
-    image = g.add("StrideLatentToImage", (x, y), samples=latent, scale=16)
-    g.add("SaveImage", (x + COL, y), images=(image, 0), filename_prefix=prefix)
-    g.add("StrideReferenceMetrics", (x, y + 150), samples=latent, conditioning=positive, label=label)
+def _view(g: Graph, latent, col: int, row: float, prefix: str, label: str, positive) -> list:
+    """Decode, save and score one set of samples: the nodes, for the caller's group."""
+    image = g.add("StrideLatentToImage", (col * COL, row * ROW), title="Preview decode (latent to RGB)", samples=latent,
+                  scale=16)
+    metrics = g.add("StrideReferenceMetrics", (col * COL, (row + 1) * ROW), samples=latent, conditioning=positive,
+                    label=label)
+    save = g.add("SaveImage", ((col + 1) * COL, row * ROW), images=(image, 0), filename_prefix=prefix)
+    return [image, metrics, save]
 
 
 def few_step_method(method: str) -> Graph:
     """SamplerCustomAdvanced with a Stride sampler + scheduler on the ideal distilled model."""
-    g = Graph()
+    name = METHOD_NAMES[method]
+    short = name.split(" (")[0]
+    g = Graph(title=f"{short} sampler, 4 steps",
+              description=f"{name} sampling in SamplerCustomAdvanced: Stride's sampler and schedule on an ideal "
+                          "distilled model, with the samples scored exactly.")
     model = g.add("StrideReferenceModel", (0, 0), title="Distilled model (analytic stand-in)",
                   variant="demo", prediction="eps", form=FLOW_MAP, flow_map_steps=48)
-    positive, negative = _prompts(g, 0, 260)
-    latent = g.add("EmptyLatentImage", (0, 560), width=64, height=64, batch_size=16)
-    guider = g.add("CFGGuider", (COL, 0), model=(model, 0), positive=(positive, 0), negative=(negative, 0),
-                   cfg=1.7 if method == "tdd" else 1.0)
-    noise = g.add("RandomNoise", (COL, 200), noise_seed=7)
+    positive, negative = _prompts(g, 2)
+    latent = g.add("EmptyLatentImage", (0, 4 * ROW), title="16 samples", width=64, height=64, batch_size=16)
+    guider = g.add("CFGGuider", (COL, 0), title="Guidance (CFG)", model=(model, 0), positive=(positive, 0),
+                   negative=(negative, 0), cfg=1.7 if method == "tdd" else 1.0)
+    noise = g.add("RandomNoise", (COL, 1 * ROW), noise_seed=7)
     if method == "lcm":
-        sampler = g.add("StrideLCMSampler", (COL, 330), s_noise=1.0, boundary_condition=True)
-        sigmas = g.add("StrideLCMScheduler", (COL, 480), model=(model, 0), steps=4, original_steps=50, denoise=1.0)
+        sampler = g.add("StrideLCMSampler", (COL, 2 * ROW), s_noise=1.0, boundary_condition=True)
+        sigmas = g.add("StrideLCMScheduler", (COL, 3 * ROW), model=(model, 0), steps=4, original_steps=50, denoise=1.0)
     elif method == "tcd":
-        sampler = g.add("StrideTCDSampler", (COL, 330), gamma=0.3)
-        sigmas = g.add("StrideHyperSDScheduler", (COL, 480), model=(model, 0), mode="tcd grid", steps=4, denoise=1.0)
+        sampler = g.add("StrideTCDSampler", (COL, 2 * ROW), gamma=0.3)
+        sigmas = g.add("StrideHyperSDScheduler", (COL, 3 * ROW), model=(model, 0), mode="tcd grid", steps=4,
+                       denoise=1.0)
     elif method == "hyper_sd":
-        sampler = g.add("StrideTCDSampler", (COL, 330), title="DDIM (TCD gamma 0)", gamma=0.0)
-        sigmas = g.add("StrideHyperSDScheduler", (COL, 480), model=(model, 0), mode="trailing", steps=4, denoise=1.0)
+        sampler = g.add("StrideTCDSampler", (COL, 2 * ROW), title="DDIM (TCD sampler, gamma 0)", gamma=0.0)
+        sigmas = g.add("StrideHyperSDScheduler", (COL, 3 * ROW), model=(model, 0), mode="trailing", steps=4,
+                       denoise=1.0)
     else:
-        sampler = g.add("StrideTDDSampler", (COL, 330), eta=0.2, clip_x0_steps=0, clip_ratio=0.995)
-        sigmas = g.add("StrideTDDScheduler", (COL, 480), model=(model, 0), steps=4, special_jump=False, denoise=1.0)
+        sampler = g.add("StrideTDDSampler", (COL, 2 * ROW), eta=0.2, clip_x0_steps=0, clip_ratio=0.995)
+        sigmas = g.add("StrideTDDScheduler", (COL, 3 * ROW), model=(model, 0), steps=4, special_jump=False,
+                       denoise=1.0)
     sample = g.add("SamplerCustomAdvanced", (2 * COL, 0), noise=(noise, 0), guider=(guider, 0), sampler=(sampler, 0),
                    sigmas=(sigmas, 0), latent_image=(latent, 0))
-    _view(g, (sample, 0), 3 * COL, 0, f"stride_{method}", f"{method} 4 steps", (positive, 0))
-    g.group("Few-step sampling", [guider, noise, sampler, sigmas, sample])
+    g.group(f"{short}: 4 steps", [guider, noise, sampler, sigmas, sample])
+    g.group("Result: pictures and exact scores",
+            _view(g, (sample, 0), 3, 0, f"stride_{method}", f"{method} 4 steps", (positive, 0)))
     g.note(
-        f"Stride {method.upper()} sampling in SamplerCustomAdvanced.\n\nThe model here is Stride's analytic reference "
+        f"{name} sampling in SamplerCustomAdvanced.\n\nThe model here is Stride's analytic reference "
         "(the exact flow map of a known mixture = an ideal distilled model), so the metrics node can score the "
         "samples exactly. For real use: replace it with your checkpoint + the matching LoRA, the class prompts "
         "with CLIP Text Encode, and the preview decode with VAE Decode.",
-        (0, 720), (700, 170),
+        (0, 6 * ROW),
     )
     return g
 
 
 def demo(distill_steps: int = 200) -> Graph:
     """The main demo on the project's demo UNet: many-step base, few-step before/after distillation, hybrid."""
-    g = Graph()
+    g = Graph(title="Stride demo: distil, then sample fast",
+              description="The tour: a short in-graph LCM-LoRA distillation of the demo model, then four rows of "
+                          "samples (base, 4 steps before and after, hybrid) with exact scores.")
     base = g.add("StrideDemoModel", (0, 0), title="Demo model (trained UNet, the teacher)")
-    prompts = [g.add("StrideClassPrompt", (0, 120 + 100 * i), title=f"Prompt {name}", prompt=name)
+    prompts = [g.add("StrideClassPrompt", (0, (1 + i) * ROW), title=f"Prompt '{name}'", prompt=name)
                for i, name in enumerate(("disc", "square", "cross", "ring"))]
-    empty = g.add("StrideClassPrompt", (0, 520), title="Empty prompt", prompt="")
+    empty = g.add("StrideClassPrompt", (0, 5 * ROW), title="Empty prompt", prompt="")
+    latent = g.add("EmptyLatentImage", (0, 6 * ROW), title="16 samples", width=64, height=64, batch_size=16)
     shown = prompts[3]
-    data = g.add("StrideDistillDataset", (COL, 0), prompt_1=(prompts[0], 0), prompt_2=(prompts[1], 0),
-                 prompt_3=(prompts[2], 0), prompt_4=(prompts[3], 0), empty_prompt=(empty, 0), width=64, height=64)
-    train = g.add("StrideDistillLoRA", (COL, 330), title="Distil an LCM-LoRA (short run)", model=(base, 0),
+    data = g.add("StrideDistillDataset", (COL, 0), title="Distillation data (prompts)", prompt_1=(prompts[0], 0),
+                 prompt_2=(prompts[1], 0), prompt_3=(prompts[2], 0), prompt_4=(prompts[3], 0),
+                 empty_prompt=(empty, 0), width=64, height=64)
+    train = g.add("StrideDistillLoRA", (COL, 1 * ROW), title="Distil an LCM-LoRA (short run)", model=(base, 0),
                   data=(data, 0), objective="lcm", steps=distill_steps, learning_rate=1e-3, rank=16, alpha=0.0,
                   batch_size=16, guidance_min=0.0, guidance_max=0.0, loss="huber", gradient_checkpointing=False,
                   seed=0, save_every=50, lora_name="stride_demo", resume=True)
-    plot = g.add("StrideLossPlot", (COL, 900), loss=(train, 2), width=640, height=320)
-    g.add("SaveImage", (COL, 1080), title="Distillation loss", images=(plot, 0), filename_prefix="stride_demo_loss")
-    latent = g.add("EmptyLatentImage", (0, 640), title="16 samples", width=64, height=64, batch_size=16)
+    plot = g.add("StrideLossPlot", (COL, 2 * ROW), loss=(train, 2), width=640, height=320)
+    loss_image = g.add("SaveImage", (COL, 3 * ROW), title="Distillation loss", images=(plot, 0),
+                       filename_prefix="stride_demo_loss")
+    g.group("1. Distil an LCM-LoRA", [data, train, plot, loss_image])
     common = {"positive": (shown, 0), "negative": (empty, 0), "latent_image": (latent, 0)}
     rows = {
-        "base_euler_25": g.add("KSampler", (2 * COL, 0), title="Base: euler, 25 steps", model=(base, 0), seed=3,
-                               steps=25, cfg=1.0, sampler_name="euler", scheduler="normal", denoise=1.0, **common),
-        "base_lcm_4": g.add("StrideFewStepSample", (2 * COL, 420), title="Base, LCM 4 steps (before distillation)",
-                            model=(base, 0), method="lcm", steps=4, cfg=1.0, gamma=0.3, eta=0.2, seed=3, denoise=1.0,
-                            **common),
-        "distilled_lcm_4": g.add("StrideFewStepSample", (2 * COL, 840), title="Distilled, LCM 4 steps (after)",
-                                 model=(train, 0), method="lcm", steps=4, cfg=1.0, gamma=0.3, eta=0.2, seed=3,
-                                 denoise=1.0, **common),
+        "base_euler_25": ("2. Base model, 25 Euler steps", g.add(
+            "KSampler", (2 * COL, 0), title="Base: euler, 25 steps", model=(base, 0), seed=3, steps=25, cfg=1.0,
+            sampler_name="euler", scheduler="normal", denoise=1.0, **common)),
+        "base_lcm_4": ("3. Before distillation: LCM, 4 steps", g.add(
+            "StrideFewStepSample", (2 * COL, 10 * ROW), title="Base, LCM 4 steps (before distillation)",
+            model=(base, 0), method="lcm", steps=4, cfg=1.0, gamma=0.3, eta=0.2, seed=3, denoise=1.0, **common)),
+        "distilled_lcm_4": ("4. After distillation: LCM, 4 steps", g.add(
+            "StrideFewStepSample", (2 * COL, 20 * ROW), title="Distilled, LCM 4 steps (after)", model=(train, 0),
+            method="lcm", steps=4, cfg=1.0, gamma=0.3, eta=0.2, seed=3, denoise=1.0, **common)),
     }
-    hybrid = g.add("StrideHybridSample", (2 * COL, 1260), title="Hybrid: 1 base step + 3 distilled steps",
+    hybrid = g.add("StrideHybridSample", (2 * COL, 30 * ROW), title="Hybrid: 1 base step + 3 distilled steps",
                    base_model=(base, 0), base_positive=(shown, 0), base_negative=(empty, 0), base_cfg=1.0,
                    base_sampler="euler", distilled_model=(train, 0), distilled_positive=(shown, 0),
                    distilled_negative=(empty, 0), distilled_cfg=1.0, distilled_sampler="lcm",
                    schedule="lcm / tcd grid", steps=4, handover_steps=1, seed=3, latent_image=(latent, 0))
-    rows["hybrid_1_plus_3"] = hybrid
-    for row, (name, sample) in enumerate(rows.items()):
-        _view(g, (sample, 0), 3 * COL, 420 * row, f"stride_demo_{name}", name.replace("_", " "), (shown, 0))
-    grid = g.add("StrideTraceGrid", (5 * COL, 1260), title="Predicted x0 per step (hybrid)", trace=(hybrid, 1),
-                 samples=(hybrid, 0), max_images=4)
-    g.add("SaveImage", (6 * COL, 1260), images=(grid, 0), filename_prefix="stride_demo_trace")
-    g.group("Distillation", [data, train, plot])
-    g.group("Sampling", list(rows.values()))
+    rows["hybrid_1_plus_3"] = ("5. Hybrid: the base model's first step, then the distilled model", hybrid)
+    for index, (name, (title, sample)) in enumerate(rows.items()):
+        members = [sample, *_view(g, (sample, 0), 3, 10 * index, f"stride_demo_{name}", name.replace("_", " "),
+                                  (shown, 0))]
+        if sample is hybrid:
+            grid = g.add("StrideTraceGrid", (5 * COL, 30 * ROW),
+                         title="Diffusion-target view: x_t | predicted x0 per step", trace=(hybrid, 1),
+                         samples=(hybrid, 0), max_images=4)
+            members += [grid, g.add("SaveImage", (6 * COL, 30 * ROW), images=(grid, 0),
+                                    filename_prefix="stride_demo_trace")]
+        g.group(title, members)
     g.note(
         "Stride demo on the project's own demo model (a small ComfyUI UNet trained on a known mixture of coloured "
-        "shapes; the metrics nodes score samples exactly). 1) 25 Euler steps of the base model. 2) LCM with 4 steps on "
-        "the undistilled base: blurry. 3) The same after a short in-graph LCM-LoRA distillation. 4) Hybrid: the base "
-        "model's first step, then the distilled model (diversity of the base at distilled cost). The trace grid shows "
-        "x_t | predicted x0 per step. Change the prompt (disc, square, cross, ring) or the distillation steps.",
-        (0, 800), (700, 170),
+        "shapes; the metrics nodes score samples exactly). 1) A short in-graph LCM-LoRA distillation. 2) 25 Euler "
+        "steps of the base model. 3) LCM (Latent Consistency Model) sampling with 4 steps on the undistilled base. "
+        "4) The same after distillation. 5) Hybrid: the base model's first step, then the distilled model. The "
+        "diffusion-target view shows, per step, the noisy latent x_t and the model's guess of the final picture "
+        "(predicted x0). Change the prompt (disc, square, cross, ring) or the distillation steps.",
+        (0, 8 * ROW),
     )
     return g
 
 
 def distill_training(steps: int = 300) -> Graph:
     """Distil the demo UNet into an LCM-LoRA, save it, reload it with LoraLoader, sample 4 steps."""
-    g = Graph()
+    g = Graph(title="Distil an LCM-LoRA in the graph",
+              description="Trains an LCM-LoRA from the demo model inside ComfyUI (live loss chart), saves it, "
+                          "reloads it and compares 4-step samples before and after.")
     base = g.add("StrideDemoModel", (0, 0), title="Teacher: demo model")
-    prompts = [g.add("StrideClassPrompt", (0, 140 + 110 * i), title=f"Prompt {name}", prompt=name)
+    prompts = [g.add("StrideClassPrompt", (0, (1 + i) * ROW), title=f"Prompt '{name}'", prompt=name)
                for i, name in enumerate(("disc", "square", "cross", "ring"))]
-    empty = g.add("StrideClassPrompt", (0, 600), title="Empty prompt", prompt="")
-    data = g.add("StrideDistillDataset", (COL, 0), prompt_1=(prompts[0], 0), prompt_2=(prompts[1], 0),
-                 prompt_3=(prompts[2], 0), prompt_4=(prompts[3], 0), empty_prompt=(empty, 0), width=64, height=64)
+    empty = g.add("StrideClassPrompt", (0, 5 * ROW), title="Empty prompt", prompt="")
+    latent = g.add("EmptyLatentImage", (0, 6 * ROW), title="16 samples", width=64, height=64, batch_size=16)
+    data = g.add("StrideDistillDataset", (COL, 0), title="Distillation data (prompts)", prompt_1=(prompts[0], 0),
+                 prompt_2=(prompts[1], 0), prompt_3=(prompts[2], 0), prompt_4=(prompts[3], 0),
+                 empty_prompt=(empty, 0), width=64, height=64)
     train = g.add("StrideDistillLoRA", (2 * COL, 0), model=(base, 0), data=(data, 0), objective="lcm", steps=steps,
                   learning_rate=1e-3, rank=16, alpha=0.0, batch_size=16, guidance_min=0.0, guidance_max=0.0,
                   loss="huber", gradient_checkpointing=False, seed=0, save_every=100, lora_name="stride_demo_lcm",
                   resume=True)
     save = g.add("StrideSaveLoRA", (3 * COL, 0), lora=(train, 1), file_name="stride_demo_lcm", overwrite=True)
-    plot = g.add("StrideLossPlot", (3 * COL, 200), loss=(train, 2), width=640, height=320)
-    g.add("SaveImage", (4 * COL, 200), images=(plot, 0), filename_prefix="stride_distill_loss")
-    reload = g.add("StrideReloadLoRA", (3 * COL, 420), model=(base, 0), lora_name=(save, 0), strength=1.0)
-    latent = g.add("EmptyLatentImage", (2 * COL, 600), width=64, height=64, batch_size=16)
-    before = g.add("StrideFewStepSample", (4 * COL, 420), title="Teacher, LCM 4 steps (before)", model=(base, 0),
+    plot = g.add("StrideLossPlot", (3 * COL, ROW), loss=(train, 2), width=640, height=320)
+    loss_image = g.add("SaveImage", (4 * COL, 0), title="Distillation loss", images=(plot, 0),
+                       filename_prefix="stride_distill_loss")
+    g.group("1. Distil the teacher into an LCM-LoRA and save it", [data, train, save, plot, loss_image])
+    before = g.add("StrideFewStepSample", (2 * COL, 10 * ROW), title="Teacher, LCM 4 steps (before)", model=(base, 0),
                    positive=(prompts[3], 0), negative=(empty, 0), latent_image=(latent, 0), method="lcm", steps=4,
                    cfg=0.0, gamma=0.3, eta=0.2, seed=5, denoise=1.0)
-    after = g.add("StrideFewStepSample", (4 * COL, 800), title="Distilled LoRA, LCM 4 steps (after)", model=(reload, 0),
-                  positive=(prompts[3], 0), negative=(empty, 0), latent_image=(latent, 0), method="lcm", steps=4,
-                  cfg=0.0, gamma=0.3, eta=0.2, seed=5, denoise=1.0)
-    _view(g, (before, 0), 5 * COL, 420, "stride_distill_before", "teacher lcm 4 steps (before)", (prompts[3], 0))
-    _view(g, (after, 0), 5 * COL, 800, "stride_distill_after", "distilled lora lcm 4 steps (after)", (prompts[3], 0))
-    g.group("Distillation", [data, train, save, plot])
+    g.group("2. Before: the teacher sampled with LCM in 4 steps",
+            [before, *_view(g, (before, 0), 3, 10, "stride_distill_before", "teacher lcm 4 steps (before)",
+                            (prompts[3], 0))])
+    reload = g.add("StrideReloadLoRA", (COL, 20 * ROW), model=(base, 0), lora_name=(save, 0), strength=1.0)
+    after = g.add("StrideFewStepSample", (2 * COL, 20 * ROW), title="Distilled LoRA, LCM 4 steps (after)",
+                  model=(reload, 0), positive=(prompts[3], 0), negative=(empty, 0), latent_image=(latent, 0),
+                  method="lcm", steps=4, cfg=0.0, gamma=0.3, eta=0.2, seed=5, denoise=1.0)
+    g.group("3. After: the saved LoRA reloaded, LCM in 4 steps",
+            [reload, after, *_view(g, (after, 0), 3, 20, "stride_distill_after", "distilled lora lcm 4 steps (after)",
+                                   (prompts[3], 0))])
     g.note(
-        "LCM-LoRA distillation inside ComfyUI. The teacher is the demo UNet; the LoRA is trained data-free from its "
-        "own trajectories (add images + VAE to the data node to train on images), saved to models/loras, reloaded with "
-        "ComfyUI's LoraLoader and sampled in 4 steps. For SD1.5/SDXL: Load Checkpoint as teacher, CLIP Text Encode "
-        "prompts, rank 64, 1000+ steps, batch 4-8, lr 1e-4.",
-        (0, 760), (700, 170),
+        "LCM-LoRA (Latent Consistency Model LoRA) distillation inside ComfyUI. The teacher is the demo UNet; the LoRA "
+        "is trained data-free from its own trajectories (add images + VAE to the data node to train on images), "
+        "saved to models/loras, reloaded with ComfyUI's LoraLoader and sampled in 4 steps. The trainer draws the "
+        "loss live. For SD1.5/SDXL: Load Checkpoint as teacher, CLIP Text Encode prompts, rank 64, 1000+ steps, "
+        "batch 4-8, learning rate 1e-4.",
+        (0, 8 * ROW),
     )
     return g
 
 
 def piflow() -> Graph:
     """pi-Flow policy sampling on the exact reference pi-Flow teacher (no downloads)."""
-    g = Graph()
+    g = Graph(title="pi-Flow: 4 network steps, 128 policy substeps",
+              description="pi-Flow sampling on an exact reference model: the model predicts a small mixture policy "
+                          "once per step and the sampler integrates it in cheap substeps.")
     model = g.add("StridePiFlowReferenceModel", (0, 0), title="pi-Flow model (exact reference teacher)")
-    positive = g.add("StrideClassPrompt", (0, 120), title="Prompt (the reference is unconditional)", prompt="")
-    latent = g.add("EmptyLatentImage", (0, 300), width=64, height=64, batch_size=16)
-    guider = g.add("BasicGuider", (COL, 0), model=(model, 0), conditioning=(positive, 0))
-    noise = g.add("RandomNoise", (COL, 120), noise_seed=7)
-    sampler = g.add("StridePiFlowSampler", (COL, 250), substeps=128, diffusion_coefficient=0.0, temperature="auto",
-                    manual_temperature=1.0, shift=3.2)
-    sigmas = g.add("StridePiFlowScheduler", (COL, 500), model=(model, 0), steps=4, shift=3.2,
+    positive = g.add("StrideClassPrompt", (0, ROW), title="Prompt (the reference is unconditional)", prompt="")
+    latent = g.add("EmptyLatentImage", (0, 2 * ROW), title="16 samples", width=64, height=64, batch_size=16)
+    guider = g.add("BasicGuider", (COL, 0), title="Guidance is distilled in: BasicGuider", model=(model, 0),
+                   conditioning=(positive, 0))
+    noise = g.add("RandomNoise", (COL, ROW), noise_seed=7)
+    sampler = g.add("StridePiFlowSampler", (COL, 2 * ROW), substeps=128, diffusion_coefficient=0.0,
+                    temperature="auto", manual_temperature=1.0, shift=3.2)
+    sigmas = g.add("StridePiFlowScheduler", (COL, 3 * ROW), model=(model, 0), steps=4, shift=3.2,
                    final_step_size_scale=0.5, denoise=1.0)
     sample = g.add("SamplerCustomAdvanced", (2 * COL, 0), noise=(noise, 0), guider=(guider, 0), sampler=(sampler, 0),
                    sigmas=(sigmas, 0), latent_image=(latent, 0))
-    image = g.add("StrideLatentToImage", (3 * COL, 0), samples=(sample, 0), scale=16)
-    g.add("SaveImage", (4 * COL, 0), images=(image, 0), filename_prefix="stride_piflow")
     g.group("pi-Flow sampling (4 network steps, 128 policy substeps)", [guider, noise, sampler, sigmas, sample])
+    image = g.add("StrideLatentToImage", (3 * COL, 0), title="Preview decode (latent to RGB)", samples=(sample, 0),
+                  scale=16)
+    save = g.add("SaveImage", (4 * COL, 0), images=(image, 0), filename_prefix="stride_piflow")
+    g.group("Result", [image, save])
     g.note(
-        "pi-Flow: once per step the model predicts a policy (here the exact Gaussian-mixture posterior of a known "
-        "mixture), which the sampler integrates with 128 cheap substeps. Guidance is distilled in: BasicGuider.\n\n"
+        "pi-Flow (policy-based flow models): once per step the model predicts a policy (here the exact "
+        "Gaussian-mixture posterior of a known mixture), which the sampler integrates with 128 cheap substeps. "
+        "Guidance is distilled in: BasicGuider.\n\n"
         "With a released adapter (pi-FLUX.1): Load Diffusion Model flux1-dev -> Stride pi-Flow Adapter Loader "
         "(gmflux_k8_piid_4step.safetensors in models/loras) -> this MODEL input; DualCLIPLoader (clip_l, t5xxl) + "
         "CLIP Text Encode -> FluxGuidance 3.5 (exactly 3.5) -> BasicGuider; EmptySD3LatentImage; 4 steps "
         "(8 with the 8-step adapter); VAE Decode (ae.safetensors) instead of the preview decode. "
         "Stride pi-Flow Sample does the same in one node.",
-        (0, 720), (760, 200),
+        (0, 4 * ROW),
     )
     return g
 
 
 def hybrid_diversity() -> Graph:
     """Diversity distillation on the reference models: base, collapsed distilled and hybrid side by side."""
-    g = Graph()
+    g = Graph(title="Hybrid sampling: base model diversity at distilled speed",
+              description="Diversity distillation: the base model takes the first step, a mode-collapsed distilled "
+                          "model the rest; three rows compare variety and exact scores.")
     base = g.add("StrideReferenceModel", (0, 0), title="Base model (exact teacher)",
                  variant="demo", prediction="eps", form=DENOISER, flow_map_steps=48)
-    distilled = g.add("StrideReferenceModel", (0, 200), title="Distilled model (mode-collapsed student)",
+    distilled = g.add("StrideReferenceModel", (0, ROW), title="Distilled model (mode-collapsed student)",
                       variant="demo collapsed (2 of 8 modes)", prediction="eps", form=FLOW_MAP, flow_map_steps=48)
-    positive, negative = _prompts(g, 0, 400, "disc")
-    latent = g.add("EmptyLatentImage", (0, 700), title="32 samples (one noise draw each)", width=64, height=64,
+    positive, negative = _prompts(g, 2, "disc")
+    latent = g.add("EmptyLatentImage", (0, 4 * ROW), title="32 samples (one noise draw each)", width=64, height=64,
                    batch_size=32)
-    rows = {}
-    rows["base"] = g.add("KSampler", (COL, 0), title="Base alone: euler, 20 steps, CFG 3", model=(base, 0),
-                         positive=(positive, 0), negative=(negative, 0), latent_image=(latent, 0), seed=3, steps=20,
-                         cfg=3.0, sampler_name="euler", scheduler="normal", denoise=1.0)
-    rows["distilled"] = g.add("StrideFewStepSample", (COL, 420), title="Distilled alone: LCM, 4 steps",
-                              model=(distilled, 0), positive=(positive, 0), negative=(negative, 0),
-                              latent_image=(latent, 0), method="lcm", steps=4, cfg=1.0, gamma=0.3, eta=0.2, seed=3,
-                              denoise=1.0)
-    rows["hybrid"] = g.add("StrideHybridSample", (COL, 840), title="Hybrid: 1 base step + 3 distilled steps",
-                           base_model=(base, 0), base_positive=(positive, 0), base_negative=(negative, 0),
-                           base_cfg=3.0, base_sampler="euler", distilled_model=(distilled, 0),
-                           distilled_positive=(positive, 0), distilled_negative=(negative, 0), distilled_cfg=1.0,
-                           distilled_sampler="lcm", schedule="lcm / tcd grid", steps=4, handover_steps=1, seed=3,
-                           latent_image=(latent, 0))
-    for row, (name, sample) in enumerate(rows.items()):
-        y = 420 * row
-        image = g.add("StrideLatentToImage", (2 * COL, y), samples=(sample, 0), scale=8)
-        g.add("SaveImage", (3 * COL, y), images=(image, 0), filename_prefix=f"stride_hybrid_{name}")
-        g.add("StrideReferenceMetrics", (2 * COL, y + 150), samples=(sample, 0), conditioning=(positive, 0), label=name)
-        g.add("StrideImageDiversity", (2 * COL, y + 300), images=(image, 0), label=name)
-    grid = g.add("StrideTraceGrid", (4 * COL, 840), title="DT visualisation of the hybrid run",
-                 trace=(rows["hybrid"], 1), samples=(rows["hybrid"], 0), max_images=4)
-    g.add("SaveImage", (5 * COL, 840), images=(grid, 0), filename_prefix="stride_hybrid_trace")
-    g.group("Diversity distillation (hybrid sampling)", [rows["hybrid"], grid])
+    common = {"positive": (positive, 0), "negative": (negative, 0), "latent_image": (latent, 0)}
+    rows = {
+        "base": ("1. Base model alone: 20 Euler steps, guidance (CFG) 3", g.add(
+            "KSampler", (COL, 0), title="Base alone: euler, 20 steps, CFG 3", model=(base, 0), seed=3, steps=20,
+            cfg=3.0, sampler_name="euler", scheduler="normal", denoise=1.0, **common)),
+        "distilled": ("2. Distilled model alone: LCM, 4 steps", g.add(
+            "StrideFewStepSample", (COL, 10 * ROW), title="Distilled alone: LCM, 4 steps", model=(distilled, 0),
+            method="lcm", steps=4, cfg=1.0, gamma=0.3, eta=0.2, seed=3, denoise=1.0, **common)),
+    }
+    hybrid = g.add("StrideHybridSample", (COL, 20 * ROW), title="Hybrid: 1 base step + 3 distilled steps",
+                   base_model=(base, 0), base_positive=(positive, 0), base_negative=(negative, 0),
+                   base_cfg=3.0, base_sampler="euler", distilled_model=(distilled, 0),
+                   distilled_positive=(positive, 0), distilled_negative=(negative, 0), distilled_cfg=1.0,
+                   distilled_sampler="lcm", schedule="lcm / tcd grid", steps=4, handover_steps=1, seed=3,
+                   latent_image=(latent, 0))
+    rows["hybrid"] = ("3. Hybrid: 1 base step, then 3 distilled steps", hybrid)
+    for index, (name, (title, sample)) in enumerate(rows.items()):
+        y = 10 * index
+        image = g.add("StrideLatentToImage", (2 * COL, y * ROW), title="Preview decode (latent to RGB)",
+                      samples=(sample, 0), scale=8)
+        members = [
+            sample, image,
+            g.add("StrideReferenceMetrics", (2 * COL, (y + 1) * ROW), samples=(sample, 0), conditioning=(positive, 0),
+                  label=name),
+            g.add("StrideImageDiversity", (2 * COL, (y + 2) * ROW), images=(image, 0), label=name),
+            g.add("SaveImage", (3 * COL, y * ROW), images=(image, 0), filename_prefix=f"stride_hybrid_{name}"),
+        ]
+        if sample is hybrid:
+            grid = g.add("StrideTraceGrid", (4 * COL, y * ROW),
+                         title="Diffusion-target (DT) view: x_t | predicted x0 per step",
+                         trace=(hybrid, 1), samples=(hybrid, 0), max_images=4)
+            members += [grid, g.add("SaveImage", (5 * COL, y * ROW), images=(grid, 0),
+                                    filename_prefix="stride_hybrid_trace")]
+        g.group(title, members)
     g.note(
         "Diversity distillation (Gandikota & Bau). Row 1: the base model alone (many steps). Row 2: a distilled model "
         "that lost modes (here the exact flow map of a mixture that keeps one of the two 'disc' colours): 4 fast "
         "steps, one colour. Row 3: the hybrid: the base model takes the first step of the 4-step LCM schedule "
         "(t=999), the distilled model the rest (759, 499, 259). Compare mode entropy / recall (Stride Reference "
         "Metrics) and Stride Image Diversity: the hybrid gets the base model's variety at 1 base + 3 distilled "
-        "model calls. The trace grid shows x_t | predicted x0 per step: the first row is the base model's blurry "
-        "guess, then the distilled model commits to a picture. Base CFG is 3 here: on the exact reference teacher one "
-        "big base step at the paper's CFG 7 overshoots for some classes.\n\n"
+        "model calls. The diffusion-target (DT) view shows, per step, the noisy latent x_t beside the model's guess "
+        "of the final picture (predicted x0): the first row is the base model's blurry guess, then the distilled "
+        "model commits to a picture. Base CFG (classifier-free guidance) is 3 here: on the exact reference teacher "
+        "one big base step at the paper's CFG 7 overshoots for some classes.\n\n"
         "Real models: Load Checkpoint (SDXL base) -> base_model; the same checkpoint + LoraLoader with an LCM / "
         "Hyper-SD / TDD LoRA -> distilled_model (both must share the VAE); CLIP Text Encode for the prompts; base cfg "
         "7 (the paper's), distilled cfg 1 (TDD 1.7); distilled_sampler and schedule as the LoRA was trained (LCM: lcm "
@@ -240,7 +298,7 @@ def hybrid_diversity() -> Graph:
         "instead of the preview decode, and connect the VAE to Stride Trace Grid. Stride Reference Metrics only "
         "scores the reference models; Stride Image Diversity works on any images. For other sampler settings use "
         "Stride Hybrid Guider in SamplerCustomAdvanced.",
-        (0, 1280), (1100, 260),
+        (0, 6 * ROW),
     )
     return g
 
@@ -253,14 +311,30 @@ def build_all() -> dict[str, Graph]:
     return graphs
 
 
+def template_index(graphs: dict[str, Graph]) -> list[dict]:
+    """The templates' titles and descriptions in the core templates' index.json form (one category).
+
+    Neither frontend of the supported hosts (1.32.9, 1.49.6) reads metadata for a pack's templates: they
+    list the file names. web/stride_templates.js puts these titles and descriptions on the pack's cards.
+    """
+    return [{
+        "moduleName": "stride", "title": "Stride few-step diffusion", "type": "image",
+        "templates": [{"name": name, "title": graph.title, "description": graph.description, "mediaType": "image",
+                       "mediaSubtype": "jpg"} for name, graph in sorted(graphs.items())],
+    }]
+
+
 def main() -> None:
     comfy = host.InProcessHost(Path(tempfile.mkdtemp(prefix="stride-workflows-")))
     info = comfy.object_info
     WORKFLOWS.mkdir(exist_ok=True)
-    for name, graph in build_all().items():
+    graphs = build_all()
+    for name, graph in graphs.items():
         path = WORKFLOWS / f"{name}.json"
         path.write_text(json.dumps(graph.to_ui(info), indent=1) + "\n")
         print(f"wrote {path}")
+    TEMPLATE_INDEX.write_text(json.dumps(template_index(graphs), indent=1) + "\n")
+    print(f"wrote {TEMPLATE_INDEX}")
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ import { api } from "../../scripts/api.js";
 
 const EVENT = "stride.distill.loss";
 const NODE_TYPE = "StrideDistillLoRA";
+export const CHART_HEIGHT = 220;
 
 function draw(chart) {
   const { canvas, points } = chart;

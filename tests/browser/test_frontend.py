@@ -10,6 +10,7 @@ from urllib.parse import parse_qs, urlparse
 import pytest
 
 import comfy_host as host
+from tests.browser import hygiene
 from workflow_builder import Graph
 
 WORKFLOW_FILES = sorted((host.ROOT / "workflows").glob("*.json"))
@@ -56,6 +57,9 @@ def test_workflow_loads_runs_and_shows_its_images(frontend, comfy_server, path: 
         assert [parse_qs(urlparse(url).query)["filename"][0] for url in urls] == saved
 
     assert frontend.ERROR_DIALOG not in frontend.dialogs()
+    layout = hygiene.measure(frontend.page)
+    assert sorted(hygiene.previews(layout)) == sorted(image_nodes), "every image node shows its preview"
+    assert hygiene.problems(layout) == [], "after the run (previews shown, nodes grown to fit them)"
     frontend.fit_view()
     frontend.screenshot(path.stem, graph_box=True)
     assert [str(e) for e in frontend.errors(since=mark)] == []
