@@ -225,30 +225,33 @@ class Frontend:
             time.sleep(0.5)
         raise AssertionError(f"no images shown by nodes {node_ids} within {timeout:.0f} s")
 
-    def _view(self) -> dict:
-        """The graph's extent in graph units, the canvas's place on the page, and the current zoom."""
+    def _view(self, node_ids: list[int] | None = None) -> dict:
+        """The extent of the graph (or of some nodes) in graph units, the canvas's place on the page, the zoom."""
         return self.page.evaluate(
-            """() => {
+            """ids => {
                  const canvas = window.app.canvas, title = LiteGraph.NODE_TITLE_HEIGHT;
-                 const boxes = window.app.graph._nodes.map(n => [n.pos[0], n.pos[1] - title, n.size[0], n.size[1] + title])
-                   .concat(window.app.graph._groups.map(g => Array.from(g._bounding)));
+                 const nodes = window.app.graph._nodes.filter(n => !ids || ids.includes(n.id));
+                 const boxes = nodes.map(n => [n.pos[0], n.pos[1] - title, n.size[0], n.size[1] + title])
+                   .concat(ids ? [] : window.app.graph._groups.map(g => Array.from(g._bounding)));
                  const rect = canvas.canvas.getBoundingClientRect();
                  return {
                    extent: [Math.min(...boxes.map(b => b[0])), Math.min(...boxes.map(b => b[1])),
                             Math.max(...boxes.map(b => b[0] + b[2])), Math.max(...boxes.map(b => b[1] + b[3]))],
                    canvas: [rect.x, rect.y], scale: canvas.ds.scale, offset: Array.from(canvas.ds.offset)};
-               }"""
+               }""",
+            node_ids,
         )
 
-    def fit_view(self) -> None:
-        """Zoom and pan so the whole graph fills ``FREE_AREA``, the part of the page no toolbar covers.
+    def fit_view(self, node_ids: list[int] | None = None, max_scale: float = 1.0) -> None:
+        """Zoom and pan so the whole graph (or the given nodes) fills ``FREE_AREA``, the part of the page no
+        toolbar covers, at most at ``max_scale``.
 
         LiteGraph draws graph point p at page ``canvas + (p + offset) * scale``.
         """
-        view = self._view()
+        view = self._view(node_ids)
         x0, y0, x1, y1 = view["extent"]
         left, top, right, bottom = FREE_AREA
-        scale = min((right - left) / (x1 - x0), (bottom - top) / (y1 - y0), 1.0)
+        scale = min((right - left) / (x1 - x0), (bottom - top) / (y1 - y0), max_scale)
         offset = [
             (left - view["canvas"][0] + (right - left - (x1 - x0) * scale) / 2) / scale - x0,
             (top - view["canvas"][1] + (bottom - top - (y1 - y0) * scale) / 2) / scale - y0,
@@ -279,7 +282,7 @@ class Frontend:
         With ``graph_box`` the PNG carries a ``graph-box`` text entry (left, top, right, bottom)
         that scripts/make_thumbnails.py crops the workflow's thumbnail to.
         """
-        self.page.mouse.move(VIEWPORT["width"] - 5, VIEWPORT["height"] - 5)
+        self.page.mouse.move(20, VIEWPORT["height"] // 2 + 100)  # the empty part of the side bar: no hover
         self.page.wait_for_timeout(400)  # let dialog fade-ins and hover effects finish
         path = docs_path(f"screenshots/{name}.png")
         picture = self.page.screenshot()

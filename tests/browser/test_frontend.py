@@ -216,3 +216,57 @@ def test_live_loss_chart_follows_a_training_run(frontend, comfy_server):
         """id => window.app.graph.getNodeById(id).strideLossChart.canvas.dataset.points""", trainer_id
     )
     assert points == str(steps), f"the chart shows {points} loss points for a {steps}-step run"
+
+
+def test_loss_chart_draws_axes_both_series_and_one_panel_per_phase(frontend):
+    """web/stride_loss_chart.js on the trainer node, fed the messages the node sends (live steps, then the
+    history in its UI output): axes with ticks, raw and EMA series, the log-scale toggle, a panel per phase."""
+    workflow = json.loads((host.ROOT / "workflows" / "distill_lcm_lora.json").read_text())
+    frontend.load(workflow, "loss_chart_drawing")
+    page = frontend.page
+    page.wait_for_function("() => window.app.graph._nodes.some(n => n.strideLossChart)")
+    state = """id => { const c = window.app.graph.getNodeById(id).strideLossChart;
+                       return {panels: c.drawn, caption: c.caption.textContent}; }"""
+    node_id = page.evaluate("() => window.app.graph._nodes.find(n => n.type === 'StrideDistillLoRA').id")
+    assert page.evaluate(state, node_id)["caption"].startswith("no run yet")
+    steps = 40
+    page.evaluate(
+        """([id, steps]) => {
+             const api = window.comfyAPI.api.api;
+             let ema = 0;
+             for (let step = 1; step <= steps - 10; step++) {
+               const loss = 0.3 * Math.exp(-step / 10) + 0.01;
+               ema = step === 1 ? loss : 0.9 * ema + 0.1 * loss;
+               api.dispatchCustomEvent('stride.distill.loss',
+                 {node: String(id), step, steps, loss, ema, eta_s: 65 * (steps - step), elapsed_s: step});
+             }
+           }""",
+        [node_id, steps],
+    )
+    running = page.evaluate(state, node_id)
+    assert running["caption"] == "step 30/40  ·  ETA 10m 50s"
+    (panel,) = running["panels"]
+    assert panel["points"] == steps - 10 and panel["log"] is True
+    assert len(panel["xTicks"]) >= 2 and len(panel["yTicks"]) >= 2, "both axes carry ticks"
+    assert all(0.01 <= t <= 1 for t in panel["yTicks"]) and panel["xTicks"][-1] <= steps
+    frontend.fit_view([node_id], max_scale=2.0)
+    frontend.screenshot("loss_chart_live")
+
+    page.locator("input.stride-loss-log").click()
+    linear = page.evaluate(state, node_id)["panels"][0]
+    assert linear["log"] is False and linear["yTicks"] != panel["yTicks"]
+    assert page.evaluate("id => window.app.graph.getNodeById(id).properties.stride_loss_log_scale", node_id) is False
+    page.locator("input.stride-loss-log").click()
+
+    # The node's UI output after the run (also what a cached run sends): the whole history, two phases.
+    history = [{"phase": "generator", "steps": steps, "first_step": 1, "loss": [1.0 / k for k in range(1, steps + 1)],
+                "ema": [1.0 / k for k in range(1, steps + 1)], "elapsed_s": 125.0},
+               {"phase": "fake score", "steps": 2 * steps, "first_step": 1, "loss": [0.5] * (2 * steps),
+                "ema": [0.5] * (2 * steps), "elapsed_s": 125.0}]
+    page.evaluate("([id, h]) => window.app.graph.getNodeById(id).onExecuted({stride_loss: h})", [node_id, history])
+    done = page.evaluate(state, node_id)
+    assert [(p["phase"], p["points"]) for p in done["panels"]] == [("generator", steps), ("fake score", 2 * steps)]
+    assert done["caption"] == "done: 80 steps in 2m 05s"
+    frontend.screenshot("loss_chart_phases")
+    assert page.evaluate("id => window.app.graph.getNodeById(id).strideLossChart.canvas.dataset.points",
+                         node_id) == str(3 * steps)
