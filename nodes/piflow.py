@@ -20,7 +20,7 @@ from torch import Tensor
 from torch.nn import functional as F
 
 from ..distill_core import piflow_adapter
-from ..distill_core.reference.demo import demo_mixture
+from ..distill_core.reference.demo import piflow_demo_mixture
 from ..distill_core.reference.mixture import FactorizedMixture
 from ..distill_core.sampling import piflow
 from ..distill_core.spaces import NoiseSpace
@@ -283,14 +283,10 @@ class StridePiFlowSample:
 # ------------------------------------------------------------------------------------------
 # Exact reference: a factorised mixture whose x0-posterior is a GM policy
 # ------------------------------------------------------------------------------------------
-REFERENCE_COMPONENTS = (0, 2, 4, 6)  # one coloured shape of each demo class
-REFERENCE_STD = 0.25
-
-
 def reference_policy_mixture() -> FactorizedMixture:
-    """The reference pi-Flow teacher's data: every latent location (4 channels, 8x8) independently
-    takes the channel vector of one of four demo shapes' means there, plus Gaussian noise."""
-    return FactorizedMixture(demo_mixture().means[list(REFERENCE_COMPONENTS)], REFERENCE_STD)
+    """The reference pi-Flow teacher's data: a letter pi whose every latent location independently takes
+    one of four colours (:func:`piflow_demo_mixture`), so its exact x0-posterior is a GM policy."""
+    return piflow_demo_mixture()
 
 
 class ExactPolicyNetwork(AnalyticModule):

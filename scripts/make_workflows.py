@@ -23,11 +23,15 @@ FLOW_MAP = "flow map (ideal distilled student)"
 DENOISER = "denoiser (ideal many-step teacher)"
 COL = 360  # sketch pitch: column c is sketched at x = c * COL (the builder spaces columns by their real widths)
 ROW = 100  # sketch pitch of rows; the builder pushes nodes down as far as their real heights need
-METHOD_NAMES = {
-    "lcm": "LCM (Latent Consistency Model)",
-    "tcd": "TCD (Trajectory Consistency Distillation, Hyper-SD)",
-    "hyper_sd": "Hyper-SD N-step (DDIM = TCD with gamma 0)",
-    "tdd": "TDD (Target-Driven Distillation)",
+METHODS = {  # name with its abbreviation spelled out, template title, template description
+    "lcm": ("LCM (Latent Consistency Model)", "LCM sampler, 4 steps",
+            "Latent Consistency Model sampling on an ideal distilled model."),
+    "tcd": ("TCD (Trajectory Consistency Distillation, Hyper-SD)", "TCD sampler, 4 steps",
+            "Trajectory Consistency Distillation (Hyper-SD) sampling, gamma 0.3."),
+    "hyper_sd": ("Hyper-SD N-step (DDIM: TCD with gamma 0)", "Hyper-SD N-step, 4 steps",
+                 "DDIM on Hyper-SD's trailing schedule, for its N-step LoRAs."),
+    "tdd": ("TDD (Target-Driven Distillation)", "TDD sampler, 4 steps",
+            "Target-Driven Distillation sampling with real guidance (CFG 1.7)."),
 }
 
 
@@ -49,11 +53,9 @@ def _view(g: Graph, latent, col: int, row: float, prefix: str, label: str, posit
 
 def few_step_method(method: str) -> Graph:
     """SamplerCustomAdvanced with a Stride sampler + scheduler on the ideal distilled model."""
-    name = METHOD_NAMES[method]
+    name, title, description = METHODS[method]
     short = name.split(" (")[0]
-    g = Graph(title=f"{short} sampler, 4 steps",
-              description=f"{name} sampling in SamplerCustomAdvanced: Stride's sampler and schedule on an ideal "
-                          "distilled model, with the samples scored exactly.")
+    g = Graph(title=title, description=description)
     model = g.add("StrideReferenceModel", (0, 0), title="Distilled model (analytic stand-in)",
                   variant="demo", prediction="eps", form=FLOW_MAP, flow_map_steps=48)
     positive, negative = _prompts(g, 2)
@@ -93,9 +95,8 @@ def few_step_method(method: str) -> Graph:
 
 def demo(distill_steps: int = 200) -> Graph:
     """The main demo on the project's demo UNet: many-step base, few-step before/after distillation, hybrid."""
-    g = Graph(title="Stride demo: distil, then sample fast",
-              description="The tour: a short in-graph LCM-LoRA distillation of the demo model, then four rows of "
-                          "samples (base, 4 steps before and after, hybrid) with exact scores.")
+    g = Graph(title="Stride demo tour",
+              description="Distil the demo model, then compare base, 4-step and hybrid samples.")
     base = g.add("StrideDemoModel", (0, 0), title="Demo model (trained UNet, the teacher)")
     prompts = [g.add("StrideClassPrompt", (0, (1 + i) * ROW), title=f"Prompt '{name}'", prompt=name)
                for i, name in enumerate(("disc", "square", "cross", "ring"))]
@@ -155,9 +156,8 @@ def demo(distill_steps: int = 200) -> Graph:
 
 def distill_training(steps: int = 300) -> Graph:
     """Distil the demo UNet into an LCM-LoRA, save it, reload it with LoraLoader, sample 4 steps."""
-    g = Graph(title="Distil an LCM-LoRA in the graph",
-              description="Trains an LCM-LoRA from the demo model inside ComfyUI (live loss chart), saves it, "
-                          "reloads it and compares 4-step samples before and after.")
+    g = Graph(title="Distil an LCM-LoRA",
+              description="Train a LoRA in the graph with a live loss chart, then sample in 4 steps.")
     base = g.add("StrideDemoModel", (0, 0), title="Teacher: demo model")
     prompts = [g.add("StrideClassPrompt", (0, (1 + i) * ROW), title=f"Prompt '{name}'", prompt=name)
                for i, name in enumerate(("disc", "square", "cross", "ring"))]
@@ -201,9 +201,8 @@ def distill_training(steps: int = 300) -> Graph:
 
 def piflow() -> Graph:
     """pi-Flow policy sampling on the exact reference pi-Flow teacher (no downloads)."""
-    g = Graph(title="pi-Flow: 4 network steps, 128 policy substeps",
-              description="pi-Flow sampling on an exact reference model: the model predicts a small mixture policy "
-                          "once per step and the sampler integrates it in cheap substeps.")
+    g = Graph(title="pi-Flow sampler, 4 steps",
+              description="Policy sampling: one model call per step, then 128 cheap substeps.")
     model = g.add("StridePiFlowReferenceModel", (0, 0), title="pi-Flow model (exact reference teacher)")
     positive = g.add("StrideClassPrompt", (0, ROW), title="Prompt (the reference is unconditional)", prompt="")
     latent = g.add("EmptyLatentImage", (0, 2 * ROW), title="16 samples", width=64, height=64, batch_size=16)
@@ -237,9 +236,8 @@ def piflow() -> Graph:
 
 def hybrid_diversity() -> Graph:
     """Diversity distillation on the reference models: base, collapsed distilled and hybrid side by side."""
-    g = Graph(title="Hybrid sampling: base model diversity at distilled speed",
-              description="Diversity distillation: the base model takes the first step, a mode-collapsed distilled "
-                          "model the rest; three rows compare variety and exact scores.")
+    g = Graph(title="Hybrid sampling",
+              description="The base model's first step, then a distilled model: variety in 4 steps.")
     base = g.add("StrideReferenceModel", (0, 0), title="Base model (exact teacher)",
                  variant="demo", prediction="eps", form=DENOISER, flow_map_steps=48)
     distilled = g.add("StrideReferenceModel", (0, ROW), title="Distilled model (mode-collapsed student)",

@@ -7,7 +7,6 @@ skip and say why.
 """
 from __future__ import annotations
 
-import io
 import re
 import shutil
 import time
@@ -16,7 +15,6 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import pytest
-from PIL import Image, PngImagePlugin
 
 import comfy_host as host
 from tests.artifacts import docs_path
@@ -268,31 +266,12 @@ class Frontend:
         )
         self.page.wait_for_timeout(300)  # the canvas redraws on the next animation frames
 
-    def graph_box(self) -> list[int]:
-        """Page pixels [left, top, right, bottom] that the graph's nodes and groups cover."""
-        view = self._view()
-        (cx, cy), scale, (ox, oy) = view["canvas"], view["scale"], view["offset"]
-        x0, y0, x1, y1 = view["extent"]
-        return [round(cx + (x0 + ox) * scale), round(cy + (y0 + oy) * scale),
-                round(cx + (x1 + ox) * scale), round(cy + (y1 + oy) * scale)]
-
-    def screenshot(self, name: str, graph_box: bool = False) -> Path:
-        """Save the page to docs/screenshots/<name>.png (see tests/artifacts.py), with the mouse parked off the graph.
-
-        With ``graph_box`` the PNG carries a ``graph-box`` text entry (left, top, right, bottom)
-        that scripts/make_thumbnails.py crops the workflow's thumbnail to.
-        """
+    def screenshot(self, name: str) -> Path:
+        """Save the page to docs/screenshots/<name>.png (see tests/artifacts.py), with the mouse parked off the graph."""
         self.page.mouse.move(20, VIEWPORT["height"] // 2 + 100)  # the empty part of the side bar: no hover
         self.page.wait_for_timeout(400)  # let dialog fade-ins and hover effects finish
         path = docs_path(f"screenshots/{name}.png")
-        picture = self.page.screenshot()
-        if not graph_box:
-            path.write_bytes(picture)
-            return path
-        info = PngImagePlugin.PngInfo()
-        info.add_text("graph-box", ",".join(str(v) for v in self.graph_box()))
-        with Image.open(io.BytesIO(picture)) as image:
-            image.save(path, pnginfo=info, optimize=True)
+        path.write_bytes(self.page.screenshot())
         return path
 
 

@@ -61,7 +61,7 @@ def test_workflow_loads_runs_and_shows_its_images(frontend, comfy_server, path: 
     assert sorted(hygiene.previews(layout)) == sorted(image_nodes), "every image node shows its preview"
     assert hygiene.problems(layout) == [], "after the run (previews shown, nodes grown to fit them)"
     frontend.fit_view()
-    frontend.screenshot(path.stem, graph_box=True)
+    frontend.screenshot(path.stem)
     assert [str(e) for e in frontend.errors(since=mark)] == []
 
 
@@ -180,6 +180,16 @@ def test_stride_templates_open_from_the_templates_dialog(frontend):
     without_thumbnail = sorted(set(cards) - set(page.evaluate(loaded, list(cards))))
     frontend.screenshot("templates")
     assert without_thumbnail == [], "template cards whose thumbnail does not load"
+    # web/stride_templates.js gives each card its title and description from web/workflow_templates.json.
+    (category,) = json.loads((host.ROOT / "web" / "workflow_templates.json").read_text())
+    index = {template["name"]: template for template in category["templates"]}
+    shown = page.evaluate(
+        """names => Object.fromEntries(names.map(n => {
+             const card = document.querySelector(`[data-testid='template-workflow-${n}']`);
+             return [n, [card.querySelector('h3').textContent, card.querySelector('p').textContent]]; }))""",
+        list(cards),
+    )
+    assert shown == {name: [index[name]["title"], index[name]["description"]] for name in cards}
     first = WORKFLOW_FILES[0]
     with page.expect_response(lambda r: r.url.endswith(f"/workflow_templates/{PACK}/{first.name}")) as response:
         cards[first.stem].click()

@@ -67,7 +67,7 @@ def test_workflow_uses_only_core_and_stride_nodes(path: Path, object_info: dict)
 @pytest.mark.parametrize("path", WORKFLOW_FILES, ids=lambda p: p.stem)
 def test_workflow_has_a_small_jpeg_thumbnail(path: Path):
     thumbnail = _thumbnail(path)
-    assert thumbnail.is_file(), f"missing {thumbnail.name}: run the browser tests, then scripts/make_thumbnails.py"
+    assert thumbnail.is_file(), f"missing {thumbnail.name}: run scripts/make_thumbnails.py {path.stem}"
     with Image.open(thumbnail) as image:
         assert image.format == "JPEG"
         assert image.width == THUMBNAIL_WIDTH and image.height <= THUMBNAIL_WIDTH
@@ -113,4 +113,6 @@ def test_shipped_files_are_what_the_generator_writes(object_info: dict):
             f"{name}.json differs from what scripts/make_workflows.py writes; run it")
     assert make_workflows.template_index(graphs) == json.loads(make_workflows.TEMPLATE_INDEX.read_text())
     for template in make_workflows.template_index(graphs)[0]["templates"]:
-        assert template["title"] and template["description"], f"{template['name']}: a title and a description"
+        # What a template card shows in full (frontend 1.32.9: one line of title, two of description).
+        assert 0 < len(template["title"]) <= 26, f"{template['name']}: a title of at most 26 characters"
+        assert 0 < len(template["description"]) <= 75, f"{template['name']}: a description of at most 75 characters"
