@@ -25,6 +25,7 @@ import comfy_host as host
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZE = 400  # the card is SIZE x SIZE pixels
+TOP = 40  # pixels kept free at the top of a card of rows: frontend 1.49.6 puts a "Node graph" tag there
 STRIP = 8  # pictures per row of a sample batch
 LABEL = 15  # pixels of a row's label
 SINGLE_MAX_HEIGHT = 120  # a single picture (plot, grid) is scaled to the width, at most this high
@@ -42,19 +43,30 @@ def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
 
 
 def image_rows(workflow: dict) -> list[tuple[int, str]]:
-    """(node id, label) of every image-saving node, top to bottom then left to right. The label is the title
-    of the node's group, or, for a second image node in the same group, the title of the node it saves."""
+    """(node id, label) of every image-saving node, group by group (top to bottom, then left to right), then by
+    place. The label is the title of the node's group, or, for a second image node in the same group, the title
+    of the node it saves."""
     by_id = {n["id"]: n for n in workflow["nodes"]}
     source_of = {link[0]: by_id[link[1]] for link in workflow["links"]}
-    nodes = sorted((n for n in workflow["nodes"] if n["type"] in IMAGE_NODES and n.get("mode", 0) == 0),
-                   key=lambda n: (n["pos"][1], n["pos"][0]))
+
+    def group_of(node: dict) -> dict | None:
+        x, y = node["pos"]
+        for group in workflow.get("groups", []):
+            gx, gy, gw, gh = group["bounding"]
+            if gx <= x <= gx + gw and gy <= y <= gy + gh:
+                return group
+        return None
+
+    def place(node: dict) -> tuple[float, ...]:
+        group = group_of(node)
+        corner = (group["bounding"][1], group["bounding"][0]) if group else (node["pos"][1], node["pos"][0])
+        return (*corner, node["pos"][1], node["pos"][0])
+
+    nodes = sorted((n for n in workflow["nodes"] if n["type"] in IMAGE_NODES and n.get("mode", 0) == 0), key=place)
     rows: list[tuple[int, str]] = []
     for node in nodes:
-        x, y = node["pos"]
-        groups = [g["title"] for g in workflow.get("groups", [])
-                  if g["bounding"][0] <= x <= g["bounding"][0] + g["bounding"][2]
-                  and g["bounding"][1] <= y <= g["bounding"][1] + g["bounding"][3]]
-        label = re.sub(r"^\d+\.\s*", "", groups[0]) if groups else node.get("title", node["type"])
+        group = group_of(node)
+        label = re.sub(r"^\d+\.\s*", "", group["title"]) if group else node.get("title", node["type"])
         if any(label == used for _, used in rows):
             source = source_of.get(next((i["link"] for i in node["inputs"] if i["name"] == "images"), None))
             label = (source or node).get("title") or (source or node)["type"]
@@ -101,8 +113,8 @@ def compose(rows: list[tuple[str, list[Path]]]) -> Image.Image:
         sheet.paste(part, ((SIZE - part.width) // 2, y + LABEL))
         y += LABEL + part.height
     card = Image.new("RGB", (SIZE, SIZE), BACKGROUND)
-    fitted = _fit(sheet, SIZE, SIZE) if sheet.height > SIZE else sheet
-    card.paste(fitted, ((SIZE - fitted.width) // 2, (SIZE - fitted.height) // 2))
+    fitted = _fit(sheet, SIZE, SIZE - TOP) if sheet.height > SIZE - TOP else sheet
+    card.paste(fitted, ((SIZE - fitted.width) // 2, TOP + (SIZE - TOP - fitted.height) // 2))
     return card
 
 

@@ -2,7 +2,7 @@
 //
 // The frontends of the supported hosts (comfyui-frontend-package 1.32.9 with ComfyUI 0.3.75, 1.49.6 with
 // 0.33.0) read no metadata for a custom node pack's templates: a card shows the file name as its title and
-// again, with '-' and '_' turned into spaces, as its description. This extension reads the titles and
+// again, with '-' and '_' turned into spaces, as its description (1.32.9) or shows no description (1.49.6). This extension reads the titles and
 // descriptions from workflow_templates.json (written by scripts/make_workflows.py, in the form of the core
 // templates' index.json) and writes them into the pack's cards when the dialog shows them. A card is
 // taken as this pack's only if no other pack lists a template of the same name.
@@ -32,10 +32,15 @@ async function loadTemplates() {
 function label(card, templates) {
   const name = card.dataset.testid.slice("template-workflow-".length);
   const template = templates.get(name);
-  if (!template || card.dataset[MARK] === name) return;
   const title = card.querySelector("h3");
-  const description = card.querySelector("p");
-  if (!title || !description) return;
+  if (!template || !title || card.dataset[MARK] === name) return;
+  // 1.32.9 shows the name again as a description paragraph; 1.49.6 shows none for a pack's template.
+  let description = title.parentElement.parentElement.querySelector("p");
+  if (!description) {
+    description = document.createElement("p");
+    description.className = "m-0 line-clamp-2 text-sm text-muted stride-template-description";
+    title.after(description);
+  }
   title.textContent = template.title;
   title.title = template.title;
   description.textContent = template.description;

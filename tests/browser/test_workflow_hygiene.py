@@ -98,8 +98,9 @@ def test_workflow_layout_is_tidy_in_the_frontend(frontend, path: Path):
     frontend.load(workflow, path.stem)
     frontend.page.wait_for_function("n => window.app.graph._nodes.length === n", arg=len(workflow["nodes"]))
     layout = hygiene.measure(frontend.page)
-    shown = {n["id"]: [n["x"], n["y"], n["width"], n["height"]] for n in layout["nodes"]}
-    assert shown == {n["id"]: [*n["pos"], *n["size"]] for n in workflow["nodes"]}, "the frontend moved or resized nodes"
+    shown = {str(n["id"]): [n["x"], n["y"], n["width"], n["height"]] for n in layout["nodes"]}
+    written = {str(n["id"]): [*n["pos"], *n["size"]] for n in workflow["nodes"]}
+    assert shown == written, "the frontend moved or resized nodes"
     assert hygiene.problems(layout) == []
 
 
