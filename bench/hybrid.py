@@ -58,7 +58,7 @@ def run(ctx: BenchContext) -> Section:
     reference = ctx.stride_module("nodes.reference")
     compat = ctx.stride_module("nodes.compat")
     base_model = models.reference_model(ctx, models.DENOISER_FORM)
-    distilled_model = ctx.node("StrideReferenceModel").build(COLLAPSED_VARIANT, "eps", models.FLOW_MAP_FORM,
+    distilled_model = ctx.node("StrideReferenceModel").execute(COLLAPSED_VARIANT, "eps", models.FLOW_MAP_FORM,
                                                              flow_map_steps)[0]
     empty = models.class_prompt(ctx, "")
     data_mixture = demo_mixture()
@@ -71,7 +71,7 @@ def run(ctx: BenchContext) -> Section:
     hybrid_node = ctx.node("StrideHybridSample")
 
     def hybrid_run(handover: int) -> torch.Tensor:
-        return hybrid_node.sample(counted_base, empty, empty, 1.0, "euler", counted_distilled, empty, empty, 1.0, "lcm",
+        return hybrid_node.execute(counted_base, empty, empty, 1.0, "euler", counted_distilled, empty, empty, 1.0, "lcm",
                                   "lcm / tcd grid", HYBRID_STEPS, handover, SEED, {"samples": latent})[0]["samples"]
 
     base_sampler, base_sigmas = COMFY_EULER.build(ctx, counted_base, BASE_STEPS)

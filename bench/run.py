@@ -20,12 +20,23 @@ from types import ModuleType
 
 import torch
 
-from . import gpu, hybrid, piflow_overhead, sampler_overhead, sampler_quality, scaling, training
+from . import (
+    family_quality,
+    gpu,
+    hybrid,
+    optimal_steps,
+    piflow_overhead,
+    sampler_overhead,
+    sampler_quality,
+    scaling,
+    training,
+)
 from .context import BenchContext
 from .harness import REPO_ROOT, SanityError, machine_facts
 from .report import merge, render_failure, render_header, render_section
 
-BENCHMARKS: list[ModuleType] = [sampler_quality, sampler_overhead, piflow_overhead, scaling, hybrid, training, gpu]
+BENCHMARKS: list[ModuleType] = [sampler_quality, family_quality, sampler_overhead, piflow_overhead, scaling, hybrid,
+                                 optimal_steps, training, gpu]
 """Every benchmark, in report order (one module each)."""
 OPT_IN = {gpu.NAME}
 """Benchmarks that run only when asked for (``--gpu`` or ``--only``)."""

@@ -34,8 +34,8 @@ class SamplerSpec:
 def _stride(label: str, sampler_node: str, sampler_inputs: dict, scheduler_node: str, scheduler_inputs: dict,
             schedule: str) -> SamplerSpec:
     def build(ctx: BenchContext, model: Any, steps: int) -> tuple[Any, torch.Tensor]:
-        sampler = ctx.node(sampler_node).build(**sampler_inputs)[0]
-        sigmas = ctx.node(scheduler_node).schedule(model, steps=steps, **scheduler_inputs)[0]
+        sampler = ctx.node(sampler_node).execute(**sampler_inputs)[0]
+        sigmas = ctx.node(scheduler_node).execute(model, steps=steps, **scheduler_inputs)[0]
         return sampler, sigmas
 
     return SamplerSpec(label, "Stride", True, schedule, build)

@@ -122,7 +122,7 @@ def attach(model: Any) -> Rig:
 
 def model_conds(ctx: BenchContext, model: Any, prompt: str, latent_shape: tuple[int, ...]) -> dict:
     """The network keyword arguments of a class prompt, derived by Stride's training node."""
-    return ctx.stride_module("nodes.training")._model_conds(model, models.class_prompt(ctx, prompt), latent_shape)
+    return ctx.stride_module("nodes.training").model_conds(model, models.class_prompt(ctx, prompt), latent_shape)
 
 
 def noise_space(ctx: BenchContext, model: Any) -> Any:
@@ -446,7 +446,7 @@ def _nodes_table(ctx: BenchContext, section: Section, side: int, batch: int, set
     positive, empty = models.class_prompt(ctx, PROMPT), models.class_prompt(ctx, "")
     ours_model, _ = models.demo_unet_model(ctx)
     comfy_model, _ = models.demo_unet_model(ctx)  # a separate copy: TrainLoraNode patches weight wrappers into it
-    data = ctx.node("StrideDistillDataset").build(positive, empty, latents={"samples": latents})[0]
+    data = ctx.node("StrideDistillDataset").execute(positive, empty, latents={"samples": latents})[0]
     half = len(latents) // 2
     # ComfyUI 0.3.75's TrainLoraNode fails on a single LATENT input (UnboundLocalError: 'multi_res'); a list of
     # two same-shape LATENTs takes its working path (concatenated into one batch dataset).
@@ -461,7 +461,7 @@ def _nodes_table(ctx: BenchContext, section: Section, side: int, batch: int, set
             gradient_checkpointing=[False], existing_lora=["[None]"])
 
     def ours_node(step_count: int) -> Any:
-        return ctx.node("StrideDistillLoRA").train(
+        return ctx.node("StrideDistillLoRA").execute(
             model=ours_model, data=data, objective="lcm", steps=step_count, learning_rate=1e-4, rank=RANK, alpha=0.0,
             batch_size=batch, guidance_min=0.0, guidance_max=0.0, loss="huber", gradient_checkpointing=False, seed=SEED,
             save_every=0, lora_name="bench_training", resume=False)

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from comfy_host import _has_seed_control, _widget_inputs
+from comfy_host import _has_seed_control, _widget_inputs, combo_options
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -266,7 +266,7 @@ class Graph:
                 linked = name in node.links_in
                 if name in widget_names and not linked:
                     continue
-                input_type = spec[0] if isinstance(spec[0], str) else "COMBO"
+                input_type = "COMBO" if combo_options(spec) is not None else spec[0]
                 entry: dict[str, Any] = {"name": name, "type": input_type, "link": None}
                 if name in widget_names:
                     entry["widget"] = {"name": name}
@@ -278,8 +278,9 @@ class Graph:
             values = []
             for name, spec in widgets:
                 default = spec[1].get("default") if len(spec) > 1 and isinstance(spec[1], dict) else None
-                if default is None and isinstance(spec[0], list) and spec[0]:
-                    default = spec[0][0]
+                choices = combo_options(spec)
+                if default is None and choices:
+                    default = choices[0]
                 values.append(node.widgets.get(name, default))
                 if _has_seed_control(name, spec):
                     values.append("fixed")

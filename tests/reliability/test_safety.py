@@ -147,7 +147,7 @@ def test_pickles_offered_as_lora_adapter_checkpoint_or_weights_are_refused_unrea
 
     piflow_nodes = stride_module(fault_host, "StridePiFlowAdapterLoader", "nodes.piflow_loader")
     for name in (f"safety_{kind}.pt", f"safety_{kind}_renamed.safetensors"):
-        with pytest.raises(ValueError) as refused:  # StrideError is a ValueError
+        with pytest.raises(piflow_nodes.StrideError) as refused:
             piflow_nodes.read_adapter_file(name)
         refusals.append(str(refused.value))
 
@@ -189,7 +189,7 @@ def test_any_accepted_name_stays_a_direct_child_of_its_folder(fault_host):
     for name in TRICKY_NAMES:
         try:
             file_name = training.safe_file_name(name, "file_name")
-        except ValueError as refused:
+        except training.StrideError as refused:
             assert str(refused).startswith("file_name: "), refused
             continue
         accepted.append(name)

@@ -1,8 +1,9 @@
 """The architecture of ``distill_core``: no host imports, and dependencies that run one way.
 
-training -> sampling -> spaces; reference -> spaces; ``safe_files`` and ``spaces`` depend on nothing of the
-package; nothing imports ``nodes`` or ComfyUI. Checked on the import statements of every module, and by
-importing the whole library in a fresh interpreter that has no ComfyUI on its path.
+training -> sampling -> spaces; reference -> spaces; training, sampling and reference may use ``safe_files``;
+``safe_files`` and ``spaces`` depend on nothing of the package; nothing imports ``nodes`` or ComfyUI. Checked on
+the import statements of every module, and by importing the whole library in a fresh interpreter that has no
+ComfyUI on its path.
 """
 from __future__ import annotations
 
@@ -20,7 +21,8 @@ ALLOWED = {
     "spaces": set(),
     "safe_files": set(),
     "piflow_adapter": {"sampling"},
-    "sampling": {"spaces"},
+    "methods": {"sampling", "spaces"},
+    "sampling": {"spaces", "safe_files"},  # safe_files: saved optimal-steps schedules
     "training": {"sampling", "spaces", "safe_files"},
     "reference": {"spaces", "safe_files"},
 }
