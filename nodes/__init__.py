@@ -4,11 +4,12 @@
 """
 from __future__ import annotations
 
-from . import hybrid, piflow, piflow_loader, reference, samplers, training
+from . import hybrid, piflow, piflow_loader, reference, results, samplers, training
 from .compat import ComfyExtension, io
 
-NODES: list[type[io.ComfyNode]] = [node for module in (hybrid, piflow, piflow_loader, reference, samplers, training)
-                                   for node in module.NODES]
+NODES: list[type[io.ComfyNode]] = [
+    node for module in (hybrid, piflow, piflow_loader, reference, results, samplers, training) for node in module.NODES
+]
 
 
 class StrideExtension(ComfyExtension):

@@ -10,7 +10,6 @@ rule and the conversions come from ``distill_core.sampling.hybrid``. All nodes a
 """
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from typing import Any
 
@@ -34,8 +33,8 @@ from .compat import (
     latent_spatial_downscale,
     model_sampling_of_patcher,
     noise_space,
-    ui,
 )
+from .results import report_output
 from .samplers import discrete_sigmas, seed_input, stride_ksampler
 
 CATEGORY = "stride/hybrid"
@@ -215,9 +214,9 @@ class StrideHybridSample(io.ComfyNode):
                 combo("distilled_sampler", DISTILLED_SAMPLERS,
                       "Sampler the distillation was trained for (lcm; tcd gamma 0.3; tdd eta 0.2; euler). Other "
                       "settings: use Stride Hybrid Guider."),
-                combo("schedule", SCHEDULES, "Shared schedule on the base model's timesteps: LCM/TCD grid (4 steps: "
-                                             "999, 759, 499, 259), TDD (999, 751, 499, 251) or DDIM trailing (999, "
-                                             "749, 499, 249, Hyper-SD)."),
+                combo("schedule", SCHEDULES, "Which steps both models share, as the base model's timesteps: LCM/TCD "
+                                             "grid (4 steps: 999, 759, 499, 259), TDD (999, 751, 499, 251) or DDIM "
+                                             "trailing (999, 749, 499, 249, Hyper-SD)."),
                 io.Int.Input("steps", default=4, min=1, max=50, tooltip="Total steps of the shared schedule."),
                 io.Int.Input("handover_steps", default=1, min=0, max=49,
                              tooltip="Steps run by the base model before the distilled model takes over (paper: 1). "
@@ -227,8 +226,9 @@ class StrideHybridSample(io.ComfyNode):
             ],
             outputs=[
                 io.Latent.Output(display_name="latent", tooltip="The sampled latent."),
-                Trace.Output(display_name="trace", tooltip="x_t and the predicted x0 of every step of this run "
-                                                           "(both phases), for Stride Trace Grid."),
+                Trace.Output(display_name="trace", tooltip="The noisy latent (x_t) and the model's guess of "
+                                                           "the final picture (predicted x0) at every step of this "
+                                                           "run (both phases), for Stride Trace Grid."),
             ],
         )
 
@@ -290,8 +290,8 @@ class StrideHybridGuider(io.ComfyNode):
                 io.Guider.Input("distilled_guider", tooltip="Guider of the distilled model (e.g. CFGGuider, cfg 1)."),
                 io.Sampler.Input("base_sampler", tooltip="Sampler of the base steps (e.g. KSamplerSelect euler)."),
                 io.Int.Input("handover_steps", default=1, min=0, max=49,
-                             tooltip="Sigmas stepped by the base model before the hand-over (paper: 1); must be "
-                                     "below the number of steps."),
+                             tooltip="How many steps the base model takes before the distilled model takes over "
+                                     "(paper: 1); must be below the number of steps."),
             ],
             outputs=[io.Guider.Output(display_name="guider", tooltip="Plug into SamplerCustomAdvanced (its sampler "
                                                                      "is the distilled model's sampler).")],
@@ -315,9 +315,10 @@ class StrideTraceSampler(io.ComfyNode):
         return io.Schema(
             node_id="StrideTraceSampler", display_name="Stride Trace Sampler", category=CATEGORY,
             description=(
-                "Records every step of a sampling run: the noisy latent x_t and the model's predicted x0 (the "
-                "'diffusion target' of Gandikota & Bau's DT visualisation). Wrap any sampler with it; with Stride "
-                "Hybrid Guider the base steps are recorded too. View the result with Stride Trace Grid."
+                "Records every step of a sampling run: the noisy latent x_t and the model's guess of the final "
+                "picture, the predicted x0 (the 'diffusion target' of Gandikota & Bau's diffusion-target, DT, "
+                "visualisation). Wrap any sampler with it; with Stride Hybrid Guider the base steps are recorded "
+                "too. View the result with Stride Trace Grid."
             ),
             inputs=[io.Sampler.Input("sampler", tooltip="The sampler to record.")],
             outputs=[
@@ -338,10 +339,11 @@ class StrideTraceGrid(io.ComfyNode):
         return io.Schema(
             node_id="StrideTraceGrid", display_name="Stride Trace Grid", category=CATEGORY,
             description=(
-                "DT visualisation: one row per sampling step; for each of the first batch items the noisy latent "
-                "x_t (scaled to unit variance) beside the predicted x0. Distilled models settle the final picture in "
-                "the first row; base models over several. Decodes with the VAE if connected, else with the model's "
-                "latent preview colours."
+                "Draws how the picture forms, step by step, as one image (the diffusion-target or 'DT' visualisation "
+                "of Gandikota & Bau): one row per sampling step; for each of the first batch items the noisy latent "
+                "x_t (scaled to unit variance) beside the model's guess of the final picture, the predicted x0. "
+                "Distilled models settle the final picture in the first row; base models over several. Decodes with "
+                "the VAE if connected, else with the model's latent preview colours."
             ),
             inputs=[
                 Trace.Input("trace", tooltip="From Stride Trace Sampler or Stride Hybrid Sample."),
@@ -390,17 +392,25 @@ def preview_decoder(latent_format: Any) -> Callable[[torch.Tensor], torch.Tensor
     return decode
 
 
+DIVERSITY_HELP = {  # what each number of Stride Image Diversity means, in plain words
+    "n": "number of images",
+    "diversity": "how different the images are from each other (colour and edges together); 0 = identical",
+    "colour_diversity": "the same for colour alone (CIE Lab means and spreads)",
+    "edge_diversity": "the same for shapes alone (edge directions and density)",
+}
+
+
 class StrideImageDiversity(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="StrideImageDiversity", display_name="Stride Image Diversity", category=CATEGORY,
             description=(
-                "Diversity of a batch of images (kornia): the mean distance between all pairs of per-image "
-                "descriptors of CIE Lab colour statistics (channel means and spreads) and Sobel edge-orientation "
-                "histograms (with edge density). 0 = identical images; compare runs of equal batch size (base vs "
-                "distilled vs hybrid). For the reference models, Stride Reference Metrics gives the exact mode "
-                "recall and entropy."
+                "How different the images of a batch are from each other, shown as a table on the node: the mean "
+                "distance between all pairs of images' colour statistics (CIE Lab means and spreads) and edge "
+                "directions (Sobel edge-orientation histograms with edge density), computed with kornia. 0 = "
+                "identical images; compare runs of equal batch size (base vs distilled vs hybrid). For the reference "
+                "models, Stride Reference Metrics gives the exact mode recall and entropy."
             ),
             inputs=[
                 io.Image.Input("images", tooltip="At least two images, e.g. a batch sampled with different noise."),
@@ -418,8 +428,7 @@ class StrideImageDiversity(io.ComfyNode):
         result = diversity.image_diversity(images)
         report = {"label": label, "n": int(images.shape[0]), "diversity": round(result.overall, 4),
                   "colour_diversity": round(result.colour, 4), "edge_diversity": round(result.edges, 4)}
-        text = json.dumps(report)
-        return io.NodeOutput(text, ui=ui.PreviewText(text))
+        return report_output(report, DIVERSITY_HELP)
 
 
 NODES: list[type[io.ComfyNode]] = [StrideHybridSample, StrideHybridGuider, StrideTraceSampler, StrideTraceGrid,

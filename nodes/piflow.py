@@ -195,9 +195,10 @@ def piflow_schedule(model: Any, steps: int, shift: float, final_step_size_scale:
 # ------------------------------------------------------------------------------------------
 def temperature_inputs() -> list[io.Input]:
     return [
-        combo("temperature", TEMPERATURE_MODES, "GM policies only: 'auto' = the authors' rule min(0.1 (steps - 1), 1) "
-                                                "for every step but the last (4 steps -> 0.3); 'manual' uses "
-                                                "manual_temperature. Lower = less noisy, less diverse.",
+        combo("temperature", TEMPERATURE_MODES, "GM policies only: how sharp the predicted mixture is made; lower "
+                                                "= less noisy, less diverse. 'auto' follows the authors' rule, min(0.1 "
+                                                "(steps - 1), 1) for every step but the last (4 steps -> 0.3); "
+                                                "'manual' uses manual_temperature.",
               default="auto"),
         io.Float.Input("manual_temperature", default=1.0, min=0.0, max=1.0, step=0.01,
                        tooltip="Temperature when 'manual' is chosen (1.0 = the policy as predicted)."),
@@ -209,15 +210,16 @@ def substep_inputs() -> list[io.Input]:
         io.Int.Input("substeps", default=piflow.DEFAULT_SUBSTEPS, min=1, max=10000,
                      tooltip="Policy substeps over the whole trajectory (no network calls; authors' default 128)."),
         io.Float.Input("diffusion_coefficient", default=0.0, min=0.0, max=100.0, step=0.01,
-                       tooltip="Stochasticity h of each step: 0 = deterministic (authors' default), 1 = DDPM-like "
-                               "fresh noise."),
+                       tooltip="How much fresh noise each step adds: 0 = none, deterministic (authors' default), "
+                               "1 = as much as DDPM (the paper's diffusion coefficient h)."),
     ]
 
 
 def shift_input() -> io.Float.Input:
     return io.Float.Input("shift", default=piflow.DEFAULT_SHIFT, min=0.01, max=100.0, step=0.01,
-                          tooltip="Time shift sigma = s t / (1 + (s - 1) t) (3.2 for all released pi-FLUX.1, "
-                                  "pi-FLUX.2 and pi-Qwen-Image adapters). Use the same value in sampler and scheduler.")
+                          tooltip="Spends more of the steps at high noise when larger: 3.2 for all released pi-FLUX.1, "
+                                  "pi-FLUX.2 and pi-Qwen-Image adapters (time shift sigma = s t / (1 + (s - 1) t)). "
+                                  "Use the same value in sampler and scheduler.")
 
 
 def final_scale_input() -> io.Float.Input:
@@ -230,8 +232,9 @@ class StridePiFlowSampler(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="StridePiFlowSampler", display_name="Stride pi-Flow Sampler", category=CATEGORY,
-            description=("pi-Flow policy sampling: each step the model predicts a policy (GM mixture or DX x0 terms), "
-                         "which is integrated with cheap substeps to the next sigma. Needs a pi-Flow model (Stride "
+            description=("Samples a pi-Flow model: once per step the model predicts how to move (a policy: a "
+                         "Gaussian mixture, GM, or x0 grid points, DX), which the sampler follows in cheap substeps to "
+                         "the next sigma without calling the network again. Needs a pi-Flow model (Stride "
                          "pi-Flow Adapter Loader) and the Stride pi-Flow Scheduler; use BasicGuider (guidance is "
                          "distilled in). Inpaints latents with a noise mask (Set Latent Noise Mask): the unmasked "
                          "region is kept exactly."),
@@ -353,13 +356,15 @@ class StridePiFlowReferenceModel(io.ComfyNode):
         return io.Schema(
             node_id="StridePiFlowReferenceModel", display_name="Stride pi-Flow Reference Teacher",
             category="stride/reference",
-            description=("An exact pi-Flow model without downloads: data whose every latent location (4x8x8, SD1.5 "
-                         "format) comes from a 4-component mixture, so the exact x0-posterior IS a GM policy. With it, "
-                         "pi-Flow sampling equals the teacher's own ODE on the substep grid; use it to try the pi-Flow "
-                         "nodes."),
+            description=("A pi-Flow model to try the pi-Flow nodes without downloads: its data is the letter pi "
+                         "in varied warm colours on grey, and its prediction is exact. Every latent location (4x8x8, "
+                         "SD1.5 format) comes from a 4-component mixture, so the exact x0-posterior is a "
+                         "Gaussian-mixture (GM) policy; with it, pi-Flow sampling equals the teacher's own ODE on the "
+                         "substep grid."),
             inputs=[],
-            outputs=[io.Model.Output(display_name="model", tooltip="A flow MODEL that outputs GM policies; any "
-                                                                   "conditioning works (it is unconditional).")],
+            outputs=[io.Model.Output(display_name="model", tooltip="A flow-matching MODEL whose "
+                                                                   "predictions are Gaussian-mixture (GM) policies; "
+                                                                   "any conditioning works (it is unconditional).")],
         )
 
     @classmethod

@@ -3,7 +3,6 @@ real MODELs, class prompts as CONDITIONING, a cheap latent->RGB decoder and exac
 All nodes are V3 nodes (:mod:`.compat`)."""
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import torch
@@ -16,7 +15,8 @@ from ..distill_core.reference import demo, metrics
 from ..distill_core.reference.demo import DEMO_CLASS_NAMES, demo_mixture, latent_to_rgb
 from ..distill_core.reference.mixture import GaussianMixture
 from ..distill_core.spaces import NoiseSpace, prediction_target
-from .compat import StrideError, combo, io, model_from_network, model_sampling_of_patcher, noise_space, ui
+from .compat import StrideError, combo, io, model_from_network, model_sampling_of_patcher, noise_space
+from .results import report_output
 
 CATEGORY = "stride/reference"
 PREDICTIONS = ["eps", "v", "flow"]
@@ -133,9 +133,9 @@ class StrideReferenceModel(io.ComfyNode):
                                            "kept, a stand-in for a mode-collapsed distilled model."),
                 combo("prediction", PREDICTIONS, "What the MODEL predicts: eps and v use SD's 1000-step schedule; "
                                                  "flow is rectified flow (x = (1-s) x0 + s noise)."),
-                combo("form", FORMS, "denoiser: the exact posterior mean (judge plain solvers). flow map: the exact "
-                                     "ODE solution to sigma 0 (what a consistency-distilled model learns; judge "
-                                     "LCM/TCD/TDD on it)."),
+                combo("form", FORMS, "denoiser: the ideal many-step teacher, the exact posterior mean (judge plain "
+                                     "solvers on it). flow map: the ideal distilled student, the exact ODE solution to "
+                                     "sigma 0 (what a consistency-distilled model learns; judge LCM/TCD/TDD on it)."),
                 io.Int.Input("flow_map_steps", default=64, min=8, max=1000,
                              tooltip="ODE steps per flow-map evaluation (only for the flow map form)."),
             ],
@@ -203,9 +203,9 @@ class StrideClassPrompt(io.ComfyNode):
                          "prompt."),
             inputs=[io.String.Input("prompt", default=DEMO_CLASS_NAMES[0], multiline=False,
                                     tooltip="A class name, or empty for unconditional.")],
-            outputs=[io.Conditioning.Output(display_name="conditioning", tooltip="Class conditioning (one-hot "
-                                                                                 "context) usable as positive or "
-                                                                                 "negative.")],
+            outputs=[io.Conditioning.Output(display_name="conditioning", tooltip="Conditioning for that class (a "
+                                                                                 "one-hot context), usable as "
+                                                                                 "positive or negative.")],
         )
 
     @classmethod
@@ -232,7 +232,8 @@ class StrideLatentToImage(io.ComfyNode):
                         "for viewing.",
             inputs=[
                 io.Latent.Input("samples", tooltip="Latents to view."),
-                io.Int.Input("scale", default=16, min=1, max=64, tooltip="Nearest-neighbour upscale factor."),
+                io.Int.Input("scale", default=16, min=1, max=64,
+                             tooltip="How many times to enlarge the small preview (nearest-neighbour)."),
             ],
             outputs=[io.Image.Output(display_name="image", tooltip="RGB images, one per latent.")],
         )
@@ -247,15 +248,29 @@ class StrideLatentToImage(io.ComfyNode):
         return io.NodeOutput(rgb.float().cpu())
 
 
+METRIC_HELP = {  # what each score of Stride Reference Metrics means, in plain words (shown on the table's cells)
+    "n": "number of samples scored",
+    "swd": "distance from the data (sliced Wasserstein distance to fresh data); lower is closer",
+    "swd_data": "the same distance between two fresh data sets: the floor for this many samples",
+    "nll": "negative log-likelihood of the samples under the data distribution",
+    "nll_data": "the data's own negative log-likelihood",
+    "nll_gap": "NLL minus the data's: below 0 the samples are too concentrated, above 0 too spread",
+    "mode_recall": "share of the data's modes (shape and colour) that appear in the samples",
+    "mode_entropy": "how evenly the modes appear: 1 = all equally often, 0 = one mode only",
+    "mode_entropy_data": "the data's own mode entropy",
+}
+
+
 class StrideReferenceMetrics(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="StrideReferenceMetrics", display_name="Stride Reference Metrics", category=CATEGORY,
             description=(
-                "Exact quality and diversity of samples from the reference setup: sliced Wasserstein distance to "
-                "fresh mixture samples, NLL gap to the data (negative = over-concentrated), mode recall and mode "
-                "entropy (1 = all modes equally often)."
+                "Scores samples from the reference setup exactly and shows the scores as a table on the node: how far "
+                "they are from the data (sliced Wasserstein distance to fresh data), whether they are too concentrated "
+                "(NLL gap to the data: negative = over-concentrated), how many of the data's modes appear (mode "
+                "recall) and how evenly (mode entropy, 1 = all equally often)."
             ),
             inputs=[
                 io.Latent.Input("samples", tooltip="Samples to score (4x8x8 latents)."),
@@ -284,9 +299,8 @@ class StrideReferenceMetrics(io.ComfyNode):
         class_ids = None if class_id < 0 else torch.full((latents.shape[0],), class_id)
         report = {"label": label, "n": latents.shape[0],
                   **metrics.evaluate_samples(latents, mixture, class_ids, torch.Generator().manual_seed(0))}
-        text = json.dumps({key: round(value, 4) if isinstance(value, float) else value
-                           for key, value in report.items()})
-        return io.NodeOutput(text, ui=ui.PreviewText(text))
+        return report_output({key: round(value, 4) if isinstance(value, float) else value
+                              for key, value in report.items()}, METRIC_HELP)
 
 
 NODES: list[type[io.ComfyNode]] = [StrideReferenceModel, StrideDemoModel, StrideClassPrompt, StrideLatentToImage,

@@ -93,16 +93,18 @@ class StrideLCMSampler(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="StrideLCMSampler", display_name="Stride LCM Sampler", category=CATEGORY,
-            description=("LCM multistep sampling (Latent Consistency Models): predict x0, apply the consistency "
-                         "boundary condition, re-noise to the next sigma with fresh noise. For LCM and LCM-LoRA "
-                         "models; use with a Stride LCM Scheduler and CFG 1-2."),
+            description=("Samples an LCM (Latent Consistency Model) or LCM-LoRA model in a few steps: each step "
+                         "guesses the final picture (predicts x0, with LCM's consistency boundary condition), then "
+                         "adds fresh noise back for the next step (re-noise to the next sigma). Use with a Stride LCM "
+                         "Scheduler and CFG 1-2."),
             inputs=[
                 io.Float.Input("s_noise", default=1.0, min=0.0, max=2.0, step=0.01,
                                tooltip="Scale of the fresh noise added between steps (1.0 = LCM as trained; lower "
                                        "keeps more of the previous prediction's structure)."),
                 io.Boolean.Input("boundary_condition", default=True,
-                                 tooltip="Apply LCM's c_skip/c_out boundary condition (diffusers LCMScheduler). "
-                                         "Matters only near timestep 0."),
+                                 tooltip="Blend the prediction with the current latent near the end, as LCM does (its "
+                                         "c_skip/c_out boundary condition, diffusers LCMScheduler). Matters only near "
+                                         "timestep 0."),
             ],
             outputs=[sampler_output()],
         )
@@ -122,8 +124,8 @@ class StrideTCDSampler(io.ComfyNode):
                          "adds: 0 = DDIM (deterministic), 1 = LCM. Lower gamma gives more detail at more steps."),
             inputs=[
                 io.Float.Input("gamma", default=0.3, min=0.0, max=1.0, step=0.01,
-                               tooltip="Stochasticity (TCD's gamma, Hyper-SD's eta). Authors' default 0.3; try "
-                                       "0.2-0.5 for 4-8 steps, 1.0 for 1-2 steps."),
+                               tooltip="How much fresh noise each step adds (TCD's gamma, Hyper-SD's eta). Authors' "
+                                       "default 0.3; try 0.2-0.5 for 4-8 steps, 1.0 for 1-2 steps."),
             ],
             outputs=[sampler_output()],
         )
@@ -139,18 +141,21 @@ class StrideTDDSampler(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="StrideTDDSampler", display_name="Stride TDD Sampler", category=CATEGORY,
-            description=("TDD sampling (Target-Driven Distillation): DPM-Solver++(1) to a shrunk target timestep, "
-                         "then re-noise (eta), with optional x0 clipping in the first steps. TDD LoRAs were trained "
-                         "with empty prompts, so real CFG works: authors' SDXL default 4 steps, CFG 1.7, eta 0.2."),
+            description=("Samples a TDD (Target-Driven Distillation) model: each step moves a little past the next "
+                         "timestep (DPM-Solver++(1) to a shrunk target) and adds noise back (eta), optionally limiting "
+                         "extreme values in the first steps (x0 clipping). TDD LoRAs were trained with empty prompts, "
+                         "so real CFG works: authors' SDXL default 4 steps, CFG 1.7, eta 0.2."),
             inputs=[
                 io.Float.Input("eta", default=0.2, min=0.0, max=1.0, step=0.01,
-                               tooltip="Stochasticity: each step goes to floor((1-eta) t_next), then re-noises. "
-                                       "Authors' default 0.2."),
+                               tooltip="How much fresh noise each step adds: a step goes a little past the next "
+                                       "timestep, to floor((1-eta) t_next), then adds noise back. Authors' default "
+                                       "0.2."),
                 io.Int.Input("clip_x0_steps", default=0, min=0, max=100,
-                             tooltip="Apply x0 clipping (dynamic thresholding) for this many first steps; 0 = off. "
-                                     "Helps at high CFG."),
+                             tooltip="Limit extreme values of the predicted picture in this many first steps (x0 "
+                                     "clipping, dynamic thresholding); 0 = off. Helps at high CFG."),
                 io.Float.Input("clip_ratio", default=0.995, min=0.5, max=1.0, step=0.001,
-                               tooltip="Quantile of |x0| used as the clipping threshold (TDD: 0.995)."),
+                               tooltip="How much of the picture stays unclipped: the threshold is this quantile of "
+                                       "|x0| (TDD: 0.995)."),
             ],
             outputs=[sampler_output()],
         )
@@ -316,9 +321,10 @@ class StrideFewStepSample(io.ComfyNode):
                                tooltip="Classifier-free guidance; 0 = the method's recommendation "
                                        "(LCM/TCD/Hyper-SD 1.0, TDD 1.7)."),
                 io.Float.Input("gamma", default=0.3, min=0.0, max=1.0, step=0.01,
-                               tooltip="TCD / Hyper-SD unified only: stochasticity, authors' default 0.3."),
+                               tooltip="TCD / Hyper-SD unified only: how much fresh noise each step adds (gamma), "
+                                       "authors' default 0.3."),
                 io.Float.Input("eta", default=0.2, min=0.0, max=1.0, step=0.01,
-                               tooltip="TDD only: stochasticity, authors' default 0.2."),
+                               tooltip="TDD only: how much fresh noise each step adds (eta), authors' default 0.2."),
                 seed_input("Seed of the initial and per-step noise."),
                 denoise_input("Below 1 for img2img."),
             ],

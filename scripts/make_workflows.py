@@ -51,6 +51,12 @@ def _view(g: Graph, latent, col: int, row: float, prefix: str, label: str, posit
     return [image, metrics, save]
 
 
+def _compare(g: Graph, reports: list, col: int, row: float):
+    """Stride Compare Results on the reports of several measuring nodes: one table, a row per label."""
+    return g.add("StrideCompareResults", (col * COL, row * ROW), title="Scores side by side",
+                 **{f"report_{i}": (node, 0) for i, node in enumerate(reports, 1)})
+
+
 def few_step_method(method: str) -> Graph:
     """SamplerCustomAdvanced with a Stride sampler + scheduler on the ideal distilled model."""
     name, title, description = METHODS[method]
@@ -132,9 +138,11 @@ def demo(distill_steps: int = 200) -> Graph:
                    distilled_negative=(empty, 0), distilled_cfg=1.0, distilled_sampler="lcm",
                    schedule="lcm / tcd grid", steps=4, handover_steps=1, seed=3, latent_image=(latent, 0))
     rows["hybrid_1_plus_3"] = ("5. Hybrid: the base model's first step, then the distilled model", hybrid)
+    reports = []
     for index, (name, (title, sample)) in enumerate(rows.items()):
-        members = [sample, *_view(g, (sample, 0), 3, 10 * index, f"stride_demo_{name}", name.replace("_", " "),
-                                  (shown, 0))]
+        view = _view(g, (sample, 0), 3, 10 * index, f"stride_demo_{name}", name.replace("_", " "), (shown, 0))
+        reports.append(view[1])
+        members = [sample, *view]
         if sample is hybrid:
             grid = g.add("StrideTraceGrid", (5 * COL, 30 * ROW),
                          title="Diffusion-target view: x_t | predicted x0 per step", trace=(hybrid, 1),
@@ -142,6 +150,7 @@ def demo(distill_steps: int = 200) -> Graph:
             members += [grid, g.add("SaveImage", (6 * COL, 30 * ROW), images=(grid, 0),
                                     filename_prefix="stride_demo_trace")]
         g.group(title, members)
+    g.group("6. Compared", [_compare(g, reports, 2, 40)])
     g.note(
         "Stride demo on the project's own demo model (a small ComfyUI UNet trained on a known mixture of coloured "
         "shapes; the metrics nodes score samples exactly). 1) A short in-graph LCM-LoRA distillation. 2) 25 Euler "
@@ -178,16 +187,15 @@ def distill_training(steps: int = 300) -> Graph:
     before = g.add("StrideFewStepSample", (2 * COL, 10 * ROW), title="Teacher, LCM 4 steps (before)", model=(base, 0),
                    positive=(prompts[3], 0), negative=(empty, 0), latent_image=(latent, 0), method="lcm", steps=4,
                    cfg=0.0, gamma=0.3, eta=0.2, seed=5, denoise=1.0)
-    g.group("2. Before: the teacher sampled with LCM in 4 steps",
-            [before, *_view(g, (before, 0), 3, 10, "stride_distill_before", "teacher lcm 4 steps (before)",
-                            (prompts[3], 0))])
+    before_view = _view(g, (before, 0), 3, 10, "stride_distill_before", "before", (prompts[3], 0))
+    g.group("2. Before: the teacher sampled with LCM in 4 steps", [before, *before_view])
     reload = g.add("StrideReloadLoRA", (COL, 20 * ROW), model=(base, 0), lora_name=(save, 0), strength=1.0)
     after = g.add("StrideFewStepSample", (2 * COL, 20 * ROW), title="Distilled LoRA, LCM 4 steps (after)",
                   model=(reload, 0), positive=(prompts[3], 0), negative=(empty, 0), latent_image=(latent, 0),
                   method="lcm", steps=4, cfg=0.0, gamma=0.3, eta=0.2, seed=5, denoise=1.0)
-    g.group("3. After: the saved LoRA reloaded, LCM in 4 steps",
-            [reload, after, *_view(g, (after, 0), 3, 20, "stride_distill_after", "distilled lora lcm 4 steps (after)",
-                                   (prompts[3], 0))])
+    after_view = _view(g, (after, 0), 3, 20, "stride_distill_after", "after", (prompts[3], 0))
+    g.group("3. After: the saved LoRA reloaded, LCM in 4 steps", [reload, after, *after_view])
+    g.group("4. Compared", [_compare(g, [before_view[1], after_view[1]], 2, 30)])
     g.note(
         "LCM-LoRA (Latent Consistency Model LoRA) distillation inside ComfyUI. The teacher is the demo UNet; the LoRA "
         "is trained data-free from its own trajectories (add images + VAE to the data node to train on images), "
@@ -261,17 +269,17 @@ def hybrid_diversity() -> Graph:
                    distilled_sampler="lcm", schedule="lcm / tcd grid", steps=4, handover_steps=1, seed=3,
                    latent_image=(latent, 0))
     rows["hybrid"] = ("3. Hybrid: 1 base step, then 3 distilled steps", hybrid)
+    reports = []
     for index, (name, (title, sample)) in enumerate(rows.items()):
         y = 10 * index
         image = g.add("StrideLatentToImage", (2 * COL, y * ROW), title="Preview decode (latent to RGB)",
                       samples=(sample, 0), scale=8)
-        members = [
-            sample, image,
-            g.add("StrideReferenceMetrics", (2 * COL, (y + 1) * ROW), samples=(sample, 0), conditioning=(positive, 0),
-                  label=name),
-            g.add("StrideImageDiversity", (2 * COL, (y + 2) * ROW), images=(image, 0), label=name),
-            g.add("SaveImage", (3 * COL, y * ROW), images=(image, 0), filename_prefix=f"stride_hybrid_{name}"),
-        ]
+        scores = [g.add("StrideReferenceMetrics", (2 * COL, (y + 1) * ROW), samples=(sample, 0),
+                        conditioning=(positive, 0), label=name),
+                  g.add("StrideImageDiversity", (2 * COL, (y + 2) * ROW), images=(image, 0), label=name)]
+        reports += scores
+        members = [sample, image, *scores,
+                   g.add("SaveImage", (3 * COL, y * ROW), images=(image, 0), filename_prefix=f"stride_hybrid_{name}")]
         if sample is hybrid:
             grid = g.add("StrideTraceGrid", (4 * COL, y * ROW),
                          title="Diffusion-target (DT) view: x_t | predicted x0 per step",
@@ -279,12 +287,13 @@ def hybrid_diversity() -> Graph:
             members += [grid, g.add("SaveImage", (5 * COL, y * ROW), images=(grid, 0),
                                     filename_prefix="stride_hybrid_trace")]
         g.group(title, members)
+    g.group("4. Compared", [_compare(g, reports, 1, 30)])
     g.note(
         "Diversity distillation (Gandikota & Bau). Row 1: the base model alone (many steps). Row 2: a distilled model "
         "that lost modes (here the exact flow map of a mixture that keeps one of the two 'disc' colours): 4 fast "
         "steps, one colour. Row 3: the hybrid: the base model takes the first step of the 4-step LCM schedule "
         "(t=999), the distilled model the rest (759, 499, 259). Compare mode entropy / recall (Stride Reference "
-        "Metrics) and Stride Image Diversity: the hybrid gets the base model's variety at 1 base + 3 distilled "
+        "Metrics) and Stride Image Diversity, side by side in the last table: the hybrid gets the base model's variety at 1 base + 3 distilled "
         "model calls. The diffusion-target (DT) view shows, per step, the noisy latent x_t beside the model's guess "
         "of the final picture (predicted x0): the first row is the base model's blurry guess, then the distilled "
         "model commits to a picture. Base CFG (classifier-free guidance) is 3 here: on the exact reference teacher "

@@ -43,18 +43,27 @@ GAP_X = 40  # between columns
 GAP_Y = 30  # between stacked boxes
 
 IMAGE_NODES = {"SaveImage", "PreviewImage"}  # nodes whose run adds an image preview below their widgets
+PROGRESS_TEXT_HEIGHT = 42 + 16  # the frontend's progress-text box (useTextPreviewWidget), added by a trainer's run
 IMAGE_PREVIEW_HEIGHT = 300  # the room the builder keeps for that preview (at least IMAGE_PREVIEW_MIN_HEIGHT)
-LOSS_TYPE = "STRIDE_LOSS"  # web/stride_loss_chart.js puts one chart per output of this type on the node
+LOSS_TYPE = "STRIDE_LOSS"  # web/stride_loss_chart.js puts a chart on nodes with outputs of this type; they also
+# send progress text. web/stride_results.js puts a results table on Stride's measuring nodes (see is_measuring).
 NOTE_TYPES = {"Note", "MarkdownNote"}
 
 
-def _chart_height() -> int:
-    """The loss chart's height per loss output, as web/stride_loss_chart.js declares it (one source)."""
-    source = (ROOT / "web" / "stride_loss_chart.js").read_text()
-    found = re.search(r"^export const CHART_HEIGHT = (\d+);", source, re.MULTILINE)
+def _web_constant(file: str, name: str) -> int:
+    """A layout height that a file of web/ declares as ``export const NAME = <px>;`` (one source)."""
+    source = (ROOT / "web" / file).read_text()
+    found = re.search(rf"^export const {name} = (\d+);", source, re.MULTILINE)
     if found is None:
-        raise RuntimeError("web/stride_loss_chart.js does not declare 'export const CHART_HEIGHT = <px>;'")
+        raise RuntimeError(f"web/{file} does not declare 'export const {name} = <px>;'")
     return int(found.group(1))
+
+
+def is_measuring(info: dict) -> bool:
+    """A Stride measuring node (web/stride_results.js's rule): an output node of the pack with a report output and
+    no loss output (a trainer reports too, but shows a loss chart)."""
+    return (bool(info.get("output_node")) and "report" in info.get("output_name", ())
+            and LOSS_TYPE not in info["output"] and str(info.get("python_module", "")).startswith("custom_nodes."))
 
 
 @dataclass
@@ -98,8 +107,9 @@ def node_size(info: dict, title: str) -> tuple[float, float]:
 
     Height follows LiteGraph's ``LGraphNode.computeSize``: one slot row per socket that is not a
     widget (the larger of inputs and outputs, at least one), then every widget (+4 each, +8 for the
-    block), then 6; plus what appears later: the image preview of SaveImage/PreviewImage and
-    Stride's loss chart. The width keeps room for the title.
+    block), then 6; plus what Stride's web extension adds (the loss chart, the results table) and what
+    appears during a run (the image preview of SaveImage/PreviewImage, a trainer's progress text). The
+    width keeps room for the title.
     """
     widgets = _widget_inputs(info)
     widget_names = {name for name, _ in widgets}
@@ -116,7 +126,9 @@ def node_size(info: dict, title: str) -> tuple[float, float]:
         widget_heights.append(max(IMAGE_PREVIEW_HEIGHT, IMAGE_PREVIEW_MIN_HEIGHT))
     losses = sum(1 for kind in info["output"] if kind == LOSS_TYPE)
     if losses:
-        widget_heights.append(losses * _chart_height())
+        widget_heights += [losses * _web_constant("stride_loss_chart.js", "CHART_HEIGHT"), PROGRESS_TEXT_HEIGHT]
+    if is_measuring(info):
+        widget_heights.append(_web_constant("stride_results.js", "RESULTS_HEIGHT"))
     height = rows * SLOT_HEIGHT + (sum(h + 4 for h in widget_heights) + 8 if widget_heights else 0) + 6
     width = max(NODE_WIDTH, math.ceil(TITLE_HEIGHT * 1.33 + TITLE_CHAR_WIDTH * len(title)))
     return float(width), float(height)

@@ -1,22 +1,23 @@
 // Stride: a live loss chart on every node that outputs STRIDE_LOSS (e.g. "Stride Distill LoRA").
 //
-// One panel per loss output (a node with phases, such as a generator and a critic, has one loss
-// output per phase), each with x/y axes and ticks, the raw loss and its EMA (exponential moving
-// average), a log-scale toggle, and a caption with the step, the losses and the ETA.
+// One panel per loss series (a node with phases, such as DMD's generator and fake score, sends one series
+// per phase), each with x/y axes and ticks, the raw loss and its smoothed value (EMA, exponential moving
+// average), a log-scale toggle, and a caption with the step and the time left (or the run's duration).
 //
-// What the chart reads (the node sends it; nothing is computed here but the drawing):
+// What the chart reads (the node sends it, from distill_core/training/progress.py; the chart only draws):
 //  - live, one websocket event per optimizer step, "stride.distill.loss":
-//      {node, phase, step, steps, loss, ema, eta_s, elapsed_s}
-//    node = the node's UNIQUE_ID; phase = the name of the loss output it belongs to (optional when the
-//    node has one); step counts from 1 within the phase; ema, eta_s and elapsed_s are optional. A step
-//    at or below the last one shown starts the phase's series again (a new run).
-//  - the whole history, as the node's UI output "stride_loss" (sent on "executed", also for a cached
-//    run) or as the event "stride.distill.history" {node, stride_loss} (e.g. when a resumed run starts):
-//      stride_loss: [{phase, steps, first_step, loss: [...], ema: [...], elapsed_s}]
-//  - after a page reload: the newest entry of the server's /history for this workflow and node that
-//    has such a UI output.
+//      {node, step, steps, losses: {series: value}, ema: {series: value}, eta_s, elapsed_s}
+//    node = the node's UNIQUE_ID; a series without a value this step is null or left out; ema, eta_s and
+//    elapsed_s are optional; {node, step, steps, loss} means one series "loss". A resumed run's first event
+//    may carry "history": the losses of the steps before it, [{series: value}, ...] from step 1. A step at
+//    or below the last one shown starts a new run.
+//  - the whole history as the node's UI output "stride_loss" (sent on "executed", also for a cached run):
+//      stride_loss: [{steps, first_step, elapsed_s, losses: {series: [value per step]}, ema: {series: [...]}}]
+//  - after a page reload: the newest entry of the server's /history for this workflow and node that has
+//    such a UI output.
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
+import { latestOutput } from "./stride_history.js";
 
 export const CHART_HEIGHT = 220; // per loss output; scripts/workflow_builder.py reads this line
 const LOSS_TYPE = "STRIDE_LOSS";
@@ -82,7 +83,8 @@ class LossChart {
   constructor(node, phases) {
     this.node = node;
     this.phaseNames = phases.length ? phases : ["loss"];
-    this.phases = new Map(); // name -> {steps, points: [{step, loss, ema}], eta_s, elapsed_s, done}
+    this.phases = new Map(); // series name -> {steps, points: [{step, loss, ema}], eta_s, elapsed_s, done}
+    this.lastStep = 0;
     this.drawn = []; // per panel: {phase, points, xTicks, yTicks, log} (read by the browser tests)
 
     this.element = document.createElement("div");
@@ -122,21 +124,28 @@ class LossChart {
   }
 
   phase(name) {
-    const key = name ?? this.phaseNames[0];
-    if (!this.phases.has(key)) this.phases.set(key, { steps: 0, points: [] });
-    return this.phases.get(key);
+    if (!this.phases.has(name)) this.phases.set(name, { steps: 0, points: [] });
+    return this.phases.get(name);
   }
 
   /** One live step. */
   add(detail) {
-    const series = this.phase(detail.phase);
-    const last = series.points[series.points.length - 1];
-    if (last && detail.step <= last.step) series.points = [];
-    series.points.push({ step: detail.step, loss: detail.loss, ema: detail.ema });
-    Object.assign(series, { steps: detail.steps, eta_s: detail.eta_s, elapsed_s: detail.elapsed_s,
-                            done: detail.step >= detail.steps });
-    this.lastUpdated = series;
+    if (detail.history || detail.step <= this.lastStep) this.phases.clear();
+    (detail.history || []).forEach((losses, index) => this.addStep(index + 1, detail.steps, losses, {}));
+    const losses = detail.losses ?? { [this.phaseNames[0]]: detail.loss };
+    this.addStep(detail.step, detail.steps, losses, detail.ema || {});
+    for (const series of this.phases.values()) Object.assign(series, { eta_s: detail.eta_s, elapsed_s: detail.elapsed_s });
     this.draw();
+  }
+
+  addStep(step, steps, losses, ema) {
+    for (const [name, loss] of Object.entries(losses)) {
+      const series = this.phase(name);
+      if (Number.isFinite(loss)) series.points.push({ step, loss, ema: ema[name] });
+      Object.assign(series, { steps, done: step >= steps });
+      this.lastUpdated = series;
+    }
+    this.lastStep = step;
   }
 
   /** A whole history (the node's UI output): replaces what is shown. */
@@ -144,12 +153,17 @@ class LossChart {
     this.phases.clear();
     for (const entry of history || []) {
       const first = entry.first_step ?? 1;
-      const points = (entry.loss || []).map((loss, i) => ({ step: first + i, loss, ema: entry.ema?.[i] }));
-      this.phases.set(entry.phase ?? this.phaseNames[0], {
-        steps: entry.steps ?? points.length, points, elapsed_s: entry.elapsed_s, eta_s: 0,
-        done: points.length > 0 && points[points.length - 1].step >= (entry.steps ?? 0),
-      });
-      this.lastUpdated = this.phases.get(entry.phase ?? this.phaseNames[0]);
+      for (const [name, values] of Object.entries(entry.losses || {})) {
+        const series = this.phase(name);
+        values.forEach((loss, i) => {
+          if (Number.isFinite(loss)) series.points.push({ step: first + i, loss, ema: entry.ema?.[name]?.[i] });
+        });
+        const last = first + values.length - 1;
+        Object.assign(series, { steps: entry.steps ?? last, elapsed_s: entry.elapsed_s, eta_s: 0,
+                                done: last >= (entry.steps ?? last) });
+        this.lastUpdated = series;
+        this.lastStep = last;
+      }
     }
     this.draw();
   }
@@ -250,7 +264,7 @@ class LossChart {
       let started = false;
       for (const p of usable) {
         const v = p[key];
-        if (!Number.isFinite(v) || (log && v <= 0)) { started = false; continue; }
+        if (!Number.isFinite(v) || (log && v <= 0)) continue;
         const x = xOf(p.step), y = yOf(v);
         if (started) ctx.lineTo(x, y); else ctx.moveTo(x, y);
         started = true;
@@ -277,25 +291,6 @@ class LossChart {
     text(`EMA ${last && Number.isFinite(last.ema) ? fmt(last.ema) : "–"}`, COLORS.ema);
     return { phase: name, points: usable.length, xTicks, yTicks, log };
   }
-}
-
-/** The newest /history output of this node in the current workflow, if the server still has one. */
-async function historyOutput(node) {
-  const workflowId = app.graph?.id ?? app.graph?.serialize?.().id;
-  let entries;
-  try {
-    entries = Object.values(await (await api.fetchApi("/history?max_items=64")).json());
-  } catch {
-    return null;
-  }
-  for (const entry of entries.reverse()) {
-    const output = entry.outputs?.[String(node.id)];
-    const workflow = entry.prompt?.[3]?.extra_pnginfo?.workflow;
-    if (!output?.[UI_KEY] || (workflowId && workflow?.id && workflow.id !== workflowId)) continue;
-    if (entry.prompt?.[2]?.[String(node.id)]?.class_type !== node.comfyClass) continue;
-    return output[UI_KEY];
-  }
-  return null;
 }
 
 app.registerExtension({
@@ -325,8 +320,8 @@ app.registerExtension({
   async loadedGraphNode(node) {
     const chart = node.strideLossChart;
     if (!chart || chart.phases.size) return;
-    const history = await historyOutput(node);
-    if (history && !chart.phases.size) chart.load(history);
+    const output = await latestOutput(node, UI_KEY);
+    if (output && !chart.phases.size) chart.load(output[UI_KEY]);
   },
   async setup() {
     // The node id is not final while a node is being created: find the node by id when an event arrives.

@@ -201,12 +201,15 @@ def test_stride_templates_open_from_the_templates_dialog(frontend):
 
 
 def test_live_loss_chart_follows_a_training_run(frontend, comfy_server):
-    """The training node's chart (web/stride_loss_chart.js) draws one point per websocket loss event."""
+    """The trainer node (web/stride_loss_chart.js and the frontend's progress text) follows a real run: one point
+    per step, axes, the step, raw and smoothed loss and time left as text; the chart is rebuilt after a page reload
+    (from /history) and on a cached run (from the node's cached UI output)."""
     path = WORKFLOW_FILES[0].parent / "distill_lcm_lora.json"
     workflow = json.loads(path.read_text())
+    page = frontend.page
     frontend.load(workflow, "loss_chart_check")
     steps = 12
-    trainer_id = frontend.page.evaluate(
+    trainer_id = page.evaluate(
         """steps => {
              const node = window.app.graph._nodes.find(n => n.type === 'StrideDistillLoRA');
              for (const [name, value] of [['steps', steps], ['lora_name', 'browser_loss_chart'], ['resume', false]])
@@ -215,17 +218,46 @@ def test_live_loss_chart_follows_a_training_run(frontend, comfy_server):
            }""",
         steps,
     )
-    assert frontend.page.locator("canvas.stride-loss-chart").count() == 1
+    assert page.locator(".stride-loss-chart canvas").count() == 1
     nodes = frontend.graph_nodes()
     image_nodes = [n["id"] for n in nodes if n["type"] in frontend.IMAGE_OUTPUT_TYPES and n["mode"] == 0]
     frontend.fit_view()
+    page.evaluate("""id => { window.strideTexts = [];
+                             window.comfyAPI.api.api.addEventListener('progress_text', ({detail}) => {
+                               if (String(detail.nodeId) === String(id)) window.strideTexts.push(detail.text); }); }""",
+                  trainer_id)
     answer = frontend.queue()
     assert answer["http_status"] == 200 and answer["node_errors"] == {}, answer
     frontend.wait_for_images(answer["prompt_id"], image_nodes)
-    points = frontend.page.evaluate(
-        """id => window.app.graph.getNodeById(id).strideLossChart.canvas.dataset.points""", trainer_id
-    )
-    assert points == str(steps), f"the chart shows {points} loss points for a {steps}-step run"
+    chart = """id => { const c = window.app.graph.getNodeById(id).strideLossChart;
+                       return {panels: c.drawn, caption: c.caption.textContent}; }"""
+    shown = page.evaluate(chart, trainer_id)
+    (panel,) = shown["panels"]
+    assert panel["points"] == steps, f"the chart shows {panel['points']} loss points for a {steps}-step run"
+    assert panel["xTicks"] and panel["yTicks"], "both axes carry ticks"
+    assert shown["caption"].startswith(f"done: {steps} steps in ")
+    # The node's own progress text (the frontend's text box on the node): step, loss raw and smoothed, time left.
+    texts = page.evaluate("() => window.strideTexts")
+    assert [t.split(" · ")[0] for t in texts] == [f"step {k}/{steps}" for k in range(1, steps + 1)]
+    assert " (smoothed " in texts[0] and " · ETA " in texts[0] and " · done in " in texts[-1]
+    shown_text = page.evaluate("""id => window.app.graph.getNodeById(id).widgets
+                                    .find(w => w.name === '$$node-text-preview')?.value""", trainer_id)
+    assert shown_text == texts[-1], "the last progress text stays on the node"
+    frontend.fit_view([trainer_id], max_scale=2.0)
+    frontend.screenshot("loss_chart_run")
+
+    page.reload()
+    page.wait_for_function("() => window.app && window.app.graph", timeout=120_000)
+    page.wait_for_function(
+        """([id, steps]) => { const c = window.app.graph.getNodeById(id)?.strideLossChart;
+                              return c && c.drawn.length && c.drawn[0].points === steps; }""",
+        arg=[trainer_id, steps], timeout=30_000)
+    page.evaluate("id => window.app.graph.getNodeById(id).strideLossChart.load([])", trainer_id)
+    answer = frontend.queue()  # nothing changed: every node is cached and sends its cached UI output
+    assert answer["http_status"] == 200, answer
+    page.wait_for_function(
+        """([id, steps]) => window.app.graph.getNodeById(id).strideLossChart.drawn[0].points === steps""",
+        arg=[trainer_id, steps], timeout=60_000)
 
 
 def test_loss_chart_draws_axes_both_series_and_one_panel_per_phase(frontend):
@@ -247,8 +279,8 @@ def test_loss_chart_draws_axes_both_series_and_one_panel_per_phase(frontend):
              for (let step = 1; step <= steps - 10; step++) {
                const loss = 0.3 * Math.exp(-step / 10) + 0.01;
                ema = step === 1 ? loss : 0.9 * ema + 0.1 * loss;
-               api.dispatchCustomEvent('stride.distill.loss',
-                 {node: String(id), step, steps, loss, ema, eta_s: 65 * (steps - step), elapsed_s: step});
+               api.dispatchCustomEvent('stride.distill.loss', {node: String(id), step, steps,
+                 losses: {loss}, ema: {loss: ema}, eta_s: 65 * (steps - step), elapsed_s: step});
              }
            }""",
         [node_id, steps],
@@ -268,15 +300,16 @@ def test_loss_chart_draws_axes_both_series_and_one_panel_per_phase(frontend):
     assert page.evaluate("id => window.app.graph.getNodeById(id).properties.stride_loss_log_scale", node_id) is False
     page.locator("input.stride-loss-log").click()
 
-    # The node's UI output after the run (also what a cached run sends): the whole history, two phases.
-    history = [{"phase": "generator", "steps": steps, "first_step": 1, "loss": [1.0 / k for k in range(1, steps + 1)],
-                "ema": [1.0 / k for k in range(1, steps + 1)], "elapsed_s": 125.0},
-               {"phase": "fake score", "steps": 2 * steps, "first_step": 1, "loss": [0.5] * (2 * steps),
-                "ema": [0.5] * (2 * steps), "elapsed_s": 125.0}]
+    # The node's UI output after the run (also what a cached run sends): the whole history of a run with two
+    # loss series (phases), one of them without a value on every step (null).
+    generator = [1.0 / k if k % 2 else None for k in range(1, steps + 1)]
+    history = [{"steps": steps, "first_step": 1, "elapsed_s": 125.0,
+                "losses": {"generator": generator, "fake score": [0.5] * steps},
+                "ema": {"generator": generator, "fake score": [0.5] * steps}}]
     page.evaluate("([id, h]) => window.app.graph.getNodeById(id).onExecuted({stride_loss: h})", [node_id, history])
     done = page.evaluate(state, node_id)
-    assert [(p["phase"], p["points"]) for p in done["panels"]] == [("generator", steps), ("fake score", 2 * steps)]
-    assert done["caption"] == "done: 80 steps in 2m 05s"
+    assert [(p["phase"], p["points"]) for p in done["panels"]] == [("generator", steps // 2), ("fake score", steps)]
+    assert done["caption"] == "done: 40 steps in 2m 05s"
     frontend.screenshot("loss_chart_phases")
     assert page.evaluate("id => window.app.graph.getNodeById(id).strideLossChart.canvas.dataset.points",
-                         node_id) == str(3 * steps)
+                         node_id) == str(steps // 2 + steps)
