@@ -337,9 +337,10 @@ class StrideDistillLoRA(io.ComfyNode):
                                 "output/stride_checkpoints/<name>.safetensors."),
                 io.Boolean.Input("resume", default=True, tooltip="Continue from this run's checkpoint if one exists."),
                 io.Boolean.Input("export_headless", optional=True, default=False,
-                                 tooltip="Also write output/stride_headless/<name>/ (teacher weights as the graph runs "
-                                         "them, training data, config) to run the same distillation headless or on "
-                                         "several GPUs with torchrun; the report gives the command."),
+                                 tooltip="Also save what it takes to run this distillation headless or on several GPUs "
+                                         "with torchrun (the teacher's weights as the graph runs them, the training "
+                                         "data, the settings) to output/stride_headless/<name>/; the report gives the "
+                                         "command."),
             ],
             outputs=[
                 io.Model.Output(display_name="model", tooltip="The MODEL with the trained LoRA applied (sample right "

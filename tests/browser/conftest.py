@@ -266,6 +266,25 @@ class Frontend:
         )
         self.page.wait_for_timeout(300)  # the canvas redraws on the next animation frames
 
+    def page_box(self, node_ids: list[int]) -> tuple[int, int, int, int]:
+        """Page pixels (left, top, right, bottom) that the given nodes cover, title bars included."""
+        view = self._view(node_ids)
+        (cx, cy), scale, (ox, oy) = view["canvas"], view["scale"], view["offset"]
+        x0, y0, x1, y1 = view["extent"]
+        return (round(cx + (x0 + ox) * scale), round(cy + (y0 + oy) * scale),
+                round(cx + (x1 + ox) * scale), round(cy + (y1 + oy) * scale))
+
+    def wait_for_run(self, prompt_id: str, timeout: float = 240.0) -> dict:
+        """The prompt's history entry once it has finished; fail if it failed."""
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            entry = self.server.get_json(f"/history/{prompt_id}").get(prompt_id)
+            if entry and entry.get("status", {}).get("completed"):
+                assert entry["status"]["status_str"] == "success", entry["status"]
+                return entry
+            time.sleep(0.5)
+        raise AssertionError(f"prompt {prompt_id} did not finish within {timeout:.0f} s")
+
     def screenshot(self, name: str) -> Path:
         """Save the page to docs/screenshots/<name>.png (see tests/artifacts.py), with the mouse parked off the graph."""
         self.page.mouse.move(20, VIEWPORT["height"] // 2 + 100)  # the empty part of the side bar: no hover

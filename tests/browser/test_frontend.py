@@ -2,6 +2,7 @@
 Stride nodes are found by the node search; broken workflows get the frontend's normal messages."""
 from __future__ import annotations
 
+import io
 import json
 import time
 from pathlib import Path
@@ -10,8 +11,9 @@ from urllib.parse import parse_qs, urlparse
 import pytest
 
 import comfy_host as host
+from tests.artifacts import docs_path
 from tests.browser import hygiene
-from workflow_builder import Graph
+from workflow_builder import Graph, is_measuring
 
 WORKFLOW_FILES = sorted((host.ROOT / "workflows").glob("*.json"))
 PACK = "stride"  # the pack's folder name under custom_nodes (prepare_base_dir links it so)
@@ -57,11 +59,27 @@ def test_workflow_loads_runs_and_shows_its_images(frontend, comfy_server, path: 
         assert [parse_qs(urlparse(url).query)["filename"][0] for url in urls] == saved
 
     assert frontend.ERROR_DIALOG not in frontend.dialogs()
+    # Results on the canvas: every measuring node shows its rows as a table (web/stride_results.js).
+    tables = frontend.page.evaluate(
+        """() => Object.fromEntries(window.app.graph._nodes.filter(n => n.strideResults).map(n => [n.id, {
+             rows: n.strideResults.rows,
+             cells: Array.from(n.strideResults.element.querySelectorAll('td')).length,
+             visible: n.strideResults.element.getBoundingClientRect().height > 0}]))""")
+    for node_id, table in tables.items():
+        rows = history["outputs"][node_id]["stride_table"]
+        assert table["rows"] == rows and table["cells"] > len(rows) and table["visible"], f"node #{node_id}'s table"
+    info = comfy_server.object_info
+    measuring = [n["id"] for n in nodes if n["type"] in info and is_measuring(info[n["type"]])]
+    assert sorted(int(k) for k in tables) == sorted(measuring), "a table on every measuring node"
     layout = hygiene.measure(frontend.page)
     assert sorted(hygiene.previews(layout)) == sorted(image_nodes), "every image node shows its preview"
     assert hygiene.problems(layout) == [], "after the run (previews shown, nodes grown to fit them)"
     frontend.fit_view()
     frontend.screenshot(path.stem)
+    compared = [n["id"] for n in nodes if n["type"] == "StrideCompareResults"]
+    if compared:  # the workflow's comparison rows, side by side on the canvas
+        frontend.fit_view(compared, max_scale=2.0)
+        frontend.screenshot(f"{path.stem}_compared")
     assert [str(e) for e in frontend.errors(since=mark)] == []
 
 
@@ -313,3 +331,50 @@ def test_loss_chart_draws_axes_both_series_and_one_panel_per_phase(frontend):
     frontend.screenshot("loss_chart_phases")
     assert page.evaluate("id => window.app.graph.getNodeById(id).strideLossChart.canvas.dataset.points",
                          node_id) == str(steps // 2 + steps)
+
+
+def test_measured_results_show_on_the_canvas_before_and_after(browser, frontend, comfy_server):
+    """Stride Reference Metrics and Stride Image Diversity after a run of the hybrid workflow, as a page without
+    Stride's results extension shows them (how every frontend showed them before: nothing) and with it (a table).
+    Writes the README's before/after picture."""
+    from PIL import Image, ImageDraw
+
+    path = host.ROOT / "workflows" / "hybrid_diversity.json"
+    workflow = json.loads(path.read_text())
+    scores = [n["id"] for n in workflow["nodes"] if n["type"] in ("StrideReferenceMetrics", "StrideImageDiversity")
+              and n["widgets_values"][-1] == "hybrid"]
+    assert len(scores) == 2
+
+    def run_and_capture(page_frontend) -> Image.Image:
+        page_frontend.load(workflow, path.stem)
+        page_frontend.fit_view()
+        answer = page_frontend.queue()
+        assert answer["http_status"] == 200, answer
+        page_frontend.wait_for_run(answer["prompt_id"])
+        page_frontend.fit_view(scores, max_scale=2.0)
+        page_frontend.page.mouse.move(20, 550)
+        page_frontend.page.wait_for_timeout(500)
+        picture = Image.open(io.BytesIO(page_frontend.page.screenshot()))
+        return picture.crop(page_frontend.page_box(scores))
+
+    after = run_and_capture(frontend)
+    shown = "ids => ids.every(id => window.app.graph.getNodeById(id).strideResults.rows.length)"
+    assert frontend.page.evaluate(shown, scores)
+    context = browser.new_context(viewport=frontend.page.viewport_size)
+    try:
+        context.route("**/extensions/stride/stride_results.js",
+                      lambda route: route.fulfill(status=200, content_type="text/javascript", body=""))
+        plain = type(frontend)(context.new_page(), comfy_server)
+        plain.open()
+        before = run_and_capture(plain)
+        assert plain.page.evaluate("ids => ids.every(id => !window.app.graph.getNodeById(id).strideResults)", scores)
+    finally:
+        context.close()
+    label = 28
+    card = Image.new("RGB", (before.width + after.width + 30, max(before.height, after.height) + label), (24, 24, 24))
+    draw = ImageDraw.Draw(card)
+    card.paste(before, (0, label))
+    card.paste(after, (before.width + 30, label))
+    draw.text((6, 8), "before: the scores are computed, nothing shows", fill=(230, 230, 230))
+    draw.text((before.width + 36, 8), "after: the scores as a table on the node", fill=(230, 230, 230))
+    card.save(docs_path("screenshots/metrics_before_after.png"))
