@@ -231,6 +231,8 @@ def piflow() -> Graph:
     g.note(
         "pi-Flow (policy-based flow models): once per step the model predicts a policy (here the exact "
         "Gaussian-mixture posterior of a known mixture), which the sampler integrates with 128 cheap substeps. "
+        "Right result: every picture shows the letter pi in warm colours (yellow, orange, red, pink, mixed pixel by "
+        "pixel and different in every sample) on a grey background. "
         "Guidance is distilled in: BasicGuider.\n\n"
         "With a released adapter (pi-FLUX.1): Load Diffusion Model flux1-dev -> Stride pi-Flow Adapter Loader "
         "(gmflux_k8_piid_4step.safetensors in models/loras) -> this MODEL input; DualCLIPLoader (clip_l, t5xxl) + "

@@ -76,12 +76,18 @@ def write_report(out: Path, workflow: Path, prompt: dict, result: host.RunResult
         "![time per node](timings.png)",
         "",
     ]
-    rows = [json.loads(text) for text in texts if text.startswith("{")]
+    merged: dict[str, dict] = {}  # one row per label: a measuring node's report, or the rows of a comparison
+    for text in texts:
+        if text.startswith(("{", "[")):
+            parsed = json.loads(text)
+            for row in parsed if isinstance(parsed, list) else [parsed]:
+                merged.setdefault(str(row.get("label", len(merged))), {}).update(row)
+    rows = list(merged.values())
     if rows:
         keys = list(dict.fromkeys(key for row in rows for key in row))
         lines += ["## Metrics reported by the nodes", "", "| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
         lines += ["| " + " | ".join(str(row.get(key, "")) for key in keys) + " |" for row in rows] + [""]
-    others = [text for text in texts if not text.startswith("{")]
+    others = [text for text in texts if not text.startswith(("{", "["))]
     if others:
         lines += ["## Text reported by the nodes", ""] + [f"```\n{text}\n```" for text in others] + [""]
     if images:

@@ -1,7 +1,8 @@
 // Stride: results on the node. Every Stride measuring node (an output node with a "report" output and no loss
 // output, e.g. Stride Reference Metrics, Stride Image Diversity, Stride Compare Results) shows its result as a
 // compact table below its widgets; with several rows (labels) the rows are side by side and each cell carries a bar
-// scaled to its row's range, a small chart to compare them at a glance.
+// from the lowest to the highest value of its line, a small chart to compare them at a glance (none where all are
+// equal).
 //
 // What the table reads (nodes/results.py sends it as the node's UI output, on "executed", also for a cached
 // run; after a page reload it is read back from the server's /history):
@@ -72,7 +73,7 @@ class ResultsTable {
       name.title = help[key] || "";
       Object.assign(name.style, { padding: "1px 4px", color: "#bbb", whiteSpace: "nowrap" });
       const numbers = rows.map((row) => row[key]).filter((v) => typeof v === "number" && Number.isFinite(v));
-      const lo = Math.min(0, ...numbers), hi = Math.max(0, ...numbers);
+      const lo = Math.min(...numbers), hi = Math.max(...numbers); // bars span the row's range: the lowest is short
       for (const row of rows) {
         const td = tr.insertCell();
         td.textContent = cell(row[key]);
@@ -80,7 +81,7 @@ class ResultsTable {
         Object.assign(td.style, { padding: "1px 4px", textAlign: "right", whiteSpace: "nowrap" });
         const value = row[key];
         if (rows.length > 1 && typeof value === "number" && Number.isFinite(value) && hi > lo) {
-          const width = (100 * Math.abs(value)) / (hi - lo);
+          const width = 8 + (92 * (value - lo)) / (hi - lo);
           td.style.background = `linear-gradient(to left, rgba(111,168,255,0.35) ${width}%, transparent ${width}%)`;
           td.dataset.bar = width.toFixed(1);
         }
