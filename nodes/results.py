@@ -50,9 +50,9 @@ class StrideCompareResults(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="StrideCompareResults", display_name="Stride Compare Results", category=CATEGORY,
-            description=("Shows several reports as one table on the node: one row per label (reports with the same "
-                         "label, e.g. Stride Reference Metrics and Stride Image Diversity of the same samples, share "
-                         "a row), with a bar in each cell to compare the rows at a glance."),
+            description=("Shows several reports as one table on the node, one row per label, with a bar in each "
+                         "cell to compare the rows at a glance. Reports with the same label (say Stride Reference "
+                         "Metrics and Stride Image Diversity of the same samples) share a row."),
             inputs=[
                 io.String.Input(f"report_{index}", force_input=True, optional=index > 1,
                                 tooltip="The report output of a Stride measuring node (or of another Compare Results).")

@@ -17,21 +17,26 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import comfy_host as host
 from workflow_builder import Graph
 
+sys.path.insert(0, str(host.ROOT))
+from distill_core.methods import METHODS
+
 WORKFLOWS = host.ROOT / "workflows"
 TEMPLATE_INDEX = host.ROOT / "web" / "workflow_templates.json"
 FLOW_MAP = "flow map (ideal distilled student)"
 DENOISER = "denoiser (ideal many-step teacher)"
 COL = 360  # sketch pitch: column c is sketched at x = c * COL (the builder spaces columns by their real widths)
 ROW = 100  # sketch pitch of rows; the builder pushes nodes down as far as their real heights need
-METHODS = {  # name with its abbreviation spelled out, template title, template description
+TDD_SDXL = METHODS["tdd-sdxl"]  # widgets left out of a node take the node's defaults, the registry's values
+SAMPLER_WORKFLOWS = {  # name with its abbreviation spelled out, template title, template description
     "lcm": ("LCM (Latent Consistency Model)", "LCM sampler, 4 steps",
             "Latent Consistency Model sampling on an ideal distilled model."),
     "tcd": ("TCD (Trajectory Consistency Distillation, Hyper-SD)", "TCD sampler, 4 steps",
-            "Trajectory Consistency Distillation (Hyper-SD) sampling, gamma 0.3."),
+            "Trajectory Consistency Distillation (Hyper-SD) sampling, gamma "
+            f"{METHODS['tcd-lora'].sampler.knobs['gamma']:g}."),
     "hyper_sd": ("Hyper-SD N-step (DDIM: TCD with gamma 0)", "Hyper-SD N-step, 4 steps",
                  "DDIM on Hyper-SD's trailing schedule, for its N-step LoRAs."),
     "tdd": ("TDD (Target-Driven Distillation)", "TDD sampler, 4 steps",
-            "Target-Driven Distillation sampling with real guidance (CFG 1.7)."),
+            f"Target-Driven Distillation sampling with real guidance (CFG {TDD_SDXL.cfg:g})."),
 }
 
 
@@ -41,14 +46,20 @@ def _prompts(g: Graph, row: float, prompt: str = "disc"):
     return positive, negative
 
 
-def _view(g: Graph, latent, col: int, row: float, prefix: str, label: str, positive) -> list:
-    """Decode, save and score one set of samples: the nodes, for the caller's group."""
-    image = g.add("StrideLatentToImage", (col * COL, row * ROW), title="Preview decode (latent to RGB)", samples=latent,
-                  scale=16)
+def _view(g: Graph, latent, col: int, row: float, prefix: str, label: str, positive, shown: int | None = None,
+          decode_title: str = "Preview decode (latent to RGB)") -> list:
+    """Decode and save the samples (only the first ``shown`` of a large batch) and score all of them: the nodes,
+    for the caller's group; the metrics node is the second."""
+    pictures, first = latent, []
+    if shown is not None:
+        first = [g.add("LatentFromBatch", (col * COL, (row + 2) * ROW), title=f"First {shown} for the pictures",
+                       samples=latent, batch_index=0, length=shown)]
+        pictures = (first[0], 0)
+    image = g.add("StrideLatentToImage", (col * COL, row * ROW), title=decode_title, samples=pictures, scale=16)
     metrics = g.add("StrideReferenceMetrics", (col * COL, (row + 1) * ROW), samples=latent, conditioning=positive,
                     label=label)
     save = g.add("SaveImage", ((col + 1) * COL, row * ROW), images=(image, 0), filename_prefix=prefix)
-    return [image, metrics, save]
+    return [image, metrics, save, *first]
 
 
 def _compare(g: Graph, reports: list, col: int, row: float):
@@ -59,7 +70,7 @@ def _compare(g: Graph, reports: list, col: int, row: float):
 
 def few_step_method(method: str) -> Graph:
     """SamplerCustomAdvanced with a Stride sampler + scheduler on the ideal distilled model."""
-    name, title, description = METHODS[method]
+    name, title, description = SAMPLER_WORKFLOWS[method]
     short = name.split(" (")[0]
     g = Graph(title=title, description=description)
     model = g.add("StrideReferenceModel", (0, 0), title="Distilled model (analytic stand-in)",
@@ -67,13 +78,13 @@ def few_step_method(method: str) -> Graph:
     positive, negative = _prompts(g, 2)
     latent = g.add("EmptyLatentImage", (0, 4 * ROW), title="16 samples", width=64, height=64, batch_size=16)
     guider = g.add("CFGGuider", (COL, 0), title="Guidance (CFG)", model=(model, 0), positive=(positive, 0),
-                   negative=(negative, 0), cfg=1.7 if method == "tdd" else 1.0)
+                   negative=(negative, 0), cfg=TDD_SDXL.cfg if method == "tdd" else 1.0)
     noise = g.add("RandomNoise", (COL, 1 * ROW), noise_seed=7)
     if method == "lcm":
         sampler = g.add("StrideLCMSampler", (COL, 2 * ROW), s_noise=1.0, boundary_condition=True)
         sigmas = g.add("StrideLCMScheduler", (COL, 3 * ROW), model=(model, 0), steps=4, original_steps=50, denoise=1.0)
     elif method == "tcd":
-        sampler = g.add("StrideTCDSampler", (COL, 2 * ROW), gamma=0.3)
+        sampler = g.add("StrideTCDSampler", (COL, 2 * ROW))  # the node's default gamma is the registry's
         sigmas = g.add("StrideHyperSDScheduler", (COL, 3 * ROW), model=(model, 0), mode="tcd grid", steps=4,
                        denoise=1.0)
     elif method == "hyper_sd":
@@ -81,7 +92,7 @@ def few_step_method(method: str) -> Graph:
         sigmas = g.add("StrideHyperSDScheduler", (COL, 3 * ROW), model=(model, 0), mode="trailing", steps=4,
                        denoise=1.0)
     else:
-        sampler = g.add("StrideTDDSampler", (COL, 2 * ROW), eta=0.2, clip_x0_steps=0, clip_ratio=0.995)
+        sampler = g.add("StrideTDDSampler", (COL, 2 * ROW))  # eta and clipping: the registry's defaults
         sigmas = g.add("StrideTDDScheduler", (COL, 3 * ROW), model=(model, 0), steps=4, special_jump=False,
                        denoise=1.0)
     sample = g.add("SamplerCustomAdvanced", (2 * COL, 0), noise=(noise, 0), guider=(guider, 0), sampler=(sampler, 0),
@@ -99,6 +110,10 @@ def few_step_method(method: str) -> Graph:
     return g
 
 
+DEMO_SAMPLES = 1024  # per row: 8 metric repeats of 128, so the report's own comparisons hold within their intervals
+DEMO_SHOWN = 16  # samples per row in the pictures
+
+
 def demo(distill_steps: int = 200) -> Graph:
     """The main demo on the project's demo UNet: many-step base, few-step before/after distillation, hybrid."""
     g = Graph(title="Stride demo tour",
@@ -107,7 +122,8 @@ def demo(distill_steps: int = 200) -> Graph:
     prompts = [g.add("StrideClassPrompt", (0, (1 + i) * ROW), title=f"Prompt '{name}'", prompt=name)
                for i, name in enumerate(("disc", "square", "cross", "ring"))]
     empty = g.add("StrideClassPrompt", (0, 5 * ROW), title="Empty prompt", prompt="")
-    latent = g.add("EmptyLatentImage", (0, 6 * ROW), title="16 samples", width=64, height=64, batch_size=16)
+    latent = g.add("EmptyLatentImage", (0, 6 * ROW), title=f"{DEMO_SAMPLES} samples (the first {DEMO_SHOWN} shown)",
+                   width=64, height=64, batch_size=DEMO_SAMPLES)
     shown = prompts[3]
     data = g.add("StrideDistillDataset", (COL, 0), title="Distillation data (prompts)", prompt_1=(prompts[0], 0),
                  prompt_2=(prompts[1], 0), prompt_3=(prompts[2], 0), prompt_4=(prompts[3], 0),
@@ -127,10 +143,10 @@ def demo(distill_steps: int = 200) -> Graph:
             sampler_name="euler", scheduler="normal", denoise=1.0, **common)),
         "base_lcm_4": ("3. Before distillation: LCM, 4 steps", g.add(
             "StrideFewStepSample", (2 * COL, 10 * ROW), title="Base, LCM 4 steps (before distillation)",
-            model=(base, 0), method="lcm", steps=4, cfg=1.0, gamma=0.3, eta=0.2, seed=3, denoise=1.0, **common)),
+            model=(base, 0), method="lcm", steps=4, cfg=1.0, seed=3, denoise=1.0, **common)),
         "distilled_lcm_4": ("4. After distillation: LCM, 4 steps", g.add(
             "StrideFewStepSample", (2 * COL, 20 * ROW), title="Distilled, LCM 4 steps (after)", model=(train, 0),
-            method="lcm", steps=4, cfg=1.0, gamma=0.3, eta=0.2, seed=3, denoise=1.0, **common)),
+            method="lcm", steps=4, cfg=1.0, seed=3, denoise=1.0, **common)),
     }
     hybrid = g.add("StrideHybridSample", (2 * COL, 30 * ROW), title="Hybrid: 1 base step + 3 distilled steps",
                    base_model=(base, 0), base_positive=(shown, 0), base_negative=(empty, 0), base_cfg=1.0,
@@ -140,7 +156,8 @@ def demo(distill_steps: int = 200) -> Graph:
     rows["hybrid_1_plus_3"] = ("5. Hybrid: the base model's first step, then the distilled model", hybrid)
     reports = []
     for index, (name, (title, sample)) in enumerate(rows.items()):
-        view = _view(g, (sample, 0), 3, 10 * index, f"stride_demo_{name}", name.replace("_", " "), (shown, 0))
+        view = _view(g, (sample, 0), 3, 10 * index, f"stride_demo_{name}", name.replace("_", " "), (shown, 0),
+                     DEMO_SHOWN)
         reports.append(view[1])
         members = [sample, *view]
         if sample is hybrid:
@@ -153,9 +170,11 @@ def demo(distill_steps: int = 200) -> Graph:
     g.group("6. Compared", [_compare(g, reports, 2, 40)])
     g.note(
         "Stride demo on the project's own demo model (a small ComfyUI UNet trained on a known mixture of coloured "
-        "shapes; the metrics nodes score samples exactly). 1) A short in-graph LCM-LoRA distillation. 2) 25 Euler "
-        "steps of the base model. 3) LCM (Latent Consistency Model) sampling with 4 steps on the undistilled base. "
-        "4) The same after distillation. 5) Hybrid: the base model's first step, then the distilled model. The "
+        f"shapes; the metrics nodes score all {DEMO_SAMPLES} samples of a row exactly, with 95% intervals; the "
+        f"pictures show the first {DEMO_SHOWN}). 1) A short in-graph LCM-LoRA distillation. 2) 25 Euler steps of the "
+        "base model. 3) LCM (Latent Consistency Model) sampling with 4 steps on the undistilled base. 4) The same "
+        "after distillation. 5) Hybrid: the base model's first step, then the distilled model (the method aims at "
+        "the base model's diversity at distilled cost: compare the mode figures in the last table). The "
         "diffusion-target view shows, per step, the noisy latent x_t and the model's guess of the final picture "
         "(predicted x0). Change the prompt (disc, square, cross, ring) or the distillation steps.",
         (0, 8 * ROW),
@@ -186,13 +205,13 @@ def distill_training(steps: int = 300) -> Graph:
     g.group("1. Distil the teacher into an LCM-LoRA and save it", [data, train, save, plot, loss_image])
     before = g.add("StrideFewStepSample", (2 * COL, 10 * ROW), title="Teacher, LCM 4 steps (before)", model=(base, 0),
                    positive=(prompts[3], 0), negative=(empty, 0), latent_image=(latent, 0), method="lcm", steps=4,
-                   cfg=0.0, gamma=0.3, eta=0.2, seed=5, denoise=1.0)
+                   cfg=0.0, seed=5, denoise=1.0)
     before_view = _view(g, (before, 0), 3, 10, "stride_distill_before", "before", (prompts[3], 0))
     g.group("2. Before: the teacher sampled with LCM in 4 steps", [before, *before_view])
     reload = g.add("StrideReloadLoRA", (COL, 20 * ROW), model=(base, 0), lora_name=(save, 0), strength=1.0)
     after = g.add("StrideFewStepSample", (2 * COL, 20 * ROW), title="Distilled LoRA, LCM 4 steps (after)",
                   model=(reload, 0), positive=(prompts[3], 0), negative=(empty, 0), latent_image=(latent, 0),
-                  method="lcm", steps=4, cfg=0.0, gamma=0.3, eta=0.2, seed=5, denoise=1.0)
+                  method="lcm", steps=4, cfg=0.0, seed=5, denoise=1.0)
     after_view = _view(g, (after, 0), 3, 20, "stride_distill_after", "after", (prompts[3], 0))
     g.group("3. After: the saved LoRA reloaded, LCM in 4 steps", [reload, after, *after_view])
     g.group("4. Compared", [_compare(g, [before_view[1], after_view[1]], 2, 30)])
@@ -262,7 +281,7 @@ def hybrid_diversity() -> Graph:
             cfg=3.0, sampler_name="euler", scheduler="normal", denoise=1.0, **common)),
         "distilled": ("2. Distilled model alone: LCM, 4 steps", g.add(
             "StrideFewStepSample", (COL, 10 * ROW), title="Distilled alone: LCM, 4 steps", model=(distilled, 0),
-            method="lcm", steps=4, cfg=1.0, gamma=0.3, eta=0.2, seed=3, denoise=1.0, **common)),
+            method="lcm", steps=4, cfg=1.0, seed=3, denoise=1.0, **common)),
     }
     hybrid = g.add("StrideHybridSample", (COL, 20 * ROW), title="Hybrid: 1 base step + 3 distilled steps",
                    base_model=(base, 0), base_positive=(positive, 0), base_negative=(negative, 0),
@@ -293,17 +312,19 @@ def hybrid_diversity() -> Graph:
     g.note(
         "Diversity distillation (Gandikota & Bau). Row 1: the base model alone (many steps). Row 2: a distilled model "
         "that lost modes (here the exact flow map of a mixture that keeps one of the two 'disc' colours): 4 fast "
-        "steps, one colour. Row 3: the hybrid: the base model takes the first step of the 4-step LCM schedule "
-        "(t=999), the distilled model the rest (759, 499, 259). Compare mode entropy / recall (Stride Reference "
-        "Metrics) and Stride Image Diversity, side by side in the last table: the hybrid gets the base model's "
-        "variety at 1 base + 3 distilled model calls. The diffusion-target (DT) view shows, per step, the noisy "
-        "latent x_t beside the model's guess "
-        "of the final picture (predicted x0): the first row is the base model's blurry guess, then the distilled "
-        "model commits to a picture. Base CFG (classifier-free guidance) is 3 here: on the exact reference teacher "
-        "one big base step at the paper's CFG 7 overshoots for some classes.\n\n"
+        "steps, mostly one colour. Row 3: the hybrid: the base model takes the first step of the 4-step LCM "
+        "schedule (t=999), the distilled model the rest (759, 499, 259). Compare mode entropy / recall / TV (Stride "
+        "Reference Metrics) and Stride Image Diversity, side by side in the last table: the method aims at the base "
+        "model's variety at 1 base + 3 distilled model calls. The metrics come with 95% intervals (value ± "
+        "half-width), wide at 32 samples: raise the batch to a few hundred to tell the rows apart. The "
+        "diffusion-target (DT) view shows, per step, the noisy latent x_t beside the model's guess of the final "
+        "picture (predicted x0): the first row is the base model's blurry guess, then the distilled model commits "
+        "to a picture. Base CFG (classifier-free guidance) is 3 here: on the exact reference teacher one big base "
+        "step at the paper's CFG 7 overshoots for some classes.\n\n"
         "Real models: Load Checkpoint (SDXL base) -> base_model; the same checkpoint + LoraLoader with an LCM / "
         "Hyper-SD / TDD LoRA -> distilled_model (both must share the VAE); CLIP Text Encode for the prompts; base cfg "
-        "7 (the paper's), distilled cfg 1 (TDD 1.7); distilled_sampler and schedule as the LoRA was trained (LCM: lcm "
+        f"7 (the paper's), distilled cfg 1 (TDD {TDD_SDXL.cfg:g}); distilled_sampler and schedule as the LoRA was "
+        "trained (LCM: lcm "
         "+ lcm grid, Hyper-SD unified: tcd + lcm grid, Hyper-SD N-step: euler + trailing, TDD: tdd + tdd); VAE Decode "
         "instead of the preview decode, and connect the VAE to Stride Trace Grid. Stride Reference Metrics only "
         "scores the reference models; Stride Image Diversity works on any images. For other sampler settings use "
@@ -313,11 +334,198 @@ def hybrid_diversity() -> Graph:
     return g
 
 
+# ------------------------------------------------------------------------------------------
+# Few-step families (issue 13): one workflow per family group, on the reference models
+# ------------------------------------------------------------------------------------------
+VIDEO = "video (B, 4, T, 8, 8): independent frames"
+REAL_DECODE = "Preview decode (VAE Decode for real models)"
+
+
+def _family_inputs(g: Graph, prediction: str, latents: str | None = None, form: str = FLOW_MAP,
+                   title: str = "Distilled model (analytic stand-in)"):
+    """The reference model, a class prompt and an empty prompt in column 0 (``latents``: the video variant)."""
+    extra = {} if latents is None else {"latents": latents}
+    model = g.add("StrideReferenceModel", (0, 0), title=title, variant="demo", prediction=prediction, form=form,
+                  flow_map_steps=48, **extra)
+    positive = g.add("StrideClassPrompt", (0, ROW), title="Prompt (a class name)", prompt="ring")
+    negative = g.add("StrideClassPrompt", (0, 2 * ROW), title="Empty prompt", prompt="")
+    return model, positive, negative
+
+
+def _family_rows(g: Graph, model, positive, negative, latent, rows: list[tuple[str, int, str]], prefix: str) -> list:
+    """One Stride Few-Step Sample per (family, steps, title), each with its result, one numbered group per row;
+    the rows' metrics nodes."""
+    reports = []
+    for index, (family, steps, title) in enumerate(rows):
+        sample = g.add("StrideFewStepSample", (COL, 10 * index * ROW), title=title, model=(model, 0),
+                       positive=(positive, 0), negative=(negative, 0), latent_image=(latent, 0), method=family,
+                       steps=steps, cfg=0.0, seed=7, denoise=1.0)
+        view = _view(g, (sample, 0), 2, 10 * index, f"{prefix}_{family}", family, (positive, 0),
+                     decode_title=REAL_DECODE)
+        reports.append(view[1])
+        g.group(f"{index + 1}. {title}", [sample, *view])
+    return reports
+
+
+def families_sdxl() -> Graph:
+    """SDXL-class families (eps): SDXL-Lightning, DMD2, Hyper-SD, one node each; Lightning 8-step as SIGMAS."""
+    g = Graph(title="SDXL few-step families",
+              description="SDXL-Lightning, DMD2 and Hyper-SD in one node each, and as SIGMAS.")
+    model, positive, negative = _family_inputs(g, "eps")
+    latent = g.add("EmptyLatentImage", (0, 3 * ROW), title="16 samples", width=64, height=64, batch_size=16)
+    reports = _family_rows(g, model, positive, negative, latent, [
+        ("sdxl-lightning-4step", 4, "SDXL-Lightning 4-step: Euler, trailing"),
+        ("dmd2-sdxl-4step", 4, "DMD2 4-step: x0, re-noise"),
+        ("hyper-sd-4step", 4, "Hyper-SD 4-step LoRA: DDIM trailing")], "stride_sdxl")
+    y = 30
+    schedule = g.add("StrideFewStepScheduler", (COL, y * ROW), title="Lightning 8-step SIGMAS + sampler",
+                     model=(model, 0), family="sdxl-lightning-8step", steps=0, denoise=1.0, width=64, height=64)
+    guider = g.add("CFGGuider", (COL, (y + 1) * ROW), title="Guidance (CFG 1)", model=(model, 0),
+                   positive=(positive, 0), negative=(negative, 0), cfg=1.0)
+    noise = g.add("RandomNoise", (COL, (y + 2) * ROW), noise_seed=7)
+    sample = g.add("SamplerCustomAdvanced", (2 * COL, y * ROW), noise=(noise, 0), guider=(guider, 0),
+                   sampler=(schedule, 1), sigmas=(schedule, 0), latent_image=(latent, 0))
+    view = _view(g, (sample, 0), 3, y, "stride_sdxl_graph", "sdxl-lightning-8step (graph)", (positive, 0),
+                 decode_title=REAL_DECODE)
+    reports.append(view[1])
+    g.group("4. Lightning 8-step as a graph: Few-Step Scheduler", [schedule, guider, noise, sample, *view])
+    g.group("5. Compared", [_compare(g, reports, 1, 40)])
+    g.note(
+        "Few-step SDXL families. Each Stride Few-Step Sample uses the schedule, sampler, CFG and knobs its authors "
+        "use (method = the family; 'auto' cannot tell SDXL LoRAs apart, so name it). Row 4 builds the same from "
+        "Stride Few-Step Scheduler (its SIGMAS and SAMPLER) in SamplerCustomAdvanced. The model here is Stride's "
+        "analytic stand-in for a distilled SDXL (the exact flow map of a known mixture), scored exactly by Stride "
+        "Reference Metrics; the last table puts the rows side by side.\n\nReal models: Load Checkpoint "
+        "sd_xl_base_1.0.safetensors -> LoraLoaderModelOnly (strength 1.0) with sdxl_lightning_4step_lora.safetensors "
+        "(ByteDance/SDXL-Lightning), dmd2_sdxl_4step_lora.safetensors (tianweiy/DMD2) or "
+        "Hyper-SDXL-4steps-lora.safetensors (ByteDance/Hyper-SD) -> MODEL; CLIP Text Encode for the prompts; Empty "
+        "Latent Image 1024 x 1024; VAE Decode instead of the preview decode. The full UNets "
+        "(sdxl_lightning_4step_unet.safetensors, DMD2's 4-step UNet) load with Load Diffusion Model. The 1-step "
+        "Lightning UNet predicts x0: put ModelSamplingDiscrete (x0) before the sampler.",
+        (0, 5 * ROW),
+    )
+    return g
+
+
+def families_flux() -> Graph:
+    """FLUX-class families (flow): FLUX.1 schnell in one node, Hyper-FLUX 8-step as SIGMAS with FLUX guidance."""
+    g = Graph(title="FLUX few-step families",
+              description="FLUX.1 schnell, and Hyper-FLUX with its image-size shift and guidance.")
+    model, positive, negative = _family_inputs(g, "flow")
+    latent = g.add("EmptySD3LatentImage", (0, 3 * ROW), title="16 samples (64 x 64)", width=64, height=64,
+                   batch_size=16)
+    reports = _family_rows(g, model, positive, negative, latent,
+                           [("flux1-schnell", 4, "FLUX.1 schnell: 4 Euler steps")], "stride_flux")
+    y = 10
+    schedule = g.add("StrideFewStepScheduler", (COL, y * ROW), title="Hyper-FLUX 8-step SIGMAS (image-size shift)",
+                     model=(model, 0), family="hyper-flux-8step", steps=0, denoise=1.0, width=64, height=64)
+    guidance = g.add("FluxGuidance", (COL, (y + 1) * ROW), title="FLUX guidance 3.5 (Hyper-FLUX)",
+                     conditioning=(positive, 0), guidance=3.5)
+    guider = g.add("CFGGuider", (COL, (y + 2) * ROW), title="Guidance (CFG 1)", model=(model, 0),
+                   positive=(guidance, 0), negative=(negative, 0), cfg=1.0)
+    noise = g.add("RandomNoise", (COL, (y + 3) * ROW), noise_seed=7)
+    sample = g.add("SamplerCustomAdvanced", (2 * COL, y * ROW), noise=(noise, 0), guider=(guider, 0),
+                   sampler=(schedule, 1), sigmas=(schedule, 0), latent_image=(latent, 0))
+    view = _view(g, (sample, 0), 3, y, "stride_flux_hyper", "hyper-flux-8step", (positive, 0),
+                 decode_title=REAL_DECODE)
+    reports.append(view[1])
+    g.group("2. Hyper-FLUX 8-step as a graph: SIGMAS and sampler", [schedule, guidance, guider, noise, sample, *view])
+    g.group("3. Compared", [_compare(g, reports, 1, 20)])
+    g.note(
+        "Few-step FLUX families on Stride's analytic stand-in for a distilled flow model. FLUX.1 schnell: 1-4 Euler "
+        "steps without a time shift or guidance. Hyper-FLUX and TDD-FLUX keep FLUX.1-dev's image-size shift (width "
+        "and height on the scheduler = the image's) and their FLUX guidance (Few-Step Sample sets it when no "
+        "FluxGuidance did). The last table puts the rows' exact scores side by side.\n\nReal models: Load "
+        "Diffusion Model flux1-schnell.safetensors (or flux1-dev.safetensors -> LoraLoaderModelOnly "
+        "Hyper-FLUX.1-dev-8steps-lora.safetensors at strength 0.125, ByteDance/Hyper-SD); DualCLIPLoader "
+        "clip_l.safetensors + t5xxl_fp16.safetensors (type flux) -> CLIP Text Encode; EmptySD3LatentImage 1024 x "
+        "1024 (scheduler width/height 1024); VAE Loader ae.safetensors -> VAE Decode.",
+        (0, 5 * ROW),
+    )
+    return g
+
+
+def families_qwen_zimage() -> Graph:
+    """Qwen-Image-Lightning (4 steps) and Z-Image-Turbo (8 steps): shift-3 flow families, one node each."""
+    g = Graph(title="Qwen-Image and Z-Image",
+              description="Qwen-Image-Lightning (4 steps) and Z-Image-Turbo (8 steps), shift 3.")
+    model, positive, negative = _family_inputs(g, "flow")
+    latent = g.add("EmptySD3LatentImage", (0, 3 * ROW), title="16 samples", width=64, height=64, batch_size=16)
+    reports = _family_rows(g, model, positive, negative, latent, [
+        ("qwen-image-lightning-4step", 4, "Qwen-Image-Lightning 4-step: shift 3"),
+        ("z-image-turbo", 8, "Z-Image-Turbo: 8 Euler steps, shift 3")], "stride_qwen_zimage")
+    g.group("3. Compared", [_compare(g, reports, 1, 20)])
+    g.note(
+        "Qwen-Image-Lightning and Z-Image-Turbo on Stride's analytic stand-in for a distilled flow model: uniform "
+        "Euler steps at shift 3 at every resolution, CFG 1. 'auto' picks the family on the real models (ComfyUI's "
+        "model detection names them). The last table puts the rows' exact scores side by side.\n\nReal models: "
+        "Qwen-Image: Load Diffusion Model qwen_image_fp8_e4m3fn.safetensors -> LoraLoaderModelOnly "
+        "Qwen-Image-Lightning-4steps-V1.0.safetensors (strength 1.0, lightx2v/Qwen-Image-Lightning); Load CLIP "
+        "qwen_2.5_vl_7b_fp8_scaled.safetensors (type qwen_image); Load VAE qwen_image_vae.safetensors. "
+        "Z-Image-Turbo: Load Diffusion Model z_image_turbo_bf16.safetensors; Load CLIP qwen_3_4b.safetensors (type "
+        "lumina2); Load VAE ae.safetensors. Both: EmptySD3LatentImage, CLIP Text Encode, VAE Decode instead of the "
+        "preview decode.",
+        (0, 5 * ROW),
+    )
+    return g
+
+
+def families_wan_video() -> Graph:
+    """Wan video latents: Wan 2.1 lightx2v in one node; Wan 2.2's two experts handing over at the sigma boundary."""
+    g = Graph(title="Wan video few-step",
+              description="Wan 2.1 lightx2v, and Wan 2.2's two experts handing over at sigma 0.875.")
+    model, positive, negative = _family_inputs(g, "flow", VIDEO, title="Distilled video model (stand-in)")
+    latent = g.add("EmptyHunyuanLatentVideo", (0, 3 * ROW), title="4 videos of 9 frames (3 latent frames)",
+                   width=64, height=64, length=9, batch_size=4)
+    reports = _family_rows(g, model, positive, negative, latent,
+                           [("wan21-lightx2v-4step", 4, "Wan 2.1 lightx2v: 4 Euler steps, shift 5")], "stride_wan21")
+    y = 10
+    high = g.add("StrideReferenceModel", (COL, y * ROW), title="High-noise expert (stand-in)", variant="demo",
+                 prediction="flow", form=DENOISER, flow_map_steps=48, latents=VIDEO)
+    hybrid = g.add("StrideHybridSample", (COL, (y + 1) * ROW), title="Wan 2.2: high-noise, then low-noise expert",
+                   base_model=(high, 0), base_positive=(positive, 0), base_negative=(negative, 0), base_cfg=1.0,
+                   base_sampler="euler", distilled_model=(model, 0), distilled_positive=(positive, 0),
+                   distilled_negative=(negative, 0), distilled_cfg=1.0, distilled_sampler="lcm",
+                   schedule="lcm / tcd grid", steps=4, handover_steps=1, seed=7, latent_image=(latent, 0),
+                   family="wan22-lightning-t2v-a14b", handover_boundary=0.0)
+    view = _view(g, (hybrid, 0), 2, y, "stride_wan22", "wan22 two experts", (positive, 0), decode_title=REAL_DECODE)
+    reports.append(view[1])
+    grid = g.add("StrideTraceGrid", (4 * COL, y * ROW), title="Who ran each step (blue: high-noise expert)",
+                 trace=(hybrid, 1), samples=(hybrid, 0), max_images=2)
+    trace_image = g.add("SaveImage", (5 * COL, y * ROW), images=(grid, 0), filename_prefix="stride_wan22_trace")
+    g.group("2. Wan 2.2 A14B: two experts hand over at sigma 0.875",
+            [high, hybrid, *view, grid, trace_image])
+    g.group("3. Compared", [_compare(g, reports, 1, 20)])
+    g.note(
+        "Wan video families on Stride's analytic stand-ins (each latent frame an exact draw of the prompt's class, so "
+        "the scores are exact). Row 1: Wan 2.1 lightx2v, 4 Euler steps at shift 5 (sigmas 1, 0.9375, 0.8333, 0.625). "
+        "Row 2: Wan 2.2 A14B's two experts: Stride Hybrid Sample with the Wan2.2-Lightning family runs the "
+        "high-noise expert while sigma >= 0.875 (the first 2 steps; I2V: 0.9), the low-noise expert after, as two "
+        "core KSamplerAdvanced (steps 0-2 with leftover noise, 2-4) do. The trace grid marks which expert ran each "
+        "step; the last table puts the rows' exact scores side by side.\n\nReal models: Load Diffusion Model "
+        "wan2.2_t2v_high_noise_14B_fp8_scaled.safetensors -> LoraLoaderModelOnly "
+        "Wan2.2-T2V-A14B-4steps-lora-rank64-Seko-V1.1/high_noise_model.safetensors (lightx2v/Wan2.2-Lightning, "
+        "strength 1.0) -> base_model; wan2.2_t2v_low_noise_14B_fp8_scaled.safetensors + its "
+        "low_noise_model.safetensors -> distilled_model; Load CLIP umt5_xxl_fp8_e4m3fn_scaled.safetensors (type wan) "
+        "-> CLIP Text Encode; EmptyHunyuanLatentVideo 832 x 480, 81 frames; Load VAE wan_2.1_vae.safetensors -> VAE "
+        "Decode -> Create Video -> Save Video. Wan 2.1: wan2.1_t2v_14B_fp8_scaled.safetensors + the lightx2v 4-step "
+        "LoRA in row 1.",
+        (0, 5 * ROW),
+    )
+    return g
+
+
+def family_workflows() -> dict[str, Graph]:
+    return {"families_sdxl": families_sdxl(), "families_flux": families_flux(),
+            "families_qwen_zimage": families_qwen_zimage(), "families_wan_video": families_wan_video()}
+
+
 def build_all() -> dict[str, Graph]:
     graphs = {"stride_demo": demo(), "distill_lcm_lora": distill_training(), "piflow": piflow(),
               "hybrid_diversity": hybrid_diversity()}
     for method in ("lcm", "tcd", "hyper_sd", "tdd"):
         graphs[f"sampler_{method}"] = few_step_method(method)
+    graphs.update(family_workflows())
     return graphs
 
 

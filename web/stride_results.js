@@ -7,12 +7,15 @@
 // What the table reads (nodes/results.py sends it as the node's UI output, on "executed", also for a cached
 // run; after a page reload it is read back from the server's /history):
 //   stride_table: [{label, column: value, ...}, ...]    stride_columns: [{key, help}]  (help: a cell's tooltip)
+// A figure with a 95% interval comes with its half-width as "<key>_pm" (distill_core.reference.metrics.flatten);
+// the table shows it in the figure's cell, "value ± half-width".
 import { app } from "../../scripts/app.js";
 import { latestOutput } from "./stride_history.js";
 
 export const RESULTS_HEIGHT = 200; // the table's height on the node; scripts/workflow_builder.py reads this line
 const TABLE = "stride_table";
 const COLUMNS = "stride_columns";
+const INTERVAL = "_pm";
 const PACK_MODULE = `custom_nodes.${decodeURIComponent(new URL(import.meta.url).pathname.split("/").slice(-2, -1)[0])}`;
 
 /** A measuring node: one of this pack's output nodes with a "report" output (a trainer, with a loss output, is not). */
@@ -54,7 +57,9 @@ class ResultsTable {
       return;
     }
     this.element.style.color = "#ddd";
-    const keys = [...new Set(rows.flatMap((row) => Object.keys(row)))].filter((key) => key !== "label");
+    const all = new Set(rows.flatMap((row) => Object.keys(row)));
+    const interval = (key) => key.endsWith(INTERVAL) && all.has(key.slice(0, -INTERVAL.length));
+    const keys = [...all].filter((key) => key !== "label" && !interval(key));
     const table = document.createElement("table");
     Object.assign(table.style, { borderCollapse: "collapse", width: "100%" });
     const head = table.insertRow();
@@ -70,14 +75,16 @@ class ResultsTable {
       tr.dataset.key = key;
       const name = tr.insertCell();
       name.textContent = key;
-      name.title = help[key] || "";
+      const tip = (help[key] || "") + (all.has(key + INTERVAL) ? " (± the 95% interval's half-width)" : "");
+      name.title = tip;
       Object.assign(name.style, { padding: "1px 4px", color: "#bbb", whiteSpace: "nowrap" });
       const numbers = rows.map((row) => row[key]).filter((v) => typeof v === "number" && Number.isFinite(v));
       const lo = Math.min(...numbers), hi = Math.max(...numbers); // bars span the row's range: the lowest is short
       for (const row of rows) {
         const td = tr.insertCell();
-        td.textContent = cell(row[key]);
-        td.title = help[key] || "";
+        const pm = row[key + INTERVAL];
+        td.textContent = cell(row[key]) + (typeof pm === "number" ? ` ± ${cell(pm)}` : "");
+        td.title = tip;
         Object.assign(td.style, { padding: "1px 4px", textAlign: "right", whiteSpace: "nowrap" });
         const value = row[key];
         if (rows.length > 1 && typeof value === "number" && Number.isFinite(value) && hi > lo) {

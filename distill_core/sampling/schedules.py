@@ -34,6 +34,14 @@ _TDD_SPECIAL_JUMP = {
 }
 
 
+class StrengthTooLowError(ValueError):
+    """``strength`` leaves no timestep on the grid; ``minimum`` is the smallest strength that leaves one."""
+
+    def __init__(self, message: str, minimum: float) -> None:
+        super().__init__(message)
+        self.minimum = minimum
+
+
 def _check_steps(steps: int, available: int, grid_name: str) -> None:
     if steps < 1:
         raise ValueError(f"steps must be at least 1, got {steps}")
@@ -63,6 +71,9 @@ def lcm_timesteps(
         raise ValueError(f"strength must be in (0, 1], got {strength}")
     k = num_train_timesteps // original_steps
     grid = [j * k - 1 for j in range(int(original_steps * strength), 0, -1)]
+    if not grid:
+        raise StrengthTooLowError(f"strength {strength:g} leaves no timestep on the {original_steps}-step LCM grid: "
+                                  f"it needs at least {1 / original_steps:g} (one grid step)", 1 / original_steps)
     _check_steps(steps, len(grid), f"LCM grid (original_steps={original_steps}, strength={strength})")
     return _pick_evenly(grid, steps)
 
@@ -88,6 +99,9 @@ def tcd_timesteps(
     if steps > original_steps:
         raise ValueError(f"steps ({steps}) cannot exceed original_steps ({original_steps})")
     grid = list(range(int(num_train_timesteps * strength) - 1, -1, -1))
+    if not grid:
+        raise StrengthTooLowError(f"strength {strength:g} leaves no training timestep: it needs at least "
+                                  f"{1 / num_train_timesteps:g}", 1 / num_train_timesteps)
     _check_steps(steps, len(grid), f"training grid (strength={strength})")
     return _pick_evenly(grid, steps)
 
@@ -163,6 +177,14 @@ def flux_mu(image_seq_len: int, base_shift: float = 0.5, max_shift: float = 1.15
         raise ValueError(f"image_seq_len must be positive, got {image_seq_len}")
     slope = (max_shift - base_shift) / (max_seq_len - base_seq_len)
     return image_seq_len * slope + base_shift - slope * base_seq_len
+
+
+def flux_image_seq_len(latent_height: int, latent_width: int) -> int:
+    """FLUX.1's image tokens for a latent of this size: one per 2 x 2 latent patch (odd sizes padded, as ComfyUI
+    and BFL pad), which is what :func:`flux_mu` reads (1024 x 1024 pixels -> 128 x 128 latent -> 4096 tokens)."""
+    if latent_height < 1 or latent_width < 1:
+        raise ValueError(f"the latent size must be positive, got {latent_height} x {latent_width}")
+    return math.ceil(latent_height / 2) * math.ceil(latent_width / 2)
 
 
 def img2img_tail(schedule: ScheduleT, steps: int, denoise: float) -> ScheduleT:

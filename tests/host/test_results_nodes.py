@@ -29,7 +29,9 @@ def test_measuring_nodes_send_table_rows_with_plain_word_help(comfy_host):
         (row,) = ui["stride_table"]
         assert row == json.loads(ui["text"][0]) and row["label"] == "lcm" and keys <= set(row)
         helped = {column["key"] for column in ui["stride_columns"]}
-        assert keys <= helped and all(column["help"] for column in ui["stride_columns"])
+        shown = {key for key in row if key != "label" and not (key.endswith("_pm") and key[:-3] in row)}
+        assert shown == helped and all(column["help"] for column in ui["stride_columns"]), "every row has its help"
+        assert all(f"{key}_pm" in row for key in keys - {"diversity"}), "the figures come with their intervals"
     (joined,) = result.outputs["compare"]["stride_table"]
     assert joined == {**result.outputs["metrics"]["stride_table"][0], **result.outputs["diversity"]["stride_table"][0]}
 

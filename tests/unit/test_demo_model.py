@@ -18,6 +18,7 @@ from distill_core.reference.demo import (
     DEMO_UNET_CONFIG,
     DEMO_WEIGHTS_PATH,
     NUM_DEMO_CLASSES,
+    check_demo_latent_size,
     decode_context,
     demo_mixture,
     demo_noise_space,
@@ -175,3 +176,20 @@ def test_piflow_reference_data_decodes_to_the_letter_pi_in_varied_colours():
     in_letter = components[:, letter]
     assert set(in_letter.unique().tolist()) == {0, 1, 2, 3}
     assert len({tuple(row.tolist()) for row in in_letter}) == 64, "every sample colours the letter differently"
+
+
+@pytest.mark.parametrize("height,width", [(1, 1), (2, 2), (1, 2), (2, 3), (3, 1), (1, 8), (7, 9), (8, 8)])
+def test_the_latent_size_check_agrees_with_the_network(demo_unet, height, width):
+    x = torch.randn(1, 4, height, width, generator=torch.Generator().manual_seed(0))
+    context = encode_classes(torch.tensor([1]), 1).float()
+    try:
+        with torch.no_grad():
+            demo_unet(x, torch.tensor([500.0]), context=context)
+        runs = True
+    except ValueError:  # the network's own GroupNorm refusal
+        runs = False
+    if runs:
+        check_demo_latent_size(height, width)
+    else:
+        with pytest.raises(ValueError, match=f"at least 3 in height or width \\(got {height}x{width}\\)"):
+            check_demo_latent_size(height, width)
