@@ -2,9 +2,10 @@
 //
 // The frontends of the supported hosts (comfyui-frontend-package 1.32.9 with ComfyUI 0.3.75, 1.49.6 with
 // 0.33.0) read no metadata for a custom node pack's templates: a card shows the file name as its title and
-// again, with '-' and '_' turned into spaces, as its description (1.32.9) or shows no description (1.49.6). This extension reads the titles and
-// descriptions from workflow_templates.json (written by scripts/make_workflows.py, in the form of the core
-// templates' index.json) and writes them into the pack's cards when the dialog shows them. A card is
+// again, with '-' and '_' turned into spaces, as its description (1.32.9) or shows no description (1.49.6).
+// This extension reads the titles and descriptions from workflow_templates.json (written by
+// scripts/make_workflows.py, in the form of the core templates' index.json) and writes them into the pack's
+// cards when the dialog shows them. A card is
 // taken as this pack's only if no other pack lists a template of the same name.
 import { api } from "../../scripts/api.js";
 
