@@ -236,7 +236,8 @@ class StrideFewStepScheduler(io.ComfyNode):
                 io.Model.Input("model", tooltip="The model the sigmas are for (its kind and noise schedule)."),
                 combo("family", [AUTO, *METHODS], family_tooltip(with_legacy=False), default=AUTO),
                 io.Int.Input("steps", default=0, min=0, max=1000,
-                             tooltip="Steps; 0 = the family's published default (most: 4; Z-Image-Turbo: 8)."),
+                             tooltip="How many steps to take; 0 = the family's published default (most: 4; "
+                                     "Z-Image-Turbo: 8)."),
                 denoise_input("Below 1 for img2img: keeps the family's last trained steps."),
                 io.Int.Input("width", default=1024, min=16, max=16384, step=8,
                              tooltip="Image width in pixels: FLUX.1-dev families shift their schedule by image size "
