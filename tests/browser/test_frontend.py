@@ -192,10 +192,15 @@ def test_stride_templates_open_from_the_templates_dialog(frontend):
     loaded = """names => names.filter(n => {
                   const img = document.querySelector(`[data-testid='template-workflow-${n}'] img`);
                   return img && img.complete && img.naturalWidth > 0 && !img.src.includes('default-template'); })"""
-    deadline = time.time() + 20
-    while len(page.evaluate(loaded, list(cards))) < len(cards) and time.time() < deadline:
-        time.sleep(0.5)
-    without_thumbnail = sorted(set(cards) - set(page.evaluate(loaded, list(cards))))
+    shown_pictures: set[str] = set()
+    for name, card in cards.items():  # the dialog draws a card's picture only while the card is in view
+        card.scroll_into_view_if_needed()
+        deadline = time.time() + 20
+        while name not in shown_pictures and time.time() < deadline:
+            shown_pictures |= set(page.evaluate(loaded, [name]))
+            time.sleep(0.25)
+    without_thumbnail = sorted(set(cards) - shown_pictures)
+    page.evaluate("() => document.querySelector(\"[data-testid^='template-workflow-']\").scrollIntoView()")
     frontend.screenshot("templates")
     assert without_thumbnail == [], "template cards whose thumbnail does not load"
     # web/stride_templates.js gives each card its title and description from web/workflow_templates.json.
