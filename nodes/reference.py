@@ -313,8 +313,10 @@ METRIC_HELP = {  # what each score of Stride Reference Metrics means, in plain w
     "mode_recall": "share of the data's modes (shape and colour) that appear in the samples",
     "mode_entropy": "how evenly the modes appear: 1 = all equally often, 0 = one mode only",
     "mode_entropy_data": "the data's own mode entropy",
-    "mode_mean_shift": "how far each mode's mean is from the true one (count-weighted; 0 for data)",
-    "mode_cov_error": "how far each mode's covariance is from the true one (count-weighted; 0 for data)",
+    "mode_mean_shift": "how far each mode's mean is from the true one (count-weighted and unbiased, so it can dip "
+                       "below 0 by chance; 0 for data)",
+    "mode_cov_error": "how far each mode's covariance is from the true one (count-weighted and unbiased, so it can "
+                      "dip below 0 by chance; 0 for data)",
     "nll_gap": "negative log-likelihood minus the data's: below 0 the samples are too concentrated, above 0 too "
                "spread",
 }

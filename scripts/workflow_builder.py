@@ -48,6 +48,9 @@ IMAGE_PREVIEW_HEIGHT = 300  # the room the builder keeps for that preview (at le
 LOSS_TYPE = "STRIDE_LOSS"  # web/stride_loss_chart.js puts a chart on nodes with outputs of this type; they also
 # send progress text. web/stride_results.js puts a results table on Stride's measuring nodes (see is_measuring).
 NOTE_TYPES = {"Note", "MarkdownNote"}
+COMPARE_TYPE = "StrideCompareResults"  # its table has a column per label of the reports it joins
+TABLE_NAME_WIDTH = 150  # a results table's first column (the figures' names) with the node's margins
+TABLE_CELL_WIDTH = 90  # one column of a results table: "0.123 ± 0.045" in 11 px sans-serif
 
 
 def _web_constant(file: str, name: str) -> int:
@@ -102,14 +105,14 @@ def _options(spec: Any) -> dict:
     return spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
 
 
-def node_size(info: dict, title: str) -> tuple[float, float]:
+def node_size(info: dict, title: str, labels: int = 1) -> tuple[float, float]:
     """Width and height (below the title bar) of a node as the frontend lays it out after a run.
 
     Height follows LiteGraph's ``LGraphNode.computeSize``: one slot row per socket that is not a
     widget (the larger of inputs and outputs, at least one), then every widget (+4 each, +8 for the
     block), then 6; plus what Stride's web extension adds (the loss chart, the results table) and what
     appears during a run (the image preview of SaveImage/PreviewImage, a trainer's progress text). The
-    width keeps room for the title.
+    width keeps room for the title, and on a measuring node for a table column per row label (``labels``).
     """
     widgets = _widget_inputs(info)
     widget_names = {name for name, _ in widgets}
@@ -127,10 +130,13 @@ def node_size(info: dict, title: str) -> tuple[float, float]:
     losses = sum(1 for kind in info["output"] if kind == LOSS_TYPE)
     if losses:
         widget_heights += [losses * _web_constant("stride_loss_chart.js", "CHART_HEIGHT"), PROGRESS_TEXT_HEIGHT]
+    table_width = 0
     if is_measuring(info):
-        widget_heights.append(_web_constant("stride_results.js", "RESULTS_HEIGHT"))
+        name = "COMPARE_HEIGHT" if info["name"] == COMPARE_TYPE else "RESULTS_HEIGHT"
+        widget_heights.append(_web_constant("stride_results.js", name))
+        table_width = TABLE_NAME_WIDTH + labels * TABLE_CELL_WIDTH
     height = rows * SLOT_HEIGHT + (sum(h + 4 for h in widget_heights) + 8 if widget_heights else 0) + 6
-    width = max(NODE_WIDTH, math.ceil(TITLE_HEIGHT * 1.33 + TITLE_CHAR_WIDTH * len(title)))
+    width = max(NODE_WIDTH, table_width, math.ceil(TITLE_HEIGHT * 1.33 + TITLE_CHAR_WIDTH * len(title)))
     return float(width), float(height)
 
 
@@ -213,6 +219,13 @@ def layout(sketch: dict[int, tuple[float, float]], sizes: dict[int, tuple[float,
         frame.y += shift
         placed.append(frame)
     return boxes
+
+
+def _labels(node: Node) -> set[str]:
+    """The row labels a measuring node's table shows: its own label widget, or those of the reports it joins."""
+    if "label" in node.widgets:
+        return {str(node.widgets["label"])}
+    return {label for source, _ in node.links_in.values() for label in _labels(source)}
 
 
 class Graph:
@@ -302,7 +315,8 @@ class Graph:
                     "name": info["output_name"][slot], "type": kind,
                     "links": out_links.get((node.id, slot), []), "slot_index": slot,
                 })
-            sizes[node.id] = node_size(info, node.title or info.get("display_name") or node.type)
+            sizes[node.id] = node_size(info, node.title or info.get("display_name") or node.type,
+                                       len(_labels(node)) or 1)
             ui_nodes.append({
                 "id": node.id, "type": node.type, "pos": None, "size": None,
                 "flags": {}, "order": order, "mode": 0, "inputs": inputs, "outputs": outputs,

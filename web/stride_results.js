@@ -13,6 +13,8 @@ import { app } from "../../scripts/app.js";
 import { latestOutput } from "./stride_history.js";
 
 export const RESULTS_HEIGHT = 200; // the table's height on the node; scripts/workflow_builder.py reads this line
+export const COMPARE_HEIGHT = 300; // the same on Stride Compare Results (several reports); read there too
+const COMPARE = "StrideCompareResults";
 const TABLE = "stride_table";
 const COLUMNS = "stride_columns";
 const INTERVAL = "_pm";
@@ -22,6 +24,13 @@ const PACK_MODULE = `custom_nodes.${decodeURIComponent(new URL(import.meta.url).
 function isMeasuring(nodeData) {
   return nodeData.output_node && nodeData.python_module === PACK_MODULE && (nodeData.output_name || []).includes("report")
     && !(nodeData.output || []).includes("STRIDE_LOSS");
+}
+
+/** A figure with its 95% half-width: the half-width to 2 significant digits and the value to the same decimal. */
+function figure(value, pm) {
+  if (typeof value !== "number" || typeof pm !== "number" || !Number.isFinite(pm) || pm <= 0) return cell(value);
+  const decimals = Math.min(8, Math.max(0, 1 - Math.floor(Math.log10(pm))));
+  return `${value.toFixed(decimals)} ± ${pm.toFixed(decimals)}`;
 }
 
 function cell(value) {
@@ -82,8 +91,7 @@ class ResultsTable {
       const lo = Math.min(...numbers), hi = Math.max(...numbers); // bars span the row's range: the lowest is short
       for (const row of rows) {
         const td = tr.insertCell();
-        const pm = row[key + INTERVAL];
-        td.textContent = cell(row[key]) + (typeof pm === "number" ? ` ± ${cell(pm)}` : "");
+        td.textContent = figure(row[key], row[key + INTERVAL]);
         td.title = tip;
         Object.assign(td.style, { padding: "1px 4px", textAlign: "right", whiteSpace: "nowrap" });
         const value = row[key];
@@ -106,8 +114,9 @@ app.registerExtension({
     nodeType.prototype.onNodeCreated = function () {
       const result = created?.apply(this, arguments);
       const table = new ResultsTable(this);
+      const height = nodeData.name === COMPARE ? COMPARE_HEIGHT : RESULTS_HEIGHT;
       const widget = this.addDOMWidget("results", "stride_results", table.element, {
-        serialize: false, hideOnZoom: false, getMinHeight: () => RESULTS_HEIGHT, getMaxHeight: () => RESULTS_HEIGHT,
+        serialize: false, hideOnZoom: false, getMinHeight: () => height, getMaxHeight: () => height,
       });
       widget.serialize = false;
       this.strideResults = table;
