@@ -18,7 +18,7 @@ import comfy_host as host
 from workflow_builder import Graph
 
 sys.path.insert(0, str(host.ROOT))
-from distill_core.methods import METHODS
+from distill_core.methods import METHODS, PiFlowSchedule, schedule_as
 
 WORKFLOWS = host.ROOT / "workflows"
 TEMPLATE_INDEX = host.ROOT / "web" / "workflow_templates.json"
@@ -27,6 +27,9 @@ DENOISER = "denoiser (ideal many-step teacher)"
 COL = 360  # sketch pitch: column c is sketched at x = c * COL (the builder spaces columns by their real widths)
 ROW = 100  # sketch pitch of rows; the builder pushes nodes down as far as their real heights need
 TDD_SDXL = METHODS["tdd-sdxl"]  # widgets left out of a node take the node's defaults, the registry's values
+PIFLOW = METHODS["pi-flux1-gm-4step"]
+HYPER_FLUX = METHODS["hyper-flux-8step"]
+WAN22_T2V, WAN22_I2V = METHODS["wan22-lightning-t2v-a14b"], METHODS["wan22-lightning-i2v-a14b"]
 SAMPLER_WORKFLOWS = {  # name with its abbreviation spelled out, template title, template description
     "lcm": ("LCM (Latent Consistency Model)", "LCM sampler, 4 steps",
             "Latent Consistency Model sampling on an ideal distilled model."),
@@ -229,33 +232,39 @@ def distill_training(steps: int = 300) -> Graph:
 def piflow() -> Graph:
     """pi-Flow policy sampling on the exact reference pi-Flow teacher (no downloads)."""
     g = Graph(title="pi-Flow sampler, 4 steps",
-              description="Policy sampling: one model call per step, then 128 cheap substeps.")
+              description="Policy sampling: one model call per step, then "
+                          f"{PIFLOW.sampler.knobs['substeps']} cheap substeps.")
     model = g.add("StridePiFlowReferenceModel", (0, 0), title="pi-Flow model (exact reference teacher)")
     positive = g.add("StrideClassPrompt", (0, ROW), title="Prompt (the reference is unconditional)", prompt="")
     latent = g.add("EmptyLatentImage", (0, 2 * ROW), title="16 samples", width=64, height=64, batch_size=16)
     guider = g.add("BasicGuider", (COL, 0), title="Guidance is distilled in: BasicGuider", model=(model, 0),
                    conditioning=(positive, 0))
     noise = g.add("RandomNoise", (COL, ROW), noise_seed=7)
-    sampler = g.add("StridePiFlowSampler", (COL, 2 * ROW), substeps=128, diffusion_coefficient=0.0,
-                    temperature="auto", manual_temperature=1.0, shift=3.2)
-    sigmas = g.add("StridePiFlowScheduler", (COL, 3 * ROW), model=(model, 0), steps=4, shift=3.2,
-                   final_step_size_scale=0.5, denoise=1.0)
+    knobs, schedule = PIFLOW.sampler.knobs, schedule_as(PIFLOW, PiFlowSchedule)
+    sampler = g.add("StridePiFlowSampler", (COL, 2 * ROW), substeps=knobs["substeps"],
+                    diffusion_coefficient=knobs["h"], temperature=knobs["temperature"], manual_temperature=1.0,
+                    shift=knobs["shift"])
+    sigmas = g.add("StridePiFlowScheduler", (COL, 3 * ROW), model=(model, 0), steps=PIFLOW.default_steps,
+                   shift=schedule.shift, final_step_size_scale=schedule.final_step_size_scale, denoise=1.0)
     sample = g.add("SamplerCustomAdvanced", (2 * COL, 0), noise=(noise, 0), guider=(guider, 0), sampler=(sampler, 0),
                    sigmas=(sigmas, 0), latent_image=(latent, 0))
-    g.group("pi-Flow sampling (4 network steps, 128 policy substeps)", [guider, noise, sampler, sigmas, sample])
+    g.group(f"pi-Flow sampling ({PIFLOW.default_steps} network steps, {knobs['substeps']} policy substeps)",
+            [guider, noise, sampler, sigmas, sample])
     image = g.add("StrideLatentToImage", (3 * COL, 0), title="Preview decode (latent to RGB)", samples=(sample, 0),
                   scale=16)
     save = g.add("SaveImage", (4 * COL, 0), images=(image, 0), filename_prefix="stride_piflow")
     g.group("Result", [image, save])
     g.note(
         "pi-Flow (policy-based flow models): once per step the model predicts a policy (here the exact "
-        "Gaussian-mixture posterior of a known mixture), which the sampler integrates with 128 cheap substeps. "
+        f"Gaussian-mixture posterior of a known mixture), which the sampler integrates with {knobs['substeps']} cheap "
+        "substeps. "
         "Right result: every picture shows the letter pi in warm colours (yellow, orange, red, pink, mixed pixel by "
         "pixel and different in every sample) on a grey background. "
         "Guidance is distilled in: BasicGuider.\n\n"
         "With a released adapter (pi-FLUX.1): Load Diffusion Model flux1-dev -> Stride pi-Flow Adapter Loader "
         "(gmflux_k8_piid_4step.safetensors in models/loras) -> this MODEL input; DualCLIPLoader (clip_l, t5xxl) + "
-        "CLIP Text Encode -> FluxGuidance 3.5 (exactly 3.5) -> BasicGuider; EmptySD3LatentImage; 4 steps "
+        f"CLIP Text Encode -> FluxGuidance {PIFLOW.flux_guidance:g} (exactly {PIFLOW.flux_guidance:g}) -> "
+        "BasicGuider; EmptySD3LatentImage; 4 steps "
         "(8 with the 8-step adapter); VAE Decode (ae.safetensors) instead of the preview decode. "
         "Stride pi-Flow Sample does the same in one node.",
         (0, 4 * ROW),
@@ -419,8 +428,9 @@ def families_flux() -> Graph:
     y = 10
     schedule = g.add("StrideFewStepScheduler", (COL, y * ROW), title="Hyper-FLUX 8-step SIGMAS (image-size shift)",
                      model=(model, 0), family="hyper-flux-8step", steps=0, denoise=1.0, width=64, height=64)
-    guidance = g.add("FluxGuidance", (COL, (y + 1) * ROW), title="FLUX guidance 3.5 (Hyper-FLUX)",
-                     conditioning=(positive, 0), guidance=3.5)
+    guidance = g.add("FluxGuidance", (COL, (y + 1) * ROW),
+                     title=f"FLUX guidance {HYPER_FLUX.flux_guidance:g} (Hyper-FLUX)", conditioning=(positive, 0),
+                     guidance=HYPER_FLUX.flux_guidance)
     guider = g.add("CFGGuider", (COL, (y + 2) * ROW), title="Guidance (CFG 1)", model=(model, 0),
                    positive=(guidance, 0), negative=(negative, 0), cfg=1.0)
     noise = g.add("RandomNoise", (COL, (y + 3) * ROW), noise_seed=7)
@@ -437,7 +447,8 @@ def families_flux() -> Graph:
         "and height on the scheduler = the image's) and their FLUX guidance (Few-Step Sample sets it when no "
         "FluxGuidance did). The last table puts the rows' exact scores side by side.\n\nReal models: Load "
         "Diffusion Model flux1-schnell.safetensors (or flux1-dev.safetensors -> LoraLoaderModelOnly "
-        "Hyper-FLUX.1-dev-8steps-lora.safetensors at strength 0.125, ByteDance/Hyper-SD); DualCLIPLoader "
+        f"Hyper-FLUX.1-dev-8steps-lora.safetensors at strength {HYPER_FLUX.lora_strength:g}, ByteDance/Hyper-SD); "
+        "DualCLIPLoader "
         "clip_l.safetensors + t5xxl_fp16.safetensors (type flux) -> CLIP Text Encode; EmptySD3LatentImage 1024 x "
         "1024 (scheduler width/height 1024); VAE Loader ae.safetensors -> VAE Decode.",
         (0, 5 * ROW),
@@ -473,7 +484,8 @@ def families_qwen_zimage() -> Graph:
 def families_wan_video() -> Graph:
     """Wan video latents: Wan 2.1 lightx2v in one node; Wan 2.2's two experts handing over at the sigma boundary."""
     g = Graph(title="Wan video few-step",
-              description="Wan 2.1 lightx2v, and Wan 2.2's two experts handing over at sigma 0.875.")
+              description="Wan 2.1 lightx2v, and Wan 2.2's two experts handing over at sigma "
+                          f"{WAN22_T2V.expert_boundary:g}.")
     model, positive, negative = _family_inputs(g, "flow", VIDEO, title="Distilled video model (stand-in)")
     latent = g.add("EmptyHunyuanLatentVideo", (0, 3 * ROW), title="4 videos of 9 frames (3 latent frames)",
                    width=64, height=64, length=9, batch_size=4)
@@ -493,14 +505,15 @@ def families_wan_video() -> Graph:
     grid = g.add("StrideTraceGrid", (4 * COL, y * ROW), title="Who ran each step (blue: high-noise expert)",
                  trace=(hybrid, 1), samples=(hybrid, 0), max_images=2)
     trace_image = g.add("SaveImage", (5 * COL, y * ROW), images=(grid, 0), filename_prefix="stride_wan22_trace")
-    g.group("2. Wan 2.2 A14B: two experts hand over at sigma 0.875",
+    g.group(f"2. Wan 2.2 A14B: two experts hand over at sigma {WAN22_T2V.expert_boundary:g}",
             [high, hybrid, *view, grid, trace_image])
     g.group("3. Compared", [_compare(g, reports, 1, 20)])
     g.note(
         "Wan video families on Stride's analytic stand-ins (each latent frame an exact draw of the prompt's class, so "
         "the scores are exact). Row 1: Wan 2.1 lightx2v, 4 Euler steps at shift 5 (sigmas 1, 0.9375, 0.8333, 0.625). "
         "Row 2: Wan 2.2 A14B's two experts: Stride Hybrid Sample with the Wan2.2-Lightning family runs the "
-        "high-noise expert while sigma >= 0.875 (the first 2 steps; I2V: 0.9), the low-noise expert after, as two "
+        f"high-noise expert while sigma >= {WAN22_T2V.expert_boundary:g} (the first 2 steps; I2V: "
+        f"{WAN22_I2V.expert_boundary:g}), the low-noise expert after, as two "
         "core KSamplerAdvanced (steps 0-2 with leftover noise, 2-4) do. The trace grid marks which expert ran each "
         "step; the last table puts the rows' exact scores side by side.\n\nReal models: Load Diffusion Model "
         "wan2.2_t2v_high_noise_14B_fp8_scaled.safetensors -> LoraLoaderModelOnly "
