@@ -40,7 +40,7 @@ from .compat import (
 )
 from .families import check_family_steps, check_fits, family_sampler, family_sigmas, with_flux_guidance
 from .reference import check_prompt_input
-from .results import report_output
+from .results import DIVERSITY_HELP, report_output
 from .samplers import discrete_sigmas, non_finite_output, seed_input
 
 CATEGORY = "stride/hybrid"
@@ -496,14 +496,6 @@ def preview_decoder(latent_format: Any) -> Callable[[torch.Tensor], torch.Tensor
         return frames.reshape(latents.shape[0], latents.shape[2], *frames.shape[1:])
 
     return decode
-
-
-DIVERSITY_HELP = {  # what each number of Stride Image Diversity means, in plain words
-    "n": "number of images",
-    "diversity": "how different the images are from each other (colour and edges together); 0 = identical",
-    "colour_diversity": "the same for colour alone (CIE Lab means and spreads)",
-    "edge_diversity": "the same for shapes alone (edge directions and density)",
-}
 
 
 class StrideImageDiversity(io.ComfyNode):

@@ -17,7 +17,7 @@ from ..distill_core.reference.demo import DEMO_CLASS_NAMES, demo_mixture, latent
 from ..distill_core.reference.mixture import GaussianMixture
 from ..distill_core.spaces import NoiseSpace, prediction_target
 from .compat import StrideError, combo, io, model_from_network, model_sampling_of_patcher, noise_space
-from .results import report_output
+from .results import METRIC_HELP, report_output
 
 CATEGORY = "stride/reference"
 PREDICTIONS = ["eps", "v", "flow"]
@@ -301,25 +301,6 @@ class StrideLatentToImage(io.ComfyNode):
             raise StrideError(f"samples: {exc}; check the sampler and model that produced them") from None
         rgb = rgb.repeat_interleave(scale, dim=1).repeat_interleave(scale, dim=2)
         return io.NodeOutput(rgb.float().cpu())
-
-
-METRIC_HELP = {  # what each score of Stride Reference Metrics means, in plain words (shown on the table's cells)
-    "n": "number of samples scored",
-    "repeats": "independent groups the samples were split into; each figure's interval is over them",
-    "swd": "distance from the data (sliced Wasserstein distance to fresh data); lower is closer",
-    "swd_data": "the same distance between two fresh data sets: the floor for this many samples",
-    "mode_tv": "how far the modes' shares are from their true weights (total variation: 0 = exact, 1 = disjoint)",
-    "mode_tv_data": "the same for a fresh data set: the floor for this many samples",
-    "mode_recall": "share of the data's modes (shape and colour) that appear in the samples",
-    "mode_entropy": "how evenly the modes appear: 1 = all equally often, 0 = one mode only",
-    "mode_entropy_data": "the data's own mode entropy",
-    "mode_mean_shift": "how far each mode's mean is from the true one (count-weighted and unbiased, so it can dip "
-                       "below 0 by chance; 0 for data)",
-    "mode_cov_error": "how far each mode's covariance is from the true one (count-weighted and unbiased, so it can "
-                      "dip below 0 by chance; 0 for data)",
-    "nll_gap": "negative log-likelihood minus the data's: below 0 the samples are too concentrated, above 0 too "
-               "spread",
-}
 
 
 class StrideReferenceMetrics(io.ComfyNode):

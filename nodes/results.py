@@ -19,6 +19,33 @@ TABLE = "stride_table"
 COLUMNS = "stride_columns"
 MAX_REPORTS = 8
 
+METRIC_HELP = {  # what each score of Stride Reference Metrics means, in plain words (the cells' tooltips)
+    "n": "number of samples scored",
+    "repeats": "independent groups the samples were split into; each figure's interval is over them",
+    "swd": "distance from the data (sliced Wasserstein distance to fresh data); lower is closer",
+    "swd_data": "the same distance between two fresh data sets: the floor for this many samples",
+    "mode_tv": "how far the modes' shares are from their true weights (total variation: 0 = exact, 1 = disjoint)",
+    "mode_tv_data": "the same for a fresh data set: the floor for this many samples",
+    "mode_recall": "share of the data's modes (shape and colour) that appear in the samples",
+    "mode_entropy": "how evenly the modes appear: 1 = all equally often, 0 = one mode only",
+    "mode_entropy_data": "the data's own mode entropy",
+    "mode_mean_shift": "how far each mode's mean is from the true one (count-weighted and unbiased, so it can dip "
+                       "below 0 by chance; 0 for data)",
+    "mode_cov_error": "how far each mode's covariance is from the true one (count-weighted and unbiased, so it can "
+                      "dip below 0 by chance; 0 for data)",
+    "nll_gap": "negative log-likelihood minus the data's: below 0 the samples are too concentrated, above 0 too "
+               "spread",
+}
+
+DIVERSITY_HELP = {  # what each number of Stride Image Diversity means, in plain words
+    "n": "number of images",
+    "diversity": "how different the images are from each other (colour and edges together); 0 = identical",
+    "colour_diversity": "the same for colour alone (CIE Lab means and spreads)",
+    "edge_diversity": "the same for shapes alone (edge directions and density)",
+}
+
+HELP = {**DIVERSITY_HELP, **METRIC_HELP}  # Stride Compare Results' tooltips: every measuring node's columns
+
 
 def report_output(row: dict[str, Any], help_by_key: dict[str, str]) -> io.NodeOutput:
     """The node's ``report`` output (JSON of ``row``) and the UI that shows ``row`` as a table on the node."""
@@ -70,7 +97,9 @@ class StrideCompareResults(io.ComfyNode):
                    if r is not None]
         rows = merge_reports(reports)
         text = json.dumps(rows)
-        return io.NodeOutput(text, ui={"text": [text], TABLE: rows, COLUMNS: []})
+        keys = dict.fromkeys(key for row in rows for key in row)
+        columns = [{"key": key, "help": HELP[key]} for key in keys if key in HELP]
+        return io.NodeOutput(text, ui={"text": [text], TABLE: rows, COLUMNS: columns})
 
 
 NODES: list[type[io.ComfyNode]] = [StrideCompareResults]

@@ -34,6 +34,8 @@ def test_measuring_nodes_send_table_rows_with_plain_word_help(comfy_host):
         assert all(f"{key}_pm" in row for key in keys - {"diversity"}), "the figures come with their intervals"
     (joined,) = result.outputs["compare"]["stride_table"]
     assert joined == {**result.outputs["metrics"]["stride_table"][0], **result.outputs["diversity"]["stride_table"][0]}
+    helped = {column["key"] for column in result.outputs["compare"]["stride_columns"]}
+    assert helped == {key for key in joined if key != "label" and not key.endswith("_pm")}, "the comparison's help"
 
 
 def test_compare_results_keeps_one_row_per_label_in_order(comfy_host):
