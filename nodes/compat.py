@@ -12,7 +12,7 @@ Supported hosts: ComfyUI 0.3.75 (the default, CI) to 0.33 (``make test-newest-ho
 - everything that differs between the hosts or reaches into objects ComfyUI builds for itself:
   ``model_sampling`` and its classification, the sampler-side wrappers (KSAMPLER's model, guiders,
   the inpainting wrapper), latent/VAE downscale factors, a MODEL around a bare network, model
-  conditioning, LoRA application, architecture detection, websocket events.
+  conditioning, LoRA application, architecture detection, websocket events and the nodes' progress text.
 
 Used in place, because they are public, module-level and identical on both hosts: ``comfy.samplers``
 (``KSAMPLER``, ``Sampler``, ``CFGGuider``, ``sampler_object``, ``KSampler.SAMPLERS``), ``comfy.sample``
@@ -402,12 +402,25 @@ def vae_spatial_downscale(vae: Any) -> int:
     return int(ratio)
 
 
-def send_event(event: str, data: dict) -> None:
-    """Send a websocket event to the frontend when a server runs (no-op in-process)."""
+def _prompt_server() -> Any:
+    """ComfyUI's running PromptServer, or None (in-process, e.g. tests and the headless runner)."""
     try:
         from server import PromptServer
     except ImportError:
-        return
-    instance = getattr(PromptServer, "instance", None)
+        return None
+    return getattr(PromptServer, "instance", None)
+
+
+def send_event(event: str, data: dict) -> None:
+    """Send a websocket event to the frontend when a server runs (no-op in-process)."""
+    instance = _prompt_server()
     if instance is not None:
         instance.send_sync(event, data, getattr(instance, "client_id", None))
+
+
+def send_progress_text(text: str, node_id: str | None) -> None:
+    """Show ``text`` on the node as the frontend's progress text (both hosts' ``PromptServer.send_progress_text``;
+    the frontend adds a text box below the node's widgets). No-op in-process or without a node id."""
+    instance = _prompt_server()
+    if instance is not None and node_id is not None:
+        instance.send_progress_text(text, node_id, getattr(instance, "client_id", None))

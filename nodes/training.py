@@ -30,6 +30,7 @@ from ..distill_core.safe_files import read_safetensors, write_safetensors
 from ..distill_core.spaces import NoiseSpace, all_finite
 from ..distill_core.training.config import OBJECTIVE_DEFAULTS, OBJECTIVES, DistillConfig, TrainingData
 from ..distill_core.training.lora import LoraSet, NoLoraLayersError, ensure_autograd_compatible, lora_state_dict
+from ..distill_core.training.progress import TrainingProgress
 from ..distill_core.training.trainer import DistillDivergedError, DistillTrainer, TrainResult, attach_student_lora
 from .compat import (
     StrideError,
@@ -45,6 +46,7 @@ from .compat import (
     noise_space,
     sampling_kind,
     send_event,
+    send_progress_text,
     ui,
     vae_spatial_downscale,
 )
@@ -52,6 +54,7 @@ from .headless import export_bundle
 
 CATEGORY = "stride/training"
 LOSS_EVENT = "stride.distill.loss"
+LOSS_HISTORY = "stride_loss"  # the UI output the live chart rebuilds itself from (after the run, cached runs, reloads)
 # the registry family each objective's LoRA is sampled as (segmented = Hyper-SD's stage 1, sampled with TCD), and the
 # sampler / scheduler nodes that build it by hand
 OBJECTIVE_FAMILIES = {"lcm": "lcm-lora", "tdd": "tdd-sdxl", "segmented": "tcd-lora"}
@@ -202,6 +205,7 @@ class DistillOutcome:
     state_dict: dict[str, torch.Tensor]
     losses: list[float]
     headless: dict | None
+    history: dict | None  # the loss history for the live chart (TrainingProgress.history); None if no step ran
 
 
 def distill_config(objective: str, steps: int, learning_rate: float, rank: int, alpha: float, batch_size: int,
@@ -274,11 +278,17 @@ def run_distillation(run: DistillRun, resume: bool, node_id: str | None) -> Dist
     steps = run.config.steps
     bar = comfy.utils.ProgressBar(steps)
     losses: list[float] = []
+    progress: TrainingProgress | None = None
 
     def on_step(step: int, value: float) -> None:
+        nonlocal progress
+        if progress is None:  # a resumed run starts after its checkpoint's step
+            progress = TrainingProgress(steps, first_step=step)
         losses.append(value)
+        progress.update(step, {"loss": value})
         bar.update_absolute(step, steps)
-        send_event(LOSS_EVENT, {"node": node_id, "step": step, "steps": steps, "loss": value})
+        send_event(LOSS_EVENT, {"node": node_id, **progress.event()})
+        send_progress_text(progress.text(), node_id)
 
     headless = None
     try:
@@ -291,7 +301,7 @@ def run_distillation(run: DistillRun, resume: bool, node_id: str | None) -> Dist
         loraset.remove()
     if result.cancelled:
         comfy.model_management.throw_exception_if_processing_interrupted()
-    return DistillOutcome(result, state, losses, headless)
+    return DistillOutcome(result, state, losses, headless, progress.history() if progress is not None else None)
 
 
 def _train(run: DistillRun, loraset: LoraSet, on_step: Callable[[int, float], None],
@@ -321,7 +331,8 @@ def training_report(model: Any, run: DistillRun, outcome: DistillOutcome) -> io.
               "final_loss": outcome.losses[-1] if outcome.losses else None, "checkpoint": str(run.checkpoint),
               "recommended_sampling": RECOMMENDED_SAMPLING[config.objective], "settings": config.to_dict(),
               "headless": outcome.headless}
-    return io.NodeOutput(trained, lora, outcome.losses, json.dumps(report))
+    history = {LOSS_HISTORY: [outcome.history]} if outcome.history is not None else None
+    return io.NodeOutput(trained, lora, outcome.losses, json.dumps(report), ui=history)
 
 
 class StrideDistillLoRA(io.ComfyNode):
@@ -331,28 +342,33 @@ class StrideDistillLoRA(io.ComfyNode):
             node_id="StrideDistillLoRA", display_name="Stride Distill LoRA", category=CATEGORY,
             description=("Distils the MODEL's many-step sampling into a LoRA for 2-8 step sampling (LCM, TDD or "
                          "segmented consistency objectives). The teacher is the same network with the LoRA switched "
-                         "off; the MODEL passed in is not changed. Shows the loss in the progress bar and a live "
-                         "chart; Cancel stops at the next step and keeps a checkpoint; resume continues it."),
+                         "off; the MODEL passed in is not changed. While it trains, the node shows the step, the loss "
+                         "(raw and smoothed) and the time left, as text and in a live chart; Cancel stops at the "
+                         "next step and keeps a checkpoint; resume continues it."),
             inputs=[
-                io.Model.Input("model", tooltip="The teacher (an EPS/V model, with any LoRAs you want kept applied)."),
+                io.Model.Input("model", tooltip="The teacher: a model that predicts noise or velocity (EPS/V, e.g. "
+                                                "SD1.5, SDXL), with any LoRAs you want kept applied."),
                 DistillData.Input("data", tooltip="Prompts / images from Stride Distillation Data."),
-                combo("objective", OBJECTIVES, "lcm: LCM-LoRA (skipping-step DDIM teacher, w ~ U[3,15]); tdd: "
-                                               "Target-Driven Distillation (4-8 step targets, 20% empty prompts, "
-                                               "w 3.5, real CFG works); segmented: Hyper-SD stage-1 consistency "
-                                               "within time segments."),
+                combo("objective", OBJECTIVES, "lcm: the LCM-LoRA recipe, teacher guidance varied between 3 and "
+                                               "15 (a DDIM teacher on a skipping grid, w ~ U[3,15]); tdd: "
+                                               "Target-Driven Distillation, for 4-8 steps with real guidance (20% "
+                                               "empty prompts, w 3.5); segmented: Hyper-SD's first stage, "
+                                               "consistency within time segments."),
                 io.Int.Input("steps", default=1000, min=1, max=100000, tooltip="Optimizer steps."),
                 io.Float.Input("learning_rate", default=1e-4, min=1e-7, max=1e-1, step=1e-5,
                                tooltip="AdamW learning rate (LCM-LoRA: 1e-4)."),
                 io.Int.Input("rank", default=64, min=1, max=1024, tooltip="LoRA rank (LCM-LoRA: 64)."),
                 io.Float.Input("alpha", default=0.0, min=0.0, max=4096.0, step=1.0,
-                               tooltip="LoRA alpha; 0 = equal to rank (scale 1)."),
+                               tooltip="Scales the LoRA's effect (LoRA alpha); 0 = equal to rank (scale 1)."),
                 io.Int.Input("batch_size", default=4, min=1, max=256, tooltip="Samples per step."),
                 io.Float.Input("guidance_min", default=0.0, min=0.0, max=30.0, step=0.1,
-                               tooltip="Teacher guidance w range (x0_c + w (x0_c - x0_u), ComfyUI cfg = w+1); 0/0 = "
-                                       "the objective's default (LCM 3-15, TDD 3.5)."),
+                               tooltip="Lowest strength of the teacher's guidance during training; 0 and 0 = the "
+                                       "objective's default (LCM 3-15, TDD 3.5). The paper's w: the teacher predicts "
+                                       "x0_c + w (x0_c - x0_u), ComfyUI cfg = w + 1."),
                 io.Float.Input("guidance_max", default=0.0, min=0.0, max=30.0, step=0.1,
                                tooltip="Upper end of the guidance range (see guidance_min)."),
-                combo("loss", ["huber", "l2"], "Pseudo-Huber (c = 0.001, LCM default) or L2."),
+                combo("loss", ["huber", "l2"], "How errors are penalised: huber is gentle on outliers (pseudo-Huber, "
+                                       "c = 0.001, LCM's default), l2 is the squared error."),
                 io.Boolean.Input("gradient_checkpointing", default=False, tooltip="Trade compute for memory."),
                 io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
                              tooltip="Seed of all training randomness (deterministic on CPU)."),
@@ -362,9 +378,10 @@ class StrideDistillLoRA(io.ComfyNode):
                                 "output/stride_checkpoints/<name>.safetensors."),
                 io.Boolean.Input("resume", default=True, tooltip="Continue from this run's checkpoint if one exists."),
                 io.Boolean.Input("export_headless", optional=True, default=False,
-                                 tooltip="Also write output/stride_headless/<name>/ (teacher weights as the graph runs "
-                                         "them, training data, config) to run the same distillation headless or on "
-                                         "several GPUs with torchrun; the report gives the command."),
+                                 tooltip="Also save what it takes to run this distillation headless or on several GPUs "
+                                         "with torchrun (the teacher's weights as the graph runs them, the training "
+                                         "data, the settings) to output/stride_headless/<name>/; the report gives the "
+                                         "command."),
             ],
             outputs=[
                 io.Model.Output(display_name="model", tooltip="The MODEL with the trained LoRA applied (sample right "
@@ -379,6 +396,7 @@ class StrideDistillLoRA(io.ComfyNode):
                                          "headless."),
             ],
             hidden=[io.Hidden.unique_id],
+            is_output_node=True,  # so that a cached run still sends its UI output (the loss history) to the chart
         )
 
     @classmethod

@@ -42,6 +42,7 @@ from ..spaces import NoiseSpace, scaled_linear_alphas_cumprod
 from .conditioning import Denoiser
 from .config import DistillConfig, TrainingData
 from .lora import LoraSet, lora_state_dict
+from .progress import TrainingProgress
 from .trainer import DistillTrainer, TrainResult, attach_student_lora
 
 DEFAULT_NETWORK = f"{__package__}.cli:demo_network"
@@ -193,10 +194,20 @@ def run(settings: dict[str, Any]) -> RunSummary:
         network = import_network_factory(settings.get("network", DEFAULT_NETWORK))(settings.get("network_options", {}), config)
         loraset = attach_student_lora(network.module, config)
         log_every = settings.get("log_every", 10)
+        progress: TrainingProgress | None = None
 
         def log(step: int, loss: float) -> None:
+            """Every ``log_every`` steps: a JSON line on stdout, and on stderr what the node shows (step, loss raw
+            and smoothed, time left)."""
+            nonlocal progress
+            if progress is None:  # a resumed run starts after its checkpoint's step
+                progress = TrainingProgress(config.steps, first_step=step)
+            progress.update(step, {"loss": loss})
             if rank == 0 and (step % log_every == 0 or step == config.steps):
-                print(json.dumps({"step": step, "loss": loss}), flush=True)
+                event = progress.event()
+                print(json.dumps({"step": step, "loss": loss, "loss_smoothed": event["ema"]["loss"],
+                                  "eta_s": event["eta_s"]}), flush=True)
+                print(progress.text(), file=sys.stderr, flush=True)
 
         trainer = DistillTrainer(network.denoiser, loraset, network.space, config, network.data)
         result = trainer.train(log, checkpoint_path=settings.get("checkpoint"), resume=settings.get("resume", False))

@@ -265,6 +265,11 @@ def test_cli_runs_headless_and_writes_a_comfyui_keyed_lora(tmp_path):
     assert completed.returncode == 0, completed.stderr
     lines = [json.loads(line) for line in completed.stdout.splitlines()]
     assert [line["step"] for line in lines[:3]] == [1, 2, 3] and lines[-1] == {"done": 3, "world_size": 1}
+    assert lines[0]["loss_smoothed"] == lines[0]["loss"] and lines[2]["eta_s"] == 0
+    # The terminal shows what the node shows: step, loss raw and smoothed, time left (then the run's duration).
+    shown = [line for line in completed.stderr.splitlines() if line.startswith("step ")]
+    assert [line.split(" · ")[0] for line in shown] == ["step 1/3", "step 2/3", "step 3/3"]
+    assert " (smoothed " in shown[0] and " · ETA " in shown[0] and " · done in " in shown[2]
     tensors, metadata = read_safetensors(output)
     assert metadata["stride.objective"] == "segmented"
     assert "diffusion_model.conv_in.lora_up.weight" in tensors and "diffusion_model.embed.alpha" in tensors
