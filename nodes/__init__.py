@@ -4,11 +4,11 @@
 """
 from __future__ import annotations
 
-from . import hybrid, piflow, piflow_loader, reference, samplers, training
+from . import hybrid, optimal_steps, piflow, piflow_loader, reference, samplers, training
 from .compat import ComfyExtension, io
 
-NODES: list[type[io.ComfyNode]] = [node for module in (hybrid, piflow, piflow_loader, reference, samplers, training)
-                                   for node in module.NODES]
+MODULES = (hybrid, optimal_steps, piflow, piflow_loader, reference, samplers, training)
+NODES: list[type[io.ComfyNode]] = [node for module in MODULES for node in module.NODES]
 
 
 class StrideExtension(ComfyExtension):
