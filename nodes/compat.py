@@ -234,7 +234,7 @@ IDENTITY_SAMPLES = 64
 weight files or LoRAs differ in almost every value, so a strided sample tells them apart without reading
 gigabytes."""
 IDENTITY_DEPTH = 3
-"""How deep :func:`_identity_of` follows the attributes of plain objects (adapters, conds, a network's settings)."""
+"""How deep :func:`_identity_of` follows the attributes of plain objects (adapters, conds, a mixture)."""
 
 
 def _identity_of(value: Any, depth: int = IDENTITY_DEPTH) -> Any:
@@ -268,27 +268,27 @@ def _public_attributes(value: Any) -> dict[str, Any]:
             if not name.startswith("_") and name != "training"}
 
 
-def _module_identity(module: torch.nn.Module) -> dict[str, Any]:
-    """A module's class, tensors (parameters and buffers) and public settings."""
-    return {"type": type(module).__name__, "attributes": _identity_of(_public_attributes(module)),
-            "tensors": {name: _identity_of(tensor) for name, tensor in module.state_dict().items()}}
-
-
 def model_identity(model: Any) -> dict[str, Any]:
-    """What decides a MODEL's outputs, for keying saved results: the model and network classes and the network's
-    own settings (public attributes: the analytic networks keep their mixture there), the model sampling (class
-    and sigma table), every weight as loaded (ComfyUI's backup of a weight that a loaded clone patched in place;
-    clones share the backup), every weight patch with its strengths (LoRAs), and the names of object patches and
-    model options. Patch functions count by name only."""
+    """What decides a MODEL's outputs, for keying saved results; the same model gives the same identity in every
+    session. It holds the model and network classes, what a network of Stride's own says its outputs depend on
+    besides its weights (``stride_identity()``: the reference teachers' mixture and form), the model sampling (its
+    classes and sigma table), every weight as loaded (ComfyUI's backup of a weight that a loaded clone patched in
+    place; clones share the backup), every weight patch with its strengths (LoRAs), and the names of object patches
+    and model options (patch functions count by name only)."""
     base = model.model
     weights = {}
     for name, tensor in base.state_dict().items():
         original = model.backup.get(name)
         weights[name] = _identity_of(original.weight if original is not None else tensor)
+    network = base.diffusion_model
+    own = getattr(network, "stride_identity", None)
+    sampling = model_sampling_of_patcher(model)
     options = model.model_options
-    return {"model": type(base).__name__, "network": type(base.diffusion_model).__name__,
-            "settings": _identity_of(_public_attributes(base.diffusion_model)),
-            "sampling": _module_identity(model_sampling_of_patcher(model)), "weights": weights,
+    return {"model": type(base).__name__, "network": type(network).__name__,
+            "network_identity": _identity_of(own()) if callable(own) else None,
+            "sampling": {"classes": [kind.__name__ for kind in type(sampling).__mro__],
+                         "sigmas": _identity_of(getattr(sampling, "sigmas", None))},
+            "weights": weights,
             "patches": {key: _identity_of(patches) for key, patches in model.patches.items()},
             "object_patches": sorted(model.object_patches),
             "model_options": sorted(options),

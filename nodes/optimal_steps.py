@@ -144,12 +144,13 @@ def saved_result(search_key: str) -> Path | None:
     return None
 
 
-def load_checked(path: Path, model_key: str, input_name: str) -> SavedSchedule:
-    """A saved schedule read and validated, refused (naming ``input_name``) if damaged or of another model."""
+def load_checked(path: Path, model_key: str, input_name: str, advice: str = "") -> SavedSchedule:
+    """A saved schedule read and validated, refused (naming ``input_name``, adding ``advice``) if damaged or of
+    another model."""
     try:
         return load_schedule(path, model_key)
     except ValueError as exc:
-        raise StrideError(f"{input_name}: {exc}") from None
+        raise StrideError(f"{input_name}: {exc}{advice}") from None
 
 
 def run_search(guider: Any, settings: SearchSettings, noise: Tensor, teacher_sigmas: Tensor, call_rows: int
@@ -312,7 +313,8 @@ class StrideOptimalSteps(io.ComfyNode):
         model_key, search_key = search_keys(guider, settings)
         saved = saved_result(search_key)
         if saved is not None:
-            loaded = load_checked(saved, model_key, "schedule_name")
+            loaded = load_checked(saved, model_key, "schedule_name", f" (the saved result of this search: delete "
+                                  f"{FOLDER_LABEL}/{saved.name} to search again)")
             text = report_text(loaded.settings, loaded.sigmas, loaded.indices, loaded.report,
                                f"reused {FOLDER_LABEL}/{saved.name}, no search")
             return io.NodeOutput(loaded.sigmas.float(), text, ui=ui.PreviewText(text))

@@ -486,7 +486,6 @@ def load_schedule(path: str | os.PathLike, expected_fingerprint: str | None = No
         raise ValueError(f"{name} is a damaged schedule file (its sigmas are not a descending subset of its teacher "
                          "sigmas ending at 0)")
     if expected_fingerprint is not None and saved_fingerprint != expected_fingerprint:
-        raise ValueError(f"{name} was searched for another model or other settings (fingerprint "
-                         f"{saved_fingerprint[:12]}..., this model and settings: {expected_fingerprint[:12]}...); "
+        raise ValueError(f"{name} was searched for another model or other settings (its fingerprint differs); "
                          "search again for this model, or load the file with the model it was made for")
     return SavedSchedule(sigmas, tuple(indices.tolist()), teacher, saved_fingerprint, settings, report)

@@ -256,3 +256,21 @@ def test_cancel_during_the_teacher_trajectory_writes_nothing(comfy_host):
     assert saved_files(comfy_host) == before
     again = comfy_host.run(search_graph("after_cancel", seed=SEED + 2))
     assert again.success and "searched, saved as" in again.outputs["search"]["text"][0]
+
+
+def test_a_damaged_saved_result_is_refused_by_name_and_kept(comfy_host):
+    """The search finds its saved result damaged: it names the file and says to delete it, and writes nothing."""
+    model, positive, negative = reference_parts(comfy_host)
+    search = node(comfy_host, "StrideOptimalSteps")
+    latent = {"samples": torch.zeros((ROWS, 4, 8, 8))}
+    settings = {**SEARCH, "seed": SEED + 3}
+    path = file_of(comfy_host, search.execute(latent, **settings, schedule_name="damaged", model=model,
+                                              positive=positive, negative=negative)[1])
+    damaged = path.read_bytes()[:-7]
+    path.write_bytes(damaged)
+    before = saved_files(comfy_host)
+    with pytest.raises(Exception, match=r"^schedule_name: .*damaged.*delete models/stride/schedules/") as raised:
+        search.execute(latent, **settings, schedule_name="damaged_again", model=model, positive=positive,
+                       negative=negative)
+    assert type(raised.value).__name__ == "StrideError"
+    assert saved_files(comfy_host) == before and path.read_bytes() == damaged
