@@ -193,9 +193,11 @@ class StrideHybridSample(io.ComfyNode):
             description=(
                 "Diversity distillation (Gandikota & Bau): the base model runs the first step(s) of a shared "
                 "few-step schedule with its own sampler and CFG, then the distilled model finishes with its own "
-                "sampler and CFG. The first step decides the layout, so this restores the base model's variety at "
+                "sampler and CFG. The first step decides the layout, so this aims at the base model's variety at "
                 "almost the distilled cost (4-step LCM schedule, 1 base step: base at t=999, distilled at 759, 499, "
-                "259). EPS and flow models can be mixed (converted by signal-to-noise ratio); both must share a VAE."
+                "259; on Stride's reference models it brings back most of the mode diversity a collapsed distilled "
+                "model lost: bench/RESULTS.md). EPS and flow models can be mixed (converted by signal-to-noise "
+                "ratio); both must share a VAE."
             ),
             inputs=[
                 io.Model.Input("base_model", tooltip="The original (undistilled) model, e.g. SDXL base."),

@@ -259,9 +259,13 @@ class StrideReferenceMetrics(io.ComfyNode):
         return io.Schema(
             node_id="StrideReferenceMetrics", display_name="Stride Reference Metrics", category=CATEGORY,
             description=(
-                "Exact quality and diversity of samples from the reference setup: sliced Wasserstein distance to "
-                "fresh mixture samples, NLL gap to the data (negative = over-concentrated), mode recall and mode "
-                "entropy (1 = all modes equally often)."
+                "Exact quality and diversity of samples from the reference setup, every figure with its 95% interval "
+                "(<name>_pm = half-width) over up to 8 independent repeats (disjoint groups of the samples, each "
+                "scored against its own fresh mixture samples): sliced Wasserstein distance (swd_data: the same for "
+                "fresh data, its floor), mode total variation to the true weights (mode_tv), mode recall, mode "
+                "entropy (1 = all modes equally often), per-mode mean shift and covariance error (0 for data), and "
+                "the NLL gap to the data (negative = over-concentrated). Needs at least 4 samples; rows are told "
+                "apart only where intervals do not overlap, which takes hundreds of samples per row."
             ),
             inputs=[
                 io.Latent.Input("samples", tooltip="Samples to score (4x8x8 latents)."),
@@ -269,7 +273,9 @@ class StrideReferenceMetrics(io.ComfyNode):
                                                               "all)."),
                 io.String.Input("label", default="samples", tooltip="Name of this row in the report."),
             ],
-            outputs=[io.String.Output(display_name="report", tooltip="The metrics as JSON text.")],
+            outputs=[io.String.Output(display_name="report", tooltip="The metrics as JSON text: each figure's "
+                                                                       "value and <name>_pm (95% half-width), n and "
+                                                                       "repeats.")],
             is_output_node=True,
         )
 
@@ -287,6 +293,9 @@ class StrideReferenceMetrics(io.ComfyNode):
             raise StrideError("conditioning: the conditioning is empty; connect the Stride Class Prompt the samples "
                               "were drawn for.")
         class_id = int(class_ids_of(conditioning[0][0])[0])
+        if latents.shape[0] < metrics.MIN_SAMPLES:
+            raise StrideError(f"samples: {latents.shape[0]} samples give no interval; score a batch of at least "
+                              f"{metrics.MIN_SAMPLES} (a few hundred to tell rows apart).")
         class_ids = None if class_id < 0 else torch.full((latents.shape[0],), class_id)
         report = {"label": label, "n": latents.shape[0],
                   **metrics.evaluate_samples(latents, mixture, class_ids, torch.Generator().manual_seed(0))}

@@ -59,7 +59,7 @@ def test_runner_smoke_writes_checked_sections_and_keeps_others(tmp_path):
 
     hybrid_rows = [line.split(" | ") for line in blocks["hybrid"].splitlines() if line.startswith("| hybrid ")]
     assert [row[0] for row in hybrid_rows] == ["| hybrid 1+3", "| hybrid 2+2"]
-    assert [row[6] for row in hybrid_rows] == ["4 (1 + 3)", "4 (2 + 2)"]  # counted NFE: base + distilled calls
+    assert [row[8] for row in hybrid_rows] == ["4 (1 + 3)", "4 (2 + 2)"]  # counted NFE: base + distilled calls
     assert "handover 0 == the distilled model alone" in blocks["hybrid"]
     assert (tmp_path / "plots" / "hybrid_mode_shares.png").is_file()
 

@@ -483,6 +483,9 @@ CASES = [
     Case("metrics_nan_samples", "Stride Reference Metrics", "samples containing NaN",
          metrics_graph(fault_latent(batch=2, fill="nan")), "execution", ("samples", "NaN or inf"),
          "Check the sampler and model that produced the samples (see 'model returned NaN')."),
+    Case("metrics_too_few_samples", "Stride Reference Metrics", "a batch of 3 samples",
+         metrics_graph(empty_latent(3)), "execution", ("samples", "at least 4"),
+         "Score a batch of at least 4 samples; a few hundred per row to compare rows."),
     Case("preview_decode_16_channels", "Stride Latent Preview Decode", "a 16-channel latent",
          decode_graph({"class_type": "EmptySD3LatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}}),
          "execution", ("samples", "4-channel"), "This preview decodes SD1.5-format (4-channel) latents; use VAE Decode "
