@@ -8,8 +8,10 @@ nodes (AYS, GITS, OSS) give the schedules it is compared with. The search runs E
 held-out noises (never searched) against the exact probability-flow ODE solution from the same
 noise. Endpoint error = RMS over the latent, mean over the held-out noises with a 95% Student-t
 interval, and each schedule's paired difference to the searched one on the same noises; SWD to
-fresh data and the NLL gap are means over independent repeats (disjoint groups of held-out noises,
-each scored against its own fresh reference), with their intervals.
+fresh data and the NLL gap are ``distill_core.reference.metrics.evaluate``'s figures (SWD over
+independent repeats, disjoint groups of held-out noises each scored against its own fresh reference;
+the NLL gap per sample), with their intervals, and each schedule's paired difference to the searched
+one (the same noises, reference sets and projections in each repeat).
 
 Cost: model evaluations (latents) and calls of the search against the official DP's
 ``(1 + N) M`` evaluations per noise, and its wall time against the same calls replayed alone
@@ -21,22 +23,21 @@ trajectories.
 from __future__ import annotations
 
 import itertools
-import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from types import SimpleNamespace
+from types import ModuleType
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import torch
-from scipy import stats
 
 from distill_core.reference import metrics
 from distill_core.reference.demo import demo_mixture
 from distill_core.reference.mixture import GaussianMixture
+from distill_core.reference.statistics import Estimate, estimate, paired_difference
 from distill_core.sampling.optimal_steps import search_schedule, solve
 from distill_core.spaces import NoiseSpace
 
@@ -52,26 +53,8 @@ PROMPTS = {"ring": 3, "disc": 0, "": None}  # demo class name (empty: unconditio
 SEARCH_SEED, HELD_OUT_SEED, METRIC_SEED = 0, 1, 2
 CALLS_GOAL = 1.1
 WALL_GOAL = 1.1
-CONFIDENCE = 0.95
 PATHS_AGREE = 1e-4  # ComfyUI's float32 Euler path vs the float64 reference path
 SEARCHED, FAST = "OSS search (paper)", "OSS search (fast)"
-
-
-@dataclass(frozen=True)
-class Interval:
-    """A mean with its ``CONFIDENCE`` Student-t half-width over independent values."""
-
-    value: float
-    half_width: float
-
-    @classmethod
-    def of(cls, values: torch.Tensor) -> Interval:
-        values = values.to(torch.float64).reshape(-1)
-        factor = float(stats.t.ppf((1 + CONFIDENCE) / 2, values.numel() - 1))
-        return cls(float(values.mean()), factor * float(values.std()) / math.sqrt(values.numel()))
-
-    def format(self, digits: int = 3, signed: bool = False) -> str:
-        return f"{self.value:{'+' if signed else ''}.{digits}f} ± {self.half_width:.{digits}f}"
 
 
 @dataclass
@@ -82,6 +65,7 @@ class Setting:
     prompt: str
     space: NoiseSpace
     comfy_model: object
+    compat: ModuleType
 
     @property
     def label(self) -> str:
@@ -97,14 +81,9 @@ class Setting:
         return model
 
     def start(self, noise: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
-        """The latent a ComfyUI sampler starts from on ``sigmas`` with an empty latent: its model sampling's
-        noise scaling (EPS at the top sigma: ``sqrt(1 + s^2) noise``), decided by its own ``max_denoise``."""
-        import comfy.samplers
-
-        sampling = self.comfy_model.get_model_object("model_sampling")
-        wrapper = SimpleNamespace(inner_model=SimpleNamespace(model_sampling=sampling))
-        top = comfy.samplers.Sampler().max_denoise(wrapper, sigmas)
-        return sampling.noise_scaling(sigmas[:1].to(noise.dtype), noise, torch.zeros_like(noise), top)
+        """The latent a ComfyUI sampler starts from on ``sigmas`` with an empty latent (Stride's
+        ``compat.start_latent``, which Stride Optimal Steps uses too)."""
+        return self.compat.start_latent(self.comfy_model.get_model_object("model_sampling"), sigmas, noise)
 
 
 def comfy_schedules(setting: Setting, steps: int) -> dict[str, torch.Tensor]:
@@ -129,8 +108,7 @@ def comfy_schedules(setting: Setting, steps: int) -> dict[str, torch.Tensor]:
 def rms_errors(setting: Setting, model, noise: torch.Tensor, sigmas: torch.Tensor, exact: torch.Tensor) -> torch.Tensor:
     """Per held-out noise, the RMS distance of Euler's endpoint on ``sigmas`` (started as ComfyUI starts) to the
     exact ODE endpoint."""
-    end = solve(model, setting.start(noise, sigmas), sigmas)
-    return ((end - exact) ** 2).flatten(1).mean(1).sqrt()
+    return metrics.endpoint_error(solve(model, setting.start(noise, sigmas), sigmas), exact)
 
 
 def run(ctx: BenchContext) -> Section:
@@ -147,23 +125,23 @@ def run(ctx: BenchContext) -> Section:
                     for kind in kinds}
     spaces = {kind: NoiseSpace.from_sigma_table(kind, comfy_models[kind].get_model_object("model_sampling").sigmas)
               for kind in kinds}
+    compat = ctx.stride_module("nodes.compat")
+    ve_ring = Setting("ve", "ring", spaces["ve"], comfy_models["ve"], compat)
     section = Section(NAME, TITLE, __doc__.split("\n\n", 1)[1].strip())
-    section.checks.append(_check_paths_agree(ctx, Setting("ve", "ring", spaces["ve"], comfy_models["ve"]), mixture,
-                                             teacher_steps))
+    section.checks.append(_check_paths_agree(ctx, ve_ring, mixture, teacher_steps))
     search_start = torch.randn((search_noises, *mixture.latent_shape), dtype=torch.float64,
                                generator=torch.Generator().manual_seed(SEARCH_SEED))
     held_start = torch.randn((held_out, *mixture.latent_shape), dtype=torch.float64,
                              generator=torch.Generator().manual_seed(HELD_OUT_SEED))
     plot_data = {}
     for kind, prompt in itertools.product(kinds, prompts):
-        setting = Setting(kind, prompt, spaces[kind], comfy_models[kind])
+        setting = Setting(kind, prompt, spaces[kind], comfy_models[kind], compat)
         ctx.log(f"{NAME}: {setting.label}")
         _quality(ctx, section, setting, mixture, teacher_steps, step_counts, search_start, held_start, repeats,
                  plot_data, full_metrics=prompt == prompts[0])
     section.plots.append(_plot(ctx, plot_data))
-    _cost(ctx, section, Setting("ve", "ring", spaces["ve"], comfy_models["ve"]), mixture, teacher_steps, step_counts,
-          search_start)
-    _exhaustive(ctx, section, Setting("ve", "ring", spaces["ve"], comfy_models["ve"]), mixture)
+    _cost(ctx, section, ve_ring, mixture, teacher_steps, step_counts, search_start)
+    _exhaustive(ctx, section, ve_ring, mixture)
     section.notes += [
         f"Search: {search_noises} noises (seed {SEARCH_SEED}), teacher = Euler on ComfyUI's normal schedule with M = "
         f"{teacher_steps} steps, per-noise schedules aggregated by their per-position median (the official "
@@ -194,8 +172,11 @@ def _quality(ctx: BenchContext, section: Section, setting: Setting, mixture, tea
     error_table = Table(f"{setting.label}: endpoint RMS error to the exact ODE (mean ± 95% interval over "
                         f"{held_start.shape[0]} held-out noises); in brackets the paired difference to the searched "
                         "schedule (positive: the searched one is closer)", ["schedule", *columns])
-    metric_table = Table(f"{setting.label}: SWD to fresh data / NLL gap (mean ± 95% interval over {repeats} repeats of "
-                         f"{held_start.shape[0] // repeats} samples, fresh reference each)", ["schedule", *columns])
+    metric_table = Table(f"{setting.label}: SWD to fresh data / NLL gap (mean ± 95% interval: SWD over {repeats} "
+                         f"repeats of {held_start.shape[0] // repeats} samples with a fresh reference each, the NLL "
+                         "gap over samples); in brackets the paired differences to the searched schedule (the same "
+                         "noises, reference sets and projections; positive: the searched one is lower)",
+                         ["schedule", *columns])
     rows: dict[str, list[str]] = {}
     metric_rows: dict[str, list[str]] = {}
     beaten_everywhere = True
@@ -204,26 +185,36 @@ def _quality(ctx: BenchContext, section: Section, setting: Setting, mixture, tea
         searched = search_schedule(model, search_latents, teacher_sigmas, steps)
         fast = search_schedule(model, search_latents, teacher_sigmas, steps, mode="fast")
         schedules = {SEARCHED: searched.sigmas, FAST: fast.sigmas} | comfy_schedules(setting, steps)
-        errors = {name: rms_errors(setting, model, held_start, sigmas, exact) for name, sigmas in schedules.items()}
+        errors = {}
         for name, sigmas in schedules.items():
-            check(bool(torch.isfinite(errors[name]).all()), f"{name} at N = {steps}: non-finite endpoints")
-            cell = Interval.of(errors[name]).format()
+            per_noise = rms_errors(setting, model, held_start, sigmas, exact)
+            check(bool(torch.isfinite(per_noise).all()), f"{name} at N = {steps}: non-finite endpoints")
+            errors[name] = estimate(per_noise)
+        scored = {}
+        for name, sigmas in schedules.items():
+            cell = errors[name].format()
             if name != SEARCHED:
-                gain = Interval.of(errors[name] - errors[SEARCHED])
+                gain = paired_difference(errors[name], errors[SEARCHED])
                 cell += f" [{gain.format(signed=True)}]"
-                if name != FAST and gain.value - gain.half_width <= 0:
+                if name != FAST and gain.low <= 0:
                     beaten_everywhere = False
                     losses.append(f"{name} at N = {steps} ({gain.format(signed=True)})")
             rows.setdefault(name, []).append(cell)
-            plot_data.setdefault(setting.label, {}).setdefault(name, []).append(float(errors[name].mean()))
+            plot_data.setdefault(setting.label, {}).setdefault(name, []).append(errors[name].value)
             if full_metrics:
                 samples = solve(model, setting.start(held_start, sigmas), sigmas)
-                metric_rows.setdefault(name, []).append(_scored_cell(samples, mixture, labels, repeats))
+                scored[name] = metrics.evaluate(samples, mixture, labels, torch.Generator().manual_seed(METRIC_SEED),
+                                                repeats)
+        for name, report in scored.items():
+            compared = None if name == SEARCHED else scored[SEARCHED]
+            metric_rows.setdefault(name, []).append(_metric_cell(report, compared))
     for name, cells in rows.items():
         error_table.add(name, *cells)
     section.tables.append(error_table)
     if full_metrics:
-        data_cell = _data_metrics_cell(mixture, labels, held_start.shape[0], repeats)
+        data = mixture.sample(held_start.shape[0], torch.Generator().manual_seed(METRIC_SEED + 1000), labels)[0]
+        data_cell = _metric_cell(metrics.evaluate(data, mixture, labels, torch.Generator().manual_seed(METRIC_SEED),
+                                                  repeats), None)
         for name, cells in metric_rows.items():
             metric_table.add(name, *cells)
         metric_table.add("data (fresh sets scored like samples)", *([data_cell] * len(step_counts)))
@@ -235,21 +226,13 @@ def _quality(ctx: BenchContext, section: Section, setting: Setting, mixture, tea
         "all paired intervals above 0" if beaten_everywhere else "not at: " + "; ".join(losses)))
 
 
-def _scored_cell(samples, mixture, labels, repeats: int) -> str:
-    size = samples.shape[0] // repeats
-    swd, gap = [], []
-    for r in range(repeats):
-        part = slice(r * size, (r + 1) * size)
-        result = metrics.evaluate_samples(samples[part], mixture, None if labels is None else labels[part],
-                                          torch.Generator().manual_seed(METRIC_SEED + r))
-        swd.append(result["swd"])
-        gap.append(result["nll_gap"])
-    return f"{Interval.of(torch.tensor(swd)).format()} / {Interval.of(torch.tensor(gap)).format(signed=True)}"
-
-
-def _data_metrics_cell(mixture, labels, count: int, repeats: int) -> str:
-    data = mixture.sample(count, torch.Generator().manual_seed(METRIC_SEED + 1000), labels)[0]
-    return _scored_cell(data, mixture, labels, repeats)
+def _metric_cell(report: dict[str, Estimate], searched: dict[str, Estimate] | None) -> str:
+    """SWD / NLL gap with their intervals and, next to the searched schedule's figures, the paired differences."""
+    cell = f"{report['swd'].format()} / {report['nll_gap'].format(signed=True)}"
+    if searched is not None:
+        swd, gap = (paired_difference(report[name], searched[name]).format(signed=True) for name in ("swd", "nll_gap"))
+        cell += f" [{swd} / {gap}]"
+    return cell
 
 
 def _check_paths_agree(ctx: BenchContext, setting: Setting, mixture, teacher_steps: int) -> str:

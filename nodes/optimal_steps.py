@@ -25,6 +25,8 @@ import comfy.samplers
 import comfy.utils
 import folder_paths
 
+from ..distill_core.reference.metrics import endpoint_error
+from ..distill_core.reference.statistics import estimate, paired_difference, verdict
 from ..distill_core.sampling.optimal_steps import (
     MODES,
     SOLVERS,
@@ -33,8 +35,8 @@ from ..distill_core.sampling.optimal_steps import (
     SavedSchedule,
     check_step_counts,
     check_teacher_sigmas,
-    endpoint_error_calls,
-    endpoint_errors,
+    endpoint_calls,
+    euler_endpoints,
     fingerprint,
     load_schedule,
     save_schedule,
@@ -64,6 +66,8 @@ COMPARED = ("normal", "simple", "karras", "beta")
 """ComfyUI schedulers the report scores next to the searched schedule, at the same N ("normal" and "simple" are
 ComfyUI's two uniform spacings: in time and over the model's sigma table)."""
 SEARCHED = "searched"
+VERDICTS = {"higher": "(the searched schedule is closer)", "lower": "(the searched schedule is further)",
+            "no difference": "(no difference at this sample size)"}
 
 register_model_folder(FOLDER, "stride", "schedules")
 
@@ -164,7 +168,7 @@ def run_search(guider: Any, settings: SearchSettings, noise: Tensor, teacher_sig
     step_counts = [settings.steps, *(sigmas.numel() - 1 for sigmas in schedules.values())]
     total = (search_calls(noise.shape[0], settings.teacher_steps, settings.steps, settings.teacher_solver,
                           settings.mode, call_rows)
-             + endpoint_error_calls(noise.shape[0], step_counts, call_rows))
+             + endpoint_calls(noise.shape[0], step_counts, call_rows))
     bar = comfy.utils.ProgressBar(total)
     done = 0
 
@@ -190,8 +194,8 @@ def run_search(guider: Any, settings: SearchSettings, noise: Tensor, teacher_sig
         found = search_schedule(denoiser, start(teacher_sigmas), teacher_sigmas, settings.steps, settings.solver,
                                 settings.teacher_solver, settings.mode, max_batch=call_rows, progress=progress)
         began = time.perf_counter()
-        errors = endpoint_errors(denoiser, start, {SEARCHED: found.sigmas, **schedules}, found.teacher_end,
-                                 call_rows, progress)
+        ends = euler_endpoints(denoiser, start, {SEARCHED: found.sigmas, **schedules}, call_rows, progress)
+        errors = {name: endpoint_error(end, found.teacher_end) for name, end in ends.items()}
         outcome.append(SearchOutcome(found, errors, time.perf_counter() - began))
         return x
 
@@ -213,24 +217,21 @@ def search_report(outcome: SearchOutcome, settings: SearchSettings) -> dict[str,
 def report_text(settings: dict[str, Any], sigmas: Tensor, indices: tuple[int, ...], report: dict[str, Any],
                 source: str) -> str:
     """The node's report: the schedule, its error against ComfyUI's schedulers at the same N, the search's cost."""
-    errors = {name: torch.tensor(values, dtype=torch.float64) for name, values in report["errors"].items()}
-    searched = errors[SEARCHED]
+    errors = {name: estimate(torch.tensor(values)) for name, values in report["errors"].items()}
     lines = [
         f"Stride Optimal Steps: {settings['steps']} {settings['solver']} steps ({source})",
         "sigmas: " + ", ".join(f"{value:.4g}" for value in sigmas.tolist()),
         f"teacher: {settings['teacher_solver']}, {settings['teacher_steps']} steps of '{settings['teacher_scheduler']}'"
         f" (the schedule takes its steps {', '.join(map(str, indices))}); {settings['noise_samples']} noises, seed "
         f"{settings['seed']}; {settings['mode']} mode",
-        f"Euler's endpoint: RMS distance to the teacher's endpoint from the same {searched.numel()} noises (the "
-        "search's own noises), mean; then the mean paired difference to the searched schedule and on how many noises "
-        "the searched schedule is closer:",
+        f"Euler's endpoint: RMS distance to the teacher's endpoint from the same {errors[SEARCHED].repeats} noises "
+        "(the search's own), mean ± 95% interval; then the paired difference to the searched schedule:",
     ]
     for name in (SEARCHED, *sorted(set(errors) - {SEARCHED}, key=_compared_order)):
-        row = f"  {name:<9} {float(errors[name].mean()):.4f}"
+        row = f"  {name:<9} {errors[name].format(4)}"
         if name != SEARCHED:
-            difference = errors[name] - searched
-            row += (f"  {float(difference.mean()):+.4f}  closer on {int((difference > 0).sum())} of "
-                    f"{difference.numel()}")
+            difference = paired_difference(errors[name], errors[SEARCHED])
+            row += f"   {difference.format(4, signed=True)}  {VERDICTS[verdict(difference)]}"
         lines.append(row)
     lines.append(f"search: {report['evaluations']} model evaluations in {report['calls']} calls, "
                  f"{report['search_seconds']:.1f} s ({report['model_seconds']:.1f} s in the model; the official DP "

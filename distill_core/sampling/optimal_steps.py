@@ -379,30 +379,22 @@ def _fast_paths(states: Tensor, denoised: Tensor, sigmas: Tensor, steps: int) ->
     return _trace(back, batch, total), value[:, total].tolist()
 
 
-def rms_distance(a: Tensor, b: Tensor) -> Tensor:
-    """Per batch row, the root-mean-square distance between two latent batches over all their elements (float64)."""
-    return ((a.to(torch.float64) - b.to(torch.float64)) ** 2).flatten(1).mean(1).sqrt()
-
-
-def endpoint_error_calls(batch: int, step_counts: Iterable[int], max_batch: int | None) -> int:
-    """How many model calls :func:`endpoint_errors` makes on schedules of ``step_counts`` steps (for progress bars)."""
+def endpoint_calls(batch: int, step_counts: Iterable[int], max_batch: int | None) -> int:
+    """How many model calls :func:`euler_endpoints` makes on schedules of ``step_counts`` steps (for progress bars)."""
     return sum(step_counts) * _calls_for(batch, max_batch)
 
 
-def endpoint_errors(model: Denoiser, start: Callable[[Tensor], Tensor], schedules: Mapping[str, Tensor],
-                    target: Tensor, max_batch: int | None = None, progress: Progress | None = None
-                    ) -> dict[str, Tensor]:
-    """Per schedule, the :func:`rms_distance` of Euler's endpoint on it to ``target`` (e.g. the teacher's endpoints
-    from the same noises), one value per noise sample. ``start(sigmas)`` gives the starting latents of a schedule
-    (its first sigma decides the noise scaling); ``max_batch`` and ``progress`` as in :func:`search_schedule`."""
-    batch = target.shape[0]
-    total = endpoint_error_calls(batch, (sigmas.numel() - 1 for sigmas in schedules.values()), max_batch)
+def euler_endpoints(model: Denoiser, start: Callable[[Tensor], Tensor], schedules: Mapping[str, Tensor],
+                    max_batch: int | None = None, progress: Progress | None = None) -> dict[str, Tensor]:
+    """Per schedule, Euler's endpoints from the same noises (e.g. to score the searched schedule and others against
+    the teacher's endpoints). ``start(sigmas)`` gives the starting latents of a schedule (its first sigma decides
+    the noise scaling); ``max_batch`` and ``progress`` as in :func:`search_schedule`."""
+    starts = {name: start(sigmas.detach().to("cpu", torch.float64)) for name, sigmas in schedules.items()}
+    batch = next(iter(starts.values())).shape[0]
+    total = endpoint_calls(batch, (sigmas.numel() - 1 for sigmas in schedules.values()), max_batch)
     counted = _CountedModel(model, max_batch, progress, total, lambda: None)
-    errors = {}
-    for name, sigmas in schedules.items():
-        sigmas = sigmas.detach().to("cpu", torch.float64)
-        errors[name] = rms_distance(solve(counted, start(sigmas), sigmas), target)
-    return errors
+    return {name: solve(counted, starts[name], sigmas.detach().to("cpu", torch.float64))
+            for name, sigmas in schedules.items()}
 
 
 def median_schedule(paths: Sequence[Sequence[int]]) -> list[int]:

@@ -15,7 +15,8 @@ import torch
 from safetensors.torch import load_file
 
 from distill_core.reference.demo import DEMO_CLASS_NAMES, demo_mixture
-from distill_core.sampling.optimal_steps import fingerprint, load_schedule, rms_distance, search_schedule
+from distill_core.reference.metrics import endpoint_error
+from distill_core.sampling.optimal_steps import fingerprint, load_schedule, search_schedule
 from distill_core.spaces import NoiseSpace
 
 DENOISER = "denoiser (ideal many-step teacher)"
@@ -144,7 +145,7 @@ def test_report_errors_are_what_samplers_give_on_the_schedules(comfy_host):
                ["latent_tensor"] for name in ("student", "stride_ddim", "teacher_run")}
     saved = load_schedule(file_of(comfy_host, result.outputs["search"]["text"][0]))
     reported = torch.tensor(saved.report["errors"]["searched"], dtype=torch.float64)
-    measured = rms_distance(latents["student"], latents["teacher_run"])
+    measured = endpoint_error(latents["student"], latents["teacher_run"])
     assert torch.allclose(measured, reported, rtol=1e-4, atol=1e-5)
     assert torch.allclose(latents["stride_ddim"], latents["student"], atol=1e-5)  # Stride's DDIM is Euler
     compared = {name: sum(values) / len(values) for name, values in saved.report["errors"].items()}
