@@ -275,8 +275,9 @@ class StrideOptimalSteps(io.ComfyNode):
                 combo("mode", MODES, "paper: the official dynamic programme (about N x M extra model calls per noise, "
                       "the teacher's M calls included); fast: no calls beyond the teacher trajectory, a little "
                       "further from the teacher (bench/RESULTS.md).", default="paper"),
-                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF,
-                             tooltip="Seed of the search's noises (as RandomNoise's noise_seed)."),
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=False,
+                             tooltip="Seed of the search's noises (as RandomNoise's noise_seed); kept fixed, so that "
+                                     "queueing again reuses the saved result."),
                 io.Float.Input("cfg", default=1.0, min=0.0, max=100.0, step=0.1, round=0.01,
                                tooltip="CFG scale of the teacher trajectory: the one you will sample with (not used "
                                        "with a GUIDER)."),

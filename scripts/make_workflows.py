@@ -260,6 +260,7 @@ def hybrid_diversity() -> Graph:
 
 OSS_SAMPLES = 256  # per row: enough for the metrics' intervals to separate the rows that differ most
 OSS_STEPS = 5
+OSS_ROW = 480  # vertical pitch of the rows: a sampler and its decode, metrics and batch-slice nodes
 
 
 def optimal_steps() -> Graph:
@@ -283,26 +284,26 @@ def optimal_steps() -> Graph:
     euler = g.add("KSamplerSelect", (COL, 890), sampler_name="euler")
     schedules = {
         "searched": ("Stride Optimal Steps (searched for this model)", search),
-        "normal": ("normal", g.add("BasicScheduler", (2 * COL, 420), model=(model, 0), scheduler="normal",
+        "normal": ("normal", g.add("BasicScheduler", (2 * COL, OSS_ROW), model=(model, 0), scheduler="normal",
                                    steps=OSS_STEPS, denoise=1.0)),
-        "karras": ("karras", g.add("BasicScheduler", (2 * COL, 840), model=(model, 0), scheduler="karras",
+        "karras": ("karras", g.add("BasicScheduler", (2 * COL, 2 * OSS_ROW), model=(model, 0), scheduler="karras",
                                    steps=OSS_STEPS, denoise=1.0)),
-        "ays": ("Align Your Steps preset (SD1)", g.add("AlignYourStepsScheduler", (2 * COL, 1260), model_type="SD1",
+        "ays": ("Align Your Steps preset (SD1)", g.add("AlignYourStepsScheduler", (2 * COL, 3 * OSS_ROW), model_type="SD1",
                                                         steps=OSS_STEPS, denoise=1.0)),
-        "gits": ("GITS preset (coeff 1.2)", g.add("GITSScheduler", (2 * COL, 1680), coeff=1.2, steps=OSS_STEPS,
+        "gits": ("GITS preset (coeff 1.2)", g.add("GITSScheduler", (2 * COL, 4 * OSS_ROW), coeff=1.2, steps=OSS_STEPS,
                                                   denoise=1.0)),
-        "teacher": ("the search's teacher: normal, 100 steps", g.add("BasicScheduler", (2 * COL, 2100),
+        "teacher": ("the search's teacher: normal, 100 steps", g.add("BasicScheduler", (2 * COL, 5 * OSS_ROW),
                                                                       model=(model, 0), scheduler="normal", steps=100,
                                                                       denoise=1.0)),
     }
     samplers = []
     for row, (name, (title, sigmas)) in enumerate(schedules.items()):
         steps = "100 steps" if name == "teacher" else f"{OSS_STEPS} steps"
-        sample = g.add("SamplerCustomAdvanced", (3 * COL, 420 * row), title=f"Euler, {steps}: {title}",
+        sample = g.add("SamplerCustomAdvanced", (3 * COL, OSS_ROW * row), title=f"Euler, {steps}: {title}",
                        noise=(noise, 0), guider=(guider, 0), sampler=(euler, 0), sigmas=(sigmas, 0),
                        latent_image=(latent, 0))
         samplers.append(sample)
-        _view(g, (sample, 0), 4 * COL, 420 * row, f"stride_oss_{name}", f"euler {steps}, {name}", (positive, 0), 16)
+        _view(g, (sample, 0), 4 * COL, OSS_ROW * row, f"stride_oss_{name}", f"euler {steps}, {name}", (positive, 0), 16)
     g.group(f"Schedule search: {OSS_STEPS} steps picked from a 100-step Euler run of this model", [search])
     g.group(f"Euler on each schedule ({OSS_SAMPLES} samples, the same noise)", samplers)
     g.note(
