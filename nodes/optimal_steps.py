@@ -123,11 +123,11 @@ def teacher_schedule(model_sampling: Any, settings: SearchSettings) -> Tensor:
     except ValueError as exc:
         raise StrideError(f"teacher_scheduler: '{settings.teacher_scheduler}' at {settings.teacher_steps} steps "
                           f"does not give a usable teacher ({exc}); choose 'normal' or another scheduler") from None
+    total = sigmas.numel() - 1  # a scheduler may merge repeated sigmas (beta): the trajectory's own step count
     try:
-        check_step_counts(settings.steps, settings.teacher_steps)
+        check_step_counts(settings.steps, total)
     except ValueError as exc:
-        name = "steps" if settings.steps >= settings.teacher_steps else "teacher_steps"
-        raise StrideError(f"{name}: {exc}") from None
+        raise StrideError(f"{'steps' if settings.steps >= total else 'teacher_steps'}: {exc}") from None
     return sigmas
 
 
@@ -166,7 +166,7 @@ def run_search(guider: Any, settings: SearchSettings, noise: Tensor, teacher_sig
     model_sampling = model_sampling_of_patcher(guider.model_patcher)
     schedules = {name: comfy.samplers.calculate_sigmas(model_sampling, name, settings.steps) for name in COMPARED}
     step_counts = [settings.steps, *(sigmas.numel() - 1 for sigmas in schedules.values())]
-    total = (search_calls(noise.shape[0], settings.teacher_steps, settings.steps, settings.teacher_solver,
+    total = (search_calls(noise.shape[0], teacher_sigmas.numel() - 1, settings.steps, settings.teacher_solver,
                           settings.mode, call_rows)
              + endpoint_calls(noise.shape[0], step_counts, call_rows))
     bar = comfy.utils.ProgressBar(total)
@@ -211,7 +211,8 @@ def search_report(outcome: SearchOutcome, settings: SearchSettings) -> dict[str,
     return {"errors": {name: values.tolist() for name, values in outcome.errors.items()},
             "evaluations": cost.evaluations, "calls": cost.calls, "search_seconds": cost.total_seconds,
             "model_seconds": cost.model_seconds, "scoring_seconds": outcome.scoring_seconds,
-            "official_evaluations": (1 + settings.steps) * settings.teacher_steps * settings.noise_samples}
+            "official_evaluations": ((1 + settings.steps) * (outcome.found.teacher_sigmas.numel() - 1)
+                                     * settings.noise_samples)}
 
 
 def report_text(settings: dict[str, Any], sigmas: Tensor, indices: tuple[int, ...], report: dict[str, Any],
@@ -272,9 +273,9 @@ class StrideOptimalSteps(io.ComfyNode):
                       "heun (2 M - 1 calls, more accurate).", default="euler"),
                 combo("teacher_scheduler", comfy.samplers.SCHEDULER_NAMES, "ComfyUI scheduler of the teacher's M "
                       "sigmas; the schedule searched is a subset of them.", default="normal"),
-                combo("mode", MODES, "paper: the official dynamic programme (about N x M extra model calls per noise, "
-                      "the teacher's M calls included); fast: no calls beyond the teacher trajectory, a little "
-                      "further from the teacher (bench/RESULTS.md).", default="paper"),
+                combo("mode", MODES, "paper: the official dynamic programme (about N x M model calls per noise in "
+                      "all, the teacher's M included); fast: no calls beyond the teacher trajectory, a little further "
+                      "from the teacher (bench/RESULTS.md).", default="paper"),
                 io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=False,
                              tooltip="Seed of the search's noises (as RandomNoise's noise_seed); kept fixed, so that "
                                      "queueing again reuses the saved result."),
@@ -311,29 +312,37 @@ class StrideOptimalSteps(io.ComfyNode):
         samples = comfy.sample.fix_empty_latent_channels(guider.model_patcher, latent_image["samples"])
         settings = SearchSettings(steps, teacher_steps, noise_samples, solver, teacher_solver, teacher_scheduler, mode,
                                   seed, tuple(samples.shape[1:]))
-        teacher_sigmas = teacher_schedule(model_sampling_of_patcher(guider.model_patcher), settings)
-        model_key, search_key = search_keys(guider, settings)
-        saved = saved_result(search_key)
-        if saved is not None:
-            loaded = load_checked(saved, model_key, "schedule_name", f" (the saved result of this search: delete "
-                                  f"{FOLDER_LABEL}/{saved.name} to search again)")
-            text = report_text(loaded.settings, loaded.sigmas, loaded.indices, loaded.report,
-                               f"reused {FOLDER_LABEL}/{saved.name}, no search")
-            return io.NodeOutput(loaded.sigmas.float(), text, ui=ui.PreviewText(text))
-        noise = comfy.sample.prepare_noise(torch.zeros((noise_samples, *samples.shape[1:])), seed)
-        try:
-            outcome = run_search(guider, settings, noise, teacher_sigmas, samples.shape[0])
-        except ValueError as exc:  # the model returned NaN or inf: nothing is saved
-            raise StrideError(f"model: {exc}; check the model, its LoRAs and the conditioning") from None
-        report = search_report(outcome, settings)
-        folder = Path(folder_paths.get_folder_paths(FOLDER)[0])
-        folder.mkdir(parents=True, exist_ok=True)
-        path = folder / f"{stem}-{steps}steps-{search_key[:16]}.safetensors"
-        saved_settings = {**asdict(settings), "key": search_key}
-        save_schedule(path, outcome.found, model_key, saved_settings, report)
-        text = report_text(saved_settings, outcome.found.sigmas, outcome.found.indices, report,
-                           f"searched, saved as {FOLDER_LABEL}/{path.name}")
-        return io.NodeOutput(outcome.found.sigmas.float(), text, ui=ui.PreviewText(text))
+        sigmas, text = search_or_reuse(guider, settings, stem, samples.shape[0])
+        return io.NodeOutput(sigmas, text, ui=ui.PreviewText(text))
+
+
+def search_or_reuse(guider: Any, settings: SearchSettings, stem: str, call_rows: int) -> tuple[Tensor, str]:
+    """The schedule (float32 SIGMAS) and the report: a saved result of the same search, or a new search saved as
+    ``<stem>-<N>steps-<key>.safetensors``. Every input is checked before anything is written."""
+    teacher_sigmas = teacher_schedule(model_sampling_of_patcher(guider.model_patcher), settings)
+    model_key, search_key = search_keys(guider, settings)
+    saved = saved_result(search_key)
+    if saved is not None:
+        advice = f" (the saved result of this search: delete {FOLDER_LABEL}/{saved.name} to search again)"
+        loaded = load_checked(saved, model_key, "schedule_name", advice)
+        if loaded.settings.get("key") != search_key:
+            raise StrideError(f"schedule_name: {FOLDER_LABEL}/{saved.name} holds another search's result under this "
+                              f"search's name{advice}")
+        return loaded.sigmas.float(), report_text(loaded.settings, loaded.sigmas, loaded.indices, loaded.report,
+                                                  f"reused {FOLDER_LABEL}/{saved.name}, no search")
+    noise = comfy.sample.prepare_noise(torch.zeros((settings.noise_samples, *settings.latent_shape)), settings.seed)
+    try:
+        outcome = run_search(guider, settings, noise, teacher_sigmas, call_rows)
+    except ValueError as exc:  # the model returned NaN or inf: nothing is saved
+        raise StrideError(f"model: {exc}; check the model, its LoRAs and the conditioning") from None
+    report = search_report(outcome, settings)
+    folder = Path(folder_paths.get_folder_paths(FOLDER)[0])
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{stem}-{settings.steps}steps-{search_key[:16]}.safetensors"
+    saved_settings = {**asdict(settings), "key": search_key}
+    save_schedule(path, outcome.found, model_key, saved_settings, report)
+    return outcome.found.sigmas.float(), report_text(saved_settings, outcome.found.sigmas, outcome.found.indices,
+                                                     report, f"searched, saved as {FOLDER_LABEL}/{path.name}")
 
 
 def saved_schedule_names() -> list[str]:
