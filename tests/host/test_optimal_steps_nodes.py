@@ -26,6 +26,19 @@ SEARCH = {"steps": STEPS, "teacher_steps": TEACHER_STEPS, "noise_samples": NOISE
           "teacher_solver": "euler", "teacher_scheduler": "normal", "mode": "paper", "seed": SEED, "cfg": CFG}
 
 
+@pytest.fixture(autouse=True, scope="module")
+def own_schedules_folder(comfy_host, tmp_path_factory):
+    """This module's schedules go to a folder of its own, put first in folder_paths (where the node writes, as an
+    extra_model_paths.yaml entry would), so the host's models/stride/schedules stays as other tests expect it."""
+    paths = comfy_host.folder_paths.folder_names_and_paths["stride_schedules"][0]
+    folder = str(tmp_path_factory.mktemp("schedules"))
+    paths.insert(0, folder)
+    comfy_host.folder_paths.filename_list_cache.clear()
+    yield
+    paths.remove(folder)
+    comfy_host.folder_paths.filename_list_cache.clear()
+
+
 def node(comfy_host, name: str):
     return comfy_host.nodes.NODE_CLASS_MAPPINGS[name]
 
