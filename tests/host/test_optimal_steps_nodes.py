@@ -2,7 +2,8 @@
 
 The node's schedule must equal a direct distill_core search through the same ComfyUI call path (guider,
 CFG, model sampling, the same noise); a saved result is reused without one model call; a schedule of
-another model is refused; Cancel during the teacher trajectory writes nothing; the searched sigmas drive
+another model is refused; Cancel during the teacher trajectory or the DP stops at the next model call and
+writes nothing; a damaged saved result is refused by name; the searched sigmas drive
 SamplerCustomAdvanced and the Stride samplers, and the report's errors are what those samplers give.
 """
 import math
@@ -249,26 +250,30 @@ def test_saved_schedule_loads_for_its_model_and_refuses_another(comfy_host):
     assert error["exception_message"].startswith(f"schedule: {name} was searched for another model")
 
 
-def test_cancel_during_the_teacher_trajectory_writes_nothing(comfy_host):
+TEACHER_CALLS = TEACHER_STEPS * math.ceil(NOISES / ROWS)  # the trajectory's calls: NOISES rows, ROWS per call
+
+
+@pytest.mark.parametrize("cancel_at", [3, TEACHER_CALLS + 2], ids=["in the teacher trajectory", "in the DP"])
+def test_cancel_stops_at_the_next_model_call_and_writes_nothing(comfy_host, cancel_at):
     before = saved_files(comfy_host)
     seen = []
 
-    def cancel_at_third_call(value, total):
+    def cancel(value, total):
         seen.append((value, total))
-        if value == 3:
+        if value == cancel_at:
             comfy_host.interrupt()
 
-    comfy_host.progress_listener = cancel_at_third_call
+    comfy_host.progress_listener = cancel
     try:
-        cancelled = comfy_host.run(search_graph("cancelled", seed=SEED + 2))
+        cancelled = comfy_host.run(search_graph("cancelled", seed=SEED + 10 + cancel_at))
     finally:
         comfy_host.progress_listener = None
     assert not cancelled.success
     assert any(kind == "execution_interrupted" for kind, _ in cancelled.messages)
-    assert [value for value, _ in seen] == [1, 2, 3], "stopped at the next model call"
-    assert seen[0][1] > TEACHER_STEPS  # the bar counts the DP and the scoring too: the cancel came in the trajectory
+    assert [value for value, _ in seen] == list(range(1, cancel_at + 1)), "stopped at the next model call"
+    assert seen[0][1] > TEACHER_CALLS + (STEPS - 1)  # the bar counts the DP's calls and the scoring's too
     assert saved_files(comfy_host) == before
-    again = comfy_host.run(search_graph("after_cancel", seed=SEED + 2))
+    again = comfy_host.run(search_graph("after_cancel", seed=SEED + 10 + cancel_at))
     assert again.success and "searched, saved as" in again.outputs["search"]["text"][0]
 
 
