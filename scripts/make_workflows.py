@@ -288,8 +288,8 @@ def optimal_steps() -> Graph:
                                    steps=OSS_STEPS, denoise=1.0)),
         "karras": ("karras", g.add("BasicScheduler", (2 * COL, 2 * OSS_ROW), model=(model, 0), scheduler="karras",
                                    steps=OSS_STEPS, denoise=1.0)),
-        "ays": ("Align Your Steps preset (SD1)", g.add("AlignYourStepsScheduler", (2 * COL, 3 * OSS_ROW), model_type="SD1",
-                                                        steps=OSS_STEPS, denoise=1.0)),
+        "ays": ("Align Your Steps preset (SD1)", g.add("AlignYourStepsScheduler", (2 * COL, 3 * OSS_ROW),
+                                                        model_type="SD1", steps=OSS_STEPS, denoise=1.0)),
         "gits": ("GITS preset (coeff 1.2)", g.add("GITSScheduler", (2 * COL, 4 * OSS_ROW), coeff=1.2, steps=OSS_STEPS,
                                                   denoise=1.0)),
         "teacher": ("the search's teacher: normal, 100 steps", g.add("BasicScheduler", (2 * COL, 5 * OSS_ROW),
@@ -308,9 +308,9 @@ def optimal_steps() -> Graph:
     g.group(f"Euler on each schedule ({OSS_SAMPLES} samples, the same noise)", samplers)
     g.note(
         "Schedule distillation (Optimal Stepsize, Pei et al.): Stride Optimal Steps runs the model's own 100-step "
-        "Euler trajectory from 8 noises and picks, by dynamic programming, the 5 of its sigmas on which Euler lands closest "
-        "to it. Its report compares that schedule with ComfyUI's normal/simple/karras/beta at the same 5 steps on "
-        "those noises. The result is saved in models/stride/schedules under a fingerprint of the model and the "
+        "Euler trajectory from 8 noises and picks, by dynamic programming, the 5 of its sigmas on which Euler lands "
+        "closest to it. Its report compares that schedule with ComfyUI's normal/simple/karras/beta at the same 5 steps "
+        "on those noises. The result is saved in models/stride/schedules under a fingerprint of the model and the "
         "settings: queue again and it is reused without a model call (Stride Saved Schedule loads it by name). The "
         "rows below sample 256 fresh noises with Euler on each schedule; Stride Reference Metrics scores them "
         "exactly (95% intervals); the last row is the search's 100-step teacher.\n\n"
