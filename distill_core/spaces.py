@@ -214,6 +214,21 @@ class NoiseSpace:
 
 
 # -- per-sample values ---------------------------------------------------------------------------
+def all_finite(x: Tensor) -> bool:
+    """Whether ``x`` holds no NaN or inf, by one summation (NaN/inf propagate through a sum), which
+    is ~30x cheaper than ``isfinite(x).all()`` on a latent: the samplers' per-step check."""
+    if x.numel() == 0:
+        return True
+    return math.isfinite(float(x.sum(dtype=torch.float64 if x.dtype == torch.float64 else torch.float32)))
+
+
+def require_finite(x: Tensor, what: str) -> None:
+    """Raise ``ValueError`` naming ``what`` when ``x`` holds NaN or inf: a decoder, metric or trainer fed such
+    values would otherwise return a silently wrong answer (NaN decodes to black, NaN scores compare false)."""
+    if not all_finite(x):
+        raise ValueError(f"{what} contain NaN or inf values")
+
+
 def per_sample(values: Tensor | float, like: Tensor) -> Tensor:
     """``values`` (a scalar or one per sample) shaped to broadcast over ``like`` (batch first), in its dtype/device."""
     if isinstance(values, Tensor):

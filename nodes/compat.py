@@ -27,12 +27,15 @@ classes, the ModelPatcher methods (``clone``, ``get_model_object``, ``add_patche
 """
 from __future__ import annotations
 
+import dataclasses
 import enum
+import functools
 import inspect
+import math
 import os
 import types
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any, ClassVar
 
 import torch
@@ -88,6 +91,82 @@ def combo(id: str, options: Iterable[str], tooltip: str, default: str | None = N
 def node_unique_id(node: type[io.ComfyNode]) -> str | None:
     """The graph node id of a running V3 node (hidden ``UNIQUE_ID``); None when called outside a graph."""
     return getattr(node.hidden, "unique_id", None)
+
+
+# ------------------------------------------------------------------------------------------
+# The node boundary: every input checked against its declaration before a node runs
+# ------------------------------------------------------------------------------------------
+def _is_conditioning(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(item, (list, tuple)) and len(item) == 2
+                                           and torch.is_tensor(item[0]) and isinstance(item[1], dict) for item in value)
+
+
+_LINKED: dict[str, Callable[[Any], bool]] = {  # what a linked value of each host type must look like
+    "MODEL": lambda value: hasattr(value, "model") and callable(getattr(value, "clone", None)),
+    "LATENT": lambda value: isinstance(value, dict) and torch.is_tensor(value.get("samples")),
+    "CONDITIONING": _is_conditioning,
+    "IMAGE": torch.is_tensor,
+    "SIGMAS": torch.is_tensor,
+    "SAMPLER": lambda value: callable(getattr(value, "sample", None)),
+    "GUIDER": lambda value: callable(getattr(value, "sample", None)),
+    "VAE": lambda value: callable(getattr(value, "decode", None)),
+}
+_WIDGETS = ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO")
+_LITERAL_KINDS = {type(None): "null", bool: "a boolean", int: "a number", float: "a number", str: "text",
+                  dict: "an object", list: "a list"}
+
+
+def _json_literal(value: Any) -> bool:
+    """A value an API client can type (null, a boolean, number, text or an object of them), as opposed to a node's
+    output. Lists pass: a loss history is a list of numbers."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return True
+    return isinstance(value, dict) and all(isinstance(key, str) and _json_literal(item) for key, item in value.items())
+
+
+def input_problem(node_input: Any, value: Any) -> str | None:
+    """What is wrong with ``value`` for a declared input, in words that name it and say what to do; None if nothing.
+
+    ComfyUI's own validation lets NaN through min/max checks (NaN compares false) and hands a typed literal
+    to a linked input unchanged (an API client can send ``"latent_image": "abc"``); both are refused here.
+    """
+    kind, name = str(node_input.io_type), node_input.id
+    if kind == "FLOAT":
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            shown = "NaN" if isinstance(value, float) and math.isnan(value) else repr(value)
+            low, high = getattr(node_input, "min", None), getattr(node_input, "max", None)
+            limits = f" from {low:g} to {high:g}" if low is not None and high is not None else ""
+            return f"{name}: {shown} is not a finite number; type a number{limits}"
+        return None
+    valid = _LINKED.get(kind)
+    if (valid is not None and not valid(value)) or (valid is None and kind not in _WIDGETS and _json_literal(value)):
+        article = "an" if kind[:1] in "AEIOU" else "a"
+        got = _LITERAL_KINDS.get(type(value), type(value).__name__)
+        return (f"{name}: expected {article} {kind} from another node's output, got {got} {value!r:.40}; connect "
+                f"{article} {kind} output (API clients send a link as [node_id, output_index])")
+    return None
+
+
+def checked_at_the_boundary(node: type[io.ComfyNode]) -> type[io.ComfyNode]:
+    """Wrap ``node.execute`` so that each input is checked by :func:`input_problem` before the node runs (one check
+    for every Stride node: ``nodes/__init__.py`` applies it to all of them)."""
+    execute = node.__dict__["execute"].__func__
+    signature = inspect.signature(execute)
+    declared = {node_input.id: node_input for node_input in node.define_schema().inputs}
+
+    @functools.wraps(execute)
+    def guarded(cls: type[io.ComfyNode], *args: Any, **kwargs: Any) -> Any:
+        for name, value in signature.bind(cls, *args, **kwargs).arguments.items():
+            node_input = declared.get(name)
+            if node_input is None or (value is None and node_input.optional):  # hidden, or optional and unconnected
+                continue
+            problem = input_problem(node_input, value)
+            if problem is not None:
+                raise StrideError(problem)
+        return execute(cls, *args, **kwargs)
+
+    node.execute = classmethod(guarded)
+    return node
 
 
 # ------------------------------------------------------------------------------------------
@@ -219,11 +298,54 @@ def apply_lora(model: Any, state_dict: dict[str, torch.Tensor], strength: float)
     return patched
 
 
-def load_lora_file(model: Any, lora_name: str, strength: float) -> Any:
-    """``model`` with a LoRA file of ``models/loras`` applied, exactly as core LoraLoaderModelOnly does."""
-    import nodes  # ComfyUI's nodes.py, imported once the host has loaded
+_LORA_UP_SUFFIXES = (".lora_up.weight", "_lora.up.weight", ".lora_B.weight", ".lora.up.weight",
+                     ".lora_linear_layer.up.weight", ".lora_B.default.weight", ".lora_B")
 
-    return nodes.LoraLoaderModelOnly().load_lora_model_only(model, lora_name, strength)[0]
+
+@dataclasses.dataclass
+class LoraFit:
+    """How a LoRA state dict lands on a MODEL under ComfyUI's own key mapping (``comfy.lora``)."""
+
+    layers: int  # LoRA layers in the file (one "up" weight each, in any format ComfyUI reads)
+    loaded: int  # layers that land on a weight of the model with fitting shapes
+    left_out: list[str]  # LoRA weight keys no weight of the model takes
+    misshaped: list[str]  # weights of the model whose LoRA has other shapes
+
+
+def lora_fit(model: Any, state_dict: dict[str, torch.Tensor]) -> LoraFit:
+    """Which layers of a LoRA ComfyUI's LoraLoader would apply to ``model``, and which it would skip (it only logs
+    them): unmatched keys, and patches whose shapes do not fit the weight (skipped when the weights are patched)."""
+    import comfy.lora
+    import comfy.lora_convert
+    import comfy.weight_adapter
+
+    converted = comfy.lora_convert.convert_lora(dict(state_dict))
+    patches = comfy.lora.load_lora(converted, comfy.lora.model_lora_keys_unet(model.model, {}), log_missing=False)
+    used: set[str] = set()
+    shapes = {key: tuple(value.shape) for key, value in model.model.state_dict().items()}
+    misshaped = []
+    for key, patch in patches.items():
+        used |= set(getattr(patch, "loaded_keys", ()))
+        if isinstance(patch, comfy.weight_adapter.LoRAAdapter) and key in shapes:
+            up, down = patch.weights[0], patch.weights[1]
+            if up.shape[0] != shapes[key][0] or down.numel() // down.shape[0] != math.prod(shapes[key][1:]):
+                misshaped.append(key)
+    lora_keys = sorted(key for key in converted if "lora" in key.lower() and not key.endswith(".alpha"))
+    layers = sum(key.endswith(_LORA_UP_SUFFIXES) for key in converted)
+    return LoraFit(layers, len(patches) - len(misshaped), [key for key in lora_keys if key not in used], misshaped)
+
+
+def model_file(folder: str, name: str, input_name: str) -> str:
+    """The path of a file ComfyUI lists in a models folder, refusing one it cannot open (a broken link, a link to a
+    device or a folder) by the input's name."""
+    import folder_paths
+
+    try:
+        return folder_paths.get_full_path_or_raise(folder, name)
+    except FileNotFoundError:
+        raise StrideError(f"{input_name}: models/{folder}/{name} is not a regular file (a broken link, or a link to a "
+                          f"device or folder); point the link at the file again, or copy the file into models/{folder}"
+                          ) from None
 
 
 # ------------------------------------------------------------------------------------------

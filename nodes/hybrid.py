@@ -25,6 +25,7 @@ import latent_preview
 from ..distill_core.reference import diversity
 from ..distill_core.sampling import hybrid, lcm, schedules, tcd, tdd
 from ..distill_core.sampling.trace import StepTrace, trace_grid
+from ..distill_core.spaces import all_finite
 from .compat import (
     StrideError,
     combo,
@@ -36,7 +37,8 @@ from .compat import (
     noise_space,
     ui,
 )
-from .samplers import discrete_sigmas, seed_input, stride_ksampler
+from .reference import check_prompt_input
+from .samplers import discrete_sigmas, non_finite_output, seed_input, stride_ksampler
 
 CATEGORY = "stride/hybrid"
 MAX_TRACE_ITEMS = 8
@@ -136,11 +138,13 @@ class HybridGuider:
     """GUIDER: the base guider + base sampler for the first ``handover_steps`` sigmas, then the distilled
     guider with the sampler SamplerCustomAdvanced passes (sigmas converted by signal-to-noise ratio)."""
 
-    def __init__(self, base_guider: Any, distilled_guider: Any, base_sampler: Any, handover_steps: int) -> None:
+    def __init__(self, base_guider: Any, distilled_guider: Any, base_sampler: Any, handover_steps: int,
+                 names: tuple[str, str] = ("base_guider", "distilled_guider")) -> None:
         self.base_guider = base_guider
         self.distilled_guider = distilled_guider
         self.base_sampler = base_sampler
         self.handover_steps = handover_steps
+        self.names = names  # the node inputs of the two models, for errors
         self.model_patcher = distilled_guider.model_patcher  # previews and denoised_output use the distilled model
         self.model_options = distilled_guider.model_options
 
@@ -172,14 +176,27 @@ class HybridGuider:
         except ValueError as exc:
             raise StrideError(f"handover_steps: {exc}; hand over at least one step later.") from None
         base_sampler, distilled_sampler = self._phase_samplers(sampler)
-        if k == 0:
-            return self.distilled_guider.sample(noise, latent_image, distilled_sampler, distilled_sigmas, None,
-                                                _offset_callback(callback, 0, steps), disable_pbar, seed)
-        handed_over = self.base_guider.sample(noise, latent_image, base_sampler, base_sigmas, None,
-                                              _offset_callback(callback, 0, steps), disable_pbar, seed)
-        return self.distilled_guider.sample(torch.zeros_like(noise), handed_over, distilled_sampler, distilled_sigmas,
-                                            None, _offset_callback(callback, k, steps), disable_pbar,
-                                            hybrid.handover_seed(seed))
+        start, start_seed = latent_image, seed
+        if k > 0:
+            start = self._named(0, lambda: self.base_guider.sample(
+                noise, latent_image, base_sampler, base_sigmas, None, _offset_callback(callback, 0, steps),
+                disable_pbar, seed))
+            if not all_finite(start):  # a core base sampler does not check each step
+                raise non_finite_output(f"in its {k} step(s)", self.names[0])
+            noise, start_seed = torch.zeros_like(noise), hybrid.handover_seed(seed)
+        return self._named(1, lambda: self.distilled_guider.sample(
+            noise, start, distilled_sampler, distilled_sigmas, None, _offset_callback(callback, k, steps),
+            disable_pbar, start_seed))
+
+    def _named(self, phase: int, run: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """Run one phase; a model that returns NaN/inf is named by its input (base or distilled)."""
+        try:
+            return run()
+        except StrideError as exc:
+            where = getattr(exc, "stride_where", None)
+            if where is None:
+                raise
+            raise non_finite_output(where, self.names[phase]) from None
 
 
 # ------------------------------------------------------------------------------------------
@@ -244,6 +261,12 @@ class StrideHybridSample(io.ComfyNode):
         check_conditioning("base_negative", base_negative, required=base_cfg != 1.0)
         check_conditioning("distilled_positive", distilled_positive)
         check_conditioning("distilled_negative", distilled_negative, required=distilled_cfg != 1.0)
+        prompts = ((base_model, {"base_positive": base_positive, "base_negative": base_negative}),
+                   (distilled_model, {"distilled_positive": distilled_positive,
+                                      "distilled_negative": distilled_negative}))
+        for model, conditionings in prompts:
+            for name, conditioning in conditionings.items():
+                check_prompt_input(model, conditioning, name)
         if handover_steps >= steps:
             raise StrideError(f"handover_steps ({handover_steps}) must be below steps ({steps}): the distilled model "
                               "needs at least one step. Use 1 (the paper's setting), or the base model alone.")
@@ -261,7 +284,8 @@ class StrideHybridSample(io.ComfyNode):
             guider.set_conds(positive, negative)
             guider.set_cfg(cfg)
             guiders.append(guider)
-        guider = HybridGuider(guiders[0], guiders[1], comfy.samplers.sampler_object(base_sampler), handover_steps)
+        guider = HybridGuider(guiders[0], guiders[1], comfy.samplers.sampler_object(base_sampler), handover_steps,
+                              ("base_model", "distilled_model"))
         trace = SamplingTrace()
         sampler = TracingSampler(DISTILLED_SAMPLERS[distilled_sampler](), trace)
 
@@ -417,7 +441,10 @@ class StrideImageDiversity(io.ComfyNode):
     def execute(cls, images: torch.Tensor, label: str) -> io.NodeOutput:
         if images.shape[0] < 2:
             raise StrideError(f"images: diversity needs at least 2 images, got {images.shape[0]}.")
-        result = diversity.image_diversity(images)
+        try:
+            result = diversity.image_diversity(images)
+        except ValueError as exc:
+            raise StrideError(f"images: {exc}; check the decode that produced them.") from None
         report = {"label": label, "n": int(images.shape[0]), "diversity": round(result.overall, 4),
                   "colour_diversity": round(result.colour, 4), "edge_diversity": round(result.edges, 4)}
         text = json.dumps(report)

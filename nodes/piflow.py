@@ -38,7 +38,7 @@ from .compat import (
     sampling_kind,
 )
 from .reference import AnalyticModule, wrap_as_model
-from .samplers import denoise_input, require_finite_latent, sample_with, seed_input
+from .samplers import check_sigmas, denoise_input, require_finite_latent, sample_with, seed_input
 
 CATEGORY = "stride/piflow"
 STASH_KEY = "stride_piflow_stash"
@@ -162,6 +162,7 @@ def piflow_ksampler(substeps: int, temperature: float | str, diffusion_coefficie
         extra_args = dict(extra_args or {})
         denoise_mask = extra_args.get("denoise_mask")
         extra_args["denoise_mask"] = None  # the mask is applied here, not by ComfyUI's per-call blend
+        check_sigmas(sigmas)
         require_finite_latent(x)
         inpainting: dict[str, Any] = {}
         if denoise_mask is not None:

@@ -23,7 +23,7 @@ from ..distill_core.piflow_adapter import PiFlowAdapter
 from ..distill_core.safe_files import read_safetensors
 from ..distill_core.sampling import piflow
 from . import piflow_families
-from .compat import StrideError, combo, image_model, io, wrapped_call_arguments
+from .compat import StrideError, combo, image_model, io, model_file, wrapped_call_arguments
 from .piflow import CATEGORY, PolicyOutput, deposit_policy
 from .piflow_families import FLUX1, FLUX2, QWEN_IMAGE, ModelFamily
 
@@ -209,7 +209,7 @@ def read_adapter_file(name: str) -> tuple[dict[str, Tensor], dict[str, str]]:
     if not name.lower().endswith(SAFETENSORS_SUFFIXES):
         raise StrideError(f"adapter_name: '{name}' is not a .safetensors file. pi-Flow adapters are released as "
                           "safetensors; Stride never loads pickle files (.pt, .ckpt, .bin) because they can run code.")
-    path = folder_paths.get_full_path_or_raise("loras", name)
+    path = model_file("loras", name, "adapter_name")
     try:
         return read_safetensors(path)
     except (ValueError, OSError) as exc:
@@ -242,7 +242,8 @@ def parse_for_model(state_dict: dict[str, Tensor], metadata: dict[str, str], fam
                                                       family.spec.patch_size)
     except ValueError as exc:
         check_adapter_family(modules, family, name)
-        raise StrideError(f"adapter_name: '{name}': {exc}") from None
+        raise StrideError(f"adapter_name: '{name}': {exc}; use the adapter file as released (download it again)"
+                          ) from None
     check_adapter_family(modules, family, name)
     return adapter
 

@@ -4,6 +4,7 @@ All nodes are V3 nodes (:mod:`.compat`)."""
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 import torch
@@ -33,23 +34,31 @@ def mixture_for(variant: str) -> GaussianMixture:
     return mixture
 
 
-def class_ids_of(context: torch.Tensor) -> torch.Tensor:
-    """Demo class ids of a Stride Class Prompt context; any other conditioning is refused by name."""
+def class_ids_of(context: torch.Tensor, input_name: str = "conditioning") -> torch.Tensor:
+    """Demo class ids of a Stride Class Prompt context; any other conditioning is refused, naming ``input_name``."""
     try:
         return demo.decode_context(context)
     except ValueError:
-        raise StrideError(f"conditioning: the reference teacher and the demo model take Stride Class Prompt "
+        raise StrideError(f"{input_name}: the reference teacher and the demo model take Stride Class Prompt "
                           f"conditioning (context width {demo.CONTEXT_DIM}), got a context of shape "
                           f"{tuple(context.shape)}; connect Stride Class Prompt instead of a text encoder.") from None
+
+
+def check_prompt_input(model: Any, conditioning: list, input_name: str) -> None:
+    """Before sampling Stride's reference teacher or demo model, refuse a CONDITIONING input that is not Stride
+    Class Prompt's by the input's own name (inside the network only "conditioning" is known)."""
+    if getattr(model.model.diffusion_model, "takes_class_prompts", False):
+        for context, _ in conditioning:
+            class_ids_of(context, input_name)
 
 
 def check_latent_shape(latents: torch.Tensor, expected: tuple[int, ...], model_name: str) -> None:
     """Refuse latents of another channel count or size than the model was built for."""
     if tuple(latents.shape[1:]) != tuple(expected):
         channels, height, width = expected
-        raise StrideError(f"latent_image: {model_name} works on {'x'.join(map(str, expected))} latents "
-                          f"(Empty Latent Image {width * 8}x{height * 8}, {channels}-channel SD1.5 format); "
-                          f"got {'x'.join(map(str, latents.shape[1:]))}.")
+        got = "x".join(map(str, latents.shape[1:]))
+        raise StrideError(f"latent_image: {model_name} works on {'x'.join(map(str, expected))} latents, got {got}; "
+                          f"use Empty Latent Image {width * 8}x{height * 8} ({channels}-channel SD1.5 format).")
 
 
 class StrideLatentFormat(comfy.latent_formats.SD15):
@@ -100,6 +109,8 @@ class AnalyticModule(torch.nn.Module):
 class AnalyticNetwork(AnalyticModule):
     """The exact Gaussian-mixture denoiser (or flow map) as an EPS, V or flow network: it returns what
     the model type predicts, so ComfyUI's own ``calculate_denoised`` recovers the exact x0."""
+
+    takes_class_prompts = True  # conditioned by Stride Class Prompt (see check_prompt_input)
 
     def __init__(self, mixture: GaussianMixture, prediction: str, flow_map_steps: int = 0) -> None:
         super().__init__()
@@ -183,6 +194,7 @@ class StrideDemoModel(io.ComfyNode):
         network.load_state_dict(state_dict)
         network.eval()
         network.stride_unet_config = dict(demo.DEMO_UNET_CONFIG)  # lets a headless distillation rebuild it
+        network.takes_class_prompts = True
         network.register_forward_pre_hook(_check_demo_inputs, with_kwargs=True)
         return io.NodeOutput(wrap_as_model(network, "eps"))
 
@@ -194,9 +206,30 @@ def _check_demo_inputs(_network, args: tuple, kwargs: dict) -> None:
     if x.shape[1] != channels:
         raise StrideError(f"latent_image: the demo model works on {channels}-channel SD1.5-format latents "
                           f"(Empty Latent Image); got {x.shape[1]} channels.")
+    try:
+        demo.check_demo_latent_size(*x.shape[-2:])
+    except ValueError as exc:
+        raise StrideError(f"latent_image: {exc}; use Empty Latent Image 64x64") from None
     context = kwargs.get("context")
     if context is not None:
         class_ids_of(context)
+
+
+def class_of_prompt(prompt: str) -> int | None:
+    """The one demo class a prompt names as a whole word (case ignored), None for an empty prompt; a prompt that
+    names no class, or more than one, is refused."""
+    words = set(re.findall(r"[a-z]+", prompt.lower()))
+    named = [index for index, name in enumerate(DEMO_CLASS_NAMES) if name in words]
+    if not prompt.strip():
+        return None
+    if len(named) == 1:
+        return named[0]
+    classes = ", ".join(DEMO_CLASS_NAMES)
+    if not named:
+        raise StrideError(f"prompt {prompt!r}: no such class; use one of {classes} or leave it empty")
+    both = ", ".join(DEMO_CLASS_NAMES[index] for index in named)
+    raise StrideError(f"prompt {prompt!r}: names more than one class ({both}); name exactly one class ({classes}) or "
+                      "leave it empty")
 
 
 class StrideClassPrompt(io.ComfyNode):
@@ -216,15 +249,7 @@ class StrideClassPrompt(io.ComfyNode):
 
     @classmethod
     def execute(cls, prompt: str) -> io.NodeOutput:
-        text = prompt.strip().lower()
-        if not text:
-            class_id = None
-        else:
-            matches = [i for i, name in enumerate(DEMO_CLASS_NAMES) if name in text or text in name]
-            if not matches:
-                raise StrideError(f"prompt '{prompt}': no such class; use one of {', '.join(DEMO_CLASS_NAMES)} "
-                                  "or leave it empty")
-            class_id = matches[0]
+        class_id = class_of_prompt(prompt)
         context = demo.encode_classes(None if class_id is None else torch.tensor([class_id]), 1)
         return io.NodeOutput([[context.float(), {}]])
 
@@ -248,7 +273,10 @@ class StrideLatentToImage(io.ComfyNode):
         latents = samples["samples"]
         if latents.ndim != 4 or latents.shape[1] != 4:
             raise StrideError(f"samples: expected 4-channel image latents, got shape {tuple(latents.shape)}")
-        rgb = latent_to_rgb(latents.float())
+        try:
+            rgb = latent_to_rgb(latents.float())
+        except ValueError as exc:  # NaN/inf would decode to a plausible black or white picture
+            raise StrideError(f"samples: {exc}; check the sampler and model that produced them") from None
         rgb = rgb.repeat_interleave(scale, dim=1).repeat_interleave(scale, dim=2)
         return io.NodeOutput(rgb.float().cpu())
 
@@ -285,14 +313,15 @@ class StrideReferenceMetrics(io.ComfyNode):
         mixture = demo_mixture()
         if tuple(latents.shape[1:]) != mixture.latent_shape:
             raise StrideError(f"samples: expected latents of shape {mixture.latent_shape}, "
-                              f"got {tuple(latents.shape[1:])}")
+                              f"got {tuple(latents.shape[1:])}; use samples of the reference teacher or the demo model "
+                              "(Empty Latent Image 64x64)")
         if not torch.isfinite(latents).all():
             raise StrideError("samples: the latents contain NaN or inf values; check the sampler and model that "
                               "produced them.")
         if not conditioning:
             raise StrideError("conditioning: the conditioning is empty; connect the Stride Class Prompt the samples "
                               "were drawn for.")
-        class_id = int(class_ids_of(conditioning[0][0])[0])
+        class_id = int(class_ids_of(conditioning[0][0], "conditioning")[0])
         if latents.shape[0] < metrics.MIN_SAMPLES:
             raise StrideError(f"samples: {latents.shape[0]} samples give no interval; score a batch of at least "
                               f"{metrics.MIN_SAMPLES} (a few hundred to tell rows apart).")

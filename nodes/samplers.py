@@ -7,6 +7,7 @@ All nodes are V3 nodes (``io.ComfyNode``, the API pinned in :mod:`.compat`).
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -27,6 +28,7 @@ from .compat import (
     model_sampling_of_patcher,
     noise_space,
 )
+from .reference import check_prompt_input
 
 CATEGORY = "stride/sampling"
 
@@ -36,6 +38,7 @@ def stride_ksampler(sample_fn: Callable[..., torch.Tensor], **options: Any) -> c
 
     def sampler(model, x, sigmas, extra_args=None, callback=None, disable=None):
         space = noise_space(model_sampling_in_sampler(model))
+        check_sigmas(sigmas)
         require_finite_latent(x)
         return sample_fn(finite_output_model(model), x, sigmas, extra_args=extra_args, callback=callback,
                          disable=disable, space=space, **options)
@@ -50,6 +53,31 @@ def require_finite_latent(x: torch.Tensor) -> None:
                           "(e.g. a VAE Encode of a broken image, or a latent math node).")
 
 
+def check_sigmas(sigmas: torch.Tensor) -> None:
+    """Refuse SIGMAS no scheduler makes (NaN/inf, negative, rising, too large to square in float32), by name."""
+    values = sigmas.detach().to("cpu", torch.float64).reshape(-1)
+    if not bool(torch.isfinite(values).all()):
+        raise StrideError("sigmas: the sigmas contain NaN or inf values; check the node that made them.")
+    if bool((values < 0).any()):
+        raise StrideError("sigmas: the sigmas contain negative values; check the node that made them.")
+    if bool((values[1:] > values[:-1]).any()):
+        raise StrideError("sigmas: the sigmas must decrease from the first to the last; check the scheduler (a Flip "
+                          "Sigmas node reverses them).")
+    if values.numel() and float(values.max()) ** 2 > torch.finfo(torch.float32).max:
+        raise StrideError(f"sigmas: the largest sigma, {float(values.max()):.3g}, is too large to sample with (its "
+                          "square overflows); check the scheduler's sigma_max.")
+
+
+def non_finite_output(where: str, input_name: str = "model") -> StrideError:
+    """The error for a model that returned NaN/inf while sampling; ``stride_where`` lets a node with two models
+    (Stride Hybrid Sample) name the MODEL input at fault."""
+    error = StrideError(f"{input_name}: the model returned NaN or inf values {where}. Its weights may be broken, or "
+                        "half precision overflowed: try another model file, or run the model in fp32/bf16 (e.g. "
+                        "--force-fp32).")
+    error.stride_where = where  # type: ignore[attr-defined]
+    return error
+
+
 def finite_output_model(model: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
     """The sampler's model with a check of every output: a NaN/inf x0 stops sampling with a clear error
     instead of silently producing a NaN latent."""
@@ -57,10 +85,7 @@ def finite_output_model(model: Callable[..., torch.Tensor]) -> Callable[..., tor
     def checked(x: torch.Tensor, sigma: torch.Tensor, **extra_args: Any) -> torch.Tensor:
         denoised = model(x, sigma, **extra_args)
         if not all_finite(denoised):
-            raise StrideError("model: the model returned NaN or inf values at sigma "
-                              f"{float(sigma.reshape(-1)[0]):.4g}. "
-                              "Its weights may be broken, or half precision overflowed: try another model file, or "
-                              "run the model in fp32/bf16 (e.g. --force-fp32).")
+            raise non_finite_output(f"at sigma {float(sigma.reshape(-1)[0]):.4g}")
         return denoised
 
     return checked
@@ -177,14 +202,45 @@ def discrete_sigmas(model: Any, timesteps: list[int], method: str) -> torch.Tens
 
 
 def truncate_for_denoise(timesteps_for: Callable[[int], list[int]], steps: int, denoise: float) -> list[int]:
-    """ComfyUI's denoise rule: schedule ``steps / denoise`` steps and keep the last ``steps``."""
+    """ComfyUI's denoise rule: schedule ``steps / denoise`` steps and keep the last ``steps``. When the steps fit the
+    schedule but ``steps / denoise`` does not, denoise is named with the smallest value that fits."""
     if denoise <= 0 or denoise > 1:
         raise StrideError(f"denoise must be in (0, 1] (got {denoise}).")
     total = int(steps / denoise)
-    return timesteps_for(total)[-steps:]
+    try:
+        return timesteps_for(total)[-steps:]
+    except ValueError:
+        longest = _longest_schedule(timesteps_for, steps, total)
+        if longest is None:
+            raise
+    raise StrideError(f"denoise: at {denoise:g}, {steps} steps need a {total}-step schedule and this one has at most "
+                      f"{longest}. Choose fewer steps, or raise denoise to at least "
+                      f"{math.ceil(1000 * steps / longest) / 1000:g}.")
 
 
-def _schedule_error(exc: ValueError) -> StrideError:
+def _longest_schedule(timesteps_for: Callable[[int], list[int]], shortest: int, too_long: int) -> int | None:
+    """The most steps ``timesteps_for`` accepts between ``shortest`` and ``too_long`` (bisection); None if even
+    ``shortest`` is refused."""
+    def fits(n: int) -> bool:
+        try:
+            timesteps_for(n)
+        except ValueError:
+            return False
+        return True
+
+    if not fits(shortest):
+        return None
+    low, high = shortest, too_long
+    while high - low > 1:
+        middle = (low + high) // 2
+        low, high = (middle, high) if fits(middle) else (low, middle)
+    return low
+
+
+def _schedule_error(exc: ValueError, denoise: float) -> StrideError:
+    if isinstance(exc, schedules.StrengthTooLowError):
+        return StrideError(f"denoise: {denoise:g} is less than one step of the schedule's grid; raise denoise to at "
+                           f"least {exc.minimum:g}.")
     return StrideError(f"{str(exc).rstrip('.')}. Choose fewer steps or another schedule.")
 
 
@@ -214,7 +270,7 @@ class StrideLCMScheduler(io.ComfyNode):
         try:
             timesteps = schedules.lcm_timesteps(steps, original_steps, strength=denoise)
         except ValueError as exc:
-            raise _schedule_error(exc) from None
+            raise _schedule_error(exc, denoise) from None
         return io.NodeOutput(discrete_sigmas(model, timesteps, "LCM"))
 
 
@@ -250,7 +306,7 @@ class StrideHyperSDScheduler(io.ComfyNode):
             else:
                 timesteps = truncate_for_denoise(schedules.trailing_timesteps, steps, denoise)
         except ValueError as exc:
-            raise _schedule_error(exc) from None
+            raise _schedule_error(exc, denoise) from None
         return io.NodeOutput(discrete_sigmas(model, timesteps, "Hyper-SD"))
 
 
@@ -276,7 +332,7 @@ class StrideTDDScheduler(io.ComfyNode):
         try:
             timesteps = truncate_for_denoise(lambda n: schedules.tdd_timesteps(n, special_jump), steps, denoise)
         except ValueError as exc:
-            raise _schedule_error(exc) from None
+            raise _schedule_error(exc, denoise) from None
         return io.NodeOutput(discrete_sigmas(model, timesteps, "TDD"))
 
 
@@ -334,7 +390,7 @@ class StrideFewStepSample(io.ComfyNode):
         try:
             timesteps = timesteps_for(steps, denoise)
         except ValueError as exc:
-            raise _schedule_error(exc) from None
+            raise _schedule_error(exc, denoise) from None
         sigmas = discrete_sigmas(model, timesteps, method)
         return io.NodeOutput(sample_with(model, positive, negative, latent_image, make_sampler(gamma, eta), sigmas,
                                          cfg or recommended_cfg, seed))
@@ -346,6 +402,8 @@ def sample_with(model: Any, positive: list, negative: list, latent_image: dict, 
     if not positive:
         raise StrideError("positive: the conditioning is empty; connect a prompt (e.g. CLIP Text Encode or "
                           "Stride Class Prompt).")
+    check_prompt_input(model, positive, "positive")
+    check_prompt_input(model, negative, "negative")
     latent = latent_image["samples"]
     latent = comfy.sample.fix_empty_latent_channels(model, latent)
     noise = comfy.sample.prepare_noise(latent, seed, latent_image.get("batch_index"))

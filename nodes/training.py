@@ -25,10 +25,10 @@ import comfy.model_management
 import comfy.utils
 import folder_paths
 
-from ..distill_core.safe_files import check_safetensors_file, write_safetensors
-from ..distill_core.spaces import NoiseSpace
+from ..distill_core.safe_files import read_safetensors, write_safetensors
+from ..distill_core.spaces import NoiseSpace, all_finite
 from ..distill_core.training.config import OBJECTIVE_DEFAULTS, OBJECTIVES, DistillConfig, TrainingData
-from ..distill_core.training.lora import LoraSet, ensure_autograd_compatible, lora_state_dict
+from ..distill_core.training.lora import LoraSet, NoLoraLayersError, ensure_autograd_compatible, lora_state_dict
 from ..distill_core.training.trainer import DistillDivergedError, DistillTrainer, TrainResult, attach_student_lora
 from .compat import (
     StrideError,
@@ -37,7 +37,8 @@ from .compat import (
     extra_conds,
     io,
     latent_spatial_downscale,
-    load_lora_file,
+    lora_fit,
+    model_file,
     model_sampling_of_patcher,
     node_unique_id,
     noise_space,
@@ -59,19 +60,25 @@ RECOMMENDED_SAMPLING = {  # what each objective's LoRA is sampled with (the auth
 DistillData = io.Custom("STRIDE_DISTILL_DATA")
 Lora = io.Custom("STRIDE_LORA")
 Loss = io.Custom("STRIDE_LOSS")
-SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._ -]{0,120}$")
-WINDOWS_DEVICE_NAMES = re.compile(r"^(CON|PRN|AUX|NUL|COM[1-9]|LPT[1-9])(\..*)?$", re.IGNORECASE)
+MAX_NAME_LENGTH = 120
+SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._ -]*")
+WINDOWS_DEVICE_NAMES = re.compile(r"(CON|PRN|AUX|NUL|COM[1-9]|LPT[1-9])(\..*)?", re.IGNORECASE)
 
 
 def safe_file_name(name: str, input_name: str) -> str:
-    """A bare file name (no folders, no '..', no reserved characters) with a .safetensors suffix."""
-    stem = name.strip()
+    """A bare file name (no folders, no '..', no control or reserved characters, at most ``MAX_NAME_LENGTH``
+    characters before the suffix) with a .safetensors suffix; the whole name must match, surrounding spaces aside."""
+    stem = name.strip(" ")
     if stem.endswith(".safetensors"):
         stem = stem[: -len(".safetensors")]
-    if not SAFE_NAME.match(stem) or ".." in stem:
-        raise StrideError(f"{input_name}: '{name}' is not a plain file name; use letters, digits, '.', '_', '-' or "
-                          "spaces only, without folders ('/', '\\\\') or '..'")
-    if WINDOWS_DEVICE_NAMES.match(stem.strip()):
+    if len(stem) > MAX_NAME_LENGTH:
+        raise StrideError(f"{input_name}: the name is {len(stem)} characters long; use at most {MAX_NAME_LENGTH} "
+                          "characters (without .safetensors)")
+    if not SAFE_NAME.fullmatch(stem) or ".." in stem:
+        raise StrideError(f"{input_name}: {name!r} is not a plain file name; use letters, digits, '.', '_', '-' or "
+                          "spaces only (starting with a letter or digit, no line breaks), without folders ('/', "
+                          "'\\\\') or '..'")
+    if WINDOWS_DEVICE_NAMES.fullmatch(stem.strip()):
         raise StrideError(f"{input_name}: '{name}' is a reserved device name on Windows; choose another name")
     return stem + ".safetensors"
 
@@ -112,10 +119,17 @@ class StrideDistillDataset(io.ComfyNode):
     def execute(cls, prompt_1: list, empty_prompt: list, prompt_2: list | None = None, prompt_3: list | None = None,
                 prompt_4: list | None = None, images: torch.Tensor | None = None, vae: Any = None,
                 latents: dict | None = None, width: int = 512, height: int = 512) -> io.NodeOutput:
-        prompts = [p for p in (prompt_1, prompt_2, prompt_3, prompt_4) if p is not None]
-        for index, conditioning in enumerate([*prompts, empty_prompt]):
+        named = {"prompt_1": prompt_1, "prompt_2": prompt_2, "prompt_3": prompt_3, "prompt_4": prompt_4,
+                 "empty_prompt": empty_prompt}
+        for name, conditioning in named.items():
+            if conditioning is None:
+                continue
             if not conditioning or not torch.is_tensor(conditioning[0][0]):
-                raise StrideError(f"prompt {index + 1}: empty or malformed conditioning; connect a text encoder output")
+                raise StrideError(f"{name}: empty or malformed conditioning; connect a text encoder output")
+            if not all(all_finite(entry[0]) for entry in conditioning):
+                raise StrideError(f"{name}: the conditioning contains NaN or inf values; check the text encoder output "
+                                  f"connected to {name}")
+        prompts = [p for p in (prompt_1, prompt_2, prompt_3, prompt_4) if p is not None]
         samples = None
         if images is not None:
             if vae is None:
@@ -145,7 +159,8 @@ def _check_teacher(model: Any) -> None:
     kind = sampling_kind(model_sampling_of_patcher(model))
     if kind not in ("eps", "v"):
         raise StrideError(f"model: LCM/TDD/segmented distillation needs an EPS or V-prediction teacher on a 1000-step "
-                          f"discrete schedule (SD1.5, SDXL); this model predicts '{kind}'")
+                          f"discrete schedule (SD1.5, SDXL); this model predicts '{kind}': connect an EPS or "
+                          "V-prediction model")
 
 
 # ------------------------------------------------------------------------------------------
@@ -162,6 +177,7 @@ class DistillRun:
     space: NoiseSpace
     checkpoint: Path
     headless_folder: Path | None
+    notes: list[str]  # what the run did differently from what was asked (stated in the report)
 
 
 @dataclass
@@ -206,6 +222,10 @@ def prepare_run(model: Any, data: dict, config: DistillConfig, lora_name: str, e
     pixel_height, pixel_width = data["pixels"]
     latent_shape = ((latent_format.latent_channels, pixel_height // ratio, pixel_width // ratio) if latents is None
                     else tuple(latents.shape[1:]))
+    notes = []
+    if latents is None and (pixel_height % ratio or pixel_width % ratio):
+        notes.append(f"data: width {pixel_width} x height {pixel_height} is not a multiple of the model's "
+                     f"{ratio}-pixel latent grid; trained at {latent_shape[2] * ratio}x{latent_shape[1] * ratio}")
     if latents is not None and latent_shape[0] != latent_format.latent_channels:
         raise StrideError(f"data: the training latents have {latent_shape[0]} channels, this model's latents have "
                           f"{latent_format.latent_channels}; encode the images with this model's own VAE")
@@ -216,10 +236,13 @@ def prepare_run(model: Any, data: dict, config: DistillConfig, lora_name: str, e
     if any(c.keys() != uncond.keys() or any(c[k].shape != uncond[k].shape for k in c) for c in conds):
         raise StrideError("data: the prompts and the empty prompt have different conditioning shapes; encode them "
                           "with the same text encoder")
-    training_data = TrainingData(conds=conds, uncond=uncond, latents=latents,
-                                 latent_shape=None if latents is not None else latent_shape)
+    try:
+        training_data = TrainingData(conds=conds, uncond=uncond, latents=latents,
+                                     latent_shape=None if latents is not None else latent_shape)
+    except ValueError as exc:
+        raise StrideError(f"data: {exc}; check the nodes connected to Stride Distillation Data") from None
     return DistillRun(student, config, training_data, noise_space(model_sampling_of_patcher(student)), path,
-                      path.parent.parent / "stride_headless" / path.stem if export_headless else None)
+                      path.parent.parent / "stride_headless" / path.stem if export_headless else None, notes)
 
 
 def run_distillation(run: DistillRun, resume: bool, node_id: str | None) -> DistillOutcome:
@@ -229,9 +252,11 @@ def run_distillation(run: DistillRun, resume: bool, node_id: str | None) -> Dist
     ensure_autograd_compatible(network)
     try:  # like diffusers' LCM-LoRA, layers narrower than the rank (the 4-channel in/out convs) get no adapter
         loraset = attach_student_lora(network, run.config)
+    except NoLoraLayersError as exc:
+        raise StrideError(f"model: {exc}; distil a network model (a UNet or DiT checkpoint): the analytic reference "
+                          "teacher has no weights") from None
     except ValueError as exc:
-        raise StrideError(f"rank: {exc} (rank {run.config.rank} may exceed the width of this model's layers; "
-                          "lower it)") from None
+        raise StrideError(f"rank: {exc}") from None
     steps = run.config.steps
     bar = comfy.utils.ProgressBar(steps)
     losses: list[float] = []
@@ -276,7 +301,9 @@ def training_report(model: Any, run: DistillRun, outcome: DistillOutcome) -> io.
     config = run.config
     trained = apply_lora(model, outcome.state_dict, 1.0)
     lora = {"state_dict": outcome.state_dict, "metadata": lora_metadata(model, config, outcome.result.steps_done)}
-    report = {"objective": config.objective, "steps": outcome.result.steps_done,
+    resumed = outcome.result.resume_note(config.steps)
+    notes = [*run.notes, *([f"resume: {resumed}"] if resumed else [])]
+    report = {"objective": config.objective, "steps": outcome.result.steps_done, "notes": notes,
               "final_loss": outcome.losses[-1] if outcome.losses else None, "checkpoint": str(run.checkpoint),
               "recommended_sampling": RECOMMENDED_SAMPLING[config.objective], "settings": config.to_dict(),
               "headless": outcome.headless}
@@ -331,9 +358,11 @@ class StrideDistillLoRA(io.ComfyNode):
                 Lora.Output(display_name="lora", tooltip="The trained LoRA (connect Stride Save LoRA)."),
                 Loss.Output(display_name="loss", tooltip="Loss per step (connect Stride Loss Plot)."),
                 io.String.Output(display_name="report",
-                                 tooltip="A JSON summary: steps, final loss, checkpoint, recommended sampler settings, "
-                                         "settings, and (with export_headless) the bundle folder and the torchrun "
-                                         "command that runs it headless."),
+                                 tooltip="A JSON summary: steps, notes (what differed from what was asked: a "
+                                         "floored size, a resume with nothing left to train), final loss, "
+                                         "checkpoint, recommended sampler settings, settings, and (with "
+                                         "export_headless) the bundle folder and the torchrun command that runs it "
+                                         "headless."),
             ],
             hidden=[io.Hidden.unique_id],
         )
@@ -415,8 +444,14 @@ class StrideReloadLoRA(io.ComfyNode):
                                 tooltip="File name in models/loras (Stride Save LoRA's output)."),
                 io.Float.Input("strength", default=1.0, min=-10.0, max=10.0, step=0.01, tooltip="LoRA strength."),
             ],
-            outputs=[io.Model.Output(display_name="model", tooltip="The MODEL with the LoRA file applied, exactly as "
-                                                                   "LoraLoaderModelOnly would.")],
+            outputs=[
+                io.Model.Output(display_name="model", tooltip="The MODEL with the LoRA file applied, as "
+                                                              "LoraLoaderModelOnly would."),
+                io.String.Output(display_name="report",
+                                 tooltip="JSON: how many LoRA layers the model took, the ones it left out (another "
+                                         "model's layers, other shapes), and whether the LoRA was distilled from "
+                                         "this base model (Stride's fingerprint)."),
+            ],
         )
 
     @classmethod
@@ -424,10 +459,38 @@ class StrideReloadLoRA(io.ComfyNode):
         if lora_name not in folder_paths.get_filename_list("loras"):
             raise StrideError(f"lora_name: models/loras/{lora_name} does not exist; save the LoRA first")
         try:  # ComfyUI's loader would unpickle .pt/.ckpt files; Stride loads safetensors only
-            check_safetensors_file(folder_paths.get_full_path_or_raise("loras", lora_name))
+            state_dict, metadata = read_safetensors(model_file("loras", lora_name, "lora_name"))
         except ValueError as exc:
             raise StrideError(f"lora_name: {exc}; use a .safetensors LoRA (Stride Save LoRA writes one)") from None
-        return io.NodeOutput(load_lora_file(model, lora_name, strength))
+        report = lora_fit_report(model, lora_name, state_dict, metadata)
+        return io.NodeOutput(apply_lora(model, state_dict, strength), json.dumps(report))
+
+
+def lora_fit_report(model: Any, lora_name: str, state_dict: dict[str, torch.Tensor], metadata: dict[str, str]) -> dict:
+    """Refuse a LoRA none of whose layers this model takes (no LoRA weights, another model's layers, other shapes);
+    otherwise report what was loaded, what was left out and whether Stride's base-model fingerprint matches."""
+    fit = lora_fit(model, state_dict)
+    if fit.layers == 0:
+        raise StrideError(f"lora_name: '{lora_name}' holds no LoRA weights (no lora_up/lora_down or lora_A/lora_B "
+                          "keys); choose a LoRA file")
+    if fit.loaded == 0 and fit.misshaped:
+        raise StrideError(f"lora_name: the layers of '{lora_name}' have other shapes than this model's weights (e.g. "
+                          f"{fit.misshaped[0]}): it is a LoRA for a model of another size; load it onto the model it "
+                          "was made for")
+    if fit.loaded == 0:
+        raise StrideError(f"lora_name: none of the {fit.layers} LoRA layers of '{lora_name}' matches a layer of this "
+                          f"model (e.g. {fit.left_out[0]}): it is a LoRA for another model; load it onto the model "
+                          "it was made for")
+    notes = []
+    if fit.loaded < fit.layers:
+        notes.append(f"loaded {fit.loaded} of {fit.layers} LoRA layers; the others match no layer of this model or "
+                     "have other shapes (see left_out, misshaped)")
+    recorded = metadata.get("stride.base_fingerprint")
+    if recorded is not None and recorded != model_fingerprint(model):
+        notes.append(f"the LoRA was distilled from another base model (fingerprint {recorded}, this model's is "
+                     f"{model_fingerprint(model)}); load it onto the model it was distilled from")
+    return {"lora": lora_name, "layers": fit.layers, "loaded": fit.loaded, "left_out": fit.left_out[:10],
+            "misshaped": fit.misshaped[:10], "notes": notes}
 
 
 class StrideLossPlot(io.ComfyNode):

@@ -41,6 +41,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from ..spaces import require_finite
 from .mixture import FactorizedMixture, GaussianMixture
 from .statistics import Estimate, estimate
 
@@ -351,7 +352,9 @@ def evaluate(
     count-weighted ``mode_mean_shift`` and ``mode_cov_error`` (:func:`mode_moment_errors`; left out when a
     repeat has no mode with enough samples). Figures per sample (interval over all samples): ``nll_gap``
     and, with ``exact_endpoints`` (the exact ODE solution from each sample's own noise), ``endpoint_error``.
+    NaN/inf samples are refused (``ValueError``): every figure of them would be NaN or silently wrong.
     """
+    require_finite(samples, "the samples")
     generator = generator if generator is not None else torch.Generator().manual_seed(0)
     n = samples.shape[0]
     if n < MIN_SAMPLES:

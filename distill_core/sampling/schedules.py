@@ -34,6 +34,14 @@ _TDD_SPECIAL_JUMP = {
 }
 
 
+class StrengthTooLowError(ValueError):
+    """``strength`` leaves no timestep on the grid; ``minimum`` is the smallest strength that leaves one."""
+
+    def __init__(self, message: str, minimum: float) -> None:
+        super().__init__(message)
+        self.minimum = minimum
+
+
 def _check_steps(steps: int, available: int, grid_name: str) -> None:
     if steps < 1:
         raise ValueError(f"steps must be at least 1, got {steps}")
@@ -63,6 +71,9 @@ def lcm_timesteps(
         raise ValueError(f"strength must be in (0, 1], got {strength}")
     k = num_train_timesteps // original_steps
     grid = [j * k - 1 for j in range(int(original_steps * strength), 0, -1)]
+    if not grid:
+        raise StrengthTooLowError(f"strength {strength:g} leaves no timestep on the {original_steps}-step LCM grid: "
+                                  f"it needs at least {1 / original_steps:g} (one grid step)", 1 / original_steps)
     _check_steps(steps, len(grid), f"LCM grid (original_steps={original_steps}, strength={strength})")
     return _pick_evenly(grid, steps)
 
@@ -88,6 +99,9 @@ def tcd_timesteps(
     if steps > original_steps:
         raise ValueError(f"steps ({steps}) cannot exceed original_steps ({original_steps})")
     grid = list(range(int(num_train_timesteps * strength) - 1, -1, -1))
+    if not grid:
+        raise StrengthTooLowError(f"strength {strength:g} leaves no training timestep: it needs at least "
+                                  f"{1 / num_train_timesteps:g}", 1 / num_train_timesteps)
     _check_steps(steps, len(grid), f"training grid (strength={strength})")
     return _pick_evenly(grid, steps)
 

@@ -44,6 +44,18 @@ def cond_where(mask: Tensor, replacement: Cond, cond: Cond) -> Cond:
     return _cond_map(where, replacement, cond)
 
 
+def cond_tensors(cond: Cond) -> list[Tensor]:
+    """The tensors of a conditioning tree, depth first."""
+    found: list[Tensor] = []
+
+    def keep(tensor: Tensor) -> Tensor:
+        found.append(tensor)
+        return tensor
+
+    _cond_map(keep, cond)
+    return found
+
+
 def cond_to(cond: Cond, device: torch.device) -> Cond:
     """A private copy on ``device``: host tensors may be inference tensors autograd cannot save."""
     with torch.inference_mode(False):

@@ -71,6 +71,15 @@ class TrainResult:
     losses: list[float] = field(default_factory=list)
     cancelled: bool = False
     checkpoint: str | None = None
+    resumed_from: int | None = None  # the checkpoint's step when the run resumed from one
+
+    def resume_note(self, steps: int) -> str | None:
+        """Plain words for a resume that trained nothing (the checkpoint already had ``steps`` steps or more)."""
+        if self.resumed_from is None or self.resumed_from < steps:
+            return None
+        more = f", more than the {steps} asked for" if self.resumed_from > steps else ""
+        return (f"the checkpoint already had {self.resumed_from} steps{more}, so nothing was trained and the LoRA is "
+                "the checkpoint's; raise steps to train further, or set resume off to start again")
 
 
 class DistillDivergedError(RuntimeError):
@@ -279,6 +288,7 @@ class DistillTrainer:
             if resume and checkpoint_path is not None:
                 with contextlib.suppress(FileNotFoundError):
                     start = saved_step = result.steps_done = self.restore(load_checkpoint(checkpoint_path))
+                    result.resumed_from = start
             broadcast_from_rank0(self.params, self.world_size)
             stack.enter_context(frozen_parameters(self.loraset.root))
             if config.gradient_checkpointing:

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import importlib
-import math
 from pathlib import Path
 
 import pytest
@@ -17,13 +16,6 @@ family_quality = importlib.import_module("bench.family_quality")
 context = importlib.import_module("bench.context")
 VE = NoiseSpace.from_alphas_cumprod(scaled_linear_alphas_cumprod())
 FLOW = NoiseSpace.flow(1.0)
-
-
-def test_t_interval_matches_the_formula():
-    mean, half = family_quality.t_interval([1.0, 2.0, 3.0, 4.0, 5.0])
-    assert mean == 3.0 and half == pytest.approx(2.776 * math.sqrt(2.5) / math.sqrt(5))
-    with pytest.raises(ValueError, match="2 to 10 repeats"):
-        family_quality.t_interval([1.0])
 
 
 @pytest.mark.parametrize("key, space", [("sdxl-lightning-4step", VE), ("tcd-lora", VE), ("tdd-sdxl", VE),

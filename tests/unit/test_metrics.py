@@ -370,3 +370,11 @@ def test_identical_samplers_show_no_difference_and_a_collapsed_model_is_worse() 
         difference = paired_difference(bad[name], good[name])
         assert verdict(difference) == direction and abs(difference.value) > 5 * difference.half_width, name
     assert bad["nll_gap"].high < -0.1 < good["nll_gap"].low
+
+
+def test_evaluate_refuses_non_finite_samples() -> None:
+    mixture = demo_mixture()
+    samples, _ = mixture.sample(8, seeded(3))
+    samples[2, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="the samples contain NaN or inf"):
+        evaluate_samples(samples, mixture, generator=seeded(4))

@@ -373,3 +373,10 @@ def test_demo_mixture_decodes_to_coloured_shapes() -> None:
     ring = rgb[6, 4, 1]
     assert ring[0] > 0.9 and ring[1] > 0.9 and ring[2] < 0.3  # yellow ring
     assert float((rgb[0] - 0.5).abs().sum(-1).gt(0.2).double().mean()) < float((rgb[2] - 0.5).abs().sum(-1).gt(0.2).double().mean())
+
+
+def test_the_preview_decoder_refuses_non_finite_latents():
+    latents = torch.zeros(2, 4, 8, 8)
+    latents[0, 1, 2, 3] = float("nan")
+    with pytest.raises(ValueError, match="the latents contain NaN or inf"):
+        latent_to_rgb(latents)
