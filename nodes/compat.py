@@ -335,17 +335,17 @@ def lora_fit(model: Any, state_dict: dict[str, torch.Tensor]) -> LoraFit:
     return LoraFit(layers, len(patches) - len(misshaped), [key for key in lora_keys if key not in used], misshaped)
 
 
-def model_file(folder: str, name: str, input_name: str) -> str:
-    """The path of a file ComfyUI lists in a models folder, refusing one it cannot open (a broken link, a link to a
-    device or a folder) by the input's name."""
+def model_file(folder: str, name: str, input_name: str, label: str | None = None) -> str:
+    """The path of a file ComfyUI lists in a models folder (shown as ``label``, default ``models/<folder>``), refusing
+    one it cannot open (a broken link, a link to a device or a folder) by the input's name."""
     import folder_paths
 
+    label = label or f"models/{folder}"
     try:
         return folder_paths.get_full_path_or_raise(folder, name)
     except FileNotFoundError:
-        raise StrideError(f"{input_name}: models/{folder}/{name} is not a regular file (a broken link, or a link to a "
-                          f"device or folder); point the link at the file again, or copy the file into models/{folder}"
-                          ) from None
+        raise StrideError(f"{input_name}: {label}/{name} is not a regular file (a broken link, or a link to a device "
+                          f"or folder); point the link at the file again, or copy the file into {label}") from None
 
 
 # ------------------------------------------------------------------------------------------

@@ -48,6 +48,7 @@ from .compat import (
     combo,
     guider_identity,
     io,
+    model_file,
     model_identity,
     model_sampling_in_sampler,
     model_sampling_of_patcher,
@@ -55,6 +56,7 @@ from .compat import (
     start_latent,
     ui,
 )
+from .reference import check_prompt_input
 from .samplers import require_finite_latent
 from .training import safe_file_name
 
@@ -108,6 +110,11 @@ def pick_guider(model: Any, positive: Any, negative: Any, cfg: float, guider: An
         missing = [name for name, item in zip(("model", "positive", "negative"), direct, strict=True) if item is None]
         raise StrideError(f"{missing[0]}: connect the MODEL with its positive and negative conditioning, or a GUIDER "
                           f"instead (missing: {', '.join(missing)})")
+    if not positive:
+        raise StrideError("positive: the conditioning is empty; connect a prompt (e.g. CLIP Text Encode or Stride "
+                          "Class Prompt).")
+    check_prompt_input(model, positive, "positive")
+    check_prompt_input(model, negative, "negative")
     made = comfy.samplers.CFGGuider(model)
     made.set_conds(positive, negative)
     made.set_cfg(cfg)
@@ -308,6 +315,9 @@ class StrideOptimalSteps(io.ComfyNode):
                 model: Any = None, positive: Any = None, negative: Any = None, guider: Any = None) -> io.NodeOutput:
         stem = safe_file_name(schedule_name, "schedule_name")[: -len(".safetensors")]
         require_finite_latent(latent_image["samples"])
+        if latent_image["samples"].shape[0] < 1:
+            raise StrideError("latent_image: the latent batch is empty; its batch size sets the latents per model "
+                              "call: use Empty Latent Image with a batch size of 1 or more.")
         guider = pick_guider(model, positive, negative, cfg, guider)
         samples = comfy.sample.fix_empty_latent_channels(guider.model_patcher, latent_image["samples"])
         settings = SearchSettings(steps, teacher_steps, noise_samples, solver, teacher_solver, teacher_scheduler, mode,
@@ -374,7 +384,7 @@ class StrideSavedSchedule(io.ComfyNode):
         if schedule not in saved_schedule_names():
             raise StrideError(f"schedule: {FOLDER_LABEL}/{schedule} does not exist; search one with Stride Optimal "
                               "Steps")
-        path = Path(folder_paths.get_full_path_or_raise(FOLDER, schedule))
+        path = Path(model_file(FOLDER, schedule, "schedule", FOLDER_LABEL))
         loaded = load_checked(path, fingerprint({"model": model_identity(model)}), "schedule")
         text = report_text(loaded.settings, loaded.sigmas, loaded.indices, loaded.report, f"loaded {schedule}")
         return io.NodeOutput(loaded.sigmas.float(), text, ui=ui.PreviewText(text))
