@@ -26,7 +26,9 @@ import itertools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import matplotlib
 
@@ -64,7 +66,7 @@ class Setting:
     kind: str
     prompt: str
     space: NoiseSpace
-    comfy_model: object
+    comfy_model: Any
     compat: ModuleType
 
     @property
@@ -133,7 +135,7 @@ def run(ctx: BenchContext) -> Section:
                                generator=torch.Generator().manual_seed(SEARCH_SEED))
     held_start = torch.randn((held_out, *mixture.latent_shape), dtype=torch.float64,
                              generator=torch.Generator().manual_seed(HELD_OUT_SEED))
-    plot_data = {}
+    plot_data: dict[str, dict[str, list[tuple[int, Estimate]]]] = {}
     for kind, prompt in itertools.product(kinds, prompts):
         setting = Setting(kind, prompt, spaces[kind], comfy_models[kind], compat)
         ctx.log(f"{NAME}: {setting.label}")
@@ -200,7 +202,7 @@ def _quality(ctx: BenchContext, section: Section, setting: Setting, mixture, tea
                     beaten_everywhere = False
                     losses.append(f"{name} at N = {steps} ({gain.format(signed=True)})")
             rows.setdefault(name, []).append(cell)
-            plot_data.setdefault(setting.label, {}).setdefault(name, []).append(errors[name].value)
+            plot_data.setdefault(setting.label, {}).setdefault(name, []).append((steps, errors[name]))
             if full_metrics:
                 samples = solve(model, setting.start(held_start, sigmas), sigmas)
                 scored[name] = metrics.evaluate(samples, mixture, labels, torch.Generator().manual_seed(METRIC_SEED),
@@ -282,17 +284,23 @@ class _Recorder:
 
 
 def _cost_row(table: Table, label: str, model, start: torch.Tensor, sigmas: torch.Tensor, steps: int,
-              max_batch: int | None, sync: Callable[[], None]) -> tuple[float, float]:
+              max_batch: int | None, sync: Callable[[], None], repeats: int) -> tuple[float, Estimate]:
+    """One row of the cost table: the search's evaluations against the official count, and over ``repeats`` paired
+    timings (search, then its recorded calls replayed alone; after a recording run that warms up) the wall-time ratio
+    with its 95% interval."""
     recorder = _Recorder(model)
-    found = search_schedule(recorder, start, sigmas, steps, max_batch=max_batch, sync=sync)
+    found = search_schedule(recorder, start, sigmas, steps, max_batch=max_batch, sync=sync)  # also the warm-up
+    searched, replayed = [], []
+    for _ in range(repeats):
+        searched.append(search_schedule(model, start, sigmas, steps, max_batch=max_batch, sync=sync).cost.total_seconds)
+        replayed.append(recorder.replay(start.dtype, start.device, sync))
     fast = search_schedule(model, start, sigmas, steps, mode="fast", max_batch=max_batch, sync=sync)
-    replayed = recorder.replay(start.dtype, start.device, sync)
-    total = sigmas.numel() - 1
-    official = (1 + steps) * total * start.shape[0]
+    official = (1 + steps) * (sigmas.numel() - 1) * start.shape[0]
     calls_ratio = found.cost.evaluations / official
-    wall_ratio = found.cost.total_seconds / replayed
+    search_wall, alone_wall = estimate(torch.tensor(searched)), estimate(torch.tensor(replayed))
+    wall_ratio = estimate(torch.tensor(searched) / torch.tensor(replayed))
     table.add(label, steps, f"{found.cost.evaluations} ({found.cost.calls} calls)", official, fmt_ratio(calls_ratio),
-              fmt_seconds(found.cost.total_seconds), fmt_seconds(replayed), fmt_ratio(wall_ratio),
+              f"{search_wall.format()} s", f"{alone_wall.format()} s", wall_ratio.format(),
               f"{fast.cost.evaluations} / {fmt_seconds(fast.cost.total_seconds)}")
     return calls_ratio, wall_ratio
 
@@ -303,36 +311,40 @@ def _cost(ctx: BenchContext, section: Section, setting: Setting, mixture, teache
 
     sampling = setting.comfy_model.get_model_object("model_sampling")
     sigmas = comfy.samplers.calculate_sigmas(sampling, "normal", teacher_steps).to(torch.float64)
+    repeats = ctx.pick(2, 3, 5)
     table = Table("Search cost: evaluations (latents through the model) against the official DP's (1 + N) M per noise, "
-                  "and the search's wall time against the same calls replayed alone",
+                  "and the search's wall time against the same calls replayed alone (mean ± 95% interval over "
+                  f"{repeats} paired timings; the ratio per pair)",
                   ["model", "N", "Stride evaluations", "official", "ratio", "search wall", "calls alone", "ratio",
                    "fast mode: evaluations / wall"])
     calls_ratios, reference_wall = [], []
     for steps in step_counts:
         calls, wall = _cost_row(table, f"reference teacher, {search_start.shape[0]} noises, M = {teacher_steps}",
                                 setting.denoiser(mixture), setting.start(search_start, sigmas), sigmas, steps, None,
-                                lambda: None)
+                                lambda: None, repeats)
         calls_ratios.append(calls)
         reference_wall.append(wall)
     unet_wall = None
     if ctx.tier == "full":
-        unet_wall = _unet_cost(ctx, table, calls_ratios)
+        unet_wall = _unet_cost(ctx, table, calls_ratios, repeats)
     section.tables.append(table)
     section.goals.append(Goal(f"search evaluations <= {CALLS_GOAL}x the official DP's (1 + N) M per noise",
                               "met" if max(calls_ratios) <= CALLS_GOAL else "missed",
                               f"worst {fmt_ratio(max(calls_ratios))}"))
     wall_goal = f"search wall time <= {WALL_GOAL}x its model calls measured alone (full-size network)"
+    worst = max(reference_wall, key=lambda ratio: ratio.value)
     reference_text = (f"analytic reference (a model call costs microseconds, so the programme's own work shows) worst "
-                      f"{fmt_ratio(max(reference_wall))}")
+                      f"{worst.format()}")
     if unet_wall is None:
         section.goals.append(Goal(wall_goal, "undecided",
                                   f"the SD1.5 UNet runs in the full tier only; {reference_text}"))
     else:
-        section.goals.append(Goal(wall_goal, "met" if unet_wall <= WALL_GOAL else "missed",
-                                  f"SD1.5 UNet {fmt_ratio(unet_wall)}; {reference_text}"))
+        status = "met" if unet_wall.high <= WALL_GOAL else "missed" if unet_wall.low > WALL_GOAL else "undecided"
+        section.goals.append(Goal(wall_goal, status, f"SD1.5 UNet {unet_wall.format()} (met: the whole interval at or "
+                                                     f"below {WALL_GOAL}); {reference_text}"))
 
 
-def _unet_cost(ctx: BenchContext, table: Table, calls_ratios: list[float]) -> float:
+def _unet_cost(ctx: BenchContext, table: Table, calls_ratios: list[float], repeats: int) -> Estimate:
     """The search on ComfyUI's full-size SD1.5 UNet (random weights, float32, CPU unless CUDA) at a small latent."""
     import comfy.samplers
 
@@ -353,7 +365,7 @@ def _unet_cost(ctx: BenchContext, table: Table, calls_ratios: list[float]) -> fl
 
     start = torch.randn((1, 4, size, size), generator=torch.Generator().manual_seed(SEARCH_SEED)).to(device)
     label = models.describe_unet("sd15", config, base.diffusion_model) + f", latent {size}x{size}, M = {teacher_steps}"
-    calls, wall = _cost_row(table, label, denoiser, start * float(sigmas[0]), sigmas, steps, 32, sync)
+    calls, wall = _cost_row(table, label, denoiser, start * float(sigmas[0]), sigmas, steps, 32, sync, repeats)
     calls_ratios.append(calls)
     return wall
 
@@ -395,17 +407,21 @@ def _exhaustive(ctx: BenchContext, section: Section, setting: Setting, mixture) 
     section.checks.append("paper mode with N = 2 finds the exhaustive optimum on every noise (it is exact there)")
 
 
-def _plot(ctx: BenchContext, plot_data: dict) -> object:
+def _plot(ctx: BenchContext, plot_data: dict[str, dict[str, list[tuple[int, Estimate]]]]) -> Path:
+    """Endpoint error against N per teacher, each point with its 95% interval over the held-out noises."""
     settings = list(plot_data)
     figure, axes = plt.subplots(1, len(settings), figsize=(4.6 * len(settings), 4), squeeze=False)
     for axis, label in zip(axes[0], settings, strict=True):
-        for name, values in plot_data[label].items():
-            style = "-" if name.startswith("OSS search") else "--"
-            axis.plot(range(len(values)), values, marker="o", linestyle=style, label=name)
+        for name, points in plot_data[label].items():
+            steps = [n for n, _ in points]
+            axis.errorbar(steps, [error.value for _, error in points],
+                          yerr=[error.half_width for _, error in points], marker="o", capsize=2,
+                          linestyle="-" if name.startswith("OSS search") else "--", label=name)
+            axis.set_xticks(steps)
         axis.set_yscale("log")
         axis.set_title(label, fontsize=8)
-        axis.set_xlabel("step count index (N = 4, 5, 6, 8, 10)")
-    axes[0][0].set_ylabel("endpoint RMS error to the exact ODE")
+        axis.set_xlabel("steps N")
+    axes[0][0].set_ylabel("endpoint RMS error to the exact ODE (95% interval)")
     axes[0][-1].legend(fontsize=6)
     figure.tight_layout()
     path = ctx.plots_dir / f"{NAME}_endpoint_error.png"
