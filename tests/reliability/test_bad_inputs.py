@@ -240,6 +240,19 @@ def write_schedule_file(name: str, payload: bytes) -> Callable[[Context], None]:
     return setup
 
 
+def link_in_schedules(name: str, target: str) -> Callable[[Context], None]:
+    """A symbolic link ``name`` in models/stride/schedules pointing at ``target``."""
+    def setup(ctx: Context) -> None:
+        schedules_folder(ctx).mkdir(parents=True, exist_ok=True)
+        link = schedules_folder(ctx) / name
+        if link.is_symlink():
+            link.unlink()
+        link.symlink_to(target)
+        ctx.rescan()
+
+    return setup
+
+
 SEARCHED_FIRST = "reliability_saved"
 
 
@@ -603,6 +616,17 @@ CASES = [
          optimal_steps(unlinked=("model", "positive", "negative")), "execution", ("model", "GUIDER"),
          "Connect the MODEL with its prompts (and cfg), or a GUIDER.",
          verify=no_schedule_written),
+    Case("optimal_steps_empty_positive", "Stride Optimal Steps", "an empty CONDITIONING list as positive",
+         changed(optimal_steps(), pos=fault_conditioning(empty=True)), "execution", ("positive", "empty"),
+         "Connect a prompt (CLIP Text Encode, Stride Class Prompt).", verify=no_schedule_written),
+    Case("optimal_steps_text_encoder_conditioning", "Stride Optimal Steps",
+         "a 77x768 text-encoder CONDITIONING as negative for the reference teacher",
+         changed(optimal_steps(), neg=fault_conditioning()), "execution", ("negative", "Stride Class Prompt"),
+         "Connect Stride Class Prompt (the empty prompt for negative).", verify=no_schedule_written),
+    Case("optimal_steps_empty_latent_batch", "Stride Optimal Steps", "a latent batch of 0 latents",
+         optimal_steps(latent=fault_latent(batch=0)), "execution", ("latent_image", "empty", "batch size"),
+         "Use Empty Latent Image with a batch size of 1 or more (the latents per model call).",
+         verify=no_schedule_written),
     Case("saved_schedule_other_model", "Stride Saved Schedule", "a schedule searched for another model",
          saved_schedule(f"{SEARCHED_FIRST}.safetensors", "demo collapsed (2 of 8 modes)"), "execution",
          ("schedule", "searched for another model"),
@@ -615,6 +639,10 @@ CASES = [
          saved_schedule("reliability_lora.safetensors"), "execution",
          ("schedule", "not a Stride optimal-steps schedule"), "Keep only Stride Optimal Steps' files in that folder.",
          setup=write_schedule_file("reliability_lora.safetensors", GOOD_SAFETENSORS)),
+    Case("saved_schedule_broken_link", "Stride Saved Schedule", "a schedule name that is a broken link",
+         saved_schedule("reliability_broken_link.safetensors"), "execution", ("schedule", "not a regular file"),
+         "Point the link at the schedule file again, or copy the file into models/stride/schedules.",
+         setup=link_in_schedules("reliability_broken_link.safetensors", "/nonexistent/stride.safetensors")),
     # --- latents: NaN/inf, channels, sizes -----------------------------------------------------------------
     Case("nan_latent", FEW, "a latent full of NaN (Latent Multiply by NaN)",
          changed(sample(), scaled={"class_type": "LatentMultiply", "inputs": {"samples": ["empty", 0],
