@@ -57,6 +57,8 @@ CALLS_GOAL = 1.1
 WALL_GOAL = 1.1
 PATHS_AGREE = 1e-4  # ComfyUI's float32 Euler path vs the float64 reference path
 SEARCHED, FAST = "OSS search (paper)", "OSS search (fast)"
+PlotData = dict[str, dict[str, dict[str, list[tuple[int, Estimate]]]]]
+"""Convention -> teacher label -> schedule -> (N, endpoint error) points."""
 
 
 @dataclass
@@ -135,7 +137,7 @@ def run(ctx: BenchContext) -> Section:
                                generator=torch.Generator().manual_seed(SEARCH_SEED))
     held_start = torch.randn((held_out, *mixture.latent_shape), dtype=torch.float64,
                              generator=torch.Generator().manual_seed(HELD_OUT_SEED))
-    plot_data: dict[str, dict[str, list[tuple[int, Estimate]]]] = {}
+    plot_data: PlotData = {}
     for kind, prompt in itertools.product(kinds, prompts):
         setting = Setting(kind, prompt, spaces[kind], comfy_models[kind], compat)
         ctx.log(f"{NAME}: {setting.label}")
@@ -160,7 +162,7 @@ def run(ctx: BenchContext) -> Section:
 
 def _quality(ctx: BenchContext, section: Section, setting: Setting, mixture, teacher_steps: int,
              step_counts: tuple[int, ...], search_start: torch.Tensor, held_start: torch.Tensor, repeats: int,
-             plot_data: dict, full_metrics: bool) -> None:
+             plot_data: PlotData, full_metrics: bool) -> None:
     import comfy.samplers
 
     model = setting.denoiser(mixture)
@@ -202,7 +204,8 @@ def _quality(ctx: BenchContext, section: Section, setting: Setting, mixture, tea
                     beaten_everywhere = False
                     losses.append(f"{name} at N = {steps} ({gain.format(signed=True)})")
             rows.setdefault(name, []).append(cell)
-            plot_data.setdefault(setting.label, {}).setdefault(name, []).append((steps, errors[name]))
+            plot_data.setdefault(setting.kind, {}).setdefault(setting.label, {}).setdefault(name, []).append(
+                (steps, errors[name]))
             if full_metrics:
                 samples = solve(model, setting.start(held_start, sigmas), sigmas)
                 scored[name] = metrics.evaluate(samples, mixture, labels, torch.Generator().manual_seed(METRIC_SEED),
@@ -407,22 +410,27 @@ def _exhaustive(ctx: BenchContext, section: Section, setting: Setting, mixture) 
     section.checks.append("paper mode with N = 2 finds the exhaustive optimum on every noise (it is exact there)")
 
 
-def _plot(ctx: BenchContext, plot_data: dict[str, dict[str, list[tuple[int, Estimate]]]]) -> Path:
-    """Endpoint error against N per teacher, each point with its 95% interval over the held-out noises."""
-    settings = list(plot_data)
-    figure, axes = plt.subplots(1, len(settings), figsize=(4.6 * len(settings), 4), squeeze=False)
-    for axis, label in zip(axes[0], settings, strict=True):
-        for name, points in plot_data[label].items():
-            steps = [n for n, _ in points]
-            axis.errorbar(steps, [error.value for _, error in points],
-                          yerr=[error.half_width for _, error in points], marker="o", capsize=2,
-                          linestyle="-" if name.startswith("OSS search") else "--", label=name)
-            axis.set_xticks(steps)
-        axis.set_yscale("log")
-        axis.set_title(label, fontsize=8)
-        axis.set_xlabel("steps N")
-    axes[0][0].set_ylabel("endpoint RMS error to the exact ODE (95% interval)")
-    axes[0][-1].legend(fontsize=6)
+def _plot(ctx: BenchContext, plot_data: PlotData) -> Path:
+    """Endpoint error against N, a row per convention and a panel per teacher, each point with its 95% interval over
+    the held-out noises; a schedule has the same colour in every panel."""
+    rows = list(plot_data.values())
+    columns = max(len(row) for row in rows)
+    names = list(dict.fromkeys(name for row in rows for panel in row.values() for name in panel))
+    colours = {name: plt.get_cmap("tab10")(index % 10) for index, name in enumerate(names)}
+    figure, axes = plt.subplots(len(rows), columns, figsize=(4.6 * columns, 3.8 * len(rows)), squeeze=False)
+    for row_axes, row in zip(axes, rows, strict=True):
+        for axis, (label, panel) in zip(row_axes, row.items(), strict=False):
+            for name, points in panel.items():
+                steps = [n for n, _ in points]
+                axis.errorbar(steps, [error.value for _, error in points],
+                              yerr=[error.half_width for _, error in points], marker="o", capsize=2,
+                              color=colours[name], linestyle="-" if name.startswith("OSS search") else "--", label=name)
+                axis.set_xticks(steps)
+            axis.set_yscale("log")
+            axis.set_title(label, fontsize=8)
+            axis.set_xlabel("steps N")
+        row_axes[0].set_ylabel("endpoint RMS error to the exact ODE\n(mean, 95% interval)")
+        row_axes[len(row) - 1].legend(fontsize=6)
     figure.tight_layout()
     path = ctx.plots_dir / f"{NAME}_endpoint_error.png"
     figure.savefig(path, dpi=100)
