@@ -15,11 +15,13 @@ ratio (nothing is extrapolated). The issue's goal: the 128 substeps cost <= 3% o
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
+from distill_core.methods import METHODS
 from distill_core.sampling import piflow
 
 from . import models
@@ -85,7 +87,7 @@ def flux_network(size: str, device: torch.device, dtype: torch.dtype) -> Network
     context = torch.randn(1, models.FLUX_TEXT_TOKENS, full["context_in_dim"], generator=generator).to(device, dtype)
     pooled = torch.randn(1, full["vec_in_dim"], generator=generator).to(device, dtype)
     timestep = torch.tensor([0.5], device=device, dtype=dtype)
-    guidance = torch.tensor([3.5], device=device, dtype=dtype)
+    guidance = torch.tensor([METHODS["pi-flux1-gm-4step"].flux_guidance], device=device, dtype=dtype)  # the adapters'
 
     def forward(x: torch.Tensor) -> torch.Tensor:
         return network(x.to(dtype), timestep, context, y=pooled, guidance=guidance)
@@ -156,7 +158,8 @@ def measure(network: NetworkUnderTest, device: torch.device, repeats: int) -> Ro
 
 
 def goal_for(result: RolloutMeasurement) -> Goal:
-    text = f"{SUBSTEPS} GM substeps <= {fmt_percent(GOAL_FRACTION)} of one {result.description.split(',')[0]} evaluation"
+    model = result.description.split(",")[0]
+    text = f"{SUBSTEPS} GM substeps <= {fmt_percent(GOAL_FRACTION)} of one {model} evaluation"
     evidence = f"{fmt_percent(result.fraction)} measured"
     if result.fraction <= GOAL_FRACTION:
         if result.reduced:
@@ -187,7 +190,7 @@ def run(ctx: BenchContext) -> Section:
     repeats = ctx.pick(2, 2, 3)
     section = Section(NAME, TITLE, __doc__.split("\n\n", 1)[1].strip())
     results = []
-    for build, size in zip((sd15_network, flux_network), CPU_SIZES[ctx.tier]):
+    for build, size in zip((sd15_network, flux_network), CPU_SIZES[ctx.tier], strict=True):
         network = build(size, device, dtype)
         ctx.log(f"{NAME}: {network.description}")
         results.append(measure(network, device, repeats))
