@@ -107,6 +107,12 @@ class AnalyticModule(torch.nn.Module):
     def dtype(self) -> torch.dtype:
         return self.anchor.dtype
 
+    def stride_identity(self) -> dict[str, Any]:
+        """What the outputs depend on besides the (empty) state dict: the mixture, the prediction type and form
+        (for saved results keyed by the model: ``compat.model_identity``)."""
+        return {name: value for name, value in vars(self).items()
+                if not name.startswith("_") and name not in ("training", "model_sampling", "space")}
+
     def true_sigmas(self, xc: torch.Tensor, timesteps: torch.Tensor, transformer_options: dict) -> torch.Tensor:
         """Per-row float64 sigmas of this call (cond and uncond chunks share the sampler's sigmas)."""
         sigma = transformer_options.get("sigmas")

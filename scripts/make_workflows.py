@@ -343,6 +343,77 @@ def hybrid_diversity() -> Graph:
     return g
 
 
+OSS_SAMPLES = 256  # per row: enough for the metrics' intervals to separate the rows that differ most
+OSS_SHOWN = 16  # samples per row in the pictures
+OSS_STEPS = 5
+
+
+def optimal_steps() -> Graph:
+    """Search a 5-step schedule for the demo model (Stride Optimal Steps), then Euler on it next to Euler on ComfyUI's
+    normal / karras schedulers and the AYS / GITS presets (made for SD1.5-type models, as the demo model is), scored
+    exactly; the search's 100-step teacher as the reference row."""
+    g = Graph(title=f"Optimal {OSS_STEPS}-step schedule",
+              description="Search the best 5-step schedule for a model; compare it with ComfyUI's.")
+    model = g.add("StrideDemoModel", (0, 0), title="Demo model (trained UNet, SD1.5 latent format)")
+    positive, negative = _prompts(g, 1, "ring")
+    search_latent = g.add("EmptyLatentImage", (0, 3 * ROW), title="Search latent: size, and latents per model call",
+                          width=64, height=64, batch_size=16)
+    latent = g.add("EmptyLatentImage", (0, 4 * ROW), title=f"{OSS_SAMPLES} samples per row (the first 16 shown)",
+                   width=64, height=64, batch_size=OSS_SAMPLES)
+    search = g.add("StrideOptimalSteps", (COL, 0), title=f"Search the {OSS_STEPS}-step schedule (saved, then reused)",
+                   latent_image=(search_latent, 0), steps=OSS_STEPS, teacher_steps=100, noise_samples=8,
+                   solver="euler", teacher_solver="euler", teacher_scheduler="normal", mode="paper", seed=0, cfg=1.0,
+                   schedule_name="stride_demo_model", model=(model, 0), positive=(positive, 0),
+                   negative=(negative, 0))
+    guider = g.add("CFGGuider", (COL, 3 * ROW), model=(model, 0), positive=(positive, 0), negative=(negative, 0),
+                   cfg=1.0)
+    noise = g.add("RandomNoise", (COL, 4 * ROW), noise_seed=3)
+    euler = g.add("KSamplerSelect", (COL, 5 * ROW), sampler_name="euler")
+    g.group("1. Search the schedule", [search, guider, noise, euler])
+    schedules = {
+        "searched": ("Stride Optimal Steps (searched for this model)", search),
+        "normal": ("normal", g.add("BasicScheduler", (2 * COL, 10 * ROW), model=(model, 0), scheduler="normal",
+                                   steps=OSS_STEPS, denoise=1.0)),
+        "karras": ("karras", g.add("BasicScheduler", (2 * COL, 20 * ROW), model=(model, 0), scheduler="karras",
+                                   steps=OSS_STEPS, denoise=1.0)),
+        "ays": ("Align Your Steps preset (SD1)", g.add("AlignYourStepsScheduler", (2 * COL, 30 * ROW),
+                                                        model_type="SD1", steps=OSS_STEPS, denoise=1.0)),
+        "gits": ("GITS preset (coeff 1.2)", g.add("GITSScheduler", (2 * COL, 40 * ROW), coeff=1.2, steps=OSS_STEPS,
+                                                  denoise=1.0)),
+        "teacher": ("the search's teacher: normal, 100 steps", g.add("BasicScheduler", (2 * COL, 50 * ROW),
+                                                                      model=(model, 0), scheduler="normal", steps=100,
+                                                                      denoise=1.0)),
+    }
+    reports = []
+    for index, (name, (title, sigmas)) in enumerate(schedules.items()):
+        steps = "100 steps" if name == "teacher" else f"{OSS_STEPS} steps"
+        sample = g.add("SamplerCustomAdvanced", (3 * COL, 10 * index * ROW), title=f"Euler, {steps}: {title}",
+                       noise=(noise, 0), guider=(guider, 0), sampler=(euler, 0), sigmas=(sigmas, 0),
+                       latent_image=(latent, 0))
+        view = _view(g, (sample, 0), 4, 10 * index, f"stride_oss_{name}", f"euler {steps}, {name}", (positive, 0),
+                     OSS_SHOWN)
+        reports.append(view[1])
+        members = [sample, *view] if sigmas is search else [sigmas, sample, *view]
+        g.group(f"{index + 2}. Euler {steps}: {name}", members)
+    g.group(f"{len(schedules) + 2}. Compared", [_compare(g, reports, 3, 10 * len(schedules))])
+    g.note(
+        "Schedule distillation (Optimal Stepsize, Pei et al.): Stride Optimal Steps runs the model's own 100-step "
+        "Euler trajectory from 8 noises and picks, by dynamic programming, the 5 of its sigmas on which Euler lands "
+        "closest to it. Its report compares that schedule with ComfyUI's normal/simple/karras/beta at the same 5 steps "
+        "on those noises. The result is saved in models/stride/schedules under a fingerprint of the model and the "
+        "settings: queue again and it is reused without a model call (Stride Saved Schedule loads it by name). The "
+        f"rows below sample {OSS_SAMPLES} fresh noises with Euler on each schedule; Stride Reference Metrics scores "
+        "them exactly (95% intervals); the last row is the search's 100-step teacher.\n\n"
+        "AYS (SD1) and GITS are presets for SD1.5-type models, like the demo model. ComfyUI's OptimalStepsScheduler "
+        "presets are for FLUX, Wan and Chroma (flow models), so they do not apply here: with such a model add it as "
+        "another row. Real models: Load Checkpoint -> model, CLIP Text Encode -> prompts, your sampling cfg, VAE "
+        "Decode instead of the preview decode; the search latent sets the size searched at (use the size you sample "
+        "at) and its batch the latents per model call (lower it if memory runs out).",
+        (0, 6 * ROW),
+    )
+    return g
+
+
 # ------------------------------------------------------------------------------------------
 # Few-step families (issue 13): one workflow per family group, on the reference models
 # ------------------------------------------------------------------------------------------
@@ -535,7 +606,7 @@ def family_workflows() -> dict[str, Graph]:
 
 def build_all() -> dict[str, Graph]:
     graphs = {"stride_demo": demo(), "distill_lcm_lora": distill_training(), "piflow": piflow(),
-              "hybrid_diversity": hybrid_diversity()}
+              "hybrid_diversity": hybrid_diversity(), "optimal_steps": optimal_steps()}
     for method in ("lcm", "tcd", "hyper_sd", "tdd"):
         graphs[f"sampler_{method}"] = few_step_method(method)
     graphs.update(family_workflows())
