@@ -1,4 +1,4 @@
-"""Training checkpoints: LoRA weights, optimizer state, RNG state, step and settings in one safetensors file."""
+"""Training checkpoints: LoRA weights, optimizer, RNG and loss-scale state, step and settings in one safetensors."""
 from __future__ import annotations
 
 import json
@@ -8,7 +8,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..safe_files import read_safetensors, write_safetensors
+from ..progress import CHECKPOINT, PhaseCallback, Progress
+from ..safe_files import read_safetensors, safetensors_bytes, write_atomically
 from .config import DistillConfig
 from .lora import LoraSet, lora_state_dict
 
@@ -23,10 +24,16 @@ class TrainingCheckpoint:
     lora: dict[str, Tensor]
     optimizer: dict[str, Any]
     rng: dict[str, Tensor]
+    loss_scale: dict[str, float] | None = None  # None: written before loss scaling existed
 
 
-def save_checkpoint(path: str, loraset: LoraSet, optimizer: torch.optim.Optimizer, step: int, config: DistillConfig) -> None:
-    """Write LoRA weights, AdamW state, torch RNG state(s), step and config atomically."""
+def save_checkpoint(path: str, loraset: LoraSet, optimizer: torch.optim.Optimizer, step: int, config: DistillConfig,
+                    loss_scale: dict[str, float] | None = None, on_phase: PhaseCallback | None = None) -> None:
+    """Write LoRA weights, AdamW state, torch RNG state(s), loss scale, step and config atomically.
+
+    ``on_phase`` hears the write's progress in MiB (:data:`~distill_core.progress.CHECKPOINT`); a checkpoint
+    write is never cancelled (it is what a Cancel keeps).
+    """
     tensors = {CHECKPOINT_LORA_PREFIX + key: value for key, value in lora_state_dict(loraset, prefix="").items()}
     state = optimizer.state_dict()
     scalars: dict[str, dict[str, Any]] = {}
@@ -47,7 +54,11 @@ def save_checkpoint(path: str, loraset: LoraSet, optimizer: torch.optim.Optimize
         "optimizer.param_groups": json.dumps(state["param_groups"]),
         "optimizer.scalars": json.dumps(scalars),
     }
-    write_safetensors(path, tensors, metadata)
+    if loss_scale is not None:
+        metadata["loss_scale"] = json.dumps(loss_scale)
+    payload = safetensors_bytes(tensors, metadata)
+    phase = Progress(on_phase).write_phase(CHECKPOINT, len(payload), cancellable=False)
+    write_atomically(path, payload, phase.bytes_written)
 
 
 def load_checkpoint(path: str) -> TrainingCheckpoint:
@@ -69,5 +80,6 @@ def load_checkpoint(path: str) -> TrainingCheckpoint:
             if name != "params" and isinstance(value, list):
                 group[name] = tuple(value)
     rng = {key[len("rng."):]: value for key, value in tensors.items() if key.startswith("rng.")}
+    loss_scale = json.loads(metadata["loss_scale"]) if "loss_scale" in metadata else None
     return TrainingCheckpoint(int(metadata["step"]), json.loads(metadata["config"]), lora,
-                              {"state": param_state, "param_groups": groups}, rng)
+                              {"state": param_state, "param_groups": groups}, rng, loss_scale)

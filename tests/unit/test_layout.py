@@ -1,7 +1,7 @@
 """The architecture of ``distill_core``: no host imports, and dependencies that run one way.
 
-training -> sampling -> spaces; reference -> spaces; ``safe_files`` and ``spaces`` depend on nothing of the
-package; nothing imports ``nodes`` or ComfyUI. Checked on the import statements of every module, and by
+training -> sampling -> spaces; reference -> spaces; ``safe_files``, ``progress`` and ``spaces`` depend on nothing
+of the package; nothing imports ``nodes`` or ComfyUI. Checked on the import statements of every module, and by
 importing the whole library in a fresh interpreter that has no ComfyUI on its path.
 """
 from __future__ import annotations
@@ -19,9 +19,10 @@ HOST_MODULES = ("comfy", "comfy_api", "comfy_extras", "folder_paths", "latent_pr
 ALLOWED = {
     "spaces": set(),
     "safe_files": set(),
+    "progress": set(),
     "piflow_adapter": {"sampling"},
-    "sampling": {"spaces"},
-    "training": {"sampling", "spaces", "safe_files"},
+    "sampling": {"spaces", "progress"},
+    "training": {"sampling", "spaces", "safe_files", "progress"},
     "reference": {"spaces", "safe_files"},
 }
 
