@@ -150,7 +150,7 @@ def _trainer(ctx: BenchContext, rig: training.Rig, arch: str, config: dict, side
     from distill_core.training.trainer import DistillTrainer
 
     shape = (4, side, side)
-    conds = ctx.stride_module("nodes.training")._model_conds
+    conds = ctx.stride_module("nodes.training").model_conds
     positive = models.unet_conditioning(arch, config, SEED)
     empty = [[torch.zeros_like(positive[0][0]), dict(positive[0][1])]]
     latents = torch.randn(max(4, 2 * batch), *shape, generator=torch.Generator().manual_seed(SEED))

@@ -9,9 +9,12 @@ predictions coincide, so 1 is the base's own CFG here. Compared side by side, fr
 initial noise: the base alone (25 steps, ComfyUI euler, simple schedule), the distilled model alone
 (4 steps, Stride LCM), and ``StrideHybridSample`` on the shared 4-step LCM schedule (base euler for
 the first 1 or 2 steps, distilled LCM for the rest). Scores against the base's data (the demo
-mixture): mode recall and normalised mode entropy (diversity across modes), kornia image diversity
-of the decoded previews (``distill_core.reference.diversity`` on ``latent_to_rgb``), SWD and NLL gap
-(``distill_core.reference.metrics.evaluate_samples``); NFE = counted network calls of each model.
+mixture): mode recall, normalised mode entropy and the total-variation distance of the mode histogram to the
+true weights (diversity across modes), kornia image diversity of the decoded previews
+(``distill_core.reference.diversity`` on ``latent_to_rgb``), SWD and NLL gap
+(``distill_core.reference.metrics.evaluate``), each as mean ± 95% half-width over 8 independent repeats (per
+sample for the NLL gap); every run shares the noises and the references of each repeat, so the
+differences to the distilled model alone are paired. NFE = counted network calls of each model.
 """
 from __future__ import annotations
 
@@ -27,6 +30,7 @@ import torch  # noqa: E402
 from distill_core.reference import diversity, metrics
 from distill_core.reference.demo import DEMO_COMPONENTS, demo_mixture, latent_to_rgb
 from distill_core.reference.mixture import GaussianMixture
+from distill_core.reference.statistics import Estimate, estimate, judge, paired_difference, share_interval
 from distill_core.sampling import hybrid, lcm, tcd
 
 from . import models  # noqa: E402
@@ -39,8 +43,7 @@ TITLE = "Hybrid sampling (diversity distillation) on the reference models: base,
 COLLAPSED_VARIANT = "demo collapsed (2 of 8 modes)"
 SEED = 0  # initial noise and per-step noise of every run
 METRIC_SEED = 1  # reference data and projections of the metrics
-DATA_SEED = 2  # first of the fresh data sets scored like the samples (the floor)
-DATA_DRAWS = 5
+DATA_SEED = 2  # the fresh data set scored like the samples
 BASE_STEPS = 25
 HYBRID_STEPS = 4
 HANDOVERS = (1, 2)
@@ -52,13 +55,15 @@ def _hybrid_label(handover: int) -> str:
 
 
 def run(ctx: BenchContext) -> Section:
-    num_samples = ctx.pick(16, 64, 256)
+    metric_repeats = ctx.pick(4, metrics.REPEATS, metrics.REPEATS)
+    per_repeat = ctx.pick(8, 64, 256)
+    num_samples = metric_repeats * per_repeat
     flow_map_steps = ctx.pick(16, 64, 64)
     repeats = ctx.pick(1, 2, 3)
     reference = ctx.stride_module("nodes.reference")
     compat = ctx.stride_module("nodes.compat")
     base_model = models.reference_model(ctx, models.DENOISER_FORM)
-    distilled_model = ctx.node("StrideReferenceModel").build(COLLAPSED_VARIANT, "eps", models.FLOW_MAP_FORM,
+    distilled_model = ctx.node("StrideReferenceModel").execute(COLLAPSED_VARIANT, "eps", models.FLOW_MAP_FORM,
                                                              flow_map_steps)[0]
     empty = models.class_prompt(ctx, "")
     data_mixture = demo_mixture()
@@ -71,7 +76,7 @@ def run(ctx: BenchContext) -> Section:
     hybrid_node = ctx.node("StrideHybridSample")
 
     def hybrid_run(handover: int) -> torch.Tensor:
-        return hybrid_node.sample(counted_base, empty, empty, 1.0, "euler", counted_distilled, empty, empty, 1.0, "lcm",
+        return hybrid_node.execute(counted_base, empty, empty, 1.0, "euler", counted_distilled, empty, empty, 1.0, "lcm",
                                   "lcm / tcd grid", HYBRID_STEPS, handover, SEED, {"samples": latent})[0]["samples"]
 
     base_sampler, base_sigmas = COMFY_EULER.build(ctx, counted_base, BASE_STEPS)
@@ -111,60 +116,70 @@ def run(ctx: BenchContext) -> Section:
     timings = run_interleaved(runs, repeats, warmup=0)
     wall = {label: median(timings[label]["wall"]) for label in runs}
 
-    def score(latents: torch.Tensor) -> dict[str, float]:
-        result = metrics.evaluate_samples(latents.double(), data_mixture, None,
-                                          torch.Generator().manual_seed(METRIC_SEED))
-        return result | {"image_diversity": diversity.image_diversity(latent_to_rgb(latents.float())).overall}
+    groups = metrics.repeat_groups(num_samples, metric_repeats)
+
+    def score(latents: torch.Tensor) -> dict[str, Estimate]:
+        result = metrics.evaluate(latents.double(), data_mixture, None, torch.Generator().manual_seed(METRIC_SEED),
+                                  metric_repeats)
+        rgb = latent_to_rgb(latents.float())
+        image_diversity = [diversity.image_diversity(rgb[group]).overall for group in groups]  # the same repeats
+        return result | {"image_diversity": estimate(torch.tensor(image_diversity), per_repeat)}
 
     scores = {label: score(latents) for label, latents in samples.items()}
-    data_sets = [data_mixture.sample(num_samples, torch.Generator().manual_seed(DATA_SEED + k))[0].float()
-                 for k in range(DATA_DRAWS)]
-    draws = sorted(((score(latents), latents) for latents in data_sets), key=lambda pair: pair[0]["swd"])
-    data_score, data_samples = draws[DATA_DRAWS // 2]
+    data_samples = data_mixture.sample(num_samples, torch.Generator().manual_seed(DATA_SEED))[0].float()
+    data_score = score(data_samples)
+    distilled = scores[distilled_label]
 
+    def gain(result: dict[str, Estimate], name: str) -> Estimate:
+        return paired_difference(result[name], distilled[name])
+
+    figures = (("mode_recall", 2, False), ("mode_entropy", 3, False), ("mode_tv", 3, False),
+               ("image_diversity", 3, False), ("swd", 3, False), ("nll_gap", 3, True))
     table = Table(
         f"Unconditional samples ({num_samples}, same initial noise, CFG 1) of the reference models through ComfyUI: "
         f"base = exact denoiser of the 8-mode demo mixture, distilled = flow map ({flow_map_steps} ODE steps per call) "
-        "of its 2-of-8-mode collapsed partner; CPU float32 latents (the analytic models compute in float64); wall "
-        f"time median of {repeats} interleaved repeats",
-        ["compared", "mode recall", "mode entropy", "image diversity", "SWD", "NLL gap", "NFE (base + distilled)",
-         "wall time vs distilled alone", "wall time"])
+        f"of its 2-of-8-mode collapsed partner; CPU float32 latents (the analytic models compute in float64). Figures: "
+        f"mean ± 95% half-width over {metric_repeats} repeats of {per_repeat} (NLL gap: over all samples); wall time "
+        f"median of {repeats} interleaved repeats",
+        ["compared", "mode recall", "mode entropy", "mode entropy - distilled alone (paired)", "mode TV",
+         "image diversity", "SWD", "NLL gap", "NFE (base + distilled)", "wall time vs distilled alone", "wall time"])
+
+    def cells(result: dict[str, Estimate]) -> list[str]:
+        values = [result[name].format(digits, signed) for name, digits, signed in figures]
+        return [*values[:2], gain(result, "mode_entropy").format(3, signed=True), *values[2:]]
+
     for label in runs:
-        result = scores[label]
         base_nfe, distilled_nfe = calls[label]
-        table.add(label, f"{result['mode_recall']:.2f}", f"{result['mode_entropy']:.3f}",
-                  f"{result['image_diversity']:.3f}", f"{result['swd']:.3f}", f"{result['nll_gap']:+.3f}",
-                  f"{base_nfe + distilled_nfe} ({base_nfe} + {distilled_nfe})",
+        table.add(label, *cells(scores[label]), f"{base_nfe + distilled_nfe} ({base_nfe} + {distilled_nfe})",
                   fmt_ratio(wall[label] / wall[distilled_label]), fmt_seconds(wall[label]))
-    table.add(f"data (median of {DATA_DRAWS} fresh sets of {num_samples})", f"{data_score['mode_recall']:.2f}",
-              f"{data_score['mode_entropy']:.3f}", f"{data_score['image_diversity']:.3f}", f"{data_score['swd']:.3f}",
-              f"{data_score['nll_gap']:+.3f}", "-", "-", "-")
+    table.add(f"data ({num_samples} fresh samples)", *cells(data_score), "-", "-", "-")
     section.tables.append(table)
     section.plots.append(_plot(ctx, samples, data_samples, data_mixture))
 
-    distilled = scores[distilled_label]
+    base = scores[next(iter(runs))]
     for k in HANDOVERS:
         label = _hybrid_label(k)
         result = scores[label]
-        restored = (result["mode_entropy"] > distilled["mode_entropy"]
-                    and result["mode_recall"] >= distilled["mode_recall"])
+        entropy_gain, recall_change = gain(result, "mode_entropy"), gain(result, "mode_recall")
+        verdicts = (judge(entropy_gain, 0.0, at_most=False), judge(recall_change, 0.0, at_most=False))
+        status = "met" if verdicts == ("met", "met") else "missed" if "missed" in verdicts else "undecided"
         section.goals.append(Goal(
             f"{label} restores diversity the distilled model lost (the method's claim: higher mode entropy, no "
-            "lower mode recall than the distilled model alone)",
-            "met" if restored else "missed",
-            f"mode entropy {result['mode_entropy']:.3f} vs {distilled['mode_entropy']:.3f} distilled alone "
-            f"(base alone {scores[list(runs)[0]]['mode_entropy']:.3f}, data {data_score['mode_entropy']:.3f}); recall "
-            f"{result['mode_recall']:.2f} vs {distilled['mode_recall']:.2f}; at {HYBRID_STEPS} NFE ({k} of the base) "
-            f"vs the base's {BASE_STEPS}"))
-
-    def data_range(metric: str, digits: int) -> str:
-        values = [result[metric] for result, _ in draws]
-        return f"{min(values):.{digits}f} to {max(values):.{digits}f}"
+            "lower mode recall than the distilled model alone; judged on the paired 95% intervals)",
+            status,
+            f"mode entropy {result['mode_entropy'].format()} vs {distilled['mode_entropy'].format()} distilled alone, "
+            f"paired gain {entropy_gain.format(signed=True)} (base alone {base['mode_entropy'].format()}, data "
+            f"{data_score['mode_entropy'].format()}); recall {result['mode_recall'].format(2)} vs "
+            f"{distilled['mode_recall'].format(2)}, paired change {recall_change.format(2, signed=True)}; at "
+            f"{HYBRID_STEPS} NFE ({k} of the base) vs the base's {BASE_STEPS}"))
 
     section.notes += [
-        f"Noise scale: {DATA_DRAWS} independent data sets of {num_samples} samples score SWD {data_range('swd', 3)}, "
-        f"mode entropy {data_range('mode_entropy', 3)} and mode recall {data_range('mode_recall', 2)}; all runs share "
-        "the initial noise, so their differences are paired.",
+        f"Intervals: every figure but the NLL gap is a mean over {metric_repeats} independent repeats of {per_repeat} "
+        "samples, each scored against its own fresh data set (SWD also with its own projections), with a Student-t "
+        "95% interval; the NLL gap is a mean over all samples. All runs share the noises and each repeat's "
+        "references, so 'mode entropy - distilled alone' is a paired difference; the data row shares only the "
+        "references. Mode entropy and TV of a finite set of data sit slightly off their population values (1 and 0); "
+        "compare with the data row at the same size.",
         "Wall times: the analytic flow map integrates the probability-flow ODE inside every call "
         f"({flow_map_steps} exact-denoiser evaluations), so here a distilled NFE costs far more than a base NFE; "
         "with real networks both cost about the same per NFE and the NFE column is the cost to compare.",
@@ -172,9 +187,10 @@ def run(ctx: BenchContext) -> Section:
         "'handover = steps is the base alone' is checked on distill_core.sampling.hybrid.sample_hybrid, the same schedule "
         "split and seed rule the node uses.",
         "Mode recall counts a mode when it holds at least a quarter of its expected share; mode entropy is the "
-        "normalised entropy of the samples' mode histogram (1 = all 8 modes equally often). Image diversity is the "
-        "mean pairwise distance of kornia colour/edge descriptors of the 8x8 previews (compare rows, not absolute "
-        "values).",
+        "normalised entropy of the samples' mode histogram (1 = all 8 modes equally often); mode TV is half the "
+        "summed absolute difference between the mode shares and the true weights. Image diversity is the mean "
+        "pairwise distance of kornia colour/edge descriptors of the 8x8 previews (compare rows, not absolute "
+        "values). The plot's error bars are 95% Wilson intervals of each mode's share over all samples.",
     ]
     return section
 
@@ -223,7 +239,9 @@ def _plot(ctx: BenchContext, samples: dict[str, torch.Tensor], data_samples: tor
     figure, axis = plt.subplots(figsize=(9, 3.8))
     for index, (label, latents) in enumerate(rows.items()):
         shares = metrics.mode_shares(latents.double(), mixture)
-        axis.bar(modes + (index - (len(rows) - 1) / 2) * width, shares.numpy(), width, label=label)
+        low, high = share_interval(shares * latents.shape[0], latents.shape[0])
+        axis.bar(modes + (index - (len(rows) - 1) / 2) * width, shares.numpy(), width, label=label,
+                 yerr=torch.stack([shares - low, high - shares]).numpy(), capsize=2)
     axis.axhline(1 / mixture.num_components, color="grey", linestyle=":", label="data's expected share")
     names = [f"{shape}\n{'ab'[k % 2]}" for k, (shape, _) in enumerate(DEMO_COMPONENTS)]
     axis.set_xticks(modes.tolist(), names, fontsize=8)

@@ -77,14 +77,14 @@ FLOW_MAP_FORM = "flow map (ideal distilled student)"
 
 def reference_model(ctx: BenchContext, form: str, flow_map_steps: int = 64) -> Any:
     """The analytic teacher (demo mixture, EPS) in the given form, as ``StrideReferenceModel`` builds it."""
-    return ctx.node("StrideReferenceModel").build("demo", "eps", form, flow_map_steps)[0]
+    return ctx.node("StrideReferenceModel").execute("demo", "eps", form, flow_map_steps)[0]
 
 
 def demo_unet_model(ctx: BenchContext) -> tuple[Any, bool]:
     """``(MODEL, trained)``: the demo UNet with its shipped weights, or the same architecture with
     random weights when they have not been built (timings do not depend on weight values)."""
     if demo.DEMO_WEIGHTS_PATH.is_file():
-        return ctx.node("StrideDemoModel").load()[0], True
+        return ctx.node("StrideDemoModel").execute()[0], True
     import comfy.ops
     from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
 
@@ -94,7 +94,7 @@ def demo_unet_model(ctx: BenchContext) -> tuple[Any, bool]:
 
 def class_prompt(ctx: BenchContext, prompt: str) -> list:
     """CONDITIONING of a demo class name (empty = unconditional), from ``StrideClassPrompt``."""
-    return ctx.node("StrideClassPrompt").encode(prompt)[0]
+    return ctx.node("StrideClassPrompt").execute(prompt)[0]
 
 
 class ZeroCostNetwork(torch.nn.Module):

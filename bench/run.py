@@ -20,13 +20,24 @@ from types import ModuleType
 
 import torch
 
-from . import full_size, gpu, hybrid, piflow_overhead, sampler_overhead, sampler_quality, scaling, training
+from . import (
+    family_quality,
+    full_size,
+    gpu,
+    hybrid,
+    optimal_steps,
+    piflow_overhead,
+    sampler_overhead,
+    sampler_quality,
+    scaling,
+    training,
+)
 from .context import BenchContext
 from .harness import REPO_ROOT, SanityError, machine_facts
 from .report import merge, render_failure, render_header, render_section
 
-BENCHMARKS: list[ModuleType] = [sampler_quality, sampler_overhead, piflow_overhead, scaling, hybrid, training, gpu,
-                                full_size]
+BENCHMARKS: list[ModuleType] = [sampler_quality, family_quality, sampler_overhead, piflow_overhead, scaling, hybrid,
+                                 optimal_steps, training, gpu, full_size]
 """Every benchmark, in report order (one module each)."""
 OPT_IN = {gpu.NAME, full_size.NAME}
 """Benchmarks that run only when asked for (``--gpu``, ``--full-size`` or ``--only``)."""

@@ -27,28 +27,29 @@ class SamplerSpec:
     label: str
     origin: str  # "Stride" or "ComfyUI"
     few_step: bool  # made for distilled models, so judged on the flow-map form of the teacher
+    deterministic: bool  # no fresh noise after the start: its endpoint can be compared with the exact ODE's
     schedule: str
     build: BuildSampler
 
 
 def _stride(label: str, sampler_node: str, sampler_inputs: dict, scheduler_node: str, scheduler_inputs: dict,
-            schedule: str) -> SamplerSpec:
+            schedule: str, deterministic: bool = False) -> SamplerSpec:
     def build(ctx: BenchContext, model: Any, steps: int) -> tuple[Any, torch.Tensor]:
-        sampler = ctx.node(sampler_node).build(**sampler_inputs)[0]
-        sigmas = ctx.node(scheduler_node).schedule(model, steps=steps, **scheduler_inputs)[0]
+        sampler = ctx.node(sampler_node).execute(**sampler_inputs)[0]
+        sigmas = ctx.node(scheduler_node).execute(model, steps=steps, **scheduler_inputs)[0]
         return sampler, sigmas
 
-    return SamplerSpec(label, "Stride", True, schedule, build)
+    return SamplerSpec(label, "Stride", True, deterministic, schedule, build)
 
 
-def _builtin(name: str, scheduler: str, few_step: bool = False) -> SamplerSpec:
+def _builtin(name: str, scheduler: str, few_step: bool = False, deterministic: bool = True) -> SamplerSpec:
     def build(ctx: BenchContext, model: Any, steps: int) -> tuple[Any, torch.Tensor]:
         import comfy.samplers
 
         sigmas = comfy.samplers.KSampler(model, steps, "cpu", sampler=name, scheduler=scheduler).sigmas
         return comfy.samplers.sampler_object(name), sigmas.cpu()
 
-    return SamplerSpec(f"ComfyUI {name}", "ComfyUI", few_step, scheduler, build)
+    return SamplerSpec(f"ComfyUI {name}", "ComfyUI", few_step, deterministic, scheduler, build)
 
 
 STRIDE_LCM = _stride("Stride LCM", "StrideLCMSampler", {"s_noise": 1.0, "boundary_condition": True},
@@ -58,13 +59,14 @@ STRIDE_TCD = _stride("Stride TCD (gamma 0.3)", "StrideTCDSampler", {"gamma": 0.3
 STRIDE_TDD = _stride("Stride TDD (eta 0.2)", "StrideTDDSampler", {"eta": 0.2, "clip_x0_steps": 0, "clip_ratio": 0.995},
                      "StrideTDDScheduler", {"special_jump": False, "denoise": 1.0}, "Stride TDD")
 STRIDE_HYPER = _stride("Stride Hyper-SD (DDIM trailing)", "StrideTCDSampler", {"gamma": 0.0},
-                       "StrideHyperSDScheduler", {"mode": "trailing", "denoise": 1.0}, "Stride Hyper-SD trailing")
+                       "StrideHyperSDScheduler", {"mode": "trailing", "denoise": 1.0}, "Stride Hyper-SD trailing",
+                       deterministic=True)
 STRIDE_SAMPLERS = [STRIDE_LCM, STRIDE_TCD, STRIDE_TDD, STRIDE_HYPER]
 
 COMFY_EULER = _builtin("euler", "simple")
-COMFY_EULER_ANCESTRAL = _builtin("euler_ancestral", "simple")
+COMFY_EULER_ANCESTRAL = _builtin("euler_ancestral", "simple", deterministic=False)
 COMFY_DPMPP_2M = _builtin("dpmpp_2m", "karras")
-COMFY_LCM = _builtin("lcm", "sgm_uniform", few_step=True)
+COMFY_LCM = _builtin("lcm", "sgm_uniform", few_step=True, deterministic=False)
 COMFY_UNI_PC = _builtin("uni_pc", "simple")
 QUALITY_BUILTINS = [COMFY_EULER, COMFY_DPMPP_2M, COMFY_LCM, COMFY_UNI_PC]
 OVERHEAD_BUILTINS = [COMFY_EULER, COMFY_EULER_ANCESTRAL, COMFY_LCM]
@@ -74,13 +76,30 @@ def sample(model: Any, sampler: Any, sigmas: torch.Tensor, noise: torch.Tensor, 
            seed: int = 0, cfg: float = 1.0) -> torch.Tensor:
     """Sample from pure noise through ComfyUI's SamplerCustom path; returns the latent on the CPU.
 
+    Runs under ``torch.inference_mode()`` as ComfyUI's executor runs every node (without it, samplers that do
+    not disable autograd themselves, e.g. uni_pc, keep every step's graph: 4.5 GB at 512 demo-UNet samples).
     ``sigmas`` is cloned because some built-ins (uni_pc) write into the tensor they get.
     """
     import comfy.sample
 
     latent = torch.zeros_like(noise)
-    return comfy.sample.sample_custom(model, noise, cfg, sampler, sigmas.clone(), positive, negative, latent,
-                                      disable_pbar=True, seed=seed)
+    with torch.inference_mode():
+        return comfy.sample.sample_custom(model, noise, cfg, sampler, sigmas.clone(), positive, negative, latent,
+                                          disable_pbar=True, seed=seed)
+
+
+def start_recording(sampler: Any, start: list) -> Any:
+    """The same SAMPLER; each call leaves the latent and sigma its function starts from (after ComfyUI's noise
+    scaling) in ``start`` as ``[x, sigma]``, so the exact ODE solution from that very point can be computed."""
+    import comfy.samplers
+
+    def recording_function(model: Any, x: torch.Tensor, sigmas: torch.Tensor, extra_args: dict | None = None,
+                           callback: Any = None, disable: Any = None, **options: Any) -> torch.Tensor:
+        start[:] = [x.detach().clone(), sigmas[0].detach().clone()]
+        return sampler.sampler_function(model, x, sigmas, extra_args=extra_args, callback=callback, disable=disable,
+                                        **options)
+
+    return comfy.samplers.KSAMPLER(recording_function, sampler.extra_options, sampler.inpaint_options)
 
 
 def counting_model(model: Any) -> tuple[Any, list[int]]:

@@ -38,6 +38,7 @@ import torch
 from distill_core.reference import demo, metrics
 from distill_core.reference.demo import DEMO_CLASS_NAMES, demo_mixture
 from distill_core.reference.mixture import GaussianMixture
+from distill_core.reference.statistics import judge, paired_difference
 from distill_core.spaces import per_sample
 from distill_core.training import objectives
 from distill_core.training.conditioning import cond_cat
@@ -78,7 +79,6 @@ GOAL_QUALITY = 1.25
 QUALITY_GUIDANCE = 0.0  # teacher guidance w of the quality run (LCM form; ComfyUI cfg = w + 1)
 QUALITY_LR = 3e-4
 HELD_OUT_BATCHES = 8
-DATA_DRAWS = 5  # independent data sets scored like samples: the SWD floor and its spread
 TEACHER_STEPS = 50
 STUDENT_STEPS = 4
 LOSS_TOLERANCE = 1e-6  # relative: the same loss recomputed from separately timed passes
@@ -122,7 +122,7 @@ def attach(model: Any) -> Rig:
 
 def model_conds(ctx: BenchContext, model: Any, prompt: str, latent_shape: tuple[int, ...]) -> dict:
     """The network keyword arguments of a class prompt, derived by Stride's training node."""
-    return ctx.stride_module("nodes.training")._model_conds(model, models.class_prompt(ctx, prompt), latent_shape)
+    return ctx.stride_module("nodes.training").model_conds(model, models.class_prompt(ctx, prompt), latent_shape)
 
 
 def noise_space(ctx: BenchContext, model: Any) -> Any:
@@ -462,7 +462,7 @@ def compare_nodes(ctx: BenchContext, section: Section, make_model: Callable[[], 
     and rank, gradient checkpointing ``checkpointing``; ``memory_of(fn)`` measures a call's peak (default: RSS)."""
     measure = memory_of or (lambda fn: peak_rss_growth(fn)[1])
     ours_model, comfy_model = make_model(), make_model()  # TrainLoraNode patches weight wrappers into its copy
-    data = ctx.node("StrideDistillDataset").build(positive, empty, latents={"samples": latents})[0]
+    data = ctx.node("StrideDistillDataset").execute(positive, empty, latents={"samples": latents})[0]
     half = len(latents) // 2
     # ComfyUI 0.3.75's TrainLoraNode fails on a single LATENT input (UnboundLocalError: 'multi_res'); a list of
     # two same-shape LATENTs takes its working path (concatenated into one batch dataset).
@@ -477,7 +477,7 @@ def compare_nodes(ctx: BenchContext, section: Section, make_model: Callable[[], 
             algorithm=["LoRA"], gradient_checkpointing=[checkpointing], existing_lora=["[None]"])
 
     def ours_node(step_count: int) -> Any:
-        return ctx.node("StrideDistillLoRA").train(
+        return ctx.node("StrideDistillLoRA").execute(
             model=ours_model, data=data, objective="lcm", steps=step_count, learning_rate=1e-4, rank=RANK, alpha=0.0,
             batch_size=batch, guidance_min=0.0, guidance_max=0.0, loss="huber", gradient_checkpointing=checkpointing,
             seed=SEED, save_every=0, lora_name="bench_training", resume=False)
@@ -637,11 +637,13 @@ def _quality_table(ctx: BenchContext, section: Section) -> Table | None:
                           f"fell from {before:.4g} to {after:.4g} (running loss: mean {first:.4g} over the first fifth "
                           f"of the steps, {last:.4g} over the last)")
 
-    per_class = ctx.pick(4, 16, 64)
-    labels = torch.arange(len(DEMO_CLASS_NAMES)).repeat_interleave(per_class)
+    repeats, per_repeat = ctx.pick(4, metrics.REPEATS, metrics.REPEATS), ctx.pick(16, 64, 256)
+    num_classes = len(DEMO_CLASS_NAMES)
+    per_class = repeats * per_repeat // num_classes
+    labels = torch.arange(num_classes).repeat_interleave(per_class)
     noise = torch.randn(len(labels), *mixture.latent_shape, generator=torch.Generator().manual_seed(SEED + 1))
-    runs = {f"teacher, {TEACHER_STEPS} steps (ComfyUI euler)": _class_samples(ctx, model, COMFY_EULER, TEACHER_STEPS,
-                                                                               noise, labels),
+    teacher_label = f"teacher, {TEACHER_STEPS} steps (ComfyUI euler)"
+    runs = {teacher_label: _class_samples(ctx, model, COMFY_EULER, TEACHER_STEPS, noise, labels),
             f"teacher, {STUDENT_STEPS} steps (Stride LCM, undistilled)": _class_samples(ctx, model, STRIDE_LCM,
                                                                                        STUDENT_STEPS, noise, labels)}
     # the student as Stride's node returns it: the LoRA state dict through ComfyUI's own LoRA loader
@@ -657,36 +659,62 @@ def _quality_table(ctx: BenchContext, section: Section) -> Table | None:
     student_label = f"student (teacher + LoRA after {steps} steps), {STUDENT_STEPS} steps (Stride LCM)"
     runs[student_label] = _class_samples(ctx, student, STRIDE_LCM, STUDENT_STEPS, noise, labels)
 
-    def score(samples: torch.Tensor) -> dict[str, float]:
-        return metrics.evaluate_samples(samples.double(), mixture, labels, torch.Generator().manual_seed(SEED + 2))
+    def score(samples: torch.Tensor) -> dict:
+        return metrics.evaluate(samples.double(), mixture, labels, torch.Generator().manual_seed(SEED + 2), repeats)
 
     scores = {label: score(samples) for label, samples in runs.items()}
-    draws = sorted((score(mixture.sample(len(labels), torch.Generator().manual_seed(SEED + 3 + k), labels)[0])
-                    for k in range(DATA_DRAWS)), key=lambda result: result["swd"])
-    scores[f"data (median of {DATA_DRAWS} fresh sets of {len(labels)}, same labels)"] = draws[DATA_DRAWS // 2]
+    data_label = f"data ({len(labels)} fresh samples, same labels)"
+    scores[data_label] = score(mixture.sample(len(labels), torch.Generator().manual_seed(SEED + 3), labels)[0])
 
     table = Table(
         f"Quality after {steps} LCM distillation steps of the trained demo UNet (batch {batch}, rank {RANK}, lr "
         f"{QUALITY_LR:g}, teacher guidance w = {QUALITY_GUIDANCE:g} i.e. CFG 1, {fmt_seconds(distilled.seconds)} of "
-        f"training): {len(labels)} class-conditional samples ({per_class} per class, CFG 1, same noise); CPU, float32",
-        ["compared", "SWD vs teacher 50-step", "SWD", "NLL gap", "mode recall", "mode entropy"])
-    teacher_swd = scores[list(runs)[0]]["swd"]
+        f"training): {len(labels)} class-conditional samples ({per_class} per class, CFG 1, same noise) scored in "
+        f"{repeats} repeats of {per_repeat} (NLL gap: per sample); mean ± 95% half-width; CPU, float32",
+        ["compared", "SWD", f"SWD - teacher {TEACHER_STEPS}-step (paired)", "NLL gap", "mode TV", "mode mean shift",
+         "mode cov error", "mode recall", "mode entropy"])
+    teacher_result = scores[teacher_label]
+
+    def cell(result: dict, name: str, digits: int = 3, signed: bool = False) -> str:
+        return result[name].format(digits, signed) if name in result else "-"
+
     for label, result in scores.items():
-        table.add(label, fmt_ratio(result["swd"] / teacher_swd), f"{result['swd']:.3f}", f"{result['nll_gap']:+.3f}",
-                  f"{result['mode_recall']:.2f}", f"{result['mode_entropy']:.3f}")
-    student_swd = scores[student_label]["swd"]
+        table.add(label, cell(result, "swd"), paired_difference(result["swd"], teacher_result["swd"]).format(3, True),
+                  cell(result, "nll_gap", signed=True), cell(result, "mode_tv"),
+                  cell(result, "mode_mean_shift", 4, True), cell(result, "mode_cov_error", signed=True),
+                  cell(result, "mode_recall", 2), cell(result, "mode_entropy"))
+    student_result = scores[student_label]
+    excess = paired_difference(student_result["swd"], teacher_result["swd"], scale=GOAL_QUALITY)
     section.notes.append(
-        f"Quality noise: {DATA_DRAWS} independent data sets of {len(labels)} samples score SWD {draws[0]['swd']:.3f} to "
-        f"{draws[-1]['swd']:.3f} against the same reference, so SWD differences inside that spread are not "
-        "significant (all rows share the initial noise, so their differences are paired). The NLL gap is steadier: "
-        "negative = samples over-concentrated on the modes (what few-step sampling of an undistilled model does), "
-        f"0 = like the data. Guidance w = {QUALITY_GUIDANCE:g} (CFG 1) so that every row is scored against the same "
-        "data distribution; LCM-LoRA's default range w ~ U[3, 15] would distil a guided distribution that the "
-        "data cannot score.")
-    section.goals.append(Goal(goal, "met" if student_swd <= GOAL_QUALITY * teacher_swd else "missed",
-                              f"{fmt_ratio(student_swd / teacher_swd)} ({student_swd:.3f} vs {teacher_swd:.3f}; the "
-                              f"undistilled teacher at {STUDENT_STEPS} LCM steps: {scores[list(runs)[1]]['swd']:.3f}; "
-                              f"data sets: {draws[0]['swd']:.3f} to {draws[-1]['swd']:.3f}) after {steps} steps"))
+        f"Intervals: SWD and the mode figures are means over {repeats} independent repeats of {per_repeat} samples "
+        f"({per_repeat // num_classes} per class), each scored against its own fresh data set with the same labels and "
+        "its own projections, with a Student-t 95% interval; the NLL gap is a mean over all samples. The rows share "
+        "the noises and each repeat's references, so their SWD differences to the teacher are paired (the data row "
+        "shares only the references). The NLL gap: negative = samples over-concentrated on the modes (what few-step "
+        f"sampling of an undistilled model does), 0 = like the data. Guidance w = {QUALITY_GUIDANCE:g} (CFG 1) so that "
+        "every row is scored against the same data distribution; LCM-LoRA's default range w ~ U[3, 15] would distil a "
+        "guided distribution that the data cannot score.")
+    undistilled = scores[list(runs)[1]]
+
+    def change(name: str) -> str:
+        if name not in student_result or name not in undistilled:
+            return "-"
+        return paired_difference(student_result[name], undistilled[name]).format(3, signed=True)
+
+    undistilled_excess = paired_difference(undistilled["swd"], teacher_result["swd"], scale=GOAL_QUALITY)
+    section.notes.append(
+        f"What distillation changed, paired against the undistilled teacher at {STUDENT_STEPS} LCM steps (same "
+        f"noises, same references): NLL gap {change('nll_gap')}, SWD {change('swd')}, mode cov error "
+        f"{change('mode_cov_error')}. The SWD goal does not by itself show that distillation helped: the undistilled "
+        f"teacher at {STUDENT_STEPS} steps scores {undistilled_excess.format(3, signed=True)} on the same test "
+        f"(undistilled - {GOAL_QUALITY} x teacher).")
+    section.goals.append(Goal(f"{goal} (judged on the paired 95% interval of student SWD - {GOAL_QUALITY} x teacher "
+                              "SWD)",
+                              judge(excess, 0.0),
+                              f"student {student_result['swd'].format()} vs teacher {teacher_result['swd'].format()}: "
+                              f"student - {GOAL_QUALITY} x teacher = {excess.format(signed=True)} (the undistilled "
+                              f"teacher at {STUDENT_STEPS} LCM steps: {scores[list(runs)[1]]['swd'].format()}; data: "
+                              f"{scores[data_label]['swd'].format()}) after {steps} steps"))
     return table
 
 

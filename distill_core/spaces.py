@@ -26,6 +26,15 @@ from torch import Tensor
 NUM_TRAIN_TIMESTEPS = 1000
 
 
+def time_shift(t: Tensor, shift: float) -> Tensor:
+    """Rectified-flow time shift ``shift t / (1 + (shift - 1) t)`` of raw time ``t`` in [0, 1].
+
+    The one copy of this formula: SD3's and Wan's ``shift``, pi-Flow's warp, and FLUX's resolution
+    shift ``exp(mu) / (exp(mu) + 1 / t - 1)``, which is the same map with ``shift = exp(mu)``.
+    """
+    return shift * t / (1 + (shift - 1) * t)
+
+
 def scaled_linear_alphas_cumprod(
     beta_start: float = 0.00085, beta_end: float = 0.012, num_timesteps: int = NUM_TRAIN_TIMESTEPS
 ) -> Tensor:
@@ -68,7 +77,7 @@ class NoiseSpace:
     def flow(cls, shift: float = 1.0, num_timesteps: int = NUM_TRAIN_TIMESTEPS) -> "NoiseSpace":
         """A rectified-flow space: timestep t -> shifted sigma of (t + 1) / num_timesteps."""
         t = torch.arange(1, num_timesteps + 1, dtype=torch.float64) / num_timesteps
-        return cls("flow", shift * t / (1 + (shift - 1) * t))
+        return cls("flow", time_shift(t, shift))
 
     # -- convention -----------------------------------------------------------------------
     @property
@@ -205,6 +214,21 @@ class NoiseSpace:
 
 
 # -- per-sample values ---------------------------------------------------------------------------
+def all_finite(x: Tensor) -> bool:
+    """Whether ``x`` holds no NaN or inf, by one summation (NaN/inf propagate through a sum), which
+    is ~30x cheaper than ``isfinite(x).all()`` on a latent: the samplers' per-step check."""
+    if x.numel() == 0:
+        return True
+    return math.isfinite(float(x.sum(dtype=torch.float64 if x.dtype == torch.float64 else torch.float32)))
+
+
+def require_finite(x: Tensor, what: str) -> None:
+    """Raise ``ValueError`` naming ``what`` when ``x`` holds NaN or inf: a decoder, metric or trainer fed such
+    values would otherwise return a silently wrong answer (NaN decodes to black, NaN scores compare false)."""
+    if not all_finite(x):
+        raise ValueError(f"{what} contain NaN or inf values")
+
+
 def per_sample(values: Tensor | float, like: Tensor) -> Tensor:
     """``values`` (a scalar or one per sample) shaped to broadcast over ``like`` (batch first), in its dtype/device."""
     if isinstance(values, Tensor):

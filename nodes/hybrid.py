@@ -6,28 +6,43 @@ SNR-converted ``sigmas[k:]`` with zero noise and the base result as its latent. 
 ``noise_scaling`` / ``inverse_noise_scaling`` keep that hand-over exact also across EPS <-> flow:
 a flow phase returns ``x / (1 - s)`` (the VE latent at ``sigma = s / (1 - s)``) and starts from
 ``(1 - s) * latent``. Progress bar, previews and Cancel come from ComfyUI; the schedule, the seed
-rule and the conversions come from ``distill_core.sampling.hybrid``.
+rule and the conversions come from ``distill_core.sampling.hybrid``. All nodes are V3 nodes (:mod:`.compat`).
 """
 from __future__ import annotations
 
 import json
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
+
+import torch
 
 import comfy.model_management
 import comfy.sample
 import comfy.samplers
 import comfy.utils
 import latent_preview
-import torch
 
 from ..distill_core.reference import diversity
 from ..distill_core.sampling import hybrid, lcm, schedules, tcd, tdd
 from ..distill_core.sampling.trace import StepTrace, trace_grid
-from .compat import StrideError, latent_spatial_downscale, model_sampling_of_patcher, noise_space
-from .samplers import discrete_sigmas, stride_ksampler
+from ..distill_core.spaces import all_finite
+from .compat import (
+    StrideError,
+    combo,
+    guider_latent_format,
+    guider_model_sampling,
+    io,
+    latent_spatial_downscale,
+    model_sampling_of_patcher,
+    noise_space,
+    ui,
+)
+from .reference import check_prompt_input
+from .samplers import discrete_sigmas, non_finite_output, seed_input, stride_ksampler
 
 CATEGORY = "stride/hybrid"
 MAX_TRACE_ITEMS = 8
+Trace = io.Custom("STRIDE_TRACE")
 
 SCHEDULES: dict[str, Callable[[int], list[int]]] = {
     "lcm / tcd grid": schedules.lcm_timesteps,
@@ -94,11 +109,10 @@ class TracingSampler(comfy.samplers.Sampler):
 
     def sample(self, model_wrap, sigmas, extra_args, callback, noise, latent_image=None, denoise_mask=None,
                disable_pbar=False):
-        model = model_wrap.inner_model
-        space = noise_space(model.model_sampling)
+        space = noise_space(guider_model_sampling(model_wrap))
         if self.step_offset == 0:
             self.trace.record.reset()
-        self.trace.latent_format = model.latent_format
+        self.trace.latent_format = guider_latent_format(model_wrap)
         last = len(sigmas) - 1
 
         def record_then_forward(step, x0, x, total_steps):
@@ -124,11 +138,13 @@ class HybridGuider:
     """GUIDER: the base guider + base sampler for the first ``handover_steps`` sigmas, then the distilled
     guider with the sampler SamplerCustomAdvanced passes (sigmas converted by signal-to-noise ratio)."""
 
-    def __init__(self, base_guider: Any, distilled_guider: Any, base_sampler: Any, handover_steps: int) -> None:
+    def __init__(self, base_guider: Any, distilled_guider: Any, base_sampler: Any, handover_steps: int,
+                 names: tuple[str, str] = ("base_guider", "distilled_guider")) -> None:
         self.base_guider = base_guider
         self.distilled_guider = distilled_guider
         self.base_sampler = base_sampler
         self.handover_steps = handover_steps
+        self.names = names  # the node inputs of the two models, for errors
         self.model_patcher = distilled_guider.model_patcher  # previews and denoised_output use the distilled model
         self.model_options = distilled_guider.model_options
 
@@ -160,74 +176,97 @@ class HybridGuider:
         except ValueError as exc:
             raise StrideError(f"handover_steps: {exc}; hand over at least one step later.") from None
         base_sampler, distilled_sampler = self._phase_samplers(sampler)
-        if k == 0:
-            return self.distilled_guider.sample(noise, latent_image, distilled_sampler, distilled_sigmas, None,
-                                                _offset_callback(callback, 0, steps), disable_pbar, seed)
-        handed_over = self.base_guider.sample(noise, latent_image, base_sampler, base_sigmas, None,
-                                              _offset_callback(callback, 0, steps), disable_pbar, seed)
-        return self.distilled_guider.sample(torch.zeros_like(noise), handed_over, distilled_sampler, distilled_sigmas,
-                                            None, _offset_callback(callback, k, steps), disable_pbar,
-                                            hybrid.handover_seed(seed))
+        start, start_seed = latent_image, seed
+        if k > 0:
+            start = self._named(0, lambda: self.base_guider.sample(
+                noise, latent_image, base_sampler, base_sigmas, None, _offset_callback(callback, 0, steps),
+                disable_pbar, seed))
+            if not all_finite(start):  # a core base sampler does not check each step
+                raise non_finite_output(f"in its {k} step(s)", self.names[0])
+            noise, start_seed = torch.zeros_like(noise), hybrid.handover_seed(seed)
+        return self._named(1, lambda: self.distilled_guider.sample(
+            noise, start, distilled_sampler, distilled_sigmas, None, _offset_callback(callback, k, steps),
+            disable_pbar, start_seed))
+
+    def _named(self, phase: int, run: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """Run one phase; a model that returns NaN/inf is named by its input (base or distilled)."""
+        try:
+            return run()
+        except StrideError as exc:
+            where = getattr(exc, "stride_where", None)
+            if where is None:
+                raise
+            raise non_finite_output(where, self.names[phase]) from None
 
 
 # ------------------------------------------------------------------------------------------
 # Nodes
 # ------------------------------------------------------------------------------------------
-class StrideHybridSample:
-    DESCRIPTION = (
-        "Diversity distillation (Gandikota & Bau): the base model runs the first step(s) of a shared few-step "
-        "schedule with its own sampler and CFG, then the distilled model finishes with its own sampler and CFG. "
-        "The first step decides the layout, so this restores the base model's variety at almost the distilled cost "
-        "(4-step LCM schedule, 1 base step: base at t=999, distilled at 759, 499, 259). EPS and flow models can be "
-        "mixed (converted by signal-to-noise ratio); both must share a VAE."
-    )
-    CATEGORY = CATEGORY
-    RETURN_TYPES = ("LATENT", "STRIDE_TRACE")
-    RETURN_NAMES = ("latent", "trace")
-    OUTPUT_TOOLTIPS = ("The sampled latent.",
-                       "x_t and the predicted x0 of every step of this run (both phases), for Stride Trace Grid.")
-    FUNCTION = "sample"
+class StrideHybridSample(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="StrideHybridSample", display_name="Stride Hybrid Sample", category=CATEGORY,
+            description=(
+                "Diversity distillation (Gandikota & Bau): the base model runs the first step(s) of a shared "
+                "few-step schedule with its own sampler and CFG, then the distilled model finishes with its own "
+                "sampler and CFG. The first step decides the layout, so this aims at the base model's variety at "
+                "almost the distilled cost (4-step LCM schedule, 1 base step: base at t=999, distilled at 759, 499, "
+                "259; on Stride's reference models it brings back most of the mode diversity a collapsed distilled "
+                "model lost: bench/RESULTS.md). EPS and flow models can be mixed (converted by signal-to-noise "
+                "ratio); both must share a VAE."
+            ),
+            inputs=[
+                io.Model.Input("base_model", tooltip="The original (undistilled) model, e.g. SDXL base."),
+                io.Conditioning.Input("base_positive", tooltip="Prompt for the base model's steps."),
+                io.Conditioning.Input("base_negative", tooltip="Negative prompt for the base model's steps."),
+                io.Float.Input("base_cfg", default=7.0, min=0.0, max=30.0, step=0.1,
+                               tooltip="CFG of the base steps (the paper's default 7)."),
+                combo("base_sampler", comfy.samplers.KSampler.SAMPLERS,
+                      "Sampler of the base steps (SDXL's default Euler; ddim is the same step).", default="euler"),
+                io.Model.Input("distilled_model", tooltip="The distilled model: base + LCM / Hyper-SD / TCD / TDD "
+                                                          "LoRA, or a distilled checkpoint with the same VAE."),
+                io.Conditioning.Input("distilled_positive", tooltip="Prompt for the distilled model's steps."),
+                io.Conditioning.Input("distilled_negative", tooltip="Negative prompt (used when distilled_cfg != 1)."),
+                io.Float.Input("distilled_cfg", default=1.0, min=0.0, max=30.0, step=0.1,
+                               tooltip="CFG of the distilled steps: 1 (off) for LCM / Hyper-SD / TCD, about 1.7 "
+                                       "for TDD."),
+                combo("distilled_sampler", DISTILLED_SAMPLERS,
+                      "Sampler the distillation was trained for (lcm; tcd gamma 0.3; tdd eta 0.2; euler). Other "
+                      "settings: use Stride Hybrid Guider."),
+                combo("schedule", SCHEDULES, "Shared schedule on the base model's timesteps: LCM/TCD grid (4 steps: "
+                                             "999, 759, 499, 259), TDD (999, 751, 499, 251) or DDIM trailing (999, "
+                                             "749, 499, 249, Hyper-SD)."),
+                io.Int.Input("steps", default=4, min=1, max=50, tooltip="Total steps of the shared schedule."),
+                io.Int.Input("handover_steps", default=1, min=0, max=49,
+                             tooltip="Steps run by the base model before the distilled model takes over (paper: 1). "
+                                     "0 = distilled model alone."),
+                seed_input("Seed of the initial noise and of the samplers' per-step noise."),
+                io.Latent.Input("latent_image", tooltip="Empty latent (its size and batch)."),
+            ],
+            outputs=[
+                io.Latent.Output(display_name="latent", tooltip="The sampled latent."),
+                Trace.Output(display_name="trace", tooltip="x_t and the predicted x0 of every step of this run "
+                                                           "(both phases), for Stride Trace Grid."),
+            ],
+        )
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {
-            "base_model": ("MODEL", {"tooltip": "The original (undistilled) model, e.g. SDXL base."}),
-            "base_positive": ("CONDITIONING", {"tooltip": "Prompt for the base model's steps."}),
-            "base_negative": ("CONDITIONING", {"tooltip": "Negative prompt for the base model's steps."}),
-            "base_cfg": ("FLOAT", {"default": 7.0, "min": 0.0, "max": 30.0, "step": 0.1,
-                                   "tooltip": "CFG of the base steps (the paper's default 7)."}),
-            "base_sampler": (comfy.samplers.KSampler.SAMPLERS, {"default": "euler",
-                             "tooltip": "Sampler of the base steps (SDXL's default Euler; ddim is the same step)."}),
-            "distilled_model": ("MODEL", {"tooltip": "The distilled model: base + LCM / Hyper-SD / TCD / TDD LoRA, "
-                                                     "or a distilled checkpoint with the same VAE."}),
-            "distilled_positive": ("CONDITIONING", {"tooltip": "Prompt for the distilled model's steps."}),
-            "distilled_negative": ("CONDITIONING", {"tooltip": "Negative prompt (used when distilled_cfg != 1)."}),
-            "distilled_cfg": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 30.0, "step": 0.1,
-                                        "tooltip": "CFG of the distilled steps: 1 (off) for LCM / Hyper-SD / TCD, "
-                                                   "about 1.7 for TDD."}),
-            "distilled_sampler": (list(DISTILLED_SAMPLERS), {"tooltip": "Sampler the distillation was trained for "
-                                                                        "(lcm; tcd gamma 0.3; tdd eta 0.2; euler). "
-                                                                        "Other settings: use Stride Hybrid Guider."}),
-            "schedule": (list(SCHEDULES), {"tooltip": "Shared schedule on the base model's timesteps: LCM/TCD grid "
-                                                      "(4 steps: 999, 759, 499, 259), TDD (999, 751, 499, 251) or "
-                                                      "DDIM trailing (999, 749, 499, 249, Hyper-SD)."}),
-            "steps": ("INT", {"default": 4, "min": 1, "max": 50, "tooltip": "Total steps of the shared schedule."}),
-            "handover_steps": ("INT", {"default": 1, "min": 0, "max": 49,
-                                       "tooltip": "Steps run by the base model before the distilled model takes over "
-                                                  "(paper: 1). 0 = distilled model alone."}),
-            "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "control_after_generate": True,
-                             "tooltip": "Seed of the initial noise and of the samplers' per-step noise."}),
-            "latent_image": ("LATENT", {"tooltip": "Empty latent (its size and batch)."}),
-        }}
-
-    def sample(self, base_model, base_positive, base_negative, base_cfg, base_sampler, distilled_model,
-               distilled_positive, distilled_negative, distilled_cfg, distilled_sampler, schedule, steps,
-               handover_steps, seed, latent_image):
+    def execute(cls, base_model: Any, base_positive: list, base_negative: list, base_cfg: float, base_sampler: str,
+                distilled_model: Any, distilled_positive: list, distilled_negative: list, distilled_cfg: float,
+                distilled_sampler: str, schedule: str, steps: int, handover_steps: int, seed: int,
+                latent_image: dict) -> io.NodeOutput:
         check_same_latent_space(base_model, distilled_model, "base_model", "distilled_model")
         check_conditioning("base_positive", base_positive)
         check_conditioning("base_negative", base_negative, required=base_cfg != 1.0)
         check_conditioning("distilled_positive", distilled_positive)
         check_conditioning("distilled_negative", distilled_negative, required=distilled_cfg != 1.0)
+        prompts = ((base_model, {"base_positive": base_positive, "base_negative": base_negative}),
+                   (distilled_model, {"distilled_positive": distilled_positive,
+                                      "distilled_negative": distilled_negative}))
+        for model, conditionings in prompts:
+            for name, conditioning in conditionings.items():
+                check_prompt_input(model, conditioning, name)
         if handover_steps >= steps:
             raise StrideError(f"handover_steps ({handover_steps}) must be below steps ({steps}): the distilled model "
                               "needs at least one step. Use 1 (the paper's setting), or the base model alone.")
@@ -238,13 +277,15 @@ class StrideHybridSample:
         sigmas = discrete_sigmas(base_model, timesteps, schedule)
 
         guiders = []
-        for model, positive, negative, cfg in ((base_model, base_positive, base_negative, base_cfg),
-                                               (distilled_model, distilled_positive, distilled_negative, distilled_cfg)):
+        phases = ((base_model, base_positive, base_negative, base_cfg),
+                  (distilled_model, distilled_positive, distilled_negative, distilled_cfg))
+        for model, positive, negative, cfg in phases:
             guider = comfy.samplers.CFGGuider(model)
             guider.set_conds(positive, negative)
             guider.set_cfg(cfg)
             guiders.append(guider)
-        guider = HybridGuider(guiders[0], guiders[1], comfy.samplers.sampler_object(base_sampler), handover_steps)
+        guider = HybridGuider(guiders[0], guiders[1], comfy.samplers.sampler_object(base_sampler), handover_steps,
+                              ("base_model", "distilled_model"))
         trace = SamplingTrace()
         sampler = TracingSampler(DISTILLED_SAMPLERS[distilled_sampler](), trace)
 
@@ -255,35 +296,35 @@ class StrideHybridSample:
                                 callback=callback, disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=seed)
         out = latent_image.copy()
         out["samples"] = samples.to(comfy.model_management.intermediate_device())
-        return (out, trace)
+        return io.NodeOutput(out, trace)
 
 
-class StrideHybridGuider:
-    DESCRIPTION = (
-        "Diversity distillation as a GUIDER for SamplerCustomAdvanced: the base guider with base_sampler runs the "
-        "first handover_steps sigmas, then the distilled guider finishes with the sampler connected to "
-        "SamplerCustomAdvanced. Give it the SIGMAS of the base model (e.g. Stride LCM Scheduler on the base model); "
-        "a flow-model partner gets them converted by signal-to-noise ratio."
-    )
-    CATEGORY = CATEGORY
-    RETURN_TYPES = ("GUIDER",)
-    RETURN_NAMES = ("guider",)
-    OUTPUT_TOOLTIPS = ("Plug into SamplerCustomAdvanced (its sampler is the distilled model's sampler).",)
-    FUNCTION = "build"
+class StrideHybridGuider(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="StrideHybridGuider", display_name="Stride Hybrid Guider", category=CATEGORY,
+            description=(
+                "Diversity distillation as a GUIDER for SamplerCustomAdvanced: the base guider with base_sampler runs "
+                "the first handover_steps sigmas, then the distilled guider finishes with the sampler connected to "
+                "SamplerCustomAdvanced. Give it the SIGMAS of the base model (e.g. Stride LCM Scheduler on the base "
+                "model); a flow-model partner gets them converted by signal-to-noise ratio."
+            ),
+            inputs=[
+                io.Guider.Input("base_guider", tooltip="Guider of the base model with its prompt and CFG (e.g. "
+                                                       "CFGGuider, cfg 7)."),
+                io.Guider.Input("distilled_guider", tooltip="Guider of the distilled model (e.g. CFGGuider, cfg 1)."),
+                io.Sampler.Input("base_sampler", tooltip="Sampler of the base steps (e.g. KSamplerSelect euler)."),
+                io.Int.Input("handover_steps", default=1, min=0, max=49,
+                             tooltip="Sigmas stepped by the base model before the hand-over (paper: 1); must be "
+                                     "below the number of steps."),
+            ],
+            outputs=[io.Guider.Output(display_name="guider", tooltip="Plug into SamplerCustomAdvanced (its sampler "
+                                                                     "is the distilled model's sampler).")],
+        )
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {
-            "base_guider": ("GUIDER", {"tooltip": "Guider of the base model with its prompt and CFG (e.g. CFGGuider, "
-                                                  "cfg 7)."}),
-            "distilled_guider": ("GUIDER", {"tooltip": "Guider of the distilled model (e.g. CFGGuider, cfg 1)."}),
-            "base_sampler": ("SAMPLER", {"tooltip": "Sampler of the base steps (e.g. KSamplerSelect euler)."}),
-            "handover_steps": ("INT", {"default": 1, "min": 0, "max": 49,
-                                       "tooltip": "Sigmas stepped by the base model before the hand-over (paper: 1); "
-                                                  "must be below the number of steps."}),
-        }}
-
-    def build(self, base_guider, distilled_guider, base_sampler, handover_steps):
+    def execute(cls, base_guider: Any, distilled_guider: Any, base_sampler: Any, handover_steps: int) -> io.NodeOutput:
         for name, guider in (("base_guider", base_guider), ("distilled_guider", distilled_guider)):
             conds = getattr(guider, "original_conds", None)
             if conds is not None and not conds.get("positive"):
@@ -291,131 +332,124 @@ class StrideHybridGuider:
                                   "prompt, e.g. with CFGGuider.")
         check_same_latent_space(base_guider.model_patcher, distilled_guider.model_patcher,
                                 "base_guider", "distilled_guider")
-        return (HybridGuider(base_guider, distilled_guider, base_sampler, handover_steps),)
+        return io.NodeOutput(HybridGuider(base_guider, distilled_guider, base_sampler, handover_steps))
 
 
-class StrideTraceSampler:
-    DESCRIPTION = (
-        "Records every step of a sampling run: the noisy latent x_t and the model's predicted x0 (the 'diffusion "
-        "target' of Gandikota & Bau's DT visualisation). Wrap any sampler with it; with Stride Hybrid Guider the "
-        "base steps are recorded too. View the result with Stride Trace Grid."
-    )
-    CATEGORY = CATEGORY
-    RETURN_TYPES = ("SAMPLER", "STRIDE_TRACE")
-    RETURN_NAMES = ("sampler", "trace")
-    OUTPUT_TOOLTIPS = ("The same sampler, recording.", "The recording of its last run (for Stride Trace Grid).")
-    FUNCTION = "wrap"
+class StrideTraceSampler(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="StrideTraceSampler", display_name="Stride Trace Sampler", category=CATEGORY,
+            description=(
+                "Records every step of a sampling run: the noisy latent x_t and the model's predicted x0 (the "
+                "'diffusion target' of Gandikota & Bau's DT visualisation). Wrap any sampler with it; with Stride "
+                "Hybrid Guider the base steps are recorded too. View the result with Stride Trace Grid."
+            ),
+            inputs=[io.Sampler.Input("sampler", tooltip="The sampler to record.")],
+            outputs=[
+                io.Sampler.Output(display_name="sampler", tooltip="The same sampler, recording."),
+                Trace.Output(display_name="trace", tooltip="The recording of its last run (for Stride Trace Grid)."),
+            ],
+        )
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {"sampler": ("SAMPLER", {"tooltip": "The sampler to record."})}}
-
-    def wrap(self, sampler):
+    def execute(cls, sampler: Any) -> io.NodeOutput:
         trace = SamplingTrace()
-        return (TracingSampler(sampler, trace), trace)
+        return io.NodeOutput(TracingSampler(sampler, trace), trace)
 
 
-class StrideTraceGrid:
-    DESCRIPTION = (
-        "DT visualisation: one row per sampling step; for each of the first batch items the noisy latent x_t "
-        "(scaled to unit variance) beside the predicted x0. Distilled models settle the final picture in the first "
-        "row; base models over several. Decodes with the VAE if connected, else with the model's latent preview "
-        "colours."
-    )
-    CATEGORY = CATEGORY
-    RETURN_TYPES = ("IMAGE",)
-    RETURN_NAMES = ("grid",)
-    OUTPUT_TOOLTIPS = ("The grid as one image (rows: steps; columns: x_t | x0 per batch item).",)
-    FUNCTION = "draw"
+class StrideTraceGrid(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="StrideTraceGrid", display_name="Stride Trace Grid", category=CATEGORY,
+            description=(
+                "DT visualisation: one row per sampling step; for each of the first batch items the noisy latent "
+                "x_t (scaled to unit variance) beside the predicted x0. Distilled models settle the final picture in "
+                "the first row; base models over several. Decodes with the VAE if connected, else with the model's "
+                "latent preview colours."
+            ),
+            inputs=[
+                Trace.Input("trace", tooltip="From Stride Trace Sampler or Stride Hybrid Sample."),
+                io.Latent.Input("samples", tooltip="The output of the sampling run (connect it so the grid is drawn "
+                                                   "after sampling)."),
+                io.Int.Input("max_images", default=4, min=1, max=MAX_TRACE_ITEMS,
+                             tooltip="How many batch items to show (two columns each)."),
+                io.Vae.Input("vae", optional=True, tooltip="Decode the tiles with this VAE (full quality); without "
+                                                           "it the latent preview colours are used (fast, rough)."),
+            ],
+            outputs=[io.Image.Output(display_name="grid", tooltip="The grid as one image (rows: steps; columns: "
+                                                                  "x_t | x0 per batch item).")],
+        )
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {
-            "required": {
-                "trace": ("STRIDE_TRACE", {"tooltip": "From Stride Trace Sampler or Stride Hybrid Sample."}),
-                "samples": ("LATENT", {"tooltip": "The output of the sampling run (connect it so the grid is drawn "
-                                                  "after sampling)."}),
-                "max_images": ("INT", {"default": 4, "min": 1, "max": MAX_TRACE_ITEMS,
-                                       "tooltip": "How many batch items to show (two columns each)."}),
-            },
-            "optional": {"vae": ("VAE", {"tooltip": "Decode the tiles with this VAE (full quality); without it the "
-                                                    "latent preview colours are used (fast, rough)."})},
-        }
-
-    def draw(self, trace, samples, max_images, vae=None):
+    def execute(cls, trace: SamplingTrace, samples: dict, max_images: int, vae: Any = None) -> io.NodeOutput:
         steps = trace.record.steps
         if not steps or trace.latent_format is None:
             raise StrideError("trace: nothing was recorded; connect the trace of the sampler that produced samples.")
         if steps[0].x0.ndim != 4:
             raise StrideError("trace: only image latents (batch, channels, height, width) can be drawn.")
-        decode = self._vae_decoder(vae, trace.latent_format) if vae is not None else self._preview_decoder(trace.latent_format)
-        return (trace_grid(steps, decode, max_images).unsqueeze(0),)
-
-    @staticmethod
-    def _vae_decoder(vae, latent_format) -> Callable[[torch.Tensor], torch.Tensor]:
-        return lambda latents: vae.decode(latent_format.process_out(latents))[..., :3]
-
-    @staticmethod
-    def _preview_decoder(latent_format) -> Callable[[torch.Tensor], torch.Tensor]:
-        if latent_format.latent_rgb_factors is None:
-            raise StrideError("vae: this model's latent format has no preview colours; connect a VAE.")
-        factors = torch.tensor(latent_format.latent_rgb_factors, dtype=torch.float32)
-        bias = latent_format.latent_rgb_factors_bias
-        bias = torch.zeros(3) if bias is None else torch.tensor(bias, dtype=torch.float32)
-        reshape = getattr(latent_format, "latent_rgb_factors_reshape", None)
-        scale = latent_spatial_downscale(latent_format)
-
-        def decode(latents: torch.Tensor) -> torch.Tensor:
-            if reshape is not None:
-                latents = reshape(latents)
-            rgb = ((latents.float().movedim(1, -1) @ factors + bias + 1) / 2).clamp(0, 1)
-            return rgb.repeat_interleave(scale, dim=1).repeat_interleave(scale, dim=2)
-
-        return decode
+        decode = vae_decoder(vae, trace.latent_format) if vae is not None else preview_decoder(trace.latent_format)
+        return io.NodeOutput(trace_grid(steps, decode, max_images).unsqueeze(0))
 
 
-class StrideImageDiversity:
-    DESCRIPTION = (
-        "Diversity of a batch of images (kornia): the mean distance between all pairs of per-image descriptors of "
-        "CIE Lab colour statistics (channel means and spreads) and Sobel edge-orientation histograms (with edge "
-        "density). 0 = identical images; compare runs of equal batch size (base vs distilled vs hybrid). For the "
-        "reference models, Stride Reference Metrics gives the exact mode recall and entropy."
-    )
-    CATEGORY = CATEGORY
-    RETURN_TYPES = ("STRING",)
-    RETURN_NAMES = ("report",)
-    OUTPUT_TOOLTIPS = ("JSON: diversity overall, of colour alone and of edges alone.",)
-    OUTPUT_NODE = True
-    FUNCTION = "measure"
+def vae_decoder(vae: Any, latent_format: Any) -> Callable[[torch.Tensor], torch.Tensor]:
+    return lambda latents: vae.decode(latent_format.process_out(latents))[..., :3]
+
+
+def preview_decoder(latent_format: Any) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Latents -> RGB with the latent format's preview factors, upscaled to the image size."""
+    if latent_format.latent_rgb_factors is None:
+        raise StrideError("vae: this model's latent format has no preview colours; connect a VAE.")
+    factors = torch.tensor(latent_format.latent_rgb_factors, dtype=torch.float32)
+    bias = latent_format.latent_rgb_factors_bias
+    bias = torch.zeros(3) if bias is None else torch.tensor(bias, dtype=torch.float32)
+    reshape = getattr(latent_format, "latent_rgb_factors_reshape", None)
+    scale = latent_spatial_downscale(latent_format)
+
+    def decode(latents: torch.Tensor) -> torch.Tensor:
+        if reshape is not None:
+            latents = reshape(latents)
+        rgb = ((latents.float().movedim(1, -1) @ factors + bias + 1) / 2).clamp(0, 1)
+        return rgb.repeat_interleave(scale, dim=1).repeat_interleave(scale, dim=2)
+
+    return decode
+
+
+class StrideImageDiversity(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="StrideImageDiversity", display_name="Stride Image Diversity", category=CATEGORY,
+            description=(
+                "Diversity of a batch of images (kornia): the mean distance between all pairs of per-image "
+                "descriptors of CIE Lab colour statistics (channel means and spreads) and Sobel edge-orientation "
+                "histograms (with edge density). 0 = identical images; compare runs of equal batch size (base vs "
+                "distilled vs hybrid). For the reference models, Stride Reference Metrics gives the exact mode "
+                "recall and entropy."
+            ),
+            inputs=[
+                io.Image.Input("images", tooltip="At least two images, e.g. a batch sampled with different noise."),
+                io.String.Input("label", default="images", tooltip="Name of this row in the report."),
+            ],
+            outputs=[io.String.Output(display_name="report",
+                                      tooltip="JSON: diversity overall, of colour alone and of edges alone.")],
+            is_output_node=True,
+        )
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {
-            "images": ("IMAGE", {"tooltip": "At least two images, e.g. a batch sampled with different noise."}),
-            "label": ("STRING", {"default": "images", "tooltip": "Name of this row in the report."}),
-        }}
-
-    def measure(self, images, label):
+    def execute(cls, images: torch.Tensor, label: str) -> io.NodeOutput:
         if images.shape[0] < 2:
             raise StrideError(f"images: diversity needs at least 2 images, got {images.shape[0]}.")
-        result = diversity.image_diversity(images)
+        try:
+            result = diversity.image_diversity(images)
+        except ValueError as exc:
+            raise StrideError(f"images: {exc}; check the decode that produced them.") from None
         report = {"label": label, "n": int(images.shape[0]), "diversity": round(result.overall, 4),
                   "colour_diversity": round(result.colour, 4), "edge_diversity": round(result.edges, 4)}
         text = json.dumps(report)
-        return {"ui": {"text": [text]}, "result": (text,)}
+        return io.NodeOutput(text, ui=ui.PreviewText(text))
 
 
-NODE_CLASS_MAPPINGS = {
-    "StrideHybridSample": StrideHybridSample,
-    "StrideHybridGuider": StrideHybridGuider,
-    "StrideTraceSampler": StrideTraceSampler,
-    "StrideTraceGrid": StrideTraceGrid,
-    "StrideImageDiversity": StrideImageDiversity,
-}
-NODE_DISPLAY_NAME_MAPPINGS = {
-    "StrideHybridSample": "Stride Hybrid Sample",
-    "StrideHybridGuider": "Stride Hybrid Guider",
-    "StrideTraceSampler": "Stride Trace Sampler",
-    "StrideTraceGrid": "Stride Trace Grid",
-    "StrideImageDiversity": "Stride Image Diversity",
-}
+NODES: list[type[io.ComfyNode]] = [StrideHybridSample, StrideHybridGuider, StrideTraceSampler, StrideTraceGrid,
+                                   StrideImageDiversity]

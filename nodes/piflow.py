@@ -2,37 +2,50 @@
 
 A pi-Flow network outputs a *policy* once per step (a Gaussian mixture per latent location,
 "GM", or x0 predictions on a time grid or as a polynomial in time, "DX"); the sampler
-integrates it with many cheap substeps (``distill_core.sampling.piflow``). Inside ComfyUI a pi-Flow MODEL stays an ordinary flow model: its
+integrates it with many cheap substeps (``distill_core.sampling.piflow``). Inside ComfyUI a pi-Flow
+MODEL stays an ordinary flow model: its
 network returns the policy's mean velocity (so ComfyUI's pipeline, previews and plain samplers
 work), and also deposits the full policy in a :class:`PolicyStash` that the Stride pi-Flow
 sampler puts into ``transformer_options`` for each model call. The stash is a plain object, not
 a list or dict: ComfyUI merges ``transformer_options`` per call and copies lists and dicts, but
-passes other objects by reference.
+passes other objects by reference. All nodes are V3 nodes (:mod:`.compat`).
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
-import comfy.samplers
 import torch
 from torch import Tensor
 from torch.nn import functional as F
+
+import comfy.samplers
 
 from ..distill_core import piflow_adapter
 from ..distill_core.reference.demo import demo_mixture
 from ..distill_core.reference.mixture import FactorizedMixture
 from ..distill_core.sampling import piflow
 from ..distill_core.spaces import NoiseSpace
-from .compat import StrideError, is_flow, model_sampling_of_patcher, sampling_kind
+from .compat import (
+    StrideError,
+    combo,
+    inpainting_latent,
+    io,
+    is_flow,
+    mask_function_options,
+    model_sampling_of_patcher,
+    sampling_kind,
+)
 from .reference import AnalyticModule, wrap_as_model
-from .samplers import require_finite_latent, sample_with
+from .samplers import check_sigmas, denoise_input, require_finite_latent, sample_with, seed_input
 
 CATEGORY = "stride/piflow"
 STASH_KEY = "stride_piflow_stash"
 TEMPERATURE_MODES = ["auto", "manual"]
 NOT_A_PIFLOW_MODEL = ("model: this model did not output a pi-Flow policy. Load a pi-Flow adapter onto its FLUX.1, "
-                      "FLUX.2 or Qwen-Image model with 'Stride pi-Flow Adapter Loader' (or use 'Stride pi-Flow Reference "
+                      "FLUX.2 or Qwen-Image model with 'Stride pi-Flow Adapter Loader' (or use 'Stride pi-Flow "
+                      "Reference "
                       "Teacher'); plain models need a plain sampler.")
 GUIDANCE_HINT = ("pi-Flow models have guidance distilled in: use BasicGuider (or CFGGuider with cfg 1.0) with one "
                  "positive conditioning (no negative prompt, areas or combined conditionings)")
@@ -91,10 +104,13 @@ class PolicyStash:
             raise StrideError(f"guider: the policy covers latents of shape {tuple(tensors[0].shape[2:])}, the batch is "
                               f"{tuple(x.shape[1:])}. {GUIDANCE_HINT}.")
         source = F.pixel_shuffle(x, factor) if factor > 1 else x  # FLUX.2: the policy's unfolded latent
+        policy: piflow.Policy
         if first.kind == "gm":
-            policy = piflow.GMPolicy.from_velocity(*tensors, source, sigma)
+            means, logweights, logstds = tensors
+            policy = piflow.GMPolicy.from_velocity(means, logweights, logstds, source, sigma)
         else:
-            policy = piflow.DXPolicy.from_velocity(tensors[0], source, sigma, first.segment_size, first.shift, first.mode)
+            policy = piflow.DXPolicy.from_velocity(tensors[0], source, sigma, first.segment_size, first.shift,
+                                                   first.mode)
         return piflow.PackedLatentPolicy(policy, factor) if factor > 1 else policy
 
 
@@ -122,13 +138,13 @@ def policy_model(model: Callable[..., Tensor]) -> Callable[..., piflow.Policy]:
     return call
 
 
-def step_masks(model: comfy.samplers.KSamplerX0Inpaint, denoise_mask: Tensor, model_options: dict) -> piflow.DenoiseMask:
+def step_masks(model: Any, denoise_mask: Tensor, model_options: dict) -> piflow.DenoiseMask:
     """The denoise mask, or, if the MODEL sets a ``denoise_mask_function`` (e.g. Differential
     Diffusion), a function giving each step's mask, called as ComfyUI's inpainting wrapper calls it."""
     mask_function = model_options.get("denoise_mask_function")
     if mask_function is None:
         return denoise_mask
-    extra_options = {"model": model.inner_model, "sigmas": model.sigmas}
+    extra_options = mask_function_options(model)
     return lambda sigma: mask_function(sigma, denoise_mask, extra_options=extra_options)
 
 
@@ -146,10 +162,11 @@ def piflow_ksampler(substeps: int, temperature: float | str, diffusion_coefficie
         extra_args = dict(extra_args or {})
         denoise_mask = extra_args.get("denoise_mask")
         extra_args["denoise_mask"] = None  # the mask is applied here, not by ComfyUI's per-call blend
+        check_sigmas(sigmas)
         require_finite_latent(x)
-        inpainting = {}
+        inpainting: dict[str, Any] = {}
         if denoise_mask is not None:
-            inpainting = {"latent_image": model.latent_image,
+            inpainting = {"latent_image": inpainting_latent(model),
                           "denoise_mask": step_masks(model, denoise_mask, extra_args.get("model_options") or {})}
         return piflow.sample_piflow(policy_model(model), x, sigmas, extra_args, callback, disable, substeps=substeps,
                                     h=diffusion_coefficient, temperature=temperature, shift=shift, **inpainting)
@@ -166,7 +183,8 @@ def piflow_schedule(model: Any, steps: int, shift: float, final_step_size_scale:
     sampling = model_sampling_of_patcher(model)
     if not is_flow(sampling):
         raise StrideError(f"model: pi-Flow schedules are for flow-matching models (FLUX, SD3, Qwen-Image), but this is "
-                          f"an {sampling_kind(sampling).upper()} model. Load a pi-Flow model (Stride pi-Flow Adapter Loader).")
+                          f"an {sampling_kind(sampling).upper()} model. Load a pi-Flow model (Stride pi-Flow Adapter "
+                          "Loader).")
     try:
         return piflow.piflow_sigmas(steps, shift, final_step_size_scale, denoise).float()
     except ValueError as exc:
@@ -176,108 +194,122 @@ def piflow_schedule(model: Any, steps: int, shift: float, final_step_size_scale:
 # ------------------------------------------------------------------------------------------
 # Sampling nodes
 # ------------------------------------------------------------------------------------------
-TEMPERATURE_INPUTS = {
-    "temperature": (TEMPERATURE_MODES, {"default": "auto",
-                                        "tooltip": "GM policies only: 'auto' = the authors' rule min(0.1 (steps - 1), 1) "
-                                                   "for every step but the last (4 steps -> 0.3); 'manual' uses "
-                                                   "manual_temperature. Lower = less noisy, less diverse."}),
-    "manual_temperature": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01,
-                                     "tooltip": "Temperature when 'manual' is chosen (1.0 = the policy as predicted)."}),
-}
-SUBSTEP_INPUTS = {
-    "substeps": ("INT", {"default": piflow.DEFAULT_SUBSTEPS, "min": 1, "max": 10000,
-                         "tooltip": "Policy substeps over the whole trajectory (no network calls; authors' default 128)."}),
-    "diffusion_coefficient": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 100.0, "step": 0.01,
-                                        "tooltip": "Stochasticity h of each step: 0 = deterministic (authors' default), "
-                                                   "1 = DDPM-like fresh noise."}),
-}
-SHIFT_INPUT = ("FLOAT", {"default": piflow.DEFAULT_SHIFT, "min": 0.01, "max": 100.0, "step": 0.01,
-                         "tooltip": "Time shift sigma = s t / (1 + (s - 1) t) (3.2 for all released pi-FLUX.1, "
-                                    "pi-FLUX.2 and pi-Qwen-Image adapters). Use the same value in sampler and scheduler."})
-FINAL_SCALE_INPUT = ("FLOAT", {"default": piflow.DEFAULT_FINAL_STEP_SIZE_SCALE, "min": 0.01, "max": 1.0, "step": 0.01,
-                               "tooltip": "Length of the last step relative to the others (authors' default 0.5)."})
+def temperature_inputs() -> list[io.Input]:
+    return [
+        combo("temperature", TEMPERATURE_MODES, "GM policies only: 'auto' = the authors' rule min(0.1 (steps - 1), 1) "
+                                                "for every step but the last (4 steps -> 0.3); 'manual' uses "
+                                                "manual_temperature. Lower = less noisy, less diverse.",
+              default="auto"),
+        io.Float.Input("manual_temperature", default=1.0, min=0.0, max=1.0, step=0.01,
+                       tooltip="Temperature when 'manual' is chosen (1.0 = the policy as predicted)."),
+    ]
 
 
-class StridePiFlowSampler:
-    DESCRIPTION = ("pi-Flow policy sampling: each step the model predicts a policy (GM mixture or DX x0 terms), which is "
-                   "integrated with cheap substeps to the next sigma. Needs a pi-Flow model (Stride pi-Flow Adapter "
-                   "Loader) and the Stride pi-Flow Scheduler; use BasicGuider (guidance is distilled in). Inpaints "
-                   "latents with a noise mask (Set Latent Noise Mask): the unmasked region is kept exactly.")
-    CATEGORY = CATEGORY
-    RETURN_TYPES = ("SAMPLER",)
-    RETURN_NAMES = ("sampler",)
-    OUTPUT_TOOLTIPS = ("Plug into SamplerCustomAdvanced / SamplerCustom.",)
-    FUNCTION = "build"
+def substep_inputs() -> list[io.Input]:
+    return [
+        io.Int.Input("substeps", default=piflow.DEFAULT_SUBSTEPS, min=1, max=10000,
+                     tooltip="Policy substeps over the whole trajectory (no network calls; authors' default 128)."),
+        io.Float.Input("diffusion_coefficient", default=0.0, min=0.0, max=100.0, step=0.01,
+                       tooltip="Stochasticity h of each step: 0 = deterministic (authors' default), 1 = DDPM-like "
+                               "fresh noise."),
+    ]
+
+
+def shift_input() -> io.Float.Input:
+    return io.Float.Input("shift", default=piflow.DEFAULT_SHIFT, min=0.01, max=100.0, step=0.01,
+                          tooltip="Time shift sigma = s t / (1 + (s - 1) t) (3.2 for all released pi-FLUX.1, "
+                                  "pi-FLUX.2 and pi-Qwen-Image adapters). Use the same value in sampler and scheduler.")
+
+
+def final_scale_input() -> io.Float.Input:
+    return io.Float.Input("final_step_size_scale", default=piflow.DEFAULT_FINAL_STEP_SIZE_SCALE, min=0.01, max=1.0,
+                          step=0.01, tooltip="Length of the last step relative to the others (authors' default 0.5).")
+
+
+class StridePiFlowSampler(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="StridePiFlowSampler", display_name="Stride pi-Flow Sampler", category=CATEGORY,
+            description=("pi-Flow policy sampling: each step the model predicts a policy (GM mixture or DX x0 terms), "
+                         "which is integrated with cheap substeps to the next sigma. Needs a pi-Flow model (Stride "
+                         "pi-Flow Adapter Loader) and the Stride pi-Flow Scheduler; use BasicGuider (guidance is "
+                         "distilled in). Inpaints latents with a noise mask (Set Latent Noise Mask): the unmasked "
+                         "region is kept exactly."),
+            inputs=[*substep_inputs(), *temperature_inputs(), shift_input()],
+            outputs=[io.Sampler.Output(display_name="sampler",
+                                       tooltip="Plug into SamplerCustomAdvanced / SamplerCustom.")],
+        )
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {**SUBSTEP_INPUTS, **TEMPERATURE_INPUTS, "shift": SHIFT_INPUT}}
+    def execute(cls, substeps: int, diffusion_coefficient: float, temperature: str, manual_temperature: float,
+                shift: float) -> io.NodeOutput:
+        return io.NodeOutput(piflow_ksampler(substeps, _temperature(temperature, manual_temperature),
+                                             diffusion_coefficient, shift))
 
-    def build(self, substeps, diffusion_coefficient, temperature, manual_temperature, shift):
-        return (piflow_ksampler(substeps, _temperature(temperature, manual_temperature), diffusion_coefficient, shift),)
 
-
-class StridePiFlowScheduler:
-    DESCRIPTION = ("The pi-Flow schedule: evenly spaced raw times with a shorter final step, warped by the time shift "
-                   "(4 steps, shift 3.2 -> sigmas 1, 0.889, 0.706, 0.348, 0).")
-    CATEGORY = CATEGORY
-    RETURN_TYPES = ("SIGMAS",)
-    RETURN_NAMES = ("sigmas",)
-    OUTPUT_TOOLTIPS = ("Sigmas for SamplerCustomAdvanced / SamplerCustom.",)
-    FUNCTION = "schedule"
+class StridePiFlowScheduler(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="StridePiFlowScheduler", display_name="Stride pi-Flow Scheduler", category=CATEGORY,
+            description=("The pi-Flow schedule: evenly spaced raw times with a shorter final step, warped by the time "
+                         "shift (4 steps, shift 3.2 -> sigmas 1, 0.889, 0.706, 0.348, 0)."),
+            inputs=[
+                io.Model.Input("model", tooltip="The pi-Flow model (must be a flow-matching model)."),
+                io.Int.Input("steps", default=4, min=1, max=1000,
+                             tooltip="Network evaluations; match the adapter (4 for the 4-step adapters such as "
+                                     "gmflux_k8_piid_4step, 8 for gmflux_k8_piid_8step)."),
+                shift_input(),
+                final_scale_input(),
+                denoise_input("Below 1 for img2img: scales the raw times (the official rule)."),
+            ],
+            outputs=[io.Sigmas.Output(display_name="sigmas",
+                                      tooltip="Sigmas for SamplerCustomAdvanced / SamplerCustom.")],
+        )
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {
-            "model": ("MODEL", {"tooltip": "The pi-Flow model (must be a flow-matching model)."}),
-            "steps": ("INT", {"default": 4, "min": 1, "max": 1000,
-                              "tooltip": "Network evaluations; match the adapter (4 for the 4-step adapters such as "
-                                         "gmflux_k8_piid_4step, 8 for gmflux_k8_piid_8step)."}),
-            "shift": SHIFT_INPUT,
-            "final_step_size_scale": FINAL_SCALE_INPUT,
-            "denoise": ("FLOAT", {"default": 1.0, "min": 0.01, "max": 1.0, "step": 0.01,
-                                  "tooltip": "Below 1 for img2img: scales the raw times (the official rule)."}),
-        }}
-
-    def schedule(self, model, steps, shift, final_step_size_scale, denoise):
-        return (piflow_schedule(model, steps, shift, final_step_size_scale, denoise),)
+    def execute(cls, model: Any, steps: int, shift: float, final_step_size_scale: float,
+                denoise: float) -> io.NodeOutput:
+        return io.NodeOutput(piflow_schedule(model, steps, shift, final_step_size_scale, denoise))
 
 
-class StridePiFlowSample:
-    DESCRIPTION = ("One node for pi-Flow sampling (pi-FLUX.1, pi-FLUX.2 and pi-Qwen-Image adapters, or the reference "
-                   "teacher): the pi-Flow schedule and policy sampler through ComfyUI's own sampling path (progress "
-                   "bar, previews, Cancel), guidance 1 (distilled in). Keep the Flux guidance of the conditioning at "
-                   "3.5 for FLUX.1 and 4.0 for FLUX.2 adapters.")
-    CATEGORY = CATEGORY
-    RETURN_TYPES = ("LATENT",)
-    RETURN_NAMES = ("latent",)
-    OUTPUT_TOOLTIPS = ("The sampled latent.",)
-    FUNCTION = "sample"
+class StridePiFlowSample(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="StridePiFlowSample", display_name="Stride pi-Flow Sample", category=CATEGORY,
+            description=("One node for pi-Flow sampling (pi-FLUX.1, pi-FLUX.2 and pi-Qwen-Image adapters, or the "
+                         "reference teacher): the pi-Flow schedule and policy sampler through ComfyUI's own sampling "
+                         "path (progress bar, previews, Cancel), guidance 1 (distilled in). Keep the Flux guidance of "
+                         "the conditioning at 3.5 for FLUX.1 and 4.0 for FLUX.2 adapters."),
+            inputs=[
+                io.Model.Input("model", tooltip="A pi-Flow model (Stride pi-Flow Adapter Loader or Reference "
+                                                "Teacher)."),
+                io.Conditioning.Input("positive", tooltip="Prompt conditioning (no negative: guidance is distilled "
+                                                          "in)."),
+                io.Latent.Input("latent_image", tooltip="Empty latent, or an image latent with denoise < 1. With a "
+                                                        "noise mask (Set Latent Noise Mask) only the masked region is "
+                                                        "regenerated; the rest stays exactly as it is."),
+                io.Int.Input("steps", default=4, min=1, max=1000,
+                             tooltip="Network evaluations; match the adapter (4-step adapters: 4, 8-step: 8)."),
+                *substep_inputs(),
+                shift_input(),
+                final_scale_input(),
+                *temperature_inputs(),
+                seed_input("Seed of the initial (and, with diffusion_coefficient > 0, per-step) noise."),
+                denoise_input("Below 1 for img2img."),
+            ],
+            outputs=[io.Latent.Output(display_name="latent", tooltip="The sampled latent.")],
+        )
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {
-            "model": ("MODEL", {"tooltip": "A pi-Flow model (Stride pi-Flow Adapter Loader or Reference Teacher)."}),
-            "positive": ("CONDITIONING", {"tooltip": "Prompt conditioning (no negative: guidance is distilled in)."}),
-            "latent_image": ("LATENT", {"tooltip": "Empty latent, or an image latent with denoise < 1. With a noise mask "
-                                                   "(Set Latent Noise Mask) only the masked region is regenerated; "
-                                                   "the rest stays exactly as it is."}),
-            "steps": ("INT", {"default": 4, "min": 1, "max": 1000,
-                              "tooltip": "Network evaluations; match the adapter (4-step adapters: 4, 8-step: 8)."}),
-            **SUBSTEP_INPUTS,
-            "shift": SHIFT_INPUT,
-            "final_step_size_scale": FINAL_SCALE_INPUT,
-            **TEMPERATURE_INPUTS,
-            "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "control_after_generate": True,
-                             "tooltip": "Seed of the initial (and, with diffusion_coefficient > 0, per-step) noise."}),
-            "denoise": ("FLOAT", {"default": 1.0, "min": 0.01, "max": 1.0, "step": 0.01, "tooltip": "Below 1 for img2img."}),
-        }}
-
-    def sample(self, model, positive, latent_image, steps, substeps, diffusion_coefficient, shift, final_step_size_scale,
-               temperature, manual_temperature, seed, denoise):
+    def execute(cls, model: Any, positive: list, latent_image: dict, steps: int, substeps: int,
+                diffusion_coefficient: float, shift: float, final_step_size_scale: float, temperature: str,
+                manual_temperature: float, seed: int, denoise: float) -> io.NodeOutput:
         sigmas = piflow_schedule(model, steps, shift, final_step_size_scale, denoise)
         sampler = piflow_ksampler(substeps, _temperature(temperature, manual_temperature), diffusion_coefficient, shift)
-        return (sample_with(model, positive, [], latent_image, sampler, sigmas, 1.0, seed),)
+        return io.NodeOutput(sample_with(model, positive, [], latent_image, sampler, sigmas, 1.0, seed))
 
 
 # ------------------------------------------------------------------------------------------
@@ -307,7 +339,8 @@ class ExactPolicyNetwork(AnalyticModule):
         self.mixture = mixture
         self.space = NoiseSpace.flow()
 
-    def forward(self, xc, timesteps, context=None, transformer_options={}, **kwargs):
+    def forward(self, xc, timesteps, context=None, transformer_options=None, **kwargs):
+        transformer_options = transformer_options or {}
         sigma = self.true_sigmas(xc, timesteps, transformer_options)
         x = xc.to(torch.float64)
         posterior = self.mixture.posterior_gm(x, sigma, self.space)
@@ -319,36 +352,28 @@ class ExactPolicyNetwork(AnalyticModule):
         return ((x - mean_x0) / sigma5.squeeze(1)).to(xc.dtype)
 
 
-class StridePiFlowReferenceModel:
-    DESCRIPTION = ("An exact pi-Flow model without downloads: data whose every latent location (4x8x8, SD1.5 format) "
-                   "comes from a 4-component mixture, so the exact x0-posterior IS a GM policy. With it, pi-Flow "
-                   "sampling equals the teacher's own ODE on the substep grid; use it to try the pi-Flow nodes.")
-    CATEGORY = "stride/reference"
-    RETURN_TYPES = ("MODEL",)
-    RETURN_NAMES = ("model",)
-    OUTPUT_TOOLTIPS = ("A flow MODEL that outputs GM policies; any conditioning works (it is unconditional).",)
-    FUNCTION = "build"
+class StridePiFlowReferenceModel(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="StridePiFlowReferenceModel", display_name="Stride pi-Flow Reference Teacher",
+            category="stride/reference",
+            description=("An exact pi-Flow model without downloads: data whose every latent location (4x8x8, SD1.5 "
+                         "format) comes from a 4-component mixture, so the exact x0-posterior IS a GM policy. With it, "
+                         "pi-Flow sampling equals the teacher's own ODE on the substep grid; use it to try the pi-Flow "
+                         "nodes."),
+            inputs=[],
+            outputs=[io.Model.Output(display_name="model", tooltip="A flow MODEL that outputs GM policies; any "
+                                                                   "conditioning works (it is unconditional).")],
+        )
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {}}
-
-    def build(self):
+    def execute(cls) -> io.NodeOutput:
         network = ExactPolicyNetwork(reference_policy_mixture())
         model = wrap_as_model(network, "flow")
-        network.model_sampling = model.model.model_sampling
-        return (model,)
+        network.model_sampling = model_sampling_of_patcher(model)
+        return io.NodeOutput(model)
 
 
-NODE_CLASS_MAPPINGS = {
-    "StridePiFlowSampler": StridePiFlowSampler,
-    "StridePiFlowScheduler": StridePiFlowScheduler,
-    "StridePiFlowSample": StridePiFlowSample,
-    "StridePiFlowReferenceModel": StridePiFlowReferenceModel,
-}
-NODE_DISPLAY_NAME_MAPPINGS = {
-    "StridePiFlowSampler": "Stride pi-Flow Sampler",
-    "StridePiFlowScheduler": "Stride pi-Flow Scheduler",
-    "StridePiFlowSample": "Stride pi-Flow Sample",
-    "StridePiFlowReferenceModel": "Stride pi-Flow Reference Teacher",
-}
+NODES: list[type[io.ComfyNode]] = [StridePiFlowSampler, StridePiFlowScheduler, StridePiFlowSample,
+                                   StridePiFlowReferenceModel]

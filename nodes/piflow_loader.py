@@ -1,11 +1,15 @@
 """Released pi-Flow adapters on ComfyUI's FLUX.1, FLUX.2 and Qwen-Image models: the policy output
-head, its capture wrapper and the loader node. The sampler side (policy stash, rollout, schedule)
-is in :mod:`.piflow`; the adapter format in ``distill_core.piflow_adapter``, its layer mapping in :mod:`.piflow_families`."""
+head, its capture wrapper and the loader node (a V3 node, :mod:`.compat`). The sampler side (policy
+stash, rollout, schedule) is in :mod:`.piflow`; the adapter format in ``distill_core.piflow_adapter``,
+its layer mapping in :mod:`.piflow_families`."""
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass
 from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
 
 import comfy.ldm.flux.layers
 import comfy.lora
@@ -13,16 +17,13 @@ import comfy.model_base
 import comfy.ops
 import comfy.patcher_extension
 import folder_paths
-import torch
-from torch import Tensor, nn
-from torch.nn import functional as F
 
 from ..distill_core import piflow_adapter
 from ..distill_core.piflow_adapter import PiFlowAdapter
 from ..distill_core.safe_files import read_safetensors
 from ..distill_core.sampling import piflow
 from . import piflow_families
-from .compat import StrideError
+from .compat import StrideError, combo, image_model, io, model_file, wrapped_call_arguments
 from .piflow import CATEGORY, PolicyOutput, deposit_policy
 from .piflow_families import FLUX1, FLUX2, QWEN_IMAGE, ModelFamily
 
@@ -68,12 +69,12 @@ SUPPORTED = "a FLUX.1 model, a FLUX.2 model or a Qwen-Image model"
 def model_family(model: Any) -> ComfyFamily:
     """The family of a MODEL, from its BaseModel class and ComfyUI's model detection; others are refused."""
     base = model.model
-    image_model = (getattr(getattr(base, "model_config", None), "unet_config", {}) or {}).get("image_model")
+    architecture = image_model(model)
     for family in COMFY_FAMILIES:
-        if isinstance(base, family.base_class) and image_model == family.image_model:
+        if isinstance(base, family.base_class) and architecture == family.image_model:
             return family
     raise StrideError(f"model: pi-Flow adapters load onto {SUPPORTED} (Load Diffusion Model); "
-                      f"this is {type(base).__name__}" + (f" ({image_model})." if image_model else "."))
+                      f"this is {type(base).__name__}" + (f" ({architecture})." if architecture else "."))
 
 
 # ------------------------------------------------------------------------------------------
@@ -195,7 +196,7 @@ class PolicyCapture:
         finally:
             self.head.capture = None
         if captured:
-            call = inspect.signature(executor.original).bind(*args, **kwargs).arguments
+            call = wrapped_call_arguments(executor, args, kwargs)
             deposit_policy(call.get("transformer_options", {}), self.head.policy_output(captured[-1], call["x"].shape))
         return out
 
@@ -208,7 +209,7 @@ def read_adapter_file(name: str) -> tuple[dict[str, Tensor], dict[str, str]]:
     if not name.lower().endswith(SAFETENSORS_SUFFIXES):
         raise StrideError(f"adapter_name: '{name}' is not a .safetensors file. pi-Flow adapters are released as "
                           "safetensors; Stride never loads pickle files (.pt, .ckpt, .bin) because they can run code.")
-    path = folder_paths.get_full_path_or_raise("loras", name)
+    path = model_file("loras", name, "adapter_name")
     try:
         return read_safetensors(path)
     except (ValueError, OSError) as exc:
@@ -241,7 +242,8 @@ def parse_for_model(state_dict: dict[str, Tensor], metadata: dict[str, str], fam
                                                       family.spec.patch_size)
     except ValueError as exc:
         check_adapter_family(modules, family, name)
-        raise StrideError(f"adapter_name: '{name}': {exc}") from None
+        raise StrideError(f"adapter_name: '{name}': {exc}; use the adapter file as released (download it again)"
+                          ) from None
     check_adapter_family(modules, family, name)
     return adapter
 
@@ -260,7 +262,8 @@ def lora_patches(adapter: PiFlowAdapter, family: ComfyFamily, weight_shapes: dic
         tensors[f"{module}.lora_A.weight"], tensors[f"{module}.lora_B.weight"] = down, up
     patches = comfy.lora.load_lora(tensors, to_load)
     if len(patches) != len(adapter.lora):
-        raise StrideError(f"adapter_name: ComfyUI loaded {len(patches)} of the {len(adapter.lora)} LoRA layers of '{name}'.")
+        raise StrideError(f"adapter_name: ComfyUI loaded {len(patches)} of the {len(adapter.lora)} LoRA layers of "
+                          f"'{name}'.")
     return patches
 
 
@@ -271,42 +274,42 @@ def final_width(model: Any, family: ComfyFamily) -> int:
     return (getattr(module, attribute) if attribute else module).weight.shape[0]
 
 
-class StridePiFlowAdapterLoader:
-    DESCRIPTION = ("Loads a released pi-Flow adapter (safetensors in models/loras: LoRA + policy head in one file) onto "
-                   "its base model: pi-FLUX.1 (gmflux / dxflux) onto FLUX.1 dev, pi-FLUX.2 (gmflux2) onto FLUX.2 dev, "
-                   "pi-Qwen-Image (gmqwen / dxqwen) onto Qwen-Image. Applies the LoRA and swaps the output layer for "
-                   "the policy head. Sample with Stride pi-Flow Sample (or the pi-Flow sampler + scheduler), 4 steps, "
-                   "shift 3.2; Flux guidance 3.5 for FLUX.1, 4.0 for FLUX.2.")
-    CATEGORY = CATEGORY
-    RETURN_TYPES = ("MODEL",)
-    RETURN_NAMES = ("model",)
-    OUTPUT_TOOLTIPS = ("The pi-Flow model (a patched copy; the input MODEL is not changed).",)
-    FUNCTION = "load"
+class StridePiFlowAdapterLoader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="StridePiFlowAdapterLoader", display_name="Stride pi-Flow Adapter Loader", category=CATEGORY,
+            description=("Loads a released pi-Flow adapter (safetensors in models/loras: LoRA + policy head in one "
+                         "file) onto its base model: pi-FLUX.1 (gmflux / dxflux) onto FLUX.1 dev, pi-FLUX.2 (gmflux2) "
+                         "onto FLUX.2 dev, pi-Qwen-Image (gmqwen / dxqwen) onto Qwen-Image. Applies the LoRA and swaps "
+                         "the output layer for the policy head. Sample with Stride pi-Flow Sample (or the pi-Flow "
+                         "sampler + scheduler), 4 steps, shift 3.2; Flux guidance 3.5 for FLUX.1, 4.0 for FLUX.2."),
+            inputs=[
+                io.Model.Input("model", tooltip="The adapter's base model (Load Diffusion Model): FLUX.1 dev, FLUX.2 "
+                                                "dev or Qwen-Image."),
+                combo("adapter_name", folder_paths.get_filename_list("loras"),
+                      "The adapter safetensors in models/loras (LoRA + policy head in one file), e.g. "
+                      "gmflux_k8_piid_4step, gmflux2_k8_piid_4step, gmqwen_k8_piid_4step, dxqwen_n10_piid_4step."),
+                io.Float.Input("strength", default=1.0, min=0.0, max=2.0, step=0.01,
+                               tooltip="Strength of the adapter's LoRA (1.0 as trained; the authors suggest slightly "
+                                       "higher for customised base models). The head is always swapped."),
+            ],
+            outputs=[io.Model.Output(display_name="model", tooltip="The pi-Flow model (a patched copy; the input "
+                                                                   "MODEL is not changed).")],
+        )
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {
-            "model": ("MODEL", {"tooltip": "The adapter's base model (Load Diffusion Model): FLUX.1 dev, FLUX.2 dev "
-                                           "or Qwen-Image."}),
-            "adapter_name": (folder_paths.get_filename_list("loras"),
-                             {"tooltip": "The adapter safetensors in models/loras (LoRA + policy head in one file), e.g. "
-                                         "gmflux_k8_piid_4step, gmflux2_k8_piid_4step, gmqwen_k8_piid_4step, "
-                                         "dxqwen_n10_piid_4step."}),
-            "strength": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 2.0, "step": 0.01,
-                                   "tooltip": "Strength of the adapter's LoRA (1.0 as trained; the authors suggest "
-                                              "slightly higher for customised base models). The head is always swapped."}),
-        }}
-
-    def load(self, model, adapter_name, strength):
+    def execute(cls, model: Any, adapter_name: str, strength: float) -> io.NodeOutput:
         family = model_family(model)
-        if isinstance(model.object_patches.get(f"diffusion_model.{family.head_module}"), PolicyHead):
+        if isinstance(model.get_model_object(f"diffusion_model.{family.head_module}"), PolicyHead):
             raise StrideError("model: this model already has a pi-Flow adapter; load the adapter onto the base model.")
         state_dict, metadata = read_adapter_file(adapter_name)
         adapter = parse_for_model(state_dict, metadata, family, adapter_name)
         diffusion_model = model.model.diffusion_model
         weight_shapes = {key: tuple(value.shape) for key, value in diffusion_model.named_parameters()}
         try:
-            piflow_families.check_head(adapter, family.spec, weight_shapes["img_in.weight"][0], final_width(model, family))
+            piflow_families.check_head(adapter, family.spec, weight_shapes["img_in.weight"][0],
+                                       final_width(model, family))
         except ValueError as exc:
             raise StrideError(f"adapter_name: '{adapter_name}': {exc}") from None
         patches = lora_patches(adapter, family, weight_shapes, adapter_name)
@@ -316,9 +319,9 @@ class StridePiFlowAdapterLoader:
         patched.add_object_patch(f"diffusion_model.{family.head_module}", head)
         for module in family.retired:
             patched.add_object_patch(f"diffusion_model.{module}", nn.Identity())
-        patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, WRAPPER_KEY, PolicyCapture(head))
-        return (patched,)
+        patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, WRAPPER_KEY,
+                                     PolicyCapture(head))
+        return io.NodeOutput(patched)
 
 
-NODE_CLASS_MAPPINGS = {"StridePiFlowAdapterLoader": StridePiFlowAdapterLoader}
-NODE_DISPLAY_NAME_MAPPINGS = {"StridePiFlowAdapterLoader": "Stride pi-Flow Adapter Loader"}
+NODES: list[type[io.ComfyNode]] = [StridePiFlowAdapterLoader]

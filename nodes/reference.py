@@ -1,33 +1,28 @@
 """The reference setup as ComfyUI nodes: the analytic teacher and the trained demo model as
-real MODELs, class prompts as CONDITIONING, a cheap latent->RGB decoder and exact metrics."""
+real MODELs, class prompts as CONDITIONING, a cheap latent->RGB decoder and exact metrics.
+All nodes are V3 nodes (:mod:`.compat`)."""
 from __future__ import annotations
 
 import json
+import re
+from typing import Any
+
+import torch
 
 import comfy.latent_formats
-import comfy.model_base
-import comfy.model_management
-import comfy.model_patcher
 import comfy.ops
-import comfy.supported_models_base
-import torch
 from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
 
 from ..distill_core.reference import demo, metrics
 from ..distill_core.reference.demo import DEMO_CLASS_NAMES, demo_mixture, latent_to_rgb
 from ..distill_core.reference.mixture import GaussianMixture
 from ..distill_core.spaces import NoiseSpace, prediction_target
-from .compat import StrideError, noise_space
+from .compat import StrideError, combo, io, model_from_network, model_sampling_of_patcher, noise_space, ui
 
 CATEGORY = "stride/reference"
 PREDICTIONS = ["eps", "v", "flow"]
 VARIANTS = ["demo", "demo collapsed (2 of 8 modes)"]
 FORMS = ["denoiser (ideal many-step teacher)", "flow map (ideal distilled student)"]
-_MODEL_TYPES = {
-    "eps": comfy.model_base.ModelType.EPS,
-    "v": comfy.model_base.ModelType.V_PREDICTION,
-    "flow": comfy.model_base.ModelType.FLOW,
-}
 
 
 def mixture_for(variant: str) -> GaussianMixture:
@@ -39,23 +34,31 @@ def mixture_for(variant: str) -> GaussianMixture:
     return mixture
 
 
-def class_ids_of(context: torch.Tensor) -> torch.Tensor:
-    """Demo class ids of a Stride Class Prompt context; any other conditioning is refused by name."""
+def class_ids_of(context: torch.Tensor, input_name: str = "conditioning") -> torch.Tensor:
+    """Demo class ids of a Stride Class Prompt context; any other conditioning is refused, naming ``input_name``."""
     try:
         return demo.decode_context(context)
     except ValueError:
-        raise StrideError(f"conditioning: the reference teacher and the demo model take Stride Class Prompt "
+        raise StrideError(f"{input_name}: the reference teacher and the demo model take Stride Class Prompt "
                           f"conditioning (context width {demo.CONTEXT_DIM}), got a context of shape "
                           f"{tuple(context.shape)}; connect Stride Class Prompt instead of a text encoder.") from None
+
+
+def check_prompt_input(model: Any, conditioning: list, input_name: str) -> None:
+    """Before sampling Stride's reference teacher or demo model, refuse a CONDITIONING input that is not Stride
+    Class Prompt's by the input's own name (inside the network only "conditioning" is known)."""
+    if getattr(model.model.diffusion_model, "takes_class_prompts", False):
+        for context, _ in conditioning:
+            class_ids_of(context, input_name)
 
 
 def check_latent_shape(latents: torch.Tensor, expected: tuple[int, ...], model_name: str) -> None:
     """Refuse latents of another channel count or size than the model was built for."""
     if tuple(latents.shape[1:]) != tuple(expected):
         channels, height, width = expected
-        raise StrideError(f"latent_image: {model_name} works on {'x'.join(map(str, expected))} latents "
-                          f"(Empty Latent Image {width * 8}x{height * 8}, {channels}-channel SD1.5 format); "
-                          f"got {'x'.join(map(str, latents.shape[1:]))}.")
+        got = "x".join(map(str, latents.shape[1:]))
+        raise StrideError(f"latent_image: {model_name} works on {'x'.join(map(str, expected))} latents, got {got}; "
+                          f"use Empty Latent Image {width * 8}x{height * 8} ({channels}-channel SD1.5 format).")
 
 
 class StrideLatentFormat(comfy.latent_formats.SD15):
@@ -67,25 +70,9 @@ class StrideLatentFormat(comfy.latent_formats.SD15):
         self.taesd_decoder_name = None
 
 
-def _config(latent_channels: int, prediction: str) -> comfy.supported_models_base.BASE:
-    class StrideConfig(comfy.supported_models_base.BASE):
-        unet_config = {"disable_unet_model_creation": True, "in_channels": latent_channels}
-        unet_extra_config = {}
-        latent_format = StrideLatentFormat
-        sampling_settings = {"shift": 1.0, "multiplier": 1000} if prediction == "flow" else {}
-        supported_inference_dtypes = [torch.float32]
-
-    return StrideConfig({"disable_unet_model_creation": True, "in_channels": latent_channels})
-
-
-def wrap_as_model(diffusion_model: torch.nn.Module, prediction: str, latent_channels: int = 4):
-    """A ComfyUI MODEL (ModelPatcher around a BaseModel) whose network is ``diffusion_model``."""
-    config = _config(latent_channels, prediction)
-    base = comfy.model_base.BaseModel(config, model_type=_MODEL_TYPES[prediction], device="cpu")
-    base.diffusion_model = diffusion_model
-    load_device = comfy.model_management.get_torch_device()
-    offload_device = comfy.model_management.unet_offload_device()
-    return comfy.model_patcher.ModelPatcher(base, load_device=load_device, offload_device=offload_device)
+def wrap_as_model(diffusion_model: torch.nn.Module, prediction: str, latent_channels: int = 4) -> Any:
+    """A ComfyUI MODEL of SD1.5-format latents (:class:`StrideLatentFormat`) whose network is ``diffusion_model``."""
+    return model_from_network(diffusion_model, prediction, StrideLatentFormat, latent_channels)
 
 
 class AnalyticModule(torch.nn.Module):
@@ -117,6 +104,8 @@ class AnalyticNetwork(AnalyticModule):
     """The exact Gaussian-mixture denoiser (or flow map) as an EPS, V or flow network: it returns what
     the model type predicts, so ComfyUI's own ``calculate_denoised`` recovers the exact x0."""
 
+    takes_class_prompts = True  # conditioned by Stride Class Prompt (see check_prompt_input)
+
     def __init__(self, mixture: GaussianMixture, prediction: str, flow_map_steps: int = 0) -> None:
         super().__init__()
         self.mixture = mixture
@@ -124,7 +113,8 @@ class AnalyticNetwork(AnalyticModule):
         self.flow_map_steps = flow_map_steps
         self.space: NoiseSpace | None = None
 
-    def forward(self, xc, timesteps, context=None, transformer_options={}, **kwargs):
+    def forward(self, xc, timesteps, context=None, transformer_options=None, **kwargs):
+        transformer_options = transformer_options or {}
         check_latent_shape(xc, self.mixture.latent_shape, "the reference teacher")
         sigma = self.true_sigmas(xc, timesteps, transformer_options)
         x64 = xc.to(torch.float64)
@@ -139,57 +129,57 @@ class AnalyticNetwork(AnalyticModule):
         return prediction_target(x64, x0, sigma, self.space, kind).to(xc.dtype)
 
 
-class StrideReferenceModel:
-    DESCRIPTION = (
-        "The analytic reference teacher: a Gaussian mixture in SD1.5 latent space (4x8x8, 8 shapes in "
-        "4 classes) whose exact denoiser is known in closed form. Use it to score samplers exactly "
-        "(Stride Reference Metrics) without downloading weights."
-    )
-    CATEGORY = CATEGORY
-    RETURN_TYPES = ("MODEL",)
-    RETURN_NAMES = ("model",)
-    OUTPUT_TOOLTIPS = ("A real ComfyUI MODEL; use Stride Class Prompt for its conditioning.",)
-    FUNCTION = "build"
+class StrideReferenceModel(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="StrideReferenceModel", display_name="Stride Reference Teacher", category=CATEGORY,
+            description=(
+                "The analytic reference teacher: a Gaussian mixture in SD1.5 latent space (4x8x8, 8 shapes in "
+                "4 classes) whose exact denoiser is known in closed form. Use it to score samplers exactly "
+                "(Stride Reference Metrics) without downloading weights."
+            ),
+            inputs=[
+                combo("variant", VARIANTS, "demo: the 8-mode mixture. collapsed: the same data with only 2 modes "
+                                           "kept, a stand-in for a mode-collapsed distilled model."),
+                combo("prediction", PREDICTIONS, "What the MODEL predicts: eps and v use SD's 1000-step schedule; "
+                                                 "flow is rectified flow (x = (1-s) x0 + s noise)."),
+                combo("form", FORMS, "denoiser: the exact posterior mean (judge plain solvers). flow map: the exact "
+                                     "ODE solution to sigma 0 (what a consistency-distilled model learns; judge "
+                                     "LCM/TCD/TDD on it)."),
+                io.Int.Input("flow_map_steps", default=64, min=8, max=1000,
+                             tooltip="ODE steps per flow-map evaluation (only for the flow map form)."),
+            ],
+            outputs=[io.Model.Output(display_name="model",
+                                     tooltip="A real ComfyUI MODEL; use Stride Class Prompt for its conditioning.")],
+        )
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {
-            "variant": (VARIANTS, {"tooltip": "demo: the 8-mode mixture. collapsed: the same data with only 2 modes "
-                                              "kept, a stand-in for a mode-collapsed distilled model."}),
-            "prediction": (PREDICTIONS, {"tooltip": "What the MODEL predicts: eps and v use SD's 1000-step "
-                                                    "schedule; flow is rectified flow (x = (1-s) x0 + s noise)."}),
-            "form": (FORMS, {"tooltip": "denoiser: the exact posterior mean (judge plain solvers). flow map: the "
-                                        "exact ODE solution to sigma 0 (what a consistency-distilled model "
-                                        "learns; judge LCM/TCD/TDD on it)."}),
-            "flow_map_steps": ("INT", {"default": 64, "min": 8, "max": 1000,
-                                       "tooltip": "ODE steps per flow-map evaluation (only for the flow map form)."}),
-        }}
-
-    def build(self, variant, prediction, form, flow_map_steps):
+    def execute(cls, variant: str, prediction: str, form: str, flow_map_steps: int) -> io.NodeOutput:
         network = AnalyticNetwork(mixture_for(variant), prediction, flow_map_steps if form == FORMS[1] else 0)
         model = wrap_as_model(network, prediction)
-        network.model_sampling = model.model.model_sampling
-        network.space = noise_space(model.model.model_sampling)
-        return (model,)
+        network.model_sampling = model_sampling_of_patcher(model)
+        network.space = noise_space(network.model_sampling)
+        return io.NodeOutput(model)
 
 
-class StrideDemoModel:
-    DESCRIPTION = (
-        "Loads Stride's demo model: a small ComfyUI UNet (EPS, SD1.5 latent format) trained by the "
-        "project on the reference mixture. It is the teacher for distillation and the base model for "
-        "the demos; its weights ship with the pack (assets/demo)."
-    )
-    CATEGORY = CATEGORY
-    RETURN_TYPES = ("MODEL",)
-    RETURN_NAMES = ("model",)
-    OUTPUT_TOOLTIPS = ("The demo UNet as a MODEL; use Stride Class Prompt for its conditioning.",)
-    FUNCTION = "load"
+class StrideDemoModel(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="StrideDemoModel", display_name="Stride Demo Model", category=CATEGORY,
+            description=(
+                "Loads Stride's demo model: a small ComfyUI UNet (EPS, SD1.5 latent format) trained by the "
+                "project on the reference mixture. It is the teacher for distillation and the base model for "
+                "the demos; its weights ship with the pack (assets/demo)."
+            ),
+            inputs=[],
+            outputs=[io.Model.Output(display_name="model", tooltip="The demo UNet as a MODEL; use Stride Class Prompt "
+                                                                   "for its conditioning.")],
+        )
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {}}
-
-    def load(self):
+    def execute(cls) -> io.NodeOutput:
         try:
             state_dict, _ = demo.load_demo_weights()
         except FileNotFoundError as exc:
@@ -198,8 +188,9 @@ class StrideDemoModel:
         network.load_state_dict(state_dict)
         network.eval()
         network.stride_unet_config = dict(demo.DEMO_UNET_CONFIG)  # lets a headless distillation rebuild it
+        network.takes_class_prompts = True
         network.register_forward_pre_hook(_check_demo_inputs, with_kwargs=True)
-        return (wrap_as_model(network, "eps"),)
+        return io.NodeOutput(wrap_as_model(network, "eps"))
 
 
 def _check_demo_inputs(_network, args: tuple, kwargs: dict) -> None:
@@ -209,115 +200,132 @@ def _check_demo_inputs(_network, args: tuple, kwargs: dict) -> None:
     if x.shape[1] != channels:
         raise StrideError(f"latent_image: the demo model works on {channels}-channel SD1.5-format latents "
                           f"(Empty Latent Image); got {x.shape[1]} channels.")
+    try:
+        demo.check_demo_latent_size(*x.shape[-2:])
+    except ValueError as exc:
+        raise StrideError(f"latent_image: {exc}; use Empty Latent Image 64x64") from None
     context = kwargs.get("context")
     if context is not None:
         class_ids_of(context)
 
 
-class StrideClassPrompt:
-    DESCRIPTION = (
-        "Conditioning for the reference teacher and the demo model: name a class (" + ", ".join(DEMO_CLASS_NAMES)
-        + "); an empty prompt is the unconditional (negative) prompt."
-    )
-    CATEGORY = CATEGORY
-    RETURN_TYPES = ("CONDITIONING",)
-    RETURN_NAMES = ("conditioning",)
-    OUTPUT_TOOLTIPS = ("Class conditioning (one-hot context) usable as positive or negative.",)
-    FUNCTION = "encode"
+def class_of_prompt(prompt: str) -> int | None:
+    """The one demo class a prompt names as a whole word (case ignored), None for an empty prompt; a prompt that
+    names no class, or more than one, is refused."""
+    words = set(re.findall(r"[a-z]+", prompt.lower()))
+    named = [index for index, name in enumerate(DEMO_CLASS_NAMES) if name in words]
+    if not prompt.strip():
+        return None
+    if len(named) == 1:
+        return named[0]
+    classes = ", ".join(DEMO_CLASS_NAMES)
+    if not named:
+        raise StrideError(f"prompt {prompt!r}: no such class; use one of {classes} or leave it empty")
+    both = ", ".join(DEMO_CLASS_NAMES[index] for index in named)
+    raise StrideError(f"prompt {prompt!r}: names more than one class ({both}); name exactly one class ({classes}) or "
+                      "leave it empty")
+
+
+class StrideClassPrompt(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="StrideClassPrompt", display_name="Stride Class Prompt", category=CATEGORY,
+            description=("Conditioning for the reference teacher and the demo model: name a class ("
+                         + ", ".join(DEMO_CLASS_NAMES) + "); an empty prompt is the unconditional (negative) "
+                         "prompt."),
+            inputs=[io.String.Input("prompt", default=DEMO_CLASS_NAMES[0], multiline=False,
+                                    tooltip="A class name, or empty for unconditional.")],
+            outputs=[io.Conditioning.Output(display_name="conditioning", tooltip="Class conditioning (one-hot "
+                                                                                 "context) usable as positive or "
+                                                                                 "negative.")],
+        )
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {"prompt": ("STRING", {"default": DEMO_CLASS_NAMES[0], "multiline": False,
-                                                   "tooltip": "A class name, or empty for unconditional."})}}
-
-    def encode(self, prompt):
-        text = prompt.strip().lower()
-        if not text:
-            class_id = None
-        else:
-            matches = [i for i, name in enumerate(DEMO_CLASS_NAMES) if name in text or text in name]
-            if not matches:
-                raise StrideError(f"prompt '{prompt}': no such class; use one of {', '.join(DEMO_CLASS_NAMES)} or leave it empty")
-            class_id = matches[0]
+    def execute(cls, prompt: str) -> io.NodeOutput:
+        class_id = class_of_prompt(prompt)
         context = demo.encode_classes(None if class_id is None else torch.tensor([class_id]), 1)
-        return ([[context.float(), {}]],)
+        return io.NodeOutput([[context.float(), {}]])
 
 
-class StrideLatentToImage:
-    DESCRIPTION = "Decodes SD1.5-format latents to RGB with ComfyUI's preview factors (no VAE needed), upscaled for viewing."
-    CATEGORY = CATEGORY
-    RETURN_TYPES = ("IMAGE",)
-    RETURN_NAMES = ("image",)
-    OUTPUT_TOOLTIPS = ("RGB images, one per latent.",)
-    FUNCTION = "decode"
+class StrideLatentToImage(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="StrideLatentToImage", display_name="Stride Latent Preview Decode", category=CATEGORY,
+            description="Decodes SD1.5-format latents to RGB with ComfyUI's preview factors (no VAE needed), upscaled "
+                        "for viewing.",
+            inputs=[
+                io.Latent.Input("samples", tooltip="Latents to view."),
+                io.Int.Input("scale", default=16, min=1, max=64, tooltip="Nearest-neighbour upscale factor."),
+            ],
+            outputs=[io.Image.Output(display_name="image", tooltip="RGB images, one per latent.")],
+        )
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {
-            "samples": ("LATENT", {"tooltip": "Latents to view."}),
-            "scale": ("INT", {"default": 16, "min": 1, "max": 64, "tooltip": "Nearest-neighbour upscale factor."}),
-        }}
-
-    def decode(self, samples, scale):
+    def execute(cls, samples: dict, scale: int) -> io.NodeOutput:
         latents = samples["samples"]
         if latents.ndim != 4 or latents.shape[1] != 4:
             raise StrideError(f"samples: expected 4-channel image latents, got shape {tuple(latents.shape)}")
-        rgb = latent_to_rgb(latents.float())
+        try:
+            rgb = latent_to_rgb(latents.float())
+        except ValueError as exc:  # NaN/inf would decode to a plausible black or white picture
+            raise StrideError(f"samples: {exc}; check the sampler and model that produced them") from None
         rgb = rgb.repeat_interleave(scale, dim=1).repeat_interleave(scale, dim=2)
-        return (rgb.float().cpu(),)
+        return io.NodeOutput(rgb.float().cpu())
 
 
-class StrideReferenceMetrics:
-    DESCRIPTION = (
-        "Exact quality and diversity of samples from the reference setup: sliced Wasserstein distance to "
-        "fresh mixture samples, NLL gap to the data (negative = over-concentrated), mode recall and mode "
-        "entropy (1 = all modes equally often)."
-    )
-    CATEGORY = CATEGORY
-    RETURN_TYPES = ("STRING",)
-    RETURN_NAMES = ("report",)
-    OUTPUT_TOOLTIPS = ("The metrics as JSON text.",)
-    OUTPUT_NODE = True
-    FUNCTION = "measure"
+class StrideReferenceMetrics(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="StrideReferenceMetrics", display_name="Stride Reference Metrics", category=CATEGORY,
+            description=(
+                "Exact quality and diversity of samples from the reference setup, every figure with its 95% interval "
+                "(<name>_pm = half-width) over up to 8 independent repeats (disjoint groups of the samples, each "
+                "scored against its own fresh mixture samples): sliced Wasserstein distance (swd_data: the same for "
+                "fresh data, its floor), mode total variation to the true weights (mode_tv), mode recall, mode "
+                "entropy (1 = all modes equally often), per-mode mean shift and covariance error (0 for data), and "
+                "the NLL gap to the data (negative = over-concentrated). Needs at least 4 samples; rows are told "
+                "apart only where intervals do not overlap, which takes hundreds of samples per row."
+            ),
+            inputs=[
+                io.Latent.Input("samples", tooltip="Samples to score (4x8x8 latents)."),
+                io.Conditioning.Input("conditioning", tooltip="The class the samples were drawn for (empty prompt = "
+                                                              "all)."),
+                io.String.Input("label", default="samples", tooltip="Name of this row in the report."),
+            ],
+            outputs=[io.String.Output(display_name="report", tooltip="The metrics as JSON text: each figure's "
+                                                                       "value and <name>_pm (95% half-width), n and "
+                                                                       "repeats.")],
+            is_output_node=True,
+        )
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {
-            "samples": ("LATENT", {"tooltip": "Samples to score (4x8x8 latents)."}),
-            "conditioning": ("CONDITIONING", {"tooltip": "The class the samples were drawn for (empty prompt = all)."}),
-            "label": ("STRING", {"default": "samples", "tooltip": "Name of this row in the report."}),
-        }}
-
-    def measure(self, samples, conditioning, label):
+    def execute(cls, samples: dict, conditioning: list, label: str) -> io.NodeOutput:
         latents = samples["samples"].to(torch.float64)
         mixture = demo_mixture()
         if tuple(latents.shape[1:]) != mixture.latent_shape:
-            raise StrideError(f"samples: expected latents of shape {mixture.latent_shape}, got {tuple(latents.shape[1:])}")
+            raise StrideError(f"samples: expected latents of shape {mixture.latent_shape}, "
+                              f"got {tuple(latents.shape[1:])}; use samples of the reference teacher or the demo model "
+                              "(Empty Latent Image 64x64)")
         if not torch.isfinite(latents).all():
             raise StrideError("samples: the latents contain NaN or inf values; check the sampler and model that "
                               "produced them.")
         if not conditioning:
             raise StrideError("conditioning: the conditioning is empty; connect the Stride Class Prompt the samples "
                               "were drawn for.")
-        class_id = int(class_ids_of(conditioning[0][0])[0])
+        class_id = int(class_ids_of(conditioning[0][0], "conditioning")[0])
+        if latents.shape[0] < metrics.MIN_SAMPLES:
+            raise StrideError(f"samples: {latents.shape[0]} samples give no interval; score a batch of at least "
+                              f"{metrics.MIN_SAMPLES} (a few hundred to tell rows apart).")
         class_ids = None if class_id < 0 else torch.full((latents.shape[0],), class_id)
         report = {"label": label, "n": latents.shape[0],
                   **metrics.evaluate_samples(latents, mixture, class_ids, torch.Generator().manual_seed(0))}
-        text = json.dumps({key: round(value, 4) if isinstance(value, float) else value for key, value in report.items()})
-        return {"ui": {"text": [text]}, "result": (text,)}
+        text = json.dumps({key: round(value, 4) if isinstance(value, float) else value
+                           for key, value in report.items()})
+        return io.NodeOutput(text, ui=ui.PreviewText(text))
 
 
-NODE_CLASS_MAPPINGS = {
-    "StrideReferenceModel": StrideReferenceModel,
-    "StrideDemoModel": StrideDemoModel,
-    "StrideClassPrompt": StrideClassPrompt,
-    "StrideLatentToImage": StrideLatentToImage,
-    "StrideReferenceMetrics": StrideReferenceMetrics,
-}
-NODE_DISPLAY_NAME_MAPPINGS = {
-    "StrideReferenceModel": "Stride Reference Teacher",
-    "StrideDemoModel": "Stride Demo Model",
-    "StrideClassPrompt": "Stride Class Prompt",
-    "StrideLatentToImage": "Stride Latent Preview Decode",
-    "StrideReferenceMetrics": "Stride Reference Metrics",
-}
+NODES: list[type[io.ComfyNode]] = [StrideReferenceModel, StrideDemoModel, StrideClassPrompt, StrideLatentToImage,
+                                   StrideReferenceMetrics]

@@ -3,27 +3,34 @@
 The math lives in ``distill_core`` (schedules, lcm, tcd, tdd); these nodes only read the
 model's noise convention from ComfyUI and wrap the samplers in ``comfy.samplers.KSAMPLER``, so
 they compose with SamplerCustom / SamplerCustomAdvanced, any guider and any noise node.
+All nodes are V3 nodes (``io.ComfyNode``, the API pinned in :mod:`.compat`).
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+import math
+from collections.abc import Callable
+from typing import Any
 
-import comfy.model_sampling
+import torch
+
 import comfy.sample
 import comfy.samplers
 import latent_preview
-import torch
 
 from ..distill_core.sampling import lcm, schedules, tcd, tdd
 from ..distill_core.sampling.steps import all_finite
-from .compat import StrideError, model_sampling_in_sampler, model_sampling_of_patcher, noise_space
+from .compat import (
+    StrideError,
+    combo,
+    has_discrete_timesteps,
+    io,
+    model_sampling_in_sampler,
+    model_sampling_of_patcher,
+    noise_space,
+)
+from .reference import check_prompt_input
 
 CATEGORY = "stride/sampling"
-_DISCRETE_SAMPLINGS = tuple(
-    getattr(comfy.model_sampling, name)
-    for name in ("ModelSamplingDiscrete", "ModelSamplingDiscreteFlow", "ModelSamplingFlux")
-    if hasattr(comfy.model_sampling, name)
-)
 
 
 def stride_ksampler(sample_fn: Callable[..., torch.Tensor], **options: Any) -> comfy.samplers.KSAMPLER:
@@ -31,6 +38,7 @@ def stride_ksampler(sample_fn: Callable[..., torch.Tensor], **options: Any) -> c
 
     def sampler(model, x, sigmas, extra_args=None, callback=None, disable=None):
         space = noise_space(model_sampling_in_sampler(model))
+        check_sigmas(sigmas)
         require_finite_latent(x)
         return sample_fn(finite_output_model(model), x, sigmas, extra_args=extra_args, callback=callback,
                          disable=disable, space=space, **options)
@@ -45,6 +53,31 @@ def require_finite_latent(x: torch.Tensor) -> None:
                           "(e.g. a VAE Encode of a broken image, or a latent math node).")
 
 
+def check_sigmas(sigmas: torch.Tensor) -> None:
+    """Refuse SIGMAS no scheduler makes (NaN/inf, negative, rising, too large to square in float32), by name."""
+    values = sigmas.detach().to("cpu", torch.float64).reshape(-1)
+    if not bool(torch.isfinite(values).all()):
+        raise StrideError("sigmas: the sigmas contain NaN or inf values; check the node that made them.")
+    if bool((values < 0).any()):
+        raise StrideError("sigmas: the sigmas contain negative values; check the node that made them.")
+    if bool((values[1:] > values[:-1]).any()):
+        raise StrideError("sigmas: the sigmas must decrease from the first to the last; check the scheduler (a Flip "
+                          "Sigmas node reverses them).")
+    if values.numel() and float(values.max()) ** 2 > torch.finfo(torch.float32).max:
+        raise StrideError(f"sigmas: the largest sigma, {float(values.max()):.3g}, is too large to sample with (its "
+                          "square overflows); check the scheduler's sigma_max.")
+
+
+def non_finite_output(where: str, input_name: str = "model") -> StrideError:
+    """The error for a model that returned NaN/inf while sampling; ``stride_where`` lets a node with two models
+    (Stride Hybrid Sample) name the MODEL input at fault."""
+    error = StrideError(f"{input_name}: the model returned NaN or inf values {where}. Its weights may be broken, or "
+                        "half precision overflowed: try another model file, or run the model in fp32/bf16 (e.g. "
+                        "--force-fp32).")
+    error.stride_where = where  # type: ignore[attr-defined]
+    return error
+
+
 def finite_output_model(model: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
     """The sampler's model with a check of every output: a NaN/inf x0 stops sampling with a clear error
     instead of silently producing a NaN latent."""
@@ -52,9 +85,7 @@ def finite_output_model(model: Callable[..., torch.Tensor]) -> Callable[..., tor
     def checked(x: torch.Tensor, sigma: torch.Tensor, **extra_args: Any) -> torch.Tensor:
         denoised = model(x, sigma, **extra_args)
         if not all_finite(denoised):
-            raise StrideError(f"model: the model returned NaN or inf values at sigma {float(sigma.reshape(-1)[0]):.4g}. "
-                              "Its weights may be broken, or half precision overflowed: try another model file, or "
-                              "run the model in fp32/bf16 (e.g. --force-fp32).")
+            raise non_finite_output(f"at sigma {float(sigma.reshape(-1)[0]):.4g}")
         return denoised
 
     return checked
@@ -65,83 +96,95 @@ def _check_unit(name: str, value: float) -> None:
         raise StrideError(f"{name} must be between 0 and 1 (got {value}).")
 
 
+
+def seed_input(tooltip: str) -> io.Int.Input:
+    """The seed widget of Stride's sampling nodes (ComfyUI's seed range, with control after generate)."""
+    return io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True, tooltip=tooltip)
+
+
+def denoise_input(tooltip: str) -> io.Float.Input:
+    return io.Float.Input("denoise", default=1.0, min=0.01, max=1.0, step=0.01, tooltip=tooltip)
+
+
 # ------------------------------------------------------------------------------------------
 # SAMPLER nodes
 # ------------------------------------------------------------------------------------------
-class StrideLCMSampler:
-    DESCRIPTION = ("LCM multistep sampling (Latent Consistency Models): predict x0, apply the consistency "
-                   "boundary condition, re-noise to the next sigma with fresh noise. For LCM and LCM-LoRA models; "
-                   "use with a Stride LCM Scheduler and CFG 1-2.")
-    CATEGORY = CATEGORY
-    RETURN_TYPES = ("SAMPLER",)
-    RETURN_NAMES = ("sampler",)
-    OUTPUT_TOOLTIPS = ("Plug into SamplerCustom / SamplerCustomAdvanced.",)
-    FUNCTION = "build"
+def sampler_output(tooltip: str = "Plug into SamplerCustom / SamplerCustomAdvanced.") -> io.Sampler.Output:
+    return io.Sampler.Output(display_name="sampler", tooltip=tooltip)
+
+
+class StrideLCMSampler(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="StrideLCMSampler", display_name="Stride LCM Sampler", category=CATEGORY,
+            description=("LCM multistep sampling (Latent Consistency Models): predict x0, apply the consistency "
+                         "boundary condition, re-noise to the next sigma with fresh noise. For LCM and LCM-LoRA "
+                         "models; use with a Stride LCM Scheduler and CFG 1-2."),
+            inputs=[
+                io.Float.Input("s_noise", default=1.0, min=0.0, max=2.0, step=0.01,
+                               tooltip="Scale of the fresh noise added between steps (1.0 = LCM as trained; lower "
+                                       "keeps more of the previous prediction's structure)."),
+                io.Boolean.Input("boundary_condition", default=True,
+                                 tooltip="Apply LCM's c_skip/c_out boundary condition (diffusers LCMScheduler). "
+                                         "Matters only near timestep 0."),
+            ],
+            outputs=[sampler_output()],
+        )
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {
-            "s_noise": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 2.0, "step": 0.01,
-                                  "tooltip": "Scale of the fresh noise added between steps (1.0 = LCM as trained; "
-                                             "lower keeps more of the previous prediction's structure)."}),
-            "boundary_condition": ("BOOLEAN", {"default": True,
-                                               "tooltip": "Apply LCM's c_skip/c_out boundary condition (diffusers "
-                                                          "LCMScheduler). Matters only near timestep 0."}),
-        }}
-
-    def build(self, s_noise, boundary_condition):
-        return (stride_ksampler(lcm.sample_lcm, s_noise=s_noise, boundary=boundary_condition),)
+    def execute(cls, s_noise: float, boundary_condition: bool) -> io.NodeOutput:
+        return io.NodeOutput(stride_ksampler(lcm.sample_lcm, s_noise=s_noise, boundary=boundary_condition))
 
 
-class StrideTCDSampler:
-    DESCRIPTION = ("TCD sampling (Trajectory Consistency Distillation), the sampler Hyper-SD's unified LoRA and TCD "
-                   "LoRAs were trained for. gamma (a.k.a. eta) sets how much fresh noise each step adds: 0 = DDIM "
-                   "(deterministic), 1 = LCM. Lower gamma gives more detail at more steps.")
-    CATEGORY = CATEGORY
-    RETURN_TYPES = ("SAMPLER",)
-    RETURN_NAMES = ("sampler",)
-    OUTPUT_TOOLTIPS = ("Plug into SamplerCustom / SamplerCustomAdvanced.",)
-    FUNCTION = "build"
+class StrideTCDSampler(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="StrideTCDSampler", display_name="Stride TCD / Hyper-SD Sampler", category=CATEGORY,
+            description=("TCD sampling (Trajectory Consistency Distillation), the sampler Hyper-SD's unified LoRA "
+                         "and TCD LoRAs were trained for. gamma (a.k.a. eta) sets how much fresh noise each step "
+                         "adds: 0 = DDIM (deterministic), 1 = LCM. Lower gamma gives more detail at more steps."),
+            inputs=[
+                io.Float.Input("gamma", default=0.3, min=0.0, max=1.0, step=0.01,
+                               tooltip="Stochasticity (TCD's gamma, Hyper-SD's eta). Authors' default 0.3; try "
+                                       "0.2-0.5 for 4-8 steps, 1.0 for 1-2 steps."),
+            ],
+            outputs=[sampler_output()],
+        )
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {
-            "gamma": ("FLOAT", {"default": 0.3, "min": 0.0, "max": 1.0, "step": 0.01,
-                                "tooltip": "Stochasticity (TCD's gamma, Hyper-SD's eta). Authors' default 0.3; "
-                                           "try 0.2-0.5 for 4-8 steps, 1.0 for 1-2 steps."}),
-        }}
-
-    def build(self, gamma):
+    def execute(cls, gamma: float) -> io.NodeOutput:
         _check_unit("gamma", gamma)
-        return (stride_ksampler(tcd.sample_tcd, gamma=gamma),)
+        return io.NodeOutput(stride_ksampler(tcd.sample_tcd, gamma=gamma))
 
 
-class StrideTDDSampler:
-    DESCRIPTION = ("TDD sampling (Target-Driven Distillation): DPM-Solver++(1) to a shrunk target timestep, then "
-                   "re-noise (eta), with optional x0 clipping in the first steps. TDD LoRAs were trained with "
-                   "empty prompts, so real CFG works: authors' SDXL default 4 steps, CFG 1.7, eta 0.2.")
-    CATEGORY = CATEGORY
-    RETURN_TYPES = ("SAMPLER",)
-    RETURN_NAMES = ("sampler",)
-    OUTPUT_TOOLTIPS = ("Plug into SamplerCustom / SamplerCustomAdvanced.",)
-    FUNCTION = "build"
+class StrideTDDSampler(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="StrideTDDSampler", display_name="Stride TDD Sampler", category=CATEGORY,
+            description=("TDD sampling (Target-Driven Distillation): DPM-Solver++(1) to a shrunk target timestep, "
+                         "then re-noise (eta), with optional x0 clipping in the first steps. TDD LoRAs were trained "
+                         "with empty prompts, so real CFG works: authors' SDXL default 4 steps, CFG 1.7, eta 0.2."),
+            inputs=[
+                io.Float.Input("eta", default=0.2, min=0.0, max=1.0, step=0.01,
+                               tooltip="Stochasticity: each step goes to floor((1-eta) t_next), then re-noises. "
+                                       "Authors' default 0.2."),
+                io.Int.Input("clip_x0_steps", default=0, min=0, max=100,
+                             tooltip="Apply x0 clipping (dynamic thresholding) for this many first steps; 0 = off. "
+                                     "Helps at high CFG."),
+                io.Float.Input("clip_ratio", default=0.995, min=0.5, max=1.0, step=0.001,
+                               tooltip="Quantile of |x0| used as the clipping threshold (TDD: 0.995)."),
+            ],
+            outputs=[sampler_output()],
+        )
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {
-            "eta": ("FLOAT", {"default": 0.2, "min": 0.0, "max": 1.0, "step": 0.01,
-                              "tooltip": "Stochasticity: each step goes to floor((1-eta) t_next), then re-noises. "
-                                         "Authors' default 0.2."}),
-            "clip_x0_steps": ("INT", {"default": 0, "min": 0, "max": 100,
-                                      "tooltip": "Apply x0 clipping (dynamic thresholding) for this many first steps; "
-                                                 "0 = off. Helps at high CFG."}),
-            "clip_ratio": ("FLOAT", {"default": 0.995, "min": 0.5, "max": 1.0, "step": 0.001,
-                                     "tooltip": "Quantile of |x0| used as the clipping threshold (TDD: 0.995)."}),
-        }}
-
-    def build(self, eta, clip_x0_steps, clip_ratio):
+    def execute(cls, eta: float, clip_x0_steps: int, clip_ratio: float) -> io.NodeOutput:
         _check_unit("eta", eta)
-        return (stride_ksampler(tdd.sample_tdd, eta=eta, clip_x0_steps=clip_x0_steps, clip_ratio=clip_ratio),)
+        return io.NodeOutput(stride_ksampler(tdd.sample_tdd, eta=eta, clip_x0_steps=clip_x0_steps,
+                                             clip_ratio=clip_ratio))
 
 
 # ------------------------------------------------------------------------------------------
@@ -150,7 +193,7 @@ class StrideTDDSampler:
 def discrete_sigmas(model: Any, timesteps: list[int], method: str) -> torch.Tensor:
     """SIGMAS for training timesteps on this model, refusing models without discrete timesteps."""
     sampling = model_sampling_of_patcher(model)
-    if _DISCRETE_SAMPLINGS and not isinstance(sampling, _DISCRETE_SAMPLINGS):
+    if not has_discrete_timesteps(sampling):
         raise StrideError(
             f"model: {method} schedules are defined on 1000 discrete training timesteps, but this model uses "
             f"{type(sampling).__name__} (continuous sigmas). Use a plain scheduler such as karras instead."
@@ -159,106 +202,138 @@ def discrete_sigmas(model: Any, timesteps: list[int], method: str) -> torch.Tens
 
 
 def truncate_for_denoise(timesteps_for: Callable[[int], list[int]], steps: int, denoise: float) -> list[int]:
-    """ComfyUI's denoise rule: schedule ``steps / denoise`` steps and keep the last ``steps``."""
+    """ComfyUI's denoise rule: schedule ``steps / denoise`` steps and keep the last ``steps``. When the steps fit the
+    schedule but ``steps / denoise`` does not, denoise is named with the smallest value that fits."""
     if denoise <= 0 or denoise > 1:
         raise StrideError(f"denoise must be in (0, 1] (got {denoise}).")
     total = int(steps / denoise)
-    return timesteps_for(total)[-steps:]
+    try:
+        return timesteps_for(total)[-steps:]
+    except ValueError:
+        longest = _longest_schedule(timesteps_for, steps, total)
+        if longest is None:
+            raise
+    raise StrideError(f"denoise: at {denoise:g}, {steps} steps need a {total}-step schedule and this one has at most "
+                      f"{longest}. Choose fewer steps, or raise denoise to at least "
+                      f"{math.ceil(1000 * steps / longest) / 1000:g}.")
 
 
-def _schedule_error(exc: ValueError) -> StrideError:
+def _longest_schedule(timesteps_for: Callable[[int], list[int]], shortest: int, too_long: int) -> int | None:
+    """The most steps ``timesteps_for`` accepts between ``shortest`` and ``too_long`` (bisection); None if even
+    ``shortest`` is refused."""
+    def fits(n: int) -> bool:
+        try:
+            timesteps_for(n)
+        except ValueError:
+            return False
+        return True
+
+    if not fits(shortest):
+        return None
+    low, high = shortest, too_long
+    while high - low > 1:
+        middle = (low + high) // 2
+        low, high = (middle, high) if fits(middle) else (low, middle)
+    return low
+
+
+def _schedule_error(exc: ValueError, denoise: float) -> StrideError:
+    if isinstance(exc, schedules.StrengthTooLowError):
+        return StrideError(f"denoise: {denoise:g} is less than one step of the schedule's grid; raise denoise to at "
+                           f"least {exc.minimum:g}.")
     return StrideError(f"{str(exc).rstrip('.')}. Choose fewer steps or another schedule.")
 
 
-SCHEDULER_OUTPUT = {"RETURN_TYPES": ("SIGMAS",), "RETURN_NAMES": ("sigmas",),
-                    "OUTPUT_TOOLTIPS": ("Sigmas for SamplerCustom / SamplerCustomAdvanced.",)}
+def sigmas_output() -> io.Sigmas.Output:
+    return io.Sigmas.Output(display_name="sigmas", tooltip="Sigmas for SamplerCustom / SamplerCustomAdvanced.")
 
 
-class StrideLCMScheduler:
-    DESCRIPTION = ("LCM's skipping-step schedule: picks steps from the 50-step distillation grid (999, 979 down to 19); "
-                   "4 steps -> timesteps 999, 759, 499, 259. Also TCD's schedule.")
-    CATEGORY = CATEGORY
-    FUNCTION = "schedule"
-    RETURN_TYPES, RETURN_NAMES, OUTPUT_TOOLTIPS = SCHEDULER_OUTPUT.values()
+class StrideLCMScheduler(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="StrideLCMScheduler", display_name="Stride LCM Scheduler", category=CATEGORY,
+            description=("LCM's skipping-step schedule: picks steps from the 50-step distillation grid (999, 979 "
+                         "down to 19); 4 steps -> timesteps 999, 759, 499, 259. Also TCD's schedule."),
+            inputs=[
+                io.Model.Input("model", tooltip="The model the sigmas are for (its noise schedule)."),
+                io.Int.Input("steps", default=4, min=1, max=50, tooltip="Sampling steps (LCM: 2-8, 4 recommended)."),
+                io.Int.Input("original_steps", default=50, min=1, max=1000,
+                             tooltip="Grid size the model was distilled on (LCM: 50)."),
+                denoise_input("Below 1 for img2img: the grid stops at denoise x 1000 (LCM's strength)."),
+            ],
+            outputs=[sigmas_output()],
+        )
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {
-            "model": ("MODEL", {"tooltip": "The model the sigmas are for (its noise schedule)."}),
-            "steps": ("INT", {"default": 4, "min": 1, "max": 50, "tooltip": "Sampling steps (LCM: 2-8, 4 recommended)."}),
-            "original_steps": ("INT", {"default": 50, "min": 1, "max": 1000,
-                                       "tooltip": "Grid size the model was distilled on (LCM: 50)."}),
-            "denoise": ("FLOAT", {"default": 1.0, "min": 0.01, "max": 1.0, "step": 0.01,
-                                  "tooltip": "Below 1 for img2img: the grid stops at denoise x 1000 (LCM's strength)."}),
-        }}
-
-    def schedule(self, model, steps, original_steps, denoise):
+    def execute(cls, model: Any, steps: int, original_steps: int, denoise: float) -> io.NodeOutput:
         try:
             timesteps = schedules.lcm_timesteps(steps, original_steps, strength=denoise)
         except ValueError as exc:
-            raise _schedule_error(exc) from None
-        return (discrete_sigmas(model, timesteps, "LCM"),)
+            raise _schedule_error(exc, denoise) from None
+        return io.NodeOutput(discrete_sigmas(model, timesteps, "LCM"))
 
 
-class StrideHyperSDScheduler:
-    DESCRIPTION = ("Hyper-SD schedules: 'trailing' is DDIM's trailing spacing the N-step Hyper-SD LoRAs were trained "
-                   "for (4 steps -> 999, 749, 499, 249); 'unet 1-step' is the Hyper-SDXL 1-step UNet's single "
-                   "timestep 800; 'tcd grid' is the LCM/TCD grid for the unified LoRA.")
-    CATEGORY = CATEGORY
-    FUNCTION = "schedule"
-    RETURN_TYPES, RETURN_NAMES, OUTPUT_TOOLTIPS = SCHEDULER_OUTPUT.values()
-    MODES = ["trailing", "unet 1-step (t=800)", "tcd grid"]
+class StrideHyperSDScheduler(io.ComfyNode):
+    MODES = ("trailing", "unet 1-step (t=800)", "tcd grid")
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {
-            "model": ("MODEL", {"tooltip": "The model the sigmas are for."}),
-            "mode": (cls.MODES, {"tooltip": "Which Hyper-SD schedule (see the node description)."}),
-            "steps": ("INT", {"default": 4, "min": 1, "max": 1000, "tooltip": "Steps (ignored for the 1-step UNet)."}),
-            "denoise": ("FLOAT", {"default": 1.0, "min": 0.01, "max": 1.0, "step": 0.01,
-                                  "tooltip": "Below 1 for img2img (not possible with the 1-step UNet)."}),
-        }}
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="StrideHyperSDScheduler", display_name="Stride Hyper-SD Scheduler", category=CATEGORY,
+            description=("Hyper-SD schedules: 'trailing' is DDIM's trailing spacing the N-step Hyper-SD LoRAs were "
+                         "trained for (4 steps -> 999, 749, 499, 249); 'unet 1-step' is the Hyper-SDXL 1-step "
+                         "UNet's single timestep 800; 'tcd grid' is the LCM/TCD grid for the unified LoRA."),
+            inputs=[
+                io.Model.Input("model", tooltip="The model the sigmas are for."),
+                combo("mode", cls.MODES, "Which Hyper-SD schedule (see the node description)."),
+                io.Int.Input("steps", default=4, min=1, max=1000, tooltip="Steps (ignored for the 1-step UNet)."),
+                denoise_input("Below 1 for img2img (not possible with the 1-step UNet)."),
+            ],
+            outputs=[sigmas_output()],
+        )
 
-    def schedule(self, model, mode, steps, denoise):
+    @classmethod
+    def execute(cls, model: Any, mode: str, steps: int, denoise: float) -> io.NodeOutput:
+        if mode == cls.MODES[1] and denoise < 1.0:
+            raise StrideError("denoise: the Hyper-SDXL 1-step schedule is a single step from pure noise; "
+                              "set denoise to 1.0 or use 'trailing' for img2img.")
         try:
-            if mode == self.MODES[1]:
-                if denoise < 1.0:
-                    raise StrideError("denoise: the Hyper-SDXL 1-step schedule is a single step from pure noise; "
-                                      "set denoise to 1.0 or use 'trailing' for img2img.")
+            if mode == cls.MODES[1]:
                 timesteps = schedules.hyper_sdxl_one_step_timesteps()
-            elif mode == self.MODES[2]:
+            elif mode == cls.MODES[2]:
                 timesteps = schedules.tcd_timesteps(steps, strength=denoise)
             else:
                 timesteps = truncate_for_denoise(schedules.trailing_timesteps, steps, denoise)
-        except StrideError:
-            raise
         except ValueError as exc:
-            raise _schedule_error(exc) from None
-        return (discrete_sigmas(model, timesteps, "Hyper-SD"),)
+            raise _schedule_error(exc, denoise) from None
+        return io.NodeOutput(discrete_sigmas(model, timesteps, "Hyper-SD"))
 
 
-class StrideTDDScheduler:
-    DESCRIPTION = ("TDD's schedule on its 250-target grid (4 steps -> 999, 751, 499, 251). 'special jump' uses the "
-                   "authors' non-equidistant schedules for 5-7 steps (5 -> 999, 875, 751, 499, 251).")
-    CATEGORY = CATEGORY
-    FUNCTION = "schedule"
-    RETURN_TYPES, RETURN_NAMES, OUTPUT_TOOLTIPS = SCHEDULER_OUTPUT.values()
+class StrideTDDScheduler(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="StrideTDDScheduler", display_name="Stride TDD Scheduler", category=CATEGORY,
+            description=("TDD's schedule on its 250-target grid (4 steps -> 999, 751, 499, 251). 'special jump' uses "
+                         "the authors' non-equidistant schedules for 5-7 steps (5 -> 999, 875, 751, 499, 251)."),
+            inputs=[
+                io.Model.Input("model", tooltip="The model the sigmas are for."),
+                io.Int.Input("steps", default=4, min=1, max=250,
+                             tooltip="Steps (TDD was trained for 4-8; 4 recommended)."),
+                io.Boolean.Input("special_jump", default=False, tooltip="Non-equidistant schedules for 5-7 steps."),
+                denoise_input("Below 1 for img2img."),
+            ],
+            outputs=[sigmas_output()],
+        )
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {
-            "model": ("MODEL", {"tooltip": "The model the sigmas are for."}),
-            "steps": ("INT", {"default": 4, "min": 1, "max": 250, "tooltip": "Steps (TDD was trained for 4-8; 4 recommended)."}),
-            "special_jump": ("BOOLEAN", {"default": False, "tooltip": "Non-equidistant schedules for 5-7 steps."}),
-            "denoise": ("FLOAT", {"default": 1.0, "min": 0.01, "max": 1.0, "step": 0.01, "tooltip": "Below 1 for img2img."}),
-        }}
-
-    def schedule(self, model, steps, special_jump, denoise):
+    def execute(cls, model: Any, steps: int, special_jump: bool, denoise: float) -> io.NodeOutput:
         try:
             timesteps = truncate_for_denoise(lambda n: schedules.tdd_timesteps(n, special_jump), steps, denoise)
         except ValueError as exc:
-            raise _schedule_error(exc) from None
-        return (discrete_sigmas(model, timesteps, "TDD"),)
+            raise _schedule_error(exc, denoise) from None
+        return io.NodeOutput(discrete_sigmas(model, timesteps, "TDD"))
 
 
 # ------------------------------------------------------------------------------------------
@@ -277,57 +352,58 @@ METHODS = {
 }
 
 
-class StrideFewStepSample:
-    DESCRIPTION = ("One node for few-step sampling with a distilled model (LCM-, Hyper-SD-, TCD- or TDD-LoRA): picks "
-                   "the schedule and sampler the distillation was trained for. cfg 0 uses the authors' "
-                   "recommendation (TDD 1.7, others 1.0).")
-    CATEGORY = CATEGORY
-    RETURN_TYPES = ("LATENT",)
-    RETURN_NAMES = ("latent",)
-    OUTPUT_TOOLTIPS = ("The sampled latent.",)
-    FUNCTION = "sample"
+class StrideFewStepSample(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="StrideFewStepSample", display_name="Stride Few-Step Sample", category=CATEGORY,
+            description=("One node for few-step sampling with a distilled model (LCM-, Hyper-SD-, TCD- or TDD-LoRA): "
+                         "picks the schedule and sampler the distillation was trained for. cfg 0 uses the authors' "
+                         "recommendation (TDD 1.7, others 1.0)."),
+            inputs=[
+                io.Model.Input("model", tooltip="A distilled model (base + LCM/Hyper-SD/TCD/TDD LoRA)."),
+                io.Conditioning.Input("positive", tooltip="Prompt conditioning."),
+                io.Conditioning.Input("negative", tooltip="Negative conditioning (used when cfg > 1)."),
+                io.Latent.Input("latent_image", tooltip="Empty latent, or an image latent with denoise < 1."),
+                combo("method", METHODS, "Which distillation the model has: lcm; tcd / hyper-sd unified (gamma); "
+                                         "hyper-sd n-step LoRAs (DDIM trailing); tdd (eta, real CFG)."),
+                io.Int.Input("steps", default=4, min=1, max=50, tooltip="Steps: 4 is the usual choice (TDD 4-8)."),
+                io.Float.Input("cfg", default=0.0, min=0.0, max=30.0, step=0.1,
+                               tooltip="Classifier-free guidance; 0 = the method's recommendation "
+                                       "(LCM/TCD/Hyper-SD 1.0, TDD 1.7)."),
+                io.Float.Input("gamma", default=0.3, min=0.0, max=1.0, step=0.01,
+                               tooltip="TCD / Hyper-SD unified only: stochasticity, authors' default 0.3."),
+                io.Float.Input("eta", default=0.2, min=0.0, max=1.0, step=0.01,
+                               tooltip="TDD only: stochasticity, authors' default 0.2."),
+                seed_input("Seed of the initial and per-step noise."),
+                denoise_input("Below 1 for img2img."),
+            ],
+            outputs=[io.Latent.Output(display_name="latent", tooltip="The sampled latent.")],
+        )
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {
-            "model": ("MODEL", {"tooltip": "A distilled model (base + LCM/Hyper-SD/TCD/TDD LoRA)."}),
-            "positive": ("CONDITIONING", {"tooltip": "Prompt conditioning."}),
-            "negative": ("CONDITIONING", {"tooltip": "Negative conditioning (used when cfg > 1)."}),
-            "latent_image": ("LATENT", {"tooltip": "Empty latent, or an image latent with denoise < 1."}),
-            "method": (list(METHODS), {"tooltip": "Which distillation the model has: lcm; tcd / hyper-sd unified "
-                                                  "(gamma); hyper-sd n-step LoRAs (DDIM trailing); tdd (eta, real CFG)."}),
-            "steps": ("INT", {"default": 4, "min": 1, "max": 50, "tooltip": "Steps: 4 is the usual choice (TDD 4-8)."}),
-            "cfg": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 30.0, "step": 0.1,
-                              "tooltip": "Classifier-free guidance; 0 = the method's recommendation "
-                                         "(LCM/TCD/Hyper-SD 1.0, TDD 1.7)."}),
-            "gamma": ("FLOAT", {"default": 0.3, "min": 0.0, "max": 1.0, "step": 0.01,
-                                "tooltip": "TCD / Hyper-SD unified only: stochasticity, authors' default 0.3."}),
-            "eta": ("FLOAT", {"default": 0.2, "min": 0.0, "max": 1.0, "step": 0.01,
-                              "tooltip": "TDD only: stochasticity, authors' default 0.2."}),
-            "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "control_after_generate": True,
-                             "tooltip": "Seed of the initial and per-step noise."}),
-            "denoise": ("FLOAT", {"default": 1.0, "min": 0.01, "max": 1.0, "step": 0.01,
-                                  "tooltip": "Below 1 for img2img."}),
-        }}
-
-    def sample(self, model, positive, negative, latent_image, method, steps, cfg, gamma, eta, seed, denoise):
+    def execute(cls, model: Any, positive: list, negative: list, latent_image: dict, method: str, steps: int,
+                cfg: float, gamma: float, eta: float, seed: int, denoise: float) -> io.NodeOutput:
         _check_unit("gamma", gamma)
         _check_unit("eta", eta)
         make_sampler, timesteps_for, recommended_cfg = METHODS[method]
         try:
             timesteps = timesteps_for(steps, denoise)
         except ValueError as exc:
-            raise _schedule_error(exc) from None
+            raise _schedule_error(exc, denoise) from None
         sigmas = discrete_sigmas(model, timesteps, method)
-        return (sample_with(model, positive, negative, latent_image, make_sampler(gamma, eta), sigmas,
-                            cfg or recommended_cfg, seed),)
+        return io.NodeOutput(sample_with(model, positive, negative, latent_image, make_sampler(gamma, eta), sigmas,
+                                         cfg or recommended_cfg, seed))
 
 
-def sample_with(model, positive, negative, latent_image: dict, sampler, sigmas: torch.Tensor, cfg: float, seed: int) -> dict:
+def sample_with(model: Any, positive: list, negative: list, latent_image: dict, sampler: Any, sigmas: torch.Tensor,
+                cfg: float, seed: int) -> dict:
     """ComfyUI's own custom-sampling path (noise, guider, progress bar, preview, Cancel)."""
     if not positive:
         raise StrideError("positive: the conditioning is empty; connect a prompt (e.g. CLIP Text Encode or "
                           "Stride Class Prompt).")
+    check_prompt_input(model, positive, "positive")
+    check_prompt_input(model, negative, "negative")
     latent = latent_image["samples"]
     latent = comfy.sample.fix_empty_latent_channels(model, latent)
     noise = comfy.sample.prepare_noise(latent, seed, latent_image.get("batch_index"))
@@ -341,21 +417,5 @@ def sample_with(model, positive, negative, latent_image: dict, sampler, sigmas: 
     return out
 
 
-NODE_CLASS_MAPPINGS = {
-    "StrideLCMSampler": StrideLCMSampler,
-    "StrideTCDSampler": StrideTCDSampler,
-    "StrideTDDSampler": StrideTDDSampler,
-    "StrideLCMScheduler": StrideLCMScheduler,
-    "StrideHyperSDScheduler": StrideHyperSDScheduler,
-    "StrideTDDScheduler": StrideTDDScheduler,
-    "StrideFewStepSample": StrideFewStepSample,
-}
-NODE_DISPLAY_NAME_MAPPINGS = {
-    "StrideLCMSampler": "Stride LCM Sampler",
-    "StrideTCDSampler": "Stride TCD / Hyper-SD Sampler",
-    "StrideTDDSampler": "Stride TDD Sampler",
-    "StrideLCMScheduler": "Stride LCM Scheduler",
-    "StrideHyperSDScheduler": "Stride Hyper-SD Scheduler",
-    "StrideTDDScheduler": "Stride TDD Scheduler",
-    "StrideFewStepSample": "Stride Few-Step Sample",
-}
+NODES: list[type[io.ComfyNode]] = [StrideLCMSampler, StrideTCDSampler, StrideTDDSampler, StrideLCMScheduler,
+                                   StrideHyperSDScheduler, StrideTDDScheduler, StrideFewStepSample]

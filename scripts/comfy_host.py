@@ -91,6 +91,17 @@ def load_workflow(path: Path) -> dict:
     return data
 
 
+def combo_options(spec: Any) -> list | None:
+    """The choices of a dropdown input spec, else None. V1 nodes type a dropdown by its option list, V3
+    nodes as "COMBO" with the list under "options" (Stride's V3 nodes give the list type on 0.3.75)."""
+    if isinstance(spec[0], list):
+        return spec[0]
+    if spec[0] == "COMBO":
+        options = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
+        return list(options.get("options", []))
+    return None
+
+
 def _widget_inputs(info: dict) -> list[tuple[str, Any]]:
     """Inputs that the frontend shows as widgets, in widget order: (name, spec)."""
     found = []
@@ -164,7 +175,7 @@ def ui_to_api(workflow: dict, object_info: dict, name: str = "workflow") -> dict
                 if (_has_seed_control(input_name, spec) and position < len(values)
                         and values[position] in SEED_CONTROL_VALUES):
                     position += 1
-                if spec[0] == "COMBO" or isinstance(spec[0], list):
+                if combo_options(spec) is not None:
                     options = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
                     if options.get("image_upload") and position < len(values) and values[position] == "image":
                         position += 1

@@ -29,8 +29,13 @@ def _prompts(g: Graph, x: float, y: float, prompt: str = "disc"):
     return positive, negative
 
 
-def _view(g: Graph, latent, x: float, y: float, prefix: str, label: str, positive):
-    image = g.add("StrideLatentToImage", (x, y), samples=latent, scale=16)
+def _view(g: Graph, latent, x: float, y: float, prefix: str, label: str, positive, shown: int | None = None):
+    """Preview and save the samples (only the first ``shown`` of a large batch) and score all of them."""
+    pictures = latent
+    if shown is not None:
+        pictures = (g.add("LatentFromBatch", (x, y + 300), title=f"First {shown} for the pictures", samples=latent,
+                          batch_index=0, length=shown), 0)
+    image = g.add("StrideLatentToImage", (x, y), samples=pictures, scale=16)
     g.add("SaveImage", (x + COL, y), images=(image, 0), filename_prefix=prefix)
     g.add("StrideReferenceMetrics", (x, y + 150), samples=latent, conditioning=positive, label=label)
 
@@ -71,6 +76,10 @@ def few_step_method(method: str) -> Graph:
     return g
 
 
+DEMO_SAMPLES = 1024  # per row: 8 metric repeats of 128, so the report's own comparisons hold within their intervals
+DEMO_SHOWN = 16  # samples per row in the pictures
+
+
 def demo(distill_steps: int = 200) -> Graph:
     """The main demo on the project's demo UNet: many-step base, few-step before/after distillation, hybrid."""
     g = Graph()
@@ -87,7 +96,8 @@ def demo(distill_steps: int = 200) -> Graph:
                   seed=0, save_every=50, lora_name="stride_demo", resume=True)
     plot = g.add("StrideLossPlot", (COL, 900), loss=(train, 2), width=640, height=320)
     g.add("SaveImage", (COL, 1080), title="Distillation loss", images=(plot, 0), filename_prefix="stride_demo_loss")
-    latent = g.add("EmptyLatentImage", (0, 640), title="16 samples", width=64, height=64, batch_size=16)
+    latent = g.add("EmptyLatentImage", (0, 640), title=f"{DEMO_SAMPLES} samples (the first {DEMO_SHOWN} shown)",
+                   width=64, height=64, batch_size=DEMO_SAMPLES)
     common = {"positive": (shown, 0), "negative": (empty, 0), "latent_image": (latent, 0)}
     rows = {
         "base_euler_25": g.add("KSampler", (2 * COL, 0), title="Base: euler, 25 steps", model=(base, 0), seed=3,
@@ -106,7 +116,8 @@ def demo(distill_steps: int = 200) -> Graph:
                    schedule="lcm / tcd grid", steps=4, handover_steps=1, seed=3, latent_image=(latent, 0))
     rows["hybrid_1_plus_3"] = hybrid
     for row, (name, sample) in enumerate(rows.items()):
-        _view(g, (sample, 0), 3 * COL, 420 * row, f"stride_demo_{name}", name.replace("_", " "), (shown, 0))
+        _view(g, (sample, 0), 3 * COL, 420 * row, f"stride_demo_{name}", name.replace("_", " "), (shown, 0),
+              DEMO_SHOWN)
     grid = g.add("StrideTraceGrid", (5 * COL, 1260), title="Predicted x0 per step (hybrid)", trace=(hybrid, 1),
                  samples=(hybrid, 0), max_images=4)
     g.add("SaveImage", (6 * COL, 1260), images=(grid, 0), filename_prefix="stride_demo_trace")
@@ -114,9 +125,10 @@ def demo(distill_steps: int = 200) -> Graph:
     g.group("Sampling", list(rows.values()))
     g.note(
         "Stride demo on the project's own demo model (a small ComfyUI UNet trained on a known mixture of coloured "
-        "shapes; the metrics nodes score samples exactly). 1) 25 Euler steps of the base model. 2) LCM with 4 steps on "
-        "the undistilled base: blurry. 3) The same after a short in-graph LCM-LoRA distillation. 4) Hybrid: the base "
-        "model's first step, then the distilled model (diversity of the base at distilled cost). The trace grid shows "
+        f"shapes; the metrics nodes score all {DEMO_SAMPLES} samples of a row exactly, with 95% intervals). 1) 25 "
+        "Euler steps of the base model. 2) LCM with 4 steps on the undistilled base. 3) The same after a short "
+        "in-graph LCM-LoRA distillation. 4) Hybrid: the base model's first step, then the distilled model (the "
+        "method aims at the base model's diversity at distilled cost: compare the mode figures). The trace grid shows "
         "x_t | predicted x0 per step. Change the prompt (disc, square, cross, ring) or the distillation steps.",
         (0, 800), (700, 170),
     )
@@ -227,12 +239,13 @@ def hybrid_diversity() -> Graph:
     g.note(
         "Diversity distillation (Gandikota & Bau). Row 1: the base model alone (many steps). Row 2: a distilled model "
         "that lost modes (here the exact flow map of a mixture that keeps one of the two 'disc' colours): 4 fast "
-        "steps, one colour. Row 3: the hybrid: the base model takes the first step of the 4-step LCM schedule "
-        "(t=999), the distilled model the rest (759, 499, 259). Compare mode entropy / recall (Stride Reference "
-        "Metrics) and Stride Image Diversity: the hybrid gets the base model's variety at 1 base + 3 distilled "
-        "model calls. The trace grid shows x_t | predicted x0 per step: the first row is the base model's blurry "
-        "guess, then the distilled model commits to a picture. Base CFG is 3 here: on the exact reference teacher one "
-        "big base step at the paper's CFG 7 overshoots for some classes.\n\n"
+        "steps, mostly one colour. Row 3: the hybrid: the base model takes the first step of the 4-step LCM "
+        "schedule (t=999), the distilled model the rest (759, 499, 259). Compare mode entropy / recall / TV (Stride "
+        "Reference Metrics) and Stride Image Diversity: the method aims at the base model's variety at 1 base + 3 "
+        "distilled model calls. The metrics come with 95% intervals, wide at 32 samples: raise the batch to a few "
+        "hundred to tell the rows apart. The trace grid shows x_t | predicted x0 per step: the first row is the base "
+        "model's blurry guess, then the distilled model commits to a picture. Base CFG is 3 here: on the exact "
+        "reference teacher one big base step at the paper's CFG 7 overshoots for some classes.\n\n"
         "Real models: Load Checkpoint (SDXL base) -> base_model; the same checkpoint + LoraLoader with an LCM / "
         "Hyper-SD / TDD LoRA -> distilled_model (both must share the VAE); CLIP Text Encode for the prompts; base cfg "
         "7 (the paper's), distilled cfg 1 (TDD 1.7); distilled_sampler and schedule as the LoRA was trained (LCM: lcm "

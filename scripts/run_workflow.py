@@ -48,6 +48,67 @@ def save_grid(files: list[Path], target: Path, columns: int = 8) -> Path:
     return target
 
 
+INTERVAL_SUFFIX = "_pm"
+DATA_SUFFIX = "_data"
+
+
+def _cell(row: dict, key: str) -> str:
+    """A value with its 95% half-width (``key`` and ``key_pm``), or the plain value."""
+    value = row.get(key, "")
+    if f"{key}{INTERVAL_SUFFIX}" in row and isinstance(value, (int, float)):
+        return f"{value:.4g} ± {row[key + INTERVAL_SUFFIX]:.2g}"
+    return str(value)
+
+
+def _interval(row: dict, key: str) -> tuple[float, float] | None:
+    if key not in row or f"{key}{INTERVAL_SUFFIX}" not in row:
+        return None
+    return row[key] - row[key + INTERVAL_SUFFIX], row[key] + row[key + INTERVAL_SUFFIX]
+
+
+def _data_row(rows: list[dict]) -> dict | None:
+    """The data reference (``*_data`` figures) as a row of its own, when every row has the same one (same class,
+    size and seed, as the metrics node draws it)."""
+    keys = [key for key in rows[0] if key.endswith(DATA_SUFFIX)]
+    if not keys or any(row.get(key) != rows[0][key] for row in rows for key in keys):
+        return None
+    data = {"label": "data (fresh, same size)", "n": rows[0].get("n", ""), "repeats": rows[0].get("repeats", "")}
+    for key in keys:
+        name = key[: -len(DATA_SUFFIX)]
+        data[name] = rows[0][key]
+        if key + INTERVAL_SUFFIX in rows[0]:
+            data[name + INTERVAL_SUFFIX] = rows[0][key + INTERVAL_SUFFIX]
+    return data
+
+
+def metrics_section(rows: list[dict]) -> list[str]:
+    """The metrics table (value ± 95% half-width) and the only comparisons its numbers support: the pairs of rows
+    whose intervals do not overlap, per figure (the shared data reference included as a row)."""
+    data = _data_row(rows)
+    if data is not None:
+        rows = [{key: value for key, value in row.items() if DATA_SUFFIX not in key} for row in rows] + [data]
+    keys = [key for key in dict.fromkeys(key for row in rows for key in row) if not key.endswith(INTERVAL_SUFFIX)]
+    lines = ["## Metrics reported by the nodes", "", "| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    lines += ["| " + " | ".join(_cell(row, key) for key in keys) + " |" for row in rows] + [""]
+    named = {str(row.get("label", f"row {index + 1}")): row for index, row in enumerate(rows)}
+    statements = []
+    for key in (key for key in keys if _interval(rows[0], key) is not None):
+        separated = []
+        for i, first in enumerate(named):
+            for second in list(named)[i + 1:]:
+                a, b = _interval(named[first], key), _interval(named[second], key)
+                if a is not None and b is not None and (a[1] < b[0] or b[1] < a[0]):
+                    low, high = (first, second) if a[1] < b[0] else (second, first)
+                    separated.append(f"{low} < {high}")
+        statements.append(f"- **{key}**: " + ("; ".join(separated) if separated else "no two rows differ"))
+    lines += ["## What these numbers show", "",
+              f"Every figure is a mean with its 95% interval: SWD and the mode figures over {rows[0].get('repeats')} "
+              "independent repeats (disjoint groups of the samples, each scored against its own fresh data), the "
+              "NLL gap over all samples. Two rows are called different below only where their intervals do not "
+              "overlap; a pair not listed is not distinguishable at these sample sizes.", "", *statements, ""]
+    return lines
+
+
 def write_report(out: Path, workflow: Path, prompt: dict, result: host.RunResult, images: list[Path],
                  texts: list[str], timings: dict[str, float], wall: float, version: str) -> Path:
     import matplotlib
@@ -78,9 +139,7 @@ def write_report(out: Path, workflow: Path, prompt: dict, result: host.RunResult
     ]
     rows = [json.loads(text) for text in texts if text.startswith("{")]
     if rows:
-        keys = list(dict.fromkeys(key for row in rows for key in row))
-        lines += ["## Metrics reported by the nodes", "", "| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
-        lines += ["| " + " | ".join(str(row.get(key, "")) for key in keys) + " |" for row in rows] + [""]
+        lines += metrics_section(rows)
     others = [text for text in texts if not text.startswith("{")]
     if others:
         lines += ["## Text reported by the nodes", ""] + [f"```\n{text}\n```" for text in others] + [""]

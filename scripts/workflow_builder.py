@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from comfy_host import _has_seed_control, _widget_inputs
+from comfy_host import _has_seed_control, _widget_inputs, combo_options
 
 NODE_WIDTH = 320
 
@@ -81,7 +81,7 @@ class Graph:
                 linked = name in node.links_in
                 if name in widget_names and not linked:
                     continue
-                input_type = spec[0] if isinstance(spec[0], str) else "COMBO"
+                input_type = "COMBO" if combo_options(spec) is not None else spec[0]
                 entry: dict[str, Any] = {"name": name, "type": input_type, "link": None}
                 if name in widget_names:
                     entry["widget"] = {"name": name}
@@ -93,8 +93,9 @@ class Graph:
             values = []
             for name, spec in widgets:
                 default = spec[1].get("default") if len(spec) > 1 and isinstance(spec[1], dict) else None
-                if default is None and isinstance(spec[0], list) and spec[0]:
-                    default = spec[0][0]
+                choices = combo_options(spec)
+                if default is None and choices:
+                    default = choices[0]
                 values.append(node.widgets.get(name, default))
                 if _has_seed_control(name, spec):
                     values.append("fixed")

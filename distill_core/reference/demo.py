@@ -15,6 +15,7 @@ imports ComfyUI; the caller builds the network from :data:`DEMO_UNET_CONFIG`.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable
 from pathlib import Path
 
@@ -22,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from ..safe_files import read_safetensors
-from ..spaces import NoiseSpace, scaled_linear_alphas_cumprod
+from ..spaces import NoiseSpace, require_finite, scaled_linear_alphas_cumprod
 from .mixture import GaussianMixture
 
 # ComfyUI's SD1.5 latent -> RGB preview factors (rows: latent channels; columns: R, G, B).
@@ -37,7 +38,9 @@ SD15_LATENT_RGB_FACTORS = (
 
 def latent_to_rgb(latents: Tensor) -> Tensor:
     """Decode SD1.5-format latents ``(n, 4, H, W)`` to ``(n, H, W, 3)`` RGB in [0, 1] with ComfyUI's
-    latent preview factors (a linear map, then ``(value + 1) / 2`` clamped)."""
+    latent preview factors (a linear map, then ``(value + 1) / 2`` clamped). NaN/inf latents are refused
+    (``ValueError``): clamping would show them as a plausible black or white picture."""
+    require_finite(latents, "the latents")
     factors = torch.tensor(SD15_LATENT_RGB_FACTORS, dtype=torch.float64, device=latents.device)
     rgb = latents.to(torch.float64).movedim(1, -1) @ factors
     return ((rgb + 1) / 2).clamp(0, 1).to(latents.dtype if latents.is_floating_point() else torch.float32)
@@ -127,6 +130,20 @@ DEMO_UNET_CONFIG: dict = {
 Channels 32 -> 64 over two levels (8x8, 4x4); one spatial transformer (self-attention plus
 cross-attention to the prompt) in the 4x4 input block and in both 4x4 output blocks; the
 middle block is a single ResBlock. About 0.8M parameters, ~0.1 CPU-s per training step of 64."""
+
+
+
+def check_demo_latent_size(height: int, width: int) -> None:
+    """Refuse a latent the demo UNet cannot run (``ValueError``, in plain words).
+
+    The UNet's second level opens with a 32-group normalisation of 32 channels, after a stride-2
+    downsample to ``ceil(h / 2) x ceil(w / 2)``: each group needs more than one value, so at least
+    one side must be 3 or longer (2x2 and smaller fail inside the network with a library message).
+    """
+    if math.ceil(height / 2) * math.ceil(width / 2) <= 1:
+        raise ValueError(f"the demo model needs a latent of at least 3 in height or width (got {height}x{width}); "
+                         "it was trained on 8x8 latents (Empty Latent Image 64x64)")
+
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEMO_WEIGHTS_PATH = REPO_ROOT / "assets" / "demo" / "stride_demo_unet.safetensors"

@@ -24,6 +24,8 @@ import kornia
 import torch
 from torch import Tensor
 
+from ..spaces import require_finite
+
 ORIENTATION_BINS = 8
 LAB_SCALE = 100.0
 
@@ -79,7 +81,9 @@ def mean_pairwise_distance(descriptors: Tensor) -> float:
 
 
 def image_diversity(images: Tensor) -> Diversity:
-    """Diversity of a batch of images ``(n, H, W, 3)`` in [0, 1], n >= 2 (see the module docstring)."""
+    """Diversity of a batch of images ``(n, H, W, 3)`` in [0, 1], n >= 2 (see the module docstring); NaN/inf
+    pixels are refused (``ValueError``)."""
+    require_finite(images, "the images")
     descriptors = image_descriptors(images)
     return Diversity(
         mean_pairwise_distance(torch.cat([descriptors.colour, descriptors.edges], dim=1)),

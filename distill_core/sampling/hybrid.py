@@ -7,6 +7,9 @@ CFG) for the first ``handover_steps`` steps of a shared schedule and the distill
 sampler, usually CFG 1) for the rest. The paper's setting is one base step on the 4-step LCM
 schedule: base at timestep 999, distilled at 759, 499 and 259.
 
+The same machinery hands over between the two experts of Wan 2.2 A14B (high-noise expert first, low-noise
+expert after a sigma boundary, :func:`handover_steps_at`).
+
 The hand-over is the base sampler's own step to ``sigmas[k]``: for DDIM, Euler and LCM-type steps
 (and any sampler whose first ``k`` steps do not look at later sigmas) that is exactly the latent the
 base sampler alone holds at step ``k``. When the two models use different noise conventions (an EPS
@@ -62,6 +65,18 @@ def check_handover_steps(handover_steps: int, steps: int) -> None:
     """Raise ``ValueError`` unless ``0 <= handover_steps <= steps``."""
     if not 0 <= handover_steps <= steps:
         raise ValueError(f"handover_steps must be between 0 and the schedule's {steps} steps, got {handover_steps}")
+
+
+def handover_steps_at(sigmas: Tensor, boundary: float) -> int:
+    """How many leading steps of ``sigmas`` run before a hand-over at the sigma ``boundary``: those with
+    ``sigma >= boundary``, in the base model's convention.
+
+    This is Wan 2.2 A14B's expert switch: its high-noise expert runs while ``t >= boundary * 1000`` with
+    ``t = 1000 sigma`` (official ``text2video.py``; boundary 0.875 for T2V, 0.9 for I2V).
+    """
+    if not boundary > 0:
+        raise ValueError(f"the hand-over boundary must be a positive sigma, got {boundary}")
+    return int((sigmas[:-1] >= boundary).sum())
 
 
 def split_schedule(

@@ -30,6 +30,22 @@ def lcm_boundary_scalings(timestep: Tensor | float, timestep_scaling: float = 10
     return LCM_SIGMA_DATA**2 / denominator, scaled / denominator**0.5
 
 
+def unit_noise_input_scale(space: NoiseSpace, sigma: float) -> float:
+    """``sqrt(1 + sigma^2) / sigma``: turns the host's starting latent ``sigma z`` into ``sqrt(1 + sigma^2) z``,
+    the VE latent whose network input ``x / sqrt(1 + sigma^2)`` is the unit noise ``z`` itself.
+
+    diffusers starts every LCMScheduler pipeline from unit noise (``init_noise_sigma = 1``) whatever the
+    first timestep; ComfyUI scales the starting noise by ``sigma_0`` (by ``sqrt(1 + sigma_0^2)`` only at the
+    model's ``sigma_max``). For a one-step generator conditioned on a low timestep (DMD2: 399) the two
+    differ by the factor ``sqrt(1 - alpha_cumprod)`` (0.758 at 399). Defined for VE spaces only.
+    """
+    if space.kind != "ve":
+        raise ValueError("a unit-noise network input is defined for VE (EPS / V / X0) models only")
+    if sigma <= 0:
+        raise ValueError(f"the first sigma must be positive, got {sigma}")
+    return math.sqrt(1 + sigma**2) / sigma
+
+
 def lcm_boundary_denoised(
     space: NoiseSpace, x: Tensor, x0: Tensor, sigma: Tensor | float, timestep_scaling: float = 10.0
 ) -> Tensor:
@@ -64,6 +80,7 @@ def sample_lcm(
     s_noise: float = 1.0,
     boundary: bool = True,
     timestep_scaling: float = 10.0,
+    unit_noise_input: bool = False,
 ) -> Tensor:
     """LCM multistep sampling over ``sigmas`` (k-diffusion sampler shape).
 
@@ -77,7 +94,13 @@ def sample_lcm(
     ``x_next = (1 - sigma_next) x0 + sigma_next z``; the boundary condition uses the flow table's
     timestep of sigma (negligible above t ~ 50). Models whose ComfyUI model sampling already applies
     the boundary (the built-in "lcm" sampling) should use ``boundary=False``.
+
+    ``unit_noise_input``: the starting latent ``x = sigma_0 z`` (an empty latent noised by the host) is
+    rescaled by :func:`unit_noise_input_scale`, so the network's first input is the unit noise ``z``, as
+    DMD2's 1-step generator was trained (pure noise at timestep 399). Only for a pure-noise start.
     """
+    if unit_noise_input:
+        x = x * unit_noise_input_scale(space, float(sigmas[0]))
 
     def update(
         i: int, x: Tensor, denoised: Tensor, sigma: float, sigma_next: float, draw_noise: Callable[[], Tensor]

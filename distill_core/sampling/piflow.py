@@ -43,7 +43,7 @@ from torch import Tensor
 from torch.nn import functional as F
 from tqdm.auto import trange
 
-from ..spaces import per_sample
+from ..spaces import per_sample, time_shift
 from .steps import NoiseSampler, default_noise_sampler
 
 DEFAULT_SHIFT = 3.2
@@ -58,8 +58,8 @@ _EPS = 1e-6  # clamps of the official code (sigma, GM denominators, temperature)
 
 # -- time warping and schedule --------------------------------------------------------------
 def warp_time(raw_t: Tensor, shift: float = DEFAULT_SHIFT) -> Tensor:
-    """Sigma of raw time ``t``: ``shift t / (1 + (shift - 1) t)``."""
-    return shift * raw_t / (1 + (shift - 1) * raw_t)
+    """Sigma of raw time ``t``: :func:`~distill_core.spaces.time_shift` at pi-Flow's default shift."""
+    return time_shift(raw_t, shift)
 
 
 def unwarp_sigma(sigma: Tensor, shift: float = DEFAULT_SHIFT) -> Tensor:

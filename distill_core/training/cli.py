@@ -224,7 +224,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.chdir(os.path.dirname(os.path.abspath(arguments.config)))  # other relative paths are relative to the config
     summary = run(settings)
     if summary.rank == 0:
-        print(json.dumps({"done": summary.result.steps_done, "world_size": summary.world_size}), flush=True)
+        note = summary.result.resume_note(DistillConfig.from_dict(settings.get("distill", {})).steps)
+        print(json.dumps({"done": summary.result.steps_done, "world_size": summary.world_size,
+                          **({"note": note} if note else {})}), flush=True)
     return 0
 
 

@@ -8,7 +8,8 @@ from typing import Any
 
 from torch import Tensor
 
-from .conditioning import Cond
+from ..spaces import require_finite
+from .conditioning import Cond, cond_tensors
 
 OBJECTIVES = ("lcm", "tdd", "segmented")
 # Per-objective defaults, from the official scripts (see objectives.py and DESIGN.md §3).
@@ -119,3 +120,10 @@ class TrainingData:
             raise ValueError("latents must hold at least one sample")
         if self.paired and (self.latents is None or len(self.latents) != len(self.conds)):
             raise ValueError("paired data needs exactly one conditioning per latent")
+        if self.latents is not None:
+            require_finite(self.latents, "the training latents")
+        for index, cond in enumerate([*self.conds, self.uncond]):
+            for tensor in cond_tensors(cond):
+                if tensor.is_floating_point():
+                    require_finite(tensor, "the empty prompt's conditioning tensors" if index == len(self.conds)
+                                   else f"the conditioning tensors of prompt {index + 1}")

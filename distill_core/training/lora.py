@@ -190,6 +190,10 @@ def _matrix_shape(layer: nn.Module) -> tuple[int, int]:
     return layer.in_channels * math.prod(layer.kernel_size), layer.out_channels
 
 
+class NoLoraLayersError(ValueError):
+    """No layer of the module matches the LoRA's target kinds and filter: no rank helps (not a rank problem)."""
+
+
 def attach_lora(
     module: nn.Module,
     rank: int,
@@ -207,7 +211,8 @@ def attach_lora(
     the selection. ``alpha`` defaults to ``rank`` (scale 1). ``init="zero-up"`` (down random,
     up zero) leaves outputs unchanged; ``"random"`` makes both factors random. Adapters are
     float32 unless the layer is float64 or ``dtype`` says otherwise, and live on the layer's
-    device. Raises ``ValueError`` for a rank outside ``1..min(in, out)`` of any selected layer,
+    device. Raises :class:`NoLoraLayersError` when no layer matches at all (no rank helps), ``ValueError`` for a
+    rank outside ``1..min(in, out)`` of any selected layer,
     unless ``skip_small_layers`` leaves such layers without an adapter (as diffusers' LCM-LoRA
     target list leaves out a UNet's 4-channel ``conv_in`` / ``conv_out``).
     """
@@ -229,10 +234,15 @@ def attach_lora(
 
     kinds = tuple(LAYER_KINDS[kind] for kind in target)
     selected = [(name, layer) for name, layer in module.named_modules() if name and isinstance(layer, kinds) and keep_name(name)]
-    if skip_small_layers:
-        selected = [(name, layer) for name, layer in selected if rank <= min(_matrix_shape(layer))]
     if not selected:
-        raise ValueError(f"no {'/'.join(target)} layer below the module matches the LoRA target")
+        raise NoLoraLayersError(f"no {'/'.join(target)} layer of the model matches the LoRA target: it has no "
+                                "layer a LoRA can train")
+    if skip_small_layers:
+        widest = max(min(_matrix_shape(layer)) for _, layer in selected)
+        selected = [(name, layer) for name, layer in selected if rank <= min(_matrix_shape(layer))]
+        if not selected:
+            raise ValueError(f"LoRA rank {rank} exceeds the width of every {'/'.join(target)} layer of the model "
+                             f"(the widest allows rank {widest}); lower the rank")
     grouped = [name for name, layer in selected if isinstance(layer, nn.Conv2d) and layer.groups != 1]
     if grouped:
         raise ValueError(f"grouped convolutions cannot take a LoRA here: {grouped[:5]}; exclude them with name_filter")

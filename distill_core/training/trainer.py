@@ -40,7 +40,7 @@ from torch import Tensor, nn
 from ..progress import POOL, Cancelled, PhaseCallback, Progress
 from ..spaces import NoiseSpace, per_sample
 from .checkpoint import TrainingCheckpoint, load_checkpoint, save_checkpoint
-from .conditioning import Cond, Denoiser, cond_cat, cond_tensors, cond_to, cond_where
+from .conditioning import Cond, Denoiser, cond_cat, cond_to, cond_where, named_cond_tensors
 from .config import RESUMABLE_CHANGES, DistillConfig, TrainingData
 from .distributed import all_reduce_mean, any_rank, barrier, broadcast_from_rank0, flatten, unflatten_into, world
 from .lora import LoraSet, attach_lora, load_lora_state_dict
@@ -81,6 +81,15 @@ class TrainResult:
     losses: list[float] = field(default_factory=list)
     cancelled: bool = False
     checkpoint: str | None = None
+    resumed_from: int | None = None  # the checkpoint's step when the run resumed from one
+
+    def resume_note(self, steps: int) -> str | None:
+        """Plain words for a resume that trained nothing (the checkpoint already had ``steps`` steps or more)."""
+        if self.resumed_from is None or self.resumed_from < steps:
+            return None
+        more = f", more than the {steps} asked for" if self.resumed_from > steps else ""
+        return (f"the checkpoint already had {self.resumed_from} steps{more}, so nothing was trained and the LoRA is "
+                "the checkpoint's; raise steps to train further, or set resume off to start again")
 
 
 class DistillDivergedError(RuntimeError):
@@ -168,7 +177,7 @@ class DistillTrainer:
         settings.update(rank=self.rank, latent_shape=list(self.data.latent_shape or ()),
                         dtype=str(self.params[0].dtype), device=self.device.type, timesteps=self.pool_steps().tolist())
         conds = [("uncond", self.uncond), *((f"cond.{i}", cond) for i, cond in enumerate(self.conds))]
-        inputs = [(f"{label}{path}", tensor) for label, cond in conds for path, tensor in cond_tensors(cond)]
+        inputs = [(f"{label}{path}", tensor) for label, cond in conds for path, tensor in named_cond_tensors(cond)]
         return CacheKey.of(POOL_KIND, settings, [*inputs, ("sigma_table", self.space.sigma_table)])
 
     def prepare_data(self, progress: Progress, cache: TeacherCache | None = None) -> None:
@@ -337,6 +346,7 @@ class DistillTrainer:
             if resume and checkpoint_path is not None:
                 with contextlib.suppress(FileNotFoundError):
                     start = saved_step = result.steps_done = self.restore(load_checkpoint(checkpoint_path))
+                    result.resumed_from = start
             broadcast_from_rank0(self.params, self.world_size)
             stack.enter_context(frozen_parameters(self.loraset.root))
             if config.gradient_checkpointing:

@@ -1,8 +1,8 @@
 """The benchmark suite keeps working: a tiny run of the real runner, plus its merge and timing rules.
 
 The runner test starts ``python -m bench.run --smoke`` in a subprocess (it starts its own
-in-process ComfyUI) on the sampler-overhead, hybrid-sampling and distillation-training benchmarks and
-the GPU benchmark in its tiny CPU configuration, writing into a temporary RESULTS.md that already
+in-process ComfyUI) on the sampler-overhead, hybrid-sampling, optimal-steps and distillation-training
+benchmarks and the GPU benchmark in its tiny CPU configuration, writing into a temporary RESULTS.md that already
 holds another benchmark's block.
 """
 from __future__ import annotations
@@ -36,18 +36,18 @@ def test_runner_smoke_writes_checked_sections_and_keeps_others(tmp_path):
     results = tmp_path / "RESULTS.md"
     results.write_text("# old header\n\n" + _block("scaling", KEPT_BLOCK))
     command = [sys.executable, "-m", "bench.run", "--smoke", "--only", "sampler_overhead", "--only", "hybrid",
-               "--only", "training", "--only", "gpu", "--device", "cpu", "--threads", "1", "--results", str(results),
-               "--plots", str(tmp_path / "plots")]
+               "--only", "optimal_steps", "--only", "training", "--only", "gpu", "--device", "cpu", "--threads", "1",
+               "--results", str(results), "--plots", str(tmp_path / "plots")]
     process = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert process.returncode == 0, process.stderr[-4000:]
 
     text = results.read_text()
     blocks = existing_blocks(text)
     # registry order, old block kept in place
-    assert list(blocks) == ["sampler_overhead", "scaling", "hybrid", "training", "gpu"]
+    assert list(blocks) == ["sampler_overhead", "scaling", "hybrid", "optimal_steps", "training", "gpu"]
     assert blocks["scaling"].strip() == KEPT_BLOCK.strip()
     assert "old header" not in text and "torch threads | 1" in text
-    for name in ("sampler_overhead", "hybrid", "training", "gpu"):
+    for name in ("sampler_overhead", "hybrid", "optimal_steps", "training", "gpu"):
         assert "FAILED" not in blocks[name]
         assert "Sanity checks (passed before any number below was recorded)" in blocks[name]
     # ratio first: after what was compared, on what model and on which device and dtype comes a ratio ("1.23x")
@@ -59,9 +59,17 @@ def test_runner_smoke_writes_checked_sections_and_keeps_others(tmp_path):
 
     hybrid_rows = [line.split(" | ") for line in blocks["hybrid"].splitlines() if line.startswith("| hybrid ")]
     assert [row[0] for row in hybrid_rows] == ["| hybrid 1+3", "| hybrid 2+2"]
-    assert [row[6] for row in hybrid_rows] == ["4 (1 + 3)", "4 (2 + 2)"]  # counted NFE: base + distilled calls
+    assert [row[8] for row in hybrid_rows] == ["4 (1 + 3)", "4 (2 + 2)"]  # counted NFE: base + distilled calls
     assert "handover 0 == the distilled model alone" in blocks["hybrid"]
     assert (tmp_path / "plots" / "hybrid_mode_shares.png").is_file()
+
+    optimal_rows = [line.split(" | ") for line in blocks["optimal_steps"].splitlines() if line.startswith("| ")]
+    assert [row[0] for row in optimal_rows if row[0].startswith("| OSS search")] == ["| OSS search (paper)",
+                                                                                  "| OSS search (fast)"] * 2
+    cost_rows = [row for row in optimal_rows if row[0].startswith("| reference teacher")]
+    assert cost_rows and all(re.fullmatch(r"[\d.e+-]+x", row[4]) for row in cost_rows)  # evaluations vs the official DP
+    assert "finds the exhaustive optimum on every noise" in blocks["optimal_steps"]
+    assert (tmp_path / "plots" / "optimal_steps_endpoint_error.png").is_file()
 
     training_rows = {line.split(" | ")[0]: line.split(" | ") for line in blocks["training"].splitlines()
                      if line.startswith("| ") and " vs " in line.split(" | ")[0]}

@@ -5,6 +5,7 @@ reference models with the same noise (float32 like the host): base = exact denoi
 Euler (= DDIM), distilled = exact flow map with Stride's LCM sampler, on the 4-step LCM schedule.
 """
 import functools
+import sys
 
 import numpy as np
 import pytest
@@ -91,8 +92,8 @@ def library_reference(comfy_host, distilled_prediction: str, handover_steps: int
                       base_prediction: str = "eps") -> torch.Tensor:
     """The same hybrid run with distill_core on the exact mixture (float32, host's noise and seeds)."""
     nodes = comfy_host.nodes.NODE_CLASS_MAPPINGS
-    base_model = nodes["StrideReferenceModel"]().build("demo", base_prediction, DENOISER, FLOW_MAP_STEPS)[0]
-    sigmas = nodes["StrideLCMScheduler"]().schedule(base_model, 4, 50, 1.0)[0]
+    base_model = nodes["StrideReferenceModel"].execute("demo", base_prediction, DENOISER, FLOW_MAP_STEPS)[0]
+    sigmas = nodes["StrideLCMScheduler"].execute(base_model, 4, 50, 1.0)[0]
     base_space, distilled_space = SPACES[base_prediction], SPACES[distilled_prediction]
     mixture = demo_mixture()
     square = torch.full((BATCH,), 1)
@@ -219,29 +220,34 @@ def test_missing_conditioning_is_a_validation_error(comfy_host):
     assert not valid and "base_positive" in str(node_errors)
 
 
+def stride_error(comfy_host) -> type:
+    """StrideError as ComfyUI loaded the pack (its package name is ComfyUI's choice)."""
+    return sys.modules[comfy_host.nodes.NODE_CLASS_MAPPINGS["StrideHybridSample"].__module__].StrideError
+
+
 def test_empty_conditioning_names_the_phase(comfy_host):
     nodes = comfy_host.nodes.NODE_CLASS_MAPPINGS
-    base = nodes["StrideReferenceModel"]().build("demo", "eps", DENOISER, FLOW_MAP_STEPS)[0]
-    prompt = nodes["StrideClassPrompt"]().encode("square")[0]
+    base = nodes["StrideReferenceModel"].execute("demo", "eps", DENOISER, FLOW_MAP_STEPS)[0]
+    prompt = nodes["StrideClassPrompt"].execute("square")[0]
     latent = {"samples": torch.zeros(1, 4, 8, 8)}
-    node = nodes["StrideHybridSample"]()
-    with pytest.raises(ValueError, match="distilled_positive: the conditioning is empty"):
-        node.sample(base, prompt, prompt, 2.0, "euler", base, [], prompt, 1.0, "lcm", "lcm / tcd grid", 4, 1, 0, latent)
+    node = nodes["StrideHybridSample"]
+    with pytest.raises(stride_error(comfy_host), match="distilled_positive: the conditioning is empty"):
+        node.execute(base, prompt, prompt, 2.0, "euler", base, [], prompt, 1.0, "lcm", "lcm / tcd grid", 4, 1, 0, latent)
 
 
 def test_models_with_different_latent_formats_are_refused(comfy_host):
     import comfy.latent_formats
 
     nodes = comfy_host.nodes.NODE_CLASS_MAPPINGS
-    base = nodes["StrideReferenceModel"]().build("demo", "eps", DENOISER, FLOW_MAP_STEPS)[0]
+    base = nodes["StrideReferenceModel"].execute("demo", "eps", DENOISER, FLOW_MAP_STEPS)[0]
     other = base.clone()
     other.add_object_patch("latent_format", comfy.latent_formats.SD3())
-    prompt = nodes["StrideClassPrompt"]().encode("square")[0]
+    prompt = nodes["StrideClassPrompt"].execute("square")[0]
     latent = {"samples": torch.zeros(1, 4, 8, 8)}
-    with pytest.raises(ValueError, match=r"distilled_model: .*16 channels.*4 channels.*share one VAE"):
-        nodes["StrideHybridSample"]().sample(base, prompt, prompt, 2.0, "euler", other, prompt, prompt, 1.0, "lcm",
+    with pytest.raises(stride_error(comfy_host), match=r"distilled_model: .*16 channels.*4 channels.*share one VAE"):
+        nodes["StrideHybridSample"].execute(base, prompt, prompt, 2.0, "euler", other, prompt, prompt, 1.0, "lcm",
                                              "lcm / tcd grid", 4, 1, 0, latent)
-    guider_node = nodes["StrideHybridGuider"]()
+    guider_node = nodes["StrideHybridGuider"]
     import comfy.samplers
 
     guiders = []
@@ -249,8 +255,8 @@ def test_models_with_different_latent_formats_are_refused(comfy_host):
         guider = comfy.samplers.CFGGuider(model)
         guider.set_conds(prompt, prompt)
         guiders.append(guider)
-    with pytest.raises(ValueError, match="distilled_guider: .*latent format"):
-        guider_node.build(guiders[0], guiders[1], comfy.samplers.sampler_object("euler"), 1)
+    with pytest.raises(stride_error(comfy_host), match="distilled_guider: .*latent format"):
+        guider_node.execute(guiders[0], guiders[1], comfy.samplers.sampler_object("euler"), 1)
 
 
 def test_inpainting_masks_are_refused(comfy_host):

@@ -139,7 +139,7 @@ def loader_module(comfy_host):
 
 
 def load_adapter(comfy_host, model, file_name: str):
-    return comfy_host.nodes.NODE_CLASS_MAPPINGS["StridePiFlowAdapterLoader"]().load(model, file_name, 1.0)[0]
+    return comfy_host.nodes.NODE_CLASS_MAPPINGS["StridePiFlowAdapterLoader"].execute(model, file_name, 1.0)[0]
 
 
 def latent_batch(name: str, batch: int = 2) -> torch.Tensor:

@@ -65,8 +65,8 @@ def reference_graph(steps: int, guider: str = "BasicGuider", model: dict | None 
 def reference_sigmas(comfy_host, steps: int, denoise: float = 1.0) -> torch.Tensor:
     """The scheduler's float32 SIGMAS for the reference teacher, as the graph has them."""
     nodes = comfy_host.nodes.NODE_CLASS_MAPPINGS
-    model = nodes["StridePiFlowReferenceModel"]().build()[0]
-    return nodes["StridePiFlowScheduler"]().schedule(model, steps, 3.2, 0.5, denoise)[0]
+    model = nodes["StridePiFlowReferenceModel"].execute()[0]
+    return nodes["StridePiFlowScheduler"].execute(model, steps, 3.2, 0.5, denoise)[0]
 
 
 def reference_substep_grid(comfy_host, steps: int, denoise: float = 1.0) -> torch.Tensor:
@@ -80,7 +80,7 @@ def teacher_euler(comfy_host, steps: int, *, denoise: float = 1.0, latent: torch
                   seed: int = SEED, grid: torch.Tensor | None = None) -> torch.Tensor:
     """The reference teacher's own Euler ODE (float64) on the sampler's substep grid (or ``grid``), from
     ``latent`` noised to the first sigma with the graph's seeded noise (an empty latent by default)."""
-    mixture = comfy_host.nodes.NODE_CLASS_MAPPINGS["StridePiFlowReferenceModel"]().build()[0].model.diffusion_model.mixture
+    mixture = comfy_host.nodes.NODE_CLASS_MAPPINGS["StridePiFlowReferenceModel"].execute()[0].model.diffusion_model.mixture
     grid = reference_substep_grid(comfy_host, steps, denoise) if grid is None else grid
     noise = torch.randn((BATCH, 4, 8, 8), generator=torch.manual_seed(seed), dtype=torch.float32).double()
     latent = torch.zeros_like(noise) if latent is None else latent.double()

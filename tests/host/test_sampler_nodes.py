@@ -70,8 +70,8 @@ def run_latent(comfy_host, graph: dict) -> torch.Tensor:
 def library_reference(comfy_host, method: str, prediction: str) -> torch.Tensor:
     """The same sampling done directly with distill_core on the exact denoiser (float64)."""
     _, _, scheduler_node, scheduler_inputs, sample_fn, options = METHODS[method]
-    model = comfy_host.nodes.NODE_CLASS_MAPPINGS["StrideReferenceModel"]().build("demo", prediction, DENOISER, 8)[0]
-    sigmas = comfy_host.nodes.NODE_CLASS_MAPPINGS[scheduler_node]().schedule(model, **scheduler_inputs)[0].double()
+    model = comfy_host.nodes.NODE_CLASS_MAPPINGS["StrideReferenceModel"].execute("demo", prediction, DENOISER, 8)[0]
+    sigmas = comfy_host.nodes.NODE_CLASS_MAPPINGS[scheduler_node].execute(model, **scheduler_inputs)[0].double()
     if prediction == "flow":
         space = NoiseSpace.flow(shift=1.0)
     else:

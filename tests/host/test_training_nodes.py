@@ -187,10 +187,10 @@ def test_a_model_carrying_a_user_lora_trains_with_that_lora_applied(comfy_host):
     from distill_core.safe_files import write_safetensors
     from distill_core.training.lora import attach_lora, lora_state_dict
 
-    stride = {name: cls() for name, cls in comfy_host.nodes.NODE_CLASS_MAPPINGS.items() if name.startswith("Stride")}
-    base = stride["StrideDemoModel"].load()[0]
-    prompt = {name: stride["StrideClassPrompt"].encode(name)[0] for name in ("disc", "ring", "")}
-    data = stride["StrideDistillDataset"].build(prompt["disc"], prompt[""], prompt_2=prompt["ring"], width=64,
+    stride = {name: cls for name, cls in comfy_host.nodes.NODE_CLASS_MAPPINGS.items() if name.startswith("Stride")}
+    base = stride["StrideDemoModel"].execute()[0]
+    prompt = {name: stride["StrideClassPrompt"].execute(name)[0] for name in ("disc", "ring", "")}
+    data = stride["StrideDistillDataset"].execute(prompt["disc"], prompt[""], prompt_2=prompt["ring"], width=64,
                                                  height=64)[0]
 
     with torch.random.fork_rng():  # a user's style LoRA: random, large enough to change the teacher's outputs
@@ -210,25 +210,25 @@ def test_a_model_carrying_a_user_lora_trains_with_that_lora_applied(comfy_host):
     sampler = stride["StrideFewStepSample"]
 
     def sample(model) -> torch.Tensor:
-        return sampler.sample(model, prompt["disc"], prompt[""], latent, "lcm", 4, 1.0, 0.3, 0.2, 9, 1.0)[0]["samples"]
+        return sampler.execute(model, prompt["disc"], prompt[""], latent, "lcm", 4, 1.0, 0.3, 0.2, 9, 1.0)[0]["samples"]
 
     user_teacher_before = sample(with_user)
     comfy.model_management.load_models_gpu([with_user], force_full_load=True)  # ComfyUI merges the user LoRA
     merged_weights = {k: v.detach().clone() for k, v in with_user.model.diffusion_model.state_dict().items()}
-    plain_weights = stride["StrideDemoModel"].load()[0].model.diffusion_model.state_dict()
+    plain_weights = stride["StrideDemoModel"].execute()[0].model.diffusion_model.state_dict()
     adapted = [key[len("diffusion_model."):-len(".lora_up.weight")] + ".weight" for key in user_state
                if key.endswith(".lora_up.weight")]
     assert all(not torch.equal(merged_weights[k], plain_weights[k]) for k in adapted), "the user LoRA is merged"
 
-    merged = stride["StrideDemoModel"].load()[0]
+    merged = stride["StrideDemoModel"].execute()[0]
     merged.model.diffusion_model.load_state_dict(merged_weights)
 
     settings = dict(objective="lcm", steps=4, learning_rate=1e-3, rank=4, alpha=0.0, batch_size=2, guidance_min=0.0,
                     guidance_max=0.0, loss="l2", gradient_checkpointing=False, seed=5, save_every=0, resume=False)
     trainer = stride["StrideDistillLoRA"]
-    trained_model, on_user, _, _ = trainer.train(with_user, data, lora_name="user_lora_run", **settings)
-    _, on_merged, _, _ = trainer.train(merged, data, lora_name="merged_run", **settings)
-    _, on_plain, _, _ = trainer.train(base, data, lora_name="plain_run", **settings)
+    trained_model, on_user, _, _ = trainer.execute(with_user, data, lora_name="user_lora_run", **settings)
+    _, on_merged, _, _ = trainer.execute(merged, data, lora_name="merged_run", **settings)
+    _, on_plain, _, _ = trainer.execute(base, data, lora_name="plain_run", **settings)
 
     def largest_gap(a: dict, b: dict) -> float:
         return max(float((a[k] - b[k]).abs().max() / b[k].abs().max().clamp_min(1e-12)) for k in b)
@@ -283,10 +283,10 @@ def test_headless_export_rebuilds_comfyui_sd15_and_sdxl_models(comfy_host, arch)
 
     config = models.unet_config(arch, reduced_depth=True, model_channels=32, context_dim=64)
     model = models.unet_model(arch, config, torch.device("cpu"), torch.float32, seed=0)
-    stride = {name: cls() for name, cls in comfy_host.nodes.NODE_CLASS_MAPPINGS.items() if name.startswith("Stride")}
-    data = stride["StrideDistillDataset"].build(models.unet_conditioning(arch, config, seed=1),
+    stride = {name: cls for name, cls in comfy_host.nodes.NODE_CLASS_MAPPINGS.items() if name.startswith("Stride")}
+    data = stride["StrideDistillDataset"].execute(models.unet_conditioning(arch, config, seed=1),
                                                  models.unet_conditioning(arch, config, seed=2), width=64, height=64)[0]
-    stride["StrideDistillLoRA"].train(model, data, objective="lcm", steps=1, learning_rate=1e-3, rank=4, alpha=0.0,
+    stride["StrideDistillLoRA"].execute(model, data, objective="lcm", steps=1, learning_rate=1e-3, rank=4, alpha=0.0,
                                       batch_size=1, guidance_min=0.0, guidance_max=0.0, loss="l2",
                                       gradient_checkpointing=False, seed=0, save_every=0, lora_name=f"export_{arch}",
                                       resume=False, export_headless=True)

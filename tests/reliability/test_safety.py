@@ -147,7 +147,7 @@ def test_pickles_offered_as_lora_adapter_checkpoint_or_weights_are_refused_unrea
 
     piflow_nodes = stride_module(fault_host, "StridePiFlowAdapterLoader", "nodes.piflow_loader")
     for name in (f"safety_{kind}.pt", f"safety_{kind}_renamed.safetensors"):
-        with pytest.raises(ValueError) as refused:  # StrideError is a ValueError
+        with pytest.raises(piflow_nodes.StrideError) as refused:
             piflow_nodes.read_adapter_file(name)
         refusals.append(str(refused.value))
 
@@ -176,7 +176,7 @@ def test_resuming_from_a_pickled_checkpoint_is_refused_unread(fault_host, demo_w
 # ------------------------------------------------------------------------------------------
 # Files stay inside output/, models/ and temp/
 # ------------------------------------------------------------------------------------------
-TRICKY_NAMES = ["lora", "my lora v2", "a.b.c", "x" * 121, "x" * 122, "..", "a/../b", "../../etc/passwd", "/etc/passwd",
+TRICKY_NAMES = ["lora", "my lora v2", "a.b.c", "x" * 120, "x" * 121, "..", "a/../b", "../../etc/passwd", "/etc/passwd",
                 "\\\\server\\share\\x", "C:\\Windows\\x", "C:x", "~/x", "$HOME", "%APPDATA%", "a\x00b", "a\nb",
                 "．．／x", "nul", "Com1.safetensors", "lpt9.txt", ".hidden", "-rf", "name.", "name ", " name",
                 "a:b", "a*b", "a?b", "a<b>", "a|b", 'a"b', "é", "名前"]
@@ -189,14 +189,14 @@ def test_any_accepted_name_stays_a_direct_child_of_its_folder(fault_host):
     for name in TRICKY_NAMES:
         try:
             file_name = training.safe_file_name(name, "file_name")
-        except ValueError as refused:
+        except training.StrideError as refused:
             assert str(refused).startswith("file_name: "), refused
             continue
         accepted.append(name)
         checkpoint = training.checkpoint_path(name).resolve()
         assert checkpoint.parent == output / "stride_checkpoints" and checkpoint.name == file_name, name
         assert Path(file_name).name == file_name and "\\" not in file_name and "\x00" not in file_name
-    assert sorted(accepted) == sorted(["lora", "my lora v2", "a.b.c", "x" * 121, "name.", "name ", " name"]), accepted
+    assert sorted(accepted) == sorted(["lora", "my lora v2", "a.b.c", "x" * 120, "name.", "name ", " name"]), accepted
 
 
 def test_training_and_saving_write_only_the_checkpoint_and_the_lora(fault_host, demo_weights):

@@ -18,6 +18,7 @@ from distill_core.reference.demo import (
     DEMO_UNET_CONFIG,
     DEMO_WEIGHTS_PATH,
     NUM_DEMO_CLASSES,
+    check_demo_latent_size,
     decode_context,
     demo_mixture,
     demo_noise_space,
@@ -156,3 +157,20 @@ def test_prompt_steers_the_net_like_the_teacher(demo_unet):
         distances = (exact - predicted).flatten(2).norm(dim=2).mean(dim=1)
         assert distances.argmin() == c, distances
         assert distances[c] < 0.5 * distances[torch.arange(NUM_DEMO_CLASSES) != c].min(), distances
+
+
+@pytest.mark.parametrize("height,width", [(1, 1), (2, 2), (1, 2), (2, 3), (3, 1), (1, 8), (7, 9), (8, 8)])
+def test_the_latent_size_check_agrees_with_the_network(demo_unet, height, width):
+    x = torch.randn(1, 4, height, width, generator=torch.Generator().manual_seed(0))
+    context = encode_classes(torch.tensor([1]), 1).float()
+    try:
+        with torch.no_grad():
+            demo_unet(x, torch.tensor([500.0]), context=context)
+        runs = True
+    except ValueError:  # the network's own GroupNorm refusal
+        runs = False
+    if runs:
+        check_demo_latent_size(height, width)
+    else:
+        with pytest.raises(ValueError, match=f"at least 3 in height or width \\(got {height}x{width}\\)"):
+            check_demo_latent_size(height, width)

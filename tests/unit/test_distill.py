@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from distill_core.safe_files import read_safetensors
+from distill_core.safe_files import UnsafeFileError, read_safetensors, write_safetensors
 from distill_core.sampling.lcm import lcm_boundary_scalings
 from distill_core.spaces import NoiseSpace, scaled_linear_alphas_cumprod
 from distill_core.training.checkpoint import load_checkpoint
@@ -305,3 +305,60 @@ def test_trains_comfyui_unet_built_under_inference_mode(comfy):
     assert vectors[0].abs().max() > 0
     assert torch.allclose(vectors[0], vectors[1], atol=1e-6)
     assert all(torch.equal(unet.state_dict()[key], value) for key, value in weights_before.items())
+
+
+def test_resuming_a_run_that_already_has_the_steps_trains_nothing_and_says_so(tmp_path):
+    checkpoint = str(tmp_path / "run.ckpt.safetensors")
+    network, loraset, config = demo_setup(steps=3)
+    fresh = train(network.denoiser, loraset, network.space, config, network.data, checkpoint_path=checkpoint)
+    assert fresh.resumed_from is None and fresh.resume_note(3) is None
+    trained = lora_vector(loraset)
+
+    network, loraset, config = demo_setup(steps=2)
+    again = train(network.denoiser, loraset, network.space, config, network.data, checkpoint_path=checkpoint,
+                  resume=True)
+    assert again.resumed_from == 3 and again.steps_done == 3 and not again.losses
+    assert (lora_vector(loraset) - trained).abs().max() == 0  # the checkpoint's LoRA, not a 2-step one
+    assert "already had 3 steps, more than the 2 asked for" in again.resume_note(config.steps)
+    assert load_checkpoint(checkpoint).step == 3
+
+    network, loraset, config = demo_setup(steps=5)
+    longer = train(network.denoiser, loraset, network.space, config, network.data, checkpoint_path=checkpoint,
+                   resume=True)
+    assert longer.resumed_from == 3 and longer.steps_done == 5 and longer.resume_note(config.steps) is None
+
+
+def test_training_data_refuses_non_finite_latents_and_conditioning():
+    good = torch.zeros(1, 3, 4)
+    bad = good.clone()
+    bad[0, 1, 2] = float("inf")
+    with pytest.raises(ValueError, match="the training latents contain NaN or inf"):
+        TrainingData(conds=[good], uncond=good, latents=torch.full((2, 4, 8, 8), float("nan")))
+    with pytest.raises(ValueError, match="the conditioning tensors of prompt 2 contain NaN or inf"):
+        TrainingData(conds=[{"c": good}, {"c": bad}], uncond={"c": good}, latent_shape=(4, 8, 8))
+    with pytest.raises(ValueError, match="the empty prompt's conditioning tensors contain NaN or inf"):
+        TrainingData(conds=[good], uncond=[bad], latent_shape=(4, 8, 8))
+
+
+@pytest.mark.parametrize("key,value,problem", [
+    ("step", "3.5", "its step '3.5' is not a whole number"),
+    ("step", None, "its metadata lacks ['step']"),
+    ("config", "{not json", "its 'config' metadata is not valid JSON"),
+    ("config", "[1, 2]", "its settings ('config') are not a JSON object"),
+    ("optimizer.scalars", '{"x": {}}', "optimizer scalars are not objects keyed by parameter number"),
+    ("optimizer.param_groups", '[{"lr": 1}]', "parameter groups are not a list of objects with 'params'"),
+    ("optimizer.param_groups", "[" * 100000 + "]" * 100000, "'optimizer.param_groups' metadata is not valid JSON"),
+])
+def test_a_checkpoint_with_damaged_metadata_is_refused_in_plain_words(tmp_path, key, value, problem):
+    checkpoint = str(tmp_path / "run.ckpt.safetensors")
+    network, loraset, config = demo_setup(steps=1)
+    train(network.denoiser, loraset, network.space, config, network.data, checkpoint_path=checkpoint)
+    tensors, metadata = read_safetensors(checkpoint)
+    if value is None:
+        del metadata[key]
+    else:
+        metadata[key] = value
+    write_safetensors(checkpoint, tensors, metadata)
+    with pytest.raises(UnsafeFileError, match="is a damaged Stride checkpoint") as refused:
+        load_checkpoint(checkpoint)
+    assert problem in str(refused.value)

@@ -70,3 +70,10 @@ def test_bad_inputs_are_refused():
         mean_pairwise_distance(torch.zeros(1, 3))
     with pytest.raises(ValueError, match="shape"):
         image_diversity(torch.zeros(2, 3, 8, 8))
+
+
+def test_non_finite_images_are_refused():
+    images = torch.rand(3, 16, 16, 3, generator=torch.Generator().manual_seed(0))
+    images[1, 4, 4, 0] = float("nan")
+    with pytest.raises(ValueError, match="the images contain NaN or inf"):
+        image_diversity(images)

@@ -6,7 +6,13 @@ import torch
 from torch import nn
 
 from distill_core.safe_files import read_safetensors, write_safetensors
-from distill_core.training.lora import attach_lora, ensure_autograd_compatible, load_lora_state_dict, lora_state_dict
+from distill_core.training.lora import (
+    NoLoraLayersError,
+    attach_lora,
+    ensure_autograd_compatible,
+    load_lora_state_dict,
+    lora_state_dict,
+)
 from tests.unit.distill_fixtures import comfy, tiny_comfy_sd15  # noqa: F401 (fixtures)
 
 
@@ -278,3 +284,15 @@ def test_lora_set_moves_with_to_and_keeps_working():
     x = torch.randn(3, 4, dtype=torch.float64)
     adapter = loraset.adapters["0"]
     assert torch.allclose(net(x), nn.functional.linear(x, net[0].weight, net[0].bias) + adapter.delta(x), atol=1e-12)
+
+
+def test_a_model_without_target_layers_is_not_a_rank_problem():
+    class NoLayers(nn.Module):
+        def forward(self, x):
+            return x * 2
+
+    with pytest.raises(NoLoraLayersError, match="no Linear/Conv2d layer of the model matches"):
+        attach_lora(NoLayers(), 4, skip_small_layers=True)
+    with pytest.raises(ValueError, match=r"the widest allows rank \d+\); lower the rank") as refused:  # all too narrow
+        attach_lora(tiny_net(), 10_000, skip_small_layers=True)
+    assert not isinstance(refused.value, NoLoraLayersError)

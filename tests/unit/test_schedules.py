@@ -5,6 +5,7 @@ import pytest
 from diffusers import DDIMScheduler, LCMScheduler, TCDScheduler
 
 from distill_core.sampling.schedules import (
+    StrengthTooLowError,
     hyper_sdxl_one_step_timesteps,
     lcm_timesteps,
     tcd_timesteps,
@@ -118,3 +119,11 @@ def test_tdd_schedules_equal_official(steps):
 def test_invalid_arguments_raise_clear_errors(call, message):
     with pytest.raises(ValueError, match=message):
         call()
+
+
+def test_a_strength_below_one_grid_step_names_the_strength_it_needs():
+    with pytest.raises(StrengthTooLowError, match=r"strength 0.01 leaves no timestep .* at least 0.02") as low:
+        lcm_timesteps(1, 50, strength=0.01)
+    assert low.value.minimum == 0.02 and lcm_timesteps(1, 50, strength=low.value.minimum) == [19]
+    with pytest.raises(StrengthTooLowError, match=r"strength 0.0005 leaves no training timestep: .* at least 0.001"):
+        tcd_timesteps(1, 50, strength=0.0005, every_training_step=True)

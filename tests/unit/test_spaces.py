@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from distill_core.spaces import NoiseSpace, scaled_linear_alphas_cumprod
+from distill_core.spaces import NoiseSpace, all_finite, require_finite, scaled_linear_alphas_cumprod
 
 
 @pytest.fixture(params=["ve", "flow"])
@@ -72,3 +72,13 @@ def test_scalar_paths_equal_the_tensor_paths(space):
     assert torch.allclose(space.eps(x, x0, high), space.eps(x, x0, tensor(high)), rtol=1e-14, atol=0)
     assert torch.allclose(space.renoise(x, low, high, noise), space.renoise(x, tensor(low), tensor(high), noise),
                           rtol=1e-14, atol=1e-15)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_finiteness_checks_see_one_bad_value(bad):
+    x = torch.zeros(2, 4, 8, 8)
+    assert all_finite(x) and all_finite(torch.zeros(0, 4)) and all_finite(torch.full((3,), 1e30))
+    x[1, 2, 3, 4] = bad
+    assert not all_finite(x)
+    with pytest.raises(ValueError, match="the latents contain NaN or inf values"):
+        require_finite(x, "the latents")

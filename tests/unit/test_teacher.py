@@ -14,7 +14,9 @@ import torch
 from distill_core.reference.demo import SD15_LATENT_RGB_FACTORS, demo_mixture, latent_to_rgb
 from distill_core.reference.metrics import data_nll, mean_nll, sliced_wasserstein
 from distill_core.reference.mixture import FactorizedMixture, GaussianMixture
+from distill_core.reference.ode import solve_probability_flow
 from distill_core.spaces import NoiseSpace, prediction_target, scaled_linear_alphas_cumprod, x0_from_prediction
+
 
 COMFYUI = Path(__file__).resolve().parents[2] / ".cache" / "ComfyUI"
 VE = NoiseSpace.from_alphas_cumprod(scaled_linear_alphas_cumprod())
@@ -146,6 +148,28 @@ def test_flow_map_of_one_gaussian_matches_closed_form(space: NoiseSpace, sigma: 
     torch.testing.assert_close(mixture.flow_map(x, sigma, space), exact, rtol=0, atol=5e-6)
     # Fewer steps are measurably worse: the solver converges rather than matching by construction.
     assert (mixture.flow_map(x, sigma, space, steps=20) - exact).abs().max() > 1e-5
+
+
+@pytest.mark.parametrize("space, sigma, sigma_end", [(VE, SIGMA_MAX, 1.0), (VE, 2.0, 0.3), (FLOW, 1.0, 0.6),
+                                                      (FLOW, 0.8, 0.2)])
+def test_ode_to_an_intermediate_sigma_matches_closed_form(space: NoiseSpace, sigma: float, sigma_end: float) -> None:
+    """For N(mu, s^2 I) the ODE point at sigma_end is a_e mu + sqrt(a_e^2 s^2 + b_e^2) (x - a mu) / sqrt(a^2 s^2 + b^2)."""
+    generator = torch.Generator().manual_seed(7)
+    mu = torch.randn(1, 4, 4, 4, generator=generator, dtype=torch.float64)
+    mixture = GaussianMixture(mu, 0.25)
+    x0, _ = mixture.sample(32, generator)
+    x = space.noise(x0, torch.randn(x0.shape, generator=generator, dtype=torch.float64), sigma)
+    a, b = space.coefficients(torch.tensor(sigma, dtype=torch.float64))
+    a_e, b_e = space.coefficients(torch.tensor(sigma_end, dtype=torch.float64))
+    exact = a_e * mu + torch.sqrt(a_e**2 * 0.25**2 + b_e**2) * (x - a * mu) / torch.sqrt(a**2 * 0.25**2 + b**2)
+    solved = solve_probability_flow(lambda z, s: mixture.denoise(z, s, space), x, sigma, space, sigma_end=sigma_end)
+    torch.testing.assert_close(solved, exact, rtol=0, atol=5e-6)
+    # per-sample end points, and one sample already at its end point stays where it is
+    ends = torch.full((32,), sigma_end, dtype=torch.float64)
+    ends[0] = sigma
+    per_sample = solve_probability_flow(lambda z, s: mixture.denoise(z, s, space), x, sigma, space, sigma_end=ends)
+    torch.testing.assert_close(per_sample[1:], exact[1:], rtol=0, atol=5e-6)
+    torch.testing.assert_close(per_sample[0], x[0], rtol=0, atol=1e-12)
 
 
 def test_flow_map_per_sample_sigmas_and_dtype() -> None:
@@ -349,3 +373,10 @@ def test_demo_mixture_decodes_to_coloured_shapes() -> None:
     ring = rgb[6, 4, 1]
     assert ring[0] > 0.9 and ring[1] > 0.9 and ring[2] < 0.3  # yellow ring
     assert float((rgb[0] - 0.5).abs().sum(-1).gt(0.2).double().mean()) < float((rgb[2] - 0.5).abs().sum(-1).gt(0.2).double().mean())
+
+
+def test_the_preview_decoder_refuses_non_finite_latents():
+    latents = torch.zeros(2, 4, 8, 8)
+    latents[0, 1, 2, 3] = float("nan")
+    with pytest.raises(ValueError, match="the latents contain NaN or inf"):
+        latent_to_rgb(latents)
