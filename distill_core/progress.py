@@ -18,12 +18,13 @@ PhaseCallback = Callable[[str, int, int], None]
 StopPoll = Callable[[], bool]
 """``should_stop() -> bool``: true once the host wants the run to stop (Cancel)."""
 
-# Phase names (what the host shows). Model phases count model calls; write phases count MiB.
+# Phase names (what the host shows) and what each counts.
 POOL = "teacher data pool"
 ENCODE = "encoding images"
 EXPORT = "headless export"
 CHECKPOINT = "writing checkpoint"
 TRAJECTORIES = "teacher trajectories"
+UNITS = {POOL: "teacher calls", ENCODE: "images", EXPORT: "MiB", CHECKPOINT: "MiB", TRAJECTORIES: "model calls"}
 
 MIB = 1 << 20
 T = TypeVar("T")

@@ -74,10 +74,12 @@ class _ListTypedCombo(io.Combo.Input):
 _HOST_CHECKS_V3_COMBOS = hasattr(io, "DynamicCombo")
 
 
-def combo(id: str, options: Iterable[str], tooltip: str, default: str | None = None) -> io.Combo.Input:
-    """A dropdown input whose unknown values every host refuses before the run ("Value not in list")."""
+def combo(id: str, options: Iterable[str], tooltip: str, default: str | None = None,
+          optional: bool = False) -> io.Combo.Input:
+    """A dropdown input whose unknown values every host refuses before the run ("Value not in list"); ``optional``
+    for one added to an existing node (workflows saved before it still validate)."""
     kind = io.Combo.Input if _HOST_CHECKS_V3_COMBOS else _ListTypedCombo
-    return kind(id, options=list(options), default=default, tooltip=tooltip)
+    return kind(id, options=list(options), default=default, tooltip=tooltip, optional=optional)
 
 
 def node_unique_id(node: type[io.ComfyNode]) -> str | None:

@@ -59,9 +59,9 @@ def diffusers_layout(model: Any) -> tuple[ModuleMap, str]:
     return parts, form
 
 
-def diffusers_lora(model: Any, state: dict) -> dict:
-    """Stride's LoRA state dict (``diffusion_model.*`` keys) of ``model`` renamed for diffusers' loaders."""
-    modules, form = diffusers_layout(model)
+def diffusers_lora(state: dict, modules: ModuleMap, form: str) -> dict:
+    """Stride's LoRA state dict (``diffusion_model.*`` keys) renamed for diffusers' loaders with a model's
+    :func:`diffusers_layout`."""
     try:
         return convert_lora(state, modules, form)
     except ValueError as exc:

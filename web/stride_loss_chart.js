@@ -1,9 +1,11 @@
 // Stride: live loss chart on the "Stride Distill LoRA" node, fed by the server's
-// "stride.distill.loss" websocket events ({node, step, steps, loss}).
+// "stride.distill.loss" websocket events ({node, step, steps, loss}); a long phase before or between
+// the steps ("stride.distill.phase": {node, phase, done, total, unit}) is shown on its top line.
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
 
 const EVENT = "stride.distill.loss";
+const PHASE_EVENT = "stride.distill.phase";
 const NODE_TYPE = "StrideDistillLoRA";
 
 function draw(chart) {
@@ -14,6 +16,12 @@ function draw(chart) {
   ctx.fillRect(0, 0, w, h);
   ctx.strokeStyle = "#555";
   ctx.strokeRect(pad, 6, w - pad - 6, h - pad - 6);
+  const phase = chart.phase;
+  if (phase && phase.done < phase.total) {
+    ctx.fillStyle = "#ddd";
+    ctx.font = "11px sans-serif";
+    ctx.fillText(`${phase.phase}: ${phase.done}/${phase.total} ${phase.unit}`, pad + 4, 20);
+  }
   if (points.length < 2) return;
   const logs = points.map((p) => Math.log10(Math.max(p.loss, 1e-12)));
   const lo = Math.min(...logs), hi = Math.max(...logs), span = hi - lo || 1;
@@ -47,6 +55,14 @@ app.registerExtension({
     draw(node.strideLossChart);
   },
   async setup() {
+    api.addEventListener(PHASE_EVENT, ({ detail }) => {
+      const node = app.graph.getNodeById(Number(detail.node));
+      const chart = node && node.strideLossChart;
+      if (!chart) return;
+      chart.phase = detail;
+      chart.canvas.dataset.phase = `${detail.phase} ${detail.done}/${detail.total}`;
+      draw(chart);
+    });
     api.addEventListener(EVENT, ({ detail }) => {
       const node = app.graph.getNodeById(Number(detail.node));
       const chart = node && node.strideLossChart;

@@ -114,7 +114,8 @@ def test_full_size_lora_loads_into_every_module_in_diffusers_and_comfyui(comfy_h
     model = meta_model(comfy_config)
     stride_state = random_stride_lora(model.diffusion_model)
     modules = {key.rsplit(".", 1)[0].rsplit(".", 1)[0] for key in stride_state if key.endswith("lora_down.weight")}
-    file_state = lora_export(comfy_host).diffusers_lora(model, stride_state)
+    export = lora_export(comfy_host)
+    file_state = export.diffusers_lora(stride_state, *export.diffusers_layout(model))
     flux = name.startswith("FLUX")
     target = diffusers.FluxTransformer2DModel if flux else diffusers.UNet2DConditionModel
     with torch.device("meta"):
@@ -263,7 +264,8 @@ def test_diffusers_with_the_file_equals_comfyui_with_the_file(comfy_host, caplog
     assert close(base_ours, base_theirs) < OUTPUT_TOLERANCE, "the two libraries hold the same network"
 
     stride_state = random_stride_lora(patcher.model.diffusion_model)
-    file_state = lora_export(comfy_host).diffusers_lora(patcher.model, stride_state)
+    export = lora_export(comfy_host)
+    file_state = export.diffusers_lora(stride_state, *export.diffusers_layout(patcher.model))
     assert diffusers_load(theirs, file_state, flux, meta=False) == []
     comfy_loads(patcher.model, file_state, caplog)
     adapted, _ = comfy.sd.load_lora_for_models(patcher, None, file_state, 1.0, 0)
