@@ -14,6 +14,8 @@ from typing import Any, Callable
 
 import torch
 
+from distill_core.methods import METHODS, LCMGrid, TDDGrid, schedule_as
+
 from .context import BenchContext
 from .harness import CallTimer
 
@@ -52,12 +54,18 @@ def _builtin(name: str, scheduler: str, few_step: bool = False, deterministic: b
     return SamplerSpec(f"ComfyUI {name}", "ComfyUI", few_step, deterministic, scheduler, build)
 
 
-STRIDE_LCM = _stride("Stride LCM", "StrideLCMSampler", {"s_noise": 1.0, "boundary_condition": True},
-                     "StrideLCMScheduler", {"original_steps": 50, "denoise": 1.0}, "Stride LCM")
-STRIDE_TCD = _stride("Stride TCD (gamma 0.3)", "StrideTCDSampler", {"gamma": 0.3},
-                     "StrideHyperSDScheduler", {"mode": "tcd grid", "denoise": 1.0}, "Stride TCD grid")
-STRIDE_TDD = _stride("Stride TDD (eta 0.2)", "StrideTDDSampler", {"eta": 0.2, "clip_x0_steps": 0, "clip_ratio": 0.995},
-                     "StrideTDDScheduler", {"special_jump": False, "denoise": 1.0}, "Stride TDD")
+# the authors' settings, from the method registry
+LCM, TCD, TDD = METHODS["lcm-lora"], METHODS["tcd-lora"], METHODS["tdd-sdxl"]
+STRIDE_LCM = _stride("Stride LCM", "StrideLCMSampler",
+                     {"s_noise": 1.0, "boundary_condition": LCM.sampler.knobs["boundary"]}, "StrideLCMScheduler",
+                     {"original_steps": schedule_as(LCM, LCMGrid).original_steps, "denoise": 1.0}, "Stride LCM")
+STRIDE_TCD = _stride(f"Stride TCD (gamma {TCD.sampler.knobs['gamma']:g})", "StrideTCDSampler",
+                     {"gamma": TCD.sampler.knobs["gamma"]}, "StrideHyperSDScheduler",
+                     {"mode": "tcd grid", "denoise": 1.0}, "Stride TCD grid")
+STRIDE_TDD = _stride(f"Stride TDD (eta {TDD.sampler.knobs['eta']:g})", "StrideTDDSampler",
+                     {name: TDD.sampler.knobs[name] for name in ("eta", "clip_x0_steps", "clip_ratio")},
+                     "StrideTDDScheduler", {"special_jump": schedule_as(TDD, TDDGrid).special_jump, "denoise": 1.0},
+                     "Stride TDD")
 STRIDE_HYPER = _stride("Stride Hyper-SD (DDIM trailing)", "StrideTCDSampler", {"gamma": 0.0},
                        "StrideHyperSDScheduler", {"mode": "trailing", "denoise": 1.0}, "Stride Hyper-SD trailing",
                        deterministic=True)

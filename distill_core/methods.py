@@ -35,7 +35,7 @@ import functools
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 import torch
 from torch import Tensor
@@ -74,6 +74,8 @@ WAN21_T2V_14B = "Wan2.1-T2V-14B"
 WAN21_I2V_14B = "Wan2.1-I2V-14B"
 WAN22_T2V_A14B = "Wan2.2-T2V-A14B"
 WAN22_I2V_A14B = "Wan2.2-I2V-A14B"
+PIFLOW_FAMILY = "pi-Flow"
+"""The family whose entries need a pi-Flow adapter (a policy head) on the model."""
 
 
 # ------------------------------------------------------------------------------------------
@@ -333,6 +335,8 @@ class PiFlowSchedule(_FlowSchedule):
 
 
 Schedule = LCMGrid | Trailing | TDDGrid | FixedTimesteps | FlowShift | SD3Shift | FluxResolutionShift | PiFlowSchedule
+ScheduleKind = TypeVar("ScheduleKind", LCMGrid, Trailing, TDDGrid, FixedTimesteps, FlowShift, SD3Shift,
+                       FluxResolutionShift, PiFlowSchedule)
 
 
 # ------------------------------------------------------------------------------------------
@@ -504,7 +508,7 @@ def _entries() -> list[Method]:
         for n in (8, 16)]
     tdd_sdxl = Method(
         "tdd-sdxl", "TDD", "SDXL LoRA", "eps", (SDXL,), TDDGrid(), (4, 5, 6, 7, 8), 4,
-        Sampler("tdd", {"eta": TDD_ETA, "clip_x0_steps": 0, "clip_ratio": 0.995}), cfg=1.7, lora_strength=1.0,
+        Sampler("tdd", {"eta": TDD_ETA, "clip_x0_steps": 0, "clip_ratio": tdd.CLIP_RATIO}), cfg=1.7, lora_strength=1.0,
         notes="Trained with 20% empty prompts, so real CFG works. eta is TDD's name for TCD's gamma (not DDIM's eta).",
         sources=(TDD_REPO,))
     tdd_flux = Method(
@@ -516,17 +520,17 @@ def _entries() -> list[Method]:
     piflow_sampler = Sampler("piflow", {"substeps": piflow.DEFAULT_SUBSTEPS, "temperature": piflow.AUTO_TEMPERATURE,
                                         "h": 0.0, "shift": piflow.DEFAULT_SHIFT})  # DX policies have no temperature
     piflow_entries = [
-        Method(f"pi-flux1-{policy.lower()}-{n}step", "pi-Flow", f"pi-FLUX.1 {policy} {n}-NFE adapter", "flow",
+        Method(f"pi-flux1-{policy.lower()}-{n}step", PIFLOW_FAMILY, f"pi-FLUX.1 {policy} {n}-NFE adapter", "flow",
                (FLUX1_DEV,), PiFlowSchedule(), (n,), n, piflow_sampler, cfg=1.0, flux_guidance=3.5,
                notes=_PIFLOW + (_DX if policy == "DX" else ""), sources=(PIFLOW_REPO,))
         for policy, n in (("GM", 4), ("GM", 8), ("DX", 4))]
     piflow_entries += [
-        Method("pi-qwen-gm", "pi-Flow", "pi-Qwen-Image GM adapter", "flow", (QWEN_IMAGE,), PiFlowSchedule(),
+        Method("pi-qwen-gm", PIFLOW_FAMILY, "pi-Qwen-Image GM adapter", "flow", (QWEN_IMAGE,), PiFlowSchedule(),
                ELASTIC_PIFLOW_STEPS, 4, piflow_sampler, cfg=1.0, notes=_PIFLOW + " " + _ELASTIC,
                sources=(PIFLOW_REPO,)),
-        Method("pi-qwen-dx-4step", "pi-Flow", "pi-Qwen-Image DX 4-NFE adapter", "flow", (QWEN_IMAGE,),
+        Method("pi-qwen-dx-4step", PIFLOW_FAMILY, "pi-Qwen-Image DX 4-NFE adapter", "flow", (QWEN_IMAGE,),
                PiFlowSchedule(), (4,), 4, piflow_sampler, cfg=1.0, notes=_PIFLOW + _DX, sources=(PIFLOW_REPO,)),
-        Method("pi-flux2-gm", "pi-Flow", "pi-FLUX.2 GM adapter", "flow", (FLUX2_DEV,), PiFlowSchedule(),
+        Method("pi-flux2-gm", PIFLOW_FAMILY, "pi-FLUX.2 GM adapter", "flow", (FLUX2_DEV,), PiFlowSchedule(),
                ELASTIC_PIFLOW_STEPS, 4, piflow_sampler, cfg=1.0, flux_guidance=4.0, notes=_PIFLOW + " " + _ELASTIC,
                sources=(PIFLOW_REPO,)),
     ]
@@ -606,6 +610,13 @@ def method(key: str) -> Method:
     return METHODS[key]
 
 
+def schedule_as(entry: Method, kind: type[ScheduleKind]) -> ScheduleKind:
+    """``entry``'s schedule as the schedule class ``kind`` (to read its parameters); another class is refused."""
+    if not isinstance(entry.schedule, kind):
+        raise TypeError(f"{entry.key}'s schedule is a {type(entry.schedule).__name__}, not a {kind.__name__}")
+    return entry.schedule
+
+
 def methods_for(architecture: str | None = None, model_kind: str | None = None) -> list[Method]:
     """The entries that fit an architecture and / or a model kind (``None`` = any)."""
     return [m for m in METHODS.values()
@@ -647,11 +658,15 @@ def method_sigmas(entry: Method, space: NoiseSpace, steps: int | None = None, *,
     return entry.schedule.sigmas(space, steps, denoise, image_seq_len)
 
 
-def build_sampler(entry: Method, space: NoiseSpace, **overrides: Any) -> functools.partial[Tensor]:
-    """The entry's sampler in k-diffusion shape ``fn(model, x, sigmas, extra_args, callback, disable)``.
+def sampler_function(entry: Method) -> Callable[..., Tensor]:
+    """The Stride sampler function that runs ``entry`` (``euler`` is TCD with gamma 0)."""
+    return _SAMPLER_FUNCTIONS[entry.sampler.name]
 
-    ``overrides`` replace knobs (e.g. ``gamma=0.5``); a name that is not one of the sampler's knobs is
-    refused with the list of knobs.
+
+def sampler_options(entry: Method, **overrides: Any) -> dict[str, Any]:
+    """The keyword options of ``entry``'s sampler besides ``space``: its knobs with ``overrides`` replacing some.
+
+    A name that is not one of the sampler's knobs is refused with the list of knobs.
     """
     unknown = set(overrides) - set(entry.sampler.knobs)
     if unknown:
@@ -660,6 +675,65 @@ def build_sampler(entry: Method, space: NoiseSpace, **overrides: Any) -> functoo
     options = {**entry.sampler.knobs, **overrides}
     if entry.sampler.name == "euler":
         options["gamma"] = 0.0
+    return options
+
+
+def build_sampler(entry: Method, space: NoiseSpace, **overrides: Any) -> functools.partial[Tensor]:
+    """The entry's sampler in k-diffusion shape ``fn(model, x, sigmas, extra_args, callback, disable)``.
+
+    ``overrides`` replace knobs (e.g. ``gamma=0.5``, see :func:`sampler_options`).
+    """
+    options = sampler_options(entry, **overrides)
     if entry.sampler.name != "piflow":
         options["space"] = space
-    return functools.partial(_SAMPLER_FUNCTIONS[entry.sampler.name], **options)
+    return functools.partial(sampler_function(entry), **options)
+
+
+# ------------------------------------------------------------------------------------------
+# Which entry fits a model
+# ------------------------------------------------------------------------------------------
+def samples_alike(a: Method, b: Method) -> bool:
+    """Whether two entries sample the same way: model kind, schedule, sampler with its knobs, CFG, FLUX guidance."""
+    return (a.model_kind, a.schedule, a.sampler, a.cfg, a.flux_guidance) == (
+        b.model_kind, b.schedule, b.sampler, b.cfg, b.flux_guidance)
+
+
+def _listing(entries: list[Method]) -> str:
+    return "; ".join(f"{m.key} ({m.steps_text()} steps)" for m in entries)
+
+
+def check_architecture(entry: Method, architectures: tuple[str, ...]) -> None:
+    """Refuse a model of a known architecture the entry was not published for, naming the entries that fit it.
+
+    An empty ``architectures`` (a model the host cannot name, e.g. a custom or reference model) passes.
+    """
+    if architectures and not set(architectures) & set(entry.architectures):
+        fitting = [m for m in METHODS.values() if set(architectures) & set(m.architectures)]
+        raise ValueError(f"{entry.label} is for {' / '.join(entry.architectures)} models, but this model is "
+                         f"{' / '.join(architectures)}; methods for it: {_listing(fitting) or 'none registered'}")
+
+
+def detect_method(architectures: tuple[str, ...], model_kind: str, steps: int | None,
+                  piflow_model: bool = False) -> Method:
+    """The entry a model must be sampled with, where its architecture and kind leave one choice.
+
+    Candidates: the entries for one of ``architectures`` and of ``model_kind``; pi-Flow entries exactly when the
+    model carries a pi-Flow adapter (``piflow_model``); then those published for ``steps`` (``None``: any).
+    Candidates that :func:`samples_alike` count as one (e.g. Wan 2.1 lightx2v and Wan2.2-Lightning on a Wan 14B
+    model, which the two share). Otherwise a ``ValueError`` lists the choices.
+    """
+    named = " / ".join(architectures) or "an architecture the registry does not know"
+    candidates = [m for m in methods_for(model_kind=model_kind)
+                  if set(architectures) & set(m.architectures) and (m.family == PIFLOW_FAMILY) == piflow_model]
+    if not candidates:
+        kind_fits = [m for m in methods_for(model_kind=model_kind) if (m.family == PIFLOW_FAMILY) == piflow_model]
+        raise ValueError(f"cannot tell the few-step family of this model ({model_kind}, {named}); choose one of: "
+                         f"{_listing(kind_fits) or 'none registered'}")
+    fitting = [m for m in candidates if steps is None or steps in m.steps]
+    if not fitting:
+        raise ValueError(f"no few-step family for {named} was published for {steps} steps; choose one of: "
+                         f"{_listing(candidates)}")
+    if all(samples_alike(fitting[0], m) for m in fitting[1:]):
+        return fitting[0]
+    raise ValueError(f"several few-step families fit {named} at {steps} steps and sample differently; choose one "
+                     f"of: {_listing(fitting)}")

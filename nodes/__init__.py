@@ -4,12 +4,11 @@
 """
 from __future__ import annotations
 
-from . import hybrid, piflow, piflow_loader, reference, samplers, training
+from . import families, hybrid, piflow, piflow_loader, reference, samplers, training
 from .compat import ComfyExtension, checked_at_the_boundary, io
 
-NODES: list[type[io.ComfyNode]] = [checked_at_the_boundary(node)
-                                   for module in (hybrid, piflow, piflow_loader, reference, samplers, training)
-                                   for node in module.NODES]
+MODULES = (families, hybrid, piflow, piflow_loader, reference, samplers, training)
+NODES: list[type[io.ComfyNode]] = [checked_at_the_boundary(node) for module in MODULES for node in module.NODES]
 
 
 class StrideExtension(ComfyExtension):

@@ -42,6 +42,7 @@ import comfy.sd
 import comfy.supported_models_base
 from comfy_api.v0_0_2 import ComfyExtension, io, ui
 
+from ..distill_core import methods
 from ..distill_core.spaces import NoiseSpace
 
 __all__ = ["ComfyExtension", "StrideError", "io", "ui"]
@@ -76,8 +77,10 @@ _HOST_CHECKS_V3_COMBOS = hasattr(io, "DynamicCombo")
 
 def combo(id: str, options: Iterable[str], tooltip: str, default: str | None = None,
           optional: bool = False) -> io.Combo.Input:
-    """A dropdown input whose unknown values every host refuses before the run ("Value not in list"); ``optional``
-    for one added to an existing node (workflows saved before it still validate)."""
+    """A dropdown input whose unknown values every host refuses before the run ("Value not in list").
+
+    ``optional``: a dropdown added to an existing node, which prompts saved before it must not need.
+    """
     kind = io.Combo.Input if _HOST_CHECKS_V3_COMBOS else _ListTypedCombo
     return kind(id, options=list(options), default=default, tooltip=tooltip, optional=optional)
 
@@ -213,9 +216,11 @@ def has_discrete_timesteps(model_sampling: Any) -> bool:
 
 
 def sampling_kind(model_sampling: Any) -> str:
-    """"eps", "v", "flow" or "x0": the parameterisation a model predicts."""
+    """"eps", "v", "flow" or "x0": the parameterisation a model predicts (ComfyUI's X0 subclasses EPS)."""
     if isinstance(model_sampling, comfy.model_sampling.CONST):
         return "flow"
+    if isinstance(model_sampling, comfy.model_sampling.X0):
+        return "x0"
     if isinstance(model_sampling, comfy.model_sampling.V_PREDICTION):
         return "v"
     if isinstance(model_sampling, comfy.model_sampling.EPS):
@@ -269,6 +274,35 @@ def model_from_network(diffusion_model: torch.nn.Module, prediction: str, latent
     base.diffusion_model = diffusion_model
     return comfy.model_patcher.ModelPatcher(base, load_device=comfy.model_management.get_torch_device(),
                                             offload_device=comfy.model_management.unet_offload_device())
+
+
+# ComfyUI's model config classes (exact class, not subclasses: SSD-1B, FLUX Fill or Wan VACE are others) -> the
+# registry's architectures; a function of the detected config where one class covers several sizes.
+_ARCHITECTURES: dict[str, Callable[[dict], tuple[str, ...]]] = {
+    "SD15": lambda config: (methods.SD15,),
+    "SDXL": lambda config: (methods.SDXL,),
+    "Flux": lambda config: (methods.FLUX1_DEV,),
+    "FluxSchnell": lambda config: (methods.FLUX1_SCHNELL,),
+    "Flux2": lambda config: (methods.FLUX2_DEV,),
+    "SD3": lambda config: (methods.SD35_LARGE,) if config.get("depth") == SD35_LARGE_DEPTH else (),
+    "QwenImage": lambda config: (methods.QWEN_IMAGE, methods.QWEN_IMAGE_EDIT),  # one class for both
+    "ZImage": lambda config: (methods.Z_IMAGE,),
+    # Wan 2.2 A14B's experts have Wan 2.1 14B's architecture, so a 14B model is either
+    "WAN21_T2V": lambda config: (methods.WAN21_T2V_14B, methods.WAN22_T2V_A14B)
+    if config.get("dim") == WAN_14B_DIM else (),
+    "WAN21_I2V": lambda config: (methods.WAN21_I2V_14B, methods.WAN22_I2V_A14B)
+    if config.get("dim") == WAN_14B_DIM else (),
+}
+SD35_LARGE_DEPTH = 38
+WAN_14B_DIM = 5120
+
+
+def model_architectures(model: Any) -> tuple[str, ...]:
+    """The registry architectures (:mod:`distill_core.methods`) a MODEL can be, from the config class ComfyUI's model
+    detection chose and its detected sizes; empty when it is none of them (or a custom model such as the reference)."""
+    config = getattr(model.model, "model_config", None)
+    architectures = _ARCHITECTURES.get(type(config).__name__)
+    return architectures(getattr(config, "unet_config", None) or {}) if architectures else ()
 
 
 def image_model(model: Any) -> str | None:

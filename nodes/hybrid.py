@@ -10,6 +10,7 @@ rule and the conversions come from ``distill_core.sampling.hybrid``. All nodes a
 """
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Callable
 from typing import Any
@@ -22,10 +23,12 @@ import comfy.samplers
 import comfy.utils
 import latent_preview
 
+from ..distill_core import methods
+from ..distill_core.methods import METHODS
 from ..distill_core.reference import diversity
-from ..distill_core.sampling import hybrid, lcm, schedules, tcd, tdd
+from ..distill_core.sampling import hybrid, schedules
 from ..distill_core.sampling.trace import StepTrace, trace_grid
-from ..distill_core.spaces import all_finite
+from ..distill_core.spaces import all_finite, convert_sigmas
 from .compat import (
     StrideError,
     combo,
@@ -37,8 +40,9 @@ from .compat import (
     noise_space,
     ui,
 )
+from .families import check_family_steps, check_fits, family_sampler, family_sigmas
 from .reference import check_prompt_input
-from .samplers import discrete_sigmas, non_finite_output, seed_input, stride_ksampler
+from .samplers import discrete_sigmas, non_finite_output, seed_input
 
 CATEGORY = "stride/hybrid"
 MAX_TRACE_ITEMS = 8
@@ -49,12 +53,18 @@ SCHEDULES: dict[str, Callable[[int], list[int]]] = {
     "tdd": schedules.tdd_timesteps,
     "trailing": schedules.trailing_timesteps,
 }
+# distilled_sampler: the registry entry whose sampler (with the authors' knobs) each name stands for
+SAMPLER_FAMILIES = {"lcm": METHODS["lcm-lora"], "tcd": METHODS["tcd-lora"], "tdd": METHODS["tdd-sdxl"]}
 DISTILLED_SAMPLERS: dict[str, Callable[[], Any]] = {
-    "lcm": lambda: stride_ksampler(lcm.sample_lcm),
-    "tcd": lambda: stride_ksampler(tcd.sample_tcd, gamma=0.3),
-    "tdd": lambda: stride_ksampler(tdd.sample_tdd, eta=0.2),
+    **{name: functools.partial(family_sampler, entry) for name, entry in SAMPLER_FAMILIES.items()},
     "euler": lambda: comfy.samplers.sampler_object("euler"),
 }
+NO_FAMILY = "none (schedule + distilled_sampler)"
+EXPERT_BOUNDARIES = "; ".join(f"{m.key} {m.expert_boundary:g}" for m in METHODS.values() if m.expert_boundary)
+BOUNDARY_TOOLTIP = ("Hand over at this sigma of the base model instead of after handover_steps: the base model runs "
+                    "every step whose sigma is >= the boundary (Wan 2.2 A14B's expert switch, t >= boundary x 1000; "
+                    f"its boundaries: {EXPERT_BOUNDARIES}). 0 = use handover_steps")
+PHASE_COLOURS = {hybrid.BASE: (0.22, 0.47, 0.85), hybrid.DISTILLED: (0.95, 0.55, 0.1)}
 
 
 # ------------------------------------------------------------------------------------------
@@ -98,14 +108,15 @@ class SamplingTrace:
 class TracingSampler(comfy.samplers.Sampler):
     """Any SAMPLER, recording x_t and the predicted x0 of every step into a :class:`SamplingTrace`.
 
-    Steps are numbered from ``step_offset`` (the hybrid's distilled phase starts at ``handover_steps``);
-    a run starting at step 0 first clears the trace.
+    Steps are numbered from ``step_offset`` (the hybrid's distilled phase starts at ``handover_steps``) and
+    recorded with ``phase``, the model that runs them in a hybrid run; a run starting at step 0 first clears the trace.
     """
 
-    def __init__(self, inner: Any, trace: SamplingTrace, step_offset: int = 0) -> None:
+    def __init__(self, inner: Any, trace: SamplingTrace, step_offset: int = 0, phase: str = "") -> None:
         self.inner = inner
         self.trace = trace
         self.step_offset = step_offset
+        self.phase = phase
 
     def sample(self, model_wrap, sigmas, extra_args, callback, noise, latent_image=None, denoise_mask=None,
                disable_pbar=False):
@@ -116,7 +127,7 @@ class TracingSampler(comfy.samplers.Sampler):
         last = len(sigmas) - 1
 
         def record_then_forward(step, x0, x, total_steps):
-            self.trace.record.record(self.step_offset + step, sigmas[min(step, last)], x, x0, space)
+            self.trace.record.record(self.step_offset + step, sigmas[min(step, last)], x, x0, space, self.phase)
             if callback is not None:
                 callback(step, x0, x, total_steps)
 
@@ -135,32 +146,46 @@ def _offset_callback(callback: Callable | None, step_offset: int, total_steps: i
 
 
 class HybridGuider:
-    """GUIDER: the base guider + base sampler for the first ``handover_steps`` sigmas, then the distilled
-    guider with the sampler SamplerCustomAdvanced passes (sigmas converted by signal-to-noise ratio)."""
+    """GUIDER: the base guider + base sampler for the first ``handover_steps`` sigmas (or, with a
+    ``handover_boundary``, for every sigma at or above it), then the distilled guider with the sampler
+    SamplerCustomAdvanced passes (sigmas converted by signal-to-noise ratio)."""
 
     def __init__(self, base_guider: Any, distilled_guider: Any, base_sampler: Any, handover_steps: int,
+                 handover_boundary: float | None = None,
                  names: tuple[str, str] = ("base_guider", "distilled_guider")) -> None:
         self.base_guider = base_guider
         self.distilled_guider = distilled_guider
         self.base_sampler = base_sampler
         self.handover_steps = handover_steps
+        self.handover_boundary = handover_boundary
         self.names = names  # the node inputs of the two models, for errors
         self.model_patcher = distilled_guider.model_patcher  # previews and denoised_output use the distilled model
         self.model_options = distilled_guider.model_options
 
-    def _phase_samplers(self, sampler: Any) -> tuple[Any, Any]:
-        """A traced distilled sampler also traces the base phase, into the same trace."""
+    def _phase_samplers(self, sampler: Any, handover_steps: int) -> tuple[Any, Any]:
+        """A traced distilled sampler also traces the base phase, into the same trace, each step with its phase."""
         if not isinstance(sampler, TracingSampler):
             return self.base_sampler, sampler
-        return (TracingSampler(self.base_sampler, sampler.trace, 0),
-                TracingSampler(sampler.inner, sampler.trace, self.handover_steps))
+        return (TracingSampler(self.base_sampler, sampler.trace, 0, hybrid.BASE),
+                TracingSampler(sampler.inner, sampler.trace, handover_steps, hybrid.DISTILLED))
+
+    def base_steps(self, sigmas: torch.Tensor) -> int:
+        """How many steps of ``sigmas`` the base model runs: ``handover_steps``, or those at or above the boundary."""
+        if self.handover_boundary is None:
+            return self.handover_steps
+        return hybrid.handover_steps_at(sigmas, self.handover_boundary)
 
     def sample(self, noise, latent_image, sampler, sigmas, denoise_mask=None, callback=None, disable_pbar=False,
                seed=None):
         steps = sigmas.shape[-1] - 1
-        k = self.handover_steps
         if steps < 1:
             return latent_image
+        k = self.base_steps(sigmas)
+        if k >= steps and self.handover_boundary is not None:
+            raise StrideError(
+                f"handover_boundary: every sigma of this {steps}-step schedule is at or above "
+                f"{self.handover_boundary:g}, so the distilled model gets no step; choose a higher boundary (a sigma "
+                "of the base model).")
         if k >= steps:
             raise StrideError(
                 f"handover_steps: {k} base steps leave nothing for the distilled model on this {steps}-step schedule; "
@@ -175,7 +200,7 @@ class HybridGuider:
             base_sigmas, distilled_sigmas = hybrid.split_schedule(sigmas, k, base_space, distilled_space)
         except ValueError as exc:
             raise StrideError(f"handover_steps: {exc}; hand over at least one step later.") from None
-        base_sampler, distilled_sampler = self._phase_samplers(sampler)
+        base_sampler, distilled_sampler = self._phase_samplers(sampler, k)
         start, start_seed = latent_image, seed
         if k > 0:
             start = self._named(0, lambda: self.base_guider.sample(
@@ -214,7 +239,8 @@ class StrideHybridSample(io.ComfyNode):
                 "almost the distilled cost (4-step LCM schedule, 1 base step: base at t=999, distilled at 759, 499, "
                 "259; on Stride's reference models it brings back most of the mode diversity a collapsed distilled "
                 "model lost: bench/RESULTS.md). EPS and flow models can be mixed (converted by signal-to-noise "
-                "ratio); both must share a VAE."
+                "ratio); both must share a VAE. With a family (e.g. Wan2.2-Lightning) the shared schedule and the "
+                "distilled sampler are the family's, and Wan 2.2's two experts hand over at its sigma boundary."
             ),
             inputs=[
                 io.Model.Input("base_model", tooltip="The original (undistilled) model, e.g. SDXL base."),
@@ -229,20 +255,28 @@ class StrideHybridSample(io.ComfyNode):
                 io.Conditioning.Input("distilled_positive", tooltip="Prompt for the distilled model's steps."),
                 io.Conditioning.Input("distilled_negative", tooltip="Negative prompt (used when distilled_cfg != 1)."),
                 io.Float.Input("distilled_cfg", default=1.0, min=0.0, max=30.0, step=0.1,
-                               tooltip="CFG of the distilled steps: 1 (off) for LCM / Hyper-SD / TCD, about 1.7 "
-                                       "for TDD."),
+                               tooltip="CFG of the distilled steps: 1 (off) for LCM / Hyper-SD / TCD, "
+                                       f"{METHODS['tdd-sdxl'].cfg:g} for TDD."),
                 combo("distilled_sampler", DISTILLED_SAMPLERS,
-                      "Sampler the distillation was trained for (lcm; tcd gamma 0.3; tdd eta 0.2; euler). Other "
-                      "settings: use Stride Hybrid Guider."),
+                      "Sampler the distillation was trained for ("
+                      + "; ".join(f"{name}: {entry.sampler.describe()}" for name, entry in SAMPLER_FAMILIES.items())
+                      + "; euler). Ignored when a family is chosen. Other settings: use Stride Hybrid Guider."),
                 combo("schedule", SCHEDULES, "Shared schedule on the base model's timesteps: LCM/TCD grid (4 steps: "
                                              "999, 759, 499, 259), TDD (999, 751, 499, 251) or DDIM trailing (999, "
-                                             "749, 499, 249, Hyper-SD)."),
+                                             "749, 499, 249, Hyper-SD). Ignored when a family is chosen."),
                 io.Int.Input("steps", default=4, min=1, max=50, tooltip="Total steps of the shared schedule."),
                 io.Int.Input("handover_steps", default=1, min=0, max=49,
                              tooltip="Steps run by the base model before the distilled model takes over (paper: 1). "
                                      "0 = distilled model alone."),
                 seed_input("Seed of the initial noise and of the samplers' per-step noise."),
-                io.Latent.Input("latent_image", tooltip="Empty latent (its size and batch)."),
+                io.Latent.Input("latent_image", tooltip="Empty latent (its size and batch; image or video)."),
+                combo("family", [NO_FAMILY, *METHODS], "The distilled model's few-step family (registry key): the "
+                      "shared schedule is its schedule (on the distilled model's sigmas, converted to the base "
+                      "model's) and the distilled steps use its sampler with the authors' knobs. Wan2.2-Lightning "
+                      "families also hand over at Wan 2.2's expert boundary (high-noise expert = base_model, "
+                      "low-noise expert = distilled_model).", default=NO_FAMILY, optional=True),
+                io.Float.Input("handover_boundary", default=0.0, min=0.0, max=1000.0, step=0.001, optional=True,
+                               tooltip=BOUNDARY_TOOLTIP + ", or the family's expert boundary if it has one."),
             ],
             outputs=[
                 io.Latent.Output(display_name="latent", tooltip="The sampled latent."),
@@ -255,7 +289,7 @@ class StrideHybridSample(io.ComfyNode):
     def execute(cls, base_model: Any, base_positive: list, base_negative: list, base_cfg: float, base_sampler: str,
                 distilled_model: Any, distilled_positive: list, distilled_negative: list, distilled_cfg: float,
                 distilled_sampler: str, schedule: str, steps: int, handover_steps: int, seed: int,
-                latent_image: dict) -> io.NodeOutput:
+                latent_image: dict, family: str = NO_FAMILY, handover_boundary: float = 0.0) -> io.NodeOutput:
         check_same_latent_space(base_model, distilled_model, "base_model", "distilled_model")
         check_conditioning("base_positive", base_positive)
         check_conditioning("base_negative", base_negative, required=base_cfg != 1.0)
@@ -267,14 +301,21 @@ class StrideHybridSample(io.ComfyNode):
         for model, conditionings in prompts:
             for name, conditioning in conditionings.items():
                 check_prompt_input(model, conditioning, name)
-        if handover_steps >= steps:
+        entry = None if family == NO_FAMILY else METHODS[family]
+        boundary = handover_boundary or (entry.expert_boundary if entry is not None else None) or None
+        if boundary is None and handover_steps >= steps:
             raise StrideError(f"handover_steps ({handover_steps}) must be below steps ({steps}): the distilled model "
                               "needs at least one step. Use 1 (the paper's setting), or the base model alone.")
-        try:
-            timesteps = SCHEDULES[schedule](steps)
-        except ValueError as exc:
-            raise StrideError(f"steps: {exc}. Choose fewer steps or another schedule.") from None
-        sigmas = discrete_sigmas(base_model, timesteps, schedule)
+        if entry is None:
+            try:
+                timesteps = SCHEDULES[schedule](steps)
+            except ValueError as exc:
+                raise StrideError(f"steps: {exc}. Choose fewer steps or another schedule.") from None
+            sigmas = discrete_sigmas(base_model, timesteps, schedule)
+            distilled = DISTILLED_SAMPLERS[distilled_sampler]()
+        else:
+            sigmas = shared_family_sigmas(base_model, distilled_model, entry, steps, latent_image["samples"])
+            distilled = family_sampler(entry)
 
         guiders = []
         phases = ((base_model, base_positive, base_negative, base_cfg),
@@ -285,9 +326,9 @@ class StrideHybridSample(io.ComfyNode):
             guider.set_cfg(cfg)
             guiders.append(guider)
         guider = HybridGuider(guiders[0], guiders[1], comfy.samplers.sampler_object(base_sampler), handover_steps,
-                              ("base_model", "distilled_model"))
+                              boundary, ("base_model", "distilled_model"))
         trace = SamplingTrace()
-        sampler = TracingSampler(DISTILLED_SAMPLERS[distilled_sampler](), trace)
+        sampler = TracingSampler(distilled, trace)
 
         latent = comfy.sample.fix_empty_latent_channels(base_model, latent_image["samples"])
         noise = comfy.sample.prepare_noise(latent, seed, latent_image.get("batch_index"))
@@ -297,6 +338,17 @@ class StrideHybridSample(io.ComfyNode):
         out = latent_image.copy()
         out["samples"] = samples.to(comfy.model_management.intermediate_device())
         return io.NodeOutput(out, trace)
+
+
+def shared_family_sigmas(base_model: Any, distilled_model: Any, entry: methods.Method, steps: int,
+                         latent: torch.Tensor) -> torch.Tensor:
+    """The family's schedule on the distilled model, in the base model's convention (the hybrid's shared SIGMAS)."""
+    check_fits(distilled_model, entry, entry.key, "family")
+    check_family_steps(entry, steps)
+    sigmas = family_sigmas(distilled_model, entry, steps, 1.0, (int(latent.shape[-2]), int(latent.shape[-1])))
+    distilled_space = noise_space(model_sampling_of_patcher(distilled_model))
+    base_space = noise_space(model_sampling_of_patcher(base_model))
+    return convert_sigmas(sigmas.double(), distilled_space, base_space).float()
 
 
 class StrideHybridGuider(io.ComfyNode):
@@ -318,13 +370,16 @@ class StrideHybridGuider(io.ComfyNode):
                 io.Int.Input("handover_steps", default=1, min=0, max=49,
                              tooltip="Sigmas stepped by the base model before the hand-over (paper: 1); must be "
                                      "below the number of steps."),
+                io.Float.Input("handover_boundary", default=0.0, min=0.0, max=1000.0, step=0.001, optional=True,
+                               tooltip=BOUNDARY_TOOLTIP + "."),
             ],
             outputs=[io.Guider.Output(display_name="guider", tooltip="Plug into SamplerCustomAdvanced (its sampler "
                                                                      "is the distilled model's sampler).")],
         )
 
     @classmethod
-    def execute(cls, base_guider: Any, distilled_guider: Any, base_sampler: Any, handover_steps: int) -> io.NodeOutput:
+    def execute(cls, base_guider: Any, distilled_guider: Any, base_sampler: Any, handover_steps: int,
+                handover_boundary: float = 0.0) -> io.NodeOutput:
         for name, guider in (("base_guider", base_guider), ("distilled_guider", distilled_guider)):
             conds = getattr(guider, "original_conds", None)
             if conds is not None and not conds.get("positive"):
@@ -332,7 +387,8 @@ class StrideHybridGuider(io.ComfyNode):
                                   "prompt, e.g. with CFGGuider.")
         check_same_latent_space(base_guider.model_patcher, distilled_guider.model_patcher,
                                 "base_guider", "distilled_guider")
-        return io.NodeOutput(HybridGuider(base_guider, distilled_guider, base_sampler, handover_steps))
+        return io.NodeOutput(HybridGuider(base_guider, distilled_guider, base_sampler, handover_steps,
+                                          handover_boundary or None))
 
 
 class StrideTraceSampler(io.ComfyNode):
@@ -366,8 +422,10 @@ class StrideTraceGrid(io.ComfyNode):
             description=(
                 "DT visualisation: one row per sampling step; for each of the first batch items the noisy latent "
                 "x_t (scaled to unit variance) beside the predicted x0. Distilled models settle the final picture in "
-                "the first row; base models over several. Decodes with the VAE if connected, else with the model's "
-                "latent preview colours."
+                "the first row; base models over several. In a hybrid run a bar before each row shows which model ran "
+                "the step: blue = base model (Wan 2.2: high-noise expert), orange = distilled model. Video latents "
+                "show their frames side by side. Decodes with the VAE if connected, else with the model's latent "
+                "preview colours."
             ),
             inputs=[
                 Trace.Input("trace", tooltip="From Stride Trace Sampler or Stride Hybrid Sample."),
@@ -387,18 +445,19 @@ class StrideTraceGrid(io.ComfyNode):
         steps = trace.record.steps
         if not steps or trace.latent_format is None:
             raise StrideError("trace: nothing was recorded; connect the trace of the sampler that produced samples.")
-        if steps[0].x0.ndim != 4:
-            raise StrideError("trace: only image latents (batch, channels, height, width) can be drawn.")
         decode = vae_decoder(vae, trace.latent_format) if vae is not None else preview_decoder(trace.latent_format)
-        return io.NodeOutput(trace_grid(steps, decode, max_images).unsqueeze(0))
+        colours = PHASE_COLOURS if any(step.phase for step in steps) else None
+        return io.NodeOutput(trace_grid(steps, decode, max_images, phase_colours=colours).unsqueeze(0))
 
 
 def vae_decoder(vae: Any, latent_format: Any) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Latents -> RGB with the VAE: images (m, h, w, 3), video latents (all frames at once) frames (m, F, h, w, 3)."""
     return lambda latents: vae.decode(latent_format.process_out(latents))[..., :3]
 
 
 def preview_decoder(latent_format: Any) -> Callable[[torch.Tensor], torch.Tensor]:
-    """Latents -> RGB with the latent format's preview factors, upscaled to the image size."""
+    """Latents -> RGB with the latent format's preview factors, upscaled to the image size (video latents: per frame,
+    (m, F, h, w, 3))."""
     if latent_format.latent_rgb_factors is None:
         raise StrideError("vae: this model's latent format has no preview colours; connect a VAE.")
     factors = torch.tensor(latent_format.latent_rgb_factors, dtype=torch.float32)
@@ -407,11 +466,17 @@ def preview_decoder(latent_format: Any) -> Callable[[torch.Tensor], torch.Tensor
     reshape = getattr(latent_format, "latent_rgb_factors_reshape", None)
     scale = latent_spatial_downscale(latent_format)
 
-    def decode(latents: torch.Tensor) -> torch.Tensor:
+    def decode_images(latents: torch.Tensor) -> torch.Tensor:
         if reshape is not None:
             latents = reshape(latents)
         rgb = ((latents.float().movedim(1, -1) @ factors + bias + 1) / 2).clamp(0, 1)
         return rgb.repeat_interleave(scale, dim=1).repeat_interleave(scale, dim=2)
+
+    def decode(latents: torch.Tensor) -> torch.Tensor:
+        if latents.ndim == 4:
+            return decode_images(latents)
+        frames = decode_images(latents.movedim(2, 1).flatten(0, 1))  # video: every frame as an image
+        return frames.reshape(latents.shape[0], latents.shape[2], *frames.shape[1:])
 
     return decode
 

@@ -23,6 +23,7 @@ from torch.nn import functional as F
 import comfy.samplers
 
 from ..distill_core import piflow_adapter
+from ..distill_core.methods import METHODS, PiFlowSchedule, schedule_as
 from ..distill_core.reference.demo import demo_mixture
 from ..distill_core.reference.mixture import FactorizedMixture
 from ..distill_core.sampling import piflow
@@ -43,6 +44,11 @@ from .samplers import check_sigmas, denoise_input, require_finite_latent, sample
 CATEGORY = "stride/piflow"
 STASH_KEY = "stride_piflow_stash"
 TEMPERATURE_MODES = ["auto", "manual"]
+# the registry entries whose settings are these nodes' defaults (every released pi-Flow adapter shares them)
+PIFLOW_FLUX1, PIFLOW_FLUX2 = METHODS["pi-flux1-gm-4step"], METHODS["pi-flux2-gm"]
+PIFLOW_KNOBS, PIFLOW_SCHEDULE = PIFLOW_FLUX1.sampler.knobs, schedule_as(PIFLOW_FLUX1, PiFlowSchedule)
+FLUX_GUIDANCE_TEXT = (f"Flux guidance {PIFLOW_FLUX1.flux_guidance:g} for FLUX.1 and {PIFLOW_FLUX2.flux_guidance:g} "
+                      "for FLUX.2 adapters")
 NOT_A_PIFLOW_MODEL = ("model: this model did not output a pi-Flow policy. Load a pi-Flow adapter onto its FLUX.1, "
                       "FLUX.2 or Qwen-Image model with 'Stride pi-Flow Adapter Loader' (or use 'Stride pi-Flow "
                       "Reference "
@@ -199,7 +205,7 @@ def temperature_inputs() -> list[io.Input]:
         combo("temperature", TEMPERATURE_MODES, "GM policies only: 'auto' = the authors' rule min(0.1 (steps - 1), 1) "
                                                 "for every step but the last (4 steps -> 0.3); 'manual' uses "
                                                 "manual_temperature. Lower = less noisy, less diverse.",
-              default="auto"),
+              default=PIFLOW_KNOBS["temperature"]),
         io.Float.Input("manual_temperature", default=1.0, min=0.0, max=1.0, step=0.01,
                        tooltip="Temperature when 'manual' is chosen (1.0 = the policy as predicted)."),
     ]
@@ -207,23 +213,26 @@ def temperature_inputs() -> list[io.Input]:
 
 def substep_inputs() -> list[io.Input]:
     return [
-        io.Int.Input("substeps", default=piflow.DEFAULT_SUBSTEPS, min=1, max=10000,
-                     tooltip="Policy substeps over the whole trajectory (no network calls; authors' default 128)."),
-        io.Float.Input("diffusion_coefficient", default=0.0, min=0.0, max=100.0, step=0.01,
+        io.Int.Input("substeps", default=PIFLOW_KNOBS["substeps"], min=1, max=10000,
+                     tooltip="Policy substeps over the whole trajectory (no network calls; authors' default "
+                             f"{PIFLOW_KNOBS['substeps']})."),
+        io.Float.Input("diffusion_coefficient", default=PIFLOW_KNOBS["h"], min=0.0, max=100.0, step=0.01,
                        tooltip="Stochasticity h of each step: 0 = deterministic (authors' default), 1 = DDPM-like "
                                "fresh noise."),
     ]
 
 
 def shift_input() -> io.Float.Input:
-    return io.Float.Input("shift", default=piflow.DEFAULT_SHIFT, min=0.01, max=100.0, step=0.01,
-                          tooltip="Time shift sigma = s t / (1 + (s - 1) t) (3.2 for all released pi-FLUX.1, "
+    return io.Float.Input("shift", default=PIFLOW_SCHEDULE.shift, min=0.01, max=100.0, step=0.01,
+                          tooltip="Time shift sigma = s t / (1 + (s - 1) t) "
+                                  f"({PIFLOW_SCHEDULE.shift:g} for all released pi-FLUX.1, "
                                   "pi-FLUX.2 and pi-Qwen-Image adapters). Use the same value in sampler and scheduler.")
 
 
 def final_scale_input() -> io.Float.Input:
-    return io.Float.Input("final_step_size_scale", default=piflow.DEFAULT_FINAL_STEP_SIZE_SCALE, min=0.01, max=1.0,
-                          step=0.01, tooltip="Length of the last step relative to the others (authors' default 0.5).")
+    return io.Float.Input("final_step_size_scale", default=PIFLOW_SCHEDULE.final_step_size_scale, min=0.01, max=1.0,
+                          step=0.01, tooltip="Length of the last step relative to the others (authors' default "
+                                             f"{PIFLOW_SCHEDULE.final_step_size_scale:g}).")
 
 
 class StridePiFlowSampler(io.ComfyNode):
@@ -254,10 +263,11 @@ class StridePiFlowScheduler(io.ComfyNode):
         return io.Schema(
             node_id="StridePiFlowScheduler", display_name="Stride pi-Flow Scheduler", category=CATEGORY,
             description=("The pi-Flow schedule: evenly spaced raw times with a shorter final step, warped by the time "
-                         "shift (4 steps, shift 3.2 -> sigmas 1, 0.889, 0.706, 0.348, 0)."),
+                         f"shift (4 steps, shift {PIFLOW_SCHEDULE.shift:g} -> sigmas "
+                         + ", ".join(f"{v:.3g}" for v in PIFLOW_SCHEDULE.full_sigmas(4, None).tolist()) + ")."),
             inputs=[
                 io.Model.Input("model", tooltip="The pi-Flow model (must be a flow-matching model)."),
-                io.Int.Input("steps", default=4, min=1, max=1000,
+                io.Int.Input("steps", default=PIFLOW_FLUX1.default_steps, min=1, max=1000,
                              tooltip="Network evaluations; match the adapter (4 for the 4-step adapters such as "
                                      "gmflux_k8_piid_4step, 8 for gmflux_k8_piid_8step)."),
                 shift_input(),
@@ -282,7 +292,7 @@ class StridePiFlowSample(io.ComfyNode):
             description=("One node for pi-Flow sampling (pi-FLUX.1, pi-FLUX.2 and pi-Qwen-Image adapters, or the "
                          "reference teacher): the pi-Flow schedule and policy sampler through ComfyUI's own sampling "
                          "path (progress bar, previews, Cancel), guidance 1 (distilled in). Keep the Flux guidance of "
-                         "the conditioning at 3.5 for FLUX.1 and 4.0 for FLUX.2 adapters."),
+                         f"the conditioning: {FLUX_GUIDANCE_TEXT}."),
             inputs=[
                 io.Model.Input("model", tooltip="A pi-Flow model (Stride pi-Flow Adapter Loader or Reference "
                                                 "Teacher)."),
@@ -291,7 +301,7 @@ class StridePiFlowSample(io.ComfyNode):
                 io.Latent.Input("latent_image", tooltip="Empty latent, or an image latent with denoise < 1. With a "
                                                         "noise mask (Set Latent Noise Mask) only the masked region is "
                                                         "regenerated; the rest stays exactly as it is."),
-                io.Int.Input("steps", default=4, min=1, max=1000,
+                io.Int.Input("steps", default=PIFLOW_FLUX1.default_steps, min=1, max=1000,
                              tooltip="Network evaluations; match the adapter (4-step adapters: 4, 8-step: 8)."),
                 *substep_inputs(),
                 shift_input(),

@@ -24,7 +24,15 @@ from ..distill_core.safe_files import read_safetensors
 from ..distill_core.sampling import piflow
 from . import piflow_families
 from .compat import StrideError, combo, image_model, io, model_file, wrapped_call_arguments
-from .piflow import CATEGORY, PolicyOutput, deposit_policy
+from .piflow import (
+    CATEGORY,
+    FLUX_GUIDANCE_TEXT,
+    PIFLOW_FLUX1,
+    PIFLOW_FLUX2,
+    PIFLOW_SCHEDULE,
+    PolicyOutput,
+    deposit_policy,
+)
 from .piflow_families import FLUX1, FLUX2, QWEN_IMAGE, ModelFamily
 
 WRAPPER_KEY = "stride_piflow_policy"
@@ -57,9 +65,10 @@ class ComfyFamily:
 
 COMFY_FAMILIES = (  # FLUX.2's BaseModel subclasses FLUX.1's: test it first
     ComfyFamily(FLUX2, comfy.model_base.Flux2, "flux2", "final_layer", "final_layer.linear",
-                "e.g. flux2_dev_fp8mixed in Load Diffusion Model, Flux guidance 4.0", packing=2),
+                f"e.g. flux2_dev_fp8mixed in Load Diffusion Model, Flux guidance {PIFLOW_FLUX2.flux_guidance:g}",
+                packing=2),
     ComfyFamily(FLUX1, comfy.model_base.Flux, "flux", "final_layer", "final_layer.linear",
-                "e.g. flux1-dev in Load Diffusion Model, Flux guidance 3.5"),
+                f"e.g. flux1-dev in Load Diffusion Model, Flux guidance {PIFLOW_FLUX1.flux_guidance:g}"),
     ComfyFamily(QWEN_IMAGE, comfy.model_base.QwenImage, "qwen_image", "norm_out", "proj_out",
                 "e.g. qwen_image_fp8_e4m3fn in Load Diffusion Model", retired=("proj_out",)),
 )
@@ -75,6 +84,13 @@ def model_family(model: Any) -> ComfyFamily:
             return family
     raise StrideError(f"model: pi-Flow adapters load onto {SUPPORTED} (Load Diffusion Model); "
                       f"this is {type(base).__name__}" + (f" ({architecture})." if architecture else "."))
+
+
+def has_policy_head(model: Any) -> bool:
+    """Whether a MODEL carries a pi-Flow adapter loaded by :class:`StridePiFlowAdapterLoader` (its policy head)."""
+    return any(isinstance(model.model, family.base_class) and image_model(model) == family.image_model
+               and isinstance(model.get_model_object(f"diffusion_model.{family.head_module}"), PolicyHead)
+               for family in COMFY_FAMILIES)
 
 
 # ------------------------------------------------------------------------------------------
@@ -283,7 +299,8 @@ class StridePiFlowAdapterLoader(io.ComfyNode):
                          "file) onto its base model: pi-FLUX.1 (gmflux / dxflux) onto FLUX.1 dev, pi-FLUX.2 (gmflux2) "
                          "onto FLUX.2 dev, pi-Qwen-Image (gmqwen / dxqwen) onto Qwen-Image. Applies the LoRA and swaps "
                          "the output layer for the policy head. Sample with Stride pi-Flow Sample (or the pi-Flow "
-                         "sampler + scheduler), 4 steps, shift 3.2; Flux guidance 3.5 for FLUX.1, 4.0 for FLUX.2."),
+                         f"sampler + scheduler), {PIFLOW_FLUX1.default_steps} steps, shift {PIFLOW_SCHEDULE.shift:g}; "
+                         f"{FLUX_GUIDANCE_TEXT}."),
             inputs=[
                 io.Model.Input("model", tooltip="The adapter's base model (Load Diffusion Model): FLUX.1 dev, FLUX.2 "
                                                 "dev or Qwen-Image."),

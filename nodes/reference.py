@@ -23,6 +23,7 @@ CATEGORY = "stride/reference"
 PREDICTIONS = ["eps", "v", "flow"]
 VARIANTS = ["demo", "demo collapsed (2 of 8 modes)"]
 FORMS = ["denoiser (ideal many-step teacher)", "flow map (ideal distilled student)"]
+LATENTS = ["image (B, 4, 8, 8)", "video (B, 4, T, 8, 8): independent frames"]
 
 
 def mixture_for(variant: str) -> GaussianMixture:
@@ -44,6 +45,11 @@ def class_ids_of(context: torch.Tensor, input_name: str = "conditioning") -> tor
                           f"{tuple(context.shape)}; connect Stride Class Prompt instead of a text encoder.") from None
 
 
+def frames_as_batch(latents: torch.Tensor) -> torch.Tensor:
+    """Video latents ``[B, C, T, H, W]`` as ``B * T`` image latents (item-major); image latents unchanged."""
+    return latents.movedim(2, 1).flatten(0, 1) if latents.ndim == 5 else latents
+
+
 def check_prompt_input(model: Any, conditioning: list, input_name: str) -> None:
     """Before sampling Stride's reference teacher or demo model, refuse a CONDITIONING input that is not Stride
     Class Prompt's by the input's own name (inside the network only "conditioning" is known)."""
@@ -53,8 +59,8 @@ def check_prompt_input(model: Any, conditioning: list, input_name: str) -> None:
 
 
 def check_latent_shape(latents: torch.Tensor, expected: tuple[int, ...], model_name: str) -> None:
-    """Refuse latents of another channel count or size than the model was built for."""
-    if tuple(latents.shape[1:]) != tuple(expected):
+    """Refuse latents of another channel count or size than the model was built for (video: per frame)."""
+    if tuple(frames_as_batch(latents).shape[1:]) != tuple(expected):
         channels, height, width = expected
         got = "x".join(map(str, latents.shape[1:]))
         raise StrideError(f"latent_image: {model_name} works on {'x'.join(map(str, expected))} latents, got {got}; "
@@ -70,9 +76,19 @@ class StrideLatentFormat(comfy.latent_formats.SD15):
         self.taesd_decoder_name = None
 
 
-def wrap_as_model(diffusion_model: torch.nn.Module, prediction: str, latent_channels: int = 4) -> Any:
-    """A ComfyUI MODEL of SD1.5-format latents (:class:`StrideLatentFormat`) whose network is ``diffusion_model``."""
-    return model_from_network(diffusion_model, prediction, StrideLatentFormat, latent_channels)
+class StrideVideoLatentFormat(StrideLatentFormat):
+    """The same latents as videos ``[B, 4, T, H, W]``: ComfyUI adds the frame axis to an empty image latent and
+    keeps the first 4 channels of an empty video latent (e.g. EmptyHunyuanLatentVideo, Wan's)."""
+
+    latent_dimensions = 3
+
+
+def wrap_as_model(diffusion_model: torch.nn.Module, prediction: str, latent_channels: int = 4,
+                  video: bool = False) -> Any:
+    """A ComfyUI MODEL of SD1.5-format latents (:class:`StrideLatentFormat`, or :class:`StrideVideoLatentFormat`)
+    whose network is ``diffusion_model``."""
+    latent_format = StrideVideoLatentFormat if video else StrideLatentFormat
+    return model_from_network(diffusion_model, prediction, latent_format, latent_channels)
 
 
 class AnalyticModule(torch.nn.Module):
@@ -102,7 +118,11 @@ class AnalyticModule(torch.nn.Module):
 
 class AnalyticNetwork(AnalyticModule):
     """The exact Gaussian-mixture denoiser (or flow map) as an EPS, V or flow network: it returns what
-    the model type predicts, so ComfyUI's own ``calculate_denoised`` recovers the exact x0."""
+    the model type predicts, so ComfyUI's own ``calculate_denoised`` recovers the exact x0.
+
+    Video latents ``[B, C, T, H, W]`` hold T independent draws of the item's class (the data of a video whose
+    frames share only the prompt), so the exact answer is the image answer per frame.
+    """
 
     takes_class_prompts = True  # conditioned by Stride Class Prompt (see check_prompt_input)
 
@@ -116,17 +136,19 @@ class AnalyticNetwork(AnalyticModule):
     def forward(self, xc, timesteps, context=None, transformer_options=None, **kwargs):
         transformer_options = transformer_options or {}
         check_latent_shape(xc, self.mixture.latent_shape, "the reference teacher")
-        sigma = self.true_sigmas(xc, timesteps, transformer_options)
-        x64 = xc.to(torch.float64)
+        frames = xc.shape[2] if xc.ndim == 5 else 1
+        sigma = self.true_sigmas(xc, timesteps, transformer_options).repeat_interleave(frames)
+        x64 = frames_as_batch(xc).to(torch.float64)
         if self.prediction != "flow":
             x64 = x64 * (sigma**2 + 1).sqrt().view(-1, 1, 1, 1)
-        class_ids = class_ids_of(context)
+        class_ids = class_ids_of(context).repeat_interleave(frames)
         if self.flow_map_steps:
             x0 = self.mixture.flow_map(x64, sigma, self.space, class_ids, steps=self.flow_map_steps)
         else:
             x0 = self.mixture.denoise(x64, sigma, self.space, class_ids)
         kind = {"eps": "eps", "v": "v", "flow": "velocity"}[self.prediction]
-        return prediction_target(x64, x0, sigma, self.space, kind).to(xc.dtype)
+        target = prediction_target(x64, x0, sigma, self.space, kind).to(xc.dtype)
+        return target.unflatten(0, (-1, frames)).movedim(1, 2) if xc.ndim == 5 else target
 
 
 class StrideReferenceModel(io.ComfyNode):
@@ -149,15 +171,20 @@ class StrideReferenceModel(io.ComfyNode):
                                      "LCM/TCD/TDD on it)."),
                 io.Int.Input("flow_map_steps", default=64, min=8, max=1000,
                              tooltip="ODE steps per flow-map evaluation (only for the flow map form)."),
+                combo("latents", LATENTS, "image: 4x8x8 latents (Empty Latent Image 64x64). video: the same per frame, "
+                                          "frames drawn independently for the prompt's class; takes the first 4 "
+                                          "channels of an empty video latent (e.g. EmptyHunyuanLatentVideo 64x64), "
+                                          "a stand-in for Wan models.", default=LATENTS[0], optional=True),
             ],
             outputs=[io.Model.Output(display_name="model",
                                      tooltip="A real ComfyUI MODEL; use Stride Class Prompt for its conditioning.")],
         )
 
     @classmethod
-    def execute(cls, variant: str, prediction: str, form: str, flow_map_steps: int) -> io.NodeOutput:
+    def execute(cls, variant: str, prediction: str, form: str, flow_map_steps: int,
+                latents: str = LATENTS[0]) -> io.NodeOutput:
         network = AnalyticNetwork(mixture_for(variant), prediction, flow_map_steps if form == FORMS[1] else 0)
-        model = wrap_as_model(network, prediction)
+        model = wrap_as_model(network, prediction, video=latents == LATENTS[1])
         network.model_sampling = model_sampling_of_patcher(model)
         network.space = noise_space(network.model_sampling)
         return io.NodeOutput(model)
@@ -254,7 +281,7 @@ class StrideLatentToImage(io.ComfyNode):
         return io.Schema(
             node_id="StrideLatentToImage", display_name="Stride Latent Preview Decode", category=CATEGORY,
             description="Decodes SD1.5-format latents to RGB with ComfyUI's preview factors (no VAE needed), upscaled "
-                        "for viewing.",
+                        "for viewing. Video latents give every frame as an image, in order (as VAE Decode does).",
             inputs=[
                 io.Latent.Input("samples", tooltip="Latents to view."),
                 io.Int.Input("scale", default=16, min=1, max=64, tooltip="Nearest-neighbour upscale factor."),
@@ -265,10 +292,10 @@ class StrideLatentToImage(io.ComfyNode):
     @classmethod
     def execute(cls, samples: dict, scale: int) -> io.NodeOutput:
         latents = samples["samples"]
-        if latents.ndim != 4 or latents.shape[1] != 4:
-            raise StrideError(f"samples: expected 4-channel image latents, got shape {tuple(latents.shape)}")
+        if latents.ndim not in (4, 5) or latents.shape[1] != 4:
+            raise StrideError(f"samples: expected 4-channel image or video latents, got shape {tuple(latents.shape)}")
         try:
-            rgb = latent_to_rgb(latents.float())
+            rgb = latent_to_rgb(frames_as_batch(latents).float())
         except ValueError as exc:  # NaN/inf would decode to a plausible black or white picture
             raise StrideError(f"samples: {exc}; check the sampler and model that produced them") from None
         rgb = rgb.repeat_interleave(scale, dim=1).repeat_interleave(scale, dim=2)
@@ -290,7 +317,8 @@ class StrideReferenceMetrics(io.ComfyNode):
                 "apart only where intervals do not overlap, which takes hundreds of samples per row."
             ),
             inputs=[
-                io.Latent.Input("samples", tooltip="Samples to score (4x8x8 latents)."),
+                io.Latent.Input("samples", tooltip="Samples to score (4x8x8 latents; video latents: every frame is a "
+                                                   "sample)."),
                 io.Conditioning.Input("conditioning", tooltip="The class the samples were drawn for (empty prompt = "
                                                               "all)."),
                 io.String.Input("label", default="samples", tooltip="Name of this row in the report."),
@@ -303,7 +331,7 @@ class StrideReferenceMetrics(io.ComfyNode):
 
     @classmethod
     def execute(cls, samples: dict, conditioning: list, label: str) -> io.NodeOutput:
-        latents = samples["samples"].to(torch.float64)
+        latents = frames_as_batch(samples["samples"]).to(torch.float64)
         mixture = demo_mixture()
         if tuple(latents.shape[1:]) != mixture.latent_shape:
             raise StrideError(f"samples: expected latents of shape {mixture.latent_shape}, "

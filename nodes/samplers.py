@@ -17,6 +17,7 @@ import comfy.sample
 import comfy.samplers
 import latent_preview
 
+from ..distill_core.methods import METHODS, LCMGrid, TDDGrid, schedule_as
 from ..distill_core.sampling import lcm, schedules, tcd, tdd
 from ..distill_core.sampling.steps import all_finite
 from .compat import (
@@ -31,6 +32,10 @@ from .compat import (
 from .reference import check_prompt_input
 
 CATEGORY = "stride/sampling"
+# the registry entries whose defaults these nodes show (distill_core.methods is the one place they are written)
+LCM_LORA, TCD_LORA, HYPER_UNIFIED, TDD_SDXL = (METHODS[key] for key in ("lcm-lora", "tcd-lora", "hyper-sd-unified",
+                                                                      "tdd-sdxl"))
+LCM_GRID, TDD_GRID = schedule_as(LCM_LORA, LCMGrid), schedule_as(TDD_SDXL, TDDGrid)
 
 
 def stride_ksampler(sample_fn: Callable[..., torch.Tensor], **options: Any) -> comfy.samplers.KSAMPLER:
@@ -91,7 +96,7 @@ def finite_output_model(model: Callable[..., torch.Tensor]) -> Callable[..., tor
     return checked
 
 
-def _check_unit(name: str, value: float) -> None:
+def check_unit(name: str, value: float) -> None:
     if not 0.0 <= value <= 1.0:
         raise StrideError(f"{name} must be between 0 and 1 (got {value}).")
 
@@ -120,12 +125,12 @@ class StrideLCMSampler(io.ComfyNode):
             node_id="StrideLCMSampler", display_name="Stride LCM Sampler", category=CATEGORY,
             description=("LCM multistep sampling (Latent Consistency Models): predict x0, apply the consistency "
                          "boundary condition, re-noise to the next sigma with fresh noise. For LCM and LCM-LoRA "
-                         "models; use with a Stride LCM Scheduler and CFG 1-2."),
+                         "models; use with a Stride LCM Scheduler. " + LCM_LORA.notes),
             inputs=[
                 io.Float.Input("s_noise", default=1.0, min=0.0, max=2.0, step=0.01,
                                tooltip="Scale of the fresh noise added between steps (1.0 = LCM as trained; lower "
                                        "keeps more of the previous prediction's structure)."),
-                io.Boolean.Input("boundary_condition", default=True,
+                io.Boolean.Input("boundary_condition", default=LCM_LORA.sampler.knobs["boundary"],
                                  tooltip="Apply LCM's c_skip/c_out boundary condition (diffusers LCMScheduler). "
                                          "Matters only near timestep 0."),
             ],
@@ -143,19 +148,20 @@ class StrideTCDSampler(io.ComfyNode):
         return io.Schema(
             node_id="StrideTCDSampler", display_name="Stride TCD / Hyper-SD Sampler", category=CATEGORY,
             description=("TCD sampling (Trajectory Consistency Distillation), the sampler Hyper-SD's unified LoRA "
-                         "and TCD LoRAs were trained for. gamma (a.k.a. eta) sets how much fresh noise each step "
-                         "adds: 0 = DDIM (deterministic), 1 = LCM. Lower gamma gives more detail at more steps."),
+                         "and TCD LoRAs were trained for. gamma sets how much fresh noise each step adds. "
+                         + TCD_LORA.notes),
             inputs=[
-                io.Float.Input("gamma", default=0.3, min=0.0, max=1.0, step=0.01,
-                               tooltip="Stochasticity (TCD's gamma, Hyper-SD's eta). Authors' default 0.3; try "
-                                       "0.2-0.5 for 4-8 steps, 1.0 for 1-2 steps."),
+                io.Float.Input("gamma", default=TCD_LORA.sampler.knobs["gamma"], min=0.0, max=1.0, step=0.01,
+                               tooltip=f"Stochasticity. Authors' default {TCD_LORA.sampler.knobs['gamma']:g}. Hyper-SD "
+                                       f"unified LoRA: {HYPER_UNIFIED.notes} Not confirmed: "
+                                       f"{HYPER_UNIFIED.unconfirmed[0]}."),
             ],
             outputs=[sampler_output()],
         )
 
     @classmethod
     def execute(cls, gamma: float) -> io.NodeOutput:
-        _check_unit("gamma", gamma)
+        check_unit("gamma", gamma)
         return io.NodeOutput(stride_ksampler(tcd.sample_tcd, gamma=gamma))
 
 
@@ -166,23 +172,26 @@ class StrideTDDSampler(io.ComfyNode):
             node_id="StrideTDDSampler", display_name="Stride TDD Sampler", category=CATEGORY,
             description=("TDD sampling (Target-Driven Distillation): DPM-Solver++(1) to a shrunk target timestep, "
                          "then re-noise (eta), with optional x0 clipping in the first steps. TDD LoRAs were trained "
-                         "with empty prompts, so real CFG works: authors' SDXL default 4 steps, CFG 1.7, eta 0.2."),
+                         "with empty prompts, so real CFG works: authors' SDXL default "
+                         f"{TDD_SDXL.default_steps} steps, "
+                         f"CFG {TDD_SDXL.cfg:g}, eta {TDD_SDXL.sampler.knobs['eta']:g}."),
             inputs=[
-                io.Float.Input("eta", default=0.2, min=0.0, max=1.0, step=0.01,
-                               tooltip="Stochasticity: each step goes to floor((1-eta) t_next), then re-noises. "
-                                       "Authors' default 0.2."),
-                io.Int.Input("clip_x0_steps", default=0, min=0, max=100,
+                io.Float.Input("eta", default=TDD_SDXL.sampler.knobs["eta"], min=0.0, max=1.0, step=0.01,
+                               tooltip="Stochasticity: each step goes to floor((1-eta) t_next), then re-noises (TDD's "
+                                       f"name for TCD's gamma). Authors' default {TDD_SDXL.sampler.knobs['eta']:g}."),
+                io.Int.Input("clip_x0_steps", default=TDD_SDXL.sampler.knobs["clip_x0_steps"], min=0, max=100,
                              tooltip="Apply x0 clipping (dynamic thresholding) for this many first steps; 0 = off. "
                                      "Helps at high CFG."),
-                io.Float.Input("clip_ratio", default=0.995, min=0.5, max=1.0, step=0.001,
-                               tooltip="Quantile of |x0| used as the clipping threshold (TDD: 0.995)."),
+                io.Float.Input("clip_ratio", default=TDD_SDXL.sampler.knobs["clip_ratio"], min=0.5, max=1.0, step=0.001,
+                               tooltip="Quantile of |x0| used as the clipping threshold (TDD: "
+                                       f"{TDD_SDXL.sampler.knobs['clip_ratio']:g})."),
             ],
             outputs=[sampler_output()],
         )
 
     @classmethod
     def execute(cls, eta: float, clip_x0_steps: int, clip_ratio: float) -> io.NodeOutput:
-        _check_unit("eta", eta)
+        check_unit("eta", eta)
         return io.NodeOutput(stride_ksampler(tdd.sample_tdd, eta=eta, clip_x0_steps=clip_x0_steps,
                                              clip_ratio=clip_ratio))
 
@@ -190,14 +199,19 @@ class StrideTDDSampler(io.ComfyNode):
 # ------------------------------------------------------------------------------------------
 # SIGMAS nodes
 # ------------------------------------------------------------------------------------------
-def discrete_sigmas(model: Any, timesteps: list[int], method: str) -> torch.Tensor:
-    """SIGMAS for training timesteps on this model, refusing models without discrete timesteps."""
-    sampling = model_sampling_of_patcher(model)
+def require_discrete_timesteps(sampling: Any, method: str) -> None:
+    """Refuse a model without discrete training timesteps for a schedule defined on them."""
     if not has_discrete_timesteps(sampling):
         raise StrideError(
             f"model: {method} schedules are defined on 1000 discrete training timesteps, but this model uses "
             f"{type(sampling).__name__} (continuous sigmas). Use a plain scheduler such as karras instead."
         )
+
+
+def discrete_sigmas(model: Any, timesteps: list[int], method: str) -> torch.Tensor:
+    """SIGMAS for training timesteps on this model, refusing models without discrete timesteps."""
+    sampling = model_sampling_of_patcher(model)
+    require_discrete_timesteps(sampling, method)
     return noise_space(sampling).sigmas_for_timesteps(timesteps).float()
 
 
@@ -237,7 +251,7 @@ def _longest_schedule(timesteps_for: Callable[[int], list[int]], shortest: int, 
     return low
 
 
-def _schedule_error(exc: ValueError, denoise: float) -> StrideError:
+def schedule_error(exc: ValueError, denoise: float) -> StrideError:
     if isinstance(exc, schedules.StrengthTooLowError):
         return StrideError(f"denoise: {denoise:g} is less than one step of the schedule's grid; raise denoise to at "
                            f"least {exc.minimum:g}.")
@@ -254,12 +268,15 @@ class StrideLCMScheduler(io.ComfyNode):
         return io.Schema(
             node_id="StrideLCMScheduler", display_name="Stride LCM Scheduler", category=CATEGORY,
             description=("LCM's skipping-step schedule: picks steps from the 50-step distillation grid (999, 979 "
-                         "down to 19); 4 steps -> timesteps 999, 759, 499, 259. Also TCD's schedule."),
+                         f"down to 19): {LCM_LORA.schedule.describe()}. Also TCD's schedule."),
             inputs=[
                 io.Model.Input("model", tooltip="The model the sigmas are for (its noise schedule)."),
-                io.Int.Input("steps", default=4, min=1, max=50, tooltip="Sampling steps (LCM: 2-8, 4 recommended)."),
-                io.Int.Input("original_steps", default=50, min=1, max=1000,
-                             tooltip="Grid size the model was distilled on (LCM: 50)."),
+                io.Int.Input("steps", default=LCM_LORA.default_steps, min=1, max=50,
+                             tooltip=f"Sampling steps (LCM-LoRA: {LCM_LORA.steps_text()}, default "
+                                     f"{LCM_LORA.default_steps}; {LCM_LORA.notes})"),
+                io.Int.Input("original_steps", default=LCM_GRID.original_steps, min=1, max=1000,
+                             tooltip="Grid size the model was distilled on (LCM: "
+                                     f"{LCM_GRID.original_steps})."),
                 denoise_input("Below 1 for img2img: the grid stops at denoise x 1000 (LCM's strength)."),
             ],
             outputs=[sigmas_output()],
@@ -270,7 +287,7 @@ class StrideLCMScheduler(io.ComfyNode):
         try:
             timesteps = schedules.lcm_timesteps(steps, original_steps, strength=denoise)
         except ValueError as exc:
-            raise _schedule_error(exc, denoise) from None
+            raise schedule_error(exc, denoise) from None
         return io.NodeOutput(discrete_sigmas(model, timesteps, "LCM"))
 
 
@@ -287,7 +304,8 @@ class StrideHyperSDScheduler(io.ComfyNode):
             inputs=[
                 io.Model.Input("model", tooltip="The model the sigmas are for."),
                 combo("mode", cls.MODES, "Which Hyper-SD schedule (see the node description)."),
-                io.Int.Input("steps", default=4, min=1, max=1000, tooltip="Steps (ignored for the 1-step UNet)."),
+                io.Int.Input("steps", default=METHODS["hyper-sd-4step"].default_steps, min=1, max=1000,
+                             tooltip="Steps: the N of the N-step LoRA (ignored for the 1-step UNet)."),
                 denoise_input("Below 1 for img2img (not possible with the 1-step UNet)."),
             ],
             outputs=[sigmas_output()],
@@ -306,7 +324,7 @@ class StrideHyperSDScheduler(io.ComfyNode):
             else:
                 timesteps = truncate_for_denoise(schedules.trailing_timesteps, steps, denoise)
         except ValueError as exc:
-            raise _schedule_error(exc, denoise) from None
+            raise schedule_error(exc, denoise) from None
         return io.NodeOutput(discrete_sigmas(model, timesteps, "Hyper-SD"))
 
 
@@ -315,13 +333,15 @@ class StrideTDDScheduler(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="StrideTDDScheduler", display_name="Stride TDD Scheduler", category=CATEGORY,
-            description=("TDD's schedule on its 250-target grid (4 steps -> 999, 751, 499, 251). 'special jump' uses "
+            description=(f"TDD's schedule: the {TDD_SDXL.schedule.describe()}. 'special jump' uses "
                          "the authors' non-equidistant schedules for 5-7 steps (5 -> 999, 875, 751, 499, 251)."),
             inputs=[
                 io.Model.Input("model", tooltip="The model the sigmas are for."),
-                io.Int.Input("steps", default=4, min=1, max=250,
-                             tooltip="Steps (TDD was trained for 4-8; 4 recommended)."),
-                io.Boolean.Input("special_jump", default=False, tooltip="Non-equidistant schedules for 5-7 steps."),
+                io.Int.Input("steps", default=TDD_SDXL.default_steps, min=1, max=250,
+                             tooltip=f"Steps (TDD was trained for {TDD_SDXL.steps_text()}; {TDD_SDXL.default_steps} "
+                                     "recommended)."),
+                io.Boolean.Input("special_jump", default=TDD_GRID.special_jump,
+                                 tooltip="Non-equidistant schedules for 5-7 steps."),
                 denoise_input("Below 1 for img2img."),
             ],
             outputs=[sigmas_output()],
@@ -332,68 +352,8 @@ class StrideTDDScheduler(io.ComfyNode):
         try:
             timesteps = truncate_for_denoise(lambda n: schedules.tdd_timesteps(n, special_jump), steps, denoise)
         except ValueError as exc:
-            raise _schedule_error(exc, denoise) from None
+            raise schedule_error(exc, denoise) from None
         return io.NodeOutput(discrete_sigmas(model, timesteps, "TDD"))
-
-
-# ------------------------------------------------------------------------------------------
-# Convenience node
-# ------------------------------------------------------------------------------------------
-METHODS = {
-    # method: (sampler factory, timesteps(steps, denoise), recommended cfg)
-    "lcm": (lambda g, e: stride_ksampler(lcm.sample_lcm),
-            lambda n, d: schedules.lcm_timesteps(n, strength=d), 1.0),
-    "tcd / hyper-sd unified": (lambda g, e: stride_ksampler(tcd.sample_tcd, gamma=g),
-                               lambda n, d: schedules.tcd_timesteps(n, strength=d), 1.0),
-    "hyper-sd n-step (ddim trailing)": (lambda g, e: stride_ksampler(tcd.sample_tcd, gamma=0.0),
-                                        lambda n, d: truncate_for_denoise(schedules.trailing_timesteps, n, d), 1.0),
-    "tdd": (lambda g, e: stride_ksampler(tdd.sample_tdd, eta=e),
-            lambda n, d: truncate_for_denoise(schedules.tdd_timesteps, n, d), 1.7),
-}
-
-
-class StrideFewStepSample(io.ComfyNode):
-    @classmethod
-    def define_schema(cls) -> io.Schema:
-        return io.Schema(
-            node_id="StrideFewStepSample", display_name="Stride Few-Step Sample", category=CATEGORY,
-            description=("One node for few-step sampling with a distilled model (LCM-, Hyper-SD-, TCD- or TDD-LoRA): "
-                         "picks the schedule and sampler the distillation was trained for. cfg 0 uses the authors' "
-                         "recommendation (TDD 1.7, others 1.0)."),
-            inputs=[
-                io.Model.Input("model", tooltip="A distilled model (base + LCM/Hyper-SD/TCD/TDD LoRA)."),
-                io.Conditioning.Input("positive", tooltip="Prompt conditioning."),
-                io.Conditioning.Input("negative", tooltip="Negative conditioning (used when cfg > 1)."),
-                io.Latent.Input("latent_image", tooltip="Empty latent, or an image latent with denoise < 1."),
-                combo("method", METHODS, "Which distillation the model has: lcm; tcd / hyper-sd unified (gamma); "
-                                         "hyper-sd n-step LoRAs (DDIM trailing); tdd (eta, real CFG)."),
-                io.Int.Input("steps", default=4, min=1, max=50, tooltip="Steps: 4 is the usual choice (TDD 4-8)."),
-                io.Float.Input("cfg", default=0.0, min=0.0, max=30.0, step=0.1,
-                               tooltip="Classifier-free guidance; 0 = the method's recommendation "
-                                       "(LCM/TCD/Hyper-SD 1.0, TDD 1.7)."),
-                io.Float.Input("gamma", default=0.3, min=0.0, max=1.0, step=0.01,
-                               tooltip="TCD / Hyper-SD unified only: stochasticity, authors' default 0.3."),
-                io.Float.Input("eta", default=0.2, min=0.0, max=1.0, step=0.01,
-                               tooltip="TDD only: stochasticity, authors' default 0.2."),
-                seed_input("Seed of the initial and per-step noise."),
-                denoise_input("Below 1 for img2img."),
-            ],
-            outputs=[io.Latent.Output(display_name="latent", tooltip="The sampled latent.")],
-        )
-
-    @classmethod
-    def execute(cls, model: Any, positive: list, negative: list, latent_image: dict, method: str, steps: int,
-                cfg: float, gamma: float, eta: float, seed: int, denoise: float) -> io.NodeOutput:
-        _check_unit("gamma", gamma)
-        _check_unit("eta", eta)
-        make_sampler, timesteps_for, recommended_cfg = METHODS[method]
-        try:
-            timesteps = timesteps_for(steps, denoise)
-        except ValueError as exc:
-            raise _schedule_error(exc, denoise) from None
-        sigmas = discrete_sigmas(model, timesteps, method)
-        return io.NodeOutput(sample_with(model, positive, negative, latent_image, make_sampler(gamma, eta), sigmas,
-                                         cfg or recommended_cfg, seed))
 
 
 def sample_with(model: Any, positive: list, negative: list, latent_image: dict, sampler: Any, sigmas: torch.Tensor,
@@ -418,4 +378,4 @@ def sample_with(model: Any, positive: list, negative: list, latent_image: dict, 
 
 
 NODES: list[type[io.ComfyNode]] = [StrideLCMSampler, StrideTCDSampler, StrideTDDSampler, StrideLCMScheduler,
-                                   StrideHyperSDScheduler, StrideTDDScheduler, StrideFewStepSample]
+                                   StrideHyperSDScheduler, StrideTDDScheduler]

@@ -25,6 +25,7 @@ import comfy.model_management
 import comfy.utils
 import folder_paths
 
+from ..distill_core.methods import METHODS
 from ..distill_core.progress import CHECKPOINT, ENCODE, UNITS, Cancelled, PhaseCallback, Progress
 from ..distill_core.safe_files import read_safetensors, write_safetensors
 from ..distill_core.spaces import NoiseSpace, all_finite
@@ -57,12 +58,25 @@ LOSS_EVENT = "stride.distill.loss"
 PHASE_EVENT = "stride.distill.phase"  # {node, phase, done, total, unit}: a long phase before or between steps
 ENCODE_BATCH = 4  # images per VAE call while encoding training images (Cancel is checked between calls)
 SAVE_FORMATS = ["ComfyUI", "diffusers"]
-RECOMMENDED_SAMPLING = {  # what each objective's LoRA is sampled with (the authors' settings)
-    "lcm": {"sampler": "Stride LCM Sampler", "scheduler": "Stride LCM Scheduler", "steps": 4, "cfg": 1.0},
-    "tdd": {"sampler": "Stride TDD Sampler", "scheduler": "Stride TDD Scheduler", "steps": 4, "cfg": 1.7, "eta": 0.2},
-    "segmented": {"sampler": "Stride TCD / Hyper-SD Sampler", "scheduler": "Stride LCM Scheduler", "steps": 4,
-                  "cfg": 1.0, "gamma": 0.3},
-}
+# the registry family each objective's LoRA is sampled as (segmented = Hyper-SD's stage 1, sampled with TCD), and the
+# sampler / scheduler nodes that build it by hand
+OBJECTIVE_FAMILIES = {"lcm": "lcm-lora", "tdd": "tdd-sdxl", "segmented": "tcd-lora"}
+SAMPLING_NODES = {"lcm": ("Stride LCM Sampler", "Stride LCM Scheduler"),
+                  "tdd": ("Stride TDD Sampler", "Stride TDD Scheduler"),
+                  "tcd": ("Stride TCD / Hyper-SD Sampler", "Stride LCM Scheduler")}
+
+
+def recommended_sampling(objective: str) -> dict[str, Any]:
+    """What a LoRA of this objective is sampled with: the family (Stride Few-Step Sample's method), its nodes,
+    steps, CFG and the sampler's stochasticity knob, all read from the method registry."""
+    entry = METHODS[OBJECTIVE_FAMILIES[objective]]
+    sampler, scheduler = SAMPLING_NODES[entry.sampler.name]
+    knobs = {name: value for name, value in entry.sampler.knobs.items() if name in ("gamma", "eta")}
+    return {"family": entry.key, "sampler": sampler, "scheduler": scheduler, "steps": entry.default_steps,
+            "cfg": entry.cfg, **knobs}
+
+
+RECOMMENDED_SAMPLING = {objective: recommended_sampling(objective) for objective in OBJECTIVE_FAMILIES}
 DistillData = io.Custom("STRIDE_DISTILL_DATA")
 Lora = io.Custom("STRIDE_LORA")
 Loss = io.Custom("STRIDE_LOSS")

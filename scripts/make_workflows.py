@@ -17,10 +17,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import comfy_host as host
 from workflow_builder import Graph
 
+sys.path.insert(0, str(host.ROOT))
+from distill_core.methods import METHODS
+
 WORKFLOWS = host.ROOT / "workflows"
 FLOW_MAP = "flow map (ideal distilled student)"
 DENOISER = "denoiser (ideal many-step teacher)"
 COL = 360
+TDD_SDXL = METHODS["tdd-sdxl"]  # widgets left out of a node take the node's defaults, the registry's values
 
 
 def _prompts(g: Graph, x: float, y: float, prompt: str = "disc"):
@@ -48,19 +52,19 @@ def few_step_method(method: str) -> Graph:
     positive, negative = _prompts(g, 0, 260)
     latent = g.add("EmptyLatentImage", (0, 560), width=64, height=64, batch_size=16)
     guider = g.add("CFGGuider", (COL, 0), model=(model, 0), positive=(positive, 0), negative=(negative, 0),
-                   cfg=1.7 if method == "tdd" else 1.0)
+                   cfg=TDD_SDXL.cfg if method == "tdd" else 1.0)
     noise = g.add("RandomNoise", (COL, 200), noise_seed=7)
     if method == "lcm":
         sampler = g.add("StrideLCMSampler", (COL, 330), s_noise=1.0, boundary_condition=True)
         sigmas = g.add("StrideLCMScheduler", (COL, 480), model=(model, 0), steps=4, original_steps=50, denoise=1.0)
     elif method == "tcd":
-        sampler = g.add("StrideTCDSampler", (COL, 330), gamma=0.3)
+        sampler = g.add("StrideTCDSampler", (COL, 330))  # the node's default gamma is the registry's
         sigmas = g.add("StrideHyperSDScheduler", (COL, 480), model=(model, 0), mode="tcd grid", steps=4, denoise=1.0)
     elif method == "hyper_sd":
         sampler = g.add("StrideTCDSampler", (COL, 330), title="DDIM (TCD gamma 0)", gamma=0.0)
         sigmas = g.add("StrideHyperSDScheduler", (COL, 480), model=(model, 0), mode="trailing", steps=4, denoise=1.0)
     else:
-        sampler = g.add("StrideTDDSampler", (COL, 330), eta=0.2, clip_x0_steps=0, clip_ratio=0.995)
+        sampler = g.add("StrideTDDSampler", (COL, 330))  # eta and clipping: the registry's defaults
         sigmas = g.add("StrideTDDScheduler", (COL, 480), model=(model, 0), steps=4, special_jump=False, denoise=1.0)
     sample = g.add("SamplerCustomAdvanced", (2 * COL, 0), noise=(noise, 0), guider=(guider, 0), sampler=(sampler, 0),
                    sigmas=(sigmas, 0), latent_image=(latent, 0))
@@ -103,10 +107,10 @@ def demo(distill_steps: int = 200) -> Graph:
         "base_euler_25": g.add("KSampler", (2 * COL, 0), title="Base: euler, 25 steps", model=(base, 0), seed=3,
                                steps=25, cfg=1.0, sampler_name="euler", scheduler="normal", denoise=1.0, **common),
         "base_lcm_4": g.add("StrideFewStepSample", (2 * COL, 420), title="Base, LCM 4 steps (before distillation)",
-                            model=(base, 0), method="lcm", steps=4, cfg=1.0, gamma=0.3, eta=0.2, seed=3, denoise=1.0,
+                            model=(base, 0), method="lcm", steps=4, cfg=1.0, seed=3, denoise=1.0,
                             **common),
         "distilled_lcm_4": g.add("StrideFewStepSample", (2 * COL, 840), title="Distilled, LCM 4 steps (after)",
-                                 model=(train, 0), method="lcm", steps=4, cfg=1.0, gamma=0.3, eta=0.2, seed=3,
+                                 model=(train, 0), method="lcm", steps=4, cfg=1.0, seed=3,
                                  denoise=1.0, **common),
     }
     hybrid = g.add("StrideHybridSample", (2 * COL, 1260), title="Hybrid: 1 base step + 3 distilled steps",
@@ -155,10 +159,10 @@ def distill_training(steps: int = 300) -> Graph:
     latent = g.add("EmptyLatentImage", (2 * COL, 600), width=64, height=64, batch_size=16)
     before = g.add("StrideFewStepSample", (4 * COL, 420), title="Teacher, LCM 4 steps (before)", model=(base, 0),
                    positive=(prompts[3], 0), negative=(empty, 0), latent_image=(latent, 0), method="lcm", steps=4,
-                   cfg=0.0, gamma=0.3, eta=0.2, seed=5, denoise=1.0)
+                   cfg=0.0, seed=5, denoise=1.0)
     after = g.add("StrideFewStepSample", (4 * COL, 800), title="Distilled LoRA, LCM 4 steps (after)", model=(reload, 0),
                   positive=(prompts[3], 0), negative=(empty, 0), latent_image=(latent, 0), method="lcm", steps=4,
-                  cfg=0.0, gamma=0.3, eta=0.2, seed=5, denoise=1.0)
+                  cfg=0.0, seed=5, denoise=1.0)
     _view(g, (before, 0), 5 * COL, 420, "stride_distill_before", "teacher lcm 4 steps (before)", (prompts[3], 0))
     _view(g, (after, 0), 5 * COL, 800, "stride_distill_after", "distilled lora lcm 4 steps (after)", (prompts[3], 0))
     g.group("Distillation", [data, train, save, plot])
@@ -218,7 +222,7 @@ def hybrid_diversity() -> Graph:
                          cfg=3.0, sampler_name="euler", scheduler="normal", denoise=1.0)
     rows["distilled"] = g.add("StrideFewStepSample", (COL, 420), title="Distilled alone: LCM, 4 steps",
                               model=(distilled, 0), positive=(positive, 0), negative=(negative, 0),
-                              latent_image=(latent, 0), method="lcm", steps=4, cfg=1.0, gamma=0.3, eta=0.2, seed=3,
+                              latent_image=(latent, 0), method="lcm", steps=4, cfg=1.0, seed=3,
                               denoise=1.0)
     rows["hybrid"] = g.add("StrideHybridSample", (COL, 840), title="Hybrid: 1 base step + 3 distilled steps",
                            base_model=(base, 0), base_positive=(positive, 0), base_negative=(negative, 0),
@@ -248,7 +252,8 @@ def hybrid_diversity() -> Graph:
         "reference teacher one big base step at the paper's CFG 7 overshoots for some classes.\n\n"
         "Real models: Load Checkpoint (SDXL base) -> base_model; the same checkpoint + LoraLoader with an LCM / "
         "Hyper-SD / TDD LoRA -> distilled_model (both must share the VAE); CLIP Text Encode for the prompts; base cfg "
-        "7 (the paper's), distilled cfg 1 (TDD 1.7); distilled_sampler and schedule as the LoRA was trained (LCM: lcm "
+        f"7 (the paper's), distilled cfg 1 (TDD {TDD_SDXL.cfg:g}); distilled_sampler and schedule as the LoRA was "
+        "trained (LCM: lcm "
         "+ lcm grid, Hyper-SD unified: tcd + lcm grid, Hyper-SD N-step: euler + trailing, TDD: tdd + tdd); VAE Decode "
         "instead of the preview decode, and connect the VAE to Stride Trace Grid. Stride Reference Metrics only "
         "scores the reference models; Stride Image Diversity works on any images. For other sampler settings use "
@@ -258,11 +263,201 @@ def hybrid_diversity() -> Graph:
     return g
 
 
+# ------------------------------------------------------------------------------------------
+# Few-step families (issue 13): one workflow per family group, on the reference models
+# ------------------------------------------------------------------------------------------
+VIDEO = "video (B, 4, T, 8, 8): independent frames"
+ROW_PITCH = 600  # a Few-Step Sample node is ~500 px tall
+FAMILY_WORKFLOWS = {  # name: (title, description) for the templates' index
+    "families_sdxl": ("Few-step SDXL families: Lightning, DMD2, Hyper-SD",
+                      "Stride Few-Step Sample with SDXL-Lightning, DMD2 and Hyper-SD on an ideal distilled model, and "
+                      "the same family's schedule as SIGMAS for SamplerCustomAdvanced."),
+    "families_flux": ("Few-step FLUX families: schnell, Hyper-FLUX",
+                      "FLUX.1 schnell and Hyper-FLUX (with its image-size shift and FLUX guidance) on an ideal "
+                      "distilled flow model."),
+    "families_qwen_zimage": ("Few-step Qwen-Image-Lightning and Z-Image-Turbo",
+                             "Shift-3 flow families (Qwen-Image-Lightning 4 steps, Z-Image-Turbo 8 steps) on an ideal "
+                             "distilled flow model."),
+    "families_wan_video": ("Few-step Wan video: lightx2v and the Wan 2.2 two-expert hand-over",
+                           "Video latents: Wan 2.1 lightx2v in one node, and Wan 2.2's high-noise then low-noise "
+                           "expert handing over at the registry's sigma boundary, with the trace of who ran each "
+                           "step."),
+}
+
+
+def _family_inputs(g: Graph, prediction: str, latents: str | None = None, form: str = FLOW_MAP, row: int = 0,
+                   title: str = "Distilled model (analytic stand-in)"):
+    """The reference model, a class prompt and an empty prompt in column 0 (``latents``: the video variant)."""
+    extra = {} if latents is None else {"latents": latents}
+    model = g.add("StrideReferenceModel", (0, row), title=title, variant="demo", prediction=prediction, form=form,
+                  flow_map_steps=48, **extra)
+    positive = g.add("StrideClassPrompt", (0, row + 260), title="Prompt (a class name)", prompt="ring")
+    negative = g.add("StrideClassPrompt", (0, row + 390), title="Empty prompt", prompt="")
+    return model, positive, negative
+
+
+def _family_result(g: Graph, latent, x: float, y: float, prefix: str, label: str, positive) -> list:
+    """Preview decode, save and exact scores of one row's samples: the nodes, for the row's group."""
+    image = g.add("StrideLatentToImage", (x, y), title="Preview decode (use VAE Decode for real models)",
+                  samples=latent, scale=16)
+    save = g.add("SaveImage", (x + COL, y), images=(image, 0), filename_prefix=prefix)
+    scores = g.add("StrideReferenceMetrics", (x, y + 150), samples=latent, conditioning=positive, label=label)
+    return [image, save, scores]
+
+
+def _family_rows(g: Graph, model, positive, negative, latent, rows: list[tuple[str, int, str]], prefix: str) -> None:
+    """One Stride Few-Step Sample per (family, steps, title), each with its result, one group per row."""
+    for index, (family, steps, title) in enumerate(rows):
+        y = ROW_PITCH * index
+        sample = g.add("StrideFewStepSample", (COL, y), title=title, model=(model, 0), positive=(positive, 0),
+                       negative=(negative, 0), latent_image=(latent, 0), method=family, steps=steps, cfg=0.0, seed=7,
+                       denoise=1.0)
+        g.group(title, [sample, *_family_result(g, (sample, 0), 2 * COL, y, f"{prefix}_{family}", family,
+                                                (positive, 0))])
+
+
+def families_sdxl() -> Graph:
+    """SDXL-class families (eps): SDXL-Lightning, DMD2, Hyper-SD, one node each; Lightning 8-step as SIGMAS."""
+    g = Graph()
+    model, positive, negative = _family_inputs(g, "eps")
+    latent = g.add("EmptyLatentImage", (0, 520), title="16 samples", width=64, height=64, batch_size=16)
+    _family_rows(g, model, positive, negative, latent, [
+        ("sdxl-lightning-4step", 4, "SDXL-Lightning 4-step: Euler on trailing timesteps"),
+        ("dmd2-sdxl-4step", 4, "DMD2 4-step: x0, re-noise at 999, 749, 499, 249"),
+        ("hyper-sd-4step", 4, "Hyper-SD 4-step LoRA: DDIM trailing")], "stride_sdxl")
+    y = 3 * ROW_PITCH
+    schedule = g.add("StrideFewStepScheduler", (COL, y), title="Lightning 8-step SIGMAS + sampler", model=(model, 0),
+                     family="sdxl-lightning-8step", steps=0, denoise=1.0, width=64, height=64)
+    guider = g.add("CFGGuider", (COL, y + 260), model=(model, 0), positive=(positive, 0), negative=(negative, 0),
+                   cfg=1.0)
+    noise = g.add("RandomNoise", (COL, y + 400), noise_seed=7)
+    sample = g.add("SamplerCustomAdvanced", (2 * COL, y), noise=(noise, 0), guider=(guider, 0),
+                   sampler=(schedule, 1), sigmas=(schedule, 0), latent_image=(latent, 0))
+    g.group("The same as a graph: Stride Few-Step Scheduler in SamplerCustomAdvanced",
+            [schedule, guider, noise, sample, *_family_result(g, (sample, 0), 3 * COL, y, "stride_sdxl_graph",
+                                                             "sdxl-lightning-8step (graph)", (positive, 0))])
+    g.note(
+        "Few-step SDXL families. Each Stride Few-Step Sample uses the schedule, sampler, CFG and knobs its authors "
+        "use (method = the family; 'auto' cannot tell SDXL LoRAs apart, so name it). The model here is Stride's "
+        "analytic stand-in for a distilled SDXL (the exact flow map of a known mixture), scored exactly by Stride "
+        "Reference Metrics.\n\nReal models: Load Checkpoint sd_xl_base_1.0.safetensors -> LoraLoaderModelOnly "
+        "(strength 1.0) with sdxl_lightning_4step_lora.safetensors (ByteDance/SDXL-Lightning), "
+        "dmd2_sdxl_4step_lora.safetensors (tianweiy/DMD2) or Hyper-SDXL-4steps-lora.safetensors (ByteDance/Hyper-SD) "
+        "-> MODEL; CLIP Text Encode for the prompts; Empty Latent Image 1024 x 1024; VAE Decode instead of the "
+        "preview decode. The full UNets (sdxl_lightning_4step_unet.safetensors, DMD2's 4-step UNet) load with Load "
+        "Diffusion Model. The 1-step Lightning UNet predicts x0: put ModelSamplingDiscrete (x0) before the sampler.",
+        (0, 780), (700, 260),
+    )
+    return g
+
+
+def families_flux() -> Graph:
+    """FLUX-class families (flow): FLUX.1 schnell in one node, Hyper-FLUX 8-step as SIGMAS with FLUX guidance."""
+    g = Graph()
+    model, positive, negative = _family_inputs(g, "flow")
+    latent = g.add("EmptySD3LatentImage", (0, 520), title="16 samples (64 x 64)", width=64, height=64, batch_size=16)
+    _family_rows(g, model, positive, negative, latent,
+                 [("flux1-schnell", 4, "FLUX.1 schnell: 4 Euler steps, no shift, no guidance")], "stride_flux")
+    y = ROW_PITCH
+    schedule = g.add("StrideFewStepScheduler", (COL, y), title="Hyper-FLUX 8-step SIGMAS (image-size shift)",
+                     model=(model, 0), family="hyper-flux-8step", steps=0, denoise=1.0, width=64, height=64)
+    guidance = g.add("FluxGuidance", (COL, y + 260), title="FLUX guidance 3.5 (Hyper-FLUX)",
+                     conditioning=(positive, 0), guidance=3.5)
+    guider = g.add("CFGGuider", (COL, y + 400), model=(model, 0), positive=(guidance, 0), negative=(negative, 0),
+                   cfg=1.0)
+    noise = g.add("RandomNoise", (COL, y + 540), noise_seed=7)
+    sample = g.add("SamplerCustomAdvanced", (2 * COL, y), noise=(noise, 0), guider=(guider, 0),
+                   sampler=(schedule, 1), sigmas=(schedule, 0), latent_image=(latent, 0))
+    g.group("Hyper-FLUX 8-step as a graph: the scheduler's SIGMAS and sampler",
+            [schedule, guidance, guider, noise, sample,
+             *_family_result(g, (sample, 0), 3 * COL, y, "stride_flux_hyper", "hyper-flux-8step", (positive, 0))])
+    g.note(
+        "Few-step FLUX families on Stride's analytic stand-in for a distilled flow model. FLUX.1 schnell: 1-4 Euler "
+        "steps without a time shift or guidance. Hyper-FLUX and TDD-FLUX keep FLUX.1-dev's image-size shift (width "
+        "and height on the scheduler = the image's) and their FLUX guidance (Few-Step Sample sets it when no "
+        "FluxGuidance did).\n\nReal models: Load Diffusion Model flux1-schnell.safetensors (or flux1-dev.safetensors "
+        "-> LoraLoaderModelOnly Hyper-FLUX.1-dev-8steps-lora.safetensors at strength 0.125, ByteDance/Hyper-SD); "
+        "DualCLIPLoader clip_l.safetensors + t5xxl_fp16.safetensors (type flux) -> CLIP Text Encode; "
+        "EmptySD3LatentImage 1024 x 1024 (scheduler width/height 1024); VAE Loader ae.safetensors -> VAE Decode.",
+        (0, 780), (700, 230),
+    )
+    return g
+
+
+def families_qwen_zimage() -> Graph:
+    """Qwen-Image-Lightning (4 steps) and Z-Image-Turbo (8 steps): shift-3 flow families, one node each."""
+    g = Graph()
+    model, positive, negative = _family_inputs(g, "flow")
+    latent = g.add("EmptySD3LatentImage", (0, 520), title="16 samples", width=64, height=64, batch_size=16)
+    _family_rows(g, model, positive, negative, latent, [
+        ("qwen-image-lightning-4step", 4, "Qwen-Image-Lightning 4-step: Euler at shift 3"),
+        ("z-image-turbo", 8, "Z-Image-Turbo: 8 Euler steps at shift 3")], "stride_qwen_zimage")
+    g.note(
+        "Qwen-Image-Lightning and Z-Image-Turbo on Stride's analytic stand-in for a distilled flow model: uniform "
+        "Euler steps at shift 3 at every resolution, CFG 1. 'auto' picks the family on the real models (ComfyUI's "
+        "model detection names them).\n\nReal models: Qwen-Image: Load Diffusion Model qwen_image_fp8_e4m3fn"
+        ".safetensors -> LoraLoaderModelOnly Qwen-Image-Lightning-4steps-V1.0.safetensors (strength 1.0, "
+        "lightx2v/Qwen-Image-Lightning); Load CLIP qwen_2.5_vl_7b_fp8_scaled.safetensors (type qwen_image); Load "
+        "VAE qwen_image_vae.safetensors. Z-Image-Turbo: Load Diffusion Model z_image_turbo_bf16.safetensors; Load "
+        "CLIP qwen_3_4b.safetensors (type lumina2); Load VAE ae.safetensors. Both: EmptySD3LatentImage, CLIP Text "
+        "Encode, VAE Decode instead of the preview decode.",
+        (0, 780), (700, 230),
+    )
+    return g
+
+
+def families_wan_video() -> Graph:
+    """Wan video latents: Wan 2.1 lightx2v in one node; Wan 2.2's two experts handing over at the sigma boundary."""
+    g = Graph()
+    model, positive, negative = _family_inputs(g, "flow", VIDEO, title="Distilled video model (stand-in)")
+    latent = g.add("EmptyHunyuanLatentVideo", (0, 520), title="4 videos of 9 frames (3 latent frames)", width=64,
+                   height=64, length=9, batch_size=4)
+    _family_rows(g, model, positive, negative, latent,
+                 [("wan21-lightx2v-4step", 4, "Wan 2.1 lightx2v: 4 Euler steps at shift 5")], "stride_wan21")
+    high = g.add("StrideReferenceModel", (0, 760), title="High-noise expert (stand-in)", variant="demo",
+                 prediction="flow", form=DENOISER, flow_map_steps=48, latents=VIDEO)
+    y = ROW_PITCH
+    hybrid = g.add("StrideHybridSample", (COL, y), title="Wan 2.2: high-noise expert, then low-noise expert",
+                   base_model=(high, 0), base_positive=(positive, 0), base_negative=(negative, 0), base_cfg=1.0,
+                   base_sampler="euler", distilled_model=(model, 0), distilled_positive=(positive, 0),
+                   distilled_negative=(negative, 0), distilled_cfg=1.0, distilled_sampler="lcm",
+                   schedule="lcm / tcd grid", steps=4, handover_steps=1, seed=7, latent_image=(latent, 0),
+                   family="wan22-lightning-t2v-a14b", handover_boundary=0.0)
+    grid = g.add("StrideTraceGrid", (3 * COL, y + 300), title="Who ran each step (blue: high-noise expert)",
+                 trace=(hybrid, 1), samples=(hybrid, 0), max_images=2)
+    trace_image = g.add("SaveImage", (4 * COL, y + 300), images=(grid, 0), filename_prefix="stride_wan22_trace")
+    g.group("Wan 2.2 A14B: two experts hand over at sigma 0.875", [
+        high, hybrid, grid, trace_image,
+        *_family_result(g, (hybrid, 0), 2 * COL, y, "stride_wan22", "wan22 two experts", (positive, 0))])
+    g.note(
+        "Wan video families on Stride's analytic stand-ins (each latent frame an exact draw of the prompt's class, so "
+        "the scores are exact). Row 1: Wan 2.1 lightx2v, 4 Euler steps at shift 5 (sigmas 1, 0.9375, 0.8333, 0.625). "
+        "Row 2: Wan 2.2 A14B's two experts: Stride Hybrid Sample with the Wan2.2-Lightning family runs the "
+        "high-noise expert while sigma >= 0.875 (the first 2 steps; I2V: 0.9), the low-noise expert after, as two "
+        "core KSamplerAdvanced (steps 0-2 with leftover noise, 2-4) do. The trace grid marks which expert ran each "
+        "step.\n\nReal models: Load Diffusion Model wan2.2_t2v_high_noise_14B_fp8_scaled.safetensors -> "
+        "LoraLoaderModelOnly Wan2.2-T2V-A14B-4steps-lora-rank64-Seko-V1.1/high_noise_model.safetensors "
+        "(lightx2v/Wan2.2-Lightning, strength 1.0) -> base_model; wan2.2_t2v_low_noise_14B_fp8_scaled.safetensors + "
+        "its low_noise_model.safetensors -> distilled_model; Load CLIP umt5_xxl_fp8_e4m3fn_scaled.safetensors (type "
+        "wan) -> CLIP Text Encode; EmptyHunyuanLatentVideo 832 x 480, 81 frames; Load VAE wan_2.1_vae.safetensors "
+        "-> VAE Decode -> Create Video -> Save Video. Wan 2.1: wan2.1_t2v_14B_fp8_scaled.safetensors + the lightx2v "
+        "4-step LoRA in row 1.",
+        (0, 1000), (760, 300),
+    )
+    return g
+
+
+def family_workflows() -> dict[str, Graph]:
+    return {"families_sdxl": families_sdxl(), "families_flux": families_flux(),
+            "families_qwen_zimage": families_qwen_zimage(), "families_wan_video": families_wan_video()}
+
+
 def build_all() -> dict[str, Graph]:
     graphs = {"stride_demo": demo(), "distill_lcm_lora": distill_training(), "piflow": piflow(),
               "hybrid_diversity": hybrid_diversity()}
     for method in ("lcm", "tcd", "hyper_sd", "tdd"):
         graphs[f"sampler_{method}"] = few_step_method(method)
+    graphs.update(family_workflows())
     return graphs
 
 

@@ -37,6 +37,8 @@ HANDOVER_SEED_OFFSET = 0x9E3779B97F4A7C15
 neighbouring seeds, so runs with seeds s and s + 1 share no noise either."""
 
 KDiffusionCallback = Callable[[dict[str, Any]], None]
+BASE, DISTILLED = "base", "distilled"
+"""The phase names a hybrid run reports per step (``"phase"`` in the callback; Wan 2.2: high- and low-noise expert)."""
 
 
 def handover_seed(seed: int | None) -> int | None:
@@ -95,13 +97,14 @@ def _with_seed(extra_args: Mapping[str, Any], seed: int | None) -> dict[str, Any
     return dict(extra_args) if seed is None else {**extra_args, "seed": seed}
 
 
-def _phase_callback(callback: KDiffusionCallback | None, step_offset: int, space: NoiseSpace) -> KDiffusionCallback | None:
-    """Forward a phase's callbacks with the step counted on the whole schedule and the phase's ``space``."""
+def _phase_callback(callback: KDiffusionCallback | None, step_offset: int, space: NoiseSpace,
+                    phase: str) -> KDiffusionCallback | None:
+    """Forward a phase's callbacks with the step counted on the whole schedule, the phase's ``space`` and name."""
     if callback is None:
         return None
 
     def forward(info: dict[str, Any]) -> None:
-        callback({**info, "i": info["i"] + step_offset, "space": space})
+        callback({**info, "i": info["i"] + step_offset, "space": space, "phase": phase})
 
     return forward
 
@@ -123,7 +126,8 @@ def sample_hybrid(
     and the distilled sampler runs on the converted ``sigmas[k:]``. The result comes back in the base
     convention at ``sigmas[-1]`` (at sigma 0 both conventions are the clean sample). ``callback``
     receives k-diffusion step dictionaries with ``i`` counted over the whole schedule and an extra
-    ``"space"`` entry: the phase's space, in which that step's ``x`` and ``sigma`` are given.
+    ``"space"`` entry: the phase's space, in which that step's ``x`` and ``sigma`` are given, and a ``"phase"``
+    entry: :data:`BASE` or :data:`DISTILLED`, the model that ran the step.
     Seeds: see the module docstring.
     """
     steps = len(sigmas) - 1
@@ -131,7 +135,7 @@ def sample_hybrid(
     if handover_steps > 0:
         x = base.sampler(
             base.model, x, base_sigmas, extra_args=_with_seed(base.extra_args, seed),
-            callback=_phase_callback(callback, 0, base.space), disable=disable,
+            callback=_phase_callback(callback, 0, base.space, BASE), disable=disable,
         )
     if handover_steps == steps:
         return x
@@ -139,6 +143,6 @@ def sample_hybrid(
     x = convert_latent(x, sigmas[handover_steps], base.space, distilled.space)
     x = distilled.sampler(
         distilled.model, x, distilled_sigmas, extra_args=_with_seed(distilled.extra_args, distilled_seed),
-        callback=_phase_callback(callback, handover_steps, distilled.space), disable=disable,
+        callback=_phase_callback(callback, handover_steps, distilled.space, DISTILLED), disable=disable,
     )
     return convert_latent(x, distilled_sigmas[-1], distilled.space, base.space)

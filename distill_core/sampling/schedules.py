@@ -179,6 +179,14 @@ def flux_mu(image_seq_len: int, base_shift: float = 0.5, max_shift: float = 1.15
     return image_seq_len * slope + base_shift - slope * base_seq_len
 
 
+def flux_image_seq_len(latent_height: int, latent_width: int) -> int:
+    """FLUX.1's image tokens for a latent of this size: one per 2 x 2 latent patch (odd sizes padded, as ComfyUI
+    and BFL pad), which is what :func:`flux_mu` reads (1024 x 1024 pixels -> 128 x 128 latent -> 4096 tokens)."""
+    if latent_height < 1 or latent_width < 1:
+        raise ValueError(f"the latent size must be positive, got {latent_height} x {latent_width}")
+    return math.ceil(latent_height / 2) * math.ceil(latent_width / 2)
+
+
 def img2img_tail(schedule: ScheduleT, steps: int, denoise: float) -> ScheduleT:
     """The last ``int(steps * denoise)`` steps of a ``steps``-step schedule (diffusers' img2img rule).
 

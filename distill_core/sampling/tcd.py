@@ -69,9 +69,12 @@ def sample_tcd(
     space: NoiseSpace,
     noise_sampler: NoiseSampler | None = None,
     s_noise: float = 1.0,
-    gamma: float = 0.3,
+    gamma: float,
 ) -> Tensor:
     """TCD sampling over ``sigmas`` (k-diffusion sampler shape); ``gamma`` is diffusers' ``eta``.
+
+    ``gamma`` has no default here: the authors' value is the method registry's
+    (:data:`distill_core.methods.TCD_GAMMA`, read by every node and benchmark).
 
     Step from ``sigma`` to ``sigma_next > 0``: ``t_next`` = table timestep of ``sigma_next``,
     ``s = floor((1 - gamma) t_next)`` (in float32, exactly as diffusers), ``x_s = a_s x0 + b_s eps_hat``

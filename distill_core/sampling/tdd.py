@@ -15,8 +15,11 @@ from ..spaces import NoiseSpace
 from .steps import NoiseSampler, check_unit_interval, run_steps
 from .tcd import gamma_step
 
+CLIP_RATIO = 0.995
+"""The official TDDScheduler's ``dynamic_thresholding_ratio``: the quantile of ``|x0|`` that x0 clipping keeps."""
 
-def dynamic_threshold(x0: Tensor, ratio: float = 0.995, max_value: float = 1.0) -> Tensor:
+
+def dynamic_threshold(x0: Tensor, ratio: float = CLIP_RATIO, max_value: float = 1.0) -> Tensor:
     """Imagen's dynamic thresholding of ``x0``, per sample, as diffusers' ``_threshold_sample``.
 
     ``s`` = the ``ratio`` quantile of ``|x0|`` over each sample, clamped to ``[1, max_value]``;
@@ -44,12 +47,14 @@ def sample_tdd(
     space: NoiseSpace,
     noise_sampler: NoiseSampler | None = None,
     s_noise: float = 1.0,
-    eta: float = 0.2,
+    eta: float,
     clip_x0_steps: int = 0,
-    clip_ratio: float = 0.995,
+    clip_ratio: float = CLIP_RATIO,
     clip_max_value: float = 1.0,
 ) -> Tensor:
-    """TDD sampling over ``sigmas`` (k-diffusion sampler shape); defaults are the official SDXL ones.
+    """TDD sampling over ``sigmas`` (k-diffusion sampler shape); the clipping defaults are the official config's.
+
+    ``eta`` has no default here: the authors' value is the method registry's (:data:`distill_core.methods.TDD_ETA`).
 
     Step ``i`` from ``sigma`` to ``sigma_next``: ``x0 = model(x, sigma)``, replaced by
     :func:`dynamic_threshold` ``(x0, clip_ratio, clip_max_value)`` while ``i < clip_x0_steps``

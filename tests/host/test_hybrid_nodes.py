@@ -177,12 +177,17 @@ def test_trace_grid_shows_every_step_of_both_phases(comfy_host, form):
     assert result.success, result.error()
     grid = saved_image(comfy_host, result, "show")
     tile, gap = 64, 2  # 8x8 latents decoded with the preview colours, upscaled 8x
-    assert grid.shape == (4 * tile + 3 * gap, 4 * tile + 3 * gap, 3), "4 steps x (x_t | x0 for 2 images)"
+    bar = tile // 8 + gap  # each row starts with the colour of the model that ran the step
+    assert grid.shape == (4 * tile + 3 * gap, bar + 4 * tile + 3 * gap, 3), "4 steps x (x_t | x0 for 2 images)"
+    hybrid = sys.modules[comfy_host.nodes.NODE_CLASS_MAPPINGS["StrideTraceGrid"].__module__]
+    base, distilled = (np.array(hybrid.PHASE_COLOURS[phase]) for phase in ("base", "distilled"))
+    assert np.abs(grid[0, 0] - base).max() <= 1 / 255, "step 0: the base model"
+    assert all(np.abs(grid[row * (tile + gap), 0] - distilled).max() <= 1 / 255 for row in (1, 2, 3))
     samples = load_file(str(comfy_host.output_path(result.outputs["save"]["latents"][0])))["latent_tensor"]
     final_x0 = latent_to_rgb(samples[:2].float()).repeat_interleave(8, 1).repeat_interleave(8, 2).numpy()
     last_row = 3 * (tile + gap)
     for item in range(2):
-        left = (2 * item + 1) * (tile + gap)
+        left = bar + (2 * item + 1) * (tile + gap)
         shown = grid[last_row : last_row + tile, left : left + tile]
         assert np.abs(shown - final_x0[item]).max() <= 1.5 / 255, "the last x0 tile is the sample itself"
 

@@ -21,6 +21,7 @@ def test_every_node_has_name_category_description_and_tooltips(comfy_host):
 
 
 def test_node_reference_is_current(comfy_host):
-    readme, doc = make_node_reference.render(comfy_host.object_info)
+    readme, doc, families = make_node_reference.render(comfy_host.object_info)
     assert readme == make_node_reference.README.read_text(), "run scripts/make_node_reference.py"
     assert doc == make_node_reference.NODES_DOC.read_text(), "run scripts/make_node_reference.py"
+    assert families == make_node_reference.FAMILIES_DOC.read_text(), "run scripts/make_node_reference.py"

@@ -581,7 +581,8 @@ NODE_SOURCES = {  # where a node's baseline differs from TYPE_SOURCES
 }
 NODE_VALUES = {  # cheap valid widget values where the declared default is slow or needs context
     "StrideReferenceModel": {"flow_map_steps": 8},
-    "StrideFewStepSample": {"steps": 2},
+    "StrideFewStepSample": {"steps": 2, "method": "lcm-lora"},  # auto cannot name the reference model's family
+    "StrideFewStepScheduler": {"family": "lcm-lora", "steps": 2},
     "StrideHybridSample": {"base_cfg": 2.0},
     "StridePiFlowSample": {"steps": 2, "substeps": 8},
     "StridePiFlowSampler": {"substeps": 8},

@@ -33,7 +33,9 @@ from distill_core.methods import (
     method,
     method_sigmas,
 )
+from distill_core.sampling import lcm
 from distill_core.sampling.hybrid import HybridPhase, handover_steps_at, sample_hybrid
+from distill_core.sampling.schedules import flux_image_seq_len
 from distill_core.spaces import NoiseSpace
 from tests.unit.diffusion_toys import seeded_noise, toy_eps
 from tests.unit.test_schedules import OFFICIAL_TDD_EQUIDISTANT
@@ -567,3 +569,71 @@ def test_video_latents_sample_like_their_frames_stacked(key):
     for frames, flat in zip(as_video, as_image, strict=True):
         assert frames.shape == video.shape
         assert torch.equal(frames.reshape(flat.shape), flat)
+
+
+# ------------------------------------------------------------------------------------------
+# Which entry fits a model
+# ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("architectures, kind, steps, piflow_model, expected", [
+    ((methods.FLUX1_SCHNELL,), "flow", 4, False, "flux1-schnell"),
+    ((methods.SD35_LARGE,), "flow", 4, False, "sd35-large-turbo"),
+    ((methods.Z_IMAGE,), "flow", 8, False, "z-image-turbo"),
+    ((methods.QWEN_IMAGE, methods.QWEN_IMAGE_EDIT), "flow", 4, False, "qwen-image-lightning-4step"),
+    ((methods.QWEN_IMAGE, methods.QWEN_IMAGE_EDIT), "flow", 8, False, "qwen-image-lightning-8step"),
+    ((methods.QWEN_IMAGE,), "flow", 6, True, "pi-qwen-gm"),
+    ((methods.FLUX1_DEV,), "flow", 16, False, "hyper-flux-16step"),
+    ((methods.FLUX1_DEV,), "flow", 8, True, "pi-flux1-gm-8step"),
+    ((methods.FLUX2_DEV,), "flow", 4, True, "pi-flux2-gm"),
+    ((methods.SDXL,), "x0", 1, False, "sdxl-lightning-1step-x0"),
+    # a Wan 14B model is 2.1 or 2.2 A14B: both Lightning LoRAs sample alike, so either answer is right
+    ((methods.WAN21_T2V_14B, methods.WAN22_T2V_A14B), "flow", 4, False, "wan21-lightx2v-4step"),
+    ((methods.WAN22_I2V_A14B,), "flow", 4, False, "wan22-lightning-i2v-a14b"),
+])
+def test_detection_where_the_model_leaves_one_choice(architectures, kind, steps, piflow_model, expected):
+    assert methods.detect_method(architectures, kind, steps, piflow_model).key == expected
+
+
+def test_detection_refuses_ambiguous_and_unknown_models_with_the_choices():
+    with pytest.raises(ValueError, match=r"several few-step families fit SDXL at 4 steps .*lcm-lora \(1-50 steps\).*"
+                                         r"sdxl-lightning-4step \(4 steps\).*dmd2-sdxl-4step"):
+        methods.detect_method((methods.SDXL,), "eps", 4)
+    with pytest.raises(ValueError, match=r"FLUX.1-dev at 8 steps .*hyper-flux-8step.*tdd-flux"):  # guidance differs
+        methods.detect_method((methods.FLUX1_DEV,), "flow", 8)
+    with pytest.raises(ValueError, match=r"no few-step family for Qwen-Image was published for 6 steps; choose one "
+                                         r"of: qwen-image-lightning-4step \(4 steps\); qwen-image-lightning-8step"):
+        methods.detect_method((methods.QWEN_IMAGE,), "flow", 6)
+    with pytest.raises(ValueError, match=r"cannot tell .* \(eps, an architecture the registry does not know\); "
+                                         r"choose one of: lcm-lora"):
+        methods.detect_method((), "eps", 4)
+    with pytest.raises(ValueError, match=r"cannot tell .* \(v, SDXL\); choose one of: none registered"):
+        methods.detect_method((methods.SDXL,), "v", 4)
+
+
+def test_architecture_check_names_the_fitting_methods():
+    methods.check_architecture(method("lcm-lora"), ())  # unknown architecture: the model kind decides alone
+    methods.check_architecture(method("lcm-lora"), (methods.SD15,))
+    with pytest.raises(ValueError, match=r"SDXL-Lightning 4-step UNet / LoRA is for SDXL models, but this model is "
+                                         r"SD1.5; methods for it: lcm-lora .*hyper-sd-unified"):
+        methods.check_architecture(method("sdxl-lightning-4step"), (methods.SD15,))
+
+
+def test_sampler_options_are_the_knobs_with_overrides():
+    assert methods.sampler_options(method("tcd-lora")) == {"gamma": methods.TCD_GAMMA}
+    assert methods.sampler_options(method("tcd-lora"), gamma=0.5) == {"gamma": 0.5}
+    assert methods.sampler_options(method("sdxl-lightning-4step")) == {"gamma": 0.0}
+    assert methods.sampler_options(method("tdd-sdxl"))["eta"] == methods.TDD_ETA
+    assert methods.sampler_function(method("dmd2-sdxl-4step")) is lcm.sample_lcm
+
+
+def test_flux_image_tokens():
+    assert flux_image_seq_len(128, 128) == 4096  # 1024 x 1024 pixels
+    assert flux_image_seq_len(9, 8) == 20  # odd sizes are padded to whole patches
+    with pytest.raises(ValueError, match="positive"):
+        flux_image_seq_len(0, 8)
+
+
+def test_schedule_parameters_are_read_by_class():
+    assert methods.schedule_as(method("lcm-lora"), methods.LCMGrid).original_steps == 50
+    assert methods.schedule_as(method("pi-flux1-gm-4step"), methods.PiFlowSchedule).shift == 3.2
+    with pytest.raises(TypeError, match="tdd-sdxl's schedule is a TDDGrid, not a LCMGrid"):
+        methods.schedule_as(method("tdd-sdxl"), methods.LCMGrid)

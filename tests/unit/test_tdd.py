@@ -7,6 +7,7 @@ import pytest
 import torch
 from diffusers import DDPMScheduler
 
+from distill_core.methods import TDD_ETA
 from distill_core.reference.mixture import GaussianMixture
 from distill_core.sampling.schedules import tdd_timesteps
 from distill_core.sampling.tdd import dynamic_threshold, sample_tdd
@@ -155,4 +156,5 @@ def test_flow_renoise_has_the_exact_marginal():
 def test_invalid_options_are_refused(options, message):
     space = NoiseSpace.flow()
     with pytest.raises(ValueError, match=message):
-        sample_tdd(clean_target_model(torch.zeros(SHAPE)), torch.zeros(SHAPE), space.sigmas_for_timesteps([999]), space=space, **options)
+        sample_tdd(clean_target_model(torch.zeros(SHAPE)), torch.zeros(SHAPE), space.sigmas_for_timesteps([999]),
+                   space=space, **{"eta": TDD_ETA, **options})

@@ -71,3 +71,47 @@ def test_grid_has_a_row_per_step_and_x_t_x0_column_pairs():
 def test_empty_trace_gives_a_clear_error():
     with pytest.raises(ValueError, match="empty"):
         trace_grid([], lambda latents: latents)
+
+
+def test_a_hybrid_run_records_which_model_ran_each_step():
+    mixture = demo_mixture(size=4)
+    phases = [HybridPhase(lambda x, s, **_: mixture.denoise(x, s, VE),
+                          functools.partial(tcd.sample_tcd, space=VE, gamma=0.0), VE) for _ in range(2)]
+    trace = StepTrace()
+    x = torch.randn(2, 4, 4, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * float(SIGMAS[0])
+    sample_hybrid(*phases, x, SIGMAS, handover_steps=2, seed=1, callback=trace.callback())
+    assert [step.phase for step in trace.steps] == ["base", "base", "distilled", "distilled"]
+    trace.record(9, 1.0, x, x, VE)
+    assert trace.steps[-1].phase == "", "a plain sampler's steps carry no phase"
+
+
+def test_video_latents_are_traced_with_their_frames_side_by_side():
+    trace = StepTrace()
+    frames = torch.arange(3, dtype=torch.float64).view(1, 1, 3, 1, 1).expand(2, 1, 3, 2, 2)  # frame f: value f
+    trace.record(0, 1.0, frames * 2**0.5, frames + 10, VE)
+    assert trace.steps[0].x_t.shape == (2, 1, 3, 2, 2)
+
+    def decode(latents):  # (m, 1, T, h, w) -> per frame one grey tile of 2 x 4 pixels, its value / 20
+        assert latents.ndim == 5
+        return (latents.mean(dim=(1, 3, 4)) / 20)[..., None, None, None].expand(-1, -1, 2, 4, 3)
+
+    grid = trace_grid(trace.steps, decode, max_items=1, gap=1)
+    assert grid.shape == (2, 2 * 12 + 1, 3)  # one row; x_t and x0 tiles of 3 frames x 4 pixels each
+    for frame in range(3):
+        assert torch.allclose(grid[:, 4 * frame : 4 * frame + 4], torch.tensor(frame / 20))
+        assert torch.allclose(grid[:, 13 + 4 * frame : 13 + 4 * frame + 4], torch.tensor((frame + 10) / 20))
+
+
+def test_phase_colours_mark_each_row():
+    trace = StepTrace()
+    for step, phase in enumerate(("base", "distilled", "")):
+        trace.record(step, 1.0, torch.zeros(1, 1, 2, 2), torch.zeros(1, 1, 2, 2), VE, phase)
+    colours = {"base": (0.0, 0.0, 1.0), "distilled": (1.0, 0.5, 0.0)}
+    grid = trace_grid(trace.steps, lambda latents: torch.zeros(latents.shape[0], 16, 16, 3), gap=2,
+                      phase_colours=colours)
+    bar = 16 // 8  # then a gap of 2
+    assert grid.shape == (3 * 18 - 2, bar + 2 + 2 * 18 - 2, 3)
+    assert torch.all(grid[:16, :bar] == torch.tensor(colours["base"]))
+    assert torch.all(grid[18:34, :bar] == torch.tensor(colours["distilled"]))
+    assert torch.all(grid[36:52, :bar] == 1.0), "a step without a phase has no bar colour"
+    assert torch.all(grid[:, bar : bar + 2] == 1.0) and torch.all(grid[:16, bar + 2 : bar + 18] == 0.0)
