@@ -60,7 +60,10 @@ app.registerExtension({
       const chart = node && node.strideLossChart;
       if (!chart) return;
       chart.phase = detail;
-      chart.canvas.dataset.phase = `${detail.phase} ${detail.done}/${detail.total}`;
+      // each phase's latest count, e.g. {"teacher data pool": "8/8"} (read by the browser test)
+      const counts = JSON.parse(chart.canvas.dataset.phases || "{}");
+      counts[detail.phase] = `${detail.done}/${detail.total}`;
+      chart.canvas.dataset.phases = JSON.stringify(counts);
       draw(chart);
     });
     api.addEventListener(EVENT, ({ detail }) => {

@@ -187,7 +187,8 @@ def test_stride_templates_open_from_the_templates_dialog(frontend):
 
 
 def test_live_loss_chart_follows_a_training_run(frontend, comfy_server):
-    """The training node's chart (web/stride_loss_chart.js) draws one point per websocket loss event."""
+    """The training node's chart (web/stride_loss_chart.js) draws one point per websocket loss event and shows the
+    data-free pool's phase events (stride.distill.phase) on its panel."""
     path = WORKFLOW_FILES[0].parent / "distill_lcm_lora.json"
     workflow = json.loads(path.read_text())
     frontend.load(workflow, "loss_chart_check")
@@ -212,3 +213,8 @@ def test_live_loss_chart_follows_a_training_run(frontend, comfy_server):
         """id => window.app.graph.getNodeById(id).strideLossChart.canvas.dataset.points""", trainer_id
     )
     assert points == str(steps), f"the chart shows {points} loss points for a {steps}-step run"
+    phases = json.loads(frontend.page.evaluate(
+        """id => window.app.graph.getNodeById(id).strideLossChart.canvas.dataset.phases""", trainer_id
+    ))
+    assert phases.get("teacher data pool") == "8/8", f"the panel followed the data-free pool (16 samples / batch " \
+                                                     f"16 x 8 teacher calls): {phases}"
