@@ -18,6 +18,14 @@ runs on other batches spread 0.009-0.011. A single evaluation of this model's co
 ~65 % off float32 (the loss measures differences of two outputs that are small next to bfloat16's rounding of them),
 which is why the LoRA is judged in float32 and the losses a bfloat16 run reports are noisy.
 
+The float16 run reported silent after 7 minutes (issue 19) was the data-free teacher pool, which then showed no
+progress: 16 samples x 8 guided teacher calls run before the first step. float16 itself is not slower here: on the
+full SD1.5 UNet at 32x32 latents on this CPU (1 thread, shared machine) a teacher call took 16.4 s in native float16
+vs 17.7 s in float32, a LoRA forward + backward 24.2 s vs 28.8 s. The one float16 op that is slow on a CPU is a
+convolution's weight gradient (a 320-channel 3x3 conv at 32x32: 18.4 s vs 0.14 s in float32), which a LoRA run never
+computes: the base is frozen and the adapters are float32. What float16 did need is loss scaling
+(test_float16_gradients_are_accurate_only_with_loss_scaling).
+
 Sampling: a few-step sample in a compute dtype must equal the float32 model's to ``TOLERANCE_U`` units of roundoff u
 of that dtype (2^-11 float16, 2^-8 bfloat16; float32 compute: ``FLOAT32_FLOOR``) relative to the samples' scale:
 four model calls, each rounding its output to about u, with CFG amplifying the difference of two of them.
