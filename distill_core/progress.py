@@ -23,8 +23,7 @@ POOL = "teacher data pool"
 ENCODE = "encoding images"
 EXPORT = "headless export"
 CHECKPOINT = "writing checkpoint"
-TRAJECTORIES = "teacher trajectories"
-UNITS = {POOL: "teacher calls", ENCODE: "images", EXPORT: "MiB", CHECKPOINT: "MiB", TRAJECTORIES: "model calls"}
+UNITS = {POOL: "teacher calls", ENCODE: "images", EXPORT: "MiB", CHECKPOINT: "MiB"}
 
 MIB = 1 << 20
 T = TypeVar("T")
