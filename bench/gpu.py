@@ -11,16 +11,35 @@ functional check that keeps this benchmark working, whose numbers say nothing ab
 """
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
 
 from . import models, piflow_overhead
 from .context import BenchContext
-from .harness import (Goal, Section, Table, check, cuda_sync_for, fmt_bytes, fmt_ratio, fmt_seconds, median,
-                      peak_rss_growth, run_interleaved)
-from .samplers import (COMFY_EULER, OVERHEAD_BUILTINS, STRIDE_HYPER, STRIDE_SAMPLERS, SamplerTiming, sample,
-                       timed_sampler)
+from .harness import (
+    Goal,
+    Section,
+    Table,
+    check,
+    cuda_sync_for,
+    fmt_bytes,
+    fmt_ratio,
+    fmt_seconds,
+    median,
+    peak_rss_growth,
+    run_interleaved,
+)
+from .samplers import (
+    COMFY_EULER,
+    OVERHEAD_BUILTINS,
+    STRIDE_HYPER,
+    STRIDE_SAMPLERS,
+    SamplerTiming,
+    sample,
+    timed_sampler,
+)
 
 NAME = "gpu"
 TITLE = "Full-size SD1.5 / SDXL / FLUX.1 on CUDA: sampler step time, overhead, VRAM; pi-Flow rollout"
@@ -87,8 +106,8 @@ def run(ctx: BenchContext) -> Section:
         noise = torch.randn(shape, generator=torch.Generator().manual_seed(SEED))
         built = {spec.label: spec.build(ctx, model, STEPS) for spec in SAMPLERS}
         section.checks.append(_check(ctx, description, dtype, model, built, noise, conditioning))
-        memory = {name: peak_memory(device, lambda: sample(model, sampler, sigmas, noise, conditioning, conditioning,
-                                                            seed=SEED))
+        memory = {name: peak_memory(device, functools.partial(sample, model, sampler, sigmas, noise, conditioning,
+                                                              conditioning, seed=SEED))
                   for name, (sampler, sigmas) in built.items()}
         candidates = {name: _candidate(model, sampler, sigmas, noise, conditioning, sync)
                       for name, (sampler, sigmas) in built.items()}

@@ -8,15 +8,17 @@ changes on a shared machine hit all of them alike) and report medians, ratio fir
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import gc
 import os
 import platform
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -223,10 +225,8 @@ def peak_rss_growth(fn: Callable[[], Any]) -> tuple[Any, int]:
     RSS growing is not counted (this measures what the process needed from the OS).
     """
     gc.collect()
-    try:
+    with contextlib.suppress(OSError):
         ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except OSError:
-        pass
     _CLEAR_REFS.write_text("5")
     before = _status_kib("VmRSS")
     result = fn()

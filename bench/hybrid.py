@@ -19,13 +19,13 @@ differences to the distilled model alone are paired. NFE = counted network calls
 from __future__ import annotations
 
 import functools
-from typing import Callable
+from collections.abc import Callable
 
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
+import matplotlib.pyplot as plt
+import torch
 
 from distill_core.reference import diversity, metrics
 from distill_core.reference.demo import DEMO_COMPONENTS, demo_mixture, latent_to_rgb
@@ -33,10 +33,10 @@ from distill_core.reference.mixture import GaussianMixture
 from distill_core.reference.statistics import Estimate, estimate, judge, paired_difference, share_interval
 from distill_core.sampling import hybrid, lcm, tcd
 
-from . import models  # noqa: E402
-from .context import BenchContext  # noqa: E402
-from .harness import Goal, Section, Table, check, fmt_ratio, fmt_seconds, median, run_interleaved  # noqa: E402
-from .samplers import COMFY_EULER, STRIDE_LCM, counting_model, sample  # noqa: E402
+from . import models
+from .context import BenchContext
+from .harness import Goal, Section, Table, check, fmt_ratio, fmt_seconds, median, run_interleaved
+from .samplers import COMFY_EULER, STRIDE_LCM, counting_model, sample
 
 NAME = "hybrid"
 TITLE = "Hybrid sampling (diversity distillation) on the reference models: base, distilled and hybrid"
@@ -76,8 +76,9 @@ def run(ctx: BenchContext) -> Section:
     hybrid_node = ctx.node("StrideHybridSample")
 
     def hybrid_run(handover: int) -> torch.Tensor:
-        return hybrid_node.execute(counted_base, empty, empty, 1.0, "euler", counted_distilled, empty, empty, 1.0, "lcm",
-                                  "lcm / tcd grid", HYBRID_STEPS, handover, SEED, {"samples": latent})[0]["samples"]
+        return hybrid_node.execute(counted_base, empty, empty, 1.0, "euler", counted_distilled, empty, empty, 1.0,
+                                   "lcm", "lcm / tcd grid", HYBRID_STEPS, handover, SEED,
+                                   {"samples": latent})[0]["samples"]
 
     base_sampler, base_sigmas = COMFY_EULER.build(ctx, counted_base, BASE_STEPS)
     lcm_sampler, lcm_sigmas = STRIDE_LCM.build(ctx, counted_distilled, HYBRID_STEPS)
@@ -184,8 +185,8 @@ def run(ctx: BenchContext) -> Section:
         f"({flow_map_steps} exact-denoiser evaluations), so here a distilled NFE costs far more than a base NFE; "
         "with real networks both cost about the same per NFE and the NFE column is the cost to compare.",
         "The node refuses handover_steps >= steps (the distilled model must take at least one step), so the identity "
-        "'handover = steps is the base alone' is checked on distill_core.sampling.hybrid.sample_hybrid, the same schedule "
-        "split and seed rule the node uses.",
+        "'handover = steps is the base alone' is checked on distill_core.sampling.hybrid.sample_hybrid, the same "
+        "schedule split and seed rule the node uses.",
         "Mode recall counts a mode when it holds at least a quarter of its expected share; mode entropy is the "
         "normalised entropy of the samples' mode histogram (1 = all 8 modes equally often); mode TV is half the "
         "summed absolute difference between the mode shares and the true weights. Image diversity is the mean "

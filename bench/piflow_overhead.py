@@ -15,8 +15,9 @@ ratio (nothing is extrapolated). The issue's goal: the 128 substeps cost <= 3% o
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -156,7 +157,8 @@ def measure(network: NetworkUnderTest, device: torch.device, repeats: int) -> Ro
 
 
 def goal_for(result: RolloutMeasurement) -> Goal:
-    text = f"{SUBSTEPS} GM substeps <= {fmt_percent(GOAL_FRACTION)} of one {result.description.split(',')[0]} evaluation"
+    model = result.description.split(",")[0]
+    text = f"{SUBSTEPS} GM substeps <= {fmt_percent(GOAL_FRACTION)} of one {model} evaluation"
     evidence = f"{fmt_percent(result.fraction)} measured"
     if result.fraction <= GOAL_FRACTION:
         if result.reduced:
@@ -187,7 +189,7 @@ def run(ctx: BenchContext) -> Section:
     repeats = ctx.pick(2, 2, 3)
     section = Section(NAME, TITLE, __doc__.split("\n\n", 1)[1].strip())
     results = []
-    for build, size in zip((sd15_network, flux_network), CPU_SIZES[ctx.tier]):
+    for build, size in zip((sd15_network, flux_network), CPU_SIZES[ctx.tier], strict=True):
         network = build(size, device, dtype)
         ctx.log(f"{NAME}: {network.description}")
         results.append(measure(network, device, repeats))

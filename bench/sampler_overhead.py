@@ -12,16 +12,25 @@ from __future__ import annotations
 
 import cProfile
 import pstats
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
 from . import models
 from .context import BenchContext
 from .harness import REPO_ROOT, Goal, Section, Table, check, fmt_ratio, fmt_seconds, median, run_interleaved, spread
-from .samplers import (COMFY_EULER, COMFY_LCM, OVERHEAD_BUILTINS, STRIDE_HYPER, STRIDE_SAMPLERS,
-                       SamplerTiming, sample, timed_sampler)
+from .samplers import (
+    COMFY_EULER,
+    COMFY_LCM,
+    OVERHEAD_BUILTINS,
+    STRIDE_HYPER,
+    STRIDE_SAMPLERS,
+    SamplerTiming,
+    sample,
+    timed_sampler,
+)
 
 NAME = "sampler_overhead"
 TITLE = "Sampler overhead per step (time outside the model call) vs ComfyUI euler"

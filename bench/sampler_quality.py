@@ -19,17 +19,17 @@ from __future__ import annotations
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
+import matplotlib.pyplot as plt
+import torch
 
 from distill_core.reference import demo, metrics
 from distill_core.reference.demo import demo_mixture
 from distill_core.reference.statistics import Estimate, paired_difference, verdict
 
-from . import models  # noqa: E402
-from .context import BenchContext  # noqa: E402
-from .harness import Section, Table, check  # noqa: E402
-from .samplers import (  # noqa: E402
+from . import models
+from .context import BenchContext
+from .harness import Section, Table, check
+from .samplers import (
     COMFY_EULER,
     QUALITY_BUILTINS,
     STRIDE_HYPER,
@@ -125,7 +125,8 @@ def run(ctx: BenchContext) -> Section:
                 samples = sample(counted, start_recording(sampler, start), sigmas, noise, positive, negative, seed=SEED)
                 check(bool(torch.isfinite(samples).all()),
                       f"{spec.label} at {steps} steps on the {model_label} produced NaN or inf")
-                check(calls[0] == steps, f"{spec.label} at {steps} steps made {calls[0]} network calls, expected {steps}")
+                check(calls[0] == steps,
+                      f"{spec.label} at {steps} steps made {calls[0]} network calls, expected {steps}")
                 exact = exact_solution(model, start)
                 results[(model_label, spec.label, steps)] = score(samples, exact if spec.deterministic else None)
     section.checks.append(f"all {len(results)} runs (model x sampler x NFE) finite; each made exactly NFE = steps "
@@ -161,11 +162,13 @@ def run(ctx: BenchContext) -> Section:
     if trained:
         demo_label = "demo UNet (trained, undistilled)"
         check(any(sensible(results[(demo_label, spec.label, top)]) for spec in SAMPLERS if not spec.few_step),
-              f"no plain solver on the demo UNet samples sensibly at {top} steps: the demo model or the host path is broken")
+              f"no plain solver on the demo UNet samples sensibly at {top} steps: the demo model or the host path "
+              "is broken")
         section.checks.append(f"demo UNet: a plain solver at {top} steps passes the same criteria")
     else:
         section.notes.append("Demo UNet rows skipped: its trained weights are not built "
-                             f"({demo.DEMO_WEIGHTS_PATH.relative_to(demo.REPO_ROOT)}); run scripts/build_demo_model.py.")
+                             f"({demo.DEMO_WEIGHTS_PATH.relative_to(demo.REPO_ROOT)}); "
+                             "run scripts/build_demo_model.py.")
 
     headers = ["SWD", "SWD - exact ODE (paired)", "NLL gap", "mode TV", "mode mean shift", "mode cov error",
                "endpoint error"]
@@ -218,7 +221,8 @@ def _check_paths_agree(ctx: BenchContext, model, noise, positive, negative) -> s
     theirs = sample(model, euler, sigmas, noise, positive, negative, seed=SEED)
     difference = float((ours - theirs).abs().max())
     check(difference < EXACTNESS_TOLERANCE,
-          f"Stride DDIM and ComfyUI euler differ by {difference:.2e} on the same sigmas (expected < {EXACTNESS_TOLERANCE})")
+          f"Stride DDIM and ComfyUI euler differ by {difference:.2e} on the same sigmas "
+          f"(expected < {EXACTNESS_TOLERANCE})")
     return f"Stride TCD with gamma 0 equals ComfyUI euler on the same 4 sigmas (max difference {difference:.1e})"
 
 

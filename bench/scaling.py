@@ -13,14 +13,24 @@ from __future__ import annotations
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
+import matplotlib.pyplot as plt
+import torch
 
-from . import models  # noqa: E402
-from .context import BenchContext  # noqa: E402
-from .harness import (Section, Table, check, fmt_bytes, fmt_ratio, fmt_seconds, median, peak_rss_available,  # noqa: E402
-                      peak_rss_growth, run_interleaved)
-from .samplers import STRIDE_HYPER, STRIDE_LCM, sample  # noqa: E402
+from . import models
+from .context import BenchContext
+from .harness import (
+    Section,
+    Table,
+    check,
+    fmt_bytes,
+    fmt_ratio,
+    fmt_seconds,
+    median,
+    peak_rss_available,
+    peak_rss_growth,
+    run_interleaved,
+)
+from .samplers import STRIDE_HYPER, STRIDE_LCM, sample
 
 NAME = "scaling"
 TITLE = "Sampling step time and memory vs latent size and batch (demo UNet)"
@@ -43,16 +53,16 @@ def run(ctx: BenchContext) -> Section:
 
     section = Section(NAME, TITLE, __doc__.split("\n\n", 1)[1].strip())
     section.checks.append(_check_batches(ctx, model, sides[:2], batches, noises, positive, negative))
-    memory = {}
-    for key in configs:  # ascending size, so a smaller run never reuses memory a bigger one freed
-        samples, memory[key] = peak_rss_growth(
-            lambda: sample(model, sampler, sigmas, noises[key], positive, negative, seed=SEED))
-        check(bool(torch.isfinite(samples).all()), f"Stride LCM on a {key[0]}x{key[0]} latent, batch {key[1]}: NaN or inf")
-    section.checks.append("Stride LCM samples finite in every configuration")
 
     def candidate(key: tuple[int, int]):
         return lambda: sample(model, sampler, sigmas, noises[key], positive, negative, seed=SEED)
 
+    memory = {}
+    for key in configs:  # ascending size, so a smaller run never reuses memory a bigger one freed
+        samples, memory[key] = peak_rss_growth(candidate(key))
+        check(bool(torch.isfinite(samples).all()),
+              f"Stride LCM on a {key[0]}x{key[0]} latent, batch {key[1]}: NaN or inf")
+    section.checks.append("Stride LCM samples finite in every configuration")
     ctx.log(f"{NAME}: timing {len(configs)} configurations")
     # the memory pass above ran every configuration once: it is the warm-up
     timings = run_interleaved({key: candidate(key) for key in configs}, repeats, warmup=0)
@@ -89,7 +99,8 @@ def scaling_table(title: str, configs: list[tuple[int, int]], step: dict, memory
     table = Table(title, ["compared", "latent", "batch", "device, dtype", "step time ratio vs smallest", "step time",
                           "per sample", "peak RSS growth"])
     for side, batch in configs:
-        compared = "(baseline)" if (side, batch) == base else f"{side}x{side} b{batch} vs {base[0]}x{base[0]} b{base[1]}"
+        compared = ("(baseline)" if (side, batch) == base
+                    else f"{side}x{side} b{batch} vs {base[0]}x{base[0]} b{base[1]}")
         table.add(compared, f"4x{side}x{side}", batch, "CPU, float32", fmt_ratio(step[(side, batch)] / step[base]),
                   fmt_seconds(step[(side, batch)]), fmt_seconds(step[(side, batch)] / batch),
                   fmt_bytes(memory[(side, batch)]))

@@ -51,8 +51,8 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Mapping, Sequence
 
 from torch import Tensor
 
@@ -91,7 +91,8 @@ class PiFlowAdapter:
 
 def split_adapter_state_dict(state_dict: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
     """``(lora, head)`` key groups by the official rule (``lora`` in the key), ``transformer.`` removed."""
-    lora, head = {}, {}
+    lora: dict[str, Tensor] = {}
+    head: dict[str, Tensor] = {}
     for key, value in state_dict.items():
         name = key[len(_PREFIX):] if key.startswith(_PREFIX) else key
         (lora if "lora" in name else head)[name] = value

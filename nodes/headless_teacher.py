@@ -3,15 +3,15 @@
 ``distill_core.training.cli`` loads this file by the path in the exported ``config.json``
 (``nodes/headless_teacher.py:comfy_teacher``, run from the Stride folder with the ComfyUI checkout on
 ``PYTHONPATH``; the node's report gives the whole command). It is loaded on its own, not as part of the
-``nodes`` package, so it imports ``distill_core`` absolutely and ComfyUI only inside functions. It rebuilds the ComfyUI model from
-``teacher.safetensors`` (float32, on ``cuda:LOCAL_RANK`` when CUDA is there, else the CPU), so
+``nodes`` package, so it imports ``distill_core`` absolutely and ComfyUI only inside functions. It rebuilds the
+ComfyUI model from ``teacher.safetensors`` (float32, on ``cuda:LOCAL_RANK`` when CUDA is there, else the CPU), so
 the headless loop calls the very ``apply_model`` the graph did.
 """
 from __future__ import annotations
 
 import json
 import os
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -27,18 +27,12 @@ def _device() -> torch.device:
     return torch.device("cpu")
 
 
-def _import_comfy(device: torch.device):
-    """ComfyUI's model modules, told the device first (ComfyUI picks it when model_management is imported)."""
+def _tell_comfy_the_device(device: torch.device) -> None:
+    """Set ComfyUI's device before its model modules load (ComfyUI picks it when model_management is imported)."""
     import comfy.options  # noqa: F401  (must precede cli_args)
     from comfy.cli_args import args
 
     args.cpu = device.type == "cpu"
-    import comfy.latent_formats
-    import comfy.model_base
-    import comfy.supported_models
-    import comfy.supported_models_base
-
-    return comfy
 
 
 def comfy_teacher(options: dict[str, Any], config: DistillConfig) -> HeadlessNetwork:
@@ -47,14 +41,18 @@ def comfy_teacher(options: dict[str, Any], config: DistillConfig) -> HeadlessNet
     if metadata.get("format") != TEACHER_FORMAT:
         raise ValueError(f"{options['teacher']} is not a teacher exported by Stride Distill LoRA")
     device = _device()
-    comfy = _import_comfy(device)
+    _tell_comfy_the_device(device)
+    import comfy.latent_formats
+    import comfy.model_base
+    import comfy.supported_models
+    import comfy.supported_models_base
 
     class UnlistedConfig(comfy.supported_models_base.BASE):
         """A UNet config ComfyUI does not list (e.g. Stride's demo model): SD1.5 latents, default schedule."""
 
-        unet_extra_config = {}
+        unet_extra_config: ClassVar[dict[str, Any]] = {}
         latent_format = comfy.latent_formats.SD15
-        supported_inference_dtypes = [torch.float32]
+        supported_inference_dtypes: ClassVar[list[torch.dtype]] = [torch.float32]
 
     config_class = getattr(comfy.supported_models, metadata["config_class"], None) if metadata["config_class"] else None
     model_class = getattr(comfy.model_base, metadata["model_class"])

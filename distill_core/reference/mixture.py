@@ -94,7 +94,8 @@ class GaussianMixture(_ComponentMeans):
         self.means = means
         self.stds = stds
         self.log_weights = torch.log_softmax(log_weights, dim=0)
-        self.classes = None if classes is None else torch.as_tensor(classes, dtype=torch.long, device=means.device).reshape(k)
+        self.classes = (None if classes is None
+                        else torch.as_tensor(classes, dtype=torch.long, device=means.device).reshape(k))
         self._device_cache: dict[torch.device, tuple[Tensor, Tensor, Tensor, Tensor | None]] = {}
 
 
@@ -199,7 +200,7 @@ class GaussianMixture(_ComponentMeans):
             return self._expected_nll_of(None, num_samples, generator)
         labels, counts = torch.as_tensor(class_ids).reshape(-1).unique(return_counts=True)
         values = [self._expected_nll_of(int(label), num_samples, generator) for label in labels]
-        return float(sum(v * int(c) for v, c in zip(values, counts)) / counts.sum().item())
+        return float(sum(v * int(c) for v, c in zip(values, counts, strict=True)) / counts.sum().item())
 
     def _expected_nll_of(self, label: int | None, num_samples: int, generator: torch.Generator | None) -> float:
         device = generator.device if generator is not None else self.means.device
@@ -236,7 +237,8 @@ class GaussianMixture(_ComponentMeans):
     def _posterior_terms(
         self, x_flat: Tensor, sigma: Tensor | float, space: NoiseSpace, class_ids: Tensor | None
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """Responsibilities and, per component, the coefficients of ``x`` and ``mu_k`` in the posterior mean, and its variance."""
+        """Responsibilities and, per component, the coefficients of ``x`` and ``mu_k`` in the posterior mean,
+        and its variance."""
         n = x_flat.shape[0]
         a, b = space.coefficients(sigma_batch(sigma, n, x_flat.device))
         log_w = self.conditional_log_weights(n, class_ids, x_flat.device)
@@ -255,7 +257,8 @@ class GaussianMixture(_ComponentMeans):
         x_flat = x.reshape(n, -1).to(torch.float64)
         responsibilities, coefficient_x, coefficient_mu, _ = self._posterior_terms(x_flat, sigma, space, class_ids)
         means, _, _, _ = self._params(x.device)
-        x0 = (responsibilities * coefficient_x).sum(dim=1, keepdim=True) * x_flat + (responsibilities * coefficient_mu) @ means
+        x0 = ((responsibilities * coefficient_x).sum(dim=1, keepdim=True) * x_flat
+              + (responsibilities * coefficient_mu) @ means)
         return x0.reshape(x.shape)
 
     def cfg_denoise(
@@ -266,7 +269,9 @@ class GaussianMixture(_ComponentMeans):
         cond = self._denoise64(x, sigma, space, class_ids)
         return (uncond + scale * (cond - uncond)).to(x.dtype)
 
-    def targets(self, x: Tensor, sigma: Tensor | float, space: NoiseSpace, kind: str, class_ids: Tensor | None = None) -> Tensor:
+    def targets(
+        self, x: Tensor, sigma: Tensor | float, space: NoiseSpace, kind: str, class_ids: Tensor | None = None
+    ) -> Tensor:
         """The exact model output of prediction type ``kind`` (see :func:`prediction_target`)."""
         x0 = self._denoise64(x, sigma, space, class_ids)
         return prediction_target(x.to(torch.float64), x0, sigma, space, kind).to(x.dtype)
@@ -288,13 +293,13 @@ class GaussianMixture(_ComponentMeans):
         return solution.to(x.dtype)
 
     # -- partners ------------------------------------------------------------------------------
-    def reweighted(self, log_weights: Tensor) -> "GaussianMixture":
+    def reweighted(self, log_weights: Tensor) -> GaussianMixture:
         """The same components with new (unnormalised) log-weights."""
         return GaussianMixture(self.means, self.stds, log_weights, self.classes)
 
     def sharpened(
         self, keep: Sequence[int], residual_weight: float = 0.0, std_scale: float = 1.0
-    ) -> "GaussianMixture":
+    ) -> GaussianMixture:
         """A mode-collapsed partner: the components in ``keep`` share all but ``residual_weight`` of the mass
         (in proportion to their weights), the rest share ``residual_weight``; stds are multiplied by
         ``std_scale`` (< 1 also loses diversity inside modes). Class sub-mixtures renormalise their
@@ -373,7 +378,8 @@ class FactorizedMixture(_ComponentMeans):
         probabilities = self.log_weights.to(device).exp().permute(1, 2, 0).reshape(h * w, k)
         components = torch.multinomial(probabilities.repeat(n, 1), 1, generator=generator).reshape(n, h, w)
         means = self.means.to(device)
-        chosen = means.permute(0, 2, 3, 1)[components, torch.arange(h, device=device)[:, None], torch.arange(w, device=device)]
+        rows, columns = torch.arange(h, device=device)[:, None], torch.arange(w, device=device)
+        chosen = means.permute(0, 2, 3, 1)[components, rows, columns]
         noise = torch.randn((n, c, h, w), generator=generator, device=device, dtype=torch.float64)
         x0 = chosen.permute(0, 3, 1, 2) + self.std * noise
         return x0.to(dtype), components

@@ -95,7 +95,8 @@ def solve_probability_flow(
             third = second & column(usable(h2))
             older = (denoised_1 - denoised_2) / column(safe(h2))
             curvature_estimate = (backward - older) / column(safe(h1) + safe(h2))
-            slope = torch.where(third, backward + curvature_estimate * column(safe(h1)), torch.where(second, backward, zeros))
+            slope = torch.where(third, backward + curvature_estimate * column(safe(h1)),
+                                torch.where(second, backward, zeros))
             half_curvature = torch.where(third, curvature_estimate, zeros)
             lam_next_history = [(lam_1, denoised_1), (lam, denoised)]
         else:

@@ -35,8 +35,10 @@ optionally ``with_temperature``) instead of a denoised tensor.
 """
 from __future__ import annotations
 
+import itertools
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Protocol
+from typing import Protocol
 
 import torch
 from torch import Tensor
@@ -172,7 +174,7 @@ class GMPolicy:
 
     @classmethod
     def from_velocity(cls, means: Tensor, logweights: Tensor, logstds: Tensor, x_src: Tensor,
-                      sigma_src: Tensor | float) -> "GMPolicy":
+                      sigma_src: Tensor | float) -> GMPolicy:
         """The policy from a GM network output in velocity space (official layout).
 
         ``means`` (B, K, C, H, W) are velocities u_k, ``logweights`` (B, K, 1, H, W) logits,
@@ -184,7 +186,7 @@ class GMPolicy:
         variance = (2 * logstds).exp() * sigma.square()
         return cls(means_x0, logweights, variance, x_src, sigma_src)
 
-    def with_temperature(self, temperature: float) -> "GMPolicy":
+    def with_temperature(self, temperature: float) -> GMPolicy:
         """A copy with log-weights divided by ``T`` (renormalised) and variance times ``T``.
 
         ``T >= 1`` returns the policy unchanged, as the official code does; ``T`` is clamped
@@ -238,7 +240,8 @@ class DXPolicy:
 
     def __init__(self, x0_terms: Tensor, x_src: Tensor, sigma_src: Tensor | float,
                  segment_size: float = 1.0, shift: float = DEFAULT_SHIFT, mode: str = DX_GRID) -> None:
-        if x0_terms.ndim != x_src.ndim + 1 or x0_terms.shape[0] != x_src.shape[0] or x0_terms.shape[2:] != x_src.shape[1:]:
+        if (x0_terms.ndim != x_src.ndim + 1 or x0_terms.shape[0] != x_src.shape[0]
+                or x0_terms.shape[2:] != x_src.shape[1:]):
             raise ValueError(f"DX terms must be (B, N, *x.shape[1:]), got {tuple(x0_terms.shape)} "
                              f"for x of shape {tuple(x_src.shape)}")
         if mode not in DX_MODES:
@@ -256,7 +259,7 @@ class DXPolicy:
 
     @classmethod
     def from_velocity(cls, velocities: Tensor, x_src: Tensor, sigma_src: Tensor | float, segment_size: float = 1.0,
-                      shift: float = DEFAULT_SHIFT, mode: str = DX_GRID) -> "DXPolicy":
+                      shift: float = DEFAULT_SHIFT, mode: str = DX_GRID) -> DXPolicy:
         """The policy from a DX network output: N velocities, each term ``x_src - sigma_src u_n``
         (in both modes, as the official code converts every output channel group)."""
         sigma = per_sample(sigma_src, x_src).unsqueeze(1)
@@ -329,7 +332,7 @@ class PackedLatentPolicy:
     def denoised(self) -> Tensor:
         return F.pixel_unshuffle(self.inner.denoised, self.factor)
 
-    def with_temperature(self, temperature: float) -> "PackedLatentPolicy":
+    def with_temperature(self, temperature: float) -> PackedLatentPolicy:
         return PackedLatentPolicy(with_temperature(self.inner, temperature), self.factor)
 
 
@@ -369,7 +372,7 @@ step's mask (ComfyUI's ``denoise_mask_function``, e.g. Differential Diffusion)."
 def rollout(policy: Policy, x: Tensor, sigmas: Tensor, inpainting: Inpainting | None = None) -> Tensor:
     """Euler-integrate ``dx/dsigma = policy.velocity`` along the grid ``sigmas`` (masked by ``inpainting``)."""
     ones = x.new_ones([x.shape[0]])
-    for sigma, sigma_next in zip(sigmas[:-1].tolist(), sigmas[1:].tolist()):
+    for sigma, sigma_next in itertools.pairwise(sigmas.tolist()):
         velocity = policy.velocity(x, sigma * ones)
         if inpainting is not None:
             velocity = inpainting.velocity(velocity, x, sigma * ones)
@@ -427,11 +430,14 @@ def sample_piflow(
     official sampler does: it stays the original latent noised to each sigma, with that step's noise.
     """
     extra_args = {} if extra_args is None else extra_args
-    if denoise_mask is not None and latent_image is None:
-        raise ValueError("a denoise_mask needs the latent_image whose masked-out region it keeps")
+    inpainting_inputs: tuple[Tensor, DenoiseMask] | None = None  # (latent_image, denoise_mask)
+    if denoise_mask is not None:
+        if latent_image is None:
+            raise ValueError("a denoise_mask needs the latent_image whose masked-out region it keeps")
+        inpainting_inputs = (latent_image, denoise_mask)
     nfe = len(sigmas) - 1
     gm_temperature = resolve_temperature(temperature, nfe)
-    if h > 0 and noise_sampler is None:
+    if noise_sampler is None:  # only drawn from when h > 0
         noise_sampler = default_noise_sampler(x, extra_args.get("seed"))
     ones = x.new_ones([x.shape[0]])
     for i in trange(nfe, disable=disable):
@@ -441,9 +447,9 @@ def sample_piflow(
         if i < nfe - 1:
             policy = with_temperature(policy, gm_temperature)
         inpainting = None
-        if denoise_mask is not None:
-            mask = denoise_mask(sigma_batch) if callable(denoise_mask) else denoise_mask
-            inpainting = Inpainting(latent_image, mask)
+        if inpainting_inputs is not None:
+            original, mask = inpainting_inputs
+            inpainting = Inpainting(original, mask(sigma_batch) if callable(mask) else mask)
         if callback is not None:
             denoised = policy.denoised if inpainting is None else inpainting.denoised(policy.denoised)
             callback({"x": x, "i": i, "sigma": sigmas[i], "sigma_hat": sigmas[i], "denoised": denoised})

@@ -70,7 +70,8 @@ def test_clone_into_custom_nodes_and_pip_install_requirements_works(bare_host):
         imports = [line for line in server.log_path.read_text().splitlines() if line.rstrip().endswith(str(clone))]
         assert imports and not any("IMPORT FAILED" in line for line in imports), server.log_tail()
         documented = set(re.findall(r"^## .*\(`(Stride\w+)`\)$", (clone / "docs" / "NODES.md").read_text(), re.M))
-        assert len(documented) > 20 and documented <= set(server.object_info), "every documented Stride node is registered"
+        assert len(documented) > 20 and documented <= set(server.object_info), \
+            "every documented Stride node is registered"
 
         result = server.run({
             "model": {"class_type": "StrideDemoModel", "inputs": {}},

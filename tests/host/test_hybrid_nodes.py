@@ -47,7 +47,8 @@ def hybrid_sample_graph(distilled_prediction: str = "eps", prefix: str = "hybrid
     inputs = {"base_model": ["base", 0], "base_positive": ["pos", 0], "base_negative": ["neg", 0], "base_cfg": BASE_CFG,
               "base_sampler": "euler", "distilled_model": ["distilled", 0], "distilled_positive": ["pos", 0],
               "distilled_negative": ["neg", 0], "distilled_cfg": 1.0, "distilled_sampler": "lcm",
-              "schedule": "lcm / tcd grid", "steps": 4, "handover_steps": 1, "seed": SEED, "latent_image": ["latent", 0]}
+              "schedule": "lcm / tcd grid", "steps": 4, "handover_steps": 1, "seed": SEED,
+              "latent_image": ["latent", 0]}
     inputs.update(overrides)
     graph = models_and_prompts(distilled_prediction, base_prediction)
     graph["run"] = {"class_type": "StrideHybridSample", "inputs": inputs}
@@ -67,8 +68,8 @@ def hybrid_guider_graph(handover_steps: int = 1, traced: bool = False) -> dict:
             "base_guider": ["base_guider", 0], "distilled_guider": ["distilled_guider", 0],
             "base_sampler": ["base_sampler", 0], "handover_steps": handover_steps}},
         "lcm": {"class_type": "StrideLCMSampler", "inputs": {"s_noise": 1.0, "boundary_condition": True}},
-        "sigmas": {"class_type": "StrideLCMScheduler", "inputs": {"model": ["base", 0], "steps": 4, "original_steps": 50,
-                                                                  "denoise": 1.0}},
+        "sigmas": {"class_type": "StrideLCMScheduler", "inputs": {"model": ["base", 0], "steps": 4,
+                                                                  "original_steps": 50, "denoise": 1.0}},
         "noise": {"class_type": "RandomNoise", "inputs": {"noise_seed": SEED}},
     })
     sampler = ["lcm", 0]
@@ -105,7 +106,8 @@ def library_reference(comfy_host, distilled_prediction: str, handover_steps: int
         return mixture.flow_map(x, sigma, distilled_space, square, steps=FLOW_MAP_STEPS)
 
     base = HybridPhase(base_denoiser, functools.partial(tcd.sample_tcd, space=base_space, gamma=0.0), base_space)
-    distilled = HybridPhase(distilled_denoiser, functools.partial(lcm.sample_lcm, space=distilled_space), distilled_space)
+    distilled = HybridPhase(distilled_denoiser, functools.partial(lcm.sample_lcm, space=distilled_space),
+                            distilled_space)
     noise = torch.randn((BATCH, 4, 8, 8), generator=torch.Generator().manual_seed(SEED), dtype=torch.float32)
     x = base_model.get_model_object("model_sampling").noise_scaling(sigmas[0], noise, torch.zeros_like(noise),
                                                                     max_denoise=True)
@@ -171,7 +173,8 @@ def test_trace_grid_shows_every_step_of_both_phases(comfy_host, form):
     else:
         graph = hybrid_guider_graph(traced=True)
         trace = ["trace", 1]
-    graph["grid"] = {"class_type": "StrideTraceGrid", "inputs": {"trace": trace, "samples": ["run", 0], "max_images": 2}}
+    graph["grid"] = {"class_type": "StrideTraceGrid",
+                     "inputs": {"trace": trace, "samples": ["run", 0], "max_images": 2}}
     graph["show"] = {"class_type": "SaveImage", "inputs": {"images": ["grid", 0], "filename_prefix": "trace"}}
     result = comfy_host.run(graph)
     assert result.success, result.error()
@@ -237,7 +240,8 @@ def test_empty_conditioning_names_the_phase(comfy_host):
     latent = {"samples": torch.zeros(1, 4, 8, 8)}
     node = nodes["StrideHybridSample"]
     with pytest.raises(stride_error(comfy_host), match="distilled_positive: the conditioning is empty"):
-        node.execute(base, prompt, prompt, 2.0, "euler", base, [], prompt, 1.0, "lcm", "lcm / tcd grid", 4, 1, 0, latent)
+        node.execute(base, prompt, prompt, 2.0, "euler", base, [], prompt, 1.0, "lcm", "lcm / tcd grid", 4, 1, 0,
+                     latent)
 
 
 def test_models_with_different_latent_formats_are_refused(comfy_host):
@@ -260,7 +264,7 @@ def test_models_with_different_latent_formats_are_refused(comfy_host):
         guider = comfy.samplers.CFGGuider(model)
         guider.set_conds(prompt, prompt)
         guiders.append(guider)
-    with pytest.raises(stride_error(comfy_host), match="distilled_guider: .*latent format"):
+    with pytest.raises(stride_error(comfy_host), match=r"distilled_guider: .*latent format"):
         guider_node.execute(guiders[0], guiders[1], comfy.samplers.sampler_object("euler"), 1)
 
 

@@ -1,9 +1,9 @@
 """A Stride distillation LoRA on full-size SD1.5, SDXL and FLUX.1 maps onto ComfyUI's LoraLoader with
 zero unmatched keys. The networks are built on torch's ``meta`` device: full architectures, no memory."""
-import comfy_host as host
 import pytest
 import torch
 
+import comfy_host as host
 from distill_core.training.lora import attach_lora, lora_state_dict_keys
 
 SD15 = {"use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True,
@@ -51,7 +51,8 @@ def test_every_lora_key_maps_onto_the_full_size_model(comfy_host, name, unet_con
     modules = {key.rsplit(".", 2)[0] if key.endswith(".weight") else key.rsplit(".", 1)[0] for key in keys}
     unmatched = sorted(module for module in modules if module not in key_map)
     assert len(modules) > 100, f"{name}: only {len(modules)} LoRA modules"
-    assert unmatched == [], f"{name}: {len(unmatched)} LoRA modules ComfyUI's LoraLoader would not load, e.g. {unmatched[:3]}"
+    assert unmatched == [], \
+        f"{name}: {len(unmatched)} LoRA modules ComfyUI's LoraLoader would not load, e.g. {unmatched[:3]}"
     weights = dict(model.state_dict())
     for module in modules:
         assert key_map[module] in weights, module

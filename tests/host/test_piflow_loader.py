@@ -13,12 +13,12 @@ import re
 import sys
 from pathlib import Path
 
-import comfy_host as harness
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 from torch.nn import functional as F
 
+import comfy_host as harness
 from distill_core.piflow_adapter import DX_POLICY, GM_POLICY, parse_piflow_adapter, unpack_dx_tokens, unpack_gm_tokens
 from distill_core.sampling import piflow
 
@@ -158,7 +158,8 @@ def forward(name: str, model, conditioning, x: torch.Tensor, transformer_options
         conds["y"] = extras["pooled_output"].repeat(batch, 1)
     if "guidance" in extras:
         conds["guidance"] = torch.full((batch,), extras["guidance"])
-    return model.model.apply_model(x, torch.full((batch,), SIGMA), transformer_options=transformer_options or {}, **conds)
+    return model.model.apply_model(x, torch.full((batch,), SIGMA), transformer_options=transformer_options or {},
+                                   **conds)
 
 
 class HeadInputs:
@@ -172,13 +173,14 @@ class HeadInputs:
         self.handle.remove()
 
 
-def direct_policy(state: dict[str, torch.Tensor], name: str, kind: str, tokens: torch.Tensor, conditioning: torch.Tensor,
-                  latent_shape: torch.Size) -> tuple[torch.Tensor, ...]:
+def direct_policy(state: dict[str, torch.Tensor], name: str, kind: str, tokens: torch.Tensor,
+                  conditioning: torch.Tensor, latent_shape: torch.Size) -> tuple[torch.Tensor, ...]:
     """The policy tensors computed straight from the adapter's head tensors (diffusers names) and the head's inputs."""
     family = MODELS[name][0]
     packing = 2 if family is FLUX2 else 1
     cond = conditioning.float()
-    scale, shift = F.linear(F.silu(cond), state["norm_out.linear.weight"], state.get("norm_out.linear.bias")).chunk(2, -1)
+    modulation = F.linear(F.silu(cond), state["norm_out.linear.weight"], state.get("norm_out.linear.bias"))
+    scale, shift = modulation.chunk(2, -1)
     hidden = F.layer_norm(tokens.float(), tokens.shape[-1:], eps=1e-6) * (1 + scale[:, None]) + shift[:, None]
     height, width = latent_shape[-2] * packing, latent_shape[-1] * packing
     if kind == GM:
@@ -228,7 +230,8 @@ def test_adapter_lands_on_the_right_weights_and_its_head_makes_the_policy(comfy_
     assert sum(len(entries) for entries in patched.patches.values()) == len(adapter.lora) > 0
     head = patched.object_patches[f"diffusion_model.{comfy_family.head_module}"]
     assert isinstance(head, loader.PolicyHead)
-    assert all(isinstance(patched.object_patches[f"diffusion_model.{m}"], torch.nn.Identity) for m in comfy_family.retired)
+    assert all(isinstance(patched.object_patches[f"diffusion_model.{m}"], torch.nn.Identity)
+               for m in comfy_family.retired)
 
     # every LoRA pair lands on its ComfyUI weight (rows of fused q|k|v|mlp weights included), scale 1
     shapes = {key: tuple(value.shape) for key, value in original.items()}
@@ -257,7 +260,7 @@ def test_adapter_lands_on_the_right_weights_and_its_head_makes_the_policy(comfy_
     assert output.mode == DX_MODE.get(kind, piflow.DX_GRID)
     want = direct_policy(state, name, kind, *recorder.calls[0], x.shape)
     assert [tuple(t.shape) for t in output.tensors] == [tuple(t.shape) for t in want]
-    for got, direct in zip(output.tensors, want):
+    for got, direct in zip(output.tensors, want, strict=True):
         torch.testing.assert_close(got, direct, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(build_policy(name, kind, output.tensors, x, SIGMA).denoised, denoised,
                                atol=1e-5, rtol=1e-5)
@@ -281,10 +284,12 @@ def test_stride_sampler_integrates_the_heads_policy(comfy_host, tiny, name, kind
     sampler = piflow_nodes.piflow_ksampler(substeps, 1.0, 0.0, piflow.DEFAULT_SHIFT)
     noise = latent_batch(name)
     previews: list[torch.Tensor] = []
-    recorder = HeadInputs(patched.object_patches[f"diffusion_model.{loader_module(comfy_host).model_family(model).head_module}"])
+    head_module = loader_module(comfy_host).model_family(model).head_module
+    recorder = HeadInputs(patched.object_patches[f"diffusion_model.{head_module}"])
     try:
         samples = comfy.sample.sample_custom(patched, noise, 1.0, sampler, torch.tensor([1.0, 0.0]), conditioning, [],
-                                             torch.zeros_like(noise), callback=lambda i, x0, x, total: previews.append(x0),
+                                             torch.zeros_like(noise),
+                                             callback=lambda i, x0, x, total: previews.append(x0),
                                              disable_pbar=True, seed=SEED)
     finally:
         recorder.remove()
@@ -331,7 +336,7 @@ def test_flux2_inpaints_and_cools_on_its_unfolded_latent(comfy_host, tiny):
         unfolded_mask = mask.repeat_interleave(2, dim=-2).repeat_interleave(2, dim=-1)[:, None]
         inpainting = piflow.Inpainting(F.pixel_shuffle(original, 2), unfolded_mask)
         x = F.pixel_shuffle(noise, 2)  # at sigma 1 ComfyUI's noise scaling starts from the noise itself
-        for i, (call, temperature) in enumerate(zip(recorder.calls, (first_temperature, 1.0))):
+        for i, (call, temperature) in enumerate(zip(recorder.calls, (first_temperature, 1.0), strict=True)):
             sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
             tensors = direct_policy(state, "FLUX.2", GM, *call, noise.shape)
             policy = piflow.GMPolicy.from_velocity(*tensors, x, torch.full((x.shape[0],), sigma))

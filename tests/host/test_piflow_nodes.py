@@ -3,6 +3,7 @@ and clear refusals of wrong inputs. Released adapters on ComfyUI's own FLUX.1, F
 classes: tests/host/test_piflow_loader.py."""
 from __future__ import annotations
 
+import itertools
 import sys
 
 import pytest
@@ -45,7 +46,8 @@ def reference_graph(steps: int, guider: str = "BasicGuider", model: dict | None 
         "latent": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": BATCH}},
         "noise": {"class_type": "RandomNoise", "inputs": {"noise_seed": SEED}},
         "sampler": {"class_type": "StridePiFlowSampler", "inputs": {
-            "substeps": 128, "diffusion_coefficient": 0.0, "temperature": "manual", "manual_temperature": 1.0, "shift": 3.2}},
+            "substeps": 128, "diffusion_coefficient": 0.0, "temperature": "manual", "manual_temperature": 1.0,
+            "shift": 3.2}},
         "sigmas": {"class_type": "StridePiFlowScheduler", "inputs": {
             "model": ["model", 0], "steps": steps, "shift": 3.2, "final_step_size_scale": 0.5, "denoise": 1.0}},
         "run": {"class_type": "SamplerCustomAdvanced", "inputs": {
@@ -72,7 +74,7 @@ def reference_sigmas(comfy_host, steps: int, denoise: float = 1.0) -> torch.Tens
 def reference_substep_grid(comfy_host, steps: int, denoise: float = 1.0) -> torch.Tensor:
     """The sampler's substep sigmas (float64) on the scheduler's SIGMAS."""
     sigmas = reference_sigmas(comfy_host, steps, denoise)
-    return torch.cat([substep_sigmas(float(a), float(b), 128, 3.2)[:-1] for a, b in zip(sigmas[:-1], sigmas[1:])]
+    return torch.cat([substep_sigmas(float(a), float(b), 128, 3.2)[:-1] for a, b in itertools.pairwise(sigmas)]
                      + [sigmas[-1:].double()])
 
 
@@ -80,14 +82,15 @@ def teacher_euler(comfy_host, steps: int, *, denoise: float = 1.0, latent: torch
                   seed: int = SEED, grid: torch.Tensor | None = None) -> torch.Tensor:
     """The reference teacher's own Euler ODE (float64) on the sampler's substep grid (or ``grid``), from
     ``latent`` noised to the first sigma with the graph's seeded noise (an empty latent by default)."""
-    mixture = comfy_host.nodes.NODE_CLASS_MAPPINGS["StridePiFlowReferenceModel"].execute()[0].model.diffusion_model.mixture
+    reference = comfy_host.nodes.NODE_CLASS_MAPPINGS["StridePiFlowReferenceModel"].execute()[0]
+    mixture = reference.model.diffusion_model.mixture
     grid = reference_substep_grid(comfy_host, steps, denoise) if grid is None else grid
     noise = torch.randn((BATCH, 4, 8, 8), generator=torch.manual_seed(seed), dtype=torch.float32).double()
     latent = torch.zeros_like(noise) if latent is None else latent.double()
     sigma0 = float(grid[0])
     x = sigma0 * noise + (1 - sigma0) * latent  # ComfyUI's noise_scaling of the start latent
     space = NoiseSpace.flow()
-    for sigma, sigma_next in zip(grid[:-1].tolist(), grid[1:].tolist()):
+    for sigma, sigma_next in itertools.pairwise(grid.tolist()):
         x = x + (sigma_next - sigma) * (x - mixture.denoise(x, sigma, space)) / sigma
     return x
 
@@ -140,7 +143,8 @@ def inpainting_graph(mask: dict | None, denoise: float, model: dict | None = Non
         "noise": {"class_type": "RandomNoise", "inputs": {"noise_seed": INPAINT_SEED}},
         "guider": {"class_type": "BasicGuider", "inputs": {"model": ["sampling_model", 0], "conditioning": ["pos", 0]}},
         "sampler": {"class_type": "StridePiFlowSampler", "inputs": {
-            "substeps": 128, "diffusion_coefficient": 0.0, "temperature": "manual", "manual_temperature": 1.0, "shift": 3.2}},
+            "substeps": 128, "diffusion_coefficient": 0.0, "temperature": "manual", "manual_temperature": 1.0,
+            "shift": 3.2}},
         "sigmas": {"class_type": "StridePiFlowScheduler", "inputs": {
             "model": ["model", 0], "steps": 4, "shift": 3.2, "final_step_size_scale": 0.5, "denoise": denoise}},
         "run": {"class_type": "SamplerCustomAdvanced", "inputs": {
@@ -151,7 +155,8 @@ def inpainting_graph(mask: dict | None, denoise: float, model: dict | None = Non
     graph["sampling_model"] = model or {"class_type": "StridePiFlowReferenceModel", "inputs": {}}
     if mask:
         graph.update(mask)
-        graph["masked"] = {"class_type": "SetLatentNoiseMask", "inputs": {"samples": ["original", 0], "mask": ["mask", 0]}}
+        graph["masked"] = {"class_type": "SetLatentNoiseMask",
+                           "inputs": {"samples": ["original", 0], "mask": ["mask", 0]}}
     return graph
 
 
@@ -170,8 +175,10 @@ LEFT_HALF_MASK = {  # 1 (regenerate) on the left half of the 64x64 image = laten
 @pytest.fixture(scope="module")
 def original(comfy_host) -> torch.Tensor:
     """The original latent of the inpainting graphs (the host caches that branch for later runs)."""
-    graph = {name: node for name, node in inpainting_graph(None, 1.0).items() if name in ("model", "pos", "empty", "original")}
-    graph["save"] = {"class_type": "SaveLatent", "inputs": {"samples": ["original", 0], "filename_prefix": "piflow_original"}}
+    graph = {name: node for name, node in inpainting_graph(None, 1.0).items()
+             if name in ("model", "pos", "empty", "original")}
+    graph["save"] = {"class_type": "SaveLatent",
+                     "inputs": {"samples": ["original", 0], "filename_prefix": "piflow_original"}}
     return run_latent(comfy_host, graph)
 
 

@@ -24,5 +24,6 @@ def fault_host(comfy_host):
 @pytest.fixture(scope="session")
 def demo_weights():
     """The shipped demo weights (assets/demo); training cases need them."""
-    assert support.DEMO_WEIGHTS.is_file(), f"demo weights missing at {support.DEMO_WEIGHTS}; run scripts/build_demo_model.py"
+    assert support.DEMO_WEIGHTS.is_file(), \
+        f"demo weights missing at {support.DEMO_WEIGHTS}; run scripts/build_demo_model.py"
     return support.DEMO_WEIGHTS

@@ -316,7 +316,8 @@ def hybrid_graph(seed: int = 0, prefix: str = "reliability", batch: int = 1, **o
     inputs = {"base_model": ["model", 0], "base_positive": ["pos", 0], "base_negative": ["neg", 0], "base_cfg": 2.0,
               "base_sampler": "euler", "distilled_model": ["distilled", 0], "distilled_positive": ["pos", 0],
               "distilled_negative": ["neg", 0], "distilled_cfg": 1.0, "distilled_sampler": "lcm",
-              "schedule": "lcm / tcd grid", "steps": 4, "handover_steps": 1, "seed": seed, "latent_image": ["latent", 0]}
+              "schedule": "lcm / tcd grid", "steps": 4, "handover_steps": 1, "seed": seed,
+              "latent_image": ["latent", 0]}
     inputs.update(overrides)
     graph["run"] = {"class_type": "StrideHybridSample", "inputs": inputs}
     return graph

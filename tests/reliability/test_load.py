@@ -7,6 +7,7 @@ training run queued together with sampling prompts finishes with the same LoRA a
 """
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import threading
 import time
@@ -14,11 +15,11 @@ import uuid
 from collections import Counter
 from pathlib import Path
 
-import comfy_host as host
 import pytest
 import torch
 from safetensors.torch import load_file
 
+import comfy_host as host
 from distill_core.training.checkpoint import load_checkpoint
 from tests.artifacts import docs_path
 from tests.reliability.support import hybrid_graph, sampling_graph, training_graph, with_sampled_latents
@@ -66,54 +67,50 @@ def sampled_outputs(server: host.ServerHost, prompt_id: str) -> dict:
     return entry["outputs"]
 
 
-class Client(threading.Thread):
+class Client:
     """A websocket client with its own client_id: queues its prompts, waits until each one ends."""
 
     def __init__(self, server: host.ServerHost, prompts: list[tuple[str, dict]], on_done) -> None:
-        super().__init__(daemon=True)
         self.server, self.prompts, self.on_done = server, prompts, on_done
         self.client_id = uuid.uuid4().hex
         self.prompt_ids: dict[str, str] = {}  # prompt_id -> our label
         self.finished: dict[str, str] = {}  # prompt_id -> "success" / "error"
-        self.failure: BaseException | None = None
 
     def run(self) -> None:
         import websocket
 
+        ws = websocket.create_connection(f"ws://127.0.0.1:{self.server.port}/ws?clientId={self.client_id}",
+                                         timeout=TIMEOUT)
         try:
-            ws = websocket.create_connection(f"ws://127.0.0.1:{self.server.port}/ws?clientId={self.client_id}",
-                                             timeout=TIMEOUT)
-            try:
-                for label, prompt in self.prompts:
-                    answer = self.server.queue(prompt, self.client_id)
-                    assert "prompt_id" in answer, answer
-                    self.prompt_ids[answer["prompt_id"]] = label
-                deadline = time.time() + TIMEOUT
-                while len(self.finished) < len(self.prompts) and time.time() < deadline:
-                    frame = ws.recv()
-                    if not isinstance(frame, str):
-                        continue
-                    message = json.loads(frame)
-                    prompt_id = message.get("data", {}).get("prompt_id")
-                    if prompt_id not in self.prompt_ids or prompt_id in self.finished:
-                        continue
-                    if message["type"] in ("execution_success", "execution_error", "execution_interrupted"):
-                        self.finished[prompt_id] = "success" if message["type"] == "execution_success" else "error"
-                        self.on_done()
-            finally:
-                ws.close()
-        except BaseException as exc:  # reported by the test thread
-            self.failure = exc
+            for label, prompt in self.prompts:
+                answer = self.server.queue(prompt, self.client_id)
+                assert "prompt_id" in answer, answer
+                self.prompt_ids[answer["prompt_id"]] = label
+            deadline = time.time() + TIMEOUT
+            while len(self.finished) < len(self.prompts) and time.time() < deadline:
+                frame = ws.recv()
+                if not isinstance(frame, str):
+                    continue
+                message = json.loads(frame)
+                prompt_id = message.get("data", {}).get("prompt_id")
+                if prompt_id not in self.prompt_ids or prompt_id in self.finished:
+                    continue
+                if message["type"] in ("execution_success", "execution_error", "execution_interrupted"):
+                    self.finished[prompt_id] = "success" if message["type"] == "execution_success" else "error"
+                    self.on_done()
+        finally:
+            ws.close()
 
 
 def run_clients(server: host.ServerHost, batches: list[list[tuple[str, dict]]], on_done=lambda: None) -> list[Client]:
     clients = [Client(server, batch, on_done) for batch in batches]
-    for client in clients:
-        client.start()
-    for client in clients:
-        client.join(TIMEOUT + 30)
-        assert not client.is_alive(), "a client did not finish in time"
-        assert client.failure is None, client.failure
+    pool = concurrent.futures.ThreadPoolExecutor(len(clients))
+    runs = [pool.submit(client.run) for client in clients]
+    _, unfinished = concurrent.futures.wait(runs, TIMEOUT + 30)
+    pool.shutdown(wait=False)
+    assert not unfinished, "a client did not finish in time"
+    for client, finished_run in zip(clients, runs, strict=True):
+        finished_run.result()  # a client's failure, raised in the test thread
         assert len(client.finished) == len(client.prompts), "a prompt never finished"
     return clients
 
@@ -206,6 +203,7 @@ def test_training_and_sampling_queued_together(server, references, demo_weights)
                 assert torch.equal(got, references[method, int(seed)]), label
 
     folder = server.base_dir / "output" / "stride_checkpoints"
-    together, solo = load_checkpoint(str(folder / "load_together.safetensors")), load_checkpoint(str(folder / "load_alone.safetensors"))
+    together = load_checkpoint(str(folder / "load_together.safetensors"))
+    solo = load_checkpoint(str(folder / "load_alone.safetensors"))
     assert together.step == solo.step == 4
     assert all(torch.equal(together.lora[key], solo.lora[key]) for key in solo.lora)

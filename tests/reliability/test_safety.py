@@ -39,8 +39,8 @@ PICKLE_CALLS = {"torch.load", "torch.serialization.load", "torch.jit.load", "np.
                 "pickle.load", "pickle.loads"}
 NETWORK_MODULES = {"socket", "ssl", "urllib", "urllib3", "http", "requests", "httpx", "aiohttp", "websocket",
                    "websockets", "ftplib", "smtplib", "huggingface_hub"}
-NETWORK_CALLS = {"hf_hub_download", "snapshot_download", "from_pretrained", "torch.hub.load", "load_state_dict_from_url",
-                 "download_url_to_file", "urlopen"}
+NETWORK_CALLS = {"hf_hub_download", "snapshot_download", "from_pretrained", "torch.hub.load",
+                 "load_state_dict_from_url", "download_url_to_file", "urlopen"}
 
 
 # ------------------------------------------------------------------------------------------
@@ -178,8 +178,8 @@ def test_resuming_from_a_pickled_checkpoint_is_refused_unread(fault_host, demo_w
 # ------------------------------------------------------------------------------------------
 TRICKY_NAMES = ["lora", "my lora v2", "a.b.c", "x" * 120, "x" * 121, "..", "a/../b", "../../etc/passwd", "/etc/passwd",
                 "\\\\server\\share\\x", "C:\\Windows\\x", "C:x", "~/x", "$HOME", "%APPDATA%", "a\x00b", "a\nb",
-                "．．／x", "nul", "Com1.safetensors", "lpt9.txt", ".hidden", "-rf", "name.", "name ", " name",
-                "a:b", "a*b", "a?b", "a<b>", "a|b", 'a"b', "é", "名前"]
+                "\uff0e\uff0e\uff0fx", "nul", "Com1.safetensors", "lpt9.txt", ".hidden", "-rf", "name.", "name ",
+                " name", "a:b", "a*b", "a?b", "a<b>", "a|b", 'a"b', "é", "名前"]
 
 
 def test_any_accepted_name_stays_a_direct_child_of_its_folder(fault_host):
@@ -208,7 +208,8 @@ def test_training_and_saving_write_only_the_checkpoint_and_the_lora(fault_host, 
     result = fault_host.run(graph)
     assert result.success, result.error()
     new = set(changed_files(before, snapshot(base, skip=("temp",))))
-    assert new == {"output/stride_checkpoints/safety_paths.safetensors", "models/loras/safety_paths_lora.safetensors"}, new
+    assert new == {"output/stride_checkpoints/safety_paths.safetensors",
+                   "models/loras/safety_paths_lora.safetensors"}, new
     for path in new:
         with safe_open(str(base / path), framework="pt") as reader:
             assert list(reader.keys())
@@ -241,7 +242,8 @@ def network_blocked(monkeypatch):
             return original(*args, **kwargs)
         return guarded
 
-    monkeypatch.setattr(socket.socket, "connect", guard("connect", socket.socket.connect, lambda self, address: address))
+    monkeypatch.setattr(socket.socket, "connect",
+                        guard("connect", socket.socket.connect, lambda self, address: address))
     monkeypatch.setattr(socket.socket, "connect_ex",
                         guard("connect_ex", socket.socket.connect_ex, lambda self, address: address))
     monkeypatch.setattr(socket, "create_connection",

@@ -10,7 +10,8 @@ import sys
 import pytest
 import torch
 
-COMFYUI_PATH = os.environ.get("COMFYUI_PATH") or os.path.join(os.path.dirname(__file__), "..", "..", ".cache", "ComfyUI")
+COMFYUI_PATH = (os.environ.get("COMFYUI_PATH")
+                or os.path.join(os.path.dirname(__file__), "..", "..", ".cache", "ComfyUI"))
 
 
 @pytest.fixture(scope="module")
@@ -34,13 +35,13 @@ def comfy():
 
 def tiny_comfy_sd15(comfy):
     """ComfyUI's own BaseModel + UNetModel at a tiny SD1.5-style size, built as the host would."""
-    unet_config = dict(
-        in_channels=4, out_channels=4, model_channels=32, num_res_blocks=[1, 1], channel_mult=[1, 2],
-        transformer_depth=[1, 0], transformer_depth_output=[1, 1, 0, 0], transformer_depth_middle=0,
-        context_dim=32, num_heads=2, num_head_channels=-1, use_linear_in_transformer=False, adm_in_channels=None,
-        use_temporal_attention=False, use_spatial_transformer=True, legacy=False, image_size=8,
-        use_checkpoint=False, dtype=torch.float32,
-    )
+    unet_config = {
+        "in_channels": 4, "out_channels": 4, "model_channels": 32, "num_res_blocks": [1, 1], "channel_mult": [1, 2],
+        "transformer_depth": [1, 0], "transformer_depth_output": [1, 1, 0, 0], "transformer_depth_middle": 0,
+        "context_dim": 32, "num_heads": 2, "num_head_channels": -1, "use_linear_in_transformer": False,
+        "adm_in_channels": None, "use_temporal_attention": False, "use_spatial_transformer": True, "legacy": False,
+        "image_size": 8, "use_checkpoint": False, "dtype": torch.float32,
+    }
     torch.manual_seed(0)
     with torch.inference_mode():
         model_config = comfy.supported_models.SD15(unet_config)

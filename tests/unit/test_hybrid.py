@@ -121,7 +121,8 @@ def test_no_handover_is_exactly_the_distilled_sampler(small_mixture, distilled_s
     x = start_latent(small_mixture, SIGMAS[0])
     got = sample_hybrid(base, distilled, x, SIGMAS, handover_steps=0, seed=SEED)
     alone = lcm.sample_lcm(distilled.model, convert_latent(x, SIGMAS[0], VE, distilled_space),
-                           convert_sigmas(SIGMAS, VE, distilled_space), extra_args={"seed": SEED}, space=distilled_space)
+                           convert_sigmas(SIGMAS, VE, distilled_space), extra_args={"seed": SEED},
+                           space=distilled_space)
     assert torch.equal(got, alone)
 
 

@@ -50,7 +50,8 @@ def test_swd_of_identical_sets_is_zero_and_of_fresh_draws_small() -> None:
 
 
 def test_swd_of_shifted_gaussians_is_shift_norm_over_sqrt_dim() -> None:
-    """For every direction theta the 1-D W2 of a shift m is |theta . m|; its mean square over the sphere is |m|^2 / D."""
+    """For every direction theta the 1-D W2 of a shift m is |theta . m|; its mean square over the sphere is
+    |m|^2 / D."""
     dim = 16
     shift = torch.zeros(dim, dtype=torch.float64)
     shift[:4] = torch.tensor([1.0, -2.0, 0.5, 3.0])
@@ -62,7 +63,8 @@ def test_swd_of_shifted_gaussians_is_shift_norm_over_sqrt_dim() -> None:
     b = torch.randn(1000, dim, generator=seeded(6), dtype=torch.float64) + shift
     assert sliced_wasserstein(a, b, 1024, seeded(5)) == pytest.approx(expected, rel=0.07)
     # Latent-shaped inputs are flattened the same way.
-    assert sliced_wasserstein(a.reshape(-1, 4, 2, 2), (a + shift).reshape(-1, 4, 2, 2), 1024, seeded(5)) == pytest.approx(exact_shift)
+    latent_swd = sliced_wasserstein(a.reshape(-1, 4, 2, 2), (a + shift).reshape(-1, 4, 2, 2), 1024, seeded(5))
+    assert latent_swd == pytest.approx(exact_shift)
 
 
 def test_swd_matches_quantiles_for_unequal_sizes() -> None:
@@ -123,7 +125,8 @@ def test_mode_assignment_recovers_the_generating_component() -> None:
 def _samples_with_counts(mixture: GaussianMixture, counts: list[int]) -> torch.Tensor:
     generator = seeded(14)
     parts = [
-        mixture.means[k] + mixture.stds[k] * torch.randn(count, *mixture.latent_shape, generator=generator, dtype=torch.float64)
+        mixture.means[k]
+        + mixture.stds[k] * torch.randn(count, *mixture.latent_shape, generator=generator, dtype=torch.float64)
         for k, count in enumerate(counts)
     ]
     return torch.cat(parts)
@@ -143,7 +146,8 @@ def test_mode_metrics_on_hand_built_histograms() -> None:
     # The threshold: a share of at least min_fraction x weight (0.25 x 1/8 = 1/32 of 800 samples = 25).
     assert mode_recall(_samples_with_counts(mixture, [26] + [111] * 7), mixture) == 1.0
     assert mode_recall(_samples_with_counts(mixture, [24] + [111] * 7), mixture) == pytest.approx(7 / 8)
-    assert mode_recall(_samples_with_counts(mixture, [60] + [111] * 7), mixture, min_fraction=0.6) == pytest.approx(7 / 8)
+    strict_recall = mode_recall(_samples_with_counts(mixture, [60] + [111] * 7), mixture, min_fraction=0.6)
+    assert strict_recall == pytest.approx(7 / 8)
 
 
 def test_mode_metrics_follow_weights_and_classes() -> None:
@@ -155,7 +159,8 @@ def test_mode_metrics_follow_weights_and_classes() -> None:
     assert entropy.data == pytest.approx(data_entropy)
     assert entropy.samples == pytest.approx(data_entropy, abs=0.02)
     class_ids = torch.zeros(100, dtype=torch.long)
-    torch.testing.assert_close(expected_mode_shares(mixture, class_ids)[:2], torch.tensor([2 / 3, 1 / 3], dtype=torch.float64))
+    torch.testing.assert_close(expected_mode_shares(mixture, class_ids)[:2],
+                               torch.tensor([2 / 3, 1 / 3], dtype=torch.float64))
     class_samples, _ = mixture.sample(100, seeded(16), class_ids)
     assert mode_recall(class_samples, mixture, class_ids) == 1.0
     assert mode_recall(class_samples, mixture) == pytest.approx(2 / 8)
@@ -210,7 +215,7 @@ def test_repeat_groups_are_disjoint_balanced_and_paired() -> None:
     groups = repeat_groups(64, 8, labels)
     assert torch.equal(torch.cat(groups).sort().values, torch.arange(64))
     assert all(torch.equal(labels[group].bincount(minlength=4), torch.tensor([2, 2, 2, 2])) for group in groups)
-    assert all(torch.equal(a, b) for a, b in zip(groups, repeat_groups(64, 8, labels.clone())))
+    assert all(torch.equal(a, b) for a, b in zip(groups, repeat_groups(64, 8, labels.clone()), strict=True))
     assert [len(group) for group in repeat_groups(19, 4)] == [5, 5, 5, 4]
     with pytest.raises(ValueError):
         repeat_groups(15, 8)

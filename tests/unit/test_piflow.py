@@ -1,6 +1,7 @@
 """pi-Flow policies, schedule and sampler; exactness on the factorised reference teacher."""
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -60,7 +61,8 @@ def test_sigmas_match_official_schedule():
     torch.testing.assert_close(unwarp_sigma(sigmas[:-1]), torch.tensor([7, 5, 3, 1], dtype=F64) / 7, atol=1e-12, rtol=0)
     torch.testing.assert_close(piflow_sigmas(1), torch.tensor([1.0, 0.0], dtype=F64))
     # f = 1: even raw-time steps; denoise scales raw times
-    torch.testing.assert_close(unwarp_sigma(piflow_sigmas(2, final_step_size_scale=1.0)[:-1]), torch.tensor([1.0, 0.5], dtype=F64))
+    torch.testing.assert_close(unwarp_sigma(piflow_sigmas(2, final_step_size_scale=1.0)[:-1]),
+                               torch.tensor([1.0, 0.5], dtype=F64))
     torch.testing.assert_close(unwarp_sigma(piflow_sigmas(4, denoise=0.5)[:1]), torch.tensor([0.5], dtype=F64))
     with pytest.raises(ValueError):
         piflow_sigmas(0)
@@ -70,7 +72,7 @@ def test_warp_roundtrip_and_substep_split():
     raw = torch.linspace(0, 1, 11, dtype=F64)
     torch.testing.assert_close(unwarp_sigma(warp_time(raw, 3.2), 3.2), raw)
     sigmas = piflow_sigmas(4)
-    counts = [len(substep_sigmas(float(a), float(b))) - 1 for a, b in zip(sigmas[:-1], sigmas[1:])]
+    counts = [len(substep_sigmas(float(a), float(b))) - 1 for a, b in itertools.pairwise(sigmas)]
     assert counts == [37, 37, 37, 18]  # round(128 * 2/7) three times, round(128 * 1/7) last
     grid = substep_sigmas(1.0, 0.0)
     assert len(grid) == 129 and grid[0] == 1 and grid[-1] == 0
@@ -85,7 +87,8 @@ def test_gm_velocity_matches_closed_form():
     x_t = torch.randn(x_src.shape, generator=g, dtype=F64)
     expected_x0 = gm_posterior_mean_reference(means, logweights, variance, x_src, s_src, x_t, s_t)
     torch.testing.assert_close(policy.x0(x_t, s_t), expected_x0, atol=1e-12, rtol=0)
-    torch.testing.assert_close(policy.velocity(x_t, torch.full((2,), s_t, dtype=F64)), (x_t - expected_x0) / s_t, atol=1e-12, rtol=0)
+    torch.testing.assert_close(policy.velocity(x_t, torch.full((2,), s_t, dtype=F64)), (x_t - expected_x0) / s_t,
+                               atol=1e-12, rtol=0)
     # at the source the posterior is the mixture itself
     mixture_mean = (logweights.softmax(1) * means).sum(1)
     torch.testing.assert_close(policy.x0(x_src, s_src), mixture_mean, atol=1e-12, rtol=0)
@@ -208,7 +211,8 @@ def test_dx_polynomial_reproduces_its_coefficients():
     policy = DXPolicy(coefficients, x_src, sigma_src, shift=shift, mode=DX_POLYNOMIAL)
     raw_src = float(unwarp_sigma(torch.tensor(sigma_src, dtype=F64), shift))
     elapsed = torch.tensor([0.0, 0.1, 0.2, 2 / 7], dtype=F64)
-    values = torch.stack([policy.x0(x_src, warp_time(torch.tensor(raw_src - e, dtype=F64), shift)) for e in elapsed.tolist()], 1)
+    values = torch.stack([policy.x0(x_src, warp_time(torch.tensor(raw_src - e, dtype=F64), shift))
+                          for e in elapsed.tolist()], 1)
     vandermonde = elapsed.unsqueeze(1) ** torch.arange(order, dtype=F64)
     recovered = torch.linalg.solve(vandermonde, values.reshape(order, -1)).reshape(coefficients.shape)
     torch.testing.assert_close(recovered, coefficients, atol=1e-9, rtol=0)
@@ -273,7 +277,8 @@ def test_dx_rollout_matches_the_official_loop(mode):
     error = float((got - want).abs().max())
     print(f"DX {mode} 4-NFE rollout vs the official loop: max |diff| = {error:.1e}")
     assert error < 1e-11
-    other = sample_piflow(linear_dx_network("grid" if mode == DX_POLYNOMIAL else DX_POLYNOMIAL), x, sigmas, disable=True)
+    other = sample_piflow(linear_dx_network("grid" if mode == DX_POLYNOMIAL else DX_POLYNOMIAL), x, sigmas,
+                          disable=True)
     assert (got - other).abs().max() > 1e-2  # the two modes read the same output differently
 
 
@@ -299,7 +304,8 @@ def test_stochastic_sampler_step_formula():
         return GMPolicy(means, logweights, variance, x, sigma)
 
     sigmas = piflow_sigmas(2)
-    result = sample_piflow(model, x_src, sigmas, temperature=1.0, h=0.7, noise_sampler=lambda s, t: next(calls), disable=True)
+    result = sample_piflow(model, x_src, sigmas, temperature=1.0, h=0.7, noise_sampler=lambda s, t: next(calls),
+                           disable=True)
     x = x_src
     for i in range(2):
         s, s_next = float(sigmas[i]), float(sigmas[i + 1])
@@ -338,7 +344,7 @@ def test_exact_policy_velocity_equals_teacher_along_rollout(teacher_setup):
     for i in range(4):
         policy = exact_policy(teacher)(x, float(sigmas[i]))
         grid = substep_sigmas(float(sigmas[i]), float(sigmas[i + 1]))
-        for s, s_next in zip(grid[:-1].tolist(), grid[1:].tolist()):
+        for s, s_next in itertools.pairwise(grid.tolist()):
             u = policy.velocity(x, s)
             worst = max(worst, float((u - teacher_velocity(teacher, x, s)).abs().max()))
             x = x + (s_next - s) * u
@@ -347,7 +353,7 @@ def test_exact_policy_velocity_equals_teacher_along_rollout(teacher_setup):
 
 
 def teacher_euler(teacher, x, grid):
-    for s, s_next in zip(grid[:-1].tolist(), grid[1:].tolist()):
+    for s, s_next in itertools.pairwise(grid.tolist()):
         x = x + (s_next - s) * teacher_velocity(teacher, x, s)
     return x
 
@@ -359,7 +365,7 @@ def test_rollout_equals_teacher_euler_and_approaches_the_ode(teacher_setup, nfe)
     steps = []
     sample = sample_piflow(exact_policy(teacher), x, sigmas, temperature=1.0,
                            callback=lambda info: steps.append(info), disable=True)
-    grid = torch.cat([substep_sigmas(float(a), float(b))[:-1] for a, b in zip(sigmas[:-1], sigmas[1:])] + [sigmas[-1:]])
+    grid = torch.cat([substep_sigmas(float(a), float(b))[:-1] for a, b in itertools.pairwise(sigmas)] + [sigmas[-1:]])
     same_grid = teacher_euler(teacher, x, grid)
     fine = teacher.flow_map(x, 1.0, FLOW, steps=1000)
     err_grid = float((sample - same_grid).abs().max())
@@ -440,7 +446,7 @@ def test_masked_sampling_keeps_the_original_and_follows_the_teacher(inpainting_s
         assert on_line < 1e-12
         torch.testing.assert_close(info["denoised"].masked_select(kept), latent.masked_select(kept))
     # the teacher factorises over locations, so the generated region is the teacher's own Euler ODE there
-    grid = torch.cat([substep_sigmas(float(a), float(b))[:-1] for a, b in zip(sigmas[:-1], sigmas[1:])] + [sigmas[-1:]])
+    grid = torch.cat([substep_sigmas(float(a), float(b))[:-1] for a, b in itertools.pairwise(sigmas)] + [sigmas[-1:]])
     generated_error = float((got - teacher_euler(teacher, x, grid)).masked_select(~kept).abs().max())
     print(f"denoise {denoise}: kept region max|out - original| = {kept_error:.1e}, "
           f"generated region max|out - teacher Euler| = {generated_error:.1e}")
@@ -541,7 +547,8 @@ def test_sampling_on_the_folded_latent_is_the_unfolded_sampling():
         return PackedLatentPolicy(unfolded_model(unfold(x_src), sigma), 2)
 
     sigmas = piflow_sigmas(4)
-    got = sample_piflow(folded_model, x, sigmas, temperature="auto", latent_image=latent, denoise_mask=mask, disable=True)
+    got = sample_piflow(folded_model, x, sigmas, temperature="auto", latent_image=latent, denoise_mask=mask,
+                        disable=True)
     unfolded_mask = mask.repeat_interleave(2, dim=-2).repeat_interleave(2, dim=-1)
     want = sample_piflow(unfolded_model, unfold(x), sigmas, temperature="auto", latent_image=unfold(latent),
                          denoise_mask=unfolded_mask, disable=True)

@@ -9,11 +9,11 @@ import json
 import sys
 from pathlib import Path
 
-import comfy_host as harness
 import pytest
 import torch
 from torch.nn import functional as F
 
+import comfy_host as harness
 from distill_core.piflow_adapter import (
     DX_POLICY,
     GM_POLICY,
@@ -114,7 +114,8 @@ def flux2_targets(single_blocks: int) -> list[str]:
 def official_lora_modules(shape: FluxShape) -> dict[str, tuple[int, int]]:
     """pi-FLUX.1's LoRA targets (GM and DX alike) -> (in, out) features."""
     h, mlp = shape.hidden_size, shape.mlp_hidden
-    modules = {"time_text_embed.timestep_embedder.linear_1": (256, h), "time_text_embed.timestep_embedder.linear_2": (h, h)}
+    modules = {"time_text_embed.timestep_embedder.linear_1": (256, h),
+               "time_text_embed.timestep_embedder.linear_2": (h, h)}
     for i in range(shape.depth):
         for stream in ("ff", "ff_context"):
             modules[f"transformer_blocks.{i}.{stream}.net.0.proj"] = (h, mlp)
@@ -193,12 +194,13 @@ def diffusers_model(family, size: str = "full") -> torch.nn.Module:
 
 
 TINY_DIFFUSERS = {
-    FLUX1: dict(in_channels=64, num_layers=2, num_single_layers=3, attention_head_dim=32, num_attention_heads=2,
-                joint_attention_dim=32, pooled_projection_dim=16, axes_dims_rope=(8, 12, 12)),
-    FLUX2: dict(num_layers=1, num_single_layers=2, attention_head_dim=32, num_attention_heads=2,
-                joint_attention_dim=32, axes_dims_rope=(8, 8, 8, 8)),
-    QWEN_IMAGE: dict(in_channels=64, out_channels=16, num_layers=2, attention_head_dim=32, num_attention_heads=2,
-                     joint_attention_dim=32, axes_dims_rope=(8, 12, 12)),
+    FLUX1: {"in_channels": 64, "num_layers": 2, "num_single_layers": 3, "attention_head_dim": 32,
+            "num_attention_heads": 2, "joint_attention_dim": 32, "pooled_projection_dim": 16,
+            "axes_dims_rope": (8, 12, 12)},
+    FLUX2: {"num_layers": 1, "num_single_layers": 2, "attention_head_dim": 32, "num_attention_heads": 2,
+            "joint_attention_dim": 32, "axes_dims_rope": (8, 8, 8, 8)},
+    QWEN_IMAGE: {"in_channels": 64, "out_channels": 16, "num_layers": 2, "attention_head_dim": 32,
+                 "num_attention_heads": 2, "joint_attention_dim": 32, "axes_dims_rope": (8, 12, 12)},
 }
 
 
@@ -264,7 +266,8 @@ def test_parse_qwen_and_flux2_layouts(family, kind, lora_count):
     ({k: v for k, v in official_adapter().items() if k != "transformer_blocks.0.ff.net.2.lora_B.weight"}, None,
      "incomplete.*lora_B"),
     ({**official_adapter(), "transformer_blocks.0.ff.net.2.lora_B.weight": torch.zeros(64, 5)}, None, "mismatched"),
-    ({**official_adapter(), "transformer_blocks.0.ff.net.2.lora_down.weight": torch.zeros(4, 256)}, None, "peft layout"),
+    ({**official_adapter(), "transformer_blocks.0.ff.net.2.lora_down.weight": torch.zeros(4, 256)}, None,
+     "peft layout"),
     ({**official_adapter(), "proj_out_logweights.weight": torch.zeros(30, 64)}, None, "proj_out_logweights"),
     ({**official_adapter(), "proj_out_means.weight": torch.zeros(8 * 60, 64)}, None, "proj_out_means"),
     ({k: v for k, v in official_adapter().items() if not k.startswith("proj_out_logstds")}, None, "log-std"),
@@ -291,7 +294,7 @@ def test_wrong_family_is_recognised():
     # a pi-Qwen-Image adapter parsed as FLUX.2 (32 channels) does not fit its head
     with pytest.raises(ValueError, match="proj_out_means"):
         parse_piflow_adapter(qwen, GM_METADATA, FLUX2.latent_channels)
-    with pytest.raises(ValueError, match="not a Linear layer of a FLUX.2"):
+    with pytest.raises(ValueError, match=r"not a Linear layer of a FLUX\.2"):
         lora_targets(flux1, FLUX2, FluxShape().weight_shapes())
 
 
@@ -300,14 +303,14 @@ def test_lora_targets_and_fit_checks():
     adapter = parse_piflow_adapter(official_adapter(), GM_METADATA)
     targets = lora_targets(adapter, FLUX1, SMALL.weight_shapes())
     assert set(targets) == set(adapter.lora)
-    target, down, up = targets["single_transformer_blocks.1.proj_mlp"]
+    target, _, _ = targets["single_transformer_blocks.1.proj_mlp"]
     assert target.key == "single_blocks.1.linear1.weight" and target.rows == (3 * 64, 256)
     assert targets["transformer_blocks.1.ff_context.net.2"][0].key == "double_blocks.1.txt_mlp.2.weight"
     assert targets["time_text_embed.timestep_embedder.linear_1"][0].key == "time_in.in_layer.weight"
     # the same adapter on a wider or shallower model is refused
-    with pytest.raises(ValueError, match="do not fit.*another model"):
+    with pytest.raises(ValueError, match=r"do not fit.*another model"):
         lora_targets(adapter, FLUX1, FluxShape(hidden_size=128, depth=2, depth_single_blocks=3).weight_shapes())
-    with pytest.raises(ValueError, match="no counterpart in this FLUX.1 model"):
+    with pytest.raises(ValueError, match=r"no counterpart in this FLUX\.1 model"):
         lora_targets(adapter, FLUX1, FluxShape(hidden_size=64, depth=1, depth_single_blocks=3).weight_shapes())
     with pytest.raises(ValueError, match="not a Linear layer"):
         FLUX1.comfy_target("transformer_blocks.0.attn.norm_q", SMALL.weight_shapes())
@@ -320,7 +323,7 @@ def test_head_checks():
     check_head(adapter, FLUX1, 64, 64)
     with pytest.raises(ValueError, match="another model"):
         check_head(adapter, FLUX1, 128, 64)
-    with pytest.raises(ValueError, match="values per token.*another model"):
+    with pytest.raises(ValueError, match=r"values per token.*another model"):
         check_head(adapter, FLUX1, 64, 128)
 
 
@@ -340,22 +343,22 @@ def _comfy():
     return comfy
 
 
-FLUX1_DEV = dict(in_channels=16, out_channels=16, vec_in_dim=768, context_in_dim=4096, hidden_size=3072, mlp_ratio=4.0,
-                 num_heads=24, depth=19, depth_single_blocks=38, axes_dim=[16, 56, 56], theta=10000, patch_size=2,
-                 qkv_bias=True, guidance_embed=True)
+FLUX1_DEV = {"in_channels": 16, "out_channels": 16, "vec_in_dim": 768, "context_in_dim": 4096, "hidden_size": 3072,
+             "mlp_ratio": 4.0, "num_heads": 24, "depth": 19, "depth_single_blocks": 38, "axes_dim": [16, 56, 56],
+             "theta": 10000, "patch_size": 2, "qkv_bias": True, "guidance_embed": True}
 # ComfyUI's model detection for flux2-dev (comfy/model_detection.py)
-FLUX2_DEV = dict(in_channels=128, out_channels=128, vec_in_dim=None, context_in_dim=15360, hidden_size=6144, mlp_ratio=3.0,
-                 num_heads=48, depth=8, depth_single_blocks=48, axes_dim=[32, 32, 32, 32], theta=2000, patch_size=1,
-                 qkv_bias=False, guidance_embed=True, global_modulation=True, mlp_silu_act=True, ops_bias=False,
-                 default_ref_method="index", ref_index_scale=10.0)
+FLUX2_DEV = {"in_channels": 128, "out_channels": 128, "vec_in_dim": None, "context_in_dim": 15360, "hidden_size": 6144,
+             "mlp_ratio": 3.0, "num_heads": 48, "depth": 8, "depth_single_blocks": 48, "axes_dim": [32, 32, 32, 32],
+             "theta": 2000, "patch_size": 1, "qkv_bias": False, "guidance_embed": True, "global_modulation": True,
+             "mlp_silu_act": True, "ops_bias": False, "default_ref_method": "index", "ref_index_scale": 10.0}
 # tiny sizes with the real latents (FLUX.1 and Qwen-Image 16 channels, FLUX.2 128 at patch 1), as in TINY_DIFFUSERS
 TINY_COMFY = {
-    FLUX1: dict(FLUX1_DEV, vec_in_dim=16, context_in_dim=32, hidden_size=64, num_heads=2, depth=2, depth_single_blocks=3,
-                axes_dim=[8, 12, 12]),
+    FLUX1: dict(FLUX1_DEV, vec_in_dim=16, context_in_dim=32, hidden_size=64, num_heads=2, depth=2,
+                depth_single_blocks=3, axes_dim=[8, 12, 12]),
     FLUX2: dict(FLUX2_DEV, context_in_dim=32, hidden_size=64, num_heads=2, depth=1, depth_single_blocks=2,
                 axes_dim=[8, 8, 8, 8]),
-    QWEN_IMAGE: dict(num_layers=2, attention_head_dim=32, num_attention_heads=2, joint_attention_dim=32,
-                     axes_dims_rope=(8, 12, 12)),
+    QWEN_IMAGE: {"num_layers": 2, "attention_head_dim": 32, "num_attention_heads": 2, "joint_attention_dim": 32,
+                 "axes_dims_rope": (8, 12, 12)},
 }
 
 
@@ -380,7 +383,8 @@ def test_full_size_layout_on_meta(family):
     comfy = _comfy()
     model = comfy_model(comfy, family)
     shapes = weight_shapes(model)
-    adapter = parse_piflow_adapter(released_adapter(family, rank=256, device="meta"), GM_METADATA, family.latent_channels)
+    adapter = parse_piflow_adapter(released_adapter(family, rank=256, device="meta"), GM_METADATA,
+                                   family.latent_channels)
     assert len(adapter.lora) == {FLUX1: 4 * 19 + 2 * 38 + 2, FLUX2: 4 * 8 + 2 * 48 + 2, QWEN_IMAGE: 240}[family]
     targets = lora_targets(adapter, family, shapes)
     assert set(targets) == set(adapter.lora)
@@ -460,7 +464,8 @@ def test_unpack_gm_and_dx_tokens():
     means = torch.randn(2, 3, 16, 4, 6, generator=g)
     logits = torch.randn(2, 3, 1, 4, 6, generator=g)
     logstds = torch.randn(2, 1, generator=g)
-    out_means, out_logweights, out_logstds = unpack_gm_tokens(pack_tokens(means, 2), pack_tokens(logits, 2), logstds, 4, 6)
+    out_means, out_logweights, out_logstds = unpack_gm_tokens(pack_tokens(means, 2), pack_tokens(logits, 2), logstds,
+                                                              4, 6)
     torch.testing.assert_close(out_means, means)
     torch.testing.assert_close(out_logweights, logits.log_softmax(1))
     assert out_logstds.shape == (2, 1, 1, 1, 1)

@@ -85,7 +85,7 @@ def test_headers_that_do_not_fit_the_file_empty_files_and_folders_are_refused(tm
 def test_non_finite_weights_are_refused_unless_allowed(tmp_path):
     path = tmp_path / "nan.safetensors"
     write_safetensors(path, {"good": torch.ones(2), "bad": torch.tensor([1.0, float("nan")]), "ints": torch.arange(3)})
-    with pytest.raises(UnsafeFileError, match="NaN or infinite values in 1 tensor.*'bad'"):
+    with pytest.raises(UnsafeFileError, match=r"NaN or infinite values in 1 tensor.*'bad'"):
         read_safetensors(path)
     tensors, _ = read_safetensors(path, require_finite=False)
     assert tensors["bad"].isnan().any()

@@ -4,6 +4,7 @@ an equivalent product mixture, ComfyUI's own prediction conversions, and samplin
 probability-flow ODE."""
 from __future__ import annotations
 
+import itertools
 import math
 import sys
 from pathlib import Path
@@ -16,7 +17,6 @@ from distill_core.reference.metrics import data_nll, mean_nll, sliced_wasserstei
 from distill_core.reference.mixture import FactorizedMixture, GaussianMixture
 from distill_core.reference.ode import solve_probability_flow
 from distill_core.spaces import NoiseSpace, prediction_target, scaled_linear_alphas_cumprod, x0_from_prediction
-
 
 COMFYUI = Path(__file__).resolve().parents[2] / ".cache" / "ComfyUI"
 VE = NoiseSpace.from_alphas_cumprod(scaled_linear_alphas_cumprod())
@@ -32,8 +32,10 @@ def tiny_mixture() -> GaussianMixture:
     )
 
 
-def grid_prior(mixture_means: torch.Tensor, stds: torch.Tensor, weights: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
-    """Per-component weighted densities ``w_k N(z; mu_k, s_k^2 I)`` at 2-D ``points`` ``(P, 2)``, written out by hand."""
+def grid_prior(mixture_means: torch.Tensor, stds: torch.Tensor, weights: torch.Tensor,
+               points: torch.Tensor) -> torch.Tensor:
+    """Per-component weighted densities ``w_k N(z; mu_k, s_k^2 I)`` at 2-D ``points`` ``(P, 2)``, written out by
+    hand."""
     mu = mixture_means.reshape(-1, 2)
     squared = ((points.unsqueeze(1) - mu) ** 2).sum(dim=2)
     return weights * torch.exp(-squared / (2 * stds**2)) / (2 * math.pi * stds**2)
@@ -116,7 +118,8 @@ def test_class_conditional_denoiser_is_the_sub_mixture_denoiser() -> None:
     assert (conditional - unconditional).abs().max() > 0.1
     torch.testing.assert_close(mixture.cfg_denoise(x, 2.0, VE, class_ids, 1.0), conditional, rtol=0, atol=1e-12)
     torch.testing.assert_close(
-        mixture.cfg_denoise(x, 2.0, VE, class_ids, 3.0), unconditional + 3 * (conditional - unconditional), rtol=0, atol=1e-12
+        mixture.cfg_denoise(x, 2.0, VE, class_ids, 3.0), unconditional + 3 * (conditional - unconditional), rtol=0,
+        atol=1e-12
     )
     # A negative label means "unconditional" for that sample.
     torch.testing.assert_close(mixture.denoise(x, 2.0, VE, torch.full((8,), -1)), unconditional, rtol=0, atol=1e-12)
@@ -153,7 +156,8 @@ def test_flow_map_of_one_gaussian_matches_closed_form(space: NoiseSpace, sigma: 
 @pytest.mark.parametrize("space, sigma, sigma_end", [(VE, SIGMA_MAX, 1.0), (VE, 2.0, 0.3), (FLOW, 1.0, 0.6),
                                                       (FLOW, 0.8, 0.2)])
 def test_ode_to_an_intermediate_sigma_matches_closed_form(space: NoiseSpace, sigma: float, sigma_end: float) -> None:
-    """For N(mu, s^2 I) the ODE point at sigma_end is a_e mu + sqrt(a_e^2 s^2 + b_e^2) (x - a mu) / sqrt(a^2 s^2 + b^2)."""
+    """For N(mu, s^2 I) the ODE point at sigma_end is
+    a_e mu + sqrt(a_e^2 s^2 + b_e^2) (x - a mu) / sqrt(a^2 s^2 + b^2)."""
     generator = torch.Generator().manual_seed(7)
     mu = torch.randn(1, 4, 4, 4, generator=generator, dtype=torch.float64)
     mixture = GaussianMixture(mu, 0.25)
@@ -189,7 +193,8 @@ def test_flow_map_per_sample_sigmas_and_dtype() -> None:
 
 
 def _demo_metrics(samples: torch.Tensor, mixture: GaussianMixture, reference: torch.Tensor) -> tuple[float, float]:
-    return sliced_wasserstein(samples, reference, generator=torch.Generator().manual_seed(0)), mean_nll(samples, mixture)
+    return (sliced_wasserstein(samples, reference, generator=torch.Generator().manual_seed(0)),
+            mean_nll(samples, mixture))
 
 
 def _karras(count: int, sigma_min: float, sigma_max: float, rho: float = 7.0) -> torch.Tensor:
@@ -228,12 +233,13 @@ def test_flow_map_from_the_top_lands_on_the_mixture(demo_reference: dict, space:
 
 
 @pytest.mark.parametrize("space", [VE, FLOW])
-def test_thousand_step_euler_on_the_exact_denoiser_lands_on_the_mixture(demo_reference: dict, space: NoiseSpace) -> None:
+def test_thousand_step_euler_on_the_exact_denoiser_lands_on_the_mixture(demo_reference: dict,
+                                                                          space: NoiseSpace) -> None:
     mixture = demo_reference["mixture"]
     sigmas = _karras(1000, 2e-3, SIGMA_MAX) if space is VE else torch.linspace(1, 0, 1001, dtype=torch.float64)
     x = _start(mixture, space, float(sigmas[0]), 512, seed=10)
     start = x
-    for sigma, sigma_next in zip(sigmas[:-1], sigmas[1:]):
+    for sigma, sigma_next in itertools.pairwise(sigmas):
         x = x + (x - mixture.denoise(x, sigma, space)) / sigma * (sigma_next - sigma)
     swd, nll = _demo_metrics(x, mixture, demo_reference["reference"])
     assert swd < 1.5 * demo_reference["swd_floor"]
@@ -258,9 +264,11 @@ def test_factorized_mixture_equals_its_product_mixture() -> None:
 
     x = 2 * torch.randn(6, 3, 2, 2, generator=generator, dtype=torch.float64)
     for space, sigma in [(VE, 0.7), (FLOW, 0.5), (FLOW, 1.0)]:
-        torch.testing.assert_close(factorized.denoise(x, sigma, space), product.denoise(x, sigma, space), rtol=0, atol=1e-12)
+        torch.testing.assert_close(factorized.denoise(x, sigma, space), product.denoise(x, sigma, space), rtol=0,
+                                   atol=1e-12)
         torch.testing.assert_close(
-            factorized.marginal_log_prob(x, sigma, space), product.marginal_log_prob(x, sigma, space), rtol=0, atol=1e-10
+            factorized.marginal_log_prob(x, sigma, space), product.marginal_log_prob(x, sigma, space), rtol=0,
+            atol=1e-10
         )
     torch.testing.assert_close(factorized.log_prob(x), product.log_prob(x), rtol=0, atol=1e-10)
     assert factorized.expected_nll(4096, torch.Generator().manual_seed(0)) == pytest.approx(
@@ -279,7 +287,8 @@ def test_factorized_posterior_gm_layout_and_mean() -> None:
     gm = mixture.posterior_gm(x, sigma, FLOW)
     assert gm.means.shape == (2, 3, 4, 5, 6) and gm.log_weights.shape == (2, 3, 1, 5, 6) and gm.variance.shape == (2,)
     torch.testing.assert_close(gm.log_weights.exp().sum(dim=1), torch.ones(2, 1, 5, 6, dtype=torch.float64))
-    torch.testing.assert_close((gm.log_weights.exp() * gm.means).sum(dim=1), mixture.denoise(x, sigma, FLOW), rtol=0, atol=1e-12)
+    torch.testing.assert_close((gm.log_weights.exp() * gm.means).sum(dim=1), mixture.denoise(x, sigma, FLOW), rtol=0,
+                               atol=1e-12)
     a, b = 1 - sigma, sigma
     torch.testing.assert_close(gm.variance, 0.09 * b**2 / (b**2 + a**2 * 0.09))
 
@@ -318,7 +327,8 @@ def test_prediction_targets_match_comfyui_model_sampling() -> None:
     x0 = torch.randn(3, 4, 2, 2, generator=generator, dtype=torch.float64)
     eps = torch.randn(x0.shape, generator=generator, dtype=torch.float64)
     sigma = torch.tensor([0.3, 2.0, 11.0], dtype=torch.float64)
-    cases = [(model_sampling.EPS, VE, "eps"), (model_sampling.V_PREDICTION, VE, "v"), (model_sampling.CONST, FLOW, "velocity")]
+    cases = [(model_sampling.EPS, VE, "eps"), (model_sampling.V_PREDICTION, VE, "v"),
+             (model_sampling.CONST, FLOW, "velocity")]
     for sampling_class, space, kind in cases:
         sampling = sampling_class()
         sampling.sigma_data = 1.0
@@ -372,7 +382,8 @@ def test_demo_mixture_decodes_to_coloured_shapes() -> None:
     torch.testing.assert_close(centre[6], torch.full((3,), 0.5, dtype=torch.float64))  # ring: hollow centre
     ring = rgb[6, 4, 1]
     assert ring[0] > 0.9 and ring[1] > 0.9 and ring[2] < 0.3  # yellow ring
-    assert float((rgb[0] - 0.5).abs().sum(-1).gt(0.2).double().mean()) < float((rgb[2] - 0.5).abs().sum(-1).gt(0.2).double().mean())
+    assert float((rgb[0] - 0.5).abs().sum(-1).gt(0.2).double().mean()) \
+        < float((rgb[2] - 0.5).abs().sum(-1).gt(0.2).double().mean())
 
 
 def test_the_preview_decoder_refuses_non_finite_latents():

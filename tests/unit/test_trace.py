@@ -30,14 +30,17 @@ def test_record_scales_x_t_to_unit_variance_in_either_convention():
 
 def test_a_hybrid_run_is_traced_across_both_phases():
     mixture = demo_mixture(size=4)
-    base = HybridPhase(lambda x, s, **_: mixture.denoise(x, s, VE), functools.partial(tcd.sample_tcd, space=VE, gamma=0.0), VE)
+    base = HybridPhase(lambda x, s, **_: mixture.denoise(x, s, VE),
+                       functools.partial(tcd.sample_tcd, space=VE, gamma=0.0), VE)
     distilled = HybridPhase(lambda x, s, **_: mixture.flow_map(x, s, FLOW, steps=8),
                             functools.partial(lcm.sample_lcm, space=FLOW), FLOW)
     trace = StepTrace(max_items=3)
-    x = torch.randn(5, 4, 4, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * (1 + SIGMAS[0] ** 2).sqrt()
+    x = (torch.randn(5, 4, 4, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+         * (1 + SIGMAS[0] ** 2).sqrt())
     out = sample_hybrid(base, distilled, x, SIGMAS, handover_steps=1, seed=1, callback=trace.callback())
     steps = trace.steps
-    assert [step.step for step in steps] == [0, 1, 2, 3] and [step.kind for step in steps] == ["ve", "flow", "flow", "flow"]
+    assert [step.step for step in steps] == [0, 1, 2, 3]
+    assert [step.kind for step in steps] == ["ve", "flow", "flow", "flow"]
     assert torch.allclose(steps[-1].x0, out[:3].float())
     trace.reset()
     assert trace.steps == []
@@ -45,7 +48,8 @@ def test_a_hybrid_run_is_traced_across_both_phases():
 
 def test_callback_without_a_space_is_refused():
     with pytest.raises(ValueError, match="noise space"):
-        StepTrace().callback()({"i": 0, "sigma": 1.0, "x": torch.zeros(1, 1, 1, 1), "denoised": torch.zeros(1, 1, 1, 1)})
+        StepTrace().callback()({"i": 0, "sigma": 1.0, "x": torch.zeros(1, 1, 1, 1),
+                                "denoised": torch.zeros(1, 1, 1, 1)})
 
 
 def test_grid_has_a_row_per_step_and_x_t_x0_column_pairs():
@@ -64,7 +68,8 @@ def test_grid_has_a_row_per_step_and_x_t_x0_column_pairs():
         for item in range(2):
             x_t_tile = grid[top : top + 3, (2 * item) * 6 : (2 * item) * 6 + 5]
             x0_tile = grid[top : top + 3, (2 * item + 1) * 6 : (2 * item + 1) * 6 + 5]
-            assert torch.allclose(x_t_tile, torch.tensor(0.1 * row)) and torch.allclose(x0_tile, torch.tensor(0.5 + 0.1 * row))
+            assert torch.allclose(x_t_tile, torch.tensor(0.1 * row))
+            assert torch.allclose(x0_tile, torch.tensor(0.5 + 0.1 * row))
     assert torch.all(grid[3] == 1.0) and torch.all(grid[:, 5] == 1.0), "gaps show the background"
 
 
