@@ -274,7 +274,7 @@ class DistillTrainer:
         for param in self.params:
             if param.grad is None:  # a layer the forward did not reach
                 param.grad = torch.zeros_like(param)
-        grads = [param.grad for param in self.params]
+        grads = [param.grad for param in self.params if param.grad is not None]  # all of them, after the zeros
         if self.world_size > 1:
             unflatten_into(all_reduce_mean(flatten(grads), self.world_size), grads)
         mean_loss = float(all_reduce_mean(loss.detach().double().reshape(1), self.world_size))
