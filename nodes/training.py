@@ -368,8 +368,10 @@ def training_report(model: Any, run: DistillRun, outcome: DistillOutcome) -> io.
     """The node's outputs: the MODEL with the new LoRA, the LoRA with its metadata, the losses and a JSON summary."""
     config = run.config
     trained = apply_lora(model, outcome.state_dict, 1.0)
+    layout: dict[str, Any]
     try:  # the diffusers names of the LoRA's modules, for Stride Save LoRA's diffusers format
-        layout: dict[str, Any] = dict(zip(("modules", "form"), diffusers_layout(model.model), strict=True))
+        modules, form = diffusers_layout(model.model)
+        layout = {"modules": modules, "form": form}
     except StrideError as exc:
         layout = {"error": str(exc)}
     lora = {"state_dict": outcome.state_dict, "metadata": lora_metadata(model, config, outcome.result.steps_done),
