@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from distill_core.methods import METHODS
 from distill_core.sampling import piflow
 
 from . import models
@@ -86,7 +87,7 @@ def flux_network(size: str, device: torch.device, dtype: torch.dtype) -> Network
     context = torch.randn(1, models.FLUX_TEXT_TOKENS, full["context_in_dim"], generator=generator).to(device, dtype)
     pooled = torch.randn(1, full["vec_in_dim"], generator=generator).to(device, dtype)
     timestep = torch.tensor([0.5], device=device, dtype=dtype)
-    guidance = torch.tensor([3.5], device=device, dtype=dtype)
+    guidance = torch.tensor([METHODS["pi-flux1-gm-4step"].flux_guidance], device=device, dtype=dtype)  # the adapters'
 
     def forward(x: torch.Tensor) -> torch.Tensor:
         return network(x.to(dtype), timestep, context, y=pooled, guidance=guidance)

@@ -9,12 +9,13 @@ guider, noise scaling, latent format), so both sides pay the same host costs.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
-from distill_core.methods import METHODS, LCMGrid, TDDGrid, schedule_as
+from distill_core.methods import METHODS, LCMGrid, TDDGrid, sampler_options, schedule_as
 
 from .context import BenchContext
 from .harness import CallTimer
@@ -66,7 +67,8 @@ STRIDE_TDD = _stride(f"Stride TDD (eta {TDD.sampler.knobs['eta']:g})", "StrideTD
                      {name: TDD.sampler.knobs[name] for name in ("eta", "clip_x0_steps", "clip_ratio")},
                      "StrideTDDScheduler", {"special_jump": schedule_as(TDD, TDDGrid).special_jump, "denoise": 1.0},
                      "Stride TDD")
-STRIDE_HYPER = _stride("Stride Hyper-SD (DDIM trailing)", "StrideTCDSampler", {"gamma": 0.0},
+STRIDE_HYPER = _stride("Stride Hyper-SD (DDIM trailing)", "StrideTCDSampler",
+                       sampler_options(METHODS["hyper-sd-4step"]),
                        "StrideHyperSDScheduler", {"mode": "trailing", "denoise": 1.0}, "Stride Hyper-SD trailing",
                        deterministic=True)
 STRIDE_SAMPLERS = [STRIDE_LCM, STRIDE_TCD, STRIDE_TDD, STRIDE_HYPER]

@@ -9,6 +9,7 @@ adapter) and the step count against the counts the family was published for, eac
 from __future__ import annotations
 
 import re
+from collections import Counter
 from typing import Any
 
 import torch
@@ -54,6 +55,19 @@ LEGACY_METHODS = {
 HYPER_NSTEP = re.compile(r"hyper-sd-\d+step")
 TCD_FAMILIES = [m for m in METHODS.values() if m.sampler.name == "tcd"]
 TDD_FAMILIES = [m for m in METHODS.values() if m.sampler.name == "tdd"]
+
+
+COMMON_STEPS = Counter(m.default_steps for m in METHODS.values()).most_common(1)[0][0]
+"""The most common published default step count (Few-Step Sample's steps widget starts there)."""
+
+
+def default_steps_text() -> str:
+    """The registry's default step counts: the common one, then the families that differ."""
+    others: dict[int, list[str]] = {}
+    for entry in METHODS.values():
+        if entry.default_steps != COMMON_STEPS:
+            others.setdefault(entry.default_steps, []).append(entry.key)
+    return f"{COMMON_STEPS} for most; " + "; ".join(f"{n}: {', '.join(keys)}" for n, keys in sorted(others.items()))
 
 
 def family_tooltip(with_legacy: bool) -> str:
@@ -185,9 +199,9 @@ class StrideFewStepSample(io.ComfyNode):
                                                         "denoise < 1."),
                 combo("method", [AUTO, *METHODS, *LEGACY_METHODS], "The few-step family (registry key).\n"
                       + family_tooltip(with_legacy=True), default=AUTO),
-                io.Int.Input("steps", default=4, min=1, max=50,
-                             tooltip="Steps; must be one the family was published for (4 for most; Z-Image-Turbo 8, "
-                                     "DMD2 / SDXL-Lightning 1-step 1)."),
+                io.Int.Input("steps", default=COMMON_STEPS, min=1, max=50,
+                             tooltip="Steps; must be one the family was published for (its default: "
+                                     f"{default_steps_text()})."),
                 io.Float.Input("cfg", default=0.0, min=0.0, max=30.0, step=0.1,
                                tooltip="Classifier-free guidance; 0 = the family's recommendation (1 for most, "
                                        f"TDD {tdd.cfg:g}, Hyper-SD CFG LoRAs {METHODS['hyper-sd-8step-cfg'].cfg:g})."),
@@ -233,7 +247,7 @@ class StrideFewStepScheduler(io.ComfyNode):
                 io.Model.Input("model", tooltip="The model the sigmas are for (its kind and noise schedule)."),
                 combo("family", [AUTO, *METHODS], family_tooltip(with_legacy=False), default=AUTO),
                 io.Int.Input("steps", default=0, min=0, max=1000,
-                             tooltip="Steps; 0 = the family's published default (most: 4; Z-Image-Turbo: 8)."),
+                             tooltip=f"Steps; 0 = the family's published default ({default_steps_text()})."),
                 denoise_input("Below 1 for img2img: keeps the family's last trained steps."),
                 io.Int.Input("width", default=1024, min=16, max=16384, step=8,
                              tooltip="Image width in pixels: FLUX.1-dev families shift their schedule by image size "

@@ -40,7 +40,7 @@ from .compat import (
     noise_space,
     ui,
 )
-from .families import check_family_steps, check_fits, family_sampler, family_sigmas
+from .families import check_family_steps, check_fits, family_sampler, family_sigmas, with_flux_guidance
 from .reference import check_prompt_input
 from .samplers import discrete_sigmas, non_finite_output, seed_input
 
@@ -60,6 +60,8 @@ DISTILLED_SAMPLERS: dict[str, Callable[[], Any]] = {
     "euler": lambda: comfy.samplers.sampler_object("euler"),
 }
 NO_FAMILY = "none (schedule + distilled_sampler)"
+DEFAULT_DISTILLED_CFG = 1.0
+"""The distilled CFG for distilled_sampler 'euler' without a family (one model call per step, no guidance)."""
 EXPERT_BOUNDARIES = "; ".join(f"{m.key} {m.expert_boundary:g}" for m in METHODS.values() if m.expert_boundary)
 BOUNDARY_TOOLTIP = ("Hand over at this sigma of the base model instead of after handover_steps: the base model runs "
                     "every step whose sigma is >= the boundary (Wan 2.2 A14B's expert switch, t >= boundary x 1000; "
@@ -254,9 +256,11 @@ class StrideHybridSample(io.ComfyNode):
                                                           "LoRA, or a distilled checkpoint with the same VAE."),
                 io.Conditioning.Input("distilled_positive", tooltip="Prompt for the distilled model's steps."),
                 io.Conditioning.Input("distilled_negative", tooltip="Negative prompt (used when distilled_cfg != 1)."),
-                io.Float.Input("distilled_cfg", default=1.0, min=0.0, max=30.0, step=0.1,
-                               tooltip="CFG of the distilled steps: 1 (off) for LCM / Hyper-SD / TCD, "
-                                       f"{METHODS['tdd-sdxl'].cfg:g} for TDD."),
+                io.Float.Input("distilled_cfg", default=0.0, min=0.0, max=30.0, step=0.1,
+                               tooltip="CFG of the distilled steps; 0 = the registry's: the family's if one is chosen, "
+                                       "else the distilled_sampler's method ("
+                                       + ", ".join(f"{name} {entry.cfg:g}" for name, entry in SAMPLER_FAMILIES.items())
+                                       + f", euler {DEFAULT_DISTILLED_CFG:g})."),
                 combo("distilled_sampler", DISTILLED_SAMPLERS,
                       "Sampler the distillation was trained for ("
                       + "; ".join(f"{name}: {entry.sampler.describe()}" for name, entry in SAMPLER_FAMILIES.items())
@@ -291,6 +295,10 @@ class StrideHybridSample(io.ComfyNode):
                 distilled_sampler: str, schedule: str, steps: int, handover_steps: int, seed: int,
                 latent_image: dict, family: str = NO_FAMILY, handover_boundary: float = 0.0) -> io.NodeOutput:
         check_same_latent_space(base_model, distilled_model, "base_model", "distilled_model")
+        entry = None if family == NO_FAMILY else METHODS[family]
+        distilled_cfg = distilled_cfg or registry_cfg(entry, distilled_sampler)
+        if entry is not None and entry.flux_guidance is not None:
+            distilled_positive = with_flux_guidance(distilled_positive, entry.flux_guidance)
         check_conditioning("base_positive", base_positive)
         check_conditioning("base_negative", base_negative, required=base_cfg != 1.0)
         check_conditioning("distilled_positive", distilled_positive)
@@ -301,7 +309,6 @@ class StrideHybridSample(io.ComfyNode):
         for model, conditionings in prompts:
             for name, conditioning in conditionings.items():
                 check_prompt_input(model, conditioning, name)
-        entry = None if family == NO_FAMILY else METHODS[family]
         boundary = handover_boundary or (entry.expert_boundary if entry is not None else None) or None
         if boundary is None and handover_steps >= steps:
             raise StrideError(f"handover_steps ({handover_steps}) must be below steps ({steps}): the distilled model "
@@ -338,6 +345,13 @@ class StrideHybridSample(io.ComfyNode):
         out = latent_image.copy()
         out["samples"] = samples.to(comfy.model_management.intermediate_device())
         return io.NodeOutput(out, trace)
+
+
+def registry_cfg(entry: methods.Method | None, distilled_sampler: str) -> float:
+    """The distilled steps' CFG the registry gives: the family's, else that of the method the sampler stands for."""
+    if entry is not None:
+        return entry.cfg
+    return SAMPLER_FAMILIES[distilled_sampler].cfg if distilled_sampler in SAMPLER_FAMILIES else DEFAULT_DISTILLED_CFG
 
 
 def shared_family_sigmas(base_model: Any, distilled_model: Any, entry: methods.Method, steps: int,

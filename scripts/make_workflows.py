@@ -18,13 +18,16 @@ import comfy_host as host
 from workflow_builder import Graph
 
 sys.path.insert(0, str(host.ROOT))
-from distill_core.methods import METHODS
+from distill_core.methods import METHODS, PiFlowSchedule, schedule_as
 
 WORKFLOWS = host.ROOT / "workflows"
 FLOW_MAP = "flow map (ideal distilled student)"
 DENOISER = "denoiser (ideal many-step teacher)"
 COL = 360
 TDD_SDXL = METHODS["tdd-sdxl"]  # widgets left out of a node take the node's defaults, the registry's values
+PIFLOW = METHODS["pi-flux1-gm-4step"]
+HYPER_FLUX = METHODS["hyper-flux-8step"]
+WAN22_T2V, WAN22_I2V = METHODS["wan22-lightning-t2v-a14b"], METHODS["wan22-lightning-i2v-a14b"]
 
 
 def _prompts(g: Graph, x: float, y: float, prompt: str = "disc"):
@@ -184,10 +187,11 @@ def piflow() -> Graph:
     latent = g.add("EmptyLatentImage", (0, 300), width=64, height=64, batch_size=16)
     guider = g.add("BasicGuider", (COL, 0), model=(model, 0), conditioning=(positive, 0))
     noise = g.add("RandomNoise", (COL, 120), noise_seed=7)
-    sampler = g.add("StridePiFlowSampler", (COL, 250), substeps=128, diffusion_coefficient=0.0, temperature="auto",
-                    manual_temperature=1.0, shift=3.2)
-    sigmas = g.add("StridePiFlowScheduler", (COL, 500), model=(model, 0), steps=4, shift=3.2,
-                   final_step_size_scale=0.5, denoise=1.0)
+    knobs, schedule = PIFLOW.sampler.knobs, schedule_as(PIFLOW, PiFlowSchedule)
+    sampler = g.add("StridePiFlowSampler", (COL, 250), substeps=knobs["substeps"], diffusion_coefficient=knobs["h"],
+                    temperature=knobs["temperature"], manual_temperature=1.0, shift=knobs["shift"])
+    sigmas = g.add("StridePiFlowScheduler", (COL, 500), model=(model, 0), steps=PIFLOW.default_steps,
+                   shift=schedule.shift, final_step_size_scale=schedule.final_step_size_scale, denoise=1.0)
     sample = g.add("SamplerCustomAdvanced", (2 * COL, 0), noise=(noise, 0), guider=(guider, 0), sampler=(sampler, 0),
                    sigmas=(sigmas, 0), latent_image=(latent, 0))
     image = g.add("StrideLatentToImage", (3 * COL, 0), samples=(sample, 0), scale=16)
@@ -198,7 +202,8 @@ def piflow() -> Graph:
         "mixture), which the sampler integrates with 128 cheap substeps. Guidance is distilled in: BasicGuider.\n\n"
         "With a released adapter (pi-FLUX.1): Load Diffusion Model flux1-dev -> Stride pi-Flow Adapter Loader "
         "(gmflux_k8_piid_4step.safetensors in models/loras) -> this MODEL input; DualCLIPLoader (clip_l, t5xxl) + "
-        "CLIP Text Encode -> FluxGuidance 3.5 (exactly 3.5) -> BasicGuider; EmptySD3LatentImage; 4 steps "
+        f"CLIP Text Encode -> FluxGuidance {PIFLOW.flux_guidance:g} (exactly {PIFLOW.flux_guidance:g}) -> "
+        "BasicGuider; EmptySD3LatentImage; 4 steps "
         "(8 with the 8-step adapter); VAE Decode (ae.safetensors) instead of the preview decode. "
         "Stride pi-Flow Sample does the same in one node.",
         (0, 720), (760, 200),
@@ -361,8 +366,8 @@ def families_flux() -> Graph:
     y = ROW_PITCH
     schedule = g.add("StrideFewStepScheduler", (COL, y), title="Hyper-FLUX 8-step SIGMAS (image-size shift)",
                      model=(model, 0), family="hyper-flux-8step", steps=0, denoise=1.0, width=64, height=64)
-    guidance = g.add("FluxGuidance", (COL, y + 260), title="FLUX guidance 3.5 (Hyper-FLUX)",
-                     conditioning=(positive, 0), guidance=3.5)
+    guidance = g.add("FluxGuidance", (COL, y + 260), title=f"FLUX guidance {HYPER_FLUX.flux_guidance:g} (Hyper-FLUX)",
+                     conditioning=(positive, 0), guidance=HYPER_FLUX.flux_guidance)
     guider = g.add("CFGGuider", (COL, y + 400), model=(model, 0), positive=(guidance, 0), negative=(negative, 0),
                    cfg=1.0)
     noise = g.add("RandomNoise", (COL, y + 540), noise_seed=7)
@@ -376,7 +381,8 @@ def families_flux() -> Graph:
         "steps without a time shift or guidance. Hyper-FLUX and TDD-FLUX keep FLUX.1-dev's image-size shift (width "
         "and height on the scheduler = the image's) and their FLUX guidance (Few-Step Sample sets it when no "
         "FluxGuidance did).\n\nReal models: Load Diffusion Model flux1-schnell.safetensors (or flux1-dev.safetensors "
-        "-> LoraLoaderModelOnly Hyper-FLUX.1-dev-8steps-lora.safetensors at strength 0.125, ByteDance/Hyper-SD); "
+        f"-> LoraLoaderModelOnly Hyper-FLUX.1-dev-8steps-lora.safetensors at strength {HYPER_FLUX.lora_strength:g}, "
+        "ByteDance/Hyper-SD); "
         "DualCLIPLoader clip_l.safetensors + t5xxl_fp16.safetensors (type flux) -> CLIP Text Encode; "
         "EmptySD3LatentImage 1024 x 1024 (scheduler width/height 1024); VAE Loader ae.safetensors -> VAE Decode.",
         (0, 780), (700, 230),
@@ -426,14 +432,15 @@ def families_wan_video() -> Graph:
     grid = g.add("StrideTraceGrid", (3 * COL, y + 300), title="Who ran each step (blue: high-noise expert)",
                  trace=(hybrid, 1), samples=(hybrid, 0), max_images=2)
     trace_image = g.add("SaveImage", (4 * COL, y + 300), images=(grid, 0), filename_prefix="stride_wan22_trace")
-    g.group("Wan 2.2 A14B: two experts hand over at sigma 0.875", [
+    g.group(f"Wan 2.2 A14B: two experts hand over at sigma {WAN22_T2V.expert_boundary:g}", [
         high, hybrid, grid, trace_image,
         *_family_result(g, (hybrid, 0), 2 * COL, y, "stride_wan22", "wan22 two experts", (positive, 0))])
     g.note(
         "Wan video families on Stride's analytic stand-ins (each latent frame an exact draw of the prompt's class, so "
         "the scores are exact). Row 1: Wan 2.1 lightx2v, 4 Euler steps at shift 5 (sigmas 1, 0.9375, 0.8333, 0.625). "
         "Row 2: Wan 2.2 A14B's two experts: Stride Hybrid Sample with the Wan2.2-Lightning family runs the "
-        "high-noise expert while sigma >= 0.875 (the first 2 steps; I2V: 0.9), the low-noise expert after, as two "
+        f"high-noise expert while sigma >= {WAN22_T2V.expert_boundary:g} (the first 2 steps; I2V: "
+        f"{WAN22_I2V.expert_boundary:g}), the low-noise expert after, as two "
         "core KSamplerAdvanced (steps 0-2 with leftover noise, 2-4) do. The trace grid marks which expert ran each "
         "step.\n\nReal models: Load Diffusion Model wan2.2_t2v_high_noise_14B_fp8_scaled.safetensors -> "
         "LoraLoaderModelOnly Wan2.2-T2V-A14B-4steps-lora-rank64-Seko-V1.1/high_noise_model.safetensors "

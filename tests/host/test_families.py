@@ -305,6 +305,27 @@ def test_two_experts_hand_over_at_wan22s_boundary(comfy_host, tiny):
     torch.testing.assert_close(ours, theirs, **TOLERANCE)
 
 
+@pytest.mark.parametrize("family", ["hyper-flux-8step", "tdd-flux"])
+def test_hybrid_without_base_steps_is_the_familys_one_node_run(comfy_host, tiny, family):
+    """Hybrid Sample with a family, 0 base steps and distilled_cfg 0 samples as Stride Few-Step Sample does: the
+    family's schedule, sampler, registry CFG and FLUX guidance (this tiny FLUX.1-dev model reads it; ComfyUI's Flux
+    falls back to 3.5 without one, so tdd-flux's 2.0 is the case that needs the hybrid to set it)."""
+    model, conditioning = tiny["FLUX.1 dev"]
+    steps = METHODS[family].default_steps
+    latent = {"samples": torch.zeros(2, 16, 8, 8)}
+    one = stride(comfy_host, "StrideFewStepSample").execute(model, conditioning, conditioning, latent, family, steps,
+                                                            0.0, 0.3, 0.2, SEED, 1.0)[0]["samples"]
+    hybrid = stride(comfy_host, "StrideHybridSample")
+
+    def hybrid_run(positive: list) -> torch.Tensor:
+        return hybrid.execute(model, positive, conditioning, 1.0, "euler", model, positive, conditioning, 0.0, "lcm",
+                              "lcm / tcd grid", steps, 0, SEED, latent, family=family)[0]["samples"]
+
+    torch.testing.assert_close(hybrid_run(conditioning), one, rtol=0, atol=1e-6)
+    other_guidance = families_module(comfy_host).with_flux_guidance(conditioning, 1.0)
+    assert (hybrid_run(other_guidance) - one).abs().max() > 1e-4  # the guidance input does change the result
+
+
 def test_i2v_boundary_and_the_guider_take_the_same_rule(comfy_host, tiny):
     """I2V's boundary 0.9 also gives 2 high-noise steps at 4 steps; Hybrid Guider with handover_boundary hands over
     where Hybrid Sample does."""

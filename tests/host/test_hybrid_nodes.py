@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+from distill_core.methods import METHODS
 from distill_core.reference.demo import demo_mixture, latent_to_rgb
 from distill_core.sampling import lcm, tcd
 from distill_core.sampling.hybrid import HybridPhase, sample_hybrid
@@ -129,6 +130,23 @@ def test_mixed_noise_conventions_equal_the_converted_library_run(comfy_host, bas
     got = run_latent(comfy_host, graph)
     want = library_reference(comfy_host, distilled_prediction, base_prediction=base_prediction)
     assert (got - want).abs().max() < TOLERANCE, (got - want).abs().max()
+
+
+@pytest.mark.parametrize("overrides, registry_key", [
+    ({"family": "tdd-sdxl"}, "tdd-sdxl"),
+    ({"distilled_sampler": "tdd", "schedule": "tdd"}, "tdd-sdxl"),
+    ({}, "lcm-lora"),
+])
+def test_distilled_cfg_zero_is_the_registrys(comfy_host, overrides, registry_key):
+    """distilled_cfg 0 = the CFG of the chosen family, else of the method distilled_sampler stands for (TDD: 1.7)."""
+    cfg = METHODS[registry_key].cfg
+    prefix = "_".join(str(v) for v in overrides.values()).replace(" ", "") or "lcm"
+    zero = run_latent(comfy_host, hybrid_sample_graph(prefix=f"cfg0_{prefix}", distilled_cfg=0.0, **overrides))
+    explicit = run_latent(comfy_host, hybrid_sample_graph(prefix=f"cfg_{prefix}", distilled_cfg=cfg, **overrides))
+    assert torch.equal(zero, explicit)
+    if cfg != 1.0:  # and the CFG does act here (the negative prompt is the empty class)
+        off = run_latent(comfy_host, hybrid_sample_graph(prefix=f"cfg1_{prefix}", distilled_cfg=1.0, **overrides))
+        assert (off - explicit).abs().max() > 1e-3
 
 
 def test_an_exact_student_gives_the_same_samples_in_either_convention(comfy_host):

@@ -482,6 +482,20 @@ def test_dmd2_1step_starts_from_unit_noise(shape):
 
 
 @pytest.mark.parametrize("shape", SHAPES.values(), ids=SHAPES.keys())
+def test_hyper_sdxl_unet_step_equals_lcm_scheduler_at_800(shape):
+    """The Hyper-SDXL 1-step UNet: one LCM step (boundary scalings) at timestep 800, as diffusers' LCMScheduler with
+    timesteps=[800], on the latent ComfyUI hands the authors' scheduler node (sigma(800) z: the network sees std
+    0.981 noise, the unconfirmed starting-noise fact in the registry)."""
+    entry = method("hyper-sdxl-1step-unet")
+    sigmas = method_sigmas(entry, VE)
+    z = _start(shape)
+    x = z * float(sigmas[0])
+    (ours,) = _run(entry, VE, _ve_model("eps"), x, sigmas)
+    (reference,) = _lcm_scheduler_run(x / (1 + float(sigmas[0]) ** 2) ** 0.5, [800], 0)
+    torch.testing.assert_close(ours, reference, rtol=0, atol=1e-9)
+
+
+@pytest.mark.parametrize("shape", SHAPES.values(), ids=SHAPES.keys())
 @pytest.mark.parametrize("key, reference", [("lcm-lora", LCMScheduler), ("tcd-lora", TCDScheduler)])
 def test_registry_samplers_reproduce_the_authors_pipeline(key, reference, shape):
     """LCM-LoRA (LCMScheduler) and TCD (TCDScheduler, eta = the registry's gamma) at the default step count;

@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch.nn import functional as F
 
+from distill_core.methods import build_sampler, method, method_sigmas
 from distill_core.reference.mixture import FactorizedMixture
 from distill_core.sampling.piflow import (
     DX_POLYNOMIAL,
@@ -559,3 +560,40 @@ def test_sampling_on_the_folded_latent_is_the_unfolded_sampling():
     assert float((got - latent).masked_select(kept).abs().max()) < 1e-12
     warm = sample_piflow(folded_model, x, sigmas, temperature=1.0, latent_image=latent, denoise_mask=mask, disable=True)
     assert (warm - got).abs().max() > 1e-3, "the temperature reaches the wrapped policy"
+
+
+# -- video latents -------------------------------------------------------------------------------
+def _per_position_policy(kind: str):
+    """A policy network acting on each latent position alone (a toy of the right shape, any number of axes):
+    GM means / log-weights and DX x0 terms are fixed functions of the position's channel vector."""
+    def model(x, sigma, **_):
+        s = sigma.reshape(-1, *([1] * (x.ndim - 1)))
+        if kind == "GM":
+            means = torch.stack([0.6 * x - 0.2, -0.4 * x + 0.3 * s, x.tanh()], dim=1)
+            logweights = torch.stack([x.sum(1, keepdim=True) * w for w in (0.5, -0.3, 0.1)], dim=1)
+            return GMPolicy(means, logweights, 0.05 + 0.1 * sigma, x, sigma)
+        terms = torch.stack([(1 - n / 10) * x.sin() + n / 10 * 0.5 * x for n in range(10)], dim=1)
+        return DXPolicy(terms, x, sigma, segment_size=1 / 3.5)
+    return model
+
+
+@pytest.mark.parametrize("key, h", [("pi-flux1-gm-4step", 0.0), ("pi-flux1-gm-4step", 0.6), ("pi-flux1-dx-4step", 0.0)])
+def test_video_latents_sample_like_their_frames_stacked(key, h):
+    """A [B, C, T, H, W] latent samples, with the registry's pi-Flow settings (GM temperature 'auto' and a
+    stochastic step too), exactly as the same numbers laid out as a [B, C, T * H, W] image: the policies and the
+    sampler treat the extra axis as just more positions."""
+    entry = method(key)
+    sigmas = method_sigmas(entry, FLOW)
+    video = torch.randn(2, 4, 3, 4, 5, generator=torch.Generator().manual_seed(9), dtype=F64)
+    image = video.reshape(2, 4, -1, 5)
+    kind = "DX" if "-dx-" in key else "GM"
+    runs = []
+    for x in (video, image):
+        seen = []
+        final = build_sampler(entry, FLOW, h=h)(_per_position_policy(kind), x, sigmas, {"seed": 4},
+                                                callback=lambda info, seen=seen: seen.append(info["denoised"]),
+                                                disable=True)
+        runs.append([*seen, final])
+    for frames, flat in zip(*runs, strict=True):
+        assert frames.shape == video.shape and torch.isfinite(frames).all()
+        assert torch.equal(frames.reshape(flat.shape), flat)
