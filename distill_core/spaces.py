@@ -58,13 +58,13 @@ class NoiseSpace:
 
     # -- constructors -------------------------------------------------------------------------
     @classmethod
-    def from_alphas_cumprod(cls, alphas_cumprod: Tensor) -> "NoiseSpace":
+    def from_alphas_cumprod(cls, alphas_cumprod: Tensor) -> NoiseSpace:
         """A discrete VE space (EPS / V-prediction model) from its training ``alphas_cumprod``."""
         ac = alphas_cumprod.to(torch.float64)
         return cls("ve", ((1 - ac) / ac).sqrt())
 
     @classmethod
-    def from_sigma_table(cls, kind: str, table: Tensor) -> "NoiseSpace":
+    def from_sigma_table(cls, kind: str, table: Tensor) -> NoiseSpace:
         """A space from a host's per-timestep sigma table (e.g. ComfyUI's ``model_sampling.sigmas``),
         resampled to the 1000-step grid when the host keeps a different number of entries."""
         table = table.detach().to("cpu", torch.float64)
@@ -74,7 +74,7 @@ class NoiseSpace:
         return cls(kind, table)
 
     @classmethod
-    def flow(cls, shift: float = 1.0, num_timesteps: int = NUM_TRAIN_TIMESTEPS) -> "NoiseSpace":
+    def flow(cls, shift: float = 1.0, num_timesteps: int = NUM_TRAIN_TIMESTEPS) -> NoiseSpace:
         """A rectified-flow space: timestep t -> shifted sigma of (t + 1) / num_timesteps."""
         t = torch.arange(1, num_timesteps + 1, dtype=torch.float64) / num_timesteps
         return cls("flow", time_shift(t, shift))
@@ -108,7 +108,8 @@ class NoiseSpace:
     def noise(self, x0: Tensor, eps: Tensor, sigma: Tensor | float) -> Tensor:
         """Put ``x0`` at noise level ``sigma`` with the given unit noise."""
         a, b = self._coefficients_for(sigma, x0)
-        if isinstance(a, float):  # one fused multiply-add (and no scaling of x0 when a = 1, the VE case)
+        # floats (a float sigma): one fused multiply-add, and no scaling of x0 when a = 1 (the VE case)
+        if isinstance(a, float) and isinstance(b, float):
             return torch.add(x0 if a == 1.0 else x0 * a, eps, alpha=b)
         return x0 * a + eps * b
 
@@ -142,12 +143,13 @@ class NoiseSpace:
         if isinstance(sigma_from, float) and isinstance(sigma_to, float):
             (a_f, b_f), (a_t, b_t) = self.scalar_coefficients(sigma_from), self.scalar_coefficients(sigma_to)
             ratio = a_t / a_f
-            return torch.add(x if ratio == 1.0 else x * ratio, noise, alpha=math.sqrt(max(b_t**2 - (ratio * b_f) ** 2, 0.0)))
-        a_f, b_f = self.coefficients(sigma_from)
-        a_t, b_t = self.coefficients(sigma_to)
-        ratio = a_t / a_f
-        extra = (b_t**2 - (ratio * b_f) ** 2).clamp(min=0).sqrt()
-        return x * ratio.to(x.dtype) + noise * extra.to(x.dtype)
+            return torch.add(x if ratio == 1.0 else x * ratio, noise,
+                             alpha=math.sqrt(max(b_t**2 - (ratio * b_f) ** 2, 0.0)))
+        a_from, b_from = self.coefficients(sigma_from)
+        a_to, b_to = self.coefficients(sigma_to)
+        ratios = a_to / a_from
+        extra = (b_to**2 - (ratios * b_from) ** 2).clamp(min=0).sqrt()
+        return x * ratios.to(x.dtype) + noise * extra.to(x.dtype)
 
     def alpha_cumprod(self, sigma: Tensor | float) -> Tensor:
         """The variance-preserving ``alpha_cumprod`` equivalent of ``sigma`` (signal fraction)."""

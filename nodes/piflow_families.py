@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 from torch import Tensor
 
@@ -34,7 +34,7 @@ class LoraRule:
 
     pattern: str
     target: str
-    rows: int | str | None = None
+    rows: int | Literal["mlp"] | None = None
 
 
 def _qkv(pattern: str, target: str, names: Sequence[str] = QKV) -> tuple[LoraRule, ...]:

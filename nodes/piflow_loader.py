@@ -162,7 +162,7 @@ class PolicyHead(nn.Module):
             weights = logits.view(batch, tokens, self.components, 1, positions).softmax(dim=2)
             per_component = means.view(batch, tokens, self.components, -1, positions)
             mean_velocity = (weights * per_component).sum(dim=2).reshape(batch, tokens, self.token_channels)
-            outputs = (means, logits, logstds)
+            outputs: tuple[Tensor, ...] = (means, logits, logstds)
         else:
             terms = self.proj_out(hidden)
             # the source's x0: the polynomial's constant term, or the last grid point
@@ -187,8 +187,10 @@ class PolicyHead(nn.Module):
         rows, cols = (height + p // 2) // p, (width + p // 2) // p  # ComfyUI pads to whole patches
         image = [tensor[:, : rows * cols] if tensor.ndim == 3 else tensor for tensor in outputs]
         if self.kind == "gm":
-            means, logweights, logstds = piflow_adapter.unpack_gm_tokens(*image, rows * p, cols * p, p)
-            tensors = (means[..., :height, :width], logweights[..., :height, :width], logstds)
+            head_means, head_logweights, head_logstds = image
+            means, logweights, logstds = piflow_adapter.unpack_gm_tokens(head_means, head_logweights, head_logstds,
+                                                                         rows * p, cols * p, p)
+            tensors: tuple[Tensor, ...] = (means[..., :height, :width], logweights[..., :height, :width], logstds)
         else:
             velocities = piflow_adapter.unpack_dx_tokens(image[0], self.components, rows * p, cols * p, p)
             tensors = (velocities[..., :height, :width],)

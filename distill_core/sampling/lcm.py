@@ -6,7 +6,8 @@ result to the next sigma with fresh noise (none when the next sigma is 0).
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any, overload
 
 import torch
 from torch import Tensor
@@ -17,7 +18,12 @@ from .steps import NoiseSampler, run_steps, snapped_timestep
 LCM_SIGMA_DATA = 0.5
 
 
-def lcm_boundary_scalings(timestep: Tensor | float, timestep_scaling: float = 10.0) -> tuple[Tensor | float, Tensor | float]:
+@overload
+def lcm_boundary_scalings(timestep: float, timestep_scaling: float = 10.0) -> tuple[float, float]: ...
+@overload
+def lcm_boundary_scalings(timestep: Tensor, timestep_scaling: float = 10.0) -> tuple[Tensor, Tensor]: ...
+def lcm_boundary_scalings(timestep: Tensor | float,
+                          timestep_scaling: float = 10.0) -> tuple[Tensor | float, Tensor | float]:
     """``(c_skip, c_out)`` of LCM's boundary condition at training timestep(s) ``timestep``.
 
     With ``u = timestep_scaling * t``: ``c_skip = 0.25 / (u^2 + 0.25)``, ``c_out = u / sqrt(u^2 + 0.25)``
@@ -60,10 +66,10 @@ def lcm_boundary_denoised(
         a, b = space.scalar_coefficients(sigma)
         return torch.add(x0 * c_out, x, alpha=c_skip / math.sqrt(a**2 + b**2))
     sigma = torch.as_tensor(sigma).detach().to("cpu", torch.float64)
-    c_skip, c_out = lcm_boundary_scalings(snapped_timestep(space, sigma), timestep_scaling)
-    a, b = space.coefficients(sigma)
-    skip_on_x = c_skip / (a**2 + b**2).sqrt()
-    return x0 * per_sample(c_out, x0) + x * per_sample(skip_on_x, x)
+    c_skips, c_outs = lcm_boundary_scalings(snapped_timestep(space, sigma), timestep_scaling)
+    a_batch, b_batch = space.coefficients(sigma)
+    skip_on_x = c_skips / (a_batch**2 + b_batch**2).sqrt()
+    return x0 * per_sample(c_outs, x0) + x * per_sample(skip_on_x, x)
 
 
 @torch.no_grad()
@@ -87,8 +93,8 @@ def sample_lcm(
     Step: ``x0 = model(x, sigma)``; with ``boundary`` it becomes ``c_out x0 + c_skip x_vp``
     (:func:`lcm_boundary_denoised`); then ``x_next = a(sigma_next) x0 + b(sigma_next) s_noise z``
     with fresh noise ``z`` from ``noise_sampler`` (default: see :func:`run_steps`, seeded from
-    ``extra_args["seed"]``), or ``x0`` when ``sigma_next == 0``. On timestep-table sigmas with a final 0 this equals diffusers'
-    ``LCMScheduler`` step for step (in the VE scaling ``x_vp / sqrt(alpha_cumprod)``).
+    ``extra_args["seed"]``), or ``x0`` when ``sigma_next == 0``. On timestep-table sigmas with a final 0 this
+    equals diffusers' ``LCMScheduler`` step for step (in the VE scaling ``x_vp / sqrt(alpha_cumprod)``).
 
     Flow models: the same "predict x0, re-noise to the next sigma" update in the flow convention,
     ``x_next = (1 - sigma_next) x0 + sigma_next z``; the boundary condition uses the flow table's

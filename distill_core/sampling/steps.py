@@ -8,7 +8,8 @@ shared loop around such an update.
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any, overload
 
 import torch
 from torch import Tensor
@@ -46,6 +47,10 @@ def default_noise_sampler(x: Tensor, seed: int | None = None) -> NoiseSampler:
     return sample_noise
 
 
+@overload
+def snapped_timestep(space: NoiseSpace, sigma: float) -> float: ...
+@overload
+def snapped_timestep(space: NoiseSpace, sigma: Tensor) -> Tensor: ...
 def snapped_timestep(space: NoiseSpace, sigma: Tensor | float) -> Tensor | float:
     """The training timestep of ``sigma`` (float64), snapped to an integer when within round-off of one.
 
@@ -54,9 +59,9 @@ def snapped_timestep(space: NoiseSpace, sigma: Tensor | float) -> Tensor | float
     if isinstance(sigma, float):
         t = space.scalar_timestep_of(sigma)
         return float(round(t)) if abs(t - round(t)) < TIMESTEP_SNAP_TOLERANCE else t
-    t = space.timestep_of(sigma)
-    nearest = t.round()
-    return torch.where((t - nearest).abs() < TIMESTEP_SNAP_TOLERANCE, nearest, t)
+    timesteps = space.timestep_of(sigma)
+    nearest = timesteps.round()
+    return torch.where((timesteps - nearest).abs() < TIMESTEP_SNAP_TOLERANCE, nearest, timesteps)
 
 
 def check_unit_interval(name: str, value: float) -> None:

@@ -7,7 +7,8 @@ noise. ``gamma = 0`` is DDIM; ``gamma = 1`` is LCM-like (predict, then fully re-
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor

@@ -6,7 +6,8 @@ sigma 0. Optionally the predicted ``x0`` is clipped (dynamic thresholding) durin
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor

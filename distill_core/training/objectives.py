@@ -137,6 +137,9 @@ class _JumpObjective(ConsistencyObjective):
     """Outputs are DDIM jumps to ``steps.end``, compared in variance-preserving scale."""
 
     def _jump(self, x: Tensor, x0: Tensor, timestep: Tensor, steps: TrainingTimesteps) -> Tensor:
+        if steps.end is None:
+            raise ValueError("jump objectives compare at steps.end; these timesteps have none "
+                             "(draw them with this objective's sample_timesteps)")
         sigma_end = self.sigma(steps.end)
         return self.space.vp_scaled(self.space.ddim(x, x0, self.sigma(timestep), sigma_end), sigma_end)
 

@@ -79,7 +79,8 @@ def library_reference(comfy_host, method: str, prediction: str) -> torch.Tensor:
     generator = torch.manual_seed(SEED)
     noise = torch.randn((BATCH, 4, 8, 8), generator=generator, dtype=torch.float32).double()
     sampling = model.get_model_object("model_sampling")
-    starts_at_max = bool(torch.isclose(sigmas[0], sampling.sigma_max.double(), rtol=1e-5) or sigmas[0] > sampling.sigma_max)
+    starts_at_max = bool(torch.isclose(sigmas[0], sampling.sigma_max.double(), rtol=1e-5)
+                         or sigmas[0] > sampling.sigma_max)
     x = sampling.noise_scaling(sigmas[0], noise, torch.zeros_like(noise), max_denoise=starts_at_max)
     mixture = demo_mixture()
     square = torch.full((BATCH,), 1)
@@ -166,7 +167,7 @@ def test_step_count_below_one_is_a_validation_error(comfy_host):
 def test_out_of_range_gamma_is_a_validation_error(comfy_host):
     graph = sampler_graph("tcd", "eps", "bad")
     graph["sampler"]["inputs"]["gamma"] = 1.5
-    valid, error, _, node_errors = comfy_host.validate(graph)
+    valid, _, _, node_errors = comfy_host.validate(graph)
     assert not valid
     assert "gamma" in str(node_errors)
 

@@ -10,7 +10,7 @@ from distill_core.sampling.schedules import lcm_timesteps
 from distill_core.spaces import NoiseSpace
 from tests.unit.diffusion_toys import SHAPE, clean_target_model, seeded_noise, toy_eps, ve_denoiser
 
-SD_BETAS = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+SD_BETAS = {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012}
 
 
 def diffusers_lcm(steps: int) -> LCMScheduler:
@@ -42,9 +42,9 @@ def test_every_latent_matches_diffusers(steps):
         ve_denoiser(space), x_vp / alphas_cumprod[timesteps[0]].sqrt(), sigmas,
         callback=lambda info: seen.append(info["x"]), disable=True, space=space, noise_sampler=seeded_noise(11),
     )
-    ours = seen[1:] + [final]
+    ours = [*seen[1:], final]
     assert len(ours) == steps
-    for latent_ve, sigma, reference in zip(ours, sigmas[1:].tolist(), expected):
+    for latent_ve, sigma, reference in zip(ours, sigmas[1:].tolist(), expected, strict=True):
         latent_vp = latent_ve / (1 + sigma**2) ** 0.5
         assert (latent_vp - reference).abs().max() < 1e-9
 
@@ -63,7 +63,8 @@ def test_boundary_in_variance_preserving_scale_per_sample():
     """c_skip multiplies x / sqrt(a^2 + b^2) (the VP latent), also per batch element and on flow."""
     x = torch.randn(SHAPE, dtype=torch.float64)
     x0 = torch.randn(SHAPE, dtype=torch.float64)
-    for space in (NoiseSpace.from_alphas_cumprod(LCMScheduler(**SD_BETAS).alphas_cumprod.double()), NoiseSpace.flow(3.0)):
+    sd_space = NoiseSpace.from_alphas_cumprod(LCMScheduler(**SD_BETAS).alphas_cumprod.double())
+    for space in (sd_space, NoiseSpace.flow(3.0)):
         sigmas = space.sigma_of(torch.tensor([2.0, 7.0], dtype=torch.float64))
         batched = lcm_boundary_denoised(space, x, x0, sigmas)
         for i, sigma in enumerate(sigmas.tolist()):
@@ -90,7 +91,7 @@ def test_flow_steps_renoise_the_true_x0_exactly(shift):
         noise_sampler=lambda s, s_next: next(draws), boundary=False,
     )
     assert torch.equal(final, x0)
-    for info, sigma, noise in zip(seen[1:], sigmas[1:].tolist(), noises):
+    for info, sigma, noise in zip(seen[1:], sigmas[1:-1].tolist(), noises, strict=True):
         assert (info["x"] - ((1 - sigma) * x0 + sigma * noise)).abs().max() < 1e-14
     assert all(torch.equal(info["denoised"], x0) for info in seen)
 

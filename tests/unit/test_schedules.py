@@ -13,7 +13,7 @@ from distill_core.sampling.schedules import (
     trailing_timesteps,
 )
 
-SD_BETAS = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+SD_BETAS = {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012}
 
 
 def _diffusers_timesteps(scheduler, *args, **kwargs) -> list[int] | None:

@@ -19,7 +19,7 @@ from tests.unit.diffusion_toys import (
     ve_denoiser,
 )
 
-SD_BETAS = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+SD_BETAS = {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012}
 
 
 def diffusers_tcd() -> TCDScheduler:
@@ -47,9 +47,10 @@ def run_ours(space: NoiseSpace, x_vp: torch.Tensor, sigmas: torch.Tensor, gamma:
     seen = []
     final = sample_tcd(
         ve_denoiser(space), x_vp * (1 + float(sigmas[0]) ** 2) ** 0.5, sigmas,
-        callback=lambda info: seen.append(info["x"]), disable=True, space=space, noise_sampler=seeded_noise(seed), gamma=gamma,
+        callback=lambda info: seen.append(info["x"]), disable=True, space=space, noise_sampler=seeded_noise(seed),
+        gamma=gamma,
     )
-    return [x / (1 + s**2) ** 0.5 for x, s in zip(seen[1:] + [final], sigmas[1:].tolist())]
+    return [x / (1 + s**2) ** 0.5 for x, s in zip([*seen[1:], final], sigmas[1:].tolist(), strict=True)]
 
 
 @pytest.mark.parametrize("steps", [1, 2, 4, 8])
@@ -64,14 +65,14 @@ def test_every_latent_matches_diffusers(steps, gamma):
     expected, final_x0 = run_diffusers(scheduler, x_vp, gamma, seed=21)
 
     # diffusers ends at timestep 0 (a little implied noise stays): SIGMAS ending at sigma(0) reproduce it
-    to_timestep_zero = space.sigmas_for_timesteps(timesteps + [0], append_zero=False)
+    to_timestep_zero = space.sigmas_for_timesteps([*timesteps, 0], append_zero=False)
     ours = run_ours(space, x_vp, to_timestep_zero, gamma, seed=21)
     assert len(ours) == steps
-    assert max((a - b).abs().max().item() for a, b in zip(ours, expected)) < 1e-9
+    assert max((a - b).abs().max().item() for a, b in zip(ours, expected, strict=True)) < 1e-9
 
     # ComfyUI's usual final sigma 0: same trajectory, and the last step returns the x0 prediction
     ours_to_zero = run_ours(space, x_vp, space.sigmas_for_timesteps(timesteps), gamma, seed=21)
-    for a, b in zip(ours_to_zero[:-1], expected[:-1]):
+    for a, b in zip(ours_to_zero[:-1], expected[:-1], strict=True):
         assert (a - b).abs().max() < 1e-9
     assert (ours_to_zero[-1] - final_x0).abs().max() < 1e-9
 
@@ -88,7 +89,8 @@ def test_intermediate_timestep_floors_in_float32_like_diffusers():
 
 
 def _models(space: NoiseSpace):
-    mixture = GaussianMixture(torch.randn((3,) + SHAPE[1:], generator=torch.Generator().manual_seed(8), dtype=torch.float64), 0.3)
+    means = torch.randn((3, *SHAPE[1:]), generator=torch.Generator().manual_seed(8), dtype=torch.float64)
+    mixture = GaussianMixture(means, 0.3)
     return {"toy": ve_denoiser(space), "teacher": lambda x, sigma: mixture.denoise(x, sigma, space)}
 
 
@@ -104,7 +106,7 @@ def test_gamma_zero_is_ddim(model_name):
 
     # plain deterministic DDIM in the VP convention, ending at alpha_cumprod = 1
     latent_vp = x * float(sigmas[0]) / (1 + float(sigmas[0]) ** 2) ** 0.5
-    for t, t_next in zip(timesteps, timesteps[1:] + [None]):
+    for t, t_next in zip(timesteps, [*timesteps[1:], None], strict=True):
         a_t = alphas_cumprod[t]
         sigma = ((1 - a_t) / a_t).sqrt()
         x0 = model(latent_vp / a_t.sqrt(), sigma.reshape(1).expand(SHAPE[0]))
@@ -128,9 +130,11 @@ def test_gamma_one_is_lcm(model_name):
     sigmas = space.sigmas_for_timesteps(tcd_timesteps(4))
     x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(6), dtype=torch.float64) * float(sigmas[0])
     tcd, lcm = [], []
-    sample_tcd(model, x, sigmas, callback=tcd.append, disable=True, space=space, noise_sampler=seeded_noise(9), gamma=1.0)
-    sample_lcm(model, x, sigmas, callback=lcm.append, disable=True, space=space, noise_sampler=seeded_noise(9), boundary=False)
-    for a, b in zip(tcd, lcm):
+    sample_tcd(model, x, sigmas, callback=tcd.append, disable=True, space=space, noise_sampler=seeded_noise(9),
+               gamma=1.0)
+    sample_lcm(model, x, sigmas, callback=lcm.append, disable=True, space=space, noise_sampler=seeded_noise(9),
+               boundary=False)
+    for a, b in zip(tcd, lcm, strict=True):
         assert (a["x"] - b["x"]).abs().max() < 1e-9
         assert (a["denoised"] - b["denoised"]).abs().max() < 1e-9
 
@@ -163,4 +167,5 @@ def test_flow_renoise_has_the_exact_marginal(gamma):
 def test_gamma_outside_unit_interval_is_refused(gamma):
     space = NoiseSpace.flow()
     with pytest.raises(ValueError, match="gamma must be in"):
-        sample_tcd(clean_target_model(torch.zeros(SHAPE)), torch.zeros(SHAPE), space.sigmas_for_timesteps([999]), space=space, gamma=gamma)
+        sample_tcd(clean_target_model(torch.zeros(SHAPE)), torch.zeros(SHAPE), space.sigmas_for_timesteps([999]),
+                   space=space, gamma=gamma)

@@ -1,6 +1,7 @@
 """TDD sampling: DPM-Solver++(1) + re-noise against an independent VP reference, x0 clipping, flow spaces."""
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -65,9 +66,10 @@ def run_ours(x_vp, timesteps, seed, **options):
     seen = []
     final = sample_tdd(
         ve_denoiser(space), x_vp / ALPHAS_CUMPROD[timesteps[0]].sqrt(), sigmas,
-        callback=lambda info: seen.append(info["x"]), disable=True, space=space, noise_sampler=seeded_noise(seed), **options,
+        callback=lambda info: seen.append(info["x"]), disable=True, space=space, noise_sampler=seeded_noise(seed),
+        **options,
     )
-    return [x / (1 + s**2) ** 0.5 for x, s in zip(seen[1:] + [final], sigmas[1:].tolist())]
+    return [x / (1 + s**2) ** 0.5 for x, s in zip([*seen[1:], final], sigmas[1:].tolist(), strict=True)]
 
 
 @pytest.mark.parametrize("steps", [4, 5, 6, 7, 8])
@@ -79,7 +81,7 @@ def test_every_update_equals_dpm_solver_plus_renoise(steps, special_jump, eta):
     expected = reference_tdd(x_vp, timesteps, eta, seed=13)
     ours = run_ours(x_vp, timesteps, seed=13, eta=eta)
     assert len(ours) == steps
-    assert max((a - b).abs().max().item() for a, b in zip(ours, expected)) < 1e-9
+    assert max((a - b).abs().max().item() for a, b in zip(ours, expected, strict=True)) < 1e-9
 
 
 @pytest.mark.parametrize("clip_steps", [1, 2])
@@ -91,7 +93,7 @@ def test_x0_clipping_only_for_the_first_steps(clip_steps, max_value):
     expected = reference_tdd(x_vp, timesteps, 0.2, seed=3, clip_steps=clip_steps, threshold=threshold)
     ours = run_ours(x_vp, timesteps, seed=3, eta=0.2, clip_x0_steps=clip_steps, clip_max_value=max_value)
     unclipped = run_ours(x_vp, timesteps, seed=3, eta=0.2)
-    assert max((a - b).abs().max().item() for a, b in zip(ours, expected)) < 1e-9
+    assert max((a - b).abs().max().item() for a, b in zip(ours, expected, strict=True)) < 1e-9
     assert (ours[-1] - unclipped[-1]).abs().max() > 1e-3  # the clipping did change the result
 
 
@@ -109,13 +111,14 @@ def test_dynamic_threshold_equals_diffusers(max_value, dtype):
 def test_flow_eta_zero_is_euler():
     """On a flow space eta = 0 is the Euler method (how the official FLUX TDD LoRA is sampled)."""
     space = NoiseSpace.flow(3.0)
-    mixture = GaussianMixture(torch.randn((3,) + SHAPE[1:], generator=torch.Generator().manual_seed(8), dtype=torch.float64), 0.3)
+    means = torch.randn((3, *SHAPE[1:]), generator=torch.Generator().manual_seed(8), dtype=torch.float64)
+    mixture = GaussianMixture(means, 0.3)
     model = lambda x, sigma: mixture.denoise(x, sigma, space)  # noqa: E731
     sigmas = space.sigmas_for_timesteps(tdd_timesteps(8))
     x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
     ours = sample_tdd(model, x, sigmas, disable=True, space=space, eta=0.0)
     euler = x
-    for sigma, sigma_next in zip(sigmas[:-1].tolist(), sigmas[1:].tolist()):
+    for sigma, sigma_next in itertools.pairwise(sigmas.tolist()):
         velocity = (euler - model(euler, torch.full((SHAPE[0],), sigma, dtype=torch.float64))) / sigma
         euler = euler + (sigma_next - sigma) * velocity
     assert (ours - euler).abs().max() < 1e-9
