@@ -15,6 +15,8 @@
 //      stride_loss: [{steps, first_step, elapsed_s, losses: {series: [value per step]}, ema: {series: [...]}}]
 //  - after a page reload: the newest entry of the server's /history for this workflow and node that has
 //    such a UI output.
+//  - a long phase before or between the steps (the data-free teacher pool, the headless export), one event per
+//    unit of work, "stride.distill.phase": {node, phase, done, total, unit}: shown in the caption while it runs.
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
 import { latestOutput } from "./stride_history.js";
@@ -23,6 +25,7 @@ export const CHART_HEIGHT = 220; // per loss output; scripts/workflow_builder.py
 const LOSS_TYPE = "STRIDE_LOSS";
 const EVENT = "stride.distill.loss";
 const HISTORY_EVENT = "stride.distill.history";
+const PHASE_EVENT = "stride.distill.phase";
 const UI_KEY = "stride_loss";
 const LOG_PROPERTY = "stride_loss_log_scale";
 const CAPTION = 20; // px for the caption line and the toggle above the panels
@@ -130,6 +133,7 @@ class LossChart {
 
   /** One live step. */
   add(detail) {
+    this.currentStage = null; // steps run: no long phase is in progress
     if (detail.history || detail.step <= this.lastStep) this.phases.clear();
     (detail.history || []).forEach((losses, index) => this.addStep(index + 1, detail.steps, losses, {}));
     const losses = detail.losses ?? { [this.phaseNames[0]]: detail.loss };
@@ -146,6 +150,16 @@ class LossChart {
       this.lastUpdated = series;
     }
     this.lastStep = step;
+  }
+
+  /** A long phase's progress (the teacher pool, an export): shown in the caption until it is done; each phase's
+   *  latest count is kept on the canvas, e.g. {"teacher data pool": "8/8"} (read by the browser tests). */
+  stage(detail) {
+    this.currentStage = detail;
+    const counts = JSON.parse(this.canvas.dataset.phases || "{}");
+    counts[detail.phase] = `${detail.done}/${detail.total}`;
+    this.canvas.dataset.phases = JSON.stringify(counts);
+    this.caption.textContent = this.captionText();
   }
 
   /** A whole history (the node's UI output): replaces what is shown. */
@@ -170,6 +184,8 @@ class LossChart {
 
   /** One line: where the run is (the phase updated last) and the time left, or how long it took. */
   captionText() {
+    const stage = this.currentStage;
+    if (stage && stage.done < stage.total) return `${stage.phase}: ${stage.done}/${stage.total} ${stage.unit}`;
     const series = this.lastUpdated;
     const last = series?.points[series.points.length - 1];
     if (!last) return "no run yet: the chart follows the next run";
@@ -328,5 +344,6 @@ app.registerExtension({
     const chartOf = (id) => app.graph?.getNodeById(Number(id))?.strideLossChart;
     api.addEventListener(EVENT, ({ detail }) => chartOf(detail.node)?.add(detail));
     api.addEventListener(HISTORY_EVENT, ({ detail }) => chartOf(detail.node)?.load(detail[UI_KEY]));
+    api.addEventListener(PHASE_EVENT, ({ detail }) => chartOf(detail.node)?.stage(detail));
   },
 });

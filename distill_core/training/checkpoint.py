@@ -1,4 +1,4 @@
-"""Training checkpoints: LoRA weights, optimizer state, RNG state, step and settings in one safetensors file."""
+"""Training checkpoints: LoRA weights, optimizer, RNG and loss-scale state, step and settings in one safetensors."""
 from __future__ import annotations
 
 import json
@@ -8,7 +8,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..safe_files import UnsafeFileError, read_safetensors, write_safetensors
+from ..progress import CHECKPOINT, PhaseCallback, Progress
+from ..safe_files import UnsafeFileError, read_safetensors, safetensors_bytes, write_atomically
 from .config import DistillConfig
 from .lora import LoraSet, lora_state_dict
 
@@ -23,10 +24,16 @@ class TrainingCheckpoint:
     lora: dict[str, Tensor]
     optimizer: dict[str, Any]
     rng: dict[str, Tensor]
+    loss_scale: dict[str, float] | None = None  # None: written before loss scaling existed
 
 
-def save_checkpoint(path: str, loraset: LoraSet, optimizer: torch.optim.Optimizer, step: int, config: DistillConfig) -> None:
-    """Write LoRA weights, AdamW state, torch RNG state(s), step and config atomically."""
+def save_checkpoint(path: str, loraset: LoraSet, optimizer: torch.optim.Optimizer, step: int, config: DistillConfig,
+                    loss_scale: dict[str, float] | None = None, on_phase: PhaseCallback | None = None) -> None:
+    """Write LoRA weights, AdamW state, torch RNG state(s), loss scale, step and config atomically.
+
+    ``on_phase`` hears the write's progress in MiB (:data:`~distill_core.progress.CHECKPOINT`); a checkpoint
+    write is never cancelled (it is what a Cancel keeps).
+    """
     tensors = {CHECKPOINT_LORA_PREFIX + key: value for key, value in lora_state_dict(loraset, prefix="").items()}
     state = optimizer.state_dict()
     scalars: dict[str, dict[str, Any]] = {}
@@ -47,7 +54,11 @@ def save_checkpoint(path: str, loraset: LoraSet, optimizer: torch.optim.Optimize
         "optimizer.param_groups": json.dumps(state["param_groups"]),
         "optimizer.scalars": json.dumps(scalars),
     }
-    write_safetensors(path, tensors, metadata)
+    if loss_scale is not None:
+        metadata["loss_scale"] = json.dumps(loss_scale)
+    payload = safetensors_bytes(tensors, metadata)
+    phase = Progress(on_phase).write_phase(CHECKPOINT, len(payload), cancellable=False)
+    write_atomically(path, payload, phase.bytes_written)
 
 
 def load_checkpoint(path: str) -> TrainingCheckpoint:
@@ -76,7 +87,8 @@ def load_checkpoint(path: str) -> TrainingCheckpoint:
             if name != "params" and isinstance(value, list):
                 group[name] = tuple(value)
     rng = {key[len("rng."):]: value for key, value in tensors.items() if key.startswith("rng.")}
-    return TrainingCheckpoint(step, config, lora, {"state": param_state, "param_groups": groups}, rng)
+    return TrainingCheckpoint(step, config, lora, {"state": param_state, "param_groups": groups}, rng,
+                              _loss_scale(path, metadata))
 
 
 def _damaged(path: str, problem: str) -> UnsafeFileError:
@@ -107,3 +119,18 @@ def _declared_metadata(path: str, metadata: dict[str, str]) -> tuple[int, dict, 
                                              for group in groups)):
         raise _damaged(path, "its optimizer parameter groups are not a list of objects with 'params'")
     return int(metadata["step"]), config, scalars, groups
+
+
+def _loss_scale(path: str, metadata: dict[str, str]) -> dict[str, float] | None:
+    """The loss scaler's state (absent in checkpoints written before loss scaling: ``None``), checked: a JSON
+    object with a positive ``scale`` and a whole ``good_steps`` >= 0."""
+    if "loss_scale" not in metadata:
+        return None
+    try:
+        state = json.loads(metadata["loss_scale"])
+    except (ValueError, RecursionError):
+        raise _damaged(path, "its 'loss_scale' metadata is not valid JSON") from None
+    if not (isinstance(state, dict) and isinstance(state.get("scale"), (int, float)) and state["scale"] > 0
+            and isinstance(state.get("good_steps"), int) and state["good_steps"] >= 0):
+        raise _damaged(path, "its loss scale is not an object with a positive 'scale' and a whole 'good_steps'")
+    return state

@@ -225,8 +225,9 @@ def test_stride_templates_open_from_the_templates_dialog(frontend):
 
 def test_live_loss_chart_follows_a_training_run(frontend, comfy_server):
     """The trainer node (web/stride_loss_chart.js and the frontend's progress text) follows a real run: one point
-    per step, axes, the step, raw and smoothed loss and time left as text; the chart is rebuilt after a page reload
-    (from /history) and on a cached run (from the node's cached UI output)."""
+    per step, axes, the step, raw and smoothed loss and time left as text, the data-free pool's phase events
+    (stride.distill.phase); the chart is rebuilt after a page reload (from /history) and on a cached run (from the
+    node's cached UI output)."""
     path = WORKFLOW_FILES[0].parent / "distill_lcm_lora.json"
     workflow = json.loads(path.read_text())
     page = frontend.page
@@ -259,6 +260,10 @@ def test_live_loss_chart_follows_a_training_run(frontend, comfy_server):
     assert panel["points"] == steps, f"the chart shows {panel['points']} loss points for a {steps}-step run"
     assert panel["xTicks"] and panel["yTicks"], "both axes carry ticks"
     assert shown["caption"].startswith(f"done: {steps} steps in ")
+    phases = json.loads(page.evaluate("id => window.app.graph.getNodeById(id).strideLossChart.canvas.dataset.phases",
+                                      trainer_id))
+    assert phases.get("teacher data pool") == "8/8", ("the chart followed the data-free pool (16 samples / batch 16 x "
+                                                      f"8 teacher calls): {phases}")
     # The node's own progress text (the frontend's text box on the node): step, loss raw and smoothed, time left.
     texts = page.evaluate("() => window.strideTexts")
     assert [t.split(" · ")[0] for t in texts] == [f"step {k}/{steps}" for k in range(1, steps + 1)]

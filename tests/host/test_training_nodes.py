@@ -97,7 +97,7 @@ def test_cancel_keeps_a_checkpoint_and_resume_matches_uninterrupted(comfy_host):
 
     from distill_core.training.checkpoint import load_checkpoint
 
-    comfy_host.progress_listener = lambda value, total: comfy_host.interrupt() if value == 3 else None
+    comfy_host.progress_listener = lambda value, total: comfy_host.interrupt() if (value, total) == (3, STEPS) else None
     try:
         cancelled = comfy_host.run(training_graph("resume_me"))
     finally:

@@ -164,9 +164,10 @@ def test_resume_gives_the_same_lora_as_an_uninterrupted_run(tmp_path, objective,
 
     checkpoint = str(tmp_path / "run.ckpt.safetensors")
     network, loraset, config = demo_setup(objective, data_free)
-    polls = iter(range(100))
+    finished: list[int] = []  # should_stop is also polled inside the data-free pool: count steps, not polls
     first = train(network.denoiser, loraset, network.space, config, network.data,
-                  should_stop=lambda: next(polls) >= 3, checkpoint_path=checkpoint)
+                  callback=lambda step, loss: finished.append(step), should_stop=lambda: len(finished) >= 3,
+                  checkpoint_path=checkpoint)
     assert first.cancelled and first.steps_done == 3 and load_checkpoint(checkpoint).step == 3
 
     network, loraset, config = demo_setup(objective, data_free)

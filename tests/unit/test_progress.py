@@ -1,76 +1,103 @@
-"""TrainingProgress: the step, raw and smoothed losses and time left that the node and the headless runner show."""
+"""Progress and Cancel in long phases: the protocol, cancellable atomic writes, the trainer's data-free pool."""
 from __future__ import annotations
 
-import json
 import math
+import os
+from pathlib import Path
 
 import pytest
+import torch
 
-from distill_core.training.progress import EMA_BETA, TrainingProgress, format_duration
-
-
-class Clock:
-    """A clock that advances ``per_call`` seconds each time it is read."""
-
-    def __init__(self, per_call: float = 0.0) -> None:
-        self.now, self.per_call = 100.0, per_call
-
-    def __call__(self) -> float:
-        self.now += self.per_call
-        return self.now
+from distill_core.progress import CHECKPOINT, MIB, POOL, Cancelled, Phase, Progress
+from distill_core.safe_files import WRITE_CHUNK_BYTES, write_atomically
+from distill_core.training.checkpoint import load_checkpoint
+from distill_core.training.cli import demo_network
+from distill_core.training.config import DistillConfig
+from distill_core.training.lora import attach_lora
+from distill_core.training.trainer import train
 
 
-def test_smoothed_loss_is_the_bias_corrected_exponential_average():
-    values = [1.0, 0.5, 0.8, 0.2, 0.4]
-    progress = TrainingProgress(len(values), clock=Clock())
-    for step, value in enumerate(values, 1):
-        progress.update(step, {"loss": value})
-    moment = 0.0
-    for count, value in enumerate(values, 1):
-        moment = EMA_BETA * moment + (1 - EMA_BETA) * value
-        assert progress.series["loss"].ema[count - 1] == pytest.approx(moment / (1 - EMA_BETA**count), rel=1e-12)
-    assert progress.series["loss"].ema[0] == 1.0, "the first smoothed value is the first value"
-    assert progress.latest("loss") == (0.4, progress.series["loss"].ema[-1])
+def test_a_phase_reports_every_unit_and_stops_before_the_next_one():
+    heard: list[tuple[str, int, int]] = []
+    done: list[int] = []
+    phase = Phase("work", 5, lambda *event: heard.append(event), lambda: len(done) >= 2)
+    with pytest.raises(Cancelled) as cancelled:
+        for unit in phase.each(range(5)):
+            done.append(unit)
+    assert done == [0, 1], "no unit starts after the stop"
+    assert heard == [("work", 0, 5), ("work", 1, 5), ("work", 2, 5)]
+    assert (cancelled.value.phase, cancelled.value.done, cancelled.value.total) == ("work", 2, 5)
 
 
-def test_series_with_missing_steps_are_smoothed_over_their_own_values_and_sent_as_null():
-    progress = TrainingProgress(4, clock=Clock())
-    progress.update(1, {"fake": 2.0})
-    progress.update(2, {"fake": 1.0, "generator": 0.5})
-    progress.update(3, {"fake": 1.0})
-    history = progress.history()
-    assert history["losses"] == {"fake": [2.0, 1.0, 1.0], "generator": [None, 0.5, None]}
-    assert history["ema"]["generator"] == [None, 0.5, None]
-    assert progress.latest("generator") == (0.5, 0.5)
-    assert progress.event()["losses"] == {"fake": 1.0, "generator": None}
-    json.dumps(history, allow_nan=False)
-    json.dumps(progress.event(), allow_nan=False)
+def test_a_phase_that_cannot_be_cancelled_ignores_the_stop():
+    phase = Progress(None, lambda: True).phase("checkpoint", 3, cancellable=False)
+    assert list(phase.each("abc")) == ["a", "b", "c"] and phase.done == 3
 
 
-def test_time_left_follows_the_mean_step_time_of_this_run_also_when_resumed():
-    clock = Clock()
-    progress = TrainingProgress(100, first_step=41, clock=clock)  # resumed after step 40
-    assert progress.eta_s is None
-    clock.per_call = 0.0
-    clock.now += 30.0  # 3 steps in 30 s
-    for step in (41, 42, 43):
-        progress.update(step, {"loss": 0.1})
-    assert progress.eta_s == pytest.approx(10.0 * 57)
-    assert progress.history()["first_step"] == 41 and len(progress.history()["losses"]["loss"]) == 3
-    assert progress.text() == "step 43/100 · loss 0.1 (smoothed 0.1) · ETA 9m 30s"
-    with pytest.raises(ValueError, match="one by one"):
-        progress.update(45, {"loss": 0.1})
+def test_a_cancelled_write_leaves_the_old_file_and_no_temporary_file(tmp_path):
+    target = tmp_path / "file.bin"
+    target.write_bytes(b"old")
+    payload = bytes(2 * WRITE_CHUNK_BYTES + 5)
+    heard: list[tuple[str, int, int]] = []
+    phase = Progress(lambda *event: heard.append(event), lambda: heard[-1][1] >= 16).write_phase("write", len(payload))
+    with pytest.raises(Cancelled):
+        write_atomically(target, payload, phase.bytes_written)
+    assert target.read_bytes() == b"old" and os.listdir(tmp_path) == ["file.bin"]
+    assert heard[0] == ("write", 0, math.ceil(len(payload) / MIB)) and heard[-1][1] == 16
+
+    heard.clear()
+    phase = Progress(lambda *event: heard.append(event)).write_phase("write", len(payload))
+    write_atomically(target, payload, phase.bytes_written)
+    assert target.read_bytes() == payload
+    assert [done for _, done, _ in heard] == [0, 16, 32, 33], "whole MiB after each 16 MiB chunk"
 
 
-def test_text_at_the_end_says_how_long_the_run_took():
-    clock = Clock()
-    progress = TrainingProgress(2, clock=clock)
-    progress.update(1, {"loss": 0.25})
-    clock.now += 3725
-    progress.update(2, {"loss": math.nan})
-    assert progress.text() == "step 2/2 · loss 0.25 (smoothed 0.25) · done in 1h 02m"
+def demo_run(tmp_path, **overrides):
+    settings = {"objective": "lcm", "steps": 3, "rank": 2, "batch": 2, "lr": 1e-3, "data_free_samples": 5,
+                "data_free_steps": 3}
+    config = DistillConfig(**{**settings, **overrides})
+    network = demo_network({"dtype": "float64", "num_latents": 0, "hidden": 8}, config)
+    torch.manual_seed(5)
+    return network, attach_lora(network.module, config.rank, config.alpha), config
 
 
-@pytest.mark.parametrize(("seconds", "text"), [(0, "0s"), (9.4, "9s"), (127, "2m 07s"), (3600, "1h 00m")])
-def test_format_duration(seconds, text):
-    assert format_duration(seconds) == text
+def test_the_pool_reports_each_teacher_call_and_checkpoint_writes_report_their_size(tmp_path):
+    network, loraset, config = demo_run(tmp_path)
+    events: list[tuple[str, int, int]] = []
+    checkpoint = str(tmp_path / "run.safetensors")
+    result = train(network.denoiser, loraset, network.space, config, network.data, checkpoint_path=checkpoint,
+                   on_phase=lambda *event: events.append(event))
+    calls = math.ceil(config.data_free_samples / config.batch) * config.data_free_steps
+    assert [event for event in events if event[0] == POOL] == [(POOL, done, calls) for done in range(calls + 1)]
+    writes = [event for event in events if event[0] == CHECKPOINT]
+    assert writes[0][1] == 0 and writes[-1][1] == writes[-1][2] >= 1 and result.steps_done == 3
+
+
+@pytest.mark.parametrize("stop_at_call", [1, 4])
+def test_cancel_during_the_pool_stops_within_one_teacher_call_and_writes_nothing(tmp_path, stop_at_call):
+    network, loraset, config = demo_run(tmp_path)
+    calls: list[int] = []
+
+    def counting(x, sigma, cond):
+        calls.append(1)
+        return network.denoiser(x, sigma, cond)
+
+    before = [param.detach().clone() for param in loraset.parameters()]
+    result = train(counting, loraset, network.space, config, network.data,
+                   should_stop=lambda: len(calls) >= stop_at_call, checkpoint_path=str(tmp_path / "run.safetensors"))
+    assert len(calls) == stop_at_call, "the stop is seen before the next teacher call"
+    assert result.cancelled and result.steps_done == 0 and result.checkpoint is None and result.losses == []
+    assert os.listdir(tmp_path) == [], "nothing written"
+    assert all(torch.equal(a, b) for a, b in zip(before, loraset.parameters(), strict=True))
+
+
+def test_cancel_in_the_pool_of_a_resumed_run_keeps_its_checkpoint(tmp_path):
+    checkpoint = str(tmp_path / "run.safetensors")
+    network, loraset, config = demo_run(tmp_path, steps=2)
+    train(network.denoiser, loraset, network.space, config, network.data, checkpoint_path=checkpoint)
+    written = os.path.getmtime(checkpoint), Path(checkpoint).read_bytes()
+    network, loraset, config = demo_run(tmp_path, steps=4)
+    result = train(network.denoiser, loraset, network.space, config, network.data, should_stop=lambda: True,
+                   checkpoint_path=checkpoint, resume=True)
+    assert result.cancelled and result.steps_done == 2 and load_checkpoint(checkpoint).step == 2
+    assert (os.path.getmtime(checkpoint), Path(checkpoint).read_bytes()) == written
