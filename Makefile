@@ -6,7 +6,7 @@ export OMP_NUM_THREADS ?= 1
 WORKFLOW ?= workflows/stride_demo.json
 OUT ?= demo_out
 
-.PHONY: setup demo test lint bench bench-quick bench-gpu test-newest-host
+.PHONY: setup demo test lint bench bench-quick bench-gpu bench-full-size test-newest-host
 setup:
 	bash scripts/provision.sh
 
@@ -30,6 +30,10 @@ bench-quick: setup
 
 bench-gpu: setup
 	$(PY) -m bench.run --gpu
+
+# Full-size SD1.5/SDXL rows on this machine's device (not in CI; see bench/full_size.py for the run time).
+bench-full-size: setup
+	$(PY) -m bench.run --only full_size
 
 # The host-facing tests against another ComfyUI work tree (e.g. the newest) in an environment layered on .venv
 # (.cache/newest-host-venv). CI (.ci/run) runs it on ComfyUI 0.33.0 after `test`. See scripts/test_newest_host.sh.

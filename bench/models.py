@@ -167,15 +167,17 @@ def describe_unet(arch: str, config: dict, network: torch.nn.Module) -> str:
     return f"{name} UNet, {size} ({parameter_count(network) / 1e6:.0f}M params, random weights)"
 
 
-def unet_model(arch: str, config: dict, device: torch.device, dtype: torch.dtype, seed: int = 0) -> Any:
+def unet_model(arch: str, config: dict, device: torch.device, dtype: torch.dtype, seed: int = 0,
+               manual_cast: torch.dtype | None = None) -> Any:
     """A ComfyUI MODEL (ModelPatcher around ComfyUI's BaseModel / SDXL class) with random weights,
-    loading onto ``device`` in ``dtype``."""
+    loading onto ``device`` in ``dtype`` (cast layer by layer to ``manual_cast`` when given, as ComfyUI does for
+    low-precision weights on a device that cannot compute in them)."""
     import comfy.model_patcher
     import comfy.supported_models
 
     supported = {"sd15": comfy.supported_models.SD15, "sdxl": comfy.supported_models.SDXL}[arch]
     model_config = supported(config)
-    model_config.set_inference_dtype(dtype, None)
+    model_config.set_inference_dtype(dtype, manual_cast)
     base = model_config.get_model({}, device=device)
     init_random_(base.diffusion_model, seed)
     return comfy.model_patcher.ModelPatcher(base, load_device=device, offload_device=torch.device("cpu"))

@@ -8,8 +8,10 @@ nodes (AYS, GITS, OSS) give the schedules it is compared with. The search runs E
 held-out noises (never searched) against the exact probability-flow ODE solution from the same
 noise. Endpoint error = RMS over the latent, mean over the held-out noises with a 95% Student-t
 interval, and each schedule's paired difference to the searched one on the same noises; SWD to
-fresh data and the NLL gap are means over independent repeats (disjoint groups of held-out noises,
-each scored against its own fresh reference), with their intervals.
+fresh data and the NLL gap are ``distill_core.reference.metrics.evaluate``'s figures (SWD over
+independent repeats, disjoint groups of held-out noises each scored against its own fresh reference;
+the NLL gap per sample), with their intervals, and each schedule's paired difference to the searched
+one (the same noises, reference sets and projections in each repeat).
 
 Cost: model evaluations (latents) and calls of the search against the official DP's
 ``(1 + N) M`` evaluations per noise, and its wall time against the same calls replayed alone
@@ -21,22 +23,23 @@ trajectories.
 from __future__ import annotations
 
 import itertools
-import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from types import SimpleNamespace
+from pathlib import Path
+from types import ModuleType
+from typing import Any
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import torch
-from scipy import stats
 
 from distill_core.reference import metrics
 from distill_core.reference.demo import demo_mixture
 from distill_core.reference.mixture import GaussianMixture
+from distill_core.reference.statistics import Estimate, estimate, paired_difference
 from distill_core.sampling.optimal_steps import search_schedule, solve
 from distill_core.spaces import NoiseSpace
 
@@ -52,26 +55,10 @@ PROMPTS = {"ring": 3, "disc": 0, "": None}  # demo class name (empty: unconditio
 SEARCH_SEED, HELD_OUT_SEED, METRIC_SEED = 0, 1, 2
 CALLS_GOAL = 1.1
 WALL_GOAL = 1.1
-CONFIDENCE = 0.95
 PATHS_AGREE = 1e-4  # ComfyUI's float32 Euler path vs the float64 reference path
 SEARCHED, FAST = "OSS search (paper)", "OSS search (fast)"
-
-
-@dataclass(frozen=True)
-class Interval:
-    """A mean with its ``CONFIDENCE`` Student-t half-width over independent values."""
-
-    value: float
-    half_width: float
-
-    @classmethod
-    def of(cls, values: torch.Tensor) -> Interval:
-        values = values.to(torch.float64).reshape(-1)
-        factor = float(stats.t.ppf((1 + CONFIDENCE) / 2, values.numel() - 1))
-        return cls(float(values.mean()), factor * float(values.std()) / math.sqrt(values.numel()))
-
-    def format(self, digits: int = 3, signed: bool = False) -> str:
-        return f"{self.value:{'+' if signed else ''}.{digits}f} ± {self.half_width:.{digits}f}"
+PlotData = dict[str, dict[str, dict[str, list[tuple[int, Estimate]]]]]
+"""Convention -> teacher label -> schedule -> (N, endpoint error) points."""
 
 
 @dataclass
@@ -81,7 +68,8 @@ class Setting:
     kind: str
     prompt: str
     space: NoiseSpace
-    comfy_model: object
+    comfy_model: Any
+    compat: ModuleType
 
     @property
     def label(self) -> str:
@@ -97,14 +85,9 @@ class Setting:
         return model
 
     def start(self, noise: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
-        """The latent a ComfyUI sampler starts from on ``sigmas`` with an empty latent: its model sampling's
-        noise scaling (EPS at the top sigma: ``sqrt(1 + s^2) noise``), decided by its own ``max_denoise``."""
-        import comfy.samplers
-
-        sampling = self.comfy_model.get_model_object("model_sampling")
-        wrapper = SimpleNamespace(inner_model=SimpleNamespace(model_sampling=sampling))
-        top = comfy.samplers.Sampler().max_denoise(wrapper, sigmas)
-        return sampling.noise_scaling(sigmas[:1].to(noise.dtype), noise, torch.zeros_like(noise), top)
+        """The latent a ComfyUI sampler starts from on ``sigmas`` with an empty latent (Stride's
+        ``compat.start_latent``, which Stride Optimal Steps uses too)."""
+        return self.compat.start_latent(self.comfy_model.get_model_object("model_sampling"), sigmas, noise)
 
 
 def comfy_schedules(setting: Setting, steps: int) -> dict[str, torch.Tensor]:
@@ -129,8 +112,7 @@ def comfy_schedules(setting: Setting, steps: int) -> dict[str, torch.Tensor]:
 def rms_errors(setting: Setting, model, noise: torch.Tensor, sigmas: torch.Tensor, exact: torch.Tensor) -> torch.Tensor:
     """Per held-out noise, the RMS distance of Euler's endpoint on ``sigmas`` (started as ComfyUI starts) to the
     exact ODE endpoint."""
-    end = solve(model, setting.start(noise, sigmas), sigmas)
-    return ((end - exact) ** 2).flatten(1).mean(1).sqrt()
+    return metrics.endpoint_error(solve(model, setting.start(noise, sigmas), sigmas), exact)
 
 
 def run(ctx: BenchContext) -> Section:
@@ -147,23 +129,23 @@ def run(ctx: BenchContext) -> Section:
                     for kind in kinds}
     spaces = {kind: NoiseSpace.from_sigma_table(kind, comfy_models[kind].get_model_object("model_sampling").sigmas)
               for kind in kinds}
+    compat = ctx.stride_module("nodes.compat")
+    ve_ring = Setting("ve", "ring", spaces["ve"], comfy_models["ve"], compat)
     section = Section(NAME, TITLE, __doc__.split("\n\n", 1)[1].strip())
-    section.checks.append(_check_paths_agree(ctx, Setting("ve", "ring", spaces["ve"], comfy_models["ve"]), mixture,
-                                             teacher_steps))
+    section.checks.append(_check_paths_agree(ctx, ve_ring, mixture, teacher_steps))
     search_start = torch.randn((search_noises, *mixture.latent_shape), dtype=torch.float64,
                                generator=torch.Generator().manual_seed(SEARCH_SEED))
     held_start = torch.randn((held_out, *mixture.latent_shape), dtype=torch.float64,
                              generator=torch.Generator().manual_seed(HELD_OUT_SEED))
-    plot_data = {}
+    plot_data: PlotData = {}
     for kind, prompt in itertools.product(kinds, prompts):
-        setting = Setting(kind, prompt, spaces[kind], comfy_models[kind])
+        setting = Setting(kind, prompt, spaces[kind], comfy_models[kind], compat)
         ctx.log(f"{NAME}: {setting.label}")
         _quality(ctx, section, setting, mixture, teacher_steps, step_counts, search_start, held_start, repeats,
                  plot_data, full_metrics=prompt == prompts[0])
     section.plots.append(_plot(ctx, plot_data))
-    _cost(ctx, section, Setting("ve", "ring", spaces["ve"], comfy_models["ve"]), mixture, teacher_steps, step_counts,
-          search_start)
-    _exhaustive(ctx, section, Setting("ve", "ring", spaces["ve"], comfy_models["ve"]), mixture)
+    _cost(ctx, section, ve_ring, mixture, teacher_steps, step_counts, search_start)
+    _exhaustive(ctx, section, ve_ring, mixture)
     section.notes += [
         f"Search: {search_noises} noises (seed {SEARCH_SEED}), teacher = Euler on ComfyUI's normal schedule with M = "
         f"{teacher_steps} steps, per-noise schedules aggregated by their per-position median (the official "
@@ -180,7 +162,7 @@ def run(ctx: BenchContext) -> Section:
 
 def _quality(ctx: BenchContext, section: Section, setting: Setting, mixture, teacher_steps: int,
              step_counts: tuple[int, ...], search_start: torch.Tensor, held_start: torch.Tensor, repeats: int,
-             plot_data: dict, full_metrics: bool) -> None:
+             plot_data: PlotData, full_metrics: bool) -> None:
     import comfy.samplers
 
     model = setting.denoiser(mixture)
@@ -194,8 +176,11 @@ def _quality(ctx: BenchContext, section: Section, setting: Setting, mixture, tea
     error_table = Table(f"{setting.label}: endpoint RMS error to the exact ODE (mean ± 95% interval over "
                         f"{held_start.shape[0]} held-out noises); in brackets the paired difference to the searched "
                         "schedule (positive: the searched one is closer)", ["schedule", *columns])
-    metric_table = Table(f"{setting.label}: SWD to fresh data / NLL gap (mean ± 95% interval over {repeats} repeats of "
-                         f"{held_start.shape[0] // repeats} samples, fresh reference each)", ["schedule", *columns])
+    metric_table = Table(f"{setting.label}: SWD to fresh data / NLL gap (mean ± 95% interval: SWD over {repeats} "
+                         f"repeats of {held_start.shape[0] // repeats} samples with a fresh reference each, the NLL "
+                         "gap over samples); in brackets the paired differences to the searched schedule (the same "
+                         "noises, reference sets and projections; positive: the searched one is lower)",
+                         ["schedule", *columns])
     rows: dict[str, list[str]] = {}
     metric_rows: dict[str, list[str]] = {}
     beaten_everywhere = True
@@ -204,26 +189,37 @@ def _quality(ctx: BenchContext, section: Section, setting: Setting, mixture, tea
         searched = search_schedule(model, search_latents, teacher_sigmas, steps)
         fast = search_schedule(model, search_latents, teacher_sigmas, steps, mode="fast")
         schedules = {SEARCHED: searched.sigmas, FAST: fast.sigmas} | comfy_schedules(setting, steps)
-        errors = {name: rms_errors(setting, model, held_start, sigmas, exact) for name, sigmas in schedules.items()}
+        errors = {}
         for name, sigmas in schedules.items():
-            check(bool(torch.isfinite(errors[name]).all()), f"{name} at N = {steps}: non-finite endpoints")
-            cell = Interval.of(errors[name]).format()
+            per_noise = rms_errors(setting, model, held_start, sigmas, exact)
+            check(bool(torch.isfinite(per_noise).all()), f"{name} at N = {steps}: non-finite endpoints")
+            errors[name] = estimate(per_noise)
+        scored = {}
+        for name, sigmas in schedules.items():
+            cell = errors[name].format()
             if name != SEARCHED:
-                gain = Interval.of(errors[name] - errors[SEARCHED])
+                gain = paired_difference(errors[name], errors[SEARCHED])
                 cell += f" [{gain.format(signed=True)}]"
-                if name != FAST and gain.value - gain.half_width <= 0:
+                if name != FAST and gain.low <= 0:
                     beaten_everywhere = False
                     losses.append(f"{name} at N = {steps} ({gain.format(signed=True)})")
             rows.setdefault(name, []).append(cell)
-            plot_data.setdefault(setting.label, {}).setdefault(name, []).append(float(errors[name].mean()))
+            plot_data.setdefault(setting.kind, {}).setdefault(setting.label, {}).setdefault(name, []).append(
+                (steps, errors[name]))
             if full_metrics:
                 samples = solve(model, setting.start(held_start, sigmas), sigmas)
-                metric_rows.setdefault(name, []).append(_scored_cell(samples, mixture, labels, repeats))
+                scored[name] = metrics.evaluate(samples, mixture, labels, torch.Generator().manual_seed(METRIC_SEED),
+                                                repeats)
+        for name, report in scored.items():
+            compared = None if name == SEARCHED else scored[SEARCHED]
+            metric_rows.setdefault(name, []).append(_metric_cell(report, compared))
     for name, cells in rows.items():
         error_table.add(name, *cells)
     section.tables.append(error_table)
     if full_metrics:
-        data_cell = _data_metrics_cell(mixture, labels, held_start.shape[0], repeats)
+        data = mixture.sample(held_start.shape[0], torch.Generator().manual_seed(METRIC_SEED + 1000), labels)[0]
+        data_cell = _metric_cell(metrics.evaluate(data, mixture, labels, torch.Generator().manual_seed(METRIC_SEED),
+                                                  repeats), None)
         for name, cells in metric_rows.items():
             metric_table.add(name, *cells)
         metric_table.add("data (fresh sets scored like samples)", *([data_cell] * len(step_counts)))
@@ -235,21 +231,13 @@ def _quality(ctx: BenchContext, section: Section, setting: Setting, mixture, tea
         "all paired intervals above 0" if beaten_everywhere else "not at: " + "; ".join(losses)))
 
 
-def _scored_cell(samples, mixture, labels, repeats: int) -> str:
-    size = samples.shape[0] // repeats
-    swd, gap = [], []
-    for r in range(repeats):
-        part = slice(r * size, (r + 1) * size)
-        result = metrics.evaluate_samples(samples[part], mixture, None if labels is None else labels[part],
-                                          torch.Generator().manual_seed(METRIC_SEED + r))
-        swd.append(result["swd"])
-        gap.append(result["nll_gap"])
-    return f"{Interval.of(torch.tensor(swd)).format()} / {Interval.of(torch.tensor(gap)).format(signed=True)}"
-
-
-def _data_metrics_cell(mixture, labels, count: int, repeats: int) -> str:
-    data = mixture.sample(count, torch.Generator().manual_seed(METRIC_SEED + 1000), labels)[0]
-    return _scored_cell(data, mixture, labels, repeats)
+def _metric_cell(report: dict[str, Estimate], searched: dict[str, Estimate] | None) -> str:
+    """SWD / NLL gap with their intervals and, next to the searched schedule's figures, the paired differences."""
+    cell = f"{report['swd'].format()} / {report['nll_gap'].format(signed=True)}"
+    if searched is not None:
+        swd, gap = (paired_difference(report[name], searched[name]).format(signed=True) for name in ("swd", "nll_gap"))
+        cell += f" [{swd} / {gap}]"
+    return cell
 
 
 def _check_paths_agree(ctx: BenchContext, setting: Setting, mixture, teacher_steps: int) -> str:
@@ -299,17 +287,23 @@ class _Recorder:
 
 
 def _cost_row(table: Table, label: str, model, start: torch.Tensor, sigmas: torch.Tensor, steps: int,
-              max_batch: int | None, sync: Callable[[], None]) -> tuple[float, float]:
+              max_batch: int | None, sync: Callable[[], None], repeats: int) -> tuple[float, Estimate]:
+    """One row of the cost table: the search's evaluations against the official count, and over ``repeats`` paired
+    timings (search, then its recorded calls replayed alone; after a recording run that warms up) the wall-time ratio
+    with its 95% interval."""
     recorder = _Recorder(model)
-    found = search_schedule(recorder, start, sigmas, steps, max_batch=max_batch, sync=sync)
+    found = search_schedule(recorder, start, sigmas, steps, max_batch=max_batch, sync=sync)  # also the warm-up
+    searched, replayed = [], []
+    for _ in range(repeats):
+        searched.append(search_schedule(model, start, sigmas, steps, max_batch=max_batch, sync=sync).cost.total_seconds)
+        replayed.append(recorder.replay(start.dtype, start.device, sync))
     fast = search_schedule(model, start, sigmas, steps, mode="fast", max_batch=max_batch, sync=sync)
-    replayed = recorder.replay(start.dtype, start.device, sync)
-    total = sigmas.numel() - 1
-    official = (1 + steps) * total * start.shape[0]
+    official = (1 + steps) * (sigmas.numel() - 1) * start.shape[0]
     calls_ratio = found.cost.evaluations / official
-    wall_ratio = found.cost.total_seconds / replayed
+    search_wall, alone_wall = estimate(torch.tensor(searched)), estimate(torch.tensor(replayed))
+    wall_ratio = estimate(torch.tensor(searched) / torch.tensor(replayed))
     table.add(label, steps, f"{found.cost.evaluations} ({found.cost.calls} calls)", official, fmt_ratio(calls_ratio),
-              fmt_seconds(found.cost.total_seconds), fmt_seconds(replayed), fmt_ratio(wall_ratio),
+              f"{search_wall.format()} s", f"{alone_wall.format()} s", wall_ratio.format(),
               f"{fast.cost.evaluations} / {fmt_seconds(fast.cost.total_seconds)}")
     return calls_ratio, wall_ratio
 
@@ -320,36 +314,40 @@ def _cost(ctx: BenchContext, section: Section, setting: Setting, mixture, teache
 
     sampling = setting.comfy_model.get_model_object("model_sampling")
     sigmas = comfy.samplers.calculate_sigmas(sampling, "normal", teacher_steps).to(torch.float64)
+    repeats = ctx.pick(2, 3, 5)
     table = Table("Search cost: evaluations (latents through the model) against the official DP's (1 + N) M per noise, "
-                  "and the search's wall time against the same calls replayed alone",
+                  "and the search's wall time against the same calls replayed alone (mean ± 95% interval over "
+                  f"{repeats} paired timings; the ratio per pair)",
                   ["model", "N", "Stride evaluations", "official", "ratio", "search wall", "calls alone", "ratio",
                    "fast mode: evaluations / wall"])
     calls_ratios, reference_wall = [], []
     for steps in step_counts:
         calls, wall = _cost_row(table, f"reference teacher, {search_start.shape[0]} noises, M = {teacher_steps}",
                                 setting.denoiser(mixture), setting.start(search_start, sigmas), sigmas, steps, None,
-                                lambda: None)
+                                lambda: None, repeats)
         calls_ratios.append(calls)
         reference_wall.append(wall)
     unet_wall = None
     if ctx.tier == "full":
-        unet_wall = _unet_cost(ctx, table, calls_ratios)
+        unet_wall = _unet_cost(ctx, table, calls_ratios, repeats)
     section.tables.append(table)
     section.goals.append(Goal(f"search evaluations <= {CALLS_GOAL}x the official DP's (1 + N) M per noise",
                               "met" if max(calls_ratios) <= CALLS_GOAL else "missed",
                               f"worst {fmt_ratio(max(calls_ratios))}"))
     wall_goal = f"search wall time <= {WALL_GOAL}x its model calls measured alone (full-size network)"
+    worst = max(reference_wall, key=lambda ratio: ratio.value)
     reference_text = (f"analytic reference (a model call costs microseconds, so the programme's own work shows) worst "
-                      f"{fmt_ratio(max(reference_wall))}")
+                      f"{worst.format()}")
     if unet_wall is None:
         section.goals.append(Goal(wall_goal, "undecided",
                                   f"the SD1.5 UNet runs in the full tier only; {reference_text}"))
     else:
-        section.goals.append(Goal(wall_goal, "met" if unet_wall <= WALL_GOAL else "missed",
-                                  f"SD1.5 UNet {fmt_ratio(unet_wall)}; {reference_text}"))
+        status = "met" if unet_wall.high <= WALL_GOAL else "missed" if unet_wall.low > WALL_GOAL else "undecided"
+        section.goals.append(Goal(wall_goal, status, f"SD1.5 UNet {unet_wall.format()} (met: the whole interval at or "
+                                                     f"below {WALL_GOAL}); {reference_text}"))
 
 
-def _unet_cost(ctx: BenchContext, table: Table, calls_ratios: list[float]) -> float:
+def _unet_cost(ctx: BenchContext, table: Table, calls_ratios: list[float], repeats: int) -> Estimate:
     """The search on ComfyUI's full-size SD1.5 UNet (random weights, float32, CPU unless CUDA) at a small latent."""
     import comfy.samplers
 
@@ -370,7 +368,7 @@ def _unet_cost(ctx: BenchContext, table: Table, calls_ratios: list[float]) -> fl
 
     start = torch.randn((1, 4, size, size), generator=torch.Generator().manual_seed(SEARCH_SEED)).to(device)
     label = models.describe_unet("sd15", config, base.diffusion_model) + f", latent {size}x{size}, M = {teacher_steps}"
-    calls, wall = _cost_row(table, label, denoiser, start * float(sigmas[0]), sigmas, steps, 32, sync)
+    calls, wall = _cost_row(table, label, denoiser, start * float(sigmas[0]), sigmas, steps, 32, sync, repeats)
     calls_ratios.append(calls)
     return wall
 
@@ -412,18 +410,27 @@ def _exhaustive(ctx: BenchContext, section: Section, setting: Setting, mixture) 
     section.checks.append("paper mode with N = 2 finds the exhaustive optimum on every noise (it is exact there)")
 
 
-def _plot(ctx: BenchContext, plot_data: dict) -> object:
-    settings = list(plot_data)
-    figure, axes = plt.subplots(1, len(settings), figsize=(4.6 * len(settings), 4), squeeze=False)
-    for axis, label in zip(axes[0], settings, strict=True):
-        for name, values in plot_data[label].items():
-            style = "-" if name.startswith("OSS search") else "--"
-            axis.plot(range(len(values)), values, marker="o", linestyle=style, label=name)
-        axis.set_yscale("log")
-        axis.set_title(label, fontsize=8)
-        axis.set_xlabel("step count index (N = 4, 5, 6, 8, 10)")
-    axes[0][0].set_ylabel("endpoint RMS error to the exact ODE")
-    axes[0][-1].legend(fontsize=6)
+def _plot(ctx: BenchContext, plot_data: PlotData) -> Path:
+    """Endpoint error against N, a row per convention and a panel per teacher, each point with its 95% interval over
+    the held-out noises; a schedule has the same colour in every panel."""
+    rows = list(plot_data.values())
+    columns = max(len(row) for row in rows)
+    names = list(dict.fromkeys(name for row in rows for panel in row.values() for name in panel))
+    colours = {name: plt.get_cmap("tab10")(index % 10) for index, name in enumerate(names)}
+    figure, axes = plt.subplots(len(rows), columns, figsize=(4.6 * columns, 3.8 * len(rows)), squeeze=False)
+    for row_axes, row in zip(axes, rows, strict=True):
+        for axis, (label, panel) in zip(row_axes, row.items(), strict=False):
+            for name, points in panel.items():
+                steps = [n for n, _ in points]
+                axis.errorbar(steps, [error.value for _, error in points],
+                              yerr=[error.half_width for _, error in points], marker="o", capsize=2,
+                              color=colours[name], linestyle="-" if name.startswith("OSS search") else "--", label=name)
+                axis.set_xticks(steps)
+            axis.set_yscale("log")
+            axis.set_title(label, fontsize=8)
+            axis.set_xlabel("steps N")
+        row_axes[0].set_ylabel("endpoint RMS error to the exact ODE\n(mean, 95% interval)")
+        row_axes[len(row) - 1].legend(fontsize=6)
     figure.tight_layout()
     path = ctx.plots_dir / f"{NAME}_endpoint_error.png"
     figure.savefig(path, dpi=100)

@@ -1,6 +1,6 @@
 """Run Stride's benchmarks and write bench/RESULTS.md (+ plots in bench/plots/).
 
-    python -m bench.run [--quick] [--only NAME ...] [--gpu] [--device auto|cpu|cuda] [--threads N]
+    python -m bench.run [--quick] [--only NAME ...] [--gpu] [--full-size] [--device auto|cpu|cuda] [--threads N]
 
 Each benchmark is a module in :data:`BENCHMARKS` with ``NAME``, ``TITLE`` and
 ``run(ctx) -> Section`` (ComfyUI is already imported when it runs); a module checks its own
@@ -23,6 +23,7 @@ import torch
 from . import (
     dmd,
     family_quality,
+    full_size,
     gpu,
     hybrid,
     optimal_steps,
@@ -37,10 +38,10 @@ from .harness import REPO_ROOT, SanityError, machine_facts
 from .report import merge, render_failure, render_header, render_section
 
 BENCHMARKS: list[ModuleType] = [sampler_quality, family_quality, sampler_overhead, piflow_overhead, scaling, hybrid,
-                                 optimal_steps, training, dmd, gpu]
+                                 optimal_steps, training, dmd, gpu, full_size]
 """Every benchmark, in report order (one module each)."""
-OPT_IN = {gpu.NAME}
-"""Benchmarks that run only when asked for (``--gpu`` or ``--only``)."""
+OPT_IN = {gpu.NAME, full_size.NAME}
+"""Benchmarks that run only when asked for (``--gpu``, ``--full-size`` or ``--only``)."""
 DEFAULT_RESULTS = REPO_ROOT / "bench" / "RESULTS.md"
 DEFAULT_PLOTS = REPO_ROOT / "bench" / "plots"
 
@@ -55,6 +56,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help=f"run only this benchmark (repeatable): {', '.join(names)}")
     parser.add_argument("--gpu", action="store_true", help="also run the full-size SD1.5/SDXL/FLUX benchmark "
                                                            "(CUDA; on a machine without CUDA its tiny CPU configuration)")
+    parser.add_argument("--full-size", action="store_true",
+                        help="also run the full-size SD1.5/SDXL sampling and distillation benchmark on this device "
+                             "(not in CI: about 40 min on 2 idle CPU cores at the full tier, ~15 min with --quick)")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                         help="device of the gpu benchmark (auto: CUDA when available)")
     parser.add_argument("--threads", type=int, default=None,
@@ -67,7 +71,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def selected(args: argparse.Namespace) -> list[ModuleType]:
     if args.only:
         return [module for module in BENCHMARKS if module.NAME in args.only]
-    return [module for module in BENCHMARKS if module.NAME not in OPT_IN or args.gpu]
+    wanted = {gpu.NAME, full_size.NAME} if args.gpu else {full_size.NAME} if args.full_size else set()
+    return [module for module in BENCHMARKS if module.NAME not in OPT_IN or module.NAME in wanted]
 
 
 def main(argv: list[str] | None = None) -> int:

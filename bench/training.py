@@ -437,15 +437,31 @@ def _step_tables(section: Section, measured: list[StepMeasurement]) -> list[Tabl
     return [physical, reference]
 
 
-def _nodes_table(ctx: BenchContext, section: Section, side: int, batch: int, setting: str) -> Table:
-    """StrideDistillLoRA vs ComfyUI's TrainLoraNode: per-step time (from their progress updates) and peak memory."""
-    steps = ctx.pick(3, 6, 12)
-    rounds = ctx.pick(1, 2, 3)
-    shape = (4, side, side)
-    latents = torch.randn(max(DATASET_SIZE, 2 * batch), *shape, generator=torch.Generator().manual_seed(SEED))
-    positive, empty = models.class_prompt(ctx, PROMPT), models.class_prompt(ctx, "")
-    ours_model, _ = models.demo_unet_model(ctx)
-    comfy_model, _ = models.demo_unet_model(ctx)  # a separate copy: TrainLoraNode patches weight wrappers into it
+@dataclass
+class NodeComparison:
+    """StrideDistillLoRA vs TrainLoraNode on one model: step times (from their progress updates) and peak memory."""
+
+    step_times: dict[str, dict[str, list[float]]]  # "ours" / "comfy" -> "wall" / "cpu" -> seconds between updates
+    memory: dict[str, list[int]]  # "ours" / "comfy" -> peak memory growth of whole node calls
+
+    def step(self, name: str, clock: str) -> float:
+        return median(self.step_times[name][clock])
+
+    def ratio(self, clock: str) -> float:
+        return self.step("ours", clock) / self.step("comfy", clock)
+
+    def peak(self, name: str) -> float:
+        return median(self.memory[name])
+
+
+def compare_nodes(ctx: BenchContext, section: Section, make_model: Callable[[], Any], positive: list, empty: list,
+                  latents: torch.Tensor, batch: int, steps: int, rounds: int, checkpointing: bool,
+                  training_dtype: str = "fp32", memory_of: Callable[[Callable[[], Any]], int] | None = None,
+                  ) -> NodeComparison:
+    """Call both nodes as the executor does on separate copies of the model (``make_model()``), same latents, batch
+    and rank, gradient checkpointing ``checkpointing``; ``memory_of(fn)`` measures a call's peak (default: RSS)."""
+    measure = memory_of or (lambda fn: peak_rss_growth(fn)[1])
+    ours_model, comfy_model = make_model(), make_model()  # TrainLoraNode patches weight wrappers into its copy
     data = ctx.node("StrideDistillDataset").execute(positive, empty, latents={"samples": latents})[0]
     half = len(latents) // 2
     # ComfyUI 0.3.75's TrainLoraNode fails on a single LATENT input (UnboundLocalError: 'multi_res'); a list of
@@ -457,25 +473,22 @@ def _nodes_table(ctx: BenchContext, section: Section, side: int, batch: int, set
         return train_lora.execute(
             model=[comfy_model], latents=comfy_latents, positive=[positive], batch_size=[batch],
             grad_accumulation_steps=[1], steps=[step_count], learning_rate=[1e-4], rank=[RANK], optimizer=["AdamW"],
-            loss_function=["MSE"], seed=[SEED], training_dtype=["fp32"], lora_dtype=["fp32"], algorithm=["LoRA"],
-            gradient_checkpointing=[False], existing_lora=["[None]"])
+            loss_function=["MSE"], seed=[SEED], training_dtype=[training_dtype], lora_dtype=["fp32"],
+            algorithm=["LoRA"], gradient_checkpointing=[checkpointing], existing_lora=["[None]"])
 
     def ours_node(step_count: int) -> Any:
         return ctx.node("StrideDistillLoRA").execute(
             model=ours_model, data=data, objective="lcm", steps=step_count, learning_rate=1e-4, rank=RANK, alpha=0.0,
-            batch_size=batch, guidance_min=0.0, guidance_max=0.0, loss="huber", gradient_checkpointing=False, seed=SEED,
-            save_every=0, lora_name="bench_training", resume=False)
+            batch_size=batch, guidance_min=0.0, guidance_max=0.0, loss="huber", gradient_checkpointing=checkpointing,
+            seed=SEED, save_every=0, lora_name="bench_training", resume=False)
 
-    ours_output = ours_node(2)
-    comfy_output = comfy_node(2)
-    ours_losses = ours_output[2]
-    comfy_losses = comfy_output.result[2]["loss"]
+    ours_losses = ours_node(1)[2]
+    comfy_losses = comfy_node(1).result[2]["loss"]
     for name, losses in (("StrideDistillLoRA", ours_losses), ("TrainLoraNode", comfy_losses)):
-        check(len(losses) == 2 and bool(torch.isfinite(torch.tensor(losses)).all()), f"{name} returned losses {losses}")
-    section.checks.append(f"both nodes train on the same {len(latents)} latents (batch {batch}, rank {RANK}, float32, "
-                          "gradient checkpointing off) and report finite losses; TrainLoraNode is fed two LATENTs "
-                          "(0.3.75 fails on one)")
-    del ours_output, comfy_output
+        check(len(losses) == 1 and bool(torch.isfinite(torch.tensor(losses)).all()), f"{name} returned losses {losses}")
+    section.checks.append(f"both nodes train on the same {len(latents)} latents (batch {batch}, rank {RANK}, gradient "
+                          f"checkpointing {'on' if checkpointing else 'off'}) and report finite losses; TrainLoraNode "
+                          "is fed two LATENTs (0.3.75 fails on one)")
 
     clocks = {"wall": time.perf_counter, "cpu": time.process_time}
     step_times: dict[str, dict[str, list[float]]] = {"ours": {"wall": [], "cpu": []}, "comfy": {"wall": [], "cpu": []}}
@@ -489,20 +502,31 @@ def _nodes_table(ctx: BenchContext, section: Section, side: int, batch: int, set
             previous_listener = ctx.host.progress_listener
             ctx.host.progress_listener = lambda value, total: stamps.append({key: now() for key, now in clocks.items()})
             try:
-                _, grown = peak_rss_growth(lambda: candidates[name](steps))
+                grown = measure(lambda: candidates[name](steps))
             finally:
                 ctx.host.progress_listener = previous_listener
             check(len(stamps) == steps, f"{name}: {len(stamps)} progress updates for {steps} steps")
             for key in clocks:
                 step_times[name][key] += [later[key] - earlier[key] for earlier, later in zip(stamps, stamps[1:])]
             memory[name].append(grown)
+    return NodeComparison(step_times, memory)
+
+
+TRAIN_LORA_NOTE = ("TrainLoraNode trains more tensors than Stride's node: a LoRA on every weight with 2+ dimensions "
+                   "(also the 4-channel in/out convolutions) plus a difference for every bias and 1-D weight; its LoRA "
+                   "is applied as a weight wrapper (weight + up @ down recomputed per call) where Stride adds "
+                   "up(down(x)) to a layer's output.")
+
+
+def _nodes_table(ctx: BenchContext, section: Section, side: int, batch: int, setting: str) -> Table:
+    """StrideDistillLoRA vs ComfyUI's TrainLoraNode on the demo UNet, gradient checkpointing off."""
+    steps = ctx.pick(3, 6, 12)
+    rounds = ctx.pick(1, 2, 3)
+    latents = torch.randn(max(DATASET_SIZE, 2 * batch), 4, side, side, generator=torch.Generator().manual_seed(SEED))
+    compared = compare_nodes(ctx, section, lambda: models.demo_unet_model(ctx)[0], models.class_prompt(ctx, PROMPT),
+                             models.class_prompt(ctx, ""), latents, batch, steps, rounds, checkpointing=False)
     clock = goal_clock()
-
-    def ratio(key: str) -> float:
-        return median(step_times["ours"][key]) / median(step_times["comfy"][key])
-
-    ours, theirs = median(step_times["ours"][clock]), median(step_times["comfy"][clock])
-    ours_memory, comfy_memory = median(memory["ours"]), median(memory["comfy"])
+    ours_memory, comfy_memory = compared.peak("ours"), compared.peak("comfy")
     table = Table(
         f"StrideDistillLoRA (LCM distillation: teacher + target + student per step) vs ComfyUI TrainLoraNode (plain "
         f"LoRA: one forward + backward per step), each node called as the executor calls it ({setting}; CPU, float32, "
@@ -511,18 +535,16 @@ def _nodes_table(ctx: BenchContext, section: Section, side: int, batch: int, set
         ["compared", "model, latent, batch", "device, dtype", f"step time ratio ({CLOCK_NAMES[clock]})",
          "ratio (wall time)", "memory ratio", "our step", "TrainLoraNode step",
          "peak RSS growth (ours / TrainLoraNode)"])
-    table.add("StrideDistillLoRA vs TrainLoraNode", setting, "CPU, float32", fmt_ratio(ratio(clock)),
-              fmt_ratio(ratio("wall")), fmt_ratio(ours_memory / comfy_memory), fmt_seconds(ours), fmt_seconds(theirs),
+    table.add("StrideDistillLoRA vs TrainLoraNode", setting, "CPU, float32", fmt_ratio(compared.ratio(clock)),
+              fmt_ratio(compared.ratio("wall")), fmt_ratio(ours_memory / comfy_memory),
+              fmt_seconds(compared.step("ours", clock)), fmt_seconds(compared.step("comfy", clock)),
               f"{fmt_bytes(ours_memory)} / {fmt_bytes(comfy_memory)}")
     section.goals.append(Goal(f"peak memory <= {GOAL_MEMORY}x ComfyUI TrainLoraNode's",
                               "met" if ours_memory <= GOAL_MEMORY * comfy_memory else "missed",
                               f"{fmt_ratio(ours_memory / comfy_memory)} ({fmt_bytes(ours_memory)} vs "
                               f"{fmt_bytes(comfy_memory)}; {setting})"))
-    section.notes.append("TrainLoraNode trains more tensors than Stride's node: a LoRA on every weight with 2+ "
-                         "dimensions (also the 4-channel in/out convolutions) plus a difference for every bias and "
-                         "1-D weight; its LoRA is applied as a weight wrapper (weight + up @ down recomputed per "
-                         "call) where Stride adds up(down(x)) to a layer's output. Its default gradient "
-                         "checkpointing is switched off here to match Stride's default.")
+    section.notes.append(TRAIN_LORA_NOTE + " Its default gradient checkpointing is switched off here to match "
+                         "Stride's default.")
     return table
 
 

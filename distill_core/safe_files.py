@@ -14,31 +14,41 @@ import os
 import re
 import secrets
 import stat
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import safetensors
 import safetensors.torch
 from torch import Tensor
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024
+WRITE_CHUNK_BYTES = 16 * 1024 * 1024
+ChunkCallback = Callable[[int, int], None]
+"""``on_chunk(written, size)`` after each chunk of a write; raising from it abandons the write."""
 
 
-def write_safetensors(path: str | os.PathLike, state_dict: Mapping[str, Tensor], metadata: Mapping[str, str] | None = None) -> None:
-    """Write tensors + string metadata as safetensors, atomically (see :func:`write_atomically`)."""
+def safetensors_bytes(state_dict: Mapping[str, Tensor], metadata: Mapping[str, str] | None = None) -> bytes:
+    """Tensors + string metadata serialised as a safetensors file (tensors moved to the CPU)."""
     metadata = dict(metadata or {})
     bad = [key for key, value in metadata.items() if not (isinstance(key, str) and isinstance(value, str))]
     if bad:
         raise TypeError(f"safetensors metadata must map str to str; offending keys: {bad[:5]}")
     tensors = {key: value.detach().to("cpu").contiguous() for key, value in state_dict.items()}
-    write_atomically(path, safetensors.torch.save(tensors, metadata=metadata or None))
+    return safetensors.torch.save(tensors, metadata=metadata or None)
 
 
-def write_atomically(path: str | os.PathLike, payload: bytes) -> None:
+def write_safetensors(path: str | os.PathLike, state_dict: Mapping[str, Tensor],
+                      metadata: Mapping[str, str] | None = None, on_chunk: ChunkCallback | None = None) -> None:
+    """Write tensors + string metadata as safetensors, atomically (see :func:`write_atomically`)."""
+    write_atomically(path, safetensors_bytes(state_dict, metadata), on_chunk)
+
+
+def write_atomically(path: str | os.PathLike, payload: bytes, on_chunk: ChunkCallback | None = None) -> None:
     """Write ``payload`` to ``path`` so that readers see the old file or the whole new one, never a part.
 
-    The bytes go to a temporary file in the target folder, are fsynced, then renamed over
-    ``path``; an error at any point removes the temporary file and leaves ``path`` as it was.
-    Temporary files of ``path`` that a killed writer left behind are removed first.
+    The bytes go to a temporary file in the target folder in chunks of 16 MiB, are fsynced, then
+    renamed over ``path``; an error at any point (also one raised by ``on_chunk``, e.g. a Cancel)
+    removes the temporary file and leaves ``path`` as it was. Temporary files of ``path`` that a
+    killed writer left behind are removed first.
     """
     target = os.path.abspath(os.fspath(path))
     folder = os.path.dirname(target)
@@ -48,7 +58,11 @@ def write_atomically(path: str | os.PathLike, payload: bytes) -> None:
     handle = os.open(temp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
     try:
         with os.fdopen(handle, "wb") as stream:
-            stream.write(payload)
+            view = memoryview(payload)
+            for start in range(0, len(payload), WRITE_CHUNK_BYTES):
+                stream.write(view[start:start + WRITE_CHUNK_BYTES])
+                if on_chunk is not None:
+                    on_chunk(min(start + WRITE_CHUNK_BYTES, len(payload)), len(payload))
             stream.flush()
             os.fsync(stream.fileno())
         os.replace(temp_path, target)

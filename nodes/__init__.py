@@ -4,10 +4,10 @@
 """
 from __future__ import annotations
 
-from . import families, hybrid, piflow, piflow_loader, reference, samplers, training
+from . import families, hybrid, optimal_steps, piflow, piflow_loader, reference, results, samplers, training
 from .compat import ComfyExtension, checked_at_the_boundary, io
 
-MODULES = (families, hybrid, piflow, piflow_loader, reference, samplers, training)
+MODULES = (families, hybrid, optimal_steps, piflow, piflow_loader, reference, results, samplers, training)
 NODES: list[type[io.ComfyNode]] = [checked_at_the_boundary(node) for module in MODULES for node in module.NODES]
 
 

@@ -12,7 +12,9 @@ Supported hosts: ComfyUI 0.3.75 (the default, CI) to 0.33 (``make test-newest-ho
 - everything that differs between the hosts or reaches into objects ComfyUI builds for itself:
   ``model_sampling`` and its classification, the sampler-side wrappers (KSAMPLER's model, guiders,
   the inpainting wrapper), latent/VAE downscale factors, a MODEL around a bare network, model
-  conditioning, LoRA application, architecture detection, websocket events.
+  conditioning, LoRA application, architecture detection, websocket events, the nodes' progress text, the
+  identity of a MODEL or GUIDER (what a saved result was computed by), the latent a sampler starts from,
+  Stride's folders in ``folder_paths``.
 
 Used in place, because they are public, module-level and identical on both hosts: ``comfy.samplers``
 (``KSAMPLER``, ``Sampler``, ``CFGGuider``, ``sampler_object``, ``KSampler.SAMPLERS``), ``comfy.sample``
@@ -26,9 +28,13 @@ classes, the ModelPatcher methods (``clone``, ``get_model_object``, ``add_patche
 from __future__ import annotations
 
 import dataclasses
+import enum
 import functools
 import inspect
 import math
+import os
+import types
+import uuid
 from collections.abc import Callable, Iterable
 from typing import Any, ClassVar
 
@@ -38,8 +44,10 @@ import comfy.model_base
 import comfy.model_management
 import comfy.model_patcher
 import comfy.model_sampling
+import comfy.samplers
 import comfy.sd
 import comfy.supported_models_base
+import folder_paths
 from comfy_api.v0_0_2 import ComfyExtension, io, ui
 
 from ..distill_core import methods
@@ -363,17 +371,114 @@ def lora_fit(model: Any, state_dict: dict[str, torch.Tensor]) -> LoraFit:
     return LoraFit(layers, len(patches) - len(misshaped), [key for key in lora_keys if key not in used], misshaped)
 
 
-def model_file(folder: str, name: str, input_name: str) -> str:
-    """The path of a file ComfyUI lists in a models folder, refusing one it cannot open (a broken link, a link to a
-    device or a folder) by the input's name."""
+def model_file(folder: str, name: str, input_name: str, label: str | None = None) -> str:
+    """The path of a file ComfyUI lists in a models folder (shown as ``label``, default ``models/<folder>``), refusing
+    one it cannot open (a broken link, a link to a device or a folder) by the input's name."""
     import folder_paths
 
+    label = label or f"models/{folder}"
     try:
         return folder_paths.get_full_path_or_raise(folder, name)
     except FileNotFoundError:
-        raise StrideError(f"{input_name}: models/{folder}/{name} is not a regular file (a broken link, or a link to a "
-                          f"device or folder); point the link at the file again, or copy the file into models/{folder}"
-                          ) from None
+        raise StrideError(f"{input_name}: {label}/{name} is not a regular file (a broken link, or a link to a device "
+                          f"or folder); point the link at the file again, or copy the file into {label}") from None
+
+
+# ------------------------------------------------------------------------------------------
+# Identities: what a saved result was computed by
+# ------------------------------------------------------------------------------------------
+IDENTITY_SAMPLES = 64
+"""Values read (evenly strided) from each weight, patch or conditioning tensor for an identity: two different
+weight files or LoRAs differ in almost every value, so a strided sample tells them apart without reading
+gigabytes."""
+IDENTITY_DEPTH = 3
+"""How deep :func:`_identity_of` follows the attributes of plain objects (adapters, conds, a mixture)."""
+
+
+def _identity_of(value: Any, depth: int = IDENTITY_DEPTH) -> Any:
+    """A JSON-able description of ``value`` for :func:`model_identity`: a tensor by dtype, shape and a strided
+    sample of its values; containers walked (ComfyUI's random per-cond uuids dropped, sets sorted); numbers,
+    strings and enums as they are; a torch module, dtype, device or function by its type name (a module's tensors
+    are in the state dict); any other object by its type and public attributes (LoRA adapters, CONDRegular, the
+    analytic networks' mixture), following objects at most :data:`IDENTITY_DEPTH` deep."""
+    if isinstance(value, torch.Tensor):
+        flat = value.detach().reshape(-1)
+        sample = flat[:: max(1, flat.numel() // IDENTITY_SAMPLES)][:IDENTITY_SAMPLES].to("cpu", torch.float64)
+        return {"dtype": str(value.dtype), "shape": list(value.shape), "values": sample}
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, enum.Enum):
+        return f"{type(value).__name__}.{value.name}"
+    if isinstance(value, (list, tuple)):
+        return [_identity_of(item, depth) for item in value]
+    if isinstance(value, (set, frozenset)):
+        return sorted(repr(_identity_of(item, depth)) for item in value)
+    if isinstance(value, dict):
+        return {str(key): _identity_of(item, depth) for key, item in value.items() if not isinstance(item, uuid.UUID)}
+    if depth == 0 or isinstance(value, (torch.nn.Module, torch.dtype, torch.device, types.FunctionType,
+                                        types.MethodType, types.BuiltinFunctionType)):
+        return type(value).__name__
+    return {"type": type(value).__name__, "attributes": _identity_of(_public_attributes(value), depth - 1)}
+
+
+def _public_attributes(value: Any) -> dict[str, Any]:
+    return {name: item for name, item in getattr(value, "__dict__", {}).items()
+            if not name.startswith("_") and name != "training"}
+
+
+def model_identity(model: Any) -> dict[str, Any]:
+    """What decides a MODEL's outputs, for keying saved results; the same model gives the same identity in every
+    session. It holds the model and network classes, what a network of Stride's own says its outputs depend on
+    besides its weights (``stride_identity()``: the reference teachers' mixture and form), the model sampling (its
+    classes and sigma table), every weight as loaded (ComfyUI's backup of a weight that a loaded clone patched in
+    place; clones share the backup), every weight patch with its strengths (LoRAs), and the names of object patches
+    and model options (patch functions count by name only)."""
+    base = model.model
+    weights = {}
+    for name, tensor in base.state_dict().items():
+        original = model.backup.get(name)
+        weights[name] = _identity_of(original.weight if original is not None else tensor)
+    network = base.diffusion_model
+    own = getattr(network, "stride_identity", None)
+    sampling = model_sampling_of_patcher(model)
+    options = model.model_options
+    return {"model": type(base).__name__, "network": type(network).__name__,
+            "network_identity": _identity_of(own()) if callable(own) else None,
+            "sampling": {"classes": [kind.__name__ for kind in type(sampling).__mro__],
+                         "sigmas": _identity_of(getattr(sampling, "sigmas", None))},
+            "weights": weights,
+            "patches": {key: _identity_of(patches) for key, patches in model.patches.items()},
+            "object_patches": sorted(model.object_patches),
+            "model_options": sorted(options),
+            "transformer_options": sorted(options.get("transformer_options", {}))}
+
+
+def guider_identity(guider: Any) -> dict[str, Any]:
+    """What decides a GUIDER's outputs: its class, its model's :func:`model_identity`, its conditioning and its
+    plain settings (CFGGuider's cfg, DualCFGGuider's two scales, ...)."""
+    settings = {name: value for name, value in _public_attributes(guider).items()
+                if isinstance(value, (bool, int, float, str))}
+    return {"guider": type(guider).__name__, "model": model_identity(guider.model_patcher),
+            "conds": _identity_of(getattr(guider, "original_conds", {})), "settings": settings}
+
+
+def start_latent(model_sampling: Any, sigmas: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """The latent a ComfyUI sampler starts from on ``sigmas`` with an empty latent: the model sampling's noise
+    scaling, at full noise when ``sigmas[0]`` reaches its top sigma (``Sampler.max_denoise``; EPS then scales by
+    ``sqrt(1 + s^2)``)."""
+    wrapper = types.SimpleNamespace(inner_model=types.SimpleNamespace(model_sampling=model_sampling))
+    full = comfy.samplers.Sampler().max_denoise(wrapper, sigmas)
+    return model_sampling.noise_scaling(sigmas[:1].to(noise), noise, torch.zeros_like(noise), full)
+
+
+# ------------------------------------------------------------------------------------------
+# Folders
+# ------------------------------------------------------------------------------------------
+def register_model_folder(name: str, *parts: str) -> None:
+    """Make ``models/<parts>`` a folder_paths folder ``name`` listing .safetensors files, after any folders an
+    ``extra_model_paths.yaml`` gave that name (the first folder is where Stride writes)."""
+    folder_paths.add_model_folder_path(name, os.path.join(folder_paths.models_dir, *parts))
+    folder_paths.folder_names_and_paths[name][1].add(".safetensors")
 
 
 # ------------------------------------------------------------------------------------------
@@ -402,12 +507,25 @@ def vae_spatial_downscale(vae: Any) -> int:
     return int(ratio)
 
 
-def send_event(event: str, data: dict) -> None:
-    """Send a websocket event to the frontend when a server runs (no-op in-process)."""
+def _prompt_server() -> Any:
+    """ComfyUI's running PromptServer, or None (in-process, e.g. tests and the headless runner)."""
     try:
         from server import PromptServer
     except ImportError:
-        return
-    instance = getattr(PromptServer, "instance", None)
+        return None
+    return getattr(PromptServer, "instance", None)
+
+
+def send_event(event: str, data: dict) -> None:
+    """Send a websocket event to the frontend when a server runs (no-op in-process)."""
+    instance = _prompt_server()
     if instance is not None:
         instance.send_sync(event, data, getattr(instance, "client_id", None))
+
+
+def send_progress_text(text: str, node_id: str | None) -> None:
+    """Show ``text`` on the node as the frontend's progress text (both hosts' ``PromptServer.send_progress_text``;
+    the frontend adds a text box below the node's widgets). No-op in-process or without a node id."""
+    instance = _prompt_server()
+    if instance is not None and node_id is not None:
+        instance.send_progress_text(text, node_id, getattr(instance, "client_id", None))

@@ -197,7 +197,8 @@ class StrideFewStepSample(io.ComfyNode):
                 io.Conditioning.Input("negative", tooltip="Negative conditioning (used when cfg > 1)."),
                 io.Latent.Input("latent_image", tooltip="Empty latent (image or video), or an encoded one with "
                                                         "denoise < 1."),
-                combo("method", [AUTO, *METHODS, *LEGACY_METHODS], "The few-step family (registry key).\n"
+                combo("method", [AUTO, *METHODS, *LEGACY_METHODS], "Which few-step distillation the model has (its "
+                      "family; the registry key).\n"
                       + family_tooltip(with_legacy=True), default=AUTO),
                 io.Int.Input("steps", default=COMMON_STEPS, min=1, max=50,
                              tooltip="Steps; must be one the family was published for (its default: "
@@ -206,14 +207,16 @@ class StrideFewStepSample(io.ComfyNode):
                                tooltip="Classifier-free guidance; 0 = the family's recommendation (1 for most, "
                                        f"TDD {tdd.cfg:g}, Hyper-SD CFG LoRAs {METHODS['hyper-sd-8step-cfg'].cfg:g})."),
                 io.Float.Input("gamma", default=tcd.sampler.knobs["gamma"], min=0.0, max=1.0, step=0.01,
-                               tooltip=f"TCD-sampled families only ({', '.join(m.key for m in TCD_FAMILIES)}): TCD's "
-                                       "gamma, called 'eta' by diffusers' TCDScheduler and the model cards (not DDIM's "
-                                       "eta); 0 = DDIM, 1 = LCM-like. Authors' default "
+                               tooltip="How much fresh noise each step adds, for TCD-sampled families only "
+                                       f"({', '.join(m.key for m in TCD_FAMILIES)}): TCD's gamma, called 'eta' by "
+                                       "diffusers' TCDScheduler and the model cards (not DDIM's eta); 0 = DDIM, 1 = "
+                                       "LCM-like. Authors' default "
                                        f"{tcd.sampler.knobs['gamma']:g}. "
                                        "Not confirmed: " + METHODS["hyper-sd-unified"].unconfirmed[0] + "."),
                 io.Float.Input("eta", default=tdd.sampler.knobs["eta"], min=0.0, max=1.0, step=0.01,
-                               tooltip=f"TDD only ({', '.join(m.key for m in TDD_FAMILIES)}): TDD's name for TCD's "
-                                       f"gamma (not DDIM's eta). Authors' default {tdd.sampler.knobs['eta']:g}."),
+                               tooltip="How much fresh noise each step adds, for TDD only "
+                                       f"({', '.join(m.key for m in TDD_FAMILIES)}): TDD's name for TCD's gamma (not "
+                                       f"DDIM's eta). Authors' default {tdd.sampler.knobs['eta']:g}."),
                 seed_input("Seed of the initial and per-step noise."),
                 denoise_input("Below 1 for img2img: keeps the family's last trained steps."),
             ],
@@ -247,7 +250,8 @@ class StrideFewStepScheduler(io.ComfyNode):
                 io.Model.Input("model", tooltip="The model the sigmas are for (its kind and noise schedule)."),
                 combo("family", [AUTO, *METHODS], family_tooltip(with_legacy=False), default=AUTO),
                 io.Int.Input("steps", default=0, min=0, max=1000,
-                             tooltip=f"Steps; 0 = the family's published default ({default_steps_text()})."),
+                             tooltip="How many steps to take; 0 = the family's published default "
+                                     f"({default_steps_text()})."),
                 denoise_input("Below 1 for img2img: keeps the family's last trained steps."),
                 io.Int.Input("width", default=1024, min=16, max=16384, step=8,
                              tooltip="Image width in pixels: FLUX.1-dev families shift their schedule by image size "

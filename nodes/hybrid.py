@@ -11,7 +11,6 @@ rule and the conversions come from ``distill_core.sampling.hybrid``. All nodes a
 from __future__ import annotations
 
 import functools
-import json
 from collections.abc import Callable
 from typing import Any
 
@@ -38,10 +37,10 @@ from .compat import (
     latent_spatial_downscale,
     model_sampling_of_patcher,
     noise_space,
-    ui,
 )
 from .families import check_family_steps, check_fits, family_sampler, family_sigmas, with_flux_guidance
 from .reference import check_prompt_input
+from .results import DIVERSITY_HELP, report_output
 from .samplers import discrete_sigmas, non_finite_output, seed_input
 
 CATEGORY = "stride/hybrid"
@@ -265,9 +264,10 @@ class StrideHybridSample(io.ComfyNode):
                       "Sampler the distillation was trained for ("
                       + "; ".join(f"{name}: {entry.sampler.describe()}" for name, entry in SAMPLER_FAMILIES.items())
                       + "; euler). Ignored when a family is chosen. Other settings: use Stride Hybrid Guider."),
-                combo("schedule", SCHEDULES, "Shared schedule on the base model's timesteps: LCM/TCD grid (4 steps: "
-                                             "999, 759, 499, 259), TDD (999, 751, 499, 251) or DDIM trailing (999, "
-                                             "749, 499, 249, Hyper-SD). Ignored when a family is chosen."),
+                combo("schedule", SCHEDULES, "Which steps both models share, as the base model's timesteps: LCM/TCD "
+                                             "grid (4 steps: 999, 759, 499, 259), TDD (999, 751, 499, 251) or DDIM "
+                                             "trailing (999, 749, 499, 249, Hyper-SD). Ignored when a family is "
+                                             "chosen."),
                 io.Int.Input("steps", default=4, min=1, max=50, tooltip="Total steps of the shared schedule."),
                 io.Int.Input("handover_steps", default=1, min=0, max=49,
                              tooltip="Steps run by the base model before the distilled model takes over (paper: 1). "
@@ -284,8 +284,9 @@ class StrideHybridSample(io.ComfyNode):
             ],
             outputs=[
                 io.Latent.Output(display_name="latent", tooltip="The sampled latent."),
-                Trace.Output(display_name="trace", tooltip="x_t and the predicted x0 of every step of this run "
-                                                           "(both phases), for Stride Trace Grid."),
+                Trace.Output(display_name="trace", tooltip="The noisy latent (x_t) and the model's guess of "
+                                                           "the final picture (predicted x0) at every step of this "
+                                                           "run (both phases), for Stride Trace Grid."),
             ],
         )
 
@@ -382,8 +383,8 @@ class StrideHybridGuider(io.ComfyNode):
                 io.Guider.Input("distilled_guider", tooltip="Guider of the distilled model (e.g. CFGGuider, cfg 1)."),
                 io.Sampler.Input("base_sampler", tooltip="Sampler of the base steps (e.g. KSamplerSelect euler)."),
                 io.Int.Input("handover_steps", default=1, min=0, max=49,
-                             tooltip="Sigmas stepped by the base model before the hand-over (paper: 1); must be "
-                                     "below the number of steps."),
+                             tooltip="How many steps the base model takes before the distilled model takes over "
+                                     "(paper: 1); must be below the number of steps."),
                 io.Float.Input("handover_boundary", default=0.0, min=0.0, max=1000.0, step=0.001, optional=True,
                                tooltip=BOUNDARY_TOOLTIP + "."),
             ],
@@ -411,9 +412,10 @@ class StrideTraceSampler(io.ComfyNode):
         return io.Schema(
             node_id="StrideTraceSampler", display_name="Stride Trace Sampler", category=CATEGORY,
             description=(
-                "Records every step of a sampling run: the noisy latent x_t and the model's predicted x0 (the "
-                "'diffusion target' of Gandikota & Bau's DT visualisation). Wrap any sampler with it; with Stride "
-                "Hybrid Guider the base steps are recorded too. View the result with Stride Trace Grid."
+                "Records every step of a sampling run: the noisy latent x_t and the model's guess of the final "
+                "picture, the predicted x0 (the 'diffusion target' of Gandikota & Bau's diffusion-target, DT, "
+                "visualisation). Wrap any sampler with it; with Stride Hybrid Guider the base steps are recorded "
+                "too. View the result with Stride Trace Grid."
             ),
             inputs=[io.Sampler.Input("sampler", tooltip="The sampler to record.")],
             outputs=[
@@ -434,12 +436,13 @@ class StrideTraceGrid(io.ComfyNode):
         return io.Schema(
             node_id="StrideTraceGrid", display_name="Stride Trace Grid", category=CATEGORY,
             description=(
-                "DT visualisation: one row per sampling step; for each of the first batch items the noisy latent "
-                "x_t (scaled to unit variance) beside the predicted x0. Distilled models settle the final picture in "
-                "the first row; base models over several. In a hybrid run a bar before each row shows which model ran "
-                "the step: blue = base model (Wan 2.2: high-noise expert), orange = distilled model. Video latents "
-                "show their frames side by side. Decodes with the VAE if connected, else with the model's latent "
-                "preview colours."
+                "Draws how the picture forms, step by step, as one image (the diffusion-target or 'DT' visualisation "
+                "of Gandikota & Bau): one row per sampling step; for each of the first batch items the noisy latent "
+                "x_t (scaled to unit variance) beside the model's guess of the final picture, the predicted x0. "
+                "Distilled models settle the final picture in the first row; base models over several. In a hybrid "
+                "run a bar before each row marks which model ran the step: blue = base model (Wan 2.2: high-noise "
+                "expert), orange = distilled model. Video latents have their frames side by side. Decodes with the "
+                "VAE if connected, else with the model's latent preview colours."
             ),
             inputs=[
                 Trace.Input("trace", tooltip="From Stride Trace Sampler or Stride Hybrid Sample."),
@@ -501,11 +504,11 @@ class StrideImageDiversity(io.ComfyNode):
         return io.Schema(
             node_id="StrideImageDiversity", display_name="Stride Image Diversity", category=CATEGORY,
             description=(
-                "Diversity of a batch of images (kornia): the mean distance between all pairs of per-image "
-                "descriptors of CIE Lab colour statistics (channel means and spreads) and Sobel edge-orientation "
-                "histograms (with edge density). 0 = identical images; compare runs of equal batch size (base vs "
-                "distilled vs hybrid). For the reference models, Stride Reference Metrics gives the exact mode "
-                "recall and entropy."
+                "How different the images of a batch are from each other, shown as a table on the node: the mean "
+                "distance between all pairs of images' colour statistics (CIE Lab means and spreads) and edge "
+                "directions (Sobel edge-orientation histograms with edge density), computed with kornia. 0 = "
+                "identical images; compare runs of equal batch size (base vs distilled vs hybrid). For the reference "
+                "models, Stride Reference Metrics gives the exact mode recall and entropy."
             ),
             inputs=[
                 io.Image.Input("images", tooltip="At least two images, e.g. a batch sampled with different noise."),
@@ -526,8 +529,7 @@ class StrideImageDiversity(io.ComfyNode):
             raise StrideError(f"images: {exc}; check the decode that produced them.") from None
         report = {"label": label, "n": int(images.shape[0]), "diversity": round(result.overall, 4),
                   "colour_diversity": round(result.colour, 4), "edge_diversity": round(result.edges, 4)}
-        text = json.dumps(report)
-        return io.NodeOutput(text, ui=ui.PreviewText(text))
+        return report_output(report, DIVERSITY_HELP)
 
 
 NODES: list[type[io.ComfyNode]] = [StrideHybridSample, StrideHybridGuider, StrideTraceSampler, StrideTraceGrid,

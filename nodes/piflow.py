@@ -24,7 +24,7 @@ import comfy.samplers
 
 from ..distill_core import piflow_adapter
 from ..distill_core.methods import METHODS, PiFlowSchedule, schedule_as
-from ..distill_core.reference.demo import demo_mixture
+from ..distill_core.reference.demo import piflow_demo_mixture
 from ..distill_core.reference.mixture import FactorizedMixture
 from ..distill_core.sampling import piflow
 from ..distill_core.spaces import NoiseSpace
@@ -202,9 +202,10 @@ def piflow_schedule(model: Any, steps: int, shift: float, final_step_size_scale:
 # ------------------------------------------------------------------------------------------
 def temperature_inputs() -> list[io.Input]:
     return [
-        combo("temperature", TEMPERATURE_MODES, "GM policies only: 'auto' = the authors' rule min(0.1 (steps - 1), 1) "
-                                                "for every step but the last (4 steps -> 0.3); 'manual' uses "
-                                                "manual_temperature. Lower = less noisy, less diverse.",
+        combo("temperature", TEMPERATURE_MODES, "GM policies only: how sharp the predicted mixture is made; lower "
+                                                "= less noisy, less diverse. 'auto' follows the authors' rule, min(0.1 "
+                                                "(steps - 1), 1) for every step but the last (4 steps -> 0.3); "
+                                                "'manual' uses manual_temperature.",
               default=PIFLOW_KNOBS["temperature"]),
         io.Float.Input("manual_temperature", default=1.0, min=0.0, max=1.0, step=0.01,
                        tooltip="Temperature when 'manual' is chosen (1.0 = the policy as predicted)."),
@@ -217,16 +218,17 @@ def substep_inputs() -> list[io.Input]:
                      tooltip="Policy substeps over the whole trajectory (no network calls; authors' default "
                              f"{PIFLOW_KNOBS['substeps']})."),
         io.Float.Input("diffusion_coefficient", default=PIFLOW_KNOBS["h"], min=0.0, max=100.0, step=0.01,
-                       tooltip="Stochasticity h of each step: 0 = deterministic (authors' default), 1 = DDPM-like "
-                               "fresh noise."),
+                       tooltip="How much fresh noise each step adds: 0 = none, deterministic (authors' default), "
+                               "1 = as much as DDPM (the paper's diffusion coefficient h)."),
     ]
 
 
 def shift_input() -> io.Float.Input:
     return io.Float.Input("shift", default=PIFLOW_SCHEDULE.shift, min=0.01, max=100.0, step=0.01,
-                          tooltip="Time shift sigma = s t / (1 + (s - 1) t) "
-                                  f"({PIFLOW_SCHEDULE.shift:g} for all released pi-FLUX.1, "
-                                  "pi-FLUX.2 and pi-Qwen-Image adapters). Use the same value in sampler and scheduler.")
+                          tooltip="Spends more of the steps at high noise when larger: "
+                                  f"{PIFLOW_SCHEDULE.shift:g} for all released pi-FLUX.1, pi-FLUX.2 and pi-Qwen-Image "
+                                  "adapters (time shift sigma = s t / (1 + (s - 1) t)). Use the same value in sampler "
+                                  "and scheduler.")
 
 
 def final_scale_input() -> io.Float.Input:
@@ -240,8 +242,9 @@ class StridePiFlowSampler(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="StridePiFlowSampler", display_name="Stride pi-Flow Sampler", category=CATEGORY,
-            description=("pi-Flow policy sampling: each step the model predicts a policy (GM mixture or DX x0 terms), "
-                         "which is integrated with cheap substeps to the next sigma. Needs a pi-Flow model (Stride "
+            description=("Samples a pi-Flow model: once per step the model predicts how to move (a policy: a "
+                         "Gaussian mixture, GM, or x0 grid points, DX), which the sampler follows in cheap substeps to "
+                         "the next sigma without calling the network again. Needs a pi-Flow model (Stride "
                          "pi-Flow Adapter Loader) and the Stride pi-Flow Scheduler; use BasicGuider (guidance is "
                          "distilled in). Inpaints latents with a noise mask (Set Latent Noise Mask): the unmasked "
                          "region is kept exactly."),
@@ -325,14 +328,10 @@ class StridePiFlowSample(io.ComfyNode):
 # ------------------------------------------------------------------------------------------
 # Exact reference: a factorised mixture whose x0-posterior is a GM policy
 # ------------------------------------------------------------------------------------------
-REFERENCE_COMPONENTS = (0, 2, 4, 6)  # one coloured shape of each demo class
-REFERENCE_STD = 0.25
-
-
 def reference_policy_mixture() -> FactorizedMixture:
-    """The reference pi-Flow teacher's data: every latent location (4 channels, 8x8) independently
-    takes the channel vector of one of four demo shapes' means there, plus Gaussian noise."""
-    return FactorizedMixture(demo_mixture().means[list(REFERENCE_COMPONENTS)], REFERENCE_STD)
+    """The reference pi-Flow teacher's data: a letter pi whose every latent location independently takes
+    one of four colours (:func:`piflow_demo_mixture`), so its exact x0-posterior is a GM policy."""
+    return piflow_demo_mixture()
 
 
 class ExactPolicyNetwork(AnalyticModule):
@@ -368,13 +367,15 @@ class StridePiFlowReferenceModel(io.ComfyNode):
         return io.Schema(
             node_id="StridePiFlowReferenceModel", display_name="Stride pi-Flow Reference Teacher",
             category="stride/reference",
-            description=("An exact pi-Flow model without downloads: data whose every latent location (4x8x8, SD1.5 "
-                         "format) comes from a 4-component mixture, so the exact x0-posterior IS a GM policy. With it, "
-                         "pi-Flow sampling equals the teacher's own ODE on the substep grid; use it to try the pi-Flow "
-                         "nodes."),
+            description=("A pi-Flow model to try the pi-Flow nodes without downloads: its data is the letter pi "
+                         "in varied warm colours on grey, and its prediction is exact. Every latent location (4x8x8, "
+                         "SD1.5 format) comes from a 4-component mixture, so the exact x0-posterior is a "
+                         "Gaussian-mixture (GM) policy; with it, pi-Flow sampling equals the teacher's own ODE on the "
+                         "substep grid."),
             inputs=[],
-            outputs=[io.Model.Output(display_name="model", tooltip="A flow MODEL that outputs GM policies; any "
-                                                                   "conditioning works (it is unconditional).")],
+            outputs=[io.Model.Output(display_name="model", tooltip="A flow-matching MODEL whose "
+                                                                   "predictions are Gaussian-mixture (GM) policies; "
+                                                                   "any conditioning works (it is unconditional).")],
         )
 
     @classmethod

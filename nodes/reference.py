@@ -3,7 +3,6 @@ real MODELs, class prompts as CONDITIONING, a cheap latent->RGB decoder and exac
 All nodes are V3 nodes (:mod:`.compat`)."""
 from __future__ import annotations
 
-import json
 import re
 from typing import Any
 
@@ -17,7 +16,8 @@ from ..distill_core.reference import demo, metrics
 from ..distill_core.reference.demo import DEMO_CLASS_NAMES, demo_mixture, latent_to_rgb
 from ..distill_core.reference.mixture import GaussianMixture
 from ..distill_core.spaces import NoiseSpace, prediction_target
-from .compat import StrideError, combo, io, model_from_network, model_sampling_of_patcher, noise_space, ui
+from .compat import StrideError, combo, io, model_from_network, model_sampling_of_patcher, noise_space
+from .results import METRIC_HELP, report_output
 
 CATEGORY = "stride/reference"
 PREDICTIONS = ["eps", "v", "flow"]
@@ -107,6 +107,12 @@ class AnalyticModule(torch.nn.Module):
     def dtype(self) -> torch.dtype:
         return self.anchor.dtype
 
+    def stride_identity(self) -> dict[str, Any]:
+        """What the outputs depend on besides the (empty) state dict: the mixture, the prediction type and form
+        (for saved results keyed by the model: ``compat.model_identity``)."""
+        return {name: value for name, value in vars(self).items()
+                if not name.startswith("_") and name not in ("training", "model_sampling", "space")}
+
     def true_sigmas(self, xc: torch.Tensor, timesteps: torch.Tensor, transformer_options: dict) -> torch.Tensor:
         """Per-row float64 sigmas of this call (cond and uncond chunks share the sampler's sigmas)."""
         sigma = transformer_options.get("sigmas")
@@ -166,9 +172,9 @@ class StrideReferenceModel(io.ComfyNode):
                                            "kept, a stand-in for a mode-collapsed distilled model."),
                 combo("prediction", PREDICTIONS, "What the MODEL predicts: eps and v use SD's 1000-step schedule; "
                                                  "flow is rectified flow (x = (1-s) x0 + s noise)."),
-                combo("form", FORMS, "denoiser: the exact posterior mean (judge plain solvers). flow map: the exact "
-                                     "ODE solution to sigma 0 (what a consistency-distilled model learns; judge "
-                                     "LCM/TCD/TDD on it)."),
+                combo("form", FORMS, "denoiser: the ideal many-step teacher, the exact posterior mean (judge plain "
+                                     "solvers on it). flow map: the ideal distilled student, the exact ODE solution to "
+                                     "sigma 0 (what a consistency-distilled model learns; judge LCM/TCD/TDD on it)."),
                 io.Int.Input("flow_map_steps", default=64, min=8, max=1000,
                              tooltip="ODE steps per flow-map evaluation (only for the flow map form)."),
                 combo("latents", LATENTS, "image: 4x8x8 latents (Empty Latent Image 64x64). video: the same per frame, "
@@ -263,9 +269,9 @@ class StrideClassPrompt(io.ComfyNode):
                          "prompt."),
             inputs=[io.String.Input("prompt", default=DEMO_CLASS_NAMES[0], multiline=False,
                                     tooltip="A class name, or empty for unconditional.")],
-            outputs=[io.Conditioning.Output(display_name="conditioning", tooltip="Class conditioning (one-hot "
-                                                                                 "context) usable as positive or "
-                                                                                 "negative.")],
+            outputs=[io.Conditioning.Output(display_name="conditioning", tooltip="Conditioning for that class (a "
+                                                                                 "one-hot context), usable as "
+                                                                                 "positive or negative.")],
         )
 
     @classmethod
@@ -284,7 +290,8 @@ class StrideLatentToImage(io.ComfyNode):
                         "for viewing. Video latents give every frame as an image, in order (as VAE Decode does).",
             inputs=[
                 io.Latent.Input("samples", tooltip="Latents to view."),
-                io.Int.Input("scale", default=16, min=1, max=64, tooltip="Nearest-neighbour upscale factor."),
+                io.Int.Input("scale", default=16, min=1, max=64,
+                             tooltip="How many times to enlarge the small preview (nearest-neighbour)."),
             ],
             outputs=[io.Image.Output(display_name="image", tooltip="RGB images, one per latent.")],
         )
@@ -308,13 +315,16 @@ class StrideReferenceMetrics(io.ComfyNode):
         return io.Schema(
             node_id="StrideReferenceMetrics", display_name="Stride Reference Metrics", category=CATEGORY,
             description=(
-                "Exact quality and diversity of samples from the reference setup, every figure with its 95% interval "
-                "(<name>_pm = half-width) over up to 8 independent repeats (disjoint groups of the samples, each "
-                "scored against its own fresh mixture samples): sliced Wasserstein distance (swd_data: the same for "
-                "fresh data, its floor), mode total variation to the true weights (mode_tv), mode recall, mode "
-                "entropy (1 = all modes equally often), per-mode mean shift and covariance error (0 for data), and "
-                "the NLL gap to the data (negative = over-concentrated). Needs at least 4 samples; rows are told "
-                "apart only where intervals do not overlap, which takes hundreds of samples per row."
+                "Scores samples from the reference setup exactly and shows the scores as a table on the node, each "
+                "with its 95% interval (value ± half-width). The figures: how far the samples are from the data "
+                "(sliced Wasserstein distance, swd; swd_data: the same for fresh data, its floor), whether the modes "
+                "appear as often as they should (mode total variation to the true weights, mode_tv), how many appear "
+                "(mode recall) and how evenly (mode entropy, 1 = all equally often), how far each mode's mean and "
+                "covariance are off (0 for data), and whether the samples are too concentrated (NLL gap to the data: "
+                "negative = over-concentrated). The intervals are over up to 8 independent repeats (disjoint groups "
+                "of the samples, each scored against its own fresh data; <name>_pm in the report). Needs at least 4 "
+                "samples; rows are told apart only where intervals do not overlap, which takes hundreds of samples "
+                "per row."
             ),
             inputs=[
                 io.Latent.Input("samples", tooltip="Samples to score (4x8x8 latents; video latents: every frame is a "
@@ -350,9 +360,8 @@ class StrideReferenceMetrics(io.ComfyNode):
         class_ids = None if class_id < 0 else torch.full((latents.shape[0],), class_id)
         report = {"label": label, "n": latents.shape[0],
                   **metrics.evaluate_samples(latents, mixture, class_ids, torch.Generator().manual_seed(0))}
-        text = json.dumps({key: round(value, 4) if isinstance(value, float) else value
-                           for key, value in report.items()})
-        return io.NodeOutput(text, ui=ui.PreviewText(text))
+        return report_output({key: round(value, 4) if isinstance(value, float) else value
+                              for key, value in report.items()}, METRIC_HELP)
 
 
 NODES: list[type[io.ComfyNode]] = [StrideReferenceModel, StrideDemoModel, StrideClassPrompt, StrideLatentToImage,

@@ -123,16 +123,18 @@ class StrideLCMSampler(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="StrideLCMSampler", display_name="Stride LCM Sampler", category=CATEGORY,
-            description=("LCM multistep sampling (Latent Consistency Models): predict x0, apply the consistency "
-                         "boundary condition, re-noise to the next sigma with fresh noise. For LCM and LCM-LoRA "
-                         "models; use with a Stride LCM Scheduler. " + LCM_LORA.notes),
+            description=("Samples an LCM (Latent Consistency Model) or LCM-LoRA model in a few steps: each step "
+                         "guesses the final picture (predicts x0, with LCM's consistency boundary condition), then "
+                         "adds fresh noise back for the next step (re-noise to the next sigma). Use with a Stride LCM "
+                         "Scheduler. " + LCM_LORA.notes),
             inputs=[
                 io.Float.Input("s_noise", default=1.0, min=0.0, max=2.0, step=0.01,
                                tooltip="Scale of the fresh noise added between steps (1.0 = LCM as trained; lower "
                                        "keeps more of the previous prediction's structure)."),
                 io.Boolean.Input("boundary_condition", default=LCM_LORA.sampler.knobs["boundary"],
-                                 tooltip="Apply LCM's c_skip/c_out boundary condition (diffusers LCMScheduler). "
-                                         "Matters only near timestep 0."),
+                                 tooltip="Blend the prediction with the current latent near the end, as LCM does (its "
+                                         "c_skip/c_out boundary condition, diffusers LCMScheduler). Matters only near "
+                                         "timestep 0."),
             ],
             outputs=[sampler_output()],
         )
@@ -152,9 +154,9 @@ class StrideTCDSampler(io.ComfyNode):
                          + TCD_LORA.notes),
             inputs=[
                 io.Float.Input("gamma", default=TCD_LORA.sampler.knobs["gamma"], min=0.0, max=1.0, step=0.01,
-                               tooltip=f"Stochasticity. Authors' default {TCD_LORA.sampler.knobs['gamma']:g}. Hyper-SD "
-                                       f"unified LoRA: {HYPER_UNIFIED.notes} Not confirmed: "
-                                       f"{HYPER_UNIFIED.unconfirmed[0]}."),
+                               tooltip="How much fresh noise each step adds (TCD's gamma, Hyper-SD's eta). Authors' "
+                                       f"default {TCD_LORA.sampler.knobs['gamma']:g}. Hyper-SD unified LoRA: "
+                                       f"{HYPER_UNIFIED.notes} Not confirmed: {HYPER_UNIFIED.unconfirmed[0]}."),
             ],
             outputs=[sampler_output()],
         )
@@ -170,21 +172,23 @@ class StrideTDDSampler(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="StrideTDDSampler", display_name="Stride TDD Sampler", category=CATEGORY,
-            description=("TDD sampling (Target-Driven Distillation): DPM-Solver++(1) to a shrunk target timestep, "
-                         "then re-noise (eta), with optional x0 clipping in the first steps. TDD LoRAs were trained "
-                         "with empty prompts, so real CFG works: authors' SDXL default "
-                         f"{TDD_SDXL.default_steps} steps, "
-                         f"CFG {TDD_SDXL.cfg:g}, eta {TDD_SDXL.sampler.knobs['eta']:g}."),
+            description=("Samples a TDD (Target-Driven Distillation) model: each step moves a little past the next "
+                         "timestep (DPM-Solver++(1) to a shrunk target) and adds noise back (eta), optionally limiting "
+                         "extreme values in the first steps (x0 clipping). TDD LoRAs were trained with empty prompts, "
+                         f"so real CFG works: authors' SDXL default {TDD_SDXL.default_steps} steps, CFG "
+                         f"{TDD_SDXL.cfg:g}, eta {TDD_SDXL.sampler.knobs['eta']:g}."),
             inputs=[
                 io.Float.Input("eta", default=TDD_SDXL.sampler.knobs["eta"], min=0.0, max=1.0, step=0.01,
-                               tooltip="Stochasticity: each step goes to floor((1-eta) t_next), then re-noises (TDD's "
-                                       f"name for TCD's gamma). Authors' default {TDD_SDXL.sampler.knobs['eta']:g}."),
+                               tooltip="How much fresh noise each step adds: a step goes a little past the next "
+                                       "timestep, to floor((1-eta) t_next), then adds noise back (TDD's name for TCD's "
+                                       f"gamma). Authors' default {TDD_SDXL.sampler.knobs['eta']:g}."),
                 io.Int.Input("clip_x0_steps", default=TDD_SDXL.sampler.knobs["clip_x0_steps"], min=0, max=100,
-                             tooltip="Apply x0 clipping (dynamic thresholding) for this many first steps; 0 = off. "
-                                     "Helps at high CFG."),
-                io.Float.Input("clip_ratio", default=TDD_SDXL.sampler.knobs["clip_ratio"], min=0.5, max=1.0, step=0.001,
-                               tooltip="Quantile of |x0| used as the clipping threshold (TDD: "
-                                       f"{TDD_SDXL.sampler.knobs['clip_ratio']:g})."),
+                             tooltip="Limit extreme values of the predicted picture in this many first steps (x0 "
+                                     "clipping, dynamic thresholding); 0 = off. Helps at high CFG."),
+                io.Float.Input("clip_ratio", default=TDD_SDXL.sampler.knobs["clip_ratio"], min=0.5, max=1.0,
+                               step=0.001,
+                               tooltip="How much of the picture stays unclipped: the threshold is this quantile of "
+                                       f"|x0| (TDD: {TDD_SDXL.sampler.knobs['clip_ratio']:g})."),
             ],
             outputs=[sampler_output()],
         )

@@ -26,6 +26,7 @@ import comfy.utils
 import folder_paths
 
 from ..distill_core import methods
+from ..distill_core.progress import CHECKPOINT, ENCODE, UNITS, Cancelled, PhaseCallback, Progress
 from ..distill_core.safe_files import read_safetensors, write_safetensors
 from ..distill_core.spaces import NoiseSpace, all_finite
 from ..distill_core.training import dmd
@@ -37,6 +38,8 @@ from ..distill_core.training.lora import (
     lora_state_dict,
     weights_fingerprint,
 )
+from ..distill_core.training.progress import TrainingProgress
+from ..distill_core.training.teacher_cache import TeacherCache, tensor_fingerprint
 from ..distill_core.training.trainer import STUDENT, DistillDivergedError, LoraTrainer, TrainResult, build_trainer
 from .compat import (
     StrideError,
@@ -52,14 +55,20 @@ from .compat import (
     noise_space,
     sampling_kind,
     send_event,
+    send_progress_text,
     ui,
     vae_spatial_downscale,
 )
 from .headless import export_bundle
+from .lora_export import diffusers_layout, diffusers_lora
 from .samplers import stride_ksampler
 
 CATEGORY = "stride/training"
 LOSS_EVENT = "stride.distill.loss"
+LOSS_HISTORY = "stride_loss"  # the UI output the live chart rebuilds itself from (after the run, cached runs, reloads)
+PHASE_EVENT = "stride.distill.phase"  # {node, phase, done, total, unit}: a long phase before or between steps
+ENCODE_BATCH = 4  # images per VAE call while encoding training images (Cancel is checked between calls)
+SAVE_FORMATS = ["ComfyUI", "diffusers"]
 OBJECTIVE_METHODS = {"lcm": "lcm-lora", "tdd": "tdd-sdxl", "segmented": "tcd-lora"}
 """The registry entry (:mod:`distill_core.methods`) whose sampling each consistency objective's LoRA is made for
 (segmented = Hyper-SD's stage 1, sampled with TCD); a dmd LoRA uses DMD2's sampler on its own trained timesteps
@@ -98,6 +107,38 @@ def checkpoint_path(name: str) -> Path:
     return Path(folder_paths.get_output_directory()) / "stride_checkpoints" / safe_file_name(name, "lora_name")
 
 
+def phase_reporter(bar: Any, node_id: str | None) -> PhaseCallback:
+    """A long phase on the node: its progress bar (whose hook also raises on Cancel) and a ``PHASE_EVENT`` for the
+    live chart's panel. A checkpoint write only sends the event: it is what a Cancel keeps, so it must not stop."""
+    def on_phase(phase: str, done: int, total: int) -> None:
+        send_event(PHASE_EVENT, {"node": node_id, "phase": phase, "done": done, "total": total,
+                                 "unit": UNITS.get(phase, "")})
+        if phase != CHECKPOINT:
+            bar.update_absolute(done, total)
+    return on_phase
+
+
+def cancellable(on_phase: PhaseCallback) -> Progress:
+    """Progress of a phase the user's Cancel stops (within one unit: a model call, a VAE call, a file chunk)."""
+    return Progress(on_phase, comfy.model_management.processing_interrupted)
+
+
+def encode_images(vae: Any, images: torch.Tensor, node_id: str | None) -> torch.Tensor:
+    """VAE-encode training images ``ENCODE_BATCH`` at a time, with progress and Cancel between calls."""
+    bar = comfy.utils.ProgressBar(len(images))
+    phase = cancellable(phase_reporter(bar, node_id)).phase(ENCODE, len(images))
+    encoded = []
+    try:
+        for start in range(0, len(images), ENCODE_BATCH):
+            phase.check()
+            encoded.append(vae.encode(images[start:start + ENCODE_BATCH, :, :, :3]))
+            phase.advance(len(encoded[-1]))
+    except Cancelled:
+        comfy.model_management.throw_exception_if_processing_interrupted()
+        raise
+    return torch.cat(encoded)
+
+
 class StrideDistillDataset(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -124,6 +165,7 @@ class StrideDistillDataset(io.ComfyNode):
                 io.Int.Input("height", optional=True, default=512, min=8, max=4096, step=8, tooltip=pixels),
             ],
             outputs=[DistillData.Output(display_name="data", tooltip="Training data for Stride Distill LoRA.")],
+            hidden=[io.Hidden.unique_id],
         )
 
     @classmethod
@@ -150,7 +192,7 @@ class StrideDistillDataset(io.ComfyNode):
             if height % ratio or width % ratio:
                 raise StrideError(f"images: size {width}x{height} is not a multiple of the VAE's {ratio}-pixel grid; "
                                   "resize or crop them (e.g. ImageScale) first")
-            samples = vae.encode(images[:, :, :, :3])
+            samples = encode_images(vae, images, node_unique_id(cls))
         elif latents is not None:
             samples = latents["samples"]
         if samples is not None and not torch.isfinite(samples).all():
@@ -192,6 +234,7 @@ class DistillRun:
     checkpoint: Path
     headless_folder: Path | None
     notes: list[str]  # what the run did differently from what was asked (stated in the report)
+    cache: TeacherCache | None = None  # keeps the data-free pool across runs (cache_teacher)
 
 
 @dataclass
@@ -203,6 +246,7 @@ class DistillOutcome:
     losses: dict[str, list[float]]  # series -> value per step of the whole run (NaN: none that step)
     headless: dict | None
     fake_score: Path | None  # dmd with keep_fake_score: the kept fake score's file
+    history: dict | None  # the loss history for the live chart (TrainingProgress.history); None if no step ran
 
 
 def distill_config(objective: str, steps: int, learning_rate: float, rank: int, alpha: float, batch_size: int,
@@ -227,7 +271,8 @@ def distill_config(objective: str, steps: int, learning_rate: float, rank: int, 
         raise StrideError(f"settings: {exc}") from None
 
 
-def prepare_run(model: Any, data: dict, config: DistillConfig, lora_name: str, export_headless: bool) -> DistillRun:
+def prepare_run(model: Any, data: dict, config: DistillConfig, lora_name: str, export_headless: bool,
+                cache_teacher: bool = False) -> DistillRun:
     """Check the teacher and the data against each other and derive the trainer's inputs on a loaded clone."""
     _check_teacher(model, config.objective)
     path = checkpoint_path(lora_name)
@@ -259,8 +304,14 @@ def prepare_run(model: Any, data: dict, config: DistillConfig, lora_name: str, e
                                      latent_shape=None if latents is not None else latent_shape)
     except ValueError as exc:
         raise StrideError(f"data: {exc}; check the nodes connected to Stride Distillation Data") from None
+    cache = None
+    if cache_teacher and latents is not None:
+        notes.append("cache_teacher: the run trains on the given latents; there is no teacher data pool to cache")
+    if cache_teacher and latents is None:  # the weights as the graph runs them (a user's LoRAs merged in)
+        fingerprint = tensor_fingerprint(student.model.diffusion_model.state_dict().items())
+        cache = TeacherCache(path.parent.parent / "stride_cache", fingerprint)
     return DistillRun(student, config, training_data, noise_space(model_sampling_of_patcher(student)), path,
-                      path.parent.parent / "stride_headless" / path.stem if export_headless else None, notes)
+                      path.parent.parent / "stride_headless" / path.stem if export_headless else None, notes, cache)
 
 
 def run_distillation(run: DistillRun, resume: bool, node_id: str | None,
@@ -284,42 +335,53 @@ def run_distillation(run: DistillRun, resume: bool, node_id: str | None,
         raise StrideError(f"settings: {exc}") from None
     steps = run.config.steps
     bar = comfy.utils.ProgressBar(steps)
-
-    first_event = True
+    on_phase = phase_reporter(bar, node_id)
+    progress: TrainingProgress | None = None
 
     def on_step(step: int, losses: dict[str, float]) -> None:
-        nonlocal first_event
+        """Each loss series (dmd: generator and fake) into the progress text and the live chart's panels."""
+        nonlocal progress
+        if progress is None:  # a resumed run starts after its checkpoint's step
+            progress = TrainingProgress(steps, first_step=step)
+        progress.update(step, losses)
         bar.update_absolute(step, steps)
-        event: dict[str, Any] = {"node": node_id, "step": step, "steps": steps, "losses": losses}
-        if first_event and step > 1:  # the first step after a resume: the chart gets the steps before it too
+        event: dict[str, Any] = {"node": node_id, **progress.event()}
+        if step == progress.first_step > 1:  # the first step after a resume: the chart gets the steps before it too
             event["history"] = [{name: values[k] for name, values in trainer.history.items()
                                  if math.isfinite(values[k])} for k in range(step - 1)]
-        first_event = False
         send_event(LOSS_EVENT, event)
+        send_progress_text(progress.text(), node_id)
 
     headless, fake_score = None, None
     try:
         if run.headless_folder is not None:
-            command = export_bundle(run.headless_folder, run.student, run.config, run.data, run.checkpoint.stem)
+            command = export_bundle(run.headless_folder, run.student, run.config, run.data, run.checkpoint.stem,
+                                    cancellable(on_phase))
             headless = {"bundle": str(run.headless_folder), "command": command}
-        result = _train(trainer, run, on_step, resume)
+        result = _train(trainer, run, on_step, on_phase, resume)
         if keep_fake_score and dmd.FAKE in trainer.adapters:
             fake_score = run.checkpoint.with_name(f"{run.checkpoint.stem}_fake_score.safetensors")
             write_safetensors(fake_score, lora_state_dict(trainer.adapters[dmd.FAKE]),
                               dmd.fake_score_metadata(weights_fingerprint(network), run.config))
+    except Cancelled:  # the export stopped before its files were moved into place: nothing was written
+        comfy.model_management.throw_exception_if_processing_interrupted()
+        raise
     finally:
         state = lora_state_dict(trainer.adapters[STUDENT])
         trainer.detach()
     if result.cancelled:
         comfy.model_management.throw_exception_if_processing_interrupted()
-    return DistillOutcome(result, state, result.losses, headless, fake_score)
+    return DistillOutcome(result, state, result.losses, headless, fake_score,
+                          progress.history() if progress is not None else None)
 
 
 def _train(trainer: LoraTrainer, run: DistillRun, on_step: Callable[[int, dict[str, float]], None],
-           resume: bool) -> TrainResult:
-    """The trainer's loop on the run's clone, its refusals worded for the node's inputs."""
+           on_phase: PhaseCallback, resume: bool) -> TrainResult:
+    """The trainer's loop on the run's clone, its refusals worded for the node's inputs; a Cancel in the data-free
+    pool ends it with nothing written (the pool is not cached, no checkpoint is written)."""
     try:
-        return trainer.train(on_step, comfy.model_management.processing_interrupted, str(run.checkpoint), resume)
+        return trainer.train(on_step, comfy.model_management.processing_interrupted, str(run.checkpoint), resume,
+                             on_phase, run.cache)
     except DistillDivergedError as exc:
         raise StrideError(str(exc)) from None
     except ValueError as exc:
@@ -330,8 +392,14 @@ def training_report(model: Any, run: DistillRun, outcome: DistillOutcome) -> io.
     """The node's outputs: the MODEL with the new LoRA, the LoRA with its metadata, the losses and a JSON summary."""
     config = run.config
     trained = apply_lora(model, outcome.state_dict, 1.0)
+    layout: dict[str, Any]
+    try:  # the diffusers names of the LoRA's modules, for Stride Save LoRA's diffusers format
+        modules, form = diffusers_layout(model.model)
+        layout = {"modules": modules, "form": form}
+    except StrideError as exc:
+        layout = {"error": str(exc)}
     metadata = lora_metadata(model, config, outcome.result.steps_done, run.space)
-    lora = {"state_dict": outcome.state_dict, "metadata": metadata}
+    lora = {"state_dict": outcome.state_dict, "metadata": metadata, "diffusers": layout}
     final = {name: next((v for v in reversed(values) if math.isfinite(v)), None)
              for name, values in outcome.losses.items()}
     resumed = outcome.result.resume_note(config.steps)
@@ -339,8 +407,10 @@ def training_report(model: Any, run: DistillRun, outcome: DistillOutcome) -> io.
     report = {"objective": config.objective, "steps": outcome.result.steps_done, "notes": notes, "final_loss": final,
               "checkpoint": str(run.checkpoint), "recommended_sampling": json.loads(metadata["stride.recommended"]),
               "settings": config.to_dict(), "headless": outcome.headless,
-              "fake_score": str(outcome.fake_score) if outcome.fake_score else None}
-    return io.NodeOutput(trained, lora, outcome.losses, json.dumps(report))
+              "fake_score": str(outcome.fake_score) if outcome.fake_score else None,
+              "teacher_cache": run.cache.last if run.cache is not None else None}
+    history = {LOSS_HISTORY: [outcome.history]} if outcome.history is not None else None
+    return io.NodeOutput(trained, lora, outcome.losses, json.dumps(report), ui=history)
 
 
 def recommended_sampling(config: DistillConfig, space: NoiseSpace) -> dict[str, Any]:
@@ -370,12 +440,15 @@ class StrideDistillLoRA(io.ComfyNode):
             node_id="StrideDistillLoRA", display_name="Stride Distill LoRA", category=CATEGORY,
             description=("Distils the MODEL's many-step sampling into a LoRA for 1-8 step sampling (LCM, TDD or "
                          "segmented consistency objectives, or DMD2 distribution matching). The teacher is the same "
-                         "network with the LoRA switched off; the MODEL passed in is not changed. Shows the "
-                         "loss(es) in the progress bar and a live chart; Cancel stops at the next step and keeps a "
-                         "checkpoint; resume continues it."),
+                         "network with the LoRA switched off; the MODEL passed in is not changed. While it trains, the "
+                         "node shows the step, each loss (raw and smoothed) and the time left, as text and in a live "
+                         "chart, and the long phases before the steps (the data-free teacher pool, the headless "
+                         "export) with their own progress. Cancel stops a phase within one model call, writing "
+                         "nothing, and the steps at the next step, keeping a checkpoint; resume continues it."),
             inputs=[
-                io.Model.Input("model", tooltip="The teacher (an EPS/V model; dmd also a flow model), with any LoRAs "
-                                                "you want kept applied."),
+                io.Model.Input("model", tooltip="The teacher: a model that predicts noise or velocity (EPS/V, e.g. "
+                                                "SD1.5, SDXL; dmd also flow models), with any LoRAs you want kept "
+                                                "applied."),
                 DistillData.Input("data", tooltip="Prompts / images from Stride Distillation Data."),
                 combo("objective", OBJECTIVES, "lcm: LCM-LoRA (skipping-step DDIM teacher, w ~ U[3,15]); tdd: "
                                                "Target-Driven Distillation (4-8 step targets, 20% empty prompts, "
@@ -388,14 +461,16 @@ class StrideDistillLoRA(io.ComfyNode):
                                tooltip="AdamW learning rate (LCM-LoRA: 1e-4)."),
                 io.Int.Input("rank", default=64, min=1, max=1024, tooltip="LoRA rank (LCM-LoRA: 64)."),
                 io.Float.Input("alpha", default=0.0, min=0.0, max=4096.0, step=1.0,
-                               tooltip="LoRA alpha; 0 = equal to rank (scale 1)."),
+                               tooltip="Scales the LoRA's effect (LoRA alpha); 0 = equal to rank (scale 1)."),
                 io.Int.Input("batch_size", default=4, min=1, max=256, tooltip="Samples per step."),
                 io.Float.Input("guidance_min", default=0.0, min=0.0, max=30.0, step=0.1,
-                               tooltip="Teacher guidance w range (x0_c + w (x0_c - x0_u), ComfyUI cfg = w+1); 0/0 = "
-                                       "the objective's default (LCM 3-15, TDD 3.5)."),
+                               tooltip="Lowest strength of the teacher's guidance during training; 0 and 0 = the "
+                                       "objective's default (LCM 3-15, TDD 3.5). The paper's w: the teacher predicts "
+                                       "x0_c + w (x0_c - x0_u), ComfyUI cfg = w + 1."),
                 io.Float.Input("guidance_max", default=0.0, min=0.0, max=30.0, step=0.1,
                                tooltip="Upper end of the guidance range (see guidance_min)."),
-                combo("loss", ["huber", "l2"], "Pseudo-Huber (c = 0.001, LCM default) or L2."),
+                combo("loss", ["huber", "l2"], "How errors are penalised: huber is gentle on outliers (pseudo-Huber, "
+                                       "c = 0.001, LCM's default), l2 is the squared error."),
                 io.Boolean.Input("gradient_checkpointing", default=False, tooltip="Trade compute for memory."),
                 io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
                              tooltip="Seed of all training randomness (deterministic on CPU)."),
@@ -405,9 +480,15 @@ class StrideDistillLoRA(io.ComfyNode):
                                 "output/stride_checkpoints/<name>.safetensors."),
                 io.Boolean.Input("resume", default=True, tooltip="Continue from this run's checkpoint if one exists."),
                 io.Boolean.Input("export_headless", optional=True, default=False,
-                                 tooltip="Also write output/stride_headless/<name>/ (teacher weights as the graph runs "
-                                         "them, training data, config) to run the same distillation headless or on "
-                                         "several GPUs with torchrun; the report gives the command."),
+                                 tooltip="Also save what it takes to run this distillation headless or on several GPUs "
+                                         "with torchrun (the teacher's weights as the graph runs them, the training "
+                                         "data, the settings) to output/stride_headless/<name>/; the report gives the "
+                                         "command."),
+                io.Boolean.Input("cache_teacher", optional=True, default=False,
+                                 tooltip="Data-free runs: keep the teacher's data pool in output/stride_cache/ and "
+                                         "reuse it when the same model, prompts and settings run again (the model's "
+                                         "weights are hashed; a pool made by another model is not used). The report "
+                                         "says hit, miss or refused."),
                 io.Float.Input("dmd_guidance", optional=True, default=1.75, min=0.01, max=30.0, step=0.05,
                                tooltip="dmd: CFG scale of the real score (ComfyUI cfg; 1 = no guidance). DMD2 used "
                                        "1.75 for SD1.5 and 8 for SDXL; the student samples at CFG 1."),
@@ -429,22 +510,23 @@ class StrideDistillLoRA(io.ComfyNode):
                 io.String.Output(display_name="report",
                                  tooltip="A JSON summary: steps, notes (what differed from what was asked: a "
                                          "floored size, a resume with nothing left to train), final loss, "
-                                         "checkpoint, recommended sampler settings, settings, and (with "
-                                         "export_headless) the bundle folder and the torchrun command that runs it "
-                                         "headless."),
+                                         "checkpoint, recommended sampler settings, settings, the teacher cache's "
+                                         "answer (cache_teacher), and (with export_headless) the bundle folder and "
+                                         "the torchrun command that runs it headless."),
             ],
             hidden=[io.Hidden.unique_id],
+            is_output_node=True,  # so that a cached run still sends its UI output (the loss history) to the chart
         )
 
     @classmethod
     def execute(cls, model: Any, data: dict, objective: str, steps: int, learning_rate: float, rank: int, alpha: float,
                 batch_size: int, guidance_min: float, guidance_max: float, loss: str, gradient_checkpointing: bool,
                 seed: int, save_every: int, lora_name: str, resume: bool, export_headless: bool = False,
-                dmd_guidance: float = 1.75, ttur: int = 5, generator_steps: int = 4,
+                cache_teacher: bool = False, dmd_guidance: float = 1.75, ttur: int = 5, generator_steps: int = 4,
                 keep_fake_score: bool = False) -> io.NodeOutput:
         config = distill_config(objective, steps, learning_rate, rank, alpha, batch_size, guidance_min, guidance_max,
                                 loss, gradient_checkpointing, seed, save_every, dmd_guidance, ttur, generator_steps)
-        run = prepare_run(model, data, config, lora_name, export_headless)
+        run = prepare_run(model, data, config, lora_name, export_headless, cache_teacher)
         return training_report(model, run, run_distillation(run, resume, node_unique_id(cls), keep_fake_score))
 
 
@@ -473,13 +555,19 @@ class StrideSaveLoRA(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="StrideSaveLoRA", display_name="Stride Save LoRA", category=CATEGORY,
-            description=("Saves a trained distillation LoRA into models/loras as safetensors (keys any LoraLoader "
-                         "maps), written atomically; never overwrites an existing file unless told to."),
+            description=("Saves a trained distillation LoRA into models/loras as safetensors, written atomically; "
+                         "never overwrites an existing file unless told to. ComfyUI format: the keys ComfyUI's "
+                         "LoraLoader maps. diffusers format: keys diffusers' load_lora_weights converts (kohya "
+                         "lora_unet_* for SD1.5/SDXL, peft lora_A/lora_B for FLUX.1), which ComfyUI loads too."),
             inputs=[
                 Lora.Input("lora", tooltip="The LoRA from Stride Distill LoRA."),
                 io.String.Input("file_name", default="stride_distill_lora",
                                 tooltip="File name (no folders); .safetensors is added."),
                 io.Boolean.Input("overwrite", default=False, tooltip="Replace an existing file of that name."),
+                combo("format", SAVE_FORMATS, "ComfyUI: diffusion_model.* keys (ComfyUI's own LoRA format). "
+                                              "diffusers: for sharing with diffusers users (StableDiffusionPipeline / "
+                                              "FluxPipeline load_lora_weights); ComfyUI loads it as well.",
+                      default="ComfyUI", optional=True),
             ],
             outputs=[io.String.Output(display_name="lora_name",
                                       tooltip="The file name inside models/loras (for LoraLoader).")],
@@ -487,16 +575,24 @@ class StrideSaveLoRA(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, lora: dict, file_name: str, overwrite: bool) -> io.NodeOutput:
+    def execute(cls, lora: dict, file_name: str, overwrite: bool, format: str = "ComfyUI") -> io.NodeOutput:
         name = safe_file_name(file_name, "file_name")
+        state_dict, metadata = lora["state_dict"], dict(lora["metadata"])
+        if format == "diffusers":
+            layout = lora.get("diffusers") or {"error": "format: this LoRA carries no diffusers names; train it again"}
+            if "error" in layout:
+                raise StrideError(layout["error"])
+            state_dict = diffusers_lora(state_dict, layout["modules"], layout["form"])
+            metadata["stride.key_format"] = f"diffusers-{layout['form']}"
         folder = Path(folder_paths.get_folder_paths("loras")[0])
         folder.mkdir(parents=True, exist_ok=True)
         target = folder / name
         if target.exists() and not overwrite:
             raise StrideError(f"file_name: models/loras/{name} already exists; choose another name or turn on "
                               "overwrite")
-        write_safetensors(target, lora["state_dict"], lora["metadata"])
-        return io.NodeOutput(name, ui=ui.PreviewText(f"saved models/loras/{name}"))
+        write_safetensors(target, state_dict, metadata)
+        return io.NodeOutput(name, ui=ui.PreviewText(f"saved models/loras/{name}" + (" (diffusers keys)" if
+                                                                                      format == "diffusers" else "")))
 
 
 class StrideReloadLoRA(io.ComfyNode):

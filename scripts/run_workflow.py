@@ -137,10 +137,16 @@ def write_report(out: Path, workflow: Path, prompt: dict, result: host.RunResult
         "![time per node](timings.png)",
         "",
     ]
-    rows = [json.loads(text) for text in texts if text.startswith("{")]
+    merged: dict[str, dict] = {}  # one row per label: a measuring node's report, or the rows of a comparison
+    for text in texts:
+        if text.startswith(("{", "[")):
+            parsed = json.loads(text)
+            for row in parsed if isinstance(parsed, list) else [parsed]:
+                merged.setdefault(str(row.get("label", len(merged))), {}).update(row)
+    rows = list(merged.values())
     if rows:
         lines += metrics_section(rows)
-    others = [text for text in texts if not text.startswith("{")]
+    others = [text for text in texts if not text.startswith(("{", "["))]
     if others:
         lines += ["## Text reported by the nodes", ""] + [f"```\n{text}\n```" for text in others] + [""]
     if images:

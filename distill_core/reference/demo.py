@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from ..safe_files import read_safetensors
 from ..spaces import NoiseSpace, require_finite, scaled_linear_alphas_cumprod
-from .mixture import GaussianMixture
+from .mixture import FactorizedMixture, GaussianMixture
 
 # ComfyUI's SD1.5 latent -> RGB preview factors (rows: latent channels; columns: R, G, B).
 # The preview is ``rgb = (latent @ factors + 1) / 2`` clamped to [0, 1].
@@ -102,6 +102,46 @@ def demo_mixture(size: int = 8, std: float = 0.25, latent_rms: float = 1.0) -> G
     means = means * (latent_rms / means.pow(2).mean().sqrt())
     classes = torch.tensor([DEMO_CLASS_NAMES.index(shape) for shape, _ in DEMO_COMPONENTS])
     return GaussianMixture(means, std, classes=classes)
+
+
+PIFLOW_DEMO_GLYPH = (  # the letter pi on the 8 x 8 latent grid ('#': the letter)
+    "........",
+    ".######.",
+    "..#..#..",
+    "..#..#..",
+    "..#..#..",
+    "..#..#.#",
+    ".##...##",
+    "........",
+)
+PIFLOW_DEMO_COLOURS = (  # (in the letter, around it) preview RGB of the four components at each location
+    ((0.98, 0.85, 0.15), (0.50, 0.50, 0.50)),
+    ((0.98, 0.55, 0.10), (0.44, 0.45, 0.47)),
+    ((0.90, 0.20, 0.15), (0.56, 0.56, 0.57)),
+    ((0.95, 0.30, 0.60), (0.47, 0.50, 0.56)),
+)
+PIFLOW_DEMO_STD = 0.1
+
+
+def piflow_demo_glyph() -> Tensor:
+    """``(8, 8)`` mask of :data:`PIFLOW_DEMO_GLYPH` (1 in the letter)."""
+    return torch.tensor([[c == "#" for c in row] for row in PIFLOW_DEMO_GLYPH], dtype=torch.float64)
+
+
+def piflow_demo_mixture(std: float = PIFLOW_DEMO_STD) -> FactorizedMixture:
+    """The pi-Flow reference data: a letter pi in warm colours on grey, each latent location on its own.
+
+    Every location of the ``4 x 8 x 8`` SD1.5-format latent takes one of four components with equal
+    weights and one shared ``std``, as a :class:`FactorizedMixture` must (its exact x0-posterior is then
+    a pi-Flow GM policy). In the letter the components are four warm colours, around it four greys, so
+    every sample's preview shows the letter, in confetti colours that differ from sample to sample. Each
+    mean is the minimum-norm latent whose ComfyUI preview is the colour.
+    """
+    inside = piflow_demo_glyph().unsqueeze(-1)
+    images = torch.stack([inside * torch.tensor(letter, dtype=torch.float64)
+                          + (1 - inside) * torch.tensor(around, dtype=torch.float64)
+                          for letter, around in PIFLOW_DEMO_COLOURS])
+    return FactorizedMixture(rgb_to_latent(images), std)
 
 
 NUM_DEMO_CLASSES = len(DEMO_CLASS_NAMES)

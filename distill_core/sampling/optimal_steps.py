@@ -51,7 +51,7 @@ import json
 import math
 import os
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -379,6 +379,24 @@ def _fast_paths(states: Tensor, denoised: Tensor, sigmas: Tensor, steps: int) ->
     return _trace(back, batch, total), value[:, total].tolist()
 
 
+def endpoint_calls(batch: int, step_counts: Iterable[int], max_batch: int | None) -> int:
+    """How many model calls :func:`euler_endpoints` makes on schedules of ``step_counts`` steps (for progress bars)."""
+    return sum(step_counts) * _calls_for(batch, max_batch)
+
+
+def euler_endpoints(model: Denoiser, start: Callable[[Tensor], Tensor], schedules: Mapping[str, Tensor],
+                    max_batch: int | None = None, progress: Progress | None = None) -> dict[str, Tensor]:
+    """Per schedule, Euler's endpoints from the same noises (e.g. to score the searched schedule and others against
+    the teacher's endpoints). ``start(sigmas)`` gives the starting latents of a schedule (its first sigma decides
+    the noise scaling); ``max_batch`` and ``progress`` as in :func:`search_schedule`."""
+    starts = {name: start(sigmas.detach().to("cpu", torch.float64)) for name, sigmas in schedules.items()}
+    batch = next(iter(starts.values())).shape[0]
+    total = endpoint_calls(batch, (sigmas.numel() - 1 for sigmas in schedules.values()), max_batch)
+    counted = _CountedModel(model, max_batch, progress, total, lambda: None)
+    return {name: solve(counted, starts[name], sigmas.detach().to("cpu", torch.float64))
+            for name, sigmas in schedules.items()}
+
+
 def median_schedule(paths: Sequence[Sequence[int]]) -> list[int]:
     """Per position, the median of the samples' indices; for an even count the mean of the two middle
     values rounded towards the lower sigma, as the official ``cal_medium`` (which counts indices from
@@ -460,7 +478,6 @@ def load_schedule(path: str | os.PathLike, expected_fingerprint: str | None = No
         raise ValueError(f"{name} is a damaged schedule file (its sigmas are not a descending subset of its teacher "
                          "sigmas ending at 0)")
     if expected_fingerprint is not None and saved_fingerprint != expected_fingerprint:
-        raise ValueError(f"{name} was searched for another model or other settings (fingerprint "
-                         f"{saved_fingerprint[:12]}..., this model and settings: {expected_fingerprint[:12]}...); "
+        raise ValueError(f"{name} was searched for another model or other settings (its fingerprint differs); "
                          "search again for this model, or load the file with the model it was made for")
     return SavedSchedule(sigmas, tuple(indices.tolist()), teacher, saved_fingerprint, settings, report)

@@ -5,7 +5,8 @@ A run trains one LoRA per *role* (``"student"``; the ``dmd`` objective adds ``"f
 AdamW. Keys: ``lora.<role>.<module>.lora_{up,down}.weight`` / ``.alpha``,
 ``optimizer.<role>.state.<index>.<name>``, ``module.<name>.<key>`` (e.g. the GAN head),
 ``history.<series>.steps`` / ``.values`` (the 0-based steps that have a value of the series, and the float64
-values; files hold no NaN), ``rng.torch`` / ``rng.cuda.<device>``.
+values; files hold no NaN), ``rng.torch`` / ``rng.cuda.<device>``; metadata ``loss_scale`` holds each role's
+:class:`~distill_core.training.loss_scale.DynamicLossScale` state.
 """
 from __future__ import annotations
 
@@ -18,7 +19,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..safe_files import UnsafeFileError, read_safetensors, write_safetensors
+from ..progress import CHECKPOINT, PhaseCallback, Progress
+from ..safe_files import UnsafeFileError, read_safetensors, safetensors_bytes, write_atomically
 from .config import DistillConfig
 from .lora import LoraSet, lora_state_dict
 
@@ -35,6 +37,7 @@ class TrainingCheckpoint:
     modules: dict[str, dict[str, Tensor]]  # name -> state dict of an extra trainable module
     history: dict[str, list[float]]  # series -> one value per step (NaN: none that step)
     rng: dict[str, Tensor]
+    loss_scale: dict[str, dict[str, float]] | None = None  # role -> scaler state; None: written before it existed
 
 
 def _split(path: str, tensors: Mapping[str, Tensor], prefix: str) -> dict[str, dict[str, Tensor]]:
@@ -57,8 +60,15 @@ def save_checkpoint(
     optimizers: Mapping[str, torch.optim.Optimizer],
     history: Mapping[str, list[float]],
     modules: Mapping[str, nn.Module] | None = None,
+    loss_scales: Mapping[str, dict[str, float]] | None = None,
+    on_phase: PhaseCallback | None = None,
 ) -> None:
-    """Write LoRAs, AdamW states, extra modules, loss history, torch RNG state(s), step and config atomically."""
+    """Write LoRAs, AdamW states, extra modules, loss history, loss scales (per role), torch RNG state(s), step
+    and config atomically.
+
+    ``on_phase`` hears the write's progress in MiB (:data:`~distill_core.progress.CHECKPOINT`); a checkpoint
+    write is never cancelled (it is what a Cancel keeps).
+    """
     tensors: dict[str, Tensor] = {}
     metadata = {"format": CHECKPOINT_FORMAT, "step": str(step), "config": json.dumps(config.to_dict())}
     for role, loraset in loras.items():
@@ -85,7 +95,11 @@ def save_checkpoint(
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         for device_index, cuda_state in enumerate(torch.cuda.get_rng_state_all()):
             tensors[f"rng.cuda.{device_index}"] = cuda_state
-    write_safetensors(path, tensors, metadata)
+    if loss_scales is not None:
+        metadata["loss_scale"] = json.dumps(dict(loss_scales))
+    payload = safetensors_bytes(tensors, metadata)
+    phase = Progress(on_phase).write_phase(CHECKPOINT, len(payload), cancellable=False)
+    write_atomically(path, payload, phase.bytes_written)
 
 
 def load_checkpoint(path: str) -> TrainingCheckpoint:
@@ -137,7 +151,8 @@ def load_checkpoint(path: str) -> TrainingCheckpoint:
     if "torch" not in rng:
         raise _damaged(path, "it holds no random-number state ('rng.torch')")
     return TrainingCheckpoint(step, config, _split(path, tensors, "lora."), optimizers,
-                              _split(path, tensors, "module."), history, rng)
+                              _split(path, tensors, "module."), history, rng,
+                              _loss_scales(path, metadata, roles))
 
 
 def _damaged(path: str, problem: str) -> UnsafeFileError:
@@ -181,3 +196,19 @@ def _optimizer_metadata(path: str, metadata: Mapping[str, str], role: str) -> tu
                                              for group in groups)):
         raise _damaged(path, f"its {role} optimizer's parameter groups are not a list of objects with 'params'")
     return scalars, groups
+
+
+def _loss_scales(path: str, metadata: Mapping[str, str], roles: list[str]) -> dict[str, dict[str, float]] | None:
+    """Each role's loss-scaler state (absent in checkpoints written before loss scaling: ``None``), checked: a JSON
+    object keyed by the checkpoint's roles, each an object with a positive ``scale`` and a whole ``good_steps`` >= 0."""
+    if "loss_scale" not in metadata:
+        return None
+    states = _json(path, metadata, "loss_scale")
+    if not (isinstance(states, dict) and set(states) == set(roles)):
+        raise _damaged(path, f"its 'loss_scale' metadata is not an object with one entry per role {roles}")
+    for role, state in states.items():
+        if not (isinstance(state, dict) and isinstance(state.get("scale"), (int, float)) and state["scale"] > 0
+                and isinstance(state.get("good_steps"), int) and state["good_steps"] >= 0):
+            raise _damaged(path, f"its {role} loss scale is not an object with a positive 'scale' and a whole "
+                                 "'good_steps'")
+    return states

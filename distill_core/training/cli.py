@@ -44,6 +44,7 @@ from ..spaces import NoiseSpace, scaled_linear_alphas_cumprod
 from .conditioning import Denoiser
 from .config import DistillConfig, TrainingData
 from .lora import lora_state_dict, weights_fingerprint
+from .progress import TrainingProgress
 from .trainer import LoraTrainer, TrainResult, build_trainer
 
 DEFAULT_NETWORK = f"{__package__}.cli:demo_network"
@@ -210,10 +211,20 @@ def run(settings: dict[str, Any]) -> RunSummary:
         world_size = dist.get_world_size() if dist.is_initialized() else 1
         network = import_network_factory(settings.get("network", DEFAULT_NETWORK))(settings.get("network_options", {}), config)
         log_every = settings.get("log_every", 10)
+        progress: TrainingProgress | None = None
 
         def log(step: int, losses: dict[str, float]) -> None:
+            """Every ``log_every`` steps: a JSON line on stdout (each series' loss raw and ``<series>_smoothed``,
+            the seconds left), and on stderr what the node shows (step, losses raw and smoothed, time left)."""
+            nonlocal progress
+            if progress is None:  # a resumed run starts after its checkpoint's step
+                progress = TrainingProgress(config.steps, first_step=step)
+            progress.update(step, losses)
             if rank == 0 and (step % log_every == 0 or step == config.steps):
-                print(json.dumps({"step": step, **losses}), flush=True)
+                event = progress.event()
+                smoothed = {f"{series}_smoothed": event["ema"][series] for series in losses}
+                print(json.dumps({"step": step, **losses, **smoothed, "eta_s": event["eta_s"]}), flush=True)
+                print(progress.text(), file=sys.stderr, flush=True)
 
         fake_state = None
         if settings.get("fake_score_init"):

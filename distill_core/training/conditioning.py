@@ -45,15 +45,19 @@ def cond_where(mask: Tensor, replacement: Cond, cond: Cond) -> Cond:
 
 
 def cond_tensors(cond: Cond) -> list[Tensor]:
-    """The tensors of a conditioning tree, depth first."""
-    found: list[Tensor] = []
+    """The tensors of a conditioning tree, depth first (dict keys sorted)."""
+    return [tensor for _, tensor in named_cond_tensors(cond)]
 
-    def keep(tensor: Tensor) -> Tensor:
-        found.append(tensor)
-        return tensor
 
-    _cond_map(keep, cond)
-    return found
+def named_cond_tensors(cond: Cond, path: str = "") -> list[tuple[str, Tensor]]:
+    """The tensors of a conditioning tree with their paths (``.key`` / ``.index``), in a fixed order."""
+    if isinstance(cond, Tensor):
+        return [(path, cond)]
+    if isinstance(cond, dict):
+        return [item for key in sorted(cond) for item in named_cond_tensors(cond[key], f"{path}.{key}")]
+    if isinstance(cond, (list, tuple)):
+        return [item for index, value in enumerate(cond) for item in named_cond_tensors(value, f"{path}.{index}")]
+    return []
 
 
 def cond_to(cond: Cond, device: torch.device) -> Cond:

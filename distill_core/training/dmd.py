@@ -39,11 +39,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..progress import Progress
 from ..safe_files import read_safetensors
 from ..spaces import NoiseSpace, per_sample
 from .conditioning import Cond, Denoiser, cond_cat
 from .config import DistillConfig, TrainingData
 from .lora import LoraSet, attach_lora, load_lora_state_dict, lora_state_dict
+from .teacher_cache import TeacherCache
 from .trainer import STUDENT, LoraTrainer, step_seed
 
 MIN_STEP_PERCENT = 0.02
@@ -369,10 +371,10 @@ class DMDTrainer(LoraTrainer):
         return self.modules[FAKE](self.features(noised, timesteps, cond).to(self.dtype)).reshape(-1)
 
     # -- one iteration --------------------------------------------------------------------------
-    def prepare_data(self) -> None:
+    def prepare_data(self, progress: Progress, cache: TeacherCache | None = None) -> None:
         """Training latents are needed only without backward simulation (the GAN reads the given ones)."""
         if not self.config.backward_simulation:
-            self.latents()
+            super().prepare_data(progress, cache)
 
     def sample_batch(self, step: int) -> _DMDBatch:
         """The draws of iteration ``step``; the backward-simulation depth is the same on every rank."""
@@ -465,7 +467,7 @@ class DMDTrainer(LoraTrainer):
         if generator_turn:
             self.optimizers[STUDENT].zero_grad(set_to_none=True)
             loss, reported = self.generator_losses(x, batch)
-            loss.backward()
+            self.backward(STUDENT, loss)
             stepped = self.step_gradients(STUDENT)
             value = self.rank_mean(reported)
             losses["generator"] = value if stepped and math.isfinite(value) else math.nan
@@ -473,7 +475,7 @@ class DMDTrainer(LoraTrainer):
                 return losses
         self.optimizers[FAKE].zero_grad(set_to_none=True)
         loss = self.fake_loss(x.detach(), batch)
-        loss.backward()
+        self.backward(FAKE, loss)
         stepped = self.step_gradients(FAKE)
         value = self.rank_mean(loss)
         losses["fake"] = value if stepped and math.isfinite(value) else math.nan

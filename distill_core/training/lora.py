@@ -65,11 +65,10 @@ class LoraAdapter(nn.Module):
         """``weight + scale * up @ down``: the layer's weight with this adapter folded in (one fused op).
 
         Exact for convolutions too, because ``down`` has the layer's kernel, stride and padding and
-        ``up`` is a 1x1 convolution.
+        ``up`` is a 1x1 convolution. ``weight`` is float32 or float64 (see :meth:`LoraSet.merged`).
         """
-        compute = weight if weight.dtype in (torch.float32, torch.float64) else weight.float()  # fp16/bf16: sum in fp32
-        up, down = (factor.weight.flatten(1).to(compute.dtype) for factor in (self.lora_up, self.lora_down))
-        return torch.addmm(compute.flatten(1), up, down, alpha=self.scale).view(weight.shape).to(weight.dtype)
+        up, down = (factor.weight.flatten(1).to(weight.dtype) for factor in (self.lora_up, self.lora_down))
+        return torch.addmm(weight.flatten(1), up, down, alpha=self.scale).view(weight.shape)
 
 
 class LoraSet:
@@ -80,12 +79,14 @@ class LoraSet:
         self.adapters = adapters
         self._enabled = True
         self._folded: set[LoraAdapter] = set()  # adapters folded into their layer's weight (see merged())
+        self.output_dtypes: set[torch.dtype] = set()  # what the adapted layers compute in (float16 needs loss scaling)
         self._handles = [
             _layer(root, name).register_forward_hook(self._make_hook(adapter)) for name, adapter in adapters.items()
         ]
 
     def _make_hook(self, adapter: LoraAdapter) -> Callable:
         def add_lora(_layer: nn.Module, args: tuple, output: Tensor) -> Tensor:
+            self.output_dtypes.add(output.dtype)
             if not self._enabled or adapter in self._folded:
                 return output
             return output + adapter.delta(args[0]).to(output.dtype)
@@ -120,7 +121,10 @@ class LoraSet:
         (the distillation target) this replaces two low-rank passes over the activations per layer
         by one small matrix product per layer. Layers whose weight the host transforms at run time
         (ComfyUI ``weight_function`` patches, quantized weights) keep the hook: folding there would
-        feed the LoRA through that transform.
+        feed the LoRA through that transform. So do float16/bfloat16/float8 weights: rounding
+        ``W + scale * up @ down`` to the weight's precision would drop a LoRA smaller than half a
+        unit in the last place of ``W`` (at the start of training, all of it), while the hook adds it
+        to the layer's output as the student does.
         """
         originals: dict[nn.Module, nn.Parameter] = {}
 
@@ -177,10 +181,10 @@ class LoraSet:
 
 
 def _foldable(layer: nn.Module) -> bool:
-    """Whether a layer's forward uses its stored weight as it is (no run-time weight transform)."""
+    """Whether a layer's forward uses its stored float32/float64 weight as it is (no run-time weight transform)."""
     weight = layer._parameters.get("weight")
-    return (type(weight) is nn.Parameter and type(weight.data) is torch.Tensor and weight.is_floating_point()
-            and not getattr(layer, "weight_function", None))
+    return (type(weight) is nn.Parameter and type(weight.data) is torch.Tensor
+            and weight.dtype in (torch.float32, torch.float64) and not getattr(layer, "weight_function", None))
 
 
 def _layer(root: nn.Module, name: str) -> nn.Module:

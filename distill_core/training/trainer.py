@@ -17,7 +17,10 @@ under ``no_grad`` (no EMA, as in LCM-LoRA). One step, per sample:
 Data: given latents (e.g. VAE-encoded images, already in the model's latent scale), or
 data-free: a pool of latents generated once from the teacher's own trajectories (pure noise,
 ``data_free_steps`` deterministic CFG DDIM steps, final x0 estimate); the pool depends only on
-the seed and the rank, so a resumed run regenerates the same pool.
+the seed and the rank, so a resumed run regenerates the same pool (or reads it from a
+:class:`~distill_core.training.teacher_cache.TeacherCache`). Building it is the run's first long
+phase: it reports its progress and stops at a Cancel within one teacher call, writing nothing
+(:mod:`distill_core.progress`).
 
 Randomness of step ``k`` comes from a generator seeded by ``(seed, rank, k)``, so resuming
 reproduces the uninterrupted run exactly. Under ``torch.distributed`` every rank runs this
@@ -34,12 +37,14 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from ..progress import POOL, Cancelled, PhaseCallback, Progress
 from ..spaces import NoiseSpace, per_sample
 from .checkpoint import TrainingCheckpoint, load_checkpoint, save_checkpoint
-from .conditioning import Cond, Denoiser, cond_cat, cond_to, cond_where
+from .conditioning import Cond, Denoiser, cond_cat, cond_to, cond_where, named_cond_tensors
 from .config import CONSISTENCY_OBJECTIVES, RESUMABLE_CHANGES, DistillConfig, TrainingData
 from .distributed import all_reduce_mean, any_rank, barrier, broadcast_from_rank0, flatten, unflatten_into, world
 from .lora import LoraSet, attach_lora, check_lora_state_dict, load_lora_state_dict
+from .loss_scale import DynamicLossScale
 from .memory import frozen_parameters, gradient_checkpointing
 from .objectives import (
     ConsistencyObjective,
@@ -51,6 +56,11 @@ from .objectives import (
     ddim_timesteps,
     evenly_picked,
 )
+from .teacher_cache import CacheKey, TeacherCache
+
+POOL_KIND = "pool"
+POOL_SETTINGS = ("seed", "batch", "data_free_samples", "data_free_steps", "data_free_guidance", "num_ddim_timesteps")
+"""The settings the data-free pool depends on (with the rank, latent shape, dtype, device and prompts)."""
 
 
 def attach_student_lora(module: nn.Module, config: DistillConfig) -> LoraSet:
@@ -140,6 +150,7 @@ class LoraTrainer:
         self.optimizers: dict[str, torch.optim.Optimizer] = {}
         self.modules: dict[str, nn.Module] = {}
         self.history: dict[str, list[float]] = {}
+        self.loss_scales: dict[str, DynamicLossScale] = {}
         self.add_role(STUDENT, loraset, config.lr)
         self._pool: Tensor | None = None
 
@@ -157,6 +168,7 @@ class LoraTrainer:
             params += list(extra.parameters())
         self.adapters[role] = loraset
         self.optimizers[role] = torch.optim.AdamW(params, lr=lr, weight_decay=config.weight_decay)
+        self.loss_scales[role] = DynamicLossScale()
 
     @property
     def params(self) -> list[Tensor]:
@@ -193,23 +205,50 @@ class LoraTrainer:
         if self.data.latents is not None:
             return self.data.latents
         if self._pool is None:
-            self._pool = self._generate_pool()
+            self._pool = self._generate_pool(Progress())
         return self._pool
 
-    def prepare_data(self) -> None:
-        """Make what the steps read before the first one (the data-free pool)."""
-        self.latents()
+    def pool_steps(self) -> Tensor:
+        """The timesteps of the data-free pool's teacher trajectories."""
+        config = self.config
+        return evenly_picked(ddim_timesteps(config.num_ddim_timesteps, self.space.num_timesteps),
+                             min(config.data_free_steps, config.num_ddim_timesteps))
 
-    def _generate_pool(self) -> Tensor:
+    def pool_key(self) -> CacheKey:
+        """Everything the data-free pool depends on besides the model (see :mod:`.teacher_cache`)."""
+        config = self.config
+        settings = {name: getattr(config, name) for name in POOL_SETTINGS}
+        settings.update(rank=self.rank, latent_shape=list(self.data.latent_shape or ()),
+                        dtype=str(self.params[0].dtype), device=self.device.type, timesteps=self.pool_steps().tolist())
+        conds = [("uncond", self.uncond), *((f"cond.{i}", cond) for i, cond in enumerate(self.conds))]
+        inputs = [(f"{label}{path}", tensor) for label, cond in conds for path, tensor in named_cond_tensors(cond)]
+        return CacheKey.of(POOL_KIND, settings, [*inputs, ("sigma_table", self.space.sigma_table)])
+
+    def prepare_data(self, progress: Progress, cache: TeacherCache | None = None) -> None:
+        """Build the data-free pool now (or read it from ``cache``), reporting its progress.
+
+        Raises :class:`~distill_core.progress.Cancelled` when the host stops it; then nothing is
+        kept or written. A cache entry made by another model is refused and replaced.
+        """
+        if self.data.latents is not None or self._pool is not None:
+            return
+        key = self.pool_key() if cache is not None else None
+        stored = cache.load(key) if cache is not None and key is not None else None
+        pool = stored["pool"] if stored is not None else self._generate_pool(progress)
+        if cache is not None and key is not None and stored is None:
+            cache.store(key, {"pool": pool})
+        self._pool = pool.to(self.device)
+
+    def _generate_pool(self, progress: Progress) -> Tensor:
         """Data-free latents: teacher CFG DDIM trajectories from pure noise, final x0 estimates."""
         config = self.config
         generator = torch.Generator().manual_seed(step_seed(config.seed, self.rank, -1))
-        timesteps = evenly_picked(ddim_timesteps(config.num_ddim_timesteps, self.space.num_timesteps),
-                                  min(config.data_free_steps, config.num_ddim_timesteps))
-        sigmas = self.space.sigma_of(timesteps)
+        sigmas = self.space.sigma_of(self.pool_steps())
         dtype = self.loraset.parameters()[0].dtype
+        batches = range(0, config.data_free_samples, config.batch)
+        phase = progress.phase(POOL, len(batches) * len(sigmas))
         samples = []
-        for first in range(0, config.data_free_samples, config.batch):
+        for first in batches:
             count = min(config.batch, config.data_free_samples - first)
             cond_ids = torch.randint(len(self.conds), (count,), generator=generator)
             noise = torch.randn((count, *self.data.latent_shape), generator=generator, dtype=dtype).to(self.device)
@@ -217,7 +256,7 @@ class LoraTrainer:
             uncond = cond_cat([self.uncond] * count)
             guidance = torch.full((count,), config.data_free_guidance, dtype=dtype, device=self.device)
             x = noise * per_sample(self.space.coefficients(sigmas[0])[1].expand(count), noise)
-            for i, sigma in enumerate(sigmas):
+            for i, sigma in phase.each(enumerate(sigmas)):
                 sigma_batch = sigma.expand(count).to(device=self.device, dtype=dtype)
                 x0 = self.teacher_x0(x, sigma_batch, cond, uncond, guidance)
                 if i + 1 < len(sigmas):
@@ -225,20 +264,34 @@ class LoraTrainer:
             samples.append(x0)
         return torch.cat(samples)
 
+    def backward(self, role: str, loss: Tensor) -> None:
+        """``backward`` of ``role``'s loss, scaled by its :class:`DynamicLossScale` when the network computes in
+        float16 (decided at the role's first backward, once its adapted layers have run)."""
+        scale = self.loss_scales[role]
+        if scale.enabled is None:
+            scale.enabled = torch.float16 in self.adapters[role].output_dtypes
+        scale.scaled(loss).backward()
+
     def step_gradients(self, role: str) -> bool:
-        """After ``backward``: rank-mean of ``role``'s gradients, clip, AdamW step; False (no step) if not finite."""
+        """After :meth:`backward`: rank-mean of ``role``'s gradients, unscale, clip, AdamW step.
+
+        A step whose scaled gradients overflow is skipped and the scale halved (True, no update); False when the
+        gradients are not finite even unscaled (:mod:`distill_core.training.loss_scale`).
+        """
         optimizer = self.optimizers[role]
         params = [param for group in optimizer.param_groups for param in group["params"]]
         for param in params:
             if param.grad is None:  # a layer the forward did not reach
                 param.grad = torch.zeros_like(param)
-        grads = [param.grad for param in params]
+        grads = [param.grad for param in params if param.grad is not None]  # all of them, after the zeros
         if self.world_size > 1:
             unflatten_into(all_reduce_mean(flatten(grads), self.world_size), grads)
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, self.config.grad_clip))
-        if not math.isfinite(grad_norm):
+        update = self.loss_scales[role].unscale_(grads)
+        if update == DynamicLossScale.DIVERGED:
             return False
-        optimizer.step()
+        if update == DynamicLossScale.STEP:
+            torch.nn.utils.clip_grad_norm_(params, self.config.grad_clip)
+            optimizer.step()
         return True
 
     def rank_mean(self, loss: Tensor) -> float:
@@ -250,14 +303,16 @@ class LoraTrainer:
         raise NotImplementedError
 
     # -- checkpoint / resume ----------------------------------------------------------------
-    def save(self, path: str, step: int) -> None:
-        """Rank 0 writes the checkpoint; every rank waits until it is on disk."""
+    def save(self, path: str, step: int, progress: Progress | None = None) -> None:
+        """Rank 0 writes the checkpoint (its progress reported, never cancelled); every rank waits."""
         if self.rank == 0:
-            save_checkpoint(path, step, self.config, self.adapters, self.optimizers, self.history, self.modules)
+            save_checkpoint(path, step, self.config, self.adapters, self.optimizers, self.history, self.modules,
+                            {role: scale.state() for role, scale in self.loss_scales.items()},
+                            (progress or Progress()).on_phase)
         barrier(self.world_size)
 
     def restore(self, checkpoint: TrainingCheckpoint) -> int:
-        """Load a checkpoint's LoRAs, optimizers, modules, loss history and RNG state; returns its step.
+        """Load a checkpoint's LoRAs, optimizers, modules, loss history, loss scales and RNG state; returns its step.
 
         Everything is checked before anything is loaded: a refused checkpoint changes nothing.
         """
@@ -282,6 +337,8 @@ class LoraTrainer:
             module.load_state_dict(checkpoint.modules[name])
         for role, optimizer in self.optimizers.items():
             optimizer.load_state_dict(checkpoint.optimizers[role])
+        for role, scale in self.loss_scales.items():
+            scale.load_state(checkpoint.loss_scale[role] if checkpoint.loss_scale is not None else None)
         self.history = {series: list(values) for series, values in checkpoint.history.items()}
         torch.set_rng_state(checkpoint.rng["torch"])
         cuda_states = [checkpoint.rng[key] for key in sorted(checkpoint.rng) if key.startswith("cuda.")]
@@ -303,6 +360,8 @@ class LoraTrainer:
         should_stop: Callable[[], bool] | None = None,
         checkpoint_path: str | None = None,
         resume: bool = False,
+        on_phase: PhaseCallback | None = None,
+        cache: TeacherCache | None = None,
     ) -> TrainResult:
         """Run until ``config.steps``; ``should_stop()`` is polled before every step (Cancel).
 
@@ -310,7 +369,9 @@ class LoraTrainer:
         series). With ``checkpoint_path`` a checkpoint is written every ``save_every`` steps, on
         cancel and at the end; ``resume=True`` continues from it when the file exists, and the
         result's loss history then covers the whole run. A NaN/inf loss or gradient raises
-        :class:`DistillDivergedError` without touching the checkpoint.
+        :class:`DistillDivergedError` without touching the checkpoint. ``on_phase(phase, done, total)`` hears
+        the long phases before and between steps (the data-free pool, checkpoint writes); a stop during the pool
+        ends the run cancelled with nothing written. ``cache`` keeps the data-free pool across runs.
         """
         config = self.config
         inference_tensors = [name for name, tensor in [*self.loraset.root.named_parameters(),
@@ -332,9 +393,16 @@ class LoraTrainer:
             stack.enter_context(frozen_parameters(self.loraset.root))
             if config.gradient_checkpointing:
                 stack.enter_context(gradient_checkpointing(self.loraset.root))
-            self.prepare_data()
+            stop_any_rank = lambda: any_rank(bool(should_stop and should_stop()), self.world_size,  # noqa: E731
+                                             self.device)
+            progress = Progress(on_phase, stop_any_rank)
+            try:
+                self.prepare_data(progress, cache)
+            except Cancelled:
+                result.cancelled = True
+                return result
             for step in range(start, config.steps):
-                if any_rank(bool(should_stop and should_stop()), self.world_size, self.device):
+                if stop_any_rank():
                     result.cancelled = True
                     break
                 losses = self.train_step(step)
@@ -348,10 +416,10 @@ class LoraTrainer:
                 if callback is not None:
                     callback(step + 1, losses)
                 if checkpoint_path and config.save_every and result.steps_done % config.save_every == 0:
-                    self.save(checkpoint_path, result.steps_done)
+                    self.save(checkpoint_path, result.steps_done, progress)
                     saved_step = result.steps_done
             if checkpoint_path and saved_step != result.steps_done:
-                self.save(checkpoint_path, result.steps_done)
+                self.save(checkpoint_path, result.steps_done, progress)
                 saved_step = result.steps_done
         result.checkpoint = checkpoint_path if saved_step is not None else None
         result.losses = {series: list(values) for series, values in self.history.items()}
@@ -409,10 +477,10 @@ class DistillTrainer(LoraTrainer):
         return consistency_loss(prediction, target, self.config.loss, self.config.huber_c)
 
     def train_step(self, step: int) -> dict[str, float]:
-        """Forward, backward, rank-mean of the LoRA gradients, clip, AdamW; NaN if not finite."""
+        """Forward, (scaled) backward, rank-mean of the LoRA gradients, clip, AdamW; NaN if not finite."""
         self.optimizers[STUDENT].zero_grad(set_to_none=True)
         loss = self.batch_loss(step)
-        loss.backward()
+        self.backward(STUDENT, loss)
         stepped = self.step_gradients(STUDENT)
         mean_loss = self.rank_mean(loss)
         return {"loss": mean_loss if stepped and math.isfinite(mean_loss) else math.nan}
@@ -428,10 +496,12 @@ def train(
     should_stop: Callable[[], bool] | None = None,
     checkpoint_path: str | None = None,
     resume: bool = False,
+    on_phase: PhaseCallback | None = None,
+    cache: TeacherCache | None = None,
 ) -> TrainResult:
     """One call for :class:`DistillTrainer` ``(...).train(...)``."""
     trainer = DistillTrainer(denoiser, loraset, space, config, data)
-    return trainer.train(callback, should_stop, checkpoint_path, resume)
+    return trainer.train(callback, should_stop, checkpoint_path, resume, on_phase, cache)
 
 
 def build_trainer(denoiser: Denoiser, module: nn.Module, space: NoiseSpace, config: DistillConfig,

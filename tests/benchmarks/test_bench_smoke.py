@@ -94,3 +94,20 @@ def test_interleaved_timing_alternates_and_collects_measurements():
     assert order[:3] == ["x", "y", "z"]  # warm-up round
     assert order[3:] == ["x", "y", "z", "y", "z", "x", "z", "x", "y"]  # the order rotates every repeat
     assert all(len(samples[name]["wall"]) == 3 and len(samples[name]["extra"]) == 3 for name in "xyz")
+
+
+def test_full_size_benchmark_smoke_writes_every_row(tmp_path):
+    """The full-size tier (``--full-size``, not in CI) at its tiny smoke configuration: every table and check."""
+    results = tmp_path / "RESULTS.md"
+    command = [sys.executable, "-m", "bench.run", "--smoke", "--only", "full_size", "--device", "cpu", "--threads", "1",
+               "--results", str(results), "--plots", str(tmp_path / "plots")]
+    process = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert process.returncode == 0, process.stderr[-4000:]
+    block = existing_blocks(results.read_text())["full_size"]
+    assert "FAILED" not in block and "the separately timed passes compute DistillTrainer.batch_loss's loss" in block
+    rows = [line.split(" | ") for line in block.splitlines() if line.startswith("| ")]
+    compared = [row[0] for row in rows]
+    assert "| Stride LCM vs ComfyUI" in compared and "| ComfyUI lcm" in compared
+    assert compared.count("| StrideDistillLoRA vs TrainLoraNode") == 2, "with and without gradient checkpointing"
+    assert "| one distillation step (teacher + target + student fwd+bwd + AdamW)" in compared
+    assert all(re.fullmatch(r"[\d.e+-]+x", row[3]) for row in rows if row[0] == "| StrideDistillLoRA vs TrainLoraNode")

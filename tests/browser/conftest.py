@@ -7,7 +7,6 @@ skip and say why.
 """
 from __future__ import annotations
 
-import io
 import re
 import shutil
 import time
@@ -16,7 +15,6 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import pytest
-from PIL import Image, PngImagePlugin
 
 import comfy_host as host
 from tests.artifacts import docs_path
@@ -225,30 +223,33 @@ class Frontend:
             time.sleep(0.5)
         raise AssertionError(f"no images shown by nodes {node_ids} within {timeout:.0f} s")
 
-    def _view(self) -> dict:
-        """The graph's extent in graph units, the canvas's place on the page, and the current zoom."""
+    def _view(self, node_ids: list[int] | None = None) -> dict:
+        """The extent of the graph (or of some nodes) in graph units, the canvas's place on the page, the zoom."""
         return self.page.evaluate(
-            """() => {
+            """ids => {
                  const canvas = window.app.canvas, title = LiteGraph.NODE_TITLE_HEIGHT;
-                 const boxes = window.app.graph._nodes.map(n => [n.pos[0], n.pos[1] - title, n.size[0], n.size[1] + title])
-                   .concat(window.app.graph._groups.map(g => Array.from(g._bounding)));
+                 const nodes = window.app.graph._nodes.filter(n => !ids || ids.includes(n.id));
+                 const boxes = nodes.map(n => [n.pos[0], n.pos[1] - title, n.size[0], n.size[1] + title])
+                   .concat(ids ? [] : window.app.graph._groups.map(g => Array.from(g._bounding)));
                  const rect = canvas.canvas.getBoundingClientRect();
                  return {
                    extent: [Math.min(...boxes.map(b => b[0])), Math.min(...boxes.map(b => b[1])),
                             Math.max(...boxes.map(b => b[0] + b[2])), Math.max(...boxes.map(b => b[1] + b[3]))],
                    canvas: [rect.x, rect.y], scale: canvas.ds.scale, offset: Array.from(canvas.ds.offset)};
-               }"""
+               }""",
+            node_ids,
         )
 
-    def fit_view(self) -> None:
-        """Zoom and pan so the whole graph fills ``FREE_AREA``, the part of the page no toolbar covers.
+    def fit_view(self, node_ids: list[int] | None = None, max_scale: float = 1.0) -> None:
+        """Zoom and pan so the whole graph (or the given nodes) fills ``FREE_AREA``, the part of the page no
+        toolbar covers, at most at ``max_scale``.
 
         LiteGraph draws graph point p at page ``canvas + (p + offset) * scale``.
         """
-        view = self._view()
+        view = self._view(node_ids)
         x0, y0, x1, y1 = view["extent"]
         left, top, right, bottom = FREE_AREA
-        scale = min((right - left) / (x1 - x0), (bottom - top) / (y1 - y0), 1.0)
+        scale = min((right - left) / (x1 - x0), (bottom - top) / (y1 - y0), max_scale)
         offset = [
             (left - view["canvas"][0] + (right - left - (x1 - x0) * scale) / 2) / scale - x0,
             (top - view["canvas"][1] + (bottom - top - (y1 - y0) * scale) / 2) / scale - y0,
@@ -265,31 +266,31 @@ class Frontend:
         )
         self.page.wait_for_timeout(300)  # the canvas redraws on the next animation frames
 
-    def graph_box(self) -> list[int]:
-        """Page pixels [left, top, right, bottom] that the graph's nodes and groups cover."""
-        view = self._view()
+    def page_box(self, node_ids: list[int]) -> tuple[int, int, int, int]:
+        """Page pixels (left, top, right, bottom) that the given nodes cover, title bars included."""
+        view = self._view(node_ids)
         (cx, cy), scale, (ox, oy) = view["canvas"], view["scale"], view["offset"]
         x0, y0, x1, y1 = view["extent"]
-        return [round(cx + (x0 + ox) * scale), round(cy + (y0 + oy) * scale),
-                round(cx + (x1 + ox) * scale), round(cy + (y1 + oy) * scale)]
+        return (round(cx + (x0 + ox) * scale), round(cy + (y0 + oy) * scale),
+                round(cx + (x1 + ox) * scale), round(cy + (y1 + oy) * scale))
 
-    def screenshot(self, name: str, graph_box: bool = False) -> Path:
-        """Save the page to docs/screenshots/<name>.png (see tests/artifacts.py), with the mouse parked off the graph.
+    def wait_for_run(self, prompt_id: str, timeout: float = 240.0) -> dict:
+        """The prompt's history entry once it has finished; fail if it failed."""
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            entry = self.server.get_json(f"/history/{prompt_id}").get(prompt_id)
+            if entry and entry.get("status", {}).get("completed"):
+                assert entry["status"]["status_str"] == "success", entry["status"]
+                return entry
+            time.sleep(0.5)
+        raise AssertionError(f"prompt {prompt_id} did not finish within {timeout:.0f} s")
 
-        With ``graph_box`` the PNG carries a ``graph-box`` text entry (left, top, right, bottom)
-        that scripts/make_thumbnails.py crops the workflow's thumbnail to.
-        """
-        self.page.mouse.move(VIEWPORT["width"] - 5, VIEWPORT["height"] - 5)
+    def screenshot(self, name: str) -> Path:
+        """Save the page to docs/screenshots/<name>.png (see tests/artifacts.py), with the mouse parked off the graph."""
+        self.page.mouse.move(20, VIEWPORT["height"] // 2 + 100)  # the empty part of the side bar: no hover
         self.page.wait_for_timeout(400)  # let dialog fade-ins and hover effects finish
         path = docs_path(f"screenshots/{name}.png")
-        picture = self.page.screenshot()
-        if not graph_box:
-            path.write_bytes(picture)
-            return path
-        info = PngImagePlugin.PngInfo()
-        info.add_text("graph-box", ",".join(str(v) for v in self.graph_box()))
-        with Image.open(io.BytesIO(picture)) as image:
-            image.save(path, pnginfo=info, optimize=True)
+        path.write_bytes(self.page.screenshot())
         return path
 
 

@@ -2,6 +2,7 @@
 Stride nodes are found by the node search; broken workflows get the frontend's normal messages."""
 from __future__ import annotations
 
+import io
 import json
 import time
 from pathlib import Path
@@ -10,7 +11,9 @@ from urllib.parse import parse_qs, urlparse
 import pytest
 
 import comfy_host as host
-from workflow_builder import Graph
+from tests.artifacts import docs_path
+from tests.browser import hygiene
+from workflow_builder import Graph, is_measuring
 
 WORKFLOW_FILES = sorted((host.ROOT / "workflows").glob("*.json"))
 PACK = "stride"  # the pack's folder name under custom_nodes (prepare_base_dir links it so)
@@ -56,8 +59,27 @@ def test_workflow_loads_runs_and_shows_its_images(frontend, comfy_server, path: 
         assert [parse_qs(urlparse(url).query)["filename"][0] for url in urls] == saved
 
     assert frontend.ERROR_DIALOG not in frontend.dialogs()
+    # Results on the canvas: every measuring node shows its rows as a table (web/stride_results.js).
+    tables = frontend.page.evaluate(
+        """() => Object.fromEntries(window.app.graph._nodes.filter(n => n.strideResults).map(n => [n.id, {
+             rows: n.strideResults.rows,
+             cells: Array.from(n.strideResults.element.querySelectorAll('td')).length,
+             visible: n.strideResults.element.getBoundingClientRect().height > 0}]))""")
+    for node_id, table in tables.items():
+        rows = history["outputs"][node_id]["stride_table"]
+        assert table["rows"] == rows and table["cells"] > len(rows) and table["visible"], f"node #{node_id}'s table"
+    info = comfy_server.object_info
+    measuring = [n["id"] for n in nodes if n["type"] in info and is_measuring(info[n["type"]])]
+    assert sorted(int(k) for k in tables) == sorted(measuring), "a table on every measuring node"
+    layout = hygiene.measure(frontend.page)
+    assert sorted(hygiene.previews(layout)) == sorted(image_nodes), "every image node shows its preview"
+    assert hygiene.problems(layout) == [], "after the run (previews shown, nodes grown to fit them)"
     frontend.fit_view()
-    frontend.screenshot(path.stem, graph_box=True)
+    frontend.screenshot(path.stem)
+    compared = [n["id"] for n in nodes if n["type"] == "StrideCompareResults"]
+    if compared:  # the workflow's comparison rows, side by side on the canvas
+        frontend.fit_view(compared, max_scale=2.0)
+        frontend.screenshot(f"{path.stem}_compared")
     assert [str(e) for e in frontend.errors(since=mark)] == []
 
 
@@ -170,12 +192,27 @@ def test_stride_templates_open_from_the_templates_dialog(frontend):
     loaded = """names => names.filter(n => {
                   const img = document.querySelector(`[data-testid='template-workflow-${n}'] img`);
                   return img && img.complete && img.naturalWidth > 0 && !img.src.includes('default-template'); })"""
-    deadline = time.time() + 20
-    while len(page.evaluate(loaded, list(cards))) < len(cards) and time.time() < deadline:
-        time.sleep(0.5)
-    without_thumbnail = sorted(set(cards) - set(page.evaluate(loaded, list(cards))))
+    shown_pictures: set[str] = set()
+    for name, card in cards.items():  # the dialog draws a card's picture only while the card is in view
+        card.scroll_into_view_if_needed()
+        deadline = time.time() + 20
+        while name not in shown_pictures and time.time() < deadline:
+            shown_pictures |= set(page.evaluate(loaded, [name]))
+            time.sleep(0.25)
+    without_thumbnail = sorted(set(cards) - shown_pictures)
+    page.evaluate("() => document.querySelector(\"[data-testid^='template-workflow-']\").scrollIntoView()")
     frontend.screenshot("templates")
     assert without_thumbnail == [], "template cards whose thumbnail does not load"
+    # web/stride_templates.js gives each card its title and description from web/workflow_templates.json.
+    (category,) = json.loads((host.ROOT / "web" / "workflow_templates.json").read_text())
+    index = {template["name"]: template for template in category["templates"]}
+    shown = page.evaluate(
+        """names => Object.fromEntries(names.map(n => {
+             const card = document.querySelector(`[data-testid='template-workflow-${n}']`);
+             return [n, [card.querySelector('h3').textContent, card.querySelector('p').textContent]]; }))""",
+        list(cards),
+    )
+    assert shown == {name: [index[name]["title"], index[name]["description"]] for name in cards}
     first = WORKFLOW_FILES[0]
     with page.expect_response(lambda r: r.url.endswith(f"/workflow_templates/{PACK}/{first.name}")) as response:
         cards[first.stem].click()
@@ -187,12 +224,16 @@ def test_stride_templates_open_from_the_templates_dialog(frontend):
 
 
 def test_live_loss_chart_follows_a_training_run(frontend, comfy_server):
-    """The training node's chart (web/stride_loss_chart.js) draws one point per websocket loss event."""
+    """The trainer node (web/stride_loss_chart.js and the frontend's progress text) follows a real run: one point
+    per step, axes, the step, raw and smoothed loss and time left as text, the data-free pool's phase events
+    (stride.distill.phase); the chart is rebuilt after a page reload (from /history) and on a cached run (from the
+    node's cached UI output)."""
     path = WORKFLOW_FILES[0].parent / "distill_lcm_lora.json"
     workflow = json.loads(path.read_text())
+    page = frontend.page
     frontend.load(workflow, "loss_chart_check")
     steps = 12
-    trainer_id = frontend.page.evaluate(
+    trainer_id = page.evaluate(
         """steps => {
              const node = window.app.graph._nodes.find(n => n.type === 'StrideDistillLoRA');
              for (const [name, value] of [['steps', steps], ['lora_name', 'browser_loss_chart'], ['resume', false]])
@@ -201,14 +242,149 @@ def test_live_loss_chart_follows_a_training_run(frontend, comfy_server):
            }""",
         steps,
     )
-    assert frontend.page.locator("canvas.stride-loss-chart").count() == 1
+    assert page.locator(".stride-loss-chart canvas").count() == 1
     nodes = frontend.graph_nodes()
     image_nodes = [n["id"] for n in nodes if n["type"] in frontend.IMAGE_OUTPUT_TYPES and n["mode"] == 0]
     frontend.fit_view()
+    page.evaluate("""id => { window.strideTexts = [];
+                             window.comfyAPI.api.api.addEventListener('progress_text', ({detail}) => {
+                               if (String(detail.nodeId) === String(id)) window.strideTexts.push(detail.text); }); }""",
+                  trainer_id)
     answer = frontend.queue()
     assert answer["http_status"] == 200 and answer["node_errors"] == {}, answer
     frontend.wait_for_images(answer["prompt_id"], image_nodes)
-    points = frontend.page.evaluate(
-        """id => window.app.graph.getNodeById(id).strideLossChart.canvas.dataset.points""", trainer_id
+    chart = """id => { const c = window.app.graph.getNodeById(id).strideLossChart;
+                       return {panels: c.drawn, caption: c.caption.textContent}; }"""
+    shown = page.evaluate(chart, trainer_id)
+    (panel,) = shown["panels"]
+    assert panel["points"] == steps, f"the chart shows {panel['points']} loss points for a {steps}-step run"
+    assert panel["xTicks"] and panel["yTicks"], "both axes carry ticks"
+    assert shown["caption"].startswith(f"done: {steps} steps in ")
+    phases = json.loads(page.evaluate("id => window.app.graph.getNodeById(id).strideLossChart.canvas.dataset.phases",
+                                      trainer_id))
+    assert phases.get("teacher data pool") == "8/8", ("the chart followed the data-free pool (16 samples / batch 16 x "
+                                                      f"8 teacher calls): {phases}")
+    # The node's own progress text (the frontend's text box on the node): step, loss raw and smoothed, time left.
+    texts = page.evaluate("() => window.strideTexts")
+    assert [t.split(" · ")[0] for t in texts] == [f"step {k}/{steps}" for k in range(1, steps + 1)]
+    assert " (smoothed " in texts[0] and " · ETA " in texts[0] and " · done in " in texts[-1]
+    shown_text = page.evaluate("""id => window.app.graph.getNodeById(id).widgets
+                                    .find(w => w.name === '$$node-text-preview')?.value""", trainer_id)
+    assert shown_text == texts[-1], "the last progress text stays on the node"
+    frontend.fit_view([trainer_id], max_scale=2.0)
+    frontend.screenshot("loss_chart_run")
+
+    page.reload()
+    page.wait_for_function("() => window.app && window.app.graph", timeout=120_000)
+    page.wait_for_function(
+        """([id, steps]) => { const c = window.app.graph.getNodeById(id)?.strideLossChart;
+                              return c && c.drawn.length && c.drawn[0].points === steps; }""",
+        arg=[trainer_id, steps], timeout=30_000)
+    page.evaluate("id => window.app.graph.getNodeById(id).strideLossChart.load([])", trainer_id)
+    answer = frontend.queue()  # nothing changed: every node is cached and sends its cached UI output
+    assert answer["http_status"] == 200, answer
+    page.wait_for_function(
+        """([id, steps]) => window.app.graph.getNodeById(id).strideLossChart.drawn[0].points === steps""",
+        arg=[trainer_id, steps], timeout=60_000)
+
+
+def test_loss_chart_draws_axes_both_series_and_one_panel_per_phase(frontend):
+    """web/stride_loss_chart.js on the trainer node, fed the messages the node sends (live steps, then the
+    history in its UI output): axes with ticks, raw and EMA series, the log-scale toggle, a panel per phase."""
+    workflow = json.loads((host.ROOT / "workflows" / "distill_lcm_lora.json").read_text())
+    frontend.load(workflow, "loss_chart_drawing")
+    page = frontend.page
+    page.wait_for_function("() => window.app.graph._nodes.some(n => n.strideLossChart)")
+    state = """id => { const c = window.app.graph.getNodeById(id).strideLossChart;
+                       return {panels: c.drawn, caption: c.caption.textContent}; }"""
+    node_id = page.evaluate("() => window.app.graph._nodes.find(n => n.type === 'StrideDistillLoRA').id")
+    assert page.evaluate(state, node_id)["caption"].startswith("no run yet")
+    steps = 40
+    page.evaluate(
+        """([id, steps]) => {
+             const api = window.comfyAPI.api.api;
+             let ema = 0;
+             for (let step = 1; step <= steps - 10; step++) {
+               const loss = 0.3 * Math.exp(-step / 10) + 0.01;
+               ema = step === 1 ? loss : 0.9 * ema + 0.1 * loss;
+               api.dispatchCustomEvent('stride.distill.loss', {node: String(id), step, steps,
+                 losses: {loss}, ema: {loss: ema}, eta_s: 65 * (steps - step), elapsed_s: step});
+             }
+           }""",
+        [node_id, steps],
     )
-    assert points == str(steps), f"the chart shows {points} loss points for a {steps}-step run"
+    running = page.evaluate(state, node_id)
+    assert running["caption"] == "step 30/40  ·  ETA 10m 50s"
+    (panel,) = running["panels"]
+    assert panel["points"] == steps - 10 and panel["log"] is True
+    assert len(panel["xTicks"]) >= 2 and len(panel["yTicks"]) >= 2, "both axes carry ticks"
+    assert all(0.01 <= t <= 1 for t in panel["yTicks"]) and panel["xTicks"][-1] <= steps
+    frontend.fit_view([node_id], max_scale=2.0)
+    frontend.screenshot("loss_chart_live")
+
+    page.locator("input.stride-loss-log").click()
+    linear = page.evaluate(state, node_id)["panels"][0]
+    assert linear["log"] is False and linear["yTicks"] != panel["yTicks"]
+    assert page.evaluate("id => window.app.graph.getNodeById(id).properties.stride_loss_log_scale", node_id) is False
+    page.locator("input.stride-loss-log").click()
+
+    # The node's UI output after the run (also what a cached run sends): the whole history of a run with two
+    # loss series (phases), one of them without a value on every step (null).
+    generator = [1.0 / k if k % 2 else None for k in range(1, steps + 1)]
+    history = [{"steps": steps, "first_step": 1, "elapsed_s": 125.0,
+                "losses": {"generator": generator, "fake score": [0.5] * steps},
+                "ema": {"generator": generator, "fake score": [0.5] * steps}}]
+    page.evaluate("([id, h]) => window.app.graph.getNodeById(id).onExecuted({stride_loss: h})", [node_id, history])
+    done = page.evaluate(state, node_id)
+    assert [(p["phase"], p["points"]) for p in done["panels"]] == [("generator", steps // 2), ("fake score", steps)]
+    assert done["caption"] == "done: 40 steps in 2m 05s"
+    frontend.screenshot("loss_chart_phases")
+    assert page.evaluate("id => window.app.graph.getNodeById(id).strideLossChart.canvas.dataset.points",
+                         node_id) == str(steps // 2 + steps)
+
+
+def test_measured_results_show_on_the_canvas_before_and_after(browser, frontend, comfy_server):
+    """Stride Reference Metrics and Stride Image Diversity after a run of the hybrid workflow, as a page without
+    Stride's results extension shows them (how every frontend showed them before: nothing) and with it (a table).
+    Writes the README's before/after picture."""
+    from PIL import Image, ImageDraw
+
+    path = host.ROOT / "workflows" / "hybrid_diversity.json"
+    workflow = json.loads(path.read_text())
+    scores = [n["id"] for n in workflow["nodes"] if n["type"] in ("StrideReferenceMetrics", "StrideImageDiversity")
+              and n["widgets_values"][-1] == "hybrid"]
+    assert len(scores) == 2
+
+    def run_and_capture(page_frontend) -> Image.Image:
+        page_frontend.load(workflow, path.stem)
+        page_frontend.fit_view()
+        answer = page_frontend.queue()
+        assert answer["http_status"] == 200, answer
+        page_frontend.wait_for_run(answer["prompt_id"])
+        page_frontend.fit_view(scores, max_scale=2.0)
+        page_frontend.page.mouse.move(20, 550)
+        page_frontend.page.wait_for_timeout(500)
+        picture = Image.open(io.BytesIO(page_frontend.page.screenshot()))
+        return picture.crop(page_frontend.page_box(scores))
+
+    after = run_and_capture(frontend)
+    shown = "ids => ids.every(id => window.app.graph.getNodeById(id).strideResults.rows.length)"
+    assert frontend.page.evaluate(shown, scores)
+    context = browser.new_context(viewport=frontend.page.viewport_size)
+    try:
+        context.route("**/extensions/stride/stride_results.js",
+                      lambda route: route.fulfill(status=200, content_type="text/javascript", body=""))
+        plain = type(frontend)(context.new_page(), comfy_server)
+        plain.open()
+        before = run_and_capture(plain)
+        assert plain.page.evaluate("ids => ids.every(id => !window.app.graph.getNodeById(id).strideResults)", scores)
+    finally:
+        context.close()
+    label = 28
+    card = Image.new("RGB", (before.width + after.width + 30, max(before.height, after.height) + label), (24, 24, 24))
+    draw = ImageDraw.Draw(card)
+    card.paste(before, (0, label))
+    card.paste(after, (before.width + 30, label))
+    draw.text((6, 8), "before: the scores are computed, nothing shows", fill=(230, 230, 230))
+    draw.text((before.width + 36, 8), "after: the scores as a table on the node", fill=(230, 230, 230))
+    card.save(docs_path("screenshots/metrics_before_after.png"))

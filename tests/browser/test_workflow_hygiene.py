@@ -10,6 +10,8 @@ import pytest
 from PIL import Image
 
 import comfy_host as host
+import make_workflows
+from tests.browser import hygiene
 
 WORKFLOWS = host.ROOT / "workflows"
 WORKFLOW_FILES = sorted(WORKFLOWS.glob("*.json"))
@@ -65,7 +67,7 @@ def test_workflow_uses_only_core_and_stride_nodes(path: Path, object_info: dict)
 @pytest.mark.parametrize("path", WORKFLOW_FILES, ids=lambda p: p.stem)
 def test_workflow_has_a_small_jpeg_thumbnail(path: Path):
     thumbnail = _thumbnail(path)
-    assert thumbnail.is_file(), f"missing {thumbnail.name}: run the browser tests, then scripts/make_thumbnails.py"
+    assert thumbnail.is_file(), f"missing {thumbnail.name}: run scripts/make_thumbnails.py {path.stem}"
     with Image.open(thumbnail) as image:
         assert image.format == "JPEG"
         assert image.width == THUMBNAIL_WIDTH and image.height <= THUMBNAIL_WIDTH
@@ -86,3 +88,32 @@ def test_host_serves_each_template_and_its_thumbnail(comfy_server, path: Path):
         served_image = comfy_server.get(f"/api/workflow_templates/{PACK}/{thumbnail.name}")
         assert served_image == thumbnail.read_bytes()
         assert Image.open(io.BytesIO(served_image)).format == "JPEG"
+
+
+@pytest.mark.parametrize("path", WORKFLOW_FILES, ids=lambda p: p.stem)
+def test_workflow_layout_is_tidy_in_the_frontend(frontend, path: Path):
+    """No overlapping nodes, no node smaller than the frontend needs (with room for the image preview a run
+    adds), no group title covered or clipped: measured in the real frontend after loading the file."""
+    workflow = json.loads(path.read_text())
+    frontend.load(workflow, path.stem)
+    frontend.page.wait_for_function("n => window.app.graph._nodes.length === n", arg=len(workflow["nodes"]))
+    layout = hygiene.measure(frontend.page)
+    shown = {str(n["id"]): [n["x"], n["y"], n["width"], n["height"]] for n in layout["nodes"]}
+    written = {str(n["id"]): [*n["pos"], *n["size"]] for n in workflow["nodes"]}
+    assert shown == written, "the frontend moved or resized nodes"
+    assert hygiene.problems(layout) == []
+
+
+def test_shipped_files_are_what_the_generator_writes(object_info: dict):
+    """workflows/*.json and web/workflow_templates.json come from scripts/make_workflows.py (its layout is
+    the one the frontend checks above); a hand edit or a stale file fails here."""
+    graphs = make_workflows.build_all()
+    assert sorted(graphs) == [path.stem for path in WORKFLOW_FILES]
+    for name, graph in graphs.items():
+        assert graph.to_ui(object_info) == json.loads((WORKFLOWS / f"{name}.json").read_text()), (
+            f"{name}.json differs from what scripts/make_workflows.py writes; run it")
+    assert make_workflows.template_index(graphs) == json.loads(make_workflows.TEMPLATE_INDEX.read_text())
+    for template in make_workflows.template_index(graphs)[0]["templates"]:
+        # What a template card shows in full (frontend 1.32.9: one line of title, two of description).
+        assert 0 < len(template["title"]) <= 26, f"{template['name']}: a title of at most 26 characters"
+        assert 0 < len(template["description"]) <= 75, f"{template['name']}: a description of at most 75 characters"

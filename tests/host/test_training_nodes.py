@@ -83,6 +83,9 @@ def test_training_leaves_the_input_model_unchanged_and_logs_progress(comfy_host)
     first = comfy_host.run(graph)
     assert first.success, first.error()
     assert (STEPS, STEPS) in first.progress, "progress bar reaches the last step"
+    (history,) = first.outputs["train"]["stride_loss"]  # what the live chart rebuilds itself from
+    assert history["steps"] == STEPS and history["first_step"] == 1 and len(history["losses"]["loss"]) == STEPS
+    assert history["ema"]["loss"][0] == history["losses"]["loss"][0]
     base_after = {key: graph[key] for key in ("model", "disc", "empty")}
     base_after.update(sample_graph(["model", 0], "base_after"))
     second = comfy_host.run(base_after)
@@ -94,7 +97,7 @@ def test_cancel_keeps_a_checkpoint_and_resume_matches_uninterrupted(comfy_host):
 
     from distill_core.training.checkpoint import load_checkpoint
 
-    comfy_host.progress_listener = lambda value, total: comfy_host.interrupt() if value == 3 else None
+    comfy_host.progress_listener = lambda value, total: comfy_host.interrupt() if (value, total) == (3, STEPS) else None
     try:
         cancelled = comfy_host.run(training_graph("resume_me"))
     finally:

@@ -140,7 +140,7 @@ HOSTILE_TEXT = (
 )
 COST_CAPS = {  # in-range values above these make a valid but slow run; larger ones are drawn only past the maximum
     "steps": 8, "substeps": 32, "flow_map_steps": 64, "batch_size": 4, "width": 128, "height": 128, "rank": 64,
-    "save_every": 4,
+    "save_every": 4, "teacher_steps": 16, "noise_samples": 4,
 }
 NODE_COST_CAPS = {("StrideDistillLoRA", "steps"): 2}
 
@@ -578,6 +578,7 @@ NODE_SOURCES = {  # where a node's baseline differs from TYPE_SOURCES
     "StrideLatentToImage": {"samples": ["latent_batch", 0]},
     "StrideDistillLoRA": {"model": ["demo", 0]},
     "StrideReloadLoRA": {"model": ["demo", 0], "lora_name": ["lora_name", 0]},
+    "StrideOptimalSteps": {"model": ["ref", 0], "positive": ["disc", 0], "negative": ["empty", 0]},
 }
 NODE_VALUES = {  # cheap valid widget values where the declared default is slow or needs context
     "StrideReferenceModel": {"flow_map_steps": 8},
@@ -590,11 +591,13 @@ NODE_VALUES = {  # cheap valid widget values where the declared default is slow 
     "StrideLatentToImage": {"scale": 2},
     "StrideDistillDataset": {"width": 64, "height": 64},
     "StrideDistillLoRA": dict(TRAINING),
+    "StrideOptimalSteps": {"steps": 2, "teacher_steps": 8, "noise_samples": 2, "schedule_name": "fuzz_search"},
 }
 PIFLOW_MODELS = ("StridePiFlowReferenceModel", "StridePiFlowAdapterLoader")
 # Inputs that read a file: (node, input) -> the file kind a draw mutates
 FILE_INPUTS = {("StrideReloadLoRA", "lora_name"): "lora", ("StridePiFlowAdapterLoader", "adapter_name"): "adapter",
-               ("StrideDistillLoRA", "resume"): "checkpoint"}
+               ("StrideDistillLoRA", "resume"): "checkpoint", ("StrideSavedSchedule", "schedule"): "schedule"}
+BASE_SCHEDULE = "fuzz_base_schedule.safetensors"  # in models/stride/schedules: a schedule of the analytic teacher
 
 
 @dataclass
@@ -605,8 +608,27 @@ class Files:
     checkpoints: Path
     outside: Path
     lora_name: str  # a valid Stride LoRA of the demo model in ``loras``
-    payloads: dict[str, bytes]  # "lora", "adapter", "checkpoint" -> bytes of a valid file
+    payloads: dict[str, bytes]  # "lora", "adapter", "checkpoint", "schedule" -> bytes of a valid file
+    schedules: Path  # models/stride/schedules, holding BASE_SCHEDULE
     adapter_name: str = "reliability_tiny_gm.safetensors"
+
+    @property
+    def folders(self) -> tuple[Path, ...]:
+        """Where draws write files (cleaned after each draw but for the ``fuzz_base_*`` files)."""
+        return (self.loras, self.checkpoints, self.schedules)
+
+
+def prepare_schedule(host: Any, schedules: Path) -> bytes:
+    """Search a schedule of the analytic teacher with the baseline's settings and keep it as BASE_SCHEDULE."""
+    graph = {"target": _node("StrideOptimalSteps", latent_image=["latent", 0], solver="euler", teacher_solver="euler",
+                             teacher_scheduler="normal", mode="paper", seed=0, cfg=1.0,
+                             **{**NODE_VALUES["StrideOptimalSteps"], "schedule_name": "fuzz_base_schedule"},
+                             **NODE_SOURCES["StrideOptimalSteps"])}
+    result = host.run(close_over_shared(graph))
+    assert result.success, result.error()
+    for path in schedules.glob("fuzz_base_schedule-*.safetensors"):
+        path.replace(schedules / BASE_SCHEDULE)
+    return (schedules / BASE_SCHEDULE).read_bytes()
 
 
 def consumers(node: str, outputs: list[str]) -> dict[str, dict]:
@@ -688,6 +710,8 @@ def baseline(object_info: dict, node: str, files: Files, draw: int) -> dict:
         inputs["lora_name"] = f"fuzz_train_{draw}"
     if node == "StrideSaveLoRA":
         inputs["file_name"] = f"fuzz_save_{draw}"
+    if node == "StrideSavedSchedule":
+        inputs["schedule"] = BASE_SCHEDULE
     graph["target"] = _node(node, **inputs)
     graph.update(consumers(node, node_outputs(object_info, node)))
     return close_over_shared(graph)
@@ -703,14 +727,14 @@ def apply(graph: dict, node: str, mutation: Mutation, files: Files, draw: int) -
     if mutation.file is not None:
         kind, seed = mutation.file
         file_kind = FILE_INPUTS[(node, mutation.input)]
-        folder = files.checkpoints if file_kind == "checkpoint" else files.loras
+        folder = {"checkpoint": files.checkpoints, "schedule": files.schedules}.get(file_kind, files.loras)
         folder.mkdir(parents=True, exist_ok=True)
         name = f"fuzz_{file_kind}_{draw}"
         write_mutated_file(folder / f"{name}.safetensors", files.payloads[file_kind], kind, seed, files.outside)
         if file_kind == "lora":
             graph["lora_name"]["inputs"]["value"] = f"{name}.safetensors"
-        elif file_kind == "adapter":
-            target["adapter_name"] = f"{name}.safetensors"
+        elif file_kind in ("adapter", "schedule"):
+            target[mutation.input] = f"{name}.safetensors"
         else:
             target.update(lora_name=name, resume=True)
         return graph
@@ -734,7 +758,7 @@ def mutations(object_info: dict, node: str) -> st.SearchStrategy[Mutation]:
         if (node, spec.name) in FILE_INPUTS:
             culprits = ("resume", "lora_name") if spec.name == "resume" else ()
             choices.append(file_values(spec, culprits))
-            if spec.name == "resume":
+            if spec.name in ("resume", "schedule"):  # a widget too: the file's name is a value
                 choices.append(widget_values(node, spec))
         elif node == "StrideReloadLoRA" and spec.name == "lora_name":
             choices.append(widget_values(node, InputSpec(spec.name, "STRING", {})))

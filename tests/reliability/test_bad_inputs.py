@@ -205,6 +205,72 @@ def reload(lora_name: str) -> Callable[[Context], dict]:
                           "inputs": {"model": ["base", 0], "lora_name": ["name", 0], "strength": 1.0}})
 
 
+def optimal_steps(latent: dict | None = None, unlinked: tuple[str, ...] = (), **overrides
+                  ) -> Callable[[Context], dict]:
+    """Stride Optimal Steps on the analytic teacher (a 2-step search in 8 teacher steps) with inputs overridden
+    and the ``unlinked`` ones left unconnected."""
+    inputs = {"latent_image": ["latent", 0], "model": ["model", 0], "positive": ["pos", 0], "negative": ["neg", 0],
+              "steps": 2, "teacher_steps": 8, "noise_samples": 2, "solver": "euler", "teacher_solver": "euler",
+              "teacher_scheduler": "normal", "mode": "paper", "seed": 0, "cfg": 1.0, "schedule_name": "reliability",
+              **overrides}
+    inputs = {name: value for name, value in inputs.items() if name not in unlinked}
+    return lambda ctx: {"model": reference_model(), "pos": class_prompt("ring"), "neg": class_prompt(""),
+                        "empty": empty_latent(), "latent": latent or empty_latent(),
+                        "search": {"class_type": "StrideOptimalSteps", "inputs": inputs}}
+
+
+def schedules_folder(ctx: Context) -> Path:
+    return Path(ctx.host.base_dir) / "models" / "stride" / "schedules"
+
+
+def saved_schedule(name: str, variant: str = "demo") -> Callable[[Context], dict]:
+    """Stride Saved Schedule of ``name`` for the analytic teacher (``variant``), its sigmas fed to Euler."""
+    model = {**reference_model(), "inputs": {**reference_model()["inputs"], "variant": variant}}
+    return changed(custom_sampling({"class_type": "KSamplerSelect", "inputs": {"sampler_name": "euler"}},
+                                   LCM_SCHEDULER, model=model),
+                   sigmas={"class_type": "StrideSavedSchedule", "inputs": {"model": ["model", 0], "schedule": name}})
+
+
+def write_schedule_file(name: str, payload: bytes) -> Callable[[Context], None]:
+    def setup(ctx: Context) -> None:
+        schedules_folder(ctx).mkdir(parents=True, exist_ok=True)
+        (schedules_folder(ctx) / name).write_bytes(payload)
+        ctx.rescan()
+
+    return setup
+
+
+def link_in_schedules(name: str, target: str) -> Callable[[Context], None]:
+    """A symbolic link ``name`` in models/stride/schedules pointing at ``target``."""
+    def setup(ctx: Context) -> None:
+        schedules_folder(ctx).mkdir(parents=True, exist_ok=True)
+        link = schedules_folder(ctx) / name
+        if link.is_symlink():
+            link.unlink()
+        link.symlink_to(target)
+        ctx.rescan()
+
+    return setup
+
+
+SEARCHED_FIRST = "reliability_saved"
+
+
+def search_first(ctx: Context) -> None:
+    """Save a schedule of the analytic teacher as models/stride/schedules/reliability_saved.safetensors."""
+    result = ctx.host.run(optimal_steps(schedule_name=SEARCHED_FIRST)(ctx))
+    assert result.success, result.error()
+    for path in schedules_folder(ctx).glob(f"{SEARCHED_FIRST}-*.safetensors"):
+        path.replace(schedules_folder(ctx) / f"{SEARCHED_FIRST}.safetensors")
+    ctx.rescan()
+
+
+def no_schedule_written(ctx: Context) -> None:
+    """The optimal-steps cases save under the prefix 'reliability-': nothing may be there."""
+    written = sorted(path.name for path in schedules_folder(ctx).glob("reliability-*"))
+    assert not written, f"a bad input wrote schedule files: {written}"
+
+
 def hybrid(**overrides) -> Callable[[Context], dict]:
     return lambda ctx: hybrid_graph(**overrides)
 
@@ -548,6 +614,54 @@ CASES = [
     Case("hybrid_handover_not_below_steps", "Stride Hybrid Sample", "handover_steps 4 of 4 steps",
          hybrid(handover_steps=4), "execution", ("handover_steps", "must be below steps"),
          "Hand over after 1 step (the paper's setting); the distilled model needs at least one step."),
+    # --- schedule search and saved schedules ----------------------------------------------------------------
+    Case("optimal_steps_not_below_teacher", "Stride Optimal Steps", "steps 8 with teacher_steps 8 (N >= M)",
+         optimal_steps(steps=8), "execution", ("steps", "must be smaller than the teacher's step count"),
+         "The schedule picks N of the teacher's M steps: use M of at least 2 N (the paper: 100-200 for 5-10 steps).",
+         verify=no_schedule_written),
+    Case("optimal_steps_teacher_too_short", "Stride Optimal Steps", "steps 5 with teacher_steps 8 (M < 2 N)",
+         optimal_steps(steps=5), "execution", ("teacher_steps", "too small", "M >= 2 * N"),
+         "Raise teacher_steps to at least 2 N.", verify=no_schedule_written),
+    Case("optimal_steps_unsupported_solver", "Stride Optimal Steps", "solver 'dpmpp_2m'",
+         optimal_steps(solver="dpmpp_2m"), "validation", ("solver",),
+         "The search needs a one-call, history-free step: euler (ComfyUI's ddim is the same update).",
+         verify=no_schedule_written),
+    Case("optimal_steps_nan_latent", "Stride Optimal Steps", "a latent full of NaN (Latent Multiply by NaN)",
+         optimal_steps(latent={"class_type": "LatentMultiply", "inputs": {"samples": ["empty", 0],
+                                                                          "multiplier": float("nan")}}),
+         "execution", ("latent_image", "NaN or inf"), "Find the node that produced NaN; the search only needs the "
+         "latent's size (Empty Latent Image).", verify=no_schedule_written),
+    Case("optimal_steps_no_model", "Stride Optimal Steps", "neither model/positive/negative nor a guider connected",
+         optimal_steps(unlinked=("model", "positive", "negative")), "execution", ("model", "GUIDER"),
+         "Connect the MODEL with its prompts (and cfg), or a GUIDER.",
+         verify=no_schedule_written),
+    Case("optimal_steps_empty_positive", "Stride Optimal Steps", "an empty CONDITIONING list as positive",
+         changed(optimal_steps(), pos=fault_conditioning(empty=True)), "execution", ("positive", "empty"),
+         "Connect a prompt (CLIP Text Encode, Stride Class Prompt).", verify=no_schedule_written),
+    Case("optimal_steps_text_encoder_conditioning", "Stride Optimal Steps",
+         "a 77x768 text-encoder CONDITIONING as negative for the reference teacher",
+         changed(optimal_steps(), neg=fault_conditioning()), "execution", ("negative", "Stride Class Prompt"),
+         "Connect Stride Class Prompt (the empty prompt for negative).", verify=no_schedule_written),
+    Case("optimal_steps_empty_latent_batch", "Stride Optimal Steps", "a latent batch of 0 latents",
+         optimal_steps(latent=fault_latent(batch=0)), "execution", ("latent_image", "empty", "batch size"),
+         "Use Empty Latent Image with a batch size of 1 or more (the latents per model call).",
+         verify=no_schedule_written),
+    Case("saved_schedule_other_model", "Stride Saved Schedule", "a schedule searched for another model",
+         saved_schedule(f"{SEARCHED_FIRST}.safetensors", "demo collapsed (2 of 8 modes)"), "execution",
+         ("schedule", "searched for another model"),
+         "Load the schedule with the model it was searched for, or search one for this model.", setup=search_first),
+    Case("saved_schedule_random_bytes", "Stride Saved Schedule", "random bytes named .safetensors",
+         saved_schedule("reliability_random.safetensors"), "execution", ("schedule", "not a safetensors file"),
+         "Delete the file and search again.",
+         setup=write_schedule_file("reliability_random.safetensors", RANDOM_BYTES)),
+    Case("saved_schedule_not_a_schedule", "Stride Saved Schedule", "a LoRA file in models/stride/schedules",
+         saved_schedule("reliability_lora.safetensors"), "execution",
+         ("schedule", "not a Stride optimal-steps schedule"), "Keep only Stride Optimal Steps' files in that folder.",
+         setup=write_schedule_file("reliability_lora.safetensors", GOOD_SAFETENSORS)),
+    Case("saved_schedule_broken_link", "Stride Saved Schedule", "a schedule name that is a broken link",
+         saved_schedule("reliability_broken_link.safetensors"), "execution", ("schedule", "not a regular file"),
+         "Point the link at the schedule file again, or copy the file into models/stride/schedules.",
+         setup=link_in_schedules("reliability_broken_link.safetensors", "/nonexistent/stride.safetensors")),
     # --- latents: NaN/inf, channels, sizes -----------------------------------------------------------------
     Case("nan_latent", FEW, "a latent full of NaN (Latent Multiply by NaN)",
          changed(sample(), scaled={"class_type": "LatentMultiply", "inputs": {"samples": ["empty", 0],

@@ -58,10 +58,12 @@ def fuzz_context(fault_host, demo_weights, tmp_path_factory):
             "lora": ["train", 1], "file_name": "fuzz_base_lora", "overwrite": True}}})
         result = fault_host.run(graph)
         assert result.success, result.error()
+        schedules = Path(folder_paths.get_folder_paths("stride_schedules")[0])
         payloads = {"lora": (loras / "fuzz_base_lora.safetensors").read_bytes(),
                     "adapter": (loras / "reliability_tiny_gm.safetensors").read_bytes(),
-                    "checkpoint": (checkpoints / "fuzz_provider.safetensors").read_bytes()}
-        files = fuzz.Files(loras, checkpoints, outside, "fuzz_base_lora.safetensors", payloads)
+                    "checkpoint": (checkpoints / "fuzz_provider.safetensors").read_bytes(),
+                    "schedule": fuzz.prepare_schedule(fault_host, schedules)}
+        files = fuzz.Files(loras, checkpoints, outside, "fuzz_base_lora.safetensors", payloads, schedules)
         yield fault_host, files, fault_host.object_info
 
 
@@ -73,8 +75,9 @@ def run_draw(host, files: fuzz.Files, info: dict, node: str, mutation: fuzz.Muta
     draw = next(COUNTER)
     probe = fuzz.Probe(Path(host.base_dir), files.outside)
     probe.start()
-    files.checkpoints.mkdir(parents=True, exist_ok=True)
-    written = set(os.listdir(files.loras)) | set(os.listdir(files.checkpoints))
+    for folder in files.folders:
+        folder.mkdir(parents=True, exist_ok=True)
+    written = {name for folder in files.folders for name in os.listdir(folder)}
     graph = fuzz.apply(fuzz.baseline(info, node, files, draw), node, mutation, files, draw)
     host.folder_paths.filename_list_cache.clear()
     outcome = fuzz.run_in_process(host, graph)
@@ -85,10 +88,10 @@ def run_draw(host, files: fuzz.Files, info: dict, node: str, mutation: fuzz.Muta
     if not after.success:
         found.append(fuzz.Finding("host broken", node, mutation.input, mutation.label,
                                   f"{mutation.describe()}: {(after.error() or {}).get('exception_message', '')[:200]}"))
-    for folder in (files.loras, files.checkpoints):  # leave models/ and output/ as the next draw expects them
+    for folder in files.folders:  # leave models/ and output/ as the next draw expects them
         if folder.is_dir():
             for name in set(os.listdir(folder)) - written:
-                if name.startswith("fuzz_") and name != "fuzz_base_lora.safetensors":
+                if name.startswith("fuzz_") and not name.startswith("fuzz_base_"):
                     path = folder / name
                     shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
     host.folder_paths.filename_list_cache.clear()
@@ -165,7 +168,8 @@ def test_fuzzer_over_every_input_of_every_node(fuzz_context):
 
 
 def test_fuzzer_over_malformed_files(fuzz_context):
-    """Mutated safetensors files and odd symlinks at every input that reads a file (LoRA, adapter, checkpoint)."""
+    """Mutated safetensors files and odd symlinks at every input that reads a file (LoRA, adapter, checkpoint,
+    saved schedule)."""
     host, files, info = fuzz_context
     findings: list[fuzz.Finding] = []
     drawn: Counter = Counter()
@@ -223,9 +227,11 @@ def test_fuzzer_sample_through_the_server(comfy_server, demo_weights, tmp_path):
     prepared = comfy_server.run(fuzz.close_over_shared({"save": {"class_type": "StrideSaveLoRA", "inputs": {
         "lora": ["train", 1], "file_name": "fuzz_base_lora", "overwrite": True}}}))
     assert prepared.success, prepared.messages[-3:]
+    schedules = comfy_server.base_dir / "models" / "stride" / "schedules"
     payloads = {"lora": (loras / "fuzz_base_lora.safetensors").read_bytes(),
-                "checkpoint": (checkpoints / "fuzz_provider.safetensors").read_bytes()}
-    files = fuzz.Files(loras, checkpoints, tmp_path, "fuzz_base_lora.safetensors", payloads)
+                "checkpoint": (checkpoints / "fuzz_provider.safetensors").read_bytes(),
+                "schedule": fuzz.prepare_schedule(comfy_server, schedules)}
+    files = fuzz.Files(loras, checkpoints, tmp_path, "fuzz_base_lora.safetensors", payloads, schedules)
     nodes = [node for node in fuzz.stride_nodes(info)
              if server_graph(fuzz.baseline(info, node, files, 0)) is not None and fuzz.node_inputs(info, node)]
     findings: list[fuzz.Finding] = []

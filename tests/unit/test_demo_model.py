@@ -23,8 +23,11 @@ from distill_core.reference.demo import (
     demo_mixture,
     demo_noise_space,
     encode_classes,
+    latent_to_rgb,
     load_demo_weights,
     nearest_timestep,
+    piflow_demo_glyph,
+    piflow_demo_mixture,
     unet_denoiser,
     unet_eps,
 )
@@ -157,6 +160,22 @@ def test_prompt_steers_the_net_like_the_teacher(demo_unet):
         distances = (exact - predicted).flatten(2).norm(dim=2).mean(dim=1)
         assert distances.argmin() == c, distances
         assert distances[c] < 0.5 * distances[torch.arange(NUM_DEMO_CLASSES) != c].min(), distances
+
+
+def test_piflow_reference_data_decodes_to_the_letter_pi_in_varied_colours():
+    """The pi-Flow reference teacher's samples are pictures: in the preview, the letter's pixels are warm
+    (red > 0.7) and the others grey, in every sample; within the letter the four colours vary by sample."""
+    mixture = piflow_demo_mixture()
+    latents, components = mixture.sample(64, torch.Generator().manual_seed(0))
+    rgb = latent_to_rgb(latents)
+    letter = piflow_demo_glyph().bool()
+    warm = rgb[..., 0] > 0.7
+    assert bool((warm == letter).all()), f"{int((warm != letter).sum())} of {warm.numel()} pixels off the picture"
+    grey = rgb[:, ~letter]
+    assert float((grey.max(dim=-1).values - grey.min(dim=-1).values).max()) < 0.3, "the background stays grey"
+    in_letter = components[:, letter]
+    assert set(in_letter.unique().tolist()) == {0, 1, 2, 3}
+    assert len({tuple(row.tolist()) for row in in_letter}) == 64, "every sample colours the letter differently"
 
 
 @pytest.mark.parametrize("height,width", [(1, 1), (2, 2), (1, 2), (2, 3), (3, 1), (1, 8), (7, 9), (8, 8)])

@@ -164,9 +164,10 @@ def test_resume_gives_the_same_lora_as_an_uninterrupted_run(tmp_path, objective,
 
     checkpoint = str(tmp_path / "run.ckpt.safetensors")
     network, loraset, config = demo_setup(objective, data_free)
-    polls = iter(range(100))
+    finished: list[int] = []  # should_stop is also polled inside the data-free pool: count steps, not polls
     first = train(network.denoiser, loraset, network.space, config, network.data,
-                  should_stop=lambda: next(polls) >= 3, checkpoint_path=checkpoint)
+                  callback=lambda step, loss: finished.append(step), should_stop=lambda: len(finished) >= 3,
+                  checkpoint_path=checkpoint)
     assert first.cancelled and first.steps_done == 3 and load_checkpoint(checkpoint).step == 3
 
     network, loraset, config = demo_setup(objective, data_free)
@@ -271,6 +272,11 @@ def test_cli_runs_headless_and_writes_a_comfyui_keyed_lora(tmp_path):
     assert completed.returncode == 0, completed.stderr
     lines = [json.loads(line) for line in completed.stdout.splitlines()]
     assert [line["step"] for line in lines[:3]] == [1, 2, 3] and lines[-1] == {"done": 3, "world_size": 1}
+    assert lines[0]["loss_smoothed"] == lines[0]["loss"] and lines[2]["eta_s"] == 0
+    # The terminal shows what the node shows: step, loss raw and smoothed, time left (then the run's duration).
+    shown = [line for line in completed.stderr.splitlines() if line.startswith("step ")]
+    assert [line.split(" · ")[0] for line in shown] == ["step 1/3", "step 2/3", "step 3/3"]
+    assert " (smoothed " in shown[0] and " · ETA " in shown[0] and " · done in " in shown[2]
     tensors, metadata = read_safetensors(output)
     assert metadata["stride.objective"] == "segmented"
     assert "diffusion_model.conv_in.lora_up.weight" in tensors and "diffusion_model.embed.alpha" in tensors
@@ -322,7 +328,8 @@ def test_resuming_a_run_that_already_has_the_steps_trains_nothing_and_says_so(tm
     network, loraset, config = demo_setup(steps=2)
     again = train(network.denoiser, loraset, network.space, config, network.data, checkpoint_path=checkpoint,
                   resume=True)
-    assert again.resumed_from == 3 and again.steps_done == 3 and not again.losses
+    # nothing trained: the loss history is the checkpoint's (the whole run's, as after any resume)
+    assert again.resumed_from == 3 and again.steps_done == 3 and again.losses == fresh.losses
     assert (lora_vector(loraset) - trained).abs().max() == 0  # the checkpoint's LoRA, not a 2-step one
     assert "already had 3 steps, more than the 2 asked for" in again.resume_note(config.steps)
     assert load_checkpoint(checkpoint).step == 3

@@ -458,8 +458,17 @@ def test_cli_runs_dmd_keeps_the_fake_score_and_refuses_one_of_another_base(tmp_p
                  "log_every": 1}, "first")
     assert first.returncode == 0, first.stderr
     lines = [json.loads(line) for line in first.stdout.splitlines()]
-    assert [sorted(line) for line in lines[:3]] == [["fake", "generator", "step"], ["fake", "step"],
-                                                    ["fake", "generator", "step"]]
+    both, fake_only = ["eta_s", "fake", "fake_smoothed", "generator", "generator_smoothed", "step"], \
+        ["eta_s", "fake", "fake_smoothed", "step"]
+    assert [sorted(line) for line in lines[:3]] == [both, fake_only, both]
+    assert lines[0]["generator_smoothed"] == lines[0]["generator"] and lines[2]["eta_s"] == 0
+    # The terminal shows what the node shows: each series raw and smoothed (the generator's last value on steps
+    # without one), then the run's duration.
+    shown = [line for line in first.stderr.splitlines() if line.startswith("step ")]
+    assert set(shown[1].split(" · ")[1:3]) == {
+        f"generator {lines[0]['generator']:.4g} (smoothed {lines[0]['generator_smoothed']:.4g})",
+        f"fake {lines[1]['fake']:.4g} (smoothed {lines[1]['fake_smoothed']:.4g})"}
+    assert " · done in " in shown[2]
     lora, metadata = read_safetensors(tmp_path / "lora.safetensors")
     fake, fake_metadata = read_safetensors(tmp_path / "fake.safetensors")
     assert metadata["stride.objective"] == "dmd" and lora.keys() == fake.keys()

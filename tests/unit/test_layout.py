@@ -1,9 +1,9 @@
 """The architecture of ``distill_core``: no host imports, and dependencies that run one way.
 
-training -> sampling -> spaces; reference -> spaces; training, sampling and reference may use ``safe_files``;
-``safe_files`` and ``spaces`` depend on nothing of the package; nothing imports ``nodes`` or ComfyUI. Checked on
-the import statements of every module, and by importing the whole library in a fresh interpreter that has no
-ComfyUI on its path.
+training -> sampling -> spaces; reference -> spaces; training, sampling and reference may use ``safe_files``, training
+and sampling ``progress``; ``safe_files``, ``progress`` and ``spaces`` depend on nothing of the package; nothing
+imports ``nodes`` or ComfyUI. Checked on the import statements of every module, and by importing the whole library
+in a fresh interpreter that has no ComfyUI on its path.
 """
 from __future__ import annotations
 
@@ -20,10 +20,11 @@ HOST_MODULES = ("comfy", "comfy_api", "comfy_extras", "folder_paths", "latent_pr
 ALLOWED = {
     "spaces": set(),
     "safe_files": set(),
+    "progress": set(),
     "piflow_adapter": {"sampling"},
     "methods": {"sampling", "spaces"},
-    "sampling": {"spaces", "safe_files"},  # safe_files: saved optimal-steps schedules
-    "training": {"sampling", "spaces", "safe_files"},
+    "sampling": {"spaces", "safe_files", "progress"},  # safe_files: saved optimal-steps schedules
+    "training": {"sampling", "spaces", "safe_files", "progress"},
     "reference": {"spaces", "safe_files"},
 }
 

@@ -126,6 +126,26 @@ def test_merged_folds_the_lora_into_the_weights_and_puts_them_back():
     loraset.remove()
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_merged_keeps_the_hook_on_low_precision_weights(dtype):
+    """Folded into float16/bfloat16 weights, a LoRA is rounded to the weights' precision (small ones vanish); the target
+    pass must compute what the student computes, so these layers keep the hook: same outputs, bit for bit."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(16, 16), nn.Linear(16, 16)).to(dtype)
+    loraset = attach_lora(net, rank=2)
+    with torch.no_grad():
+        for adapter in loraset.adapters.values():
+            adapter.lora_up.weight.fill_(1e-2)
+    x = torch.randn(4, 16).to(dtype)
+    hooked = net(x)
+    with loraset.enabled(False):
+        assert not torch.equal(net(x), hooked), "the LoRA changes the output"
+    with loraset.merged():
+        assert torch.equal(net(x), hooked)
+    assert loraset.output_dtypes == {dtype}
+    loraset.remove()
+
+
 def test_merged_keeps_the_hook_where_the_host_transforms_the_weight(comfy):
     """A ComfyUI weight_function (a run-time patch) sees the base weight, as with the hooks."""
     ops = comfy.ops.disable_weight_init

@@ -28,6 +28,8 @@ from distill_core.reference.mixture import GaussianMixture
 from distill_core.safe_files import write_safetensors
 from distill_core.sampling import optimal_steps
 from distill_core.sampling.optimal_steps import (
+    endpoint_calls,
+    euler_endpoints,
     load_schedule,
     median_schedule,
     save_schedule,
@@ -364,6 +366,19 @@ def test_counted_calls_and_evaluations(mode, teacher_solver):
     assert seen == [(done, found.cost.calls) for done in range(1, found.cost.calls + 1)]
     if mode == "paper" and teacher_solver == "euler":
         assert found.cost.evaluations <= (1 + steps) * total * batch  # the official count
+
+
+def test_euler_endpoints_of_several_schedules_in_counted_calls():
+    model = reference_model(demo_mixture(), VE, RING)
+    start = noise(5, 9)
+    schedules = {"normal": normal_sigmas(VE, 4), "karras": karras_sigmas(VE, 6)}
+    seen = []
+    ends = euler_endpoints(model, lambda sigmas: start * sigmas[0], schedules, max_batch=2,
+                           progress=lambda done, count: seen.append((done, count)))
+    for name, sigmas in schedules.items():
+        assert torch.allclose(ends[name], solve(model, start * sigmas[0], sigmas), rtol=0, atol=1e-11)
+    calls = endpoint_calls(5, (4, 6), 2)
+    assert calls == (4 + 6) * 3 and seen == [(done, calls) for done in range(1, calls + 1)]
 
 
 def test_progress_callback_can_cancel_between_calls():
