@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from distill_core.safe_files import read_safetensors
+from distill_core.safe_files import UnsafeFileError, read_safetensors, write_safetensors
 from distill_core.spaces import NoiseSpace, scaled_linear_alphas_cumprod
 from distill_core.training.checkpoint import load_checkpoint
 from distill_core.training.cli import DemoEpsNet, demo_network, eps_denoiser, velocity_denoiser
@@ -444,6 +444,25 @@ def test_resuming_a_dmd_checkpoint_as_another_objective_or_rank_is_refused_and_c
         assert torch.equal(trained_vector(fresh), initial)
     after = os.stat(checkpoint).st_mtime_ns, read_safetensors(checkpoint)[0]
     assert before[0] == after[0] and all(torch.equal(before[1][key], after[1][key]) for key in before[1])
+
+
+def test_each_role_keeps_its_own_loss_scale_in_the_checkpoint(tmp_path):
+    """Generator and fake score backpropagate separate losses: each has its own scaler, saved and restored."""
+    checkpoint = str(tmp_path / "run.ckpt.safetensors")
+    _, trainer = dmd_setup(steps=2)
+    trainer.loss_scales[FAKE].scale, trainer.loss_scales[FAKE].good_steps = 2.0**10, 7
+    trainer.train(checkpoint_path=checkpoint)
+    assert {role: scale.enabled for role, scale in trainer.loss_scales.items()} == {STUDENT: False, FAKE: False}
+    expected = {STUDENT: {"scale": 2.0**16, "good_steps": 0}, FAKE: {"scale": 2.0**10, "good_steps": 7}}
+    assert load_checkpoint(checkpoint).loss_scale == expected
+    _, resumed = dmd_setup(steps=3)
+    resumed.train(checkpoint_path=checkpoint, resume=True)
+    assert {role: scale.state() for role, scale in resumed.loss_scales.items()} == expected
+
+    tensors, metadata = read_safetensors(checkpoint)
+    write_safetensors(checkpoint, tensors, {**metadata, "loss_scale": json.dumps({STUDENT: expected[STUDENT]})})
+    with pytest.raises(UnsafeFileError, match="one entry per role"):
+        load_checkpoint(checkpoint)
 
 
 def test_cli_runs_dmd_keeps_the_fake_score_and_refuses_one_of_another_base(tmp_path):
