@@ -118,7 +118,8 @@ _HEADER_PROBLEMS = (
 
 def _header_problem(error: Exception) -> str:
     text = str(error)
-    return next((plain for marker, plain in _HEADER_PROBLEMS if marker in text), "its header is not a valid safetensors header")
+    return next((plain for marker, plain in _HEADER_PROBLEMS if marker in text),
+                "its header is not a valid safetensors header")
 
 
 def check_safetensors_file(path: str | os.PathLike) -> None:
@@ -165,11 +166,11 @@ def check_safetensors_file(path: str | os.PathLike) -> None:
     try:
         with safetensors.safe_open(name, framework="pt", device="cpu"):
             pass
-    except Exception as error:  # SafetensorError and the JSON errors it wraps: never shown raw
+    except (safetensors.SafetensorError, OSError, ValueError) as error:  # never shown raw
         problem = _header_problem(error)
         if "not fully covered" in str(error):
-            problem += (f" (its header describes {_described_tensor_bytes(entries)} bytes of tensor data, the file holds "
-                        f"{size - 8 - header_size})")
+            problem += (f" (its header describes {_described_tensor_bytes(entries)} bytes of tensor data, the file "
+                        f"holds {size - 8 - header_size})")
         raise UnsafeFileError(f"{name} is a damaged safetensors file: {problem}; copy or download it again") from None
 
 
@@ -190,9 +191,10 @@ def read_safetensors(path: str | os.PathLike, require_finite: bool = True) -> tu
     check_safetensors_file(path)
     with safetensors.safe_open(os.fspath(path), framework="pt", device="cpu") as reader:
         metadata = dict(reader.metadata() or {})
-        tensors = {key: reader.get_tensor(key) for key in reader.keys()}
+        tensors = {key: reader.get_tensor(key) for key in reader.keys()}  # noqa: SIM118 (safe_open has no __iter__)
     if require_finite:
-        broken = [key for key, value in tensors.items() if value.is_floating_point() and not bool(value.isfinite().all())]
+        broken = [key for key, value in tensors.items()
+                  if value.is_floating_point() and not bool(value.isfinite().all())]
         if broken:
             raise UnsafeFileError(f"{os.fspath(path)} holds NaN or infinite values in {len(broken)} tensor(s) (e.g. "
                                   f"{broken[0]!r}); the file is broken: re-create or download it again")

@@ -77,7 +77,8 @@ def _shape_coverage(shape: str, size: int, supersample: int = 4) -> Tensor:
     elif shape == "square":
         inside = (x.abs() <= 2.6 * scale) & (y.abs() <= 2.6 * scale)
     elif shape == "cross":
-        inside = ((x.abs() <= 1.0 * scale) | (y.abs() <= 1.0 * scale)) & (x.abs() <= 3.6 * scale) & (y.abs() <= 3.6 * scale)
+        inside = (((x.abs() <= 1.0 * scale) | (y.abs() <= 1.0 * scale))
+                  & (x.abs() <= 3.6 * scale) & (y.abs() <= 3.6 * scale))
     elif shape == "ring":
         inside = (radius >= 1.9 * scale) & (radius <= 3.5 * scale)
     else:

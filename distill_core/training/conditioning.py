@@ -20,7 +20,7 @@ def _cond_map(fn: Callable[..., Tensor], *conds: Cond) -> Cond:
     if isinstance(first, dict):
         return {key: _cond_map(fn, *(cond[key] for cond in conds)) for key in first}
     if isinstance(first, (list, tuple)):
-        return type(first)(_cond_map(fn, *items) for items in zip(*conds))
+        return type(first)(_cond_map(fn, *items) for items in zip(*conds, strict=True))
     return first
 
 
@@ -29,7 +29,8 @@ def cond_cat(conds: Sequence[Cond]) -> Cond:
     def cat(*tensors: Tensor) -> Tensor:
         shapes = {tuple(t.shape[1:]) for t in tensors}
         if len(shapes) > 1:
-            raise ValueError(f"conditionings must share their shape beyond the batch to be batched together, got {sorted(shapes)}")
+            raise ValueError("conditionings must share their shape beyond the batch to be batched together, got "
+                             f"{sorted(shapes)}")
         return torch.cat(tensors)
     return _cond_map(cat, *conds)
 

@@ -7,12 +7,14 @@ skip and say why.
 """
 from __future__ import annotations
 
+import contextlib
 import re
 import shutil
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import pytest
 
@@ -149,10 +151,8 @@ class Frontend:
                 close.first.click()
             else:
                 self.page.keyboard.press("Escape")
-            try:
+            with contextlib.suppress(Exception):  # playwright's TimeoutError: the next round tries again
                 dialog.wait_for(state="hidden", timeout=5_000)
-            except Exception:  # noqa: BLE001  (playwright's TimeoutError: the next round tries again)
-                pass
         raise AssertionError(f"dialogs do not close: {list(self.dialogs())}")
 
     def graph_nodes(self) -> list[dict]:
@@ -177,7 +177,8 @@ class Frontend:
                  const box = canvas.getBoundingClientRect();
                  const at = {clientX: box.x + box.width / 2, clientY: box.y + box.height / 2};
                  for (const type of ['dragenter', 'dragover', 'drop'])
-                   canvas.dispatchEvent(new DragEvent(type, {dataTransfer: files, bubbles: true, cancelable: true, ...at}));
+                   canvas.dispatchEvent(new DragEvent(type, {dataTransfer: files, bubbles: true, cancelable: true,
+                                                             ...at}));
                }""",
             [name, text],
         )
@@ -286,7 +287,7 @@ class Frontend:
         raise AssertionError(f"prompt {prompt_id} did not finish within {timeout:.0f} s")
 
     def screenshot(self, name: str) -> Path:
-        """Save the page to docs/screenshots/<name>.png (see tests/artifacts.py), with the mouse parked off the graph."""
+        """Save the page to docs/screenshots/<name>.png (see tests/artifacts.py), the mouse parked off the graph."""
         self.page.mouse.move(20, VIEWPORT["height"] // 2 + 100)  # the empty part of the side bar: no hover
         self.page.wait_for_timeout(400)  # let dialog fade-ins and hover effects finish
         path = docs_path(f"screenshots/{name}.png")

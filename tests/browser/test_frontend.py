@@ -2,6 +2,7 @@
 Stride nodes are found by the node search; broken workflows get the frontend's normal messages."""
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import time
@@ -109,10 +110,8 @@ def test_stride_nodes_are_found_by_the_node_search(frontend, comfy_server):
     def search(text: str, expected: str) -> list[str]:
         """Type into the open search box; wait until ``expected`` is listed (or 10 s); return the list."""
         field.fill(text)
-        try:
+        with contextlib.suppress(Exception):  # playwright's TimeoutError; the callers' assertions say what was listed
             page.locator(f"li.p-autocomplete-option[aria-label='{expected}']").wait_for(state="visible", timeout=10_000)
-        except Exception:  # noqa: BLE001  (playwright's TimeoutError; the callers' assertions say what was listed)
-            pass
         return page.eval_on_selector_all("li.p-autocomplete-option", "os => os.map(o => o.getAttribute('aria-label'))")
 
     open_search()

@@ -67,8 +67,8 @@ def test_library_imports_without_comfyui() -> None:
     code = ("import sys, importlib, pkgutil, distill_core\n"
             "for info in pkgutil.walk_packages(distill_core.__path__, 'distill_core.'):\n"
             "    importlib.import_module(info.name)\n"
-            "bad = sorted(name for name in sys.modules if name.split('.')[0] in %r)\n"
-            "assert not bad, bad\n" % (HOST_MODULES,))
+            f"bad = sorted(name for name in sys.modules if name.split('.')[0] in {HOST_MODULES!r})\n"
+            "assert not bad, bad\n")
     done = subprocess.run([sys.executable, "-c", code], cwd=CORE.parent, capture_output=True, text=True,
                           env={"PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"}, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
