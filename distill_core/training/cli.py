@@ -238,7 +238,8 @@ def run(settings: dict[str, Any]) -> RunSummary:
         if rank == 0 and settings.get("output"):
             metadata = {"stride.objective": config.objective, "stride.steps": str(result.steps_done),
                         "stride.config": json.dumps(config.to_dict())}
-            write_safetensors(settings["output"], lora_state_dict(trainer.loraset, settings.get("lora_prefix", "diffusion_model.")), metadata)
+            prefix = settings.get("lora_prefix", "diffusion_model.")
+            write_safetensors(settings["output"], lora_state_dict(trainer.loraset, prefix), metadata)
         if rank == 0 and settings.get("fake_score_output"):
             from .dmd import FAKE, fake_score_metadata
 

@@ -197,7 +197,8 @@ def test_each_base_dtype_trains_a_float32_lora_to_the_float32_loss(weights, floa
     optimizer_dtypes = {value.dtype for state in trainer.optimizers[STUDENT].state.values() for value in state.values()
                         if torch.is_tensor(value) and value.ndim}
     assert optimizer_dtypes == {torch.float32}, "AdamW's moments stay float32"
-    assert trainer.loss_scales[STUDENT].enabled == (compute == torch.float16), "loss scaling exactly where float16 computes"
+    assert trainer.loss_scales[STUDENT].enabled == (compute == torch.float16), \
+        "loss scaling exactly where float16 computes"
 
     reference = float32_runs[weight_dtype]
     direction = cosine(lora_vector(lora) - reference["start"], reference["moved"])
