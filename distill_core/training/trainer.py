@@ -25,7 +25,10 @@ phase: it reports its progress and stops at a Cancel within one teacher call, wr
 Randomness of step ``k`` comes from a generator seeded by ``(seed, rank, k)``, so resuming
 reproduces the uninterrupted run exactly. Under ``torch.distributed`` every rank runs this
 loop on its own samples and LoRA gradients are averaged with one all-reduce per step.
-Checkpoints are safetensors (LoRA, AdamW state, RNG state) with JSON metadata, never pickle.
+A float16 network gets dynamic loss scaling, one scaler per trained LoRA (role), since each role
+backpropagates a loss of its own (:mod:`distill_core.training.loss_scale`). Checkpoints are
+safetensors (every role's LoRA, AdamW state and loss scale, the loss history, RNG state) with JSON
+metadata, never pickle (:mod:`distill_core.training.checkpoint`).
 """
 from __future__ import annotations
 
@@ -219,7 +222,8 @@ class LoraTrainer:
         config = self.config
         settings = {name: getattr(config, name) for name in POOL_SETTINGS}
         settings.update(rank=self.rank, latent_shape=list(self.data.latent_shape or ()),
-                        dtype=str(self.params[0].dtype), device=self.device.type, timesteps=self.pool_steps().tolist())
+                        dtype=str(self.loraset.parameters()[0].dtype), device=self.device.type,
+                        timesteps=self.pool_steps().tolist())
         conds = [("uncond", self.uncond), *((f"cond.{i}", cond) for i, cond in enumerate(self.conds))]
         inputs = [(f"{label}{path}", tensor) for label, cond in conds for path, tensor in named_cond_tensors(cond)]
         return CacheKey.of(POOL_KIND, settings, [*inputs, ("sigma_table", self.space.sigma_table)])
