@@ -21,6 +21,7 @@ from types import ModuleType
 import torch
 
 from . import (
+    dmd,
     family_quality,
     full_size,
     gpu,
@@ -37,7 +38,7 @@ from .harness import REPO_ROOT, SanityError, machine_facts
 from .report import merge, render_failure, render_header, render_section
 
 BENCHMARKS: list[ModuleType] = [sampler_quality, family_quality, sampler_overhead, piflow_overhead, scaling, hybrid,
-                                 optimal_steps, training, gpu, full_size]
+                                 optimal_steps, training, dmd, gpu, full_size]
 """Every benchmark, in report order (one module each)."""
 OPT_IN = {gpu.NAME, full_size.NAME}
 """Benchmarks that run only when asked for (``--gpu``, ``--full-size`` or ``--only``)."""

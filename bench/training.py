@@ -588,7 +588,7 @@ def _distil(ctx: BenchContext, model: Any, mixture: GaussianMixture, steps: int,
         before = held_out_loss()
         ctx.log(f"{NAME}: distilling the demo UNet for {steps} steps (batch {batch})")
         started = time.perf_counter()
-        losses = torch.tensor(trainer.train().losses)
+        losses = torch.tensor(trainer.train().losses["loss"])
         seconds = time.perf_counter() - started
         with torch.no_grad():
             probe_output = rig.denoise(*probe)

@@ -25,15 +25,22 @@ import comfy.model_management
 import comfy.utils
 import folder_paths
 
-from ..distill_core.methods import METHODS
+from ..distill_core import methods
 from ..distill_core.progress import CHECKPOINT, ENCODE, UNITS, Cancelled, PhaseCallback, Progress
 from ..distill_core.safe_files import read_safetensors, write_safetensors
 from ..distill_core.spaces import NoiseSpace, all_finite
+from ..distill_core.training import dmd
 from ..distill_core.training.config import OBJECTIVE_DEFAULTS, OBJECTIVES, DistillConfig, TrainingData
-from ..distill_core.training.lora import LoraSet, NoLoraLayersError, ensure_autograd_compatible, lora_state_dict
+from ..distill_core.training.lora import (
+    LoraTargetError,
+    NoLoraLayersError,
+    ensure_autograd_compatible,
+    lora_state_dict,
+    weights_fingerprint,
+)
 from ..distill_core.training.progress import TrainingProgress
 from ..distill_core.training.teacher_cache import TeacherCache, tensor_fingerprint
-from ..distill_core.training.trainer import DistillDivergedError, DistillTrainer, TrainResult, attach_student_lora
+from ..distill_core.training.trainer import STUDENT, DistillDivergedError, LoraTrainer, TrainResult, build_trainer
 from .compat import (
     StrideError,
     apply_lora,
@@ -54,6 +61,7 @@ from .compat import (
 )
 from .headless import export_bundle
 from .lora_export import diffusers_layout, diffusers_lora
+from .samplers import stride_ksampler
 
 CATEGORY = "stride/training"
 LOSS_EVENT = "stride.distill.loss"
@@ -61,25 +69,14 @@ LOSS_HISTORY = "stride_loss"  # the UI output the live chart rebuilds itself fro
 PHASE_EVENT = "stride.distill.phase"  # {node, phase, done, total, unit}: a long phase before or between steps
 ENCODE_BATCH = 4  # images per VAE call while encoding training images (Cancel is checked between calls)
 SAVE_FORMATS = ["ComfyUI", "diffusers"]
-# the registry family each objective's LoRA is sampled as (segmented = Hyper-SD's stage 1, sampled with TCD), and the
-# sampler / scheduler nodes that build it by hand
-OBJECTIVE_FAMILIES = {"lcm": "lcm-lora", "tdd": "tdd-sdxl", "segmented": "tcd-lora"}
+OBJECTIVE_METHODS = {"lcm": "lcm-lora", "tdd": "tdd-sdxl", "segmented": "tcd-lora"}
+"""The registry entry (:mod:`distill_core.methods`) whose sampling each consistency objective's LoRA is made for
+(segmented = Hyper-SD's stage 1, sampled with TCD); a dmd LoRA uses DMD2's sampler on its own trained timesteps
+(:func:`recommended_sampling`)."""
 SAMPLING_NODES = {"lcm": ("Stride LCM Sampler", "Stride LCM Scheduler"),
                   "tdd": ("Stride TDD Sampler", "Stride TDD Scheduler"),
                   "tcd": ("Stride TCD / Hyper-SD Sampler", "Stride LCM Scheduler")}
-
-
-def recommended_sampling(objective: str) -> dict[str, Any]:
-    """What a LoRA of this objective is sampled with: the family (Stride Few-Step Sample's method), its nodes,
-    steps, CFG and the sampler's stochasticity knob, all read from the method registry."""
-    entry = METHODS[OBJECTIVE_FAMILIES[objective]]
-    sampler, scheduler = SAMPLING_NODES[entry.sampler.name]
-    knobs = {name: value for name, value in entry.sampler.knobs.items() if name in ("gamma", "eta")}
-    return {"family": entry.key, "sampler": sampler, "scheduler": scheduler, "steps": entry.default_steps,
-            "cfg": entry.cfg, **knobs}
-
-
-RECOMMENDED_SAMPLING = {objective: recommended_sampling(objective) for objective in OBJECTIVE_FAMILIES}
+"""The sampler / scheduler nodes that build a consistency objective's sampling by hand (by registry sampler name)."""
 DistillData = io.Custom("STRIDE_DISTILL_DATA")
 Lora = io.Custom("STRIDE_LORA")
 Loss = io.Custom("STRIDE_LOSS")
@@ -211,12 +208,15 @@ def model_conds(model: Any, conditioning: list, latent_shape: tuple[int, ...]) -
     return extra_conds(model, tensor, options.get("pooled_output"), latent_shape)
 
 
-def _check_teacher(model: Any) -> None:
+def _check_teacher(model: Any, objective: str) -> None:
     kind = sampling_kind(model_sampling_of_patcher(model))
-    if kind not in ("eps", "v"):
+    if objective == "dmd" and kind not in ("eps", "v", "flow"):
+        raise StrideError(f"model: dmd distillation needs an EPS, V-prediction or flow teacher; this model predicts "
+                          f"'{kind}'")
+    if objective != "dmd" and kind not in ("eps", "v"):
         raise StrideError(f"model: LCM/TDD/segmented distillation needs an EPS or V-prediction teacher on a 1000-step "
                           f"discrete schedule (SD1.5, SDXL); this model predicts '{kind}': connect an EPS or "
-                          "V-prediction model")
+                          "V-prediction model (the dmd objective also trains flow models)")
 
 
 # ------------------------------------------------------------------------------------------
@@ -243,15 +243,18 @@ class DistillOutcome:
 
     result: TrainResult
     state_dict: dict[str, torch.Tensor]
-    losses: list[float]
+    losses: dict[str, list[float]]  # series -> value per step of the whole run (NaN: none that step)
     headless: dict | None
+    fake_score: Path | None  # dmd with keep_fake_score: the kept fake score's file
     history: dict | None  # the loss history for the live chart (TrainingProgress.history); None if no step ran
 
 
 def distill_config(objective: str, steps: int, learning_rate: float, rank: int, alpha: float, batch_size: int,
                    guidance_min: float, guidance_max: float, loss: str, gradient_checkpointing: bool, seed: int,
-                   save_every: int) -> DistillConfig:
-    """The trainer's settings from the node's inputs: guidance 0/0 is the objective's default range, alpha 0 is rank."""
+                   save_every: int, dmd_guidance: float = 1.75, ttur: int = 5,
+                   generator_steps: int = 4) -> DistillConfig:
+    """The trainer's settings from the node's inputs: guidance 0/0 is the objective's default range, alpha 0 is rank;
+    the dmd inputs reach the config whatever the objective (their checks hold for every config)."""
     if guidance_min == 0 and guidance_max == 0:
         defaults = OBJECTIVE_DEFAULTS[objective]
         guidance_min, guidance_max = defaults["guidance_min"], defaults["guidance_max"]
@@ -262,7 +265,8 @@ def distill_config(objective: str, steps: int, learning_rate: float, rank: int, 
         return DistillConfig(objective=objective, steps=steps, lr=learning_rate, rank=rank, alpha=alpha or None,
                              batch=batch_size, guidance_min=guidance_min, guidance_max=guidance_max, loss=loss,
                              seed=seed, gradient_checkpointing=gradient_checkpointing, save_every=save_every,
-                             skip_small_layers=True)
+                             skip_small_layers=True, guidance_scale=dmd_guidance, ttur=ttur,
+                             generator_steps=generator_steps)
     except ValueError as exc:
         raise StrideError(f"settings: {exc}") from None
 
@@ -270,7 +274,7 @@ def distill_config(objective: str, steps: int, learning_rate: float, rank: int, 
 def prepare_run(model: Any, data: dict, config: DistillConfig, lora_name: str, export_headless: bool,
                 cache_teacher: bool = False) -> DistillRun:
     """Check the teacher and the data against each other and derive the trainer's inputs on a loaded clone."""
-    _check_teacher(model)
+    _check_teacher(model, config.objective)
     path = checkpoint_path(lora_name)
     path.parent.mkdir(parents=True, exist_ok=True)
     student = model.clone()
@@ -310,62 +314,72 @@ def prepare_run(model: Any, data: dict, config: DistillConfig, lora_name: str, e
                       path.parent.parent / "stride_headless" / path.stem if export_headless else None, notes, cache)
 
 
-def run_distillation(run: DistillRun, resume: bool, node_id: str | None) -> DistillOutcome:
-    """Train the LoRA on the run's clone (progress bar, loss events, Cancel, checkpoints); the LoRA is
+def run_distillation(run: DistillRun, resume: bool, node_id: str | None,
+                     keep_fake_score: bool = False) -> DistillOutcome:
+    """Train the LoRA(s) on the run's clone (progress bar, loss events, Cancel, checkpoints); the LoRAs are
     detached again whatever happens, so the MODEL the graph passed in is never changed."""
     network = run.student.model.diffusion_model
     ensure_autograd_compatible(network)
+
+    def denoiser(x: torch.Tensor, sigma: torch.Tensor, cond: dict) -> torch.Tensor:
+        return run.student.model.apply_model(x, sigma, **cond)
+
     try:  # like diffusers' LCM-LoRA, layers narrower than the rank (the 4-channel in/out convs) get no adapter
-        loraset = attach_student_lora(network, run.config)
+        trainer = build_trainer(denoiser, network, run.space, run.config, run.data)
     except NoLoraLayersError as exc:
         raise StrideError(f"model: {exc}; distil a network model (a UNet or DiT checkpoint): the analytic reference "
                           "teacher has no weights") from None
-    except ValueError as exc:
+    except LoraTargetError as exc:
         raise StrideError(f"rank: {exc}") from None
+    except ValueError as exc:
+        raise StrideError(f"settings: {exc}") from None
     steps = run.config.steps
     bar = comfy.utils.ProgressBar(steps)
     on_phase = phase_reporter(bar, node_id)
-    losses: list[float] = []
     progress: TrainingProgress | None = None
 
-    def on_step(step: int, value: float) -> None:
+    def on_step(step: int, losses: dict[str, float]) -> None:
+        """Each loss series (dmd: generator and fake) into the progress text and the live chart's panels."""
         nonlocal progress
         if progress is None:  # a resumed run starts after its checkpoint's step
             progress = TrainingProgress(steps, first_step=step)
-        losses.append(value)
-        progress.update(step, {"loss": value})
+        progress.update(step, losses)
         bar.update_absolute(step, steps)
-        send_event(LOSS_EVENT, {"node": node_id, **progress.event()})
+        event: dict[str, Any] = {"node": node_id, **progress.event()}
+        if step == progress.first_step > 1:  # the first step after a resume: the chart gets the steps before it too
+            event["history"] = [{name: values[k] for name, values in trainer.history.items()
+                                 if math.isfinite(values[k])} for k in range(step - 1)]
+        send_event(LOSS_EVENT, event)
         send_progress_text(progress.text(), node_id)
 
-    headless = None
+    headless, fake_score = None, None
     try:
         if run.headless_folder is not None:
             command = export_bundle(run.headless_folder, run.student, run.config, run.data, run.checkpoint.stem,
                                     cancellable(on_phase))
             headless = {"bundle": str(run.headless_folder), "command": command}
-        result = _train(run, loraset, on_step, on_phase, resume)
+        result = _train(trainer, run, on_step, on_phase, resume)
+        if keep_fake_score and dmd.FAKE in trainer.adapters:
+            fake_score = run.checkpoint.with_name(f"{run.checkpoint.stem}_fake_score.safetensors")
+            write_safetensors(fake_score, lora_state_dict(trainer.adapters[dmd.FAKE]),
+                              dmd.fake_score_metadata(weights_fingerprint(network), run.config))
     except Cancelled:  # the export stopped before its files were moved into place: nothing was written
         comfy.model_management.throw_exception_if_processing_interrupted()
         raise
     finally:
-        state = lora_state_dict(loraset)
-        loraset.remove()
+        state = lora_state_dict(trainer.adapters[STUDENT])
+        trainer.detach()
     if result.cancelled:
         comfy.model_management.throw_exception_if_processing_interrupted()
-    return DistillOutcome(result, state, losses, headless, progress.history() if progress is not None else None)
+    return DistillOutcome(result, state, result.losses, headless, fake_score,
+                          progress.history() if progress is not None else None)
 
 
-def _train(run: DistillRun, loraset: LoraSet, on_step: Callable[[int, float], None], on_phase: PhaseCallback,
-           resume: bool) -> TrainResult:
+def _train(trainer: LoraTrainer, run: DistillRun, on_step: Callable[[int, dict[str, float]], None],
+           on_phase: PhaseCallback, resume: bool) -> TrainResult:
     """The trainer's loop on the run's clone, its refusals worded for the node's inputs; a Cancel in the data-free
     pool ends it with nothing written (the pool is not cached, no checkpoint is written)."""
-
-    def denoiser(x: torch.Tensor, sigma: torch.Tensor, cond: dict) -> torch.Tensor:
-        return run.student.model.apply_model(x, sigma, **cond)
-
     try:
-        trainer = DistillTrainer(denoiser, loraset, run.space, run.config, run.data)
         return trainer.train(on_step, comfy.model_management.processing_interrupted, str(run.checkpoint), resume,
                              on_phase, run.cache)
     except DistillDivergedError as exc:
@@ -384,16 +398,39 @@ def training_report(model: Any, run: DistillRun, outcome: DistillOutcome) -> io.
         layout = {"modules": modules, "form": form}
     except StrideError as exc:
         layout = {"error": str(exc)}
-    lora = {"state_dict": outcome.state_dict, "metadata": lora_metadata(model, config, outcome.result.steps_done),
-            "diffusers": layout}
+    metadata = lora_metadata(model, config, outcome.result.steps_done, run.space)
+    lora = {"state_dict": outcome.state_dict, "metadata": metadata, "diffusers": layout}
+    final = {name: next((v for v in reversed(values) if math.isfinite(v)), None)
+             for name, values in outcome.losses.items()}
     resumed = outcome.result.resume_note(config.steps)
     notes = [*run.notes, *([f"resume: {resumed}"] if resumed else [])]
-    report = {"objective": config.objective, "steps": outcome.result.steps_done, "notes": notes,
-              "final_loss": outcome.losses[-1] if outcome.losses else None, "checkpoint": str(run.checkpoint),
-              "recommended_sampling": RECOMMENDED_SAMPLING[config.objective], "settings": config.to_dict(),
-              "headless": outcome.headless, "teacher_cache": run.cache.last if run.cache is not None else None}
+    report = {"objective": config.objective, "steps": outcome.result.steps_done, "notes": notes, "final_loss": final,
+              "checkpoint": str(run.checkpoint), "recommended_sampling": json.loads(metadata["stride.recommended"]),
+              "settings": config.to_dict(), "headless": outcome.headless,
+              "fake_score": str(outcome.fake_score) if outcome.fake_score else None,
+              "teacher_cache": run.cache.last if run.cache is not None else None}
     history = {LOSS_HISTORY: [outcome.history]} if outcome.history is not None else None
     return io.NodeOutput(trained, lora, outcome.losses, json.dumps(report), ui=history)
+
+
+def recommended_sampling(config: DistillConfig, space: NoiseSpace) -> dict[str, Any]:
+    """How the LoRA is sampled, from the method registry: the consistency objectives' published methods; for dmd
+    DMD2's sampler (predict x0, re-noise; unit-noise input when the first step is below the top timestep) on the
+    run's own generator timesteps. ``nodes``: the nodes that build it (Stride Distilled Sampling builds every
+    objective's from the LoRA alone)."""
+    timesteps = None
+    if config.objective == "dmd":
+        trained = dmd.dmd_timesteps(config, space.num_timesteps)
+        entry = methods.method("dmd2-sdxl-4step" if int(trained[0]) == space.num_timesteps - 1 else "dmd2-sdxl-1step")
+        timesteps, steps = trained.tolist(), len(trained)
+        nodes = ["Stride Distilled Sampling"]
+    else:
+        entry = methods.method(OBJECTIVE_METHODS[config.objective])
+        steps = entry.default_steps
+        nodes = ["Stride Distilled Sampling", *SAMPLING_NODES[entry.sampler.name]]
+    return {"method": entry.key, "family": entry.family, "sampler": entry.sampler.name,
+            "knobs": dict(entry.sampler.knobs), "steps": steps, "timesteps": timesteps, "cfg": entry.cfg,
+            "nodes": nodes, "source": entry.sources[0].cite()}
 
 
 class StrideDistillLoRA(io.ComfyNode):
@@ -401,22 +438,24 @@ class StrideDistillLoRA(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="StrideDistillLoRA", display_name="Stride Distill LoRA", category=CATEGORY,
-            description=("Distils the MODEL's many-step sampling into a LoRA for 2-8 step sampling (LCM, TDD or "
-                         "segmented consistency objectives). The teacher is the same network with the LoRA switched "
-                         "off; the MODEL passed in is not changed. While it trains, the node shows the step, the loss "
-                         "(raw and smoothed) and the time left, as text and in a live chart, and the long phases "
-                         "before the steps (the data-free teacher pool, the headless export) with their own "
-                         "progress. Cancel stops a phase within one model call, writing nothing, and the steps at "
-                         "the next step, keeping a checkpoint; resume continues it."),
+            description=("Distils the MODEL's many-step sampling into a LoRA for 1-8 step sampling (LCM, TDD or "
+                         "segmented consistency objectives, or DMD2 distribution matching). The teacher is the same "
+                         "network with the LoRA switched off; the MODEL passed in is not changed. While it trains, the "
+                         "node shows the step, each loss (raw and smoothed) and the time left, as text and in a live "
+                         "chart, and the long phases before the steps (the data-free teacher pool, the headless "
+                         "export) with their own progress. Cancel stops a phase within one model call, writing "
+                         "nothing, and the steps at the next step, keeping a checkpoint; resume continues it."),
             inputs=[
                 io.Model.Input("model", tooltip="The teacher: a model that predicts noise or velocity (EPS/V, e.g. "
-                                                "SD1.5, SDXL), with any LoRAs you want kept applied."),
+                                                "SD1.5, SDXL; dmd also flow models), with any LoRAs you want kept "
+                                                "applied."),
                 DistillData.Input("data", tooltip="Prompts / images from Stride Distillation Data."),
-                combo("objective", OBJECTIVES, "lcm: the LCM-LoRA recipe, teacher guidance varied between 3 and "
-                                               "15 (a DDIM teacher on a skipping grid, w ~ U[3,15]); tdd: "
-                                               "Target-Driven Distillation, for 4-8 steps with real guidance (20% "
-                                               "empty prompts, w 3.5); segmented: Hyper-SD's first stage, "
-                                               "consistency within time segments."),
+                combo("objective", OBJECTIVES, "lcm: LCM-LoRA (skipping-step DDIM teacher, w ~ U[3,15]); tdd: "
+                                               "Target-Driven Distillation (4-8 step targets, 20% empty prompts, "
+                                               "w 3.5, real CFG works); segmented: Hyper-SD stage-1 consistency "
+                                               "within time segments; dmd: DMD2 distribution matching (a generator "
+                                               "LoRA and a fake-score LoRA on the one network; 1-4 step students, "
+                                               "EPS/V and flow models; see dmd_guidance, ttur, generator_steps)."),
                 io.Int.Input("steps", default=1000, min=1, max=100000, tooltip="Optimizer steps."),
                 io.Float.Input("learning_rate", default=1e-4, min=1e-7, max=1e-1, step=1e-5,
                                tooltip="AdamW learning rate (LCM-LoRA: 1e-4)."),
@@ -450,12 +489,24 @@ class StrideDistillLoRA(io.ComfyNode):
                                          "reuse it when the same model, prompts and settings run again (the model's "
                                          "weights are hashed; a pool made by another model is not used). The report "
                                          "says hit, miss or refused."),
+                io.Float.Input("dmd_guidance", optional=True, default=1.75, min=0.01, max=30.0, step=0.05,
+                               tooltip="dmd: CFG scale of the real score (ComfyUI cfg; 1 = no guidance). DMD2 used "
+                                       "1.75 for SD1.5 and 8 for SDXL; the student samples at CFG 1."),
+                io.Int.Input("ttur", optional=True, default=5, min=1, max=100,
+                             tooltip="dmd: fake-score updates per generator update (DMD2: 5 for SDXL, 10 for SD1.5)."),
+                io.Int.Input("generator_steps", optional=True, default=4, min=1, max=50,
+                             tooltip="dmd: sampling steps of the student; DMD2's timesteps 999 - k (1000 // steps) "
+                                     "(4 -> 999, 749, 499, 249; 1 -> 999)."),
+                io.Boolean.Input("keep_fake_score", optional=True, default=False,
+                                 tooltip="dmd: also write the fake score's LoRA next to the checkpoint "
+                                         "(output/stride_checkpoints/<name>_fake_score.safetensors)."),
             ],
             outputs=[
                 io.Model.Output(display_name="model", tooltip="The MODEL with the trained LoRA applied (sample right "
                                                               "away)."),
                 Lora.Output(display_name="lora", tooltip="The trained LoRA (connect Stride Save LoRA)."),
-                Loss.Output(display_name="loss", tooltip="Loss per step (connect Stride Loss Plot)."),
+                Loss.Output(display_name="loss", tooltip="Loss per step of the whole run, resumed part included, per "
+                                                         "series (dmd: generator and fake; connect Stride Loss Plot)."),
                 io.String.Output(display_name="report",
                                  tooltip="A JSON summary: steps, notes (what differed from what was asked: a "
                                          "floored size, a resume with nothing left to train), final loss, "
@@ -470,28 +521,27 @@ class StrideDistillLoRA(io.ComfyNode):
     @classmethod
     def execute(cls, model: Any, data: dict, objective: str, steps: int, learning_rate: float, rank: int, alpha: float,
                 batch_size: int, guidance_min: float, guidance_max: float, loss: str, gradient_checkpointing: bool,
-                seed: int, save_every: int, lora_name: str, resume: bool,
-                export_headless: bool = False, cache_teacher: bool = False) -> io.NodeOutput:
+                seed: int, save_every: int, lora_name: str, resume: bool, export_headless: bool = False,
+                cache_teacher: bool = False, dmd_guidance: float = 1.75, ttur: int = 5, generator_steps: int = 4,
+                keep_fake_score: bool = False) -> io.NodeOutput:
         config = distill_config(objective, steps, learning_rate, rank, alpha, batch_size, guidance_min, guidance_max,
-                                loss, gradient_checkpointing, seed, save_every)
+                                loss, gradient_checkpointing, seed, save_every, dmd_guidance, ttur, generator_steps)
         run = prepare_run(model, data, config, lora_name, export_headless, cache_teacher)
-        return training_report(model, run, run_distillation(run, resume, node_unique_id(cls)))
+        return training_report(model, run, run_distillation(run, resume, node_unique_id(cls), keep_fake_score))
 
 
-def model_fingerprint(model) -> str:
+def model_fingerprint(model: Any) -> str:
     """A short hash of the base network's weights, so a LoRA records what it was distilled from."""
-    digest = torch.zeros((), dtype=torch.float64)
-    for index, (_, tensor) in enumerate(sorted(model.model.diffusion_model.state_dict().items())):
-        digest += (index + 1) * tensor.detach().double().sum()
-    return f"{float(digest):.10e}"
+    return weights_fingerprint(model.model.diffusion_model)
 
 
-def lora_metadata(model, config: DistillConfig, steps_done: int) -> dict[str, str]:
-    recommended = RECOMMENDED_SAMPLING[config.objective]
+def lora_metadata(model: Any, config: DistillConfig, steps_done: int, space: NoiseSpace) -> dict[str, str]:
+    recommended = recommended_sampling(config, space)
     return {
         "stride.format": "stride-distill-lora-1",
         "stride.base_fingerprint": model_fingerprint(model),
         "stride.objective": config.objective,
+        "stride.family": recommended["family"],
         "stride.steps": str(steps_done),
         "stride.rank": str(config.rank),
         "stride.alpha": str(config.alpha),
@@ -607,51 +657,102 @@ def lora_fit_report(model: Any, lora_name: str, state_dict: dict[str, torch.Tens
             "misshaped": fit.misshaped[:10], "notes": notes}
 
 
+SERIES_COLOURS = [(30, 80, 200), (220, 120, 20), (40, 150, 60), (200, 40, 90)]
+
+
 class StrideLossPlot(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="StrideLossPlot", display_name="Stride Loss Plot", category=CATEGORY,
-            description="Draws the distillation loss per step (raw and smoothed) as an image.",
+            description=("Draws the distillation loss per step (raw and smoothed, one colour per series: dmd has a "
+                         "generator and a fake-score loss) as an image."),
             inputs=[
                 Loss.Input("loss", tooltip="The loss output of Stride Distill LoRA."),
                 io.Int.Input("width", default=640, min=160, max=2048, tooltip="Image width in pixels."),
                 io.Int.Input("height", default=320, min=120, max=2048, tooltip="Image height in pixels."),
             ],
-            outputs=[io.Image.Output(display_name="plot", tooltip="The loss curve (log scale).")],
+            outputs=[io.Image.Output(display_name="plot", tooltip="The loss curves (log scale).")],
         )
 
     @classmethod
-    def execute(cls, loss: list[float], width: int, height: int) -> io.NodeOutput:
+    def execute(cls, loss: dict[str, list[float]], width: int, height: int) -> io.NodeOutput:
         from PIL import Image, ImageDraw
 
-        values = [v for v in loss if math.isfinite(v) and v > 0]
         image = Image.new("RGB", (width, height), "white")
         draw = ImageDraw.Draw(image)
         margin = 40
         draw.rectangle([margin, 10, width - 10, height - margin], outline="black")
-        if len(values) >= 2:
-            logs = [math.log10(v) for v in values]
+        steps = max((len(values) for values in loss.values()), default=0)
+        points = {name: [(i, math.log10(v)) for i, v in enumerate(values) if math.isfinite(v) and v > 0]
+                  for name, values in sorted(loss.items())}
+        logs = [value for series in points.values() for _, value in series]
+        if steps >= 2 and len(logs) >= 2:
             low, high = min(logs), max(logs)
             span = (high - low) or 1.0
-            window = max(1, len(logs) // 20)
-            smooth = [sum(logs[max(0, i - window + 1): i + 1]) / len(logs[max(0, i - window + 1): i + 1])
-                      for i in range(len(logs))]
 
             def point(i: int, value: float) -> tuple[float, float]:
-                x = margin + (width - 10 - margin) * i / (len(logs) - 1)
+                x = margin + (width - 10 - margin) * i / (steps - 1)
                 y = 10 + (height - margin - 10) * (high - value) / span
                 return x, y
 
-            draw.line([point(i, v) for i, v in enumerate(logs)], fill=(170, 190, 230), width=1)
-            draw.line([point(i, v) for i, v in enumerate(smooth)], fill=(30, 80, 200), width=2)
-            draw.text((margin + 4, 12), f"loss {values[-1]:.4g} (max {10 ** high:.3g}, min {10 ** low:.3g}), log scale",
-                      fill="black")
-        draw.text((margin, height - margin + 8), f"step 1 .. {len(loss)}", fill="black")
+            legend = []
+            for index, (name, series) in enumerate(points.items()):
+                if len(series) < 2:
+                    continue
+                colour = SERIES_COLOURS[index % len(SERIES_COLOURS)]
+                window = max(1, len(series) // 20)
+                windows = [[v for _, v in series[max(0, k - window + 1): k + 1]] for k in range(len(series))]
+                smooth = [sum(values) / len(values) for values in windows]
+                faint = tuple(int(c + (255 - c) * 0.65) for c in colour)
+                draw.line([point(i, v) for i, v in series], fill=faint, width=1)
+                draw.line([point(i, v) for (i, _), v in zip(series, smooth, strict=True)], fill=colour, width=2)
+                legend.append((f"{name} {10 ** series[-1][1]:.4g}", colour))
+            x = margin + 4
+            for text, colour in legend:
+                draw.text((x, 12), text, fill=colour)
+                x += 8 * len(text) + 12
+            draw.text((x, 12), f"(max {10 ** high:.3g}, min {10 ** low:.3g}, log scale)", fill="black")
+        draw.text((margin, height - margin + 8), f"step 1 .. {steps}", fill="black")
         pixels = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).reshape(height, width, 3)
         array = pixels.float() / 255.0
         return io.NodeOutput(array.unsqueeze(0))
 
 
+class StrideDistilledSampling(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="StrideDistilledSampling", display_name="Stride Distilled Sampling", category=CATEGORY,
+            description=("The SAMPLER and SIGMAS a LoRA from Stride Distill LoRA is made for (its recommended "
+                         "sampling, from the method registry; a dmd LoRA: DMD2's sampler on its own trained "
+                         "timesteps). Connect them to SamplerCustomAdvanced (or a Stride Hybrid Guider run) with "
+                         "CFG 1."),
+            inputs=[
+                io.Model.Input("model", tooltip="The model the LoRA belongs to (base or base + LoRA: same schedule)."),
+                Lora.Input("lora", tooltip="The LoRA from Stride Distill LoRA."),
+            ],
+            outputs=[io.Sampler.Output(display_name="sampler", tooltip="The sampler with the method's knobs."),
+                     io.Sigmas.Output(display_name="sigmas", tooltip="The trained timesteps as this model's sigmas.")],
+        )
+
+    @classmethod
+    def execute(cls, model: Any, lora: dict) -> io.NodeOutput:
+        recommended = json.loads(lora["metadata"]["stride.recommended"])
+        entry = methods.method(recommended["method"])
+        space = noise_space(model_sampling_of_patcher(model))
+        try:
+            if recommended["timesteps"] is not None:
+                sigmas = space.sigmas_for_timesteps(dmd.check_generator_timesteps(recommended["timesteps"],
+                                                                                  space.num_timesteps))
+            else:
+                sigmas = methods.method_sigmas(entry, space, recommended["steps"])
+            function = methods.build_sampler(entry, space)
+        except ValueError as exc:
+            raise StrideError(f"model: {exc}") from None
+        options = {name: value for name, value in function.keywords.items() if name != "space"}
+        return io.NodeOutput(stride_ksampler(function.func, **options), sigmas.float())
+
+
 NODES: list[type[io.ComfyNode]] = [StrideDistillDataset, StrideDistillLoRA, StrideSaveLoRA, StrideReloadLoRA,
-                                   StrideLossPlot]
+                                   StrideLossPlot, StrideDistilledSampling]

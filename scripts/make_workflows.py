@@ -15,7 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import comfy_host as host
-from workflow_builder import Graph
+from workflow_builder import Graph, Node
 
 sys.path.insert(0, str(host.ROOT))
 from distill_core.methods import METHODS, PiFlowSchedule, schedule_as
@@ -225,6 +225,101 @@ def distill_training(steps: int = 300) -> Graph:
         "loss live. For SD1.5/SDXL: Load Checkpoint as teacher, CLIP Text Encode prompts, rank 64, 1000+ steps, "
         "batch 4-8, learning rate 1e-4.",
         (0, 8 * ROW),
+    )
+    return g
+
+
+DMD_WORKFLOW = {"steps": 300, "learning_rate": 1e-3, "rank": 16, "batch_size": 16, "dmd_guidance": 1.0, "ttur": 5}
+"""Settings of the dmd workflow's two runs (the demo model, its data distribution as the target: CFG 1): the rate and
+length of bench/dmd.py's quality run, where the 4-step student measurably loses mode entropy and the hybrid restores
+it (tests/host/test_dmd_quality.py)."""
+
+
+def dmd_distillation() -> Graph:
+    """Distil the demo UNet with dmd into a 4-step and a 1-step LoRA; sample before/after; hybrid; metrics."""
+    g = Graph(title="Distil a DMD2 LoRA",
+              description="Train 4-step and 1-step DMD2 LoRAs, then score them against the teacher.")
+    base = g.add("StrideDemoModel", (0, 0), title="Teacher: demo model")
+    prompts = [g.add("StrideClassPrompt", (0, (1 + i) * ROW), title=f"Prompt '{name}'", prompt=name)
+               for i, name in enumerate(("disc", "square", "cross", "ring"))]
+    empty = g.add("StrideClassPrompt", (0, 5 * ROW), title="Empty prompt", prompt="")
+    latent = g.add("EmptyLatentImage", (0, 6 * ROW), title="32 samples (one noise draw each)", width=64, height=64,
+                   batch_size=32)
+    noise = g.add("RandomNoise", (0, 7 * ROW), noise_seed=5)
+    shown = prompts[0]
+    data = g.add("StrideDistillDataset", (COL, 0), title="Distillation data (prompts)", prompt_1=(prompts[0], 0),
+                 prompt_2=(prompts[1], 0), prompt_3=(prompts[2], 0), prompt_4=(prompts[3], 0),
+                 empty_prompt=(empty, 0), width=64, height=64)
+    common = {"model": (base, 0), "data": (data, 0), "objective": "dmd", "steps": DMD_WORKFLOW["steps"],
+              "learning_rate": DMD_WORKFLOW["learning_rate"], "rank": DMD_WORKFLOW["rank"], "alpha": 0.0,
+              "batch_size": DMD_WORKFLOW["batch_size"], "guidance_min": 0.0, "guidance_max": 0.0, "loss": "huber",
+              "gradient_checkpointing": False, "seed": 0, "save_every": 100, "resume": True,
+              "export_headless": False, "dmd_guidance": DMD_WORKFLOW["dmd_guidance"], "ttur": DMD_WORKFLOW["ttur"],
+              "keep_fake_score": False}
+    trains = []
+    for index, (steps, name) in enumerate(((4, "dmd4"), (1, "dmd1"))):
+        row = 10 * index
+        train = g.add("StrideDistillLoRA", (2 * COL, row * ROW), title=f"DMD2: {steps}-step generator",
+                      generator_steps=steps, lora_name=f"stride_demo_{name}", **common)
+        save = g.add("StrideSaveLoRA", (3 * COL, row * ROW), lora=(train, 1), file_name=f"stride_demo_{name}",
+                     overwrite=True)
+        plot = g.add("StrideLossPlot", (3 * COL, (row + 1) * ROW), loss=(train, 2), width=640, height=320)
+        loss_image = g.add("SaveImage", (4 * COL, row * ROW), title="Distillation losses", images=(plot, 0),
+                           filename_prefix=f"stride_{name}_loss")
+        members = [data, train, save, plot, loss_image] if index == 0 else [train, save, plot, loss_image]
+        g.group(f"{index + 1}. Distil a {steps}-step DMD2 LoRA and save it", members)
+        trains.append(train)
+    train4, train1 = trains
+    reports = []
+
+    def scored(number: int, title: str, name: str, sample: Node, helpers: list[Node]) -> None:
+        """One sampling row: its helpers in column 1, the sampler in column 2, pictures and metrics after it."""
+        view = _view(g, (sample, 0), 3, 10 * number, f"stride_dmd_{name}", name.replace("_", " "), (shown, 0))
+        reports.append(view[1])
+        g.group(f"{number + 1}. {title}", [*helpers, sample, *view])
+
+    def custom(title: str, number: int, guider: Node, sampling: Node) -> Node:
+        return g.add("SamplerCustomAdvanced", (2 * COL, 10 * number * ROW), title=title, noise=(noise, 0),
+                     guider=(guider, 0), sampler=(sampling, 0), sigmas=(sampling, 1), latent_image=(latent, 0))
+
+    teacher = g.add("KSampler", (2 * COL, 20 * ROW), title="Teacher: euler, 50 steps", model=(base, 0),
+                    positive=(shown, 0), negative=(empty, 0), latent_image=(latent, 0), seed=5, steps=50, cfg=1.0,
+                    sampler_name="euler", scheduler="normal", denoise=1.0)
+    scored(2, "Teacher, 50 Euler steps", "teacher_50_steps", teacher, [])
+    sampling4 = g.add("StrideDistilledSampling", (COL, 30 * ROW), title="The 4-step LoRA's sampling (DMD2 steps)",
+                      model=(base, 0), lora=(train4, 1))
+    base_guider = g.add("BasicGuider", (COL, 32 * ROW), title="Teacher guider (CFG 1)", model=(base, 0),
+                        conditioning=(shown, 0))
+    scored(3, "Before: the teacher on the 4 DMD steps", "teacher_4_steps",
+           custom("Teacher, 4 DMD steps (before)", 3, base_guider, sampling4), [sampling4, base_guider])
+    guider4 = g.add("BasicGuider", (COL, 40 * ROW), title="4-step student", model=(train4, 0), conditioning=(shown, 0))
+    scored(4, "After: the 4-step student", "dmd_4_steps", custom("DMD student, 4 steps (after)", 4, guider4, sampling4),
+           [guider4])
+    sampling1 = g.add("StrideDistilledSampling", (COL, 50 * ROW), title="The 1-step LoRA's sampling",
+                      model=(base, 0), lora=(train1, 1))
+    guider1 = g.add("BasicGuider", (COL, 52 * ROW), title="1-step student", model=(train1, 0), conditioning=(shown, 0))
+    scored(5, "After: the 1-step student", "dmd_1_step", custom("DMD student, 1 step (after)", 5, guider1, sampling1),
+           [sampling1, guider1])
+    euler = g.add("KSamplerSelect", (COL, 60 * ROW), sampler_name="euler")
+    hybrid = g.add("StrideHybridGuider", (COL, 61 * ROW), title="Hybrid: 1 teacher step, then the 4-step student",
+                   base_guider=(base_guider, 0), distilled_guider=(guider4, 0), base_sampler=(euler, 0),
+                   handover_steps=1)
+    scored(6, "Hybrid: 1 teacher step + 3 student steps", "hybrid_1_plus_3",
+           custom("Hybrid: 1 teacher step + 3 student steps", 6, hybrid, sampling4), [euler, hybrid])
+    g.group("8. Compared", [_compare(g, reports, 2, 70)])
+    g.note(
+        "Distribution-matching distillation (DMD2) inside ComfyUI. Each Stride Distill LoRA run trains two LoRAs on "
+        "the one demo UNet: the generator (what you load) and a fake score that learns the generator's samples; the "
+        "real score is the teacher with its LoRAs switched off. 1) A 4-step generator on DMD2's timesteps 999, 749, "
+        "499, 249; 2) a 1-step one; the live chart draws the generator's and the fake score's losses in panels of "
+        "their own. Stride Distilled Sampling gives each LoRA's sampler and sigmas (predict x0, re-noise). 3) The "
+        "teacher with 50 euler steps; 4) the undistilled teacher on the 4 DMD steps; 5, 6) the 4-step and 1-step "
+        "students; 7) the hybrid (the teacher takes the first step, the student the rest) to recover what the "
+        "mode-seeking student loses. Stride Reference Metrics scores each row against the demo's known data "
+        "distribution (SWD, NLL gap, mode recall and entropy, with intervals); 8) compares them.\n\nReal models: "
+        "Load Checkpoint (SD1.5/SDXL) as the teacher, CLIP Text Encode prompts, dmd_guidance 1.75 (SD1.5) or 8 "
+        "(SDXL) as DMD2 used, ttur 5-10, rank 64, thousands of steps; VAE Decode instead of the preview decode.",
+        (0, 9 * ROW),
     )
     return g
 
@@ -605,8 +700,8 @@ def family_workflows() -> dict[str, Graph]:
 
 
 def build_all() -> dict[str, Graph]:
-    graphs = {"stride_demo": demo(), "distill_lcm_lora": distill_training(), "piflow": piflow(),
-              "hybrid_diversity": hybrid_diversity(), "optimal_steps": optimal_steps()}
+    graphs = {"stride_demo": demo(), "distill_lcm_lora": distill_training(), "distill_dmd_lora": dmd_distillation(),
+              "piflow": piflow(), "hybrid_diversity": hybrid_diversity(), "optimal_steps": optimal_steps()}
     for method in ("lcm", "tcd", "hyper_sd", "tdd"):
         graphs[f"sampler_{method}"] = few_step_method(method)
     graphs.update(family_workflows())

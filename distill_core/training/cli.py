@@ -7,11 +7,13 @@ CPU, NCCL on CUDA, gradients averaged over the LoRA parameters). The JSON config
       "distill": {...DistillConfig fields...},
       "network": "package.module:factory",     # default: the built-in demo network
       "network_options": {...},                # passed to the factory
-      "output": "lora.safetensors",            # written by rank 0
+      "output": "lora.safetensors",            # written by rank 0 (dmd: the generator's LoRA)
       "checkpoint": "run.ckpt.safetensors",    # optional; with "resume": true it continues
       "resume": false,
       "lora_prefix": "diffusion_model.",
-      "log_every": 10
+      "log_every": 10,
+      "fake_score_output": "fake.safetensors", # dmd, optional: keep the fake score's LoRA (rank 0)
+      "fake_score_init": "fake.safetensors"    # dmd, optional: start the fake score from a kept one
     }
 
 A factory ``factory(options, config) -> HeadlessNetwork`` supplies the denoiser, the module
@@ -41,9 +43,9 @@ from ..safe_files import read_safetensors, write_safetensors
 from ..spaces import NoiseSpace, scaled_linear_alphas_cumprod
 from .conditioning import Denoiser
 from .config import DistillConfig, TrainingData
-from .lora import LoraSet, lora_state_dict
+from .lora import lora_state_dict, weights_fingerprint
 from .progress import TrainingProgress
-from .trainer import DistillTrainer, TrainResult, attach_student_lora
+from .trainer import LoraTrainer, TrainResult, build_trainer
 
 DEFAULT_NETWORK = f"{__package__}.cli:demo_network"
 CONFIG_FILE, DATA_FILE = "config.json", "data.safetensors"
@@ -60,7 +62,7 @@ class HeadlessNetwork:
 
 @dataclass
 class RunSummary:
-    loraset: LoraSet
+    trainer: LoraTrainer  # its LoRAs stay attached to the network
     result: TrainResult
     rank: int
     world_size: int
@@ -92,21 +94,34 @@ def eps_denoiser(net: nn.Module, space: NoiseSpace) -> Denoiser:
     return denoise
 
 
+def velocity_denoiser(net: nn.Module, space: NoiseSpace) -> Denoiser:
+    """``x0 = x - sigma * v(x, 1000 sigma, cond)``: ComfyUI's CONST (rectified flow) ``apply_model``."""
+    def denoise(x: Tensor, sigma: Tensor, cond: Tensor) -> Tensor:
+        sigma_column = sigma.reshape(-1, *([1] * (x.ndim - 1)))
+        return x - sigma_column * net(x, sigma * 1000, cond)
+    return denoise
+
+
 def demo_network(options: dict[str, Any], config: DistillConfig) -> HeadlessNetwork:
-    """The demo: seeded random net, random conditionings, random latents or data-free."""
+    """The demo: seeded random net, random conditionings, random latents or data-free; an EPS model in the
+    SD1.5 VE space, or with ``"prediction": "velocity"`` a flow model (shift ``options["shift"]``, default 3)."""
     channels, size = options.get("channels", 4), options.get("size", 8)
     cond_dim, dtype = options.get("cond_dim", 8), getattr(torch, options.get("dtype", "float32"))
     generator = torch.Generator().manual_seed(options.get("seed", 0))
     with torch.random.fork_rng():
         torch.manual_seed(options.get("seed", 0))
         net = DemoEpsNet(channels, options.get("hidden", 16), cond_dim).to(dtype)
-    space = NoiseSpace.from_alphas_cumprod(scaled_linear_alphas_cumprod())
+    prediction = options.get("prediction", "eps")
+    if prediction not in ("eps", "velocity"):
+        raise ValueError(f"demo network prediction must be 'eps' or 'velocity', got {prediction!r}")
+    flow = prediction == "velocity"
+    space = NoiseSpace.flow(options.get("shift", 3.0)) if flow else NoiseSpace.from_alphas_cumprod(scaled_linear_alphas_cumprod())
     conds = [torch.randn(1, cond_dim, generator=generator, dtype=dtype) for _ in range(options.get("num_conds", 4))]
     uncond = torch.zeros(1, cond_dim, dtype=dtype)
     num_latents = options.get("num_latents", 8)
     latents = torch.randn(num_latents, channels, size, size, generator=generator, dtype=dtype) if num_latents else None
     data = TrainingData(conds, uncond, latents=latents, latent_shape=(channels, size, size))
-    return HeadlessNetwork(eps_denoiser(net, space), net, space, data)
+    return HeadlessNetwork((velocity_denoiser if flow else eps_denoiser)(net, space), net, space, data)
 
 
 def save_training_data(path: str | os.PathLike, data: TrainingData) -> None:
@@ -169,9 +184,9 @@ def init_distributed_from_env() -> bool:
     return True
 
 
-def _check_replicas_equal(loraset: LoraSet) -> None:
-    """Fail loudly if ranks ended with different LoRA weights (they must be replicas)."""
-    flat = torch.cat([p.detach().reshape(-1) for p in loraset.parameters()]).double().cpu()
+def _check_replicas_equal(trainer: LoraTrainer) -> None:
+    """Fail loudly if ranks ended with different trained weights (they must be replicas)."""
+    flat = torch.cat([p.detach().reshape(-1) for p in trainer.params]).double().cpu()
     reference = flat.clone()
     dist.broadcast(reference, src=0)
     difference = (flat - reference).abs().max().reshape(1)
@@ -182,49 +197,62 @@ def _check_replicas_equal(loraset: LoraSet) -> None:
 
 def run(settings: dict[str, Any]) -> RunSummary:
     """Train as the JSON ``settings`` say; rank 0 writes ``output``. Returns the attached LoRA."""
-    known = {"distill", "network", "network_options", "output", "checkpoint", "resume", "lora_prefix", "log_every"}
+    known = {"distill", "network", "network_options", "output", "checkpoint", "resume", "lora_prefix", "log_every",
+             "fake_score_output", "fake_score_init"}
     unknown = sorted(set(settings) - known)
     if unknown:
         raise ValueError(f"unknown config keys: {unknown}")
     config = DistillConfig.from_dict(settings.get("distill", {}))
+    if config.objective != "dmd" and ({"fake_score_output", "fake_score_init"} & set(settings)):
+        raise ValueError("fake_score_output / fake_score_init belong to the 'dmd' objective")
     started_group = init_distributed_from_env()
     try:
         rank = dist.get_rank() if dist.is_initialized() else 0
         world_size = dist.get_world_size() if dist.is_initialized() else 1
         network = import_network_factory(settings.get("network", DEFAULT_NETWORK))(settings.get("network_options", {}), config)
-        loraset = attach_student_lora(network.module, config)
         log_every = settings.get("log_every", 10)
         progress: TrainingProgress | None = None
 
-        def log(step: int, loss: float) -> None:
-            """Every ``log_every`` steps: a JSON line on stdout, and on stderr what the node shows (step, loss raw
-            and smoothed, time left)."""
+        def log(step: int, losses: dict[str, float]) -> None:
+            """Every ``log_every`` steps: a JSON line on stdout (each series' loss raw and ``<series>_smoothed``,
+            the seconds left), and on stderr what the node shows (step, losses raw and smoothed, time left)."""
             nonlocal progress
             if progress is None:  # a resumed run starts after its checkpoint's step
                 progress = TrainingProgress(config.steps, first_step=step)
-            progress.update(step, {"loss": loss})
+            progress.update(step, losses)
             if rank == 0 and (step % log_every == 0 or step == config.steps):
                 event = progress.event()
-                print(json.dumps({"step": step, "loss": loss, "loss_smoothed": event["ema"]["loss"],
-                                  "eta_s": event["eta_s"]}), flush=True)
+                smoothed = {f"{series}_smoothed": event["ema"][series] for series in losses}
+                print(json.dumps({"step": step, **losses, **smoothed, "eta_s": event["eta_s"]}), flush=True)
                 print(progress.text(), file=sys.stderr, flush=True)
 
-        trainer = DistillTrainer(network.denoiser, loraset, network.space, config, network.data)
+        fake_state = None
+        if settings.get("fake_score_init"):
+            from .dmd import read_fake_score  # dmd.py builds on the trainer
+
+            fake_state = read_fake_score(settings["fake_score_init"], weights_fingerprint(network.module))
+        trainer = build_trainer(network.denoiser, network.module, network.space, config, network.data, fake_state)
         result = trainer.train(log, checkpoint_path=settings.get("checkpoint"), resume=settings.get("resume", False))
         if world_size > 1:
-            _check_replicas_equal(loraset)
+            _check_replicas_equal(trainer)
         if rank == 0 and settings.get("output"):
             metadata = {"stride.objective": config.objective, "stride.steps": str(result.steps_done),
                         "stride.config": json.dumps(config.to_dict())}
-            write_safetensors(settings["output"], lora_state_dict(loraset, settings.get("lora_prefix", "diffusion_model.")), metadata)
-        return RunSummary(loraset, result, rank, world_size)
+            prefix = settings.get("lora_prefix", "diffusion_model.")
+            write_safetensors(settings["output"], lora_state_dict(trainer.loraset, prefix), metadata)
+        if rank == 0 and settings.get("fake_score_output"):
+            from .dmd import FAKE, fake_score_metadata
+
+            write_safetensors(settings["fake_score_output"], lora_state_dict(trainer.adapters[FAKE]),
+                              fake_score_metadata(weights_fingerprint(network.module), config))
+        return RunSummary(trainer, result, rank, world_size)
     finally:
         if started_group:
             dist.destroy_process_group()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Stride LoRA consistency distillation (headless)")
+    parser = argparse.ArgumentParser(description="Stride LoRA distillation (headless)")
     parser.add_argument("--config", required=True, help="JSON file with the run settings")
     arguments = parser.parse_args(argv)
     with open(arguments.config, encoding="utf-8") as stream:

@@ -11,25 +11,34 @@ from torch import Tensor
 from ..spaces import require_finite
 from .conditioning import Cond, cond_tensors
 
-OBJECTIVES = ("lcm", "tdd", "segmented")
-# Per-objective defaults, from the official scripts (see objectives.py and DESIGN.md §3).
+CONSISTENCY_OBJECTIVES = ("lcm", "tdd", "segmented")
+OBJECTIVES = (*CONSISTENCY_OBJECTIVES, "dmd")
+_CONSISTENCY = {"lr": 1e-4, "weight_decay": 0.0, "grad_clip": 1.0}
+# Per-objective defaults, from the official scripts (see objectives.py, dmd.py and DESIGN.md §3).
+# DMD2 (LoRA SDXL run): lr 5e-5, AdamW weight decay 0.01, max_grad_norm 10; its guidance is `guidance_scale`.
 OBJECTIVE_DEFAULTS = {
-    "lcm": {"guidance_min": 3.0, "guidance_max": 15.0, "num_ddim_timesteps": 50, "empty_prompt_proportion": 0.0},
-    "tdd": {"guidance_min": 3.5, "guidance_max": 3.5, "num_ddim_timesteps": 250, "empty_prompt_proportion": 0.2},
-    "segmented": {"guidance_min": 4.0, "guidance_max": 5.0, "num_ddim_timesteps": 50, "empty_prompt_proportion": 0.0},
+    "lcm": {"guidance_min": 3.0, "guidance_max": 15.0, "num_ddim_timesteps": 50, "empty_prompt_proportion": 0.0,
+            **_CONSISTENCY},
+    "tdd": {"guidance_min": 3.5, "guidance_max": 3.5, "num_ddim_timesteps": 250, "empty_prompt_proportion": 0.2,
+            **_CONSISTENCY},
+    "segmented": {"guidance_min": 4.0, "guidance_max": 5.0, "num_ddim_timesteps": 50, "empty_prompt_proportion": 0.0,
+                  **_CONSISTENCY},
+    "dmd": {"guidance_min": 0.0, "guidance_max": 0.0, "num_ddim_timesteps": 50, "empty_prompt_proportion": 0.0,
+            "lr": 5e-5, "weight_decay": 0.01, "grad_clip": 10.0},
 }
 
 @dataclass
 class DistillConfig:
     """Everything that defines a distillation run (JSON-serialisable; ``None`` = objective default).
 
-    Guidance values use the LCM formulation ``x0_c + w (x0_c - x0_u)``; ComfyUI's cfg = w + 1.
+    Guidance values use the LCM formulation ``x0_c + w (x0_c - x0_u)``; ComfyUI's cfg = w + 1. The
+    ``dmd`` objective's real score uses ``guidance_scale`` instead, as a CFG scale (ComfyUI's cfg).
     """
 
     objective: str = "lcm"
     steps: int = 1000
-    lr: float = 1e-4
-    weight_decay: float = 0.0
+    lr: float | None = None
+    weight_decay: float | None = None
     rank: int = 64
     alpha: float | None = None
     target_layers: tuple[str, ...] = ("Linear", "Conv2d")
@@ -40,7 +49,7 @@ class DistillConfig:
     guidance_max: float | None = None
     loss: str = "huber"
     huber_c: float = 0.001
-    grad_clip: float = 1.0
+    grad_clip: float | None = None
     num_ddim_timesteps: int | None = None
     timestep_scaling: float = 10.0
     empty_prompt_proportion: float | None = None
@@ -55,6 +64,19 @@ class DistillConfig:
     data_free_samples: int = 16
     data_free_steps: int = 8
     data_free_guidance: float = 4.0
+    # -- dmd (see dmd.py) --
+    guidance_scale: float = 1.75
+    ttur: int = 5
+    generator_steps: int = 4
+    generator_timesteps: tuple[int, ...] | None = None
+    backward_simulation: bool = True
+    min_step_percent: float = 0.02
+    max_step_percent: float = 0.98
+    fake_lr: float | None = None
+    balance_generator_steps: bool = True
+    gan_features: str | None = None
+    gan_generator_weight: float = 5e-3
+    gan_classifier_weight: float = 1e-2
 
     def __post_init__(self) -> None:
         if self.objective not in OBJECTIVES:
@@ -79,6 +101,33 @@ class DistillConfig:
             raise ValueError(f"loss must be 'huber' or 'l2', got {self.loss!r}")
         if self.save_every < 0:
             raise ValueError(f"save_every must be >= 0 (0 = only at the end), got {self.save_every}")
+        if self.weight_decay < 0:
+            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        self._check_dmd()
+
+    def _check_dmd(self) -> None:
+        """The dmd settings (checked for every objective: a config is valid or not on its own)."""
+        if self.fake_lr is None and self.objective == "dmd":
+            self.fake_lr = self.lr
+        if self.generator_timesteps is not None:
+            self.generator_timesteps = tuple(self.generator_timesteps)
+            if len(self.generator_timesteps) != self.generator_steps:
+                raise ValueError(f"generator_timesteps has {len(self.generator_timesteps)} entries for "
+                                 f"generator_steps={self.generator_steps}; give one timestep per generator step")
+        if not self.guidance_scale > 0:
+            raise ValueError(f"guidance_scale (the real score's CFG scale, ComfyUI cfg) must be > 0, got {self.guidance_scale}")
+        if isinstance(self.ttur, bool) or not isinstance(self.ttur, int) or self.ttur < 1:
+            raise ValueError(f"ttur (fake-score updates per generator update) must be a whole number >= 1, got {self.ttur!r}")
+        if isinstance(self.generator_steps, bool) or not isinstance(self.generator_steps, int) or self.generator_steps < 1:
+            raise ValueError(f"generator_steps must be a whole number >= 1, got {self.generator_steps!r}")
+        if not 0 <= self.min_step_percent <= self.max_step_percent <= 1:
+            raise ValueError(f"the noise-level range must satisfy 0 <= min_step_percent <= max_step_percent <= 1, got "
+                             f"[{self.min_step_percent}, {self.max_step_percent}]")
+        if self.fake_lr is not None and not self.fake_lr > 0:
+            raise ValueError(f"fake_lr must be > 0, got {self.fake_lr!r}")
+        if not (self.gan_generator_weight >= 0 and self.gan_classifier_weight >= 0):
+            raise ValueError(f"GAN weights must be >= 0, got {self.gan_generator_weight!r} and "
+                             f"{self.gan_classifier_weight!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return {name: list(value) if isinstance(value, tuple) else value for name, value in dataclasses.asdict(self).items()}

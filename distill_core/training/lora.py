@@ -28,6 +28,14 @@ from torch import Tensor, nn
 LAYER_KINDS: dict[str, type[nn.Module]] = {"Linear": nn.Linear, "Conv2d": nn.Conv2d}
 
 
+class LoraTargetError(ValueError):
+    """The network's layers cannot take the requested LoRA (grouped convolutions, rank too large)."""
+
+
+class NoLoraLayersError(LoraTargetError):
+    """No layer of the module matches the LoRA's target kinds and filter: no rank helps (not a rank problem)."""
+
+
 class LoraAdapter(nn.Module):
     """The low-rank pair for one layer: ``delta(x) = alpha / rank * up(down(x))``."""
 
@@ -190,10 +198,6 @@ def _matrix_shape(layer: nn.Module) -> tuple[int, int]:
     return layer.in_channels * math.prod(layer.kernel_size), layer.out_channels
 
 
-class NoLoraLayersError(ValueError):
-    """No layer of the module matches the LoRA's target kinds and filter: no rank helps (not a rank problem)."""
-
-
 def attach_lora(
     module: nn.Module,
     rank: int,
@@ -211,8 +215,8 @@ def attach_lora(
     the selection. ``alpha`` defaults to ``rank`` (scale 1). ``init="zero-up"`` (down random,
     up zero) leaves outputs unchanged; ``"random"`` makes both factors random. Adapters are
     float32 unless the layer is float64 or ``dtype`` says otherwise, and live on the layer's
-    device. Raises :class:`NoLoraLayersError` when no layer matches at all (no rank helps), ``ValueError`` for a
-    rank outside ``1..min(in, out)`` of any selected layer,
+    device. Raises :class:`NoLoraLayersError` when no layer matches at all (no rank helps), :class:`LoraTargetError`
+    for a rank outside ``1..min(in, out)`` of any selected layer,
     unless ``skip_small_layers`` leaves such layers without an adapter (as diffusers' LCM-LoRA
     target list leaves out a UNet's 4-channel ``conv_in`` / ``conv_out``).
     """
@@ -241,18 +245,19 @@ def attach_lora(
         widest = max(min(_matrix_shape(layer)) for _, layer in selected)
         selected = [(name, layer) for name, layer in selected if rank <= min(_matrix_shape(layer))]
         if not selected:
-            raise ValueError(f"LoRA rank {rank} exceeds the width of every {'/'.join(target)} layer of the model "
-                             f"(the widest allows rank {widest}); lower the rank")
+            raise LoraTargetError(f"LoRA rank {rank} exceeds the width of every {'/'.join(target)} layer of the model "
+                                  f"(the widest allows rank {widest}); lower the rank")
     grouped = [name for name, layer in selected if isinstance(layer, nn.Conv2d) and layer.groups != 1]
     if grouped:
-        raise ValueError(f"grouped convolutions cannot take a LoRA here: {grouped[:5]}; exclude them with name_filter")
+        raise LoraTargetError(f"grouped convolutions cannot take a LoRA here: {grouped[:5]}; exclude them with "
+                              "name_filter")
     too_small = [
         f"{name} ({type(layer).__name__} {_matrix_shape(layer)[0]}->{_matrix_shape(layer)[1]})"
         for name, layer in selected
         if rank > min(_matrix_shape(layer))
     ]
     if too_small:
-        raise ValueError(
+        raise LoraTargetError(
             f"LoRA rank {rank} exceeds min(in, out) of {len(too_small)} layer(s): {', '.join(too_small[:5])}"
             f"{' ...' if len(too_small) > 5 else ''}; lower the rank, exclude them with name_filter or pass skip_small_layers=True"
         )
@@ -267,6 +272,15 @@ def attach_lora(
                 nn.init.zeros_(adapter.lora_up.weight)
             adapters[name] = adapter
     return LoraSet(module, adapters)
+
+
+def weights_fingerprint(module: nn.Module) -> str:
+    """A short hash of a network's weights (index-weighted sum of every tensor's sum, in name order), so a
+    LoRA records which base it was trained on."""
+    digest = torch.zeros((), dtype=torch.float64)
+    for index, (_, tensor) in enumerate(sorted(module.state_dict().items())):
+        digest += (index + 1) * tensor.detach().double().sum().cpu()
+    return f"{float(digest):.10e}"
 
 
 def ensure_autograd_compatible(module: nn.Module) -> int:
@@ -307,20 +321,33 @@ def lora_state_dict(loraset: LoraSet, prefix: str = "diffusion_model.", dtype: t
     return state
 
 
-def load_lora_state_dict(loraset: LoraSet, state_dict: Mapping[str, Tensor], prefix: str = "diffusion_model.") -> None:
-    """Copy weights and alphas of a :func:`lora_state_dict` into ``loraset`` (shapes must match)."""
+def check_lora_state_dict(loraset: LoraSet, state_dict: Mapping[str, Tensor], prefix: str = "diffusion_model.") -> None:
+    """Raise ``ValueError`` unless ``state_dict`` holds every key of ``loraset`` with the adapter's shape."""
     missing = [key for key in lora_state_dict_keys(loraset, prefix) if key not in state_dict]
     if missing:
         raise ValueError(f"LoRA state is missing {len(missing)} key(s), e.g. {missing[:3]}")
+    wrong = [f"{key} has shape {tuple(state_dict[key].shape)}, expected {tuple(param.shape)}"
+             for param, key in _weight_keys(loraset, prefix) if state_dict[key].shape != param.shape]
+    if wrong:
+        raise ValueError(f"LoRA weight {wrong[0]}" + (f" (and {len(wrong) - 1} more)" if len(wrong) > 1 else ""))
+
+
+def _weight_keys(loraset: LoraSet, prefix: str) -> list[tuple[nn.Parameter, str]]:
+    return [(getattr(adapter, part).weight, f"{prefix}{name}.{part}.weight")
+            for name, adapter in loraset.adapters.items() for part in ("lora_up", "lora_down")]
+
+
+def load_lora_state_dict(loraset: LoraSet, state_dict: Mapping[str, Tensor], prefix: str = "diffusion_model.") -> None:
+    """Copy weights and alphas of a :func:`lora_state_dict` into ``loraset``.
+
+    Every key and shape is checked first (:func:`check_lora_state_dict`): a refused state leaves ``loraset`` untouched.
+    """
+    check_lora_state_dict(loraset, state_dict, prefix)
+    pairs = _weight_keys(loraset, prefix)
     with torch.no_grad():
+        for param, key in pairs:
+            param.copy_(state_dict[key])
         for name, adapter in loraset.adapters.items():
-            for part in ("lora_up", "lora_down"):
-                param = getattr(adapter, part).weight
-                value = state_dict[f"{prefix}{name}.{part}.weight"]
-                if value.shape != param.shape:
-                    raise ValueError(f"LoRA weight {prefix}{name}.{part}.weight has shape {tuple(value.shape)}, "
-                                     f"expected {tuple(param.shape)}")
-                param.copy_(value)
             adapter.alpha = float(state_dict[f"{prefix}{name}.alpha"])
 
 

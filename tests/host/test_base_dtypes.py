@@ -137,7 +137,7 @@ def trained_lora(model, seed: int = SEED, steps: int = STEPS) -> tuple[list[floa
     trainer = trainer_for(model, seed=seed)
     trainer.config.steps = steps
     with torch.inference_mode(False):
-        losses = trainer.train().losses if steps else []
+        losses = trainer.train().losses["loss"] if steps else []
     state = lora_state_dict(trainer.loraset)
     trainer.loraset.remove()
     return losses, state, trainer
@@ -186,16 +186,19 @@ def float32_runs(weights) -> dict[torch.dtype, dict[str, object]]:
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_each_base_dtype_trains_a_float32_lora_to_the_float32_loss(weights, float32_runs, variant):
+    from distill_core.training.trainer import STUDENT
+
     weight_dtype, compute = VARIANTS[variant]
     compute = compute or weight_dtype
     model = base_model(weights, weight_dtype, None if compute == weight_dtype else compute)
     losses, lora, trainer = trained_lora(model)
     assert all(torch.isfinite(torch.tensor(losses))), losses
     assert {param.dtype for param in trainer.params} == {torch.float32}, "the LoRA stays float32"
-    optimizer_dtypes = {value.dtype for state in trainer.optimizer.state.values() for value in state.values()
+    optimizer_dtypes = {value.dtype for state in trainer.optimizers[STUDENT].state.values() for value in state.values()
                         if torch.is_tensor(value) and value.ndim}
     assert optimizer_dtypes == {torch.float32}, "AdamW's moments stay float32"
-    assert trainer.loss_scale.enabled == (compute == torch.float16), "loss scaling exactly where float16 computes"
+    assert trainer.loss_scales[STUDENT].enabled == (compute == torch.float16), \
+        "loss scaling exactly where float16 computes"
 
     reference = float32_runs[weight_dtype]
     direction = cosine(lora_vector(lora) - reference["start"], reference["moved"])

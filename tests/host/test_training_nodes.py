@@ -116,8 +116,9 @@ def test_cancel_keeps_a_checkpoint_and_resume_matches_uninterrupted(comfy_host):
     a = load_checkpoint(f"{checkpoints}/resume_me.safetensors")
     b = load_checkpoint(f"{checkpoints}/straight_run.safetensors")
     assert a.step == b.step == STEPS
-    for key in b.lora:
-        assert torch.allclose(a.lora[key], b.lora[key], atol=1e-6, rtol=0), key
+    for key in b.loras["student"]:
+        assert torch.allclose(a.loras["student"][key], b.loras["student"][key], atol=1e-6, rtol=0), key
+    assert a.history == b.history == {"loss": a.history["loss"]} and len(a.history["loss"]) == STEPS
 
 
 @pytest.mark.parametrize("overrides, words", [

@@ -358,6 +358,11 @@ def write_checkpoint(name: str, payload: bytes) -> Callable[[Context], None]:
     return setup
 
 
+def _train_dmd_first(ctx: Context, name: str) -> None:
+    result = ctx.host.run(train(name, TRAINING_LATENTS, objective="dmd", ttur=2)(ctx))
+    assert result.success, result.error()
+
+
 def train_first(name: str) -> Callable[[Context], None]:
     def setup(ctx: Context) -> None:
         result = ctx.host.run(train(name, TRAINING_LATENTS)(ctx))
@@ -530,6 +535,20 @@ CASES = [
     Case("train_learning_rate_zero", "Stride Distill LoRA", "learning_rate = 0",
          train("reliability_lr0", learning_rate=0.0), "validation", ("learning_rate",),
          "Use a learning rate between 1e-7 and 0.1 (LCM-LoRA: 1e-4)."),
+    Case("train_dmd_ttur_zero", "Stride Distill LoRA", "dmd with ttur = 0",
+         train("reliability_ttur0", objective="dmd", ttur=0), "validation", ("ttur",),
+         "ttur counts fake-score updates per generator update: at least 1 (DMD2: 5 for SDXL, 10 for SD1.5)."),
+    Case("train_dmd_guidance_zero", "Stride Distill LoRA", "dmd with dmd_guidance = 0",
+         train("reliability_dmd_guidance0", objective="dmd", dmd_guidance=0.0), "validation", ("dmd_guidance",),
+         "The real score's CFG scale is above 0 (1 = no guidance; DMD2: 1.75 for SD1.5, 8 for SDXL)."),
+    Case("train_dmd_generator_steps_zero", "Stride Distill LoRA", "dmd with generator_steps = 0",
+         train("reliability_generator0", objective="dmd", generator_steps=0), "validation", ("generator_steps",),
+         "The student takes at least 1 step (DMD2: 1 or 4)."),
+    Case("resume_dmd_as_lcm", "Stride Distill LoRA", "resume a dmd checkpoint with objective lcm",
+         train("reliability_dmd_as_lcm", TRAINING_LATENTS), "execution",
+         ("resume", "different settings", "objective 'dmd'"),
+         "Resume a run with the objective it was trained with, or set resume off / use a new lora_name.",
+         setup=lambda ctx: _train_dmd_first(ctx, "reliability_dmd_as_lcm"), needs=("demo",)),
     # --- method on the wrong kind of model --------------------------------------------------------------
     Case("lcm_schedule_on_continuous_edm", "Stride LCM Scheduler", "a model patched to continuous EDM sigmas",
          changed(custom_sampling(LCM_SAMPLER, LCM_SCHEDULER), base=reference_model(), model=continuous("edm")),
@@ -553,8 +572,8 @@ CASES = [
     Case("train_flow_teacher", "Stride Distill LoRA", "a flow-matching teacher",
          changed(train("reliability_flow"), model=reference_model("flow")), "execution",
          ("model", "EPS or V-prediction teacher"),
-         "LCM/TDD/segmented distillation needs an EPS or V-prediction model (SD1.5, SDXL); flow models are not "
-         "supported as teachers.", server=True),
+         "LCM/TDD/segmented distillation needs an EPS or V-prediction model (SD1.5, SDXL); for a flow model use "
+         "the dmd objective.", server=True),
     Case("piflow_schedule_on_eps", "Stride pi-Flow Scheduler", "an EPS model",
          piflow_on(reference_model("eps")), "execution", ("model", "flow-matching", "EPS model"),
          "pi-Flow needs a flow-matching pi-Flow model: load one with Stride pi-Flow Adapter Loader."),

@@ -21,14 +21,15 @@ WORLD_SIZE = 2
 
 
 def distill_rank(rank: int, world_size: int, port: int, folder: str, settings: dict) -> None:
-    """Set torchrun's environment, run the headless CLI body, save this rank's LoRA."""
+    """Set torchrun's environment, run the headless CLI body, save this rank's LoRAs (every role)."""
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     torch.manual_seed(100 + rank)  # different initial LoRA per rank: the loop must broadcast rank 0's
     summary = run(settings)
-    write_safetensors(os.path.join(folder, f"rank{rank}.safetensors"), lora_state_dict(summary.loraset),
-              {"world_size": str(summary.world_size)})
+    tensors = {f"{role}.{key}": value for role, loraset in summary.trainer.adapters.items()
+               for key, value in lora_state_dict(loraset).items()}
+    write_safetensors(os.path.join(folder, f"rank{rank}.safetensors"), tensors, {"world_size": str(summary.world_size)})
 
 
 def free_port() -> int:

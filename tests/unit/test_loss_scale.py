@@ -10,7 +10,7 @@ from distill_core.training.cli import DemoEpsNet, demo_network
 from distill_core.training.config import DistillConfig, TrainingData
 from distill_core.training.lora import attach_lora
 from distill_core.training.loss_scale import DynamicLossScale
-from distill_core.training.trainer import DistillTrainer
+from distill_core.training.trainer import STUDENT, DistillTrainer
 
 
 def test_overflow_skips_and_halves_finite_steps_unscale_and_grow():
@@ -47,8 +47,8 @@ def test_scaling_a_float32_run_changes_no_bit():
         torch.manual_seed(5)
         loraset = attach_lora(network.module, config.rank)
         trainer = DistillTrainer(network.denoiser, loraset, network.space, config, network.data)
-        trainer.loss_scale.enabled = enabled
-        losses = trainer.train().losses
+        trainer.loss_scales[STUDENT].enabled = enabled
+        losses = trainer.train().losses["loss"]
         results.append((losses, torch.cat([p.detach().flatten() for p in loraset.parameters()])))
     assert results[0][0] == results[1][0] and torch.equal(results[0][1], results[1][1])
 
@@ -58,10 +58,10 @@ def test_a_float32_network_is_not_scaled_and_a_float16_one_is():
     network = demo_network({"dtype": "float32", "num_latents": 4, "hidden": 8}, config)
     trainer = DistillTrainer(network.denoiser, attach_lora(network.module, 2), network.space, config, network.data)
     trainer.train()
-    assert trainer.loss_scale.enabled is False
+    assert trainer.loss_scales[STUDENT].enabled is False
     half = half_setup(side=8)
     half.train()
-    assert half.loss_scale.enabled is True and half.loss_scale.good_steps == 1
+    assert half.loss_scales[STUDENT].enabled is True and half.loss_scales[STUDENT].good_steps == 1
 
 
 def half_setup(side: int, dtype: torch.dtype = torch.float16) -> DistillTrainer:
@@ -91,6 +91,6 @@ def test_a_float16_run_trains_to_the_float32_loss():
     for dtype in (torch.float32, torch.float16):
         trainer = half_setup(16, dtype=dtype)
         trainer.config.steps = 6
-        losses[dtype] = trainer.train().losses
+        losses[dtype] = trainer.train().losses["loss"]
     pairs = zip(losses[torch.float32], losses[torch.float16], strict=True)
     assert all(abs(a - b) <= 0.02 * abs(a) for a, b in pairs), losses

@@ -86,7 +86,7 @@ def test_cancel_during_the_pool_stops_within_one_teacher_call_and_writes_nothing
     result = train(counting, loraset, network.space, config, network.data,
                    should_stop=lambda: len(calls) >= stop_at_call, checkpoint_path=str(tmp_path / "run.safetensors"))
     assert len(calls) == stop_at_call, "the stop is seen before the next teacher call"
-    assert result.cancelled and result.steps_done == 0 and result.checkpoint is None and result.losses == []
+    assert result.cancelled and result.steps_done == 0 and result.checkpoint is None and result.losses == {}
     assert os.listdir(tmp_path) == [], "nothing written"
     assert all(torch.equal(a, b) for a, b in zip(before, loraset.parameters(), strict=True))
 
