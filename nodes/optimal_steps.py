@@ -57,6 +57,7 @@ from .compat import (
     ui,
 )
 from .reference import check_prompt_input
+from .results import COLUMNS, TABLE
 from .samplers import require_finite_latent
 from .training import safe_file_name
 
@@ -247,6 +248,28 @@ def report_text(settings: dict[str, Any], sigmas: Tensor, indices: tuple[int, ..
     return "\n".join(lines)
 
 
+SCHEDULE_HELP = {  # the table's columns on the node (web/stride_results.js), in plain words
+    "endpoint_error": "how far Euler on this schedule lands from the model's own many-step result (RMS over the "
+                      "search's noises); lower is closer",
+    "minus_searched": "this schedule's error minus the searched one's, on the same noises: above 0, the searched "
+                      "schedule is better",
+}
+
+
+def schedule_table(report: dict[str, Any]) -> dict[str, list]:
+    """The report's errors as table rows for the node (one per schedule, searched first), with 95% half-widths."""
+    errors = {name: estimate(torch.tensor(values)) for name, values in report["errors"].items()}
+    rows = []
+    for name in (SEARCHED, *sorted(set(errors) - {SEARCHED}, key=_compared_order)):
+        row: dict[str, Any] = {"label": name, "endpoint_error": errors[name].value,
+                               "endpoint_error_pm": errors[name].half_width}
+        if name != SEARCHED:
+            difference = paired_difference(errors[name], errors[SEARCHED])
+            row.update(minus_searched=difference.value, minus_searched_pm=difference.half_width)
+        rows.append(row)
+    return {TABLE: rows, COLUMNS: [{"key": key, "help": help} for key, help in SCHEDULE_HELP.items()]}
+
+
 def _compared_order(name: str) -> tuple[int, str]:
     return (COMPARED.index(name) if name in COMPARED else len(COMPARED), name)
 
@@ -322,12 +345,14 @@ class StrideOptimalSteps(io.ComfyNode):
         samples = comfy.sample.fix_empty_latent_channels(guider.model_patcher, latent_image["samples"])
         settings = SearchSettings(steps, teacher_steps, noise_samples, solver, teacher_solver, teacher_scheduler, mode,
                                   seed, tuple(samples.shape[1:]))
-        sigmas, text = search_or_reuse(guider, settings, stem, samples.shape[0])
-        return io.NodeOutput(sigmas, text, ui=ui.PreviewText(text))
+        sigmas, text, report = search_or_reuse(guider, settings, stem, samples.shape[0])
+        return io.NodeOutput(sigmas, text, ui={"text": [text], **schedule_table(report)})
 
 
-def search_or_reuse(guider: Any, settings: SearchSettings, stem: str, call_rows: int) -> tuple[Tensor, str]:
-    """The schedule (float32 SIGMAS) and the report: a saved result of the same search, or a new search saved as
+def search_or_reuse(guider: Any, settings: SearchSettings, stem: str, call_rows: int
+                    ) -> tuple[Tensor, str, dict[str, Any]]:
+    """The schedule (float32 SIGMAS), the report's text and its figures: a saved result of the same search, or a
+    new search saved as
     ``<stem>-<N>steps-<key>.safetensors``. Every input is checked before anything is written."""
     teacher_sigmas = teacher_schedule(model_sampling_of_patcher(guider.model_patcher), settings)
     model_key, search_key = search_keys(guider, settings)
@@ -338,8 +363,9 @@ def search_or_reuse(guider: Any, settings: SearchSettings, stem: str, call_rows:
         if loaded.settings.get("key") != search_key:
             raise StrideError(f"schedule_name: {FOLDER_LABEL}/{saved.name} holds another search's result under this "
                               f"search's name{advice}")
-        return loaded.sigmas.float(), report_text(loaded.settings, loaded.sigmas, loaded.indices, loaded.report,
-                                                  f"reused {FOLDER_LABEL}/{saved.name}, no search")
+        text = report_text(loaded.settings, loaded.sigmas, loaded.indices, loaded.report,
+                           f"reused {FOLDER_LABEL}/{saved.name}, no search")
+        return loaded.sigmas.float(), text, loaded.report
     noise = comfy.sample.prepare_noise(torch.zeros((settings.noise_samples, *settings.latent_shape)), settings.seed)
     try:
         outcome = run_search(guider, settings, noise, teacher_sigmas, call_rows)
@@ -351,8 +377,9 @@ def search_or_reuse(guider: Any, settings: SearchSettings, stem: str, call_rows:
     path = folder / f"{stem}-{settings.steps}steps-{search_key[:16]}.safetensors"
     saved_settings = {**asdict(settings), "key": search_key}
     save_schedule(path, outcome.found, model_key, saved_settings, report)
-    return outcome.found.sigmas.float(), report_text(saved_settings, outcome.found.sigmas, outcome.found.indices,
-                                                     report, f"searched, saved as {FOLDER_LABEL}/{path.name}")
+    text = report_text(saved_settings, outcome.found.sigmas, outcome.found.indices, report,
+                       f"searched, saved as {FOLDER_LABEL}/{path.name}")
+    return outcome.found.sigmas.float(), text, report
 
 
 def saved_schedule_names() -> list[str]:

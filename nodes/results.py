@@ -54,20 +54,20 @@ def report_output(row: dict[str, Any], help_by_key: dict[str, str]) -> io.NodeOu
     return io.NodeOutput(text, ui={"text": [text], TABLE: [row], COLUMNS: columns})
 
 
-def merge_reports(reports: list[str]) -> list[dict[str, Any]]:
-    """Rows of several reports (each a JSON row or a list of rows), one per label in order of appearance;
-    the columns of reports with the same label are joined into one row."""
+def merge_reports(reports: list[tuple[str, str]]) -> list[dict[str, Any]]:
+    """Rows of several ``(input name, report)`` pairs (each report a JSON row or a list of rows), one per label
+    in order of appearance; the columns of reports with the same label are joined into one row."""
     rows: dict[str, dict[str, Any]] = {}
-    for index, text in enumerate(reports, 1):
+    for index, text in reports:
+        advice = "connect the report output of a Stride measuring node (e.g. Stride Reference Metrics)"
         try:
             parsed = json.loads(text)
-        except json.JSONDecodeError:
-            raise StrideError(f"report_{index}: not a JSON report; connect the report output of a Stride measuring "
-                              "node (e.g. Stride Reference Metrics)") from None
+        except (json.JSONDecodeError, TypeError):
+            raise StrideError(f"{index}: not a JSON report; {advice}") from None
         for row in parsed if isinstance(parsed, list) else [parsed]:
             if not isinstance(row, dict):
-                raise StrideError(f"report_{index}: a report row must be a JSON object, got {type(row).__name__}")
-            label = str(row.get("label", f"report {index}"))
+                raise StrideError(f"{index}: a report row must be a JSON object, got {type(row).__name__}; {advice}")
+            label = str(row.get("label", index))
             rows.setdefault(label, {"label": label}).update({k: v for k, v in row.items() if k != "label"})
     return list(rows.values())
 
@@ -93,9 +93,8 @@ class StrideCompareResults(io.ComfyNode):
     def execute(cls, report_1: str, report_2: str | None = None, report_3: str | None = None,
                 report_4: str | None = None, report_5: str | None = None, report_6: str | None = None,
                 report_7: str | None = None, report_8: str | None = None) -> io.NodeOutput:
-        reports = [r for r in (report_1, report_2, report_3, report_4, report_5, report_6, report_7, report_8)
-                   if r is not None]
-        rows = merge_reports(reports)
+        given = (report_1, report_2, report_3, report_4, report_5, report_6, report_7, report_8)
+        rows = merge_reports([(f"report_{slot}", text) for slot, text in enumerate(given, 1) if text is not None])
         text = json.dumps(rows)
         keys = dict.fromkeys(key for row in rows for key in row)
         columns = [{"key": key, "help": HELP[key]} for key in keys if key in HELP]

@@ -564,9 +564,10 @@ class StrideSaveLoRA(io.ComfyNode):
                 io.String.Input("file_name", default="stride_distill_lora",
                                 tooltip="File name (no folders); .safetensors is added."),
                 io.Boolean.Input("overwrite", default=False, tooltip="Replace an existing file of that name."),
-                combo("format", SAVE_FORMATS, "ComfyUI: diffusion_model.* keys (ComfyUI's own LoRA format). "
-                                              "diffusers: for sharing with diffusers users (StableDiffusionPipeline / "
-                                              "FluxPipeline load_lora_weights); ComfyUI loads it as well.",
+                combo("format", SAVE_FORMATS, "Which program the file is laid out for. ComfyUI: its own LoRA "
+                                              "format (diffusion_model.* keys). diffusers: for sharing with "
+                                              "diffusers users (StableDiffusionPipeline / FluxPipeline "
+                                              "load_lora_weights); ComfyUI loads it as well.",
                       default="ComfyUI", optional=True),
             ],
             outputs=[io.String.Output(display_name="lora_name",
@@ -676,8 +677,11 @@ class StrideLossPlot(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, loss: dict[str, list[float]], width: int, height: int) -> io.NodeOutput:
+    def execute(cls, loss: dict[str, list[float]] | list[float], width: int, height: int) -> io.NodeOutput:
         from PIL import Image, ImageDraw
+
+        if isinstance(loss, (list, tuple)):  # one unnamed series (the form before losses were named per series)
+            loss = {"loss": list(loss)}
 
         image = Image.new("RGB", (width, height), "white")
         draw = ImageDraw.Draw(image)
@@ -749,7 +753,8 @@ class StrideDistilledSampling(io.ComfyNode):
                 sigmas = methods.method_sigmas(entry, space, recommended["steps"])
             function = methods.build_sampler(entry, space)
         except ValueError as exc:
-            raise StrideError(f"model: {exc}") from None
+            raise StrideError(f"model: {exc}. Connect the model this LoRA was distilled from (the MODEL given to "
+                              "Stride Distill LoRA).") from None
         options = {name: value for name, value in function.keywords.items() if name != "space"}
         return io.NodeOutput(stride_ksampler(function.func, **options), sigmas.float())
 

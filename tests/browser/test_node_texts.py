@@ -11,8 +11,9 @@ from tests.browser import test_frontend
 PACK_MODULE = "custom_nodes.stride"
 # Node -> (what its description says it shows, the browser test in test_frontend.py that checks it is shown).
 CLAIMS = {
-    "StrideDistillLoRA": ("the node shows the step, the loss (raw and smoothed) and the time left, as text and in a "
-                          "live chart", "test_live_loss_chart_follows_a_training_run"),
+    "StrideDistillLoRA": ("node shows the step, each loss (raw and smoothed) and the time left, as text and in a live "
+                          "chart, and the long phases before the steps (the data-free teacher pool, the headless "
+                          "export) with their own progress", "test_live_loss_chart_follows_a_training_run"),
     "StrideReferenceMetrics": ("shows the scores as a table on the node",
                                "test_workflow_loads_runs_and_shows_its_images"),
     "StrideImageDiversity": ("shown as a table on the node", "test_workflow_loads_runs_and_shows_its_images"),

@@ -561,12 +561,13 @@ SHARED: dict[str, dict] = {  # the valid providers a baseline links to (only tho
     "train": _node("StrideDistillLoRA", model=["demo", 0], data=["data", 0], lora_name="fuzz_provider", **TRAINING),
     "trace_sampler": _node("StrideTraceSampler", sampler=["lcm_sampler", 0]),
     "trace_run": _custom_sampling("guider", ["trace_sampler", 0], ["lcm_sigmas", 0]),
+    "report": _node("StrideReferenceMetrics", samples=["latent_batch", 0], conditioning=["disc", 0], label="fuzz"),
 }
 TYPE_SOURCES = {"MODEL": ["ref", 0], "CONDITIONING": ["disc", 0], "LATENT": ["latent", 0],
                 "SAMPLER": ["lcm_sampler", 0], "GUIDER": ["guider", 0], "IMAGE": ["images", 0],
                 "STRIDE_DISTILL_DATA": ["data", 0],
                 "STRIDE_LORA": ["train", 1], "STRIDE_LOSS": ["train", 2], "STRIDE_TRACE": ["trace_sampler", 1],
-                "SIGMAS": ["lcm_sigmas", 0]}
+                "SIGMAS": ["lcm_sigmas", 0], "STRING": ["report", 0]}
 NODE_SOURCES = {  # where a node's baseline differs from TYPE_SOURCES
     "StrideHybridSample": {"distilled_model": ["ref_fm", 0]},
     "StrideHybridGuider": {"base_sampler": ["euler", 0]},
