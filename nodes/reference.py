@@ -98,10 +98,12 @@ class AnalyticModule(torch.nn.Module):
     true sigma, which ComfyUI's samplers pass in ``transformer_options["sigmas"]``.
     """
 
+    anchor: torch.Tensor
+
     def __init__(self) -> None:
         super().__init__()
         self.register_buffer("anchor", torch.zeros(1))  # gives the module a device and dtype
-        self.model_sampling = None
+        self.model_sampling: Any = None  # ComfyUI's (untyped) model_sampling, set once a MODEL wraps the network
 
     @property
     def dtype(self) -> torch.dtype:
@@ -141,6 +143,9 @@ class AnalyticNetwork(AnalyticModule):
 
     def forward(self, xc, timesteps, context=None, transformer_options=None, **kwargs):
         transformer_options = transformer_options or {}
+        space = self.space
+        if space is None:
+            raise StrideError("the reference teacher runs only inside the MODEL Stride Reference Teacher builds")
         check_latent_shape(xc, self.mixture.latent_shape, "the reference teacher")
         frames = xc.shape[2] if xc.ndim == 5 else 1
         sigma = self.true_sigmas(xc, timesteps, transformer_options).repeat_interleave(frames)
@@ -149,11 +154,11 @@ class AnalyticNetwork(AnalyticModule):
             x64 = x64 * (sigma**2 + 1).sqrt().view(-1, 1, 1, 1)
         class_ids = class_ids_of(context).repeat_interleave(frames)
         if self.flow_map_steps:
-            x0 = self.mixture.flow_map(x64, sigma, self.space, class_ids, steps=self.flow_map_steps)
+            x0 = self.mixture.flow_map(x64, sigma, space, class_ids, steps=self.flow_map_steps)
         else:
-            x0 = self.mixture.denoise(x64, sigma, self.space, class_ids)
+            x0 = self.mixture.denoise(x64, sigma, space, class_ids)
         kind = {"eps": "eps", "v": "v", "flow": "velocity"}[self.prediction]
-        target = prediction_target(x64, x0, sigma, self.space, kind).to(xc.dtype)
+        target = prediction_target(x64, x0, sigma, space, kind).to(xc.dtype)
         return target.unflatten(0, (-1, frames)).movedim(1, 2) if xc.ndim == 5 else target
 
 

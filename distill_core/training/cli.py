@@ -115,7 +115,8 @@ def demo_network(options: dict[str, Any], config: DistillConfig) -> HeadlessNetw
     if prediction not in ("eps", "velocity"):
         raise ValueError(f"demo network prediction must be 'eps' or 'velocity', got {prediction!r}")
     flow = prediction == "velocity"
-    space = NoiseSpace.flow(options.get("shift", 3.0)) if flow else NoiseSpace.from_alphas_cumprod(scaled_linear_alphas_cumprod())
+    space = (NoiseSpace.flow(options.get("shift", 3.0)) if flow
+             else NoiseSpace.from_alphas_cumprod(scaled_linear_alphas_cumprod()))
     conds = [torch.randn(1, cond_dim, generator=generator, dtype=dtype) for _ in range(options.get("num_conds", 4))]
     uncond = torch.zeros(1, cond_dim, dtype=dtype)
     num_latents = options.get("num_latents", 8)
@@ -164,7 +165,8 @@ def import_network_factory(path: str) -> Callable[[dict[str, Any], DistillConfig
     if not attribute:
         raise ValueError(f"network must look like 'package.module:factory' or 'path/file.py:factory', got {path!r}")
     if module_name.endswith(".py"):
-        spec = importlib.util.spec_from_file_location(f"stride_network_{os.path.basename(module_name)[:-3]}", module_name)
+        name = f"stride_network_{os.path.basename(module_name)[:-3]}"
+        spec = importlib.util.spec_from_file_location(name, module_name)
         if spec is None or spec.loader is None or not os.path.isfile(module_name):
             raise ValueError(f"network file {module_name!r} not found (paths are relative to the working directory)")
         module = importlib.util.module_from_spec(spec)
@@ -209,7 +211,8 @@ def run(settings: dict[str, Any]) -> RunSummary:
     try:
         rank = dist.get_rank() if dist.is_initialized() else 0
         world_size = dist.get_world_size() if dist.is_initialized() else 1
-        network = import_network_factory(settings.get("network", DEFAULT_NETWORK))(settings.get("network_options", {}), config)
+        factory = import_network_factory(settings.get("network", DEFAULT_NETWORK))
+        network = factory(settings.get("network_options", {}), config)
         log_every = settings.get("log_every", 10)
         progress: TrainingProgress | None = None
 

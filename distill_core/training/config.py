@@ -4,7 +4,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Generic, TypeVar, overload
 
 from torch import Tensor
 
@@ -27,6 +27,28 @@ OBJECTIVE_DEFAULTS = {
             "lr": 5e-5, "weight_decay": 0.01, "grad_clip": 10.0},
 }
 
+_T = TypeVar("_T")
+
+
+class _ObjectiveDefault(Generic[_T]):
+    """A setting given as ``None`` for the objective's default: :meth:`DistillConfig.__post_init__` fills it in,
+    so after construction it reads as ``_T`` (a dataclass field typed by this descriptor)."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self._slot = f"_{name}"
+
+    @overload
+    def __get__(self, instance: None, owner: type) -> None: ...
+    @overload
+    def __get__(self, instance: object, owner: type) -> _T: ...
+    def __get__(self, instance: object | None, owner: type) -> _T | None:
+        # on the class: ``None``, the field's default (see "Descriptor-typed fields" in the dataclasses docs)
+        return None if instance is None else getattr(instance, self._slot)
+
+    def __set__(self, instance: object, value: _T | None) -> None:
+        setattr(instance, self._slot, value)
+
+
 @dataclass
 class DistillConfig:
     """Everything that defines a distillation run (JSON-serialisable; ``None`` = objective default).
@@ -37,22 +59,22 @@ class DistillConfig:
 
     objective: str = "lcm"
     steps: int = 1000
-    lr: float | None = None
-    weight_decay: float | None = None
+    lr: _ObjectiveDefault[float] = _ObjectiveDefault()
+    weight_decay: _ObjectiveDefault[float] = _ObjectiveDefault()
     rank: int = 64
-    alpha: float | None = None
+    alpha: _ObjectiveDefault[float] = _ObjectiveDefault()
     target_layers: tuple[str, ...] = ("Linear", "Conv2d")
     name_filter: str | None = None
     skip_small_layers: bool = False
     batch: int = 1
-    guidance_min: float | None = None
-    guidance_max: float | None = None
+    guidance_min: _ObjectiveDefault[float] = _ObjectiveDefault()
+    guidance_max: _ObjectiveDefault[float] = _ObjectiveDefault()
     loss: str = "huber"
     huber_c: float = 0.001
-    grad_clip: float | None = None
-    num_ddim_timesteps: int | None = None
+    grad_clip: _ObjectiveDefault[float] = _ObjectiveDefault()
+    num_ddim_timesteps: _ObjectiveDefault[int] = _ObjectiveDefault()
     timestep_scaling: float = 10.0
-    empty_prompt_proportion: float | None = None
+    empty_prompt_proportion: _ObjectiveDefault[float] = _ObjectiveDefault()
     tdd_shrink: float = 0.3
     tdd_window: int = 260
     tdd_min_steps: int = 4
@@ -94,7 +116,8 @@ class DistillConfig:
         if bad:
             raise ValueError(f"these settings must be > 0: {', '.join(bad)}")
         if not 0 <= self.guidance_min <= self.guidance_max:
-            raise ValueError(f"guidance range must satisfy 0 <= min <= max, got [{self.guidance_min}, {self.guidance_max}]")
+            raise ValueError(f"guidance range must satisfy 0 <= min <= max, got "
+                             f"[{self.guidance_min}, {self.guidance_max}]")
         if not 0 <= self.empty_prompt_proportion <= 1:
             raise ValueError(f"empty_prompt_proportion must be in [0, 1], got {self.empty_prompt_proportion}")
         if self.loss not in ("huber", "l2"):
@@ -115,10 +138,13 @@ class DistillConfig:
                 raise ValueError(f"generator_timesteps has {len(self.generator_timesteps)} entries for "
                                  f"generator_steps={self.generator_steps}; give one timestep per generator step")
         if not self.guidance_scale > 0:
-            raise ValueError(f"guidance_scale (the real score's CFG scale, ComfyUI cfg) must be > 0, got {self.guidance_scale}")
+            raise ValueError(f"guidance_scale (the real score's CFG scale, ComfyUI cfg) must be > 0, "
+                             f"got {self.guidance_scale}")
         if isinstance(self.ttur, bool) or not isinstance(self.ttur, int) or self.ttur < 1:
-            raise ValueError(f"ttur (fake-score updates per generator update) must be a whole number >= 1, got {self.ttur!r}")
-        if isinstance(self.generator_steps, bool) or not isinstance(self.generator_steps, int) or self.generator_steps < 1:
+            raise ValueError(f"ttur (fake-score updates per generator update) must be a whole number >= 1, "
+                             f"got {self.ttur!r}")
+        steps = self.generator_steps
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
             raise ValueError(f"generator_steps must be a whole number >= 1, got {self.generator_steps!r}")
         if not 0 <= self.min_step_percent <= self.max_step_percent <= 1:
             raise ValueError(f"the noise-level range must satisfy 0 <= min_step_percent <= max_step_percent <= 1, got "
@@ -130,10 +156,11 @@ class DistillConfig:
                              f"{self.gan_classifier_weight!r}")
 
     def to_dict(self) -> dict[str, Any]:
-        return {name: list(value) if isinstance(value, tuple) else value for name, value in dataclasses.asdict(self).items()}
+        return {name: list(value) if isinstance(value, tuple) else value
+                for name, value in dataclasses.asdict(self).items()}
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> "DistillConfig":
+    def from_dict(cls, values: dict[str, Any]) -> DistillConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:

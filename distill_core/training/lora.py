@@ -25,7 +25,8 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-LAYER_KINDS: dict[str, type[nn.Module]] = {"Linear": nn.Linear, "Conv2d": nn.Conv2d}
+AdaptedLayer = nn.Linear | nn.Conv2d  # the layer kinds a LoRA can adapt
+LAYER_KINDS: dict[str, type[AdaptedLayer]] = {"Linear": nn.Linear, "Conv2d": nn.Conv2d}
 
 
 class LoraTargetError(ValueError):
@@ -39,17 +40,20 @@ class NoLoraLayersError(LoraTargetError):
 class LoraAdapter(nn.Module):
     """The low-rank pair for one layer: ``delta(x) = alpha / rank * up(down(x))``."""
 
-    def __init__(self, layer: nn.Module, rank: int, alpha: float, dtype: torch.dtype, device: torch.device) -> None:
+    def __init__(self, layer: AdaptedLayer, rank: int, alpha: float, dtype: torch.dtype, device: torch.device) -> None:
         super().__init__()
         self.rank = rank
         self.alpha = float(alpha)
+        self.lora_down: AdaptedLayer
+        self.lora_up: AdaptedLayer
         if isinstance(layer, nn.Linear):
             self.lora_down = nn.Linear(layer.in_features, rank, bias=False, device=device, dtype=dtype)
             self.lora_up = nn.Linear(rank, layer.out_features, bias=False, device=device, dtype=dtype)
         else:
+            padding = layer.padding if isinstance(layer.padding, str) else _pair(layer.padding)
             self.lora_down = nn.Conv2d(
-                layer.in_channels, rank, layer.kernel_size, stride=layer.stride, padding=layer.padding,
-                dilation=layer.dilation, bias=False, padding_mode=layer.padding_mode, device=device, dtype=dtype,
+                layer.in_channels, rank, _pair(layer.kernel_size), stride=_pair(layer.stride), padding=padding,
+                dilation=_pair(layer.dilation), bias=False, padding_mode=layer.padding_mode, device=device, dtype=dtype,
             )
             self.lora_up = nn.Conv2d(rank, layer.out_channels, 1, bias=False, device=device, dtype=dtype)
 
@@ -130,10 +134,11 @@ class LoraSet:
 
         def swap_in(adapter: LoraAdapter) -> Callable:
             def hook(layer: nn.Module, args: tuple) -> None:
-                weight = layer._parameters["weight"]
+                weight = layer.get_parameter("weight")  # a Parameter: see _foldable
                 originals[layer] = weight
-                # a plain tensor in the parameter slot: what the layer's forward reads as self.weight
-                layer._parameters["weight"] = adapter.merged_weight(weight)
+                # a plain tensor in the parameter slot: what the layer's forward reads as self.weight (torch types
+                # the slot Parameter | None, and Module.__setattr__ refuses a plain tensor for a parameter's name)
+                layer._parameters["weight"] = adapter.merged_weight(weight)  # type: ignore[assignment]
             return hook
 
         def swap_out(layer: nn.Module, args: tuple, output: Tensor) -> None:
@@ -155,16 +160,16 @@ class LoraSet:
                 layer._parameters["weight"] = weight
             self._folded.clear()
 
-    def parameters(self) -> list[nn.Parameter]:
+    def parameters(self) -> list[Tensor]:
         """Trainable tensors in a fixed order (module order, down before up), for the optimizer."""
         return [param for _, param in self.named_parameters()]
 
-    def named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+    def named_parameters(self) -> Iterator[tuple[str, Tensor]]:
         for name, adapter in self.adapters.items():
             yield f"{name}.lora_down.weight", adapter.lora_down.weight
             yield f"{name}.lora_up.weight", adapter.lora_up.weight
 
-    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "LoraSet":
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> LoraSet:
         """Move the adapters (e.g. after the host moved the model); build the optimizer afterwards."""
         for adapter in self.adapters.values():
             adapter.to(device=device, dtype=dtype)
@@ -187,11 +192,17 @@ def _foldable(layer: nn.Module) -> bool:
             and weight.dtype in (torch.float32, torch.float64) and not getattr(layer, "weight_function", None))
 
 
+def _pair(values: tuple[int, ...]) -> tuple[int, int]:
+    """A Conv2d's stored ``(h, w)`` setting, typed as its constructor takes it."""
+    height, width = values
+    return height, width
+
+
 def _layer(root: nn.Module, name: str) -> nn.Module:
     return root.get_submodule(name)
 
 
-def _matrix_shape(layer: nn.Module) -> tuple[int, int]:
+def _matrix_shape(layer: AdaptedLayer) -> tuple[int, int]:
     """``(in, out)`` of the layer's weight seen as a matrix (conv fan-in includes the kernel)."""
     if isinstance(layer, nn.Linear):
         return layer.in_features, layer.out_features
@@ -237,7 +248,8 @@ def attach_lora(
         keep_name = name_filter or (lambda name: True)
 
     kinds = tuple(LAYER_KINDS[kind] for kind in target)
-    selected = [(name, layer) for name, layer in module.named_modules() if name and isinstance(layer, kinds) and keep_name(name)]
+    selected: list[tuple[str, AdaptedLayer]] = [(name, layer) for name, layer in module.named_modules()
+                                                if name and isinstance(layer, kinds) and keep_name(name)]
     if not selected:
         raise NoLoraLayersError(f"no {'/'.join(target)} layer of the model matches the LoRA target: it has no "
                                 "layer a LoRA can train")
@@ -259,7 +271,8 @@ def attach_lora(
     if too_small:
         raise LoraTargetError(
             f"LoRA rank {rank} exceeds min(in, out) of {len(too_small)} layer(s): {', '.join(too_small[:5])}"
-            f"{' ...' if len(too_small) > 5 else ''}; lower the rank, exclude them with name_filter or pass skip_small_layers=True"
+            f"{' ...' if len(too_small) > 5 else ''}; lower the rank, exclude them with name_filter or pass "
+            "skip_small_layers=True"
         )
 
     adapters: dict[str, LoraAdapter] = {}
@@ -306,7 +319,8 @@ def ensure_autograd_compatible(module: nn.Module) -> int:
 
 
 # -- state dicts ------------------------------------------------------------------------------
-def lora_state_dict(loraset: LoraSet, prefix: str = "diffusion_model.", dtype: torch.dtype | None = None) -> dict[str, Tensor]:
+def lora_state_dict(loraset: LoraSet, prefix: str = "diffusion_model.",
+                    dtype: torch.dtype | None = None) -> dict[str, Tensor]:
     """``<prefix><module>.lora_up.weight`` / ``.lora_down.weight`` / ``.alpha`` on CPU.
 
     With ``loraset`` attached to ComfyUI's ``BaseModel.diffusion_model`` and the default prefix,

@@ -249,13 +249,16 @@ class LoraTrainer:
         generator = torch.Generator().manual_seed(step_seed(config.seed, self.rank, -1))
         sigmas = self.space.sigma_of(self.pool_steps())
         dtype = self.loraset.parameters()[0].dtype
+        shape = self.data.latent_shape
+        if shape is None:  # TrainingData has one whenever it has no latents
+            raise ValueError("data-free training needs latent_shape")
         batches = range(0, config.data_free_samples, config.batch)
         phase = progress.phase(POOL, len(batches) * len(sigmas))
         samples = []
         for first in batches:
             count = min(config.batch, config.data_free_samples - first)
             cond_ids = torch.randint(len(self.conds), (count,), generator=generator)
-            noise = torch.randn((count, *self.data.latent_shape), generator=generator, dtype=dtype).to(self.device)
+            noise = torch.randn((count, *shape), generator=generator, dtype=dtype).to(self.device)
             cond = cond_cat([self.conds[i] for i in cond_ids.tolist()])
             uncond = cond_cat([self.uncond] * count)
             guidance = torch.full((count,), config.data_free_guidance, dtype=dtype, device=self.device)
@@ -469,14 +472,13 @@ class DistillTrainer(LoraTrainer):
         x0 = batch.x0
         sigma_start = self.space.sigma_of(steps.start)
         sigma_prev = self.space.sigma_of(steps.prev)
-        as_model = dict(device=x0.device, dtype=x0.dtype)
         x_t = self.space.noise(x0, batch.noise, per_sample(sigma_start, x0))
-        teacher = self.teacher_x0(x_t, sigma_start.to(**as_model), batch.cond, batch.uncond, batch.guidance)
+        teacher = self.teacher_x0(x_t, sigma_start.to(x0), batch.cond, batch.uncond, batch.guidance)
         x_prev = self.space.ddim(x_t, teacher, sigma_start, sigma_prev)
         with self.loraset.merged():  # no grad: the LoRA folded into the weights is cheaper than its hooks
-            target_x0 = self.denoiser(x_prev, sigma_prev.to(**as_model), batch.cond)
+            target_x0 = self.denoiser(x_prev, sigma_prev.to(x0), batch.cond)
             target = self.objective.target_output(x_prev, target_x0, steps)
-        student_x0 = self.denoiser(x_t, sigma_start.to(**as_model), batch.cond)
+        student_x0 = self.denoiser(x_t, sigma_start.to(x0), batch.cond)
         prediction = self.objective.student_output(x_t, student_x0, steps)
         return consistency_loss(prediction, target, self.config.loss, self.config.huber_c)
 
