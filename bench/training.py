@@ -30,8 +30,9 @@ from __future__ import annotations
 import contextlib
 import copy
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import torch
 
@@ -47,9 +48,9 @@ from distill_core.training.lora import LoraSet, attach_lora, lora_state_dict
 from distill_core.training.memory import frozen_parameters
 from distill_core.training.trainer import DistillTrainer
 
-from . import models  # noqa: E402
-from .context import BenchContext  # noqa: E402
-from .harness import (  # noqa: E402
+from . import models
+from .context import BenchContext
+from .harness import (
     Goal,
     Section,
     Table,
@@ -63,8 +64,8 @@ from .harness import (  # noqa: E402
     run_interleaved,
     spread,
 )
-from .samplers import COMFY_EULER, STRIDE_LCM, sample  # noqa: E402
-from .scaling import plot_step_time_memory, scaling_table  # noqa: E402
+from .samplers import COMFY_EULER, STRIDE_LCM, sample
+from .scaling import plot_step_time_memory, scaling_table
 
 NAME = "training"
 TITLE = "In-graph LoRA distillation: step cost, memory, quality and scaling (demo UNet)"
