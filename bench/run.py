@@ -4,8 +4,8 @@
 
 Each benchmark is a module in :data:`BENCHMARKS` with ``NAME``, ``TITLE`` and
 ``run(ctx) -> Section`` (ComfyUI is already imported when it runs); a module checks its own
-results and raises ``SanityError`` before it reports a speed. A failed benchmark is written as FAILED (no numbers), the others still run,
-and the exit status is 1.
+results and raises ``SanityError`` before it reports a speed. A failed benchmark is written as FAILED (no numbers),
+the others still run, and the exit status is 1.
 """
 from __future__ import annotations
 
@@ -50,12 +50,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     names = [module.NAME for module in BENCHMARKS]
     parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split("\n\n")[0])
     size = parser.add_mutually_exclusive_group()
-    size.add_argument("--quick", action="store_true", help="smaller sizes and fewer repeats (a few minutes on 2 cores)")
-    size.add_argument("--smoke", action="store_true", help="tiny functional run for the test suite (numbers mean nothing)")
+    size.add_argument("--quick", action="store_true",
+                      help="smaller sizes and fewer repeats (a few minutes on 2 cores)")
+    size.add_argument("--smoke", action="store_true",
+                      help="tiny functional run for the test suite (numbers mean nothing)")
     parser.add_argument("--only", action="append", choices=names, metavar="NAME",
                         help=f"run only this benchmark (repeatable): {', '.join(names)}")
-    parser.add_argument("--gpu", action="store_true", help="also run the full-size SD1.5/SDXL/FLUX benchmark "
-                                                           "(CUDA; on a machine without CUDA its tiny CPU configuration)")
+    parser.add_argument("--gpu", action="store_true",
+                        help="also run the full-size SD1.5/SDXL/FLUX benchmark "
+                             "(CUDA; on a machine without CUDA its tiny CPU configuration)")
     parser.add_argument("--full-size", action="store_true",
                         help="also run the full-size SD1.5/SDXL sampling and distillation benchmark on this device "
                              "(not in CI: about 40 min on 2 idle CPU cores at the full tier, ~15 min with --quick)")
@@ -97,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
             load = ", ".join(f"{value:.1f}" for value in os.getloadavg())
             try:
                 section = module.run(ctx)
-            except Exception as exc:  # a failed benchmark must not hide the others' results
+            except Exception as exc:  # noqa: BLE001  (a failed benchmark must not hide the others' results)
                 kind = "sanity check failed" if isinstance(exc, SanityError) else type(exc).__name__
                 traceback.print_exc()
                 failed.append(module.NAME)

@@ -29,9 +29,12 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
+import itertools
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import torch
 
@@ -47,9 +50,9 @@ from distill_core.training.lora import LoraSet, attach_lora, lora_state_dict
 from distill_core.training.memory import frozen_parameters
 from distill_core.training.trainer import DistillTrainer
 
-from . import models  # noqa: E402
-from .context import BenchContext  # noqa: E402
-from .harness import (  # noqa: E402
+from . import models
+from .context import BenchContext
+from .harness import (
     Goal,
     Section,
     Table,
@@ -63,8 +66,8 @@ from .harness import (  # noqa: E402
     run_interleaved,
     spread,
 )
-from .samplers import COMFY_EULER, STRIDE_LCM, sample  # noqa: E402
-from .scaling import plot_step_time_memory, scaling_table  # noqa: E402
+from .samplers import COMFY_EULER, STRIDE_LCM, sample
+from .scaling import plot_step_time_memory, scaling_table
 
 NAME = "training"
 TITLE = "In-graph LoRA distillation: step cost, memory, quality and scaling (demo UNet)"
@@ -213,7 +216,7 @@ class Passes:
             return self.rig.denoise(self.teacher_x, self.teacher_sigma, self.teacher_cond)
 
     def target_pass(self) -> torch.Tensor:
-        """The student at ``(x_prev, t_prev)`` without grad, its LoRA folded into the weights (as the trainer runs it)."""
+        """The student at ``(x_prev, t_prev)`` without grad, its LoRA folded into the weights as the trainer runs it."""
         with self.rig.loraset.merged():
             return self.rig.denoise(self.inputs.x_prev, self.inputs.model_sigma(self.inputs.sigma_prev),
                                     self.inputs.batch.cond)
@@ -385,8 +388,8 @@ def _measure_step(ctx: BenchContext, section: Section, side: int, batch: int, se
         rig.loraset.remove()
     ours_bytes = rig.parameter_bytes()
     teacher_bytes = sum(p.numel() * p.element_size() for p in teacher_copy.diffusion_model.parameters())
-    return StepMeasurement(setting, repeats, timings, recipe_timings, (median(memory["ours"]), median(memory["recipe"])),
-                           (ours_bytes, ours_bytes + teacher_bytes))
+    return StepMeasurement(setting, repeats, timings, recipe_timings,
+                           (median(memory["ours"]), median(memory["recipe"])), (ours_bytes, ours_bytes + teacher_bytes))
 
 
 def _step_tables(section: Section, measured: list[StepMeasurement]) -> list[Table]:
@@ -394,8 +397,8 @@ def _step_tables(section: Section, measured: list[StepMeasurement]) -> list[Tabl
     name = CLOCK_NAMES[clock]
     repeats = measured[0].repeats
     physical = Table(
-        "Our LCM distillation step vs the passes it needs, each timed alone on the same batch (CPU, float32), median of "
-        f"{repeats} interleaved repeats; times are {name}s",
+        "Our LCM distillation step vs the passes it needs, each timed alone on the same batch (CPU, float32), median "
+        f"of {repeats} interleaved repeats; times are {name}s",
         ["compared", "model, latent, batch", "device, dtype", f"ratio ({name})", "ratio (wall time)", "our step",
          "sum of passes", "teacher (cond+uncond, 1 call)", "target", "student fwd+bwd", "sum / student fwd+bwd",
          "spread (ours)"])
@@ -500,14 +503,15 @@ def compare_nodes(ctx: BenchContext, section: Section, make_model: Callable[[], 
         for name in order:
             stamps: list[dict[str, float]] = []
             previous_listener = ctx.host.progress_listener
-            ctx.host.progress_listener = lambda value, total: stamps.append({key: now() for key, now in clocks.items()})
+            ctx.host.progress_listener = (lambda value, total, stamps=stamps:
+                                          stamps.append({key: now() for key, now in clocks.items()}))
             try:
-                grown = measure(lambda: candidates[name](steps))
+                grown = measure(functools.partial(candidates[name], steps))
             finally:
                 ctx.host.progress_listener = previous_listener
             check(len(stamps) == steps, f"{name}: {len(stamps)} progress updates for {steps} steps")
             for key in clocks:
-                step_times[name][key] += [later[key] - earlier[key] for earlier, later in zip(stamps, stamps[1:])]
+                step_times[name][key] += [later[key] - earlier[key] for earlier, later in itertools.pairwise(stamps)]
             memory[name].append(grown)
     return NodeComparison(step_times, memory)
 
@@ -606,7 +610,8 @@ def _class_samples(ctx: BenchContext, model: Any, spec, steps: int, noise: torch
     samples = torch.empty_like(noise)
     for index, name in enumerate(DEMO_CLASS_NAMES):
         chosen = labels == index
-        samples[chosen] = sample(model, sampler, sigmas, noise[chosen], models.class_prompt(ctx, name), empty, seed=SEED)
+        samples[chosen] = sample(model, sampler, sigmas, noise[chosen], models.class_prompt(ctx, name), empty,
+                                 seed=SEED)
     check(bool(torch.isfinite(samples).all()), f"{spec.label} at {steps} steps: NaN or inf in the samples")
     return samples
 
@@ -654,8 +659,8 @@ def _quality_table(ctx: BenchContext, section: Section) -> Table | None:
     difference = float((merged - distilled.probe_output).abs().max())
     check(difference <= STUDENT_MODEL_TOLERANCE, f"the LoRA loaded by ComfyUI's loader differs from the trained hooks "
                                                  f"by {difference:.1e}")
-    section.checks.append(f"the student MODEL (LoRA state dict through ComfyUI's load_lora_for_models, as Stride's node "
-                          f"returns it) reproduces the trained hooks (max difference {difference:.1e})")
+    section.checks.append(f"the student MODEL (LoRA state dict through ComfyUI's load_lora_for_models, as Stride's "
+                          f"node returns it) reproduces the trained hooks (max difference {difference:.1e})")
     student_label = f"student (teacher + LoRA after {steps} steps), {STUDENT_STEPS} steps (Stride LCM)"
     runs[student_label] = _class_samples(ctx, student, STRIDE_LCM, STUDENT_STEPS, noise, labels)
 
@@ -732,7 +737,7 @@ def _scaling(ctx: BenchContext, section: Section) -> tuple[Table, Any]:
         with training(rig):
             for key in configs:  # ascending size, so a smaller run never reuses memory a bigger one freed
                 trainers[key].train_step(0)  # one-time allocations (AdamW state) are not a step's memory
-                loss, memory[key] = peak_rss_growth(lambda: trainers[key].train_step(1))
+                loss, memory[key] = peak_rss_growth(functools.partial(trainers[key].train_step, 1))
                 check(bool(torch.isfinite(torch.tensor(loss))), f"training step at {key}: loss {loss}")
             ctx.log(f"{NAME}: timing {len(configs)} training configurations")
             timings = run_interleaved({key: (lambda key=key: trainers[key].train_step(1)) for key in configs},

@@ -14,7 +14,8 @@ from safetensors.torch import load_file
 STEPS = 6
 
 
-def training_graph(name: str, steps: int = STEPS, objective: str = "lcm", save_as: str | None = None, **overrides) -> dict:
+def training_graph(name: str, steps: int = STEPS, objective: str = "lcm", save_as: str | None = None,
+                   **overrides) -> dict:
     train_inputs = {
         "model": ["model", 0], "data": ["data", 0], "objective": objective, "steps": steps, "learning_rate": 1e-3,
         "rank": 4, "alpha": 0.0, "batch_size": 2, "guidance_min": 0.0, "guidance_max": 0.0, "loss": "huber",
@@ -227,8 +228,9 @@ def test_a_model_carrying_a_user_lora_trains_with_that_lora_applied(comfy_host):
     merged = stride["StrideDemoModel"].execute()[0]
     merged.model.diffusion_model.load_state_dict(merged_weights)
 
-    settings = dict(objective="lcm", steps=4, learning_rate=1e-3, rank=4, alpha=0.0, batch_size=2, guidance_min=0.0,
-                    guidance_max=0.0, loss="l2", gradient_checkpointing=False, seed=5, save_every=0, resume=False)
+    settings = {"objective": "lcm", "steps": 4, "learning_rate": 1e-3, "rank": 4, "alpha": 0.0, "batch_size": 2,
+                "guidance_min": 0.0, "guidance_max": 0.0, "loss": "l2", "gradient_checkpointing": False, "seed": 5,
+                "save_every": 0, "resume": False}
     trainer = stride["StrideDistillLoRA"]
     trained_model, on_user, _, _ = trainer.execute(with_user, data, lora_name="user_lora_run", **settings)
     _, on_merged, _, _ = trainer.execute(merged, data, lora_name="merged_run", **settings)
@@ -260,7 +262,7 @@ def test_exported_headless_run_reproduces_the_in_graph_lora(comfy_host, tmp_path
     assert result.success, result.error()
     bundle = os.path.join(folder_paths.get_output_directory(), "stride_headless", "headless_twin")
     assert sorted(os.listdir(bundle)) == ["config.json", "data.safetensors", "teacher.safetensors"]
-    settings = json.load(open(os.path.join(bundle, "config.json")))
+    settings = json.loads(Path(bundle, "config.json").read_text())
     root = Path(__file__).resolve().parents[2]
     done = subprocess.run([sys.executable, "-m", "distill_core.training.cli", "--config",
                            os.path.join(bundle, "config.json")], cwd=root, capture_output=True, text=True,
@@ -295,7 +297,8 @@ def test_headless_export_rebuilds_comfyui_sd15_and_sdxl_models(comfy_host, arch)
                                       gradient_checkpointing=False, seed=0, save_every=0, lora_name=f"export_{arch}",
                                       resume=False, export_headless=True)
     bundle = os.path.join(folder_paths.get_output_directory(), "stride_headless", f"export_{arch}")
-    comfy_teacher = import_network_factory(f"{Path(__file__).resolve().parents[2]}/nodes/headless_teacher.py:comfy_teacher")
+    comfy_teacher = import_network_factory(
+        f"{Path(__file__).resolve().parents[2]}/nodes/headless_teacher.py:comfy_teacher")
     rebuilt = comfy_teacher({"teacher": os.path.join(bundle, "teacher.safetensors"),
                                               "data": os.path.join(bundle, "data.safetensors")}, DistillConfig())
     cond = rebuilt.data.conds[0]

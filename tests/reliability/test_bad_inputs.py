@@ -12,9 +12,10 @@ from __future__ import annotations
 import os
 import pickle
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 import torch
@@ -156,7 +157,8 @@ def metrics_graph(latent: dict, conditioning: dict | None = None) -> Callable[[C
 
 def decode_graph(latent: dict) -> Callable[[Context], dict]:
     return lambda ctx: {"latent": latent,
-                        "decode": {"class_type": "StrideLatentToImage", "inputs": {"samples": ["latent", 0], "scale": 2}},
+                        "decode": {"class_type": "StrideLatentToImage",
+                                   "inputs": {"samples": ["latent", 0], "scale": 2}},
                         "show": {"class_type": "PreviewImage", "inputs": {"images": ["decode", 0]}}}
 
 
@@ -290,7 +292,8 @@ def piflow_on(model: dict, adapter: str | None = None, latent: dict | None = Non
             "model": [source, 0], "positive": positive, "latent_image": ["latent", 0], "steps": 2, "substeps": 8,
             "diffusion_coefficient": 0.0, "shift": 3.2, "final_step_size_scale": 0.5, "temperature": "auto",
             "manual_temperature": 1.0, "seed": 0, "denoise": 1.0}}
-        graph["save"] = {"class_type": "SaveLatent", "inputs": {"samples": ["run", 0], "filename_prefix": "reliability"}}
+        graph["save"] = {"class_type": "SaveLatent",
+                         "inputs": {"samples": ["run", 0], "filename_prefix": "reliability"}}
         return graph
 
     return build
@@ -372,7 +375,8 @@ def train_first(name: str) -> Callable[[Context], None]:
 
 
 PICKLE_BYTES = pickle.dumps({"lora_up.weight": [0.0] * 16}, protocol=4)
-RANDOM_BYTES = torch.randint(0, 256, (3000,), generator=torch.Generator().manual_seed(0), dtype=torch.uint8).numpy().tobytes()
+RANDOM_BYTES = torch.randint(0, 256, (3000,), generator=torch.Generator().manual_seed(0),
+                             dtype=torch.uint8).numpy().tobytes()
 GOOD_SAFETENSORS = safetensors_bytes({"diffusion_model.x.lora_up.weight": torch.zeros(64, 64)})
 TRUNCATED_SAFETENSORS = GOOD_SAFETENSORS[: len(GOOD_SAFETENSORS) // 2]
 EXISTING = b"an existing LoRA the user wants to keep"
@@ -557,7 +561,8 @@ CASES = [
          "use a plain scheduler (karras) with the Stride sampler.", server=True),
     Case("tdd_on_continuous_v", FEW, "method tdd on a model patched to continuous V sigmas",
          changed(sample(method="tdd"), base=reference_model(), model=continuous("v")), "execution",
-         ("model", "tdd schedules", "continuous sigmas"), "As above: use a discrete-timestep model, or a plain scheduler."),
+         ("model", "tdd schedules", "continuous sigmas"),
+         "As above: use a discrete-timestep model, or a plain scheduler."),
     Case("family_on_the_wrong_kind_of_model", FEW, "family sdxl-lightning-4step on a flow model",
          changed(sample(method="sdxl-lightning-4step", steps=4), model=reference_model("flow")), "execution",
          ("method", "needs a model of kind eps, but this model is flow", "flux1-schnell"),
@@ -606,7 +611,8 @@ CASES = [
          "At denoise d the LCM grid has 50 x d entries: use fewer steps or a higher denoise."),
     Case("tdd_scheduler_steps_above_grid", "Stride TDD Scheduler", "250 steps at denoise 0.5 (needs 500 targets)",
          custom_sampling(TDD_SAMPLER, with_inputs(TDD_SCHEDULER, steps=250, denoise=0.5)), "execution",
-         ("steps", "denoise", "Choose fewer steps"), "TDD's grid has 250 targets: steps / denoise must not exceed 250."),
+         ("steps", "denoise", "Choose fewer steps"),
+         "TDD's grid has 250 targets: steps / denoise must not exceed 250."),
     Case("one_step_schedule_partial_denoise", "Stride Hyper-SD Scheduler", "unet 1-step mode with denoise 0.5",
          custom_sampling(TCD_SAMPLER, with_inputs(HYPER_SCHEDULER, mode="unet 1-step (t=800)", denoise=0.5)),
          "execution", ("denoise", "set denoise to 1.0"), "The 1-step UNet only starts from pure noise: denoise 1.0, or "
@@ -672,7 +678,8 @@ CASES = [
     Case("piflow_nan_latent", "Stride pi-Flow Sample", "a latent full of NaN",
          piflow_on(PIFLOW_REFERENCE, latent=fault_latent(fill="nan")), "execution", ("NaN or inf", "check the nodes"),
          "As above."),
-    Case("inf_latent_custom_sampler", "Stride TCD / Hyper-SD Sampler", "a latent full of inf through SamplerCustomAdvanced",
+    Case("inf_latent_custom_sampler", "Stride TCD / Hyper-SD Sampler",
+         "a latent full of inf through SamplerCustomAdvanced",
          custom_sampling(TCD_SAMPLER, LCM_SCHEDULER, latent=fault_latent(fill="inf")), "execution",
          ("latent_image", "NaN or inf"), "As above."),
     Case("latent_16_channels", "Stride Reference Teacher", "a 16-channel (SD3/Flux-format) latent",
@@ -680,7 +687,8 @@ CASES = [
          "Use Empty Latent Image (4 channels, SD1.5 format) at 64x64."),
     Case("latent_wrong_size", "Stride Reference Teacher", "a 128x128 image latent (16x16)",
          changed(sample(), latent=empty_latent(width=128, height=128)), "execution",
-         ("latent_image", "Empty Latent Image 64x64", "got 4x16x16"), "The reference teacher models 64x64 images only."),
+         ("latent_image", "Empty Latent Image 64x64", "got 4x16x16"),
+         "The reference teacher models 64x64 images only."),
     Case("demo_latent_16_channels", "Stride Demo Model", "a 16-channel latent",
          demo_sampling(latent=fault_latent(channels=16)), "execution", ("latent_image", "4-channel", "got 16 channels"),
          "Use Empty Latent Image (SD1.5 format).", needs=("demo",)),
@@ -725,7 +733,8 @@ CASES = [
          changed(hybrid(), pos=fault_conditioning(empty=True)), "execution", ("base_positive", "empty"),
          "Connect the encoded prompt for the base model's steps."),
     Case("metrics_text_encoder_conditioning", "Stride Reference Metrics", "a text-encoder CONDITIONING",
-         metrics_graph(fault_latent(batch=2), fault_conditioning()), "execution", ("conditioning", "Stride Class Prompt"),
+         metrics_graph(fault_latent(batch=2), fault_conditioning()), "execution",
+         ("conditioning", "Stride Class Prompt"),
          "Connect the Stride Class Prompt the samples were drawn for."),
     Case("unknown_class", "Stride Class Prompt", "prompt 'a dog'", changed(sample(), pos=class_prompt("a dog")),
          "execution", ("prompt", "no such class", "disc, square, cross, ring"),
@@ -753,7 +762,8 @@ CASES = [
          needs=("demo",)),
     Case("dataset_empty_conditioning", "Stride Distillation Data", "an empty CONDITIONING as prompt_1",
          train_with_nodes("reliability_emptycond", disc=fault_conditioning(empty=True)), "execution",
-         ("prompt_1", "empty or malformed"), "Connect a text encoder output (or Stride Class Prompt).", needs=("demo",)),
+         ("prompt_1", "empty or malformed"), "Connect a text encoder output (or Stride Class Prompt).",
+         needs=("demo",)),
     Case("dataset_mixed_encoders", "Stride Distill LoRA", "a prompt and the empty prompt from different encoders",
          train_with_nodes("reliability_mixed", disc=fault_conditioning()), "execution",
          ("data", "different conditioning shapes"), "Encode all prompts, the empty one included, with the same "
@@ -1099,7 +1109,7 @@ def test_bad_input_through_the_server(case, comfy_server, tmp_path):
                       rescan=lambda: None)  # the server rescans a folder whose modification time changed
     if case.setup is not None:
         case.setup(context)
-    before = snapshot(comfy_server.base_dir, skip=STAYS_INSIDE + ("server.log", "user"))
+    before = snapshot(comfy_server.base_dir, skip=(*STAYS_INSIDE, "server.log", "user"))
     graph = case.graph(context)
     answer = comfy_server.queue(graph)
     if "prompt_id" not in answer:
@@ -1116,7 +1126,7 @@ def test_bad_input_through_the_server(case, comfy_server, tmp_path):
             error = next((data for event, data in messages if event == "execution_error"), {})
             outcome = Outcome("execution", error.get("exception_message", "").strip(), error.get("exception_type", ""))
     check_message(case, outcome)
-    assert not changed_files(before, snapshot(comfy_server.base_dir, skip=STAYS_INSIDE + ("server.log", "user")))
+    assert not changed_files(before, snapshot(comfy_server.base_dir, skip=(*STAYS_INSIDE, "server.log", "user")))
     after = comfy_server.run(good_prompt(CASES.index(case)))
     assert after.success, after.messages[-3:]
 

@@ -27,8 +27,10 @@ from distill_core.training.objectives import (
     tdd_candidate_timesteps,
 )
 from distill_core.training.trainer import DistillDivergedError, DistillTrainer, train
-from tests.unit.distill_fixtures import comfy, tiny_comfy_sd15  # noqa: F401 (fixtures)
+from tests.unit import distill_fixtures
+from tests.unit.distill_fixtures import tiny_comfy_sd15
 
+comfy = distill_fixtures.comfy  # the fixture, found by pytest under this name (the tests take it as a parameter)
 REPO = os.path.join(os.path.dirname(__file__), "..", "..")
 SPACE = NoiseSpace.from_alphas_cumprod(scaled_linear_alphas_cumprod())
 ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -36,7 +38,8 @@ ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 def demo_setup(objective: str = "lcm", data_free: bool = False, **overrides):
     """The CLI's demo network in float64 with a fresh rank-2 LoRA and a small config."""
-    settings = dict(objective=objective, steps=8, rank=2, batch=2, lr=1e-3, data_free_samples=4, data_free_steps=3)
+    settings = {"objective": objective, "steps": 8, "rank": 2, "batch": 2, "lr": 1e-3, "data_free_samples": 4,
+                "data_free_steps": 3}
     config = DistillConfig(**{**settings, **overrides})
     options = {"dtype": "float64", "num_latents": 0 if data_free else 6, "hidden": 8}
     network = demo_network(options, config)
@@ -57,7 +60,8 @@ def test_grids_and_boundary_scalings_match_the_official_scripts():
     assert evenly_picked(ddim_timesteps(250, 1000), 4).tolist() == [999, 751, 499, 251]
     c_skip, c_out = lcm_boundary_scalings(torch.tensor([0, 19, 999]))
     assert c_skip[0] == 1 and c_out[0] == 0
-    assert c_skip[1] == pytest.approx(0.25 / (190**2 + 0.25)) and c_out[2] == pytest.approx(9990 / (9990**2 + 0.25) ** 0.5)
+    assert c_skip[1] == pytest.approx(0.25 / (190**2 + 0.25))
+    assert c_out[2] == pytest.approx(9990 / (9990**2 + 0.25) ** 0.5)
 
 
 def test_tdd_target_selection_follows_the_training_script():
@@ -67,7 +71,7 @@ def test_tdd_target_selection_follows_the_training_script():
     generator = torch.Generator().manual_seed(0)
     for _ in range(20):
         steps = objective.sample_timesteps(64, generator)
-        for prev, end in zip(steps.prev.tolist(), steps.end.tolist()):
+        for prev, end in zip(steps.prev.tolist(), steps.end.tolist(), strict=True):
             upper = int(candidates[candidates <= prev].max())
             assert end <= upper <= prev
             assert end >= int(0.7 * max(upper - 260, 0)) - 1
@@ -101,8 +105,10 @@ def test_lcm_outputs_are_the_boundary_parameterisation_in_vp_scale():
 
 def test_config_defaults_per_objective_and_validation():
     lcm, tdd = DistillConfig(), DistillConfig(objective="tdd")
-    assert (lcm.guidance_min, lcm.guidance_max, lcm.num_ddim_timesteps, lcm.empty_prompt_proportion) == (3.0, 15.0, 50, 0.0)
-    assert (tdd.guidance_min, tdd.guidance_max, tdd.num_ddim_timesteps, tdd.empty_prompt_proportion) == (3.5, 3.5, 250, 0.2)
+    assert ((lcm.guidance_min, lcm.guidance_max, lcm.num_ddim_timesteps, lcm.empty_prompt_proportion)
+            == (3.0, 15.0, 50, 0.0))
+    assert ((tdd.guidance_min, tdd.guidance_max, tdd.num_ddim_timesteps, tdd.empty_prompt_proportion)
+            == (3.5, 3.5, 250, 0.2))
     assert (lcm.lr, lcm.loss, lcm.huber_c, lcm.grad_clip, lcm.alpha) == (1e-4, "huber", 0.001, 1.0, 64.0)
     assert DistillConfig.from_dict(json.loads(json.dumps(tdd.to_dict()))) == tdd
     with pytest.raises(ValueError, match="objective"):
@@ -172,7 +178,8 @@ def test_resume_gives_the_same_lora_as_an_uninterrupted_run(tmp_path, objective,
 
     network, loraset, config = demo_setup(objective, data_free)
     torch.manual_seed(123)  # the checkpoint restores the torch RNG
-    second = train(network.denoiser, loraset, network.space, config, network.data, checkpoint_path=checkpoint, resume=True)
+    second = train(network.denoiser, loraset, network.space, config, network.data, checkpoint_path=checkpoint,
+                   resume=True)
     assert second.steps_done == 8
     # the loss history covers the whole run, the part before the resume included
     assert torch.allclose(torch.tensor(second.losses["loss"]), torch.tensor(whole.losses["loss"]), rtol=1e-6, atol=0)

@@ -13,7 +13,10 @@ from distill_core.training.lora import (
     load_lora_state_dict,
     lora_state_dict,
 )
-from tests.unit.distill_fixtures import comfy, tiny_comfy_sd15  # noqa: F401 (fixtures)
+from tests.unit import distill_fixtures
+from tests.unit.distill_fixtures import tiny_comfy_sd15
+
+comfy = distill_fixtures.comfy  # the fixture, found by pytest under this name (the tests take it as a parameter)
 
 
 class TinyNet(nn.Module):
@@ -214,7 +217,7 @@ def test_inference_mode_weights_become_trainable_without_changing_values():
         net.register_buffer("offset", torch.ones(2))
     loraset = attach_lora(net, rank=1, init="random")
     x = torch.randn(3, 4)
-    with pytest.raises(RuntimeError, match="[Ii]nference tensor"):
+    with pytest.raises(RuntimeError, match=r"[Ii]nference tensor"):
         (net(x) * net.offset).sum().backward()
     before = {key: value.clone() for key, value in net.state_dict().items()}
     assert ensure_autograd_compatible(net) == 5
@@ -261,7 +264,8 @@ def test_saved_lora_loads_in_comfyui_and_reproduces_the_hooked_model(comfy, tmp_
     write_safetensors(path, lora_state_dict(loraset))
     loraset.remove()
 
-    patcher = comfy.model_patcher.ModelPatcher(model, load_device=torch.device("cpu"), offload_device=torch.device("cpu"))
+    patcher = comfy.model_patcher.ModelPatcher(model, load_device=torch.device("cpu"),
+                                               offload_device=torch.device("cpu"))
     lora = comfy.utils.load_torch_file(str(path), safe_load=True)
     patched, _ = comfy.sd.load_lora_for_models(patcher, None, lora, 1.0, 0.0)
     assert len(patched.patches) == len(loraset.adapters)
