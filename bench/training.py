@@ -485,7 +485,7 @@ def compare_nodes(ctx: BenchContext, section: Section, make_model: Callable[[], 
             batch_size=batch, guidance_min=0.0, guidance_max=0.0, loss="huber", gradient_checkpointing=checkpointing,
             seed=SEED, save_every=0, lora_name="bench_training", resume=False)
 
-    ours_losses = ours_node(1)[2]
+    ours_losses = ours_node(1)[2]["loss"]  # the node's losses per series (consistency objectives: one, 'loss')
     comfy_losses = comfy_node(1).result[2]["loss"]
     for name, losses in (("StrideDistillLoRA", ours_losses), ("TrainLoraNode", comfy_losses)):
         check(len(losses) == 1 and bool(torch.isfinite(torch.tensor(losses)).all()), f"{name} returned losses {losses}")
@@ -738,7 +738,7 @@ def _scaling(ctx: BenchContext, section: Section) -> tuple[Table, Any]:
             for key in configs:  # ascending size, so a smaller run never reuses memory a bigger one freed
                 trainers[key].train_step(0)  # one-time allocations (AdamW state) are not a step's memory
                 loss, memory[key] = peak_rss_growth(functools.partial(trainers[key].train_step, 1))
-                check(bool(torch.isfinite(torch.tensor(loss))), f"training step at {key}: loss {loss}")
+                check(bool(torch.isfinite(torch.tensor(loss["loss"]))), f"training step at {key}: loss {loss}")
             ctx.log(f"{NAME}: timing {len(configs)} training configurations")
             timings = run_interleaved({key: (lambda key=key: trainers[key].train_step(1)) for key in configs},
                                       repeats, warmup=0)
