@@ -13,7 +13,7 @@ setup:
 demo: setup
 	$(PY) scripts/run_workflow.py $(WORKFLOW) --out $(OUT)
 
-test: setup
+test: setup lint
 	bash scripts/provision.sh --browser
 	$(PY) -m pytest -q -ra tests
 
