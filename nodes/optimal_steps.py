@@ -412,7 +412,9 @@ class StrideSavedSchedule(io.ComfyNode):
             raise StrideError(f"schedule: {FOLDER_LABEL}/{schedule} does not exist; search one with Stride Optimal "
                               "Steps")
         path = Path(model_file(FOLDER, schedule, "schedule", FOLDER_LABEL))
-        loaded = load_checked(path, fingerprint({"model": model_identity(model)}), "schedule")
+        loaded = load_checked(path, fingerprint({"model": model_identity(model)}), "schedule",
+                              "; choose a schedule that Stride Optimal Steps saved for this model, or search one with "
+                              "Stride Optimal Steps")
         text = report_text(loaded.settings, loaded.sigmas, loaded.indices, loaded.report, f"loaded {schedule}")
         return io.NodeOutput(loaded.sigmas.float(), text, ui=ui.PreviewText(text))
 

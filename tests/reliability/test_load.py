@@ -206,4 +206,5 @@ def test_training_and_sampling_queued_together(server, references, demo_weights)
     together = load_checkpoint(str(folder / "load_together.safetensors"))
     solo = load_checkpoint(str(folder / "load_alone.safetensors"))
     assert together.step == solo.step == 4
-    assert all(torch.equal(together.lora[key], solo.lora[key]) for key in solo.lora)
+    assert all(torch.equal(together.loras["student"][key], solo.loras["student"][key])
+               for key in solo.loras["student"])

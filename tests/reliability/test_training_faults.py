@@ -53,8 +53,9 @@ def assert_files_whole(folder: Path, name: str, context: str, temp_files_allowed
 def assert_same_lora(got: Path, want: Path, context: str, steps: int = STEPS) -> None:
     a, b = load_checkpoint(str(got)), load_checkpoint(str(want))
     assert a.step == b.step == steps, (context, a.step, b.step)
-    assert a.lora.keys() == b.lora.keys()
-    worst = max(float((a.lora[key] - b.lora[key]).abs().max()) for key in b.lora)
+    a_lora, b_lora = a.loras["student"], b.loras["student"]
+    assert a_lora.keys() == b_lora.keys()
+    worst = max(float((a_lora[key] - b_lora[key]).abs().max()) for key in b_lora)
     assert worst <= 1e-6, f"{context}: resumed LoRA differs from the uninterrupted one by {worst:.3g}"
 
 
@@ -121,10 +122,11 @@ def test_cancel_at_a_random_step_then_resume(fault_host, straight, demo_baseline
 def test_exception_at_a_random_step_then_resume(fault_host, straight, demo_baseline, monkeypatch):
     fail_at = DRAW.randint(1, STEPS)
     context = f"exception in step {fail_at} (STRIDE_FAULT_SEED={FAULT_SEED})"
-    trainer = training_module(fault_host).DistillTrainer
+    # the consistency trainer the node builds, as the host loaded it (build_trainer's own module)
+    trainer = sys.modules[training_module(fault_host).build_trainer.__module__].DistillTrainer
     original = trainer.train_step
 
-    def failing_step(self, step: int) -> float:
+    def failing_step(self, step: int) -> dict[str, float]:
         if step + 1 == fail_at:
             raise RuntimeError("injected fault in the training step")
         return original(self, step)
