@@ -56,7 +56,9 @@ def nodes_doc(nodes: dict[str, dict]) -> str:
                 options = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
                 choices = host.combo_options(spec)
                 kind_name = "COMBO" if choices is not None else spec[0]
-                default = options.get("default", choices[0] if choices else "")
+                files = bool(choices) and all(str(choice).endswith(".safetensors") for choice in choices)
+                # a folder's files are whatever is installed there: no default to document
+                default = options.get("default", choices[0] if choices and not files else "")
                 lines.append(f"| `{name}` | {kind_name} | {default} | {cell(str(options.get('tooltip', '')))} |")
         lines += ["", "| output | type | tooltip |", "|---|---|---|"]
         tooltips = info.get("output_tooltips") or [""] * len(info["output"])
