@@ -365,7 +365,7 @@ def config_model(config_class: str, unet_config: dict):
     ("SSD1B", {}, ()),  # a distilled SDXL: not what SDXL LoRAs were made for
     ("FluxSchnell", {}, (methods.FLUX1_SCHNELL,)),
     ("Flux", {}, (methods.FLUX1_DEV,)),
-    ("Flux2", {}, (methods.FLUX2_DEV,)),
+    ("Flux2", {"hidden_size": 6144}, (methods.FLUX2_DEV,)),  # 0.33.0 scales its memory factor by it
     ("SD3", {"depth": 38}, (methods.SD35_LARGE,)),
     ("SD3", {"depth": 24}, ()),  # SD3 / SD3.5 Medium
     ("QwenImage", {}, (methods.QWEN_IMAGE, methods.QWEN_IMAGE_EDIT)),
