@@ -26,7 +26,7 @@ import comfy.utils
 import folder_paths
 
 from ..distill_core.reference.metrics import endpoint_error
-from ..distill_core.reference.statistics import estimate, paired_difference, verdict
+from ..distill_core.reference.statistics import Estimate, estimate, paired_difference, verdict
 from ..distill_core.sampling.optimal_steps import (
     MODES,
     SOLVERS,
@@ -226,20 +226,19 @@ def search_report(outcome: SearchOutcome, settings: SearchSettings) -> dict[str,
 def report_text(settings: dict[str, Any], sigmas: Tensor, indices: tuple[int, ...], report: dict[str, Any],
                 source: str) -> str:
     """The node's report: the schedule, its error against ComfyUI's schedulers at the same N, the search's cost."""
-    errors = {name: estimate(torch.tensor(values)) for name, values in report["errors"].items()}
+    compared = compared_errors(report)
     lines = [
         f"Stride Optimal Steps: {settings['steps']} {settings['solver']} steps ({source})",
         "sigmas: " + ", ".join(f"{value:.4g}" for value in sigmas.tolist()),
         f"teacher: {settings['teacher_solver']}, {settings['teacher_steps']} steps of '{settings['teacher_scheduler']}'"
         f" (the schedule takes its steps {', '.join(map(str, indices))}); {settings['noise_samples']} noises, seed "
         f"{settings['seed']}; {settings['mode']} mode",
-        f"Euler's endpoint: RMS distance to the teacher's endpoint from the same {errors[SEARCHED].repeats} noises "
+        f"Euler's endpoint: RMS distance to the teacher's endpoint from the same {compared[0][1].repeats} noises "
         "(the search's own), mean ± 95% interval; then the paired difference to the searched schedule:",
     ]
-    for name in (SEARCHED, *sorted(set(errors) - {SEARCHED}, key=_compared_order)):
-        row = f"  {name:<9} {errors[name].format(4)}"
-        if name != SEARCHED:
-            difference = paired_difference(errors[name], errors[SEARCHED])
+    for name, error, difference in compared:
+        row = f"  {name:<9} {error.format(4)}"
+        if difference is not None:
             row += f"   {difference.format(4, signed=True)}  {VERDICTS[verdict(difference)]}"
         lines.append(row)
     lines.append(f"search: {report['evaluations']} model evaluations in {report['calls']} calls, "
@@ -256,15 +255,20 @@ SCHEDULE_HELP = {  # the table's columns on the node (web/stride_results.js), in
 }
 
 
+def compared_errors(report: dict[str, Any]) -> list[tuple[str, Estimate, Estimate | None]]:
+    """Per schedule (searched first, then ComfyUI's in their order): its endpoint error and its paired difference
+    to the searched schedule's (None for the searched one), with 95% intervals."""
+    errors = {name: estimate(torch.tensor(values)) for name, values in report["errors"].items()}
+    return [(name, errors[name], None if name == SEARCHED else paired_difference(errors[name], errors[SEARCHED]))
+            for name in (SEARCHED, *sorted(set(errors) - {SEARCHED}, key=_compared_order))]
+
+
 def schedule_table(report: dict[str, Any]) -> dict[str, list]:
     """The report's errors as table rows for the node (one per schedule, searched first), with 95% half-widths."""
-    errors = {name: estimate(torch.tensor(values)) for name, values in report["errors"].items()}
     rows = []
-    for name in (SEARCHED, *sorted(set(errors) - {SEARCHED}, key=_compared_order)):
-        row: dict[str, Any] = {"label": name, "endpoint_error": errors[name].value,
-                               "endpoint_error_pm": errors[name].half_width}
-        if name != SEARCHED:
-            difference = paired_difference(errors[name], errors[SEARCHED])
+    for name, error, difference in compared_errors(report):
+        row: dict[str, Any] = {"label": name, "endpoint_error": error.value, "endpoint_error_pm": error.half_width}
+        if difference is not None:
             row.update(minus_searched=difference.value, minus_searched_pm=difference.half_width)
         rows.append(row)
     return {TABLE: rows, COLUMNS: [{"key": key, "help": help} for key, help in SCHEDULE_HELP.items()]}
