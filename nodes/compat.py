@@ -12,9 +12,10 @@ Supported hosts: ComfyUI 0.3.75 (the default, CI) to 0.33 (``make test-newest-ho
 - everything that differs between the hosts or reaches into objects ComfyUI builds for itself:
   ``model_sampling`` and its classification, the sampler-side wrappers (KSAMPLER's model, guiders,
   the inpainting wrapper), latent/VAE downscale factors, a MODEL around a bare network, model
-  conditioning, LoRA application, architecture detection, websocket events, the nodes' progress text, the
-  identity of a MODEL or GUIDER (what a saved result was computed by), the latent a sampler starts from,
-  Stride's folders in ``folder_paths``.
+  conditioning, LoRA application, architecture detection, FLUX.1's diffusers key table, websocket events,
+  the nodes' progress text, the identity of a MODEL or GUIDER (what a saved result was computed by), the
+  latent a sampler starts from, the per-step noise ComfyUI's own samplers draw, Stride's folders in
+  ``folder_paths``.
 
 Used in place, because they are public, module-level and identical on both hosts: ``comfy.samplers``
 (``KSAMPLER``, ``Sampler``, ``CFGGuider``, ``sampler_object``, ``KSampler.SAMPLERS``), ``comfy.sample``
@@ -40,6 +41,7 @@ from typing import Any, ClassVar
 
 import torch
 
+import comfy.k_diffusion.sampling
 import comfy.model_base
 import comfy.model_management
 import comfy.model_patcher
@@ -47,6 +49,7 @@ import comfy.model_sampling
 import comfy.samplers
 import comfy.sd
 import comfy.supported_models_base
+import comfy.utils
 import folder_paths
 from comfy_api.v0_0_2 import ComfyExtension, io, ui
 
@@ -313,6 +316,26 @@ def model_architectures(model: Any) -> tuple[str, ...]:
     return architectures(getattr(config, "unet_config", None) or {}) if architectures else ()
 
 
+FLUX2_SINGLE_BLOCK_NAMES = (".attn.to_qkv_mlp_proj.", ".attn.to_out.")
+"""Single-block names of diffusers' Flux2Transformer2DModel (fused linear1 / linear2)."""
+
+
+def flux1_diffusers_names(model: Any) -> dict[str, Any] | None:
+    """ComfyUI's table from diffusers' FLUX.1 transformer keys to a FLUX.1 ``BaseModel``'s own keys
+    (``comfy.utils.flux_to_diffusers``), or None when ``model`` is not FLUX.1 (FLUX.2 or another family).
+
+    0.33 builds one table for FLUX.1 and FLUX.2 and adds to the single blocks FLUX.2's fused names
+    (:data:`FLUX2_SINGLE_BLOCK_NAMES`, aliases of linear1 / linear2), which diffusers' FLUX.1 model does not have;
+    they are left out. 0.3.75 has neither the names nor a Flux2 model class.
+    """
+    flux2 = getattr(comfy.model_base, "Flux2", None)
+    if not isinstance(model, comfy.model_base.Flux) or (flux2 is not None and isinstance(model, flux2)):
+        return None
+    table = comfy.utils.flux_to_diffusers(model.model_config.unet_config, output_prefix="")
+    return {key: target for key, target in table.items() if not (
+        key.startswith("single_transformer_blocks.") and any(name in key for name in FLUX2_SINGLE_BLOCK_NAMES))}
+
+
 def image_model(model: Any) -> str | None:
     """The architecture ComfyUI's model detection recorded for a MODEL (e.g. "flux", "flux2", "qwen_image")."""
     return (getattr(getattr(model.model, "model_config", None), "unet_config", {}) or {}).get("image_model")
@@ -469,6 +492,15 @@ def start_latent(model_sampling: Any, sigmas: torch.Tensor, noise: torch.Tensor)
     wrapper = types.SimpleNamespace(inner_model=types.SimpleNamespace(model_sampling=model_sampling))
     full = comfy.samplers.Sampler().max_denoise(wrapper, sigmas)
     return model_sampling.noise_scaling(sigmas[:1].to(noise), noise, torch.zeros_like(noise), full)
+
+
+def step_noise_sampler(x: torch.Tensor, seed: int | None) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """The per-step noise ComfyUI's own stochastic samplers (``lcm``, ``euler_ancestral``, ...) draw for ``x`` and
+    ``seed``: ``comfy.k_diffusion.sampling.default_noise_sampler``. Stride's samplers draw theirs from it, so a
+    Stride run equals the core sampler's run on every host. The hosts differ: 0.3.75 seeds the generator with
+    ``seed``, which on CPU repeats the initial noise (``prepare_noise`` draws it from the same seed) as the first
+    step's noise; 0.33 seeds a CPU generator with ``seed + 1``."""
+    return comfy.k_diffusion.sampling.default_noise_sampler(x, seed=seed)
 
 
 # ------------------------------------------------------------------------------------------

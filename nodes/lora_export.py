@@ -1,19 +1,19 @@
 """Stride LoRAs in diffusers' key formats: ComfyUI's own weight tables give each module's diffusers name.
 
 ComfyUI converts diffusers checkpoints with tables from diffusers keys to its own (``comfy.utils.unet_to_diffusers``
-for UNets, ``comfy.utils.flux_to_diffusers`` for FLUX, with row slices for its fused weights and a scale/shift swap
-for FLUX's final modulation). Read backwards, they name the diffusers module(s) of every ComfyUI module that can
-carry a LoRA; :mod:`distill_core.training.lora_formats` renames the LoRA with them.
+for UNets, ``comfy.utils.flux_to_diffusers`` for FLUX.1, read through :func:`.compat.flux1_diffusers_names`), with
+row slices for its fused weights and a scale/shift swap for FLUX's final modulation. Read backwards, they name the
+diffusers module(s) of every ComfyUI module that can carry a LoRA; :mod:`distill_core.training.lora_formats`
+renames the LoRA with them.
 """
 from __future__ import annotations
 
 from typing import Any
 
-import comfy.model_base
 import comfy.utils
 
 from ..distill_core.training.lora_formats import KOHYA, PEFT, ModuleMap, Part, convert_lora
-from .compat import StrideError
+from .compat import StrideError, flux1_diffusers_names
 
 WEIGHT = ".weight"
 PREFERRED_ALIASES = ("add_embedding.",)
@@ -24,8 +24,9 @@ latter."""
 def diffusers_layout(model: Any) -> tuple[ModuleMap, str]:
     """``(module map, form)`` of a ComfyUI ``BaseModel``: kohya for SD1.5/SDXL-style UNets, peft for FLUX."""
     unet_config = model.model_config.unet_config
-    if isinstance(model, comfy.model_base.Flux):
-        table, form = comfy.utils.flux_to_diffusers(unet_config, output_prefix=""), PEFT
+    flux1 = flux1_diffusers_names(model)
+    if flux1 is not None:
+        table, form = flux1, PEFT
     elif "num_res_blocks" in unet_config:
         table, form = comfy.utils.unet_to_diffusers(unet_config), KOHYA
     else:

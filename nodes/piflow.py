@@ -37,6 +37,7 @@ from .compat import (
     mask_function_options,
     model_sampling_of_patcher,
     sampling_kind,
+    step_noise_sampler,
 )
 from .reference import AnalyticModule, wrap_as_model
 from .samplers import check_sigmas, denoise_input, require_finite_latent, sample_with, seed_input
@@ -175,7 +176,8 @@ def piflow_ksampler(substeps: int, temperature: float | str, diffusion_coefficie
             inpainting = {"latent_image": inpainting_latent(model),
                           "denoise_mask": step_masks(model, denoise_mask, extra_args.get("model_options") or {})}
         return piflow.sample_piflow(policy_model(model), x, sigmas, extra_args, callback, disable, substeps=substeps,
-                                    h=diffusion_coefficient, temperature=temperature, shift=shift, **inpainting)
+                                    h=diffusion_coefficient, temperature=temperature, shift=shift,
+                                    noise_sampler=step_noise_sampler(x, extra_args.get("seed")), **inpainting)
 
     return comfy.samplers.KSAMPLER(sampler)
 

@@ -28,6 +28,7 @@ from .compat import (
     model_sampling_in_sampler,
     model_sampling_of_patcher,
     noise_space,
+    step_noise_sampler,
 )
 from .reference import check_prompt_input
 
@@ -39,14 +40,16 @@ LCM_GRID, TDD_GRID = schedule_as(LCM_LORA, LCMGrid), schedule_as(TDD_SDXL, TDDGr
 
 
 def stride_ksampler(sample_fn: Callable[..., torch.Tensor], **options: Any) -> comfy.samplers.KSAMPLER:
-    """Wrap a distill_core sampler so it learns the model's noise space inside ComfyUI's loop."""
+    """Wrap a distill_core sampler so it learns the model's noise space inside ComfyUI's loop and draws its
+    per-step noise as the host's own samplers do (:func:`.compat.step_noise_sampler`)."""
 
     def sampler(model, x, sigmas, extra_args=None, callback=None, disable=None):
         space = noise_space(model_sampling_in_sampler(model))
         check_sigmas(sigmas)
         require_finite_latent(x)
+        noise_sampler = step_noise_sampler(x, (extra_args or {}).get("seed"))
         return sample_fn(finite_output_model(model), x, sigmas, extra_args=extra_args, callback=callback,
-                         disable=disable, space=space, **options)
+                         disable=disable, space=space, noise_sampler=noise_sampler, **options)
 
     return comfy.samplers.KSAMPLER(sampler)
 

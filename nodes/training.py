@@ -107,14 +107,23 @@ def checkpoint_path(name: str) -> Path:
     return Path(folder_paths.get_output_directory()) / "stride_checkpoints" / safe_file_name(name, "lora_name")
 
 
-def phase_reporter(bar: Any, node_id: str | None) -> PhaseCallback:
+def phase_reporter(node_id: str | None) -> PhaseCallback:
     """A long phase on the node: its progress bar (whose hook also raises on Cancel) and a ``PHASE_EVENT`` for the
-    live chart's panel. A checkpoint write only sends the event: it is what a Cancel keeps, so it must not stop."""
+    live chart's panel. A checkpoint write only sends the event: it is what a Cancel keeps, so it must not stop.
+
+    Each phase (and each restart of one from 0) gets a bar of its own: newer ComfyUI's ProgressBar drops an update
+    below the last value it sent, so a bar carried over from a longer phase would hide the next one."""
+    current: dict[str, Any] = {}
+
     def on_phase(phase: str, done: int, total: int) -> None:
         send_event(PHASE_EVENT, {"node": node_id, "phase": phase, "done": done, "total": total,
                                  "unit": UNITS.get(phase, "")})
-        if phase != CHECKPOINT:
-            bar.update_absolute(done, total)
+        if phase == CHECKPOINT:
+            return
+        if current.get("phase") != phase or done < current["done"]:
+            current.update(phase=phase, bar=comfy.utils.ProgressBar(total))
+        current["done"] = done
+        current["bar"].update_absolute(done, total)
     return on_phase
 
 
@@ -125,8 +134,7 @@ def cancellable(on_phase: PhaseCallback) -> Progress:
 
 def encode_images(vae: Any, images: torch.Tensor, node_id: str | None) -> torch.Tensor:
     """VAE-encode training images ``ENCODE_BATCH`` at a time, with progress and Cancel between calls."""
-    bar = comfy.utils.ProgressBar(len(images))
-    phase = cancellable(phase_reporter(bar, node_id)).phase(ENCODE, len(images))
+    phase = cancellable(phase_reporter(node_id)).phase(ENCODE, len(images))
     encoded = []
     try:
         for start in range(0, len(images), ENCODE_BATCH):
@@ -334,8 +342,8 @@ def run_distillation(run: DistillRun, resume: bool, node_id: str | None,
     except ValueError as exc:
         raise StrideError(f"settings: {exc}") from None
     steps = run.config.steps
-    bar = comfy.utils.ProgressBar(steps)
-    on_phase = phase_reporter(bar, node_id)
+    bar = comfy.utils.ProgressBar(steps)  # the training steps' own bar (see phase_reporter)
+    on_phase = phase_reporter(node_id)
     progress: TrainingProgress | None = None
 
     def on_step(step: int, losses: dict[str, float]) -> None:

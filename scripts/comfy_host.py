@@ -372,6 +372,16 @@ class InProcessHost:
     def interrupt(self) -> None:
         self.nodes.interrupt_processing(True)
 
+    def step_noise(self, like: Any, seed: int | None) -> Callable[[Any, Any], Any]:
+        """The host's own per-step noise sampler for a float32 CPU latent shaped like ``like`` and ``seed``
+        (``comfy.k_diffusion.sampling.default_noise_sampler``; its seeding differs between hosts): the noise
+        ``noise(sigma, sigma_next)`` its stochastic samplers, and Stride's inside it, draw at each step."""
+        import torch
+
+        import comfy.k_diffusion.sampling
+
+        return comfy.k_diffusion.sampling.default_noise_sampler(torch.zeros(like.shape), seed=seed)
+
     def validate(self, prompt: dict) -> tuple[bool, Any, list, dict]:
         return in_own_thread(asyncio.run, self.execution.validate_prompt(str(uuid.uuid4()), prompt, None))
 

@@ -30,7 +30,8 @@ TIMESTEP_SNAP_TOLERANCE = 1e-3
 
 
 def default_noise_sampler(x: Tensor, seed: int | None = None) -> NoiseSampler:
-    """Fresh ``torch.randn`` noise like ``x``; seeded like ComfyUI's ``default_noise_sampler``.
+    """Fresh ``torch.randn`` noise like ``x``; seeded like ComfyUI 0.3.75's ``default_noise_sampler``
+    (inside ComfyUI the nodes pass the host's own noise sampler instead).
 
     With a ``seed`` the noise comes from a private ``torch.Generator`` on ``x.device`` seeded once
     (so a run is reproducible and independent of other RNG use); without one it comes from

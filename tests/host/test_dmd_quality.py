@@ -84,5 +84,7 @@ def test_short_dmd_run_and_the_hybrid_keeping_the_teachers_diversity(comfy_host)
                            "hybrid - student entropy": restored.format(),
                            "hybrid - 0.95 teacher entropy": left.format()})
     assert teacher["nll_gap"].value < -0.3, report  # undistilled few-step samples are over-concentrated
-    assert student["mode_recall"].value == 1.0, report
+    # no mode lost: a collapsed student recalls half of them or fewer; a group of 32 samples of an exact sampler
+    # can miss a small mode by chance
+    assert student["mode_recall"].value >= 0.9, report
     assert left.low > 0, report

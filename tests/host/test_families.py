@@ -220,11 +220,10 @@ def start_latent(model, name: str, batch: int = 2) -> torch.Tensor:
 
 
 def gamma_reference(x0_of, x: torch.Tensor, sigmas: list[float], table: torch.Tensor, gamma: float,
-                    float32_floor: bool) -> torch.Tensor:
+                    float32_floor: bool, step_noise) -> torch.Tensor:
     """TCD's step (diffusers TCDScheduler.step) written for a flow model, x = (1 - s) x0 + s eps: DDIM to
     s = floor((1 - gamma) t_next) on the model's timestep table, then forward-diffuse to t_next with fresh noise
-    (TDD: the same with a float64 floor)."""
-    noise = torch.Generator().manual_seed(SEED)
+    (TDD: the same with a float64 floor). ``step_noise`` draws the fresh noise as the host's samplers do."""
     for sigma, sigma_next in itertools.pairwise(sigmas):
         x0 = x0_of(x, sigma)
         if sigma_next == 0:
@@ -241,7 +240,7 @@ def gamma_reference(x0_of, x: torch.Tensor, sigmas: list[float], table: torch.Te
         sigma_s = float(table[math.floor(product)])
         x_s = (1 - sigma_s) * x0 + sigma_s * eps
         ratio = (1 - sigma_next) / (1 - sigma_s)
-        z = torch.randn(x.shape, generator=noise, dtype=torch.float32).double()
+        z = step_noise(sigma, sigma_next).double()
         x = ratio * x_s + math.sqrt(sigma_next**2 - (ratio * sigma_s) ** 2) * z
     return x
 
@@ -256,8 +255,9 @@ def test_video_tcd_and_tdd_equal_their_step_on_the_same_tensors(comfy_host, tiny
     ours = run_latent(comfy_host, custom_sampling(WAN, sampler, WAN_FAMILY))
     table = time_shift(torch.arange(1, 1001, dtype=torch.float64) / 1000, 5.0)  # ModelSamplingSD3 5's timesteps
     sigmas = method_sigmas(METHODS[WAN_FAMILY], NoiseSpace.flow()).float().double().tolist()
-    reference = gamma_reference(denoiser(model, conditioning), start_latent(model, WAN), sigmas, table, gamma,
-                                float32_floor)
+    start = start_latent(model, WAN)
+    reference = gamma_reference(denoiser(model, conditioning), start, sigmas, table, gamma, float32_floor,
+                                comfy_host.step_noise(start, SEED))
     assert ours.shape == (2, 16, 3, 8, 8)
     torch.testing.assert_close(ours, model.model.process_latent_out(reference.float()), **TOLERANCE)  # Wan's mean/std
 

@@ -106,8 +106,17 @@ def library_reference(comfy_host, distilled_prediction: str, handover_steps: int
     def distilled_denoiser(x, sigma, **_):
         return mixture.flow_map(x, sigma, distilled_space, square, steps=FLOW_MAP_STEPS)
 
-    base = HybridPhase(base_denoiser, functools.partial(tcd.sample_tcd, space=base_space, gamma=0.0), base_space)
-    distilled = HybridPhase(distilled_denoiser, functools.partial(lcm.sample_lcm, space=distilled_space),
+    def with_host_noise(sample_fn):
+        """``sample_fn`` drawing its per-step noise for ``extra_args["seed"]`` as the host's samplers do."""
+        def run(model, x, sigmas, extra_args=None, **kwargs):
+            noise_sampler = comfy_host.step_noise(x, (extra_args or {}).get("seed"))
+            return sample_fn(model, x, sigmas, extra_args=extra_args, noise_sampler=noise_sampler, **kwargs)
+        return run
+
+    base = HybridPhase(base_denoiser, with_host_noise(functools.partial(tcd.sample_tcd, space=base_space, gamma=0.0)),
+                       base_space)
+    distilled = HybridPhase(distilled_denoiser, with_host_noise(functools.partial(lcm.sample_lcm,
+                                                                                  space=distilled_space)),
                             distilled_space)
     noise = torch.randn((BATCH, 4, 8, 8), generator=torch.Generator().manual_seed(SEED), dtype=torch.float32)
     x = base_model.get_model_object("model_sampling").noise_scaling(sigmas[0], noise, torch.zeros_like(noise),

@@ -88,10 +88,10 @@ def library_reference(comfy_host, method: str, prediction: str) -> torch.Tensor:
     def denoiser(z, sigma, **_):
         return mixture.denoise(z, sigma, space, square)
 
-    step_noise = torch.Generator().manual_seed(SEED)  # the host draws float32 noise from a seeded generator
+    step_noise = comfy_host.step_noise(x, SEED)  # float32 noise drawn as the host's samplers draw it
 
     def noise_sampler(sigma, sigma_next):
-        return torch.randn(x.shape, generator=step_noise, dtype=torch.float32).double()
+        return step_noise(sigma, sigma_next).double()
 
     return sample_fn(denoiser, x, sigmas, space=space, disable=True, noise_sampler=noise_sampler, **options)
 

@@ -178,7 +178,9 @@ def test_distilled_student_beats_the_teacher_at_four_steps(comfy_host):
     scores = {name: json.loads(result.outputs[f"{name}_metrics"]["text"][0]) for name in ("teacher", "student")}
     assert scores["teacher"]["nll_gap"] < -0.3, scores  # undistilled few-step samples are over-concentrated
     assert abs(scores["student"]["nll_gap"]) < abs(scores["teacher"]["nll_gap"]) - 0.15, scores
-    assert scores["student"]["mode_recall"] == 1.0, scores
+    # no mode lost: a collapsed student recalls half of them or fewer; 64 samples of an exact sampler miss one of
+    # 16 small modes by chance (expected 0.26 missed, 3 or more with probability < 0.01)
+    assert scores["student"]["mode_recall"] >= 14 / 16, scores
 
 
 def test_a_model_carrying_a_user_lora_trains_with_that_lora_applied(comfy_host):
