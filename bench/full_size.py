@@ -16,6 +16,8 @@ ComfyUI's own full SD1.5 UNet (860M parameters) and SDXL UNet (2.6B), random wei
 On CUDA: SD1.5 in float16 and SDXL in bfloat16, SDXL at 1024 px (4x128x128). On a CPU (``--full-size``): SD1.5 in
 float32, SDXL with bfloat16 weights cast to float32 layer by layer (what ComfyUI does on a CPU) at 4x32x32, and
 fewer samplers; ``--quick`` runs the SD1.5 rows without the node comparison. The smoke tier runs tiny variants.
+Run time of the CPU tier: 16.5 minutes on 2 idle AMD EPYC cores, 1 torch thread, 12 GB of RAM at the peak
+(2026-12-02).
 """
 from __future__ import annotations
 
