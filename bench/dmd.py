@@ -33,7 +33,7 @@ import torch
 
 from distill_core.reference import metrics
 from distill_core.reference.demo import DEMO_CLASS_NAMES, demo_mixture
-from distill_core.reference.statistics import judge, paired_difference, verdict
+from distill_core.reference.statistics import Estimate, judge, paired_difference, verdict
 from distill_core.spaces import per_sample
 from distill_core.training import dmd
 from distill_core.training.config import DistillConfig, TrainingData
@@ -291,6 +291,9 @@ def run(ctx: BenchContext) -> Section:
     quality = _quality_table(ctx, section)
     if quality is not None:
         section.tables.append(quality)
+    closer = _closer_table(ctx, section)
+    if closer is not None:
+        section.tables.append(closer)
     return section
 
 
@@ -307,15 +310,17 @@ GOAL_HYBRID_ENTROPY = 0.05
 
 
 def _train_node(ctx: BenchContext, model: Any, data: dict, objective: str, steps: int, batch: int,
-                generator_steps: int = 4) -> tuple:
-    """Stride Distill LoRA as the executor calls it: ``(student MODEL, lora, losses, CPU seconds)``."""
+                generator_steps: int = 4, **dmd_settings: Any) -> tuple:
+    """Stride Distill LoRA as the executor calls it: ``(student MODEL, lora, losses, CPU seconds)``; ``dmd_settings``
+    override the dmd inputs (``ttur``, ``dmd_regression``)."""
     settings: dict[str, Any] = {
         "model": model, "data": data, "objective": objective, "steps": steps, "rank": RANK, "alpha": 0.0,
         "learning_rate": QUALITY_LR if objective == "dmd" else LCM_LR, "batch_size": batch, "guidance_min": 0.0,
         "guidance_max": 0.0, "loss": "huber", "gradient_checkpointing": False, "seed": SEED, "save_every": 0,
         "lora_name": f"bench_quality_{objective}{generator_steps if objective == 'dmd' else ''}", "resume": False}
     if objective == "dmd":
-        settings |= {"dmd_guidance": GUIDANCE, "ttur": TTUR, "generator_steps": generator_steps}
+        settings |= {"dmd_guidance": GUIDANCE, "ttur": TTUR, "generator_steps": generator_steps} | dmd_settings
+        settings["lora_name"] += "".join(f"_{name}{value:g}" for name, value in dmd_settings.items())
     started = time.process_time()
     output = ctx.node("StrideDistillLoRA").execute(**settings)
     return output[0], output[1], output[2], time.process_time() - started
@@ -499,3 +504,74 @@ def _quality_table(ctx: BenchContext, section: Section) -> Table | None:
         f"{fmt_ratio(gan_seconds / plain_seconds)} the run's without it.",
     ]
     return table
+
+
+CLOSER_SETTINGS = (("DMD2 SDXL ratio: ttur 5", {"ttur": 5}), ("DMD2 SD1.5 ratio: ttur 10", {"ttur": 10}),
+                   ("ttur 10 + DMD's paired regression 0.25", {"ttur": 10, "dmd_regression": 0.25}))
+REGRESSION_WEIGHT = 0.25  # the first DMD's lambda_reg
+
+
+def _closer_table(ctx: BenchContext, section: Section) -> Table | None:
+    """Issue #14's test: is a short in-graph run's 4-step student closer to the data than the undistilled teacher on
+    the same 4 DMD steps, in SWD and NLL gap? Three settings of Stride Distill LoRA, the same iterations each."""
+    model, trained = models.demo_unet_model(ctx)
+    goal = "a short run's 4-step dmd student closer to the data than the undistilled 4-step teacher (SWD and NLL gap)"
+    if not trained:
+        section.goals.append(Goal(goal, "undecided", "the demo UNet's trained weights are not built"))
+        return None
+    iterations, batch = ctx.pick(20, 1200, 1200), ctx.pick(4, 16, 16)
+    repeats, per_repeat = ctx.pick(2, metrics.REPEATS, metrics.REPEATS), ctx.pick(8, 256, 256)
+    mixture = demo_mixture()
+    prompts = [models.class_prompt(ctx, name) for name in DEMO_CLASS_NAMES]
+    data = ctx.node("StrideDistillDataset").execute(prompts[0], models.class_prompt(ctx, ""), prompt_2=prompts[1],
+                                                    prompt_3=prompts[2], prompt_4=prompts[3], width=64, height=64)[0]
+    labels = torch.arange(len(DEMO_CLASS_NAMES)).repeat_interleave(repeats * per_repeat // len(DEMO_CLASS_NAMES))
+    noise = torch.randn(len(labels), *mixture.latent_shape, generator=torch.Generator().manual_seed(SEED + 4))
+
+    def score(samples: torch.Tensor) -> dict:
+        return metrics.evaluate(samples.double(), mixture, labels, torch.Generator().manual_seed(SEED + 5), repeats)
+
+    runs = []
+    for label, settings in CLOSER_SETTINGS:
+        ctx.log(f"{NAME}: closer than the teacher? {label}, {iterations} iterations")
+        student, lora, _losses, seconds = _train_node(ctx, model, data, "dmd", iterations, batch, **settings)
+        runs.append((label, student, _lora_spec(label, lora), seconds))
+    spec = runs[0][2]  # every run's LoRA samples on DMD2's 4-step timesteps
+    teacher = score(_class_samples(ctx, model, spec, 4, noise, labels))
+    table = Table(
+        f"Closer to the data than the undistilled teacher? Stride Distill LoRA (dmd, 4-step generator, {iterations} "
+        f"iterations, batch {batch}, rank {RANK}, lr {QUALITY_LR:g}, real score CFG {GUIDANCE:g}) on the trained "
+        f"demo UNet; {len(labels)} class-conditional samples, 4 DMD steps (999, 749, 499, 249), scored in {repeats} "
+        f"repeats of {per_repeat}, each against its own fresh data set; student - teacher paired (same noises and "
+        "references); mean ± 95% half-width; CPU, float32",
+        ["4 DMD steps", "CPU time", "SWD", "SWD - teacher (paired)", "NLL gap", "NLL gap - teacher (paired)",
+         "mode entropy", "closer in both?"])
+    table.add("teacher (undistilled)", "", teacher["swd"].format(), "", teacher["nll_gap"].format(3, True), "",
+              teacher["mode_entropy"].format(), "")
+    verdicts = []
+    for label, student_model, _spec, seconds in runs:
+        result = score(_class_samples(ctx, student_model, spec, 4, noise, labels))
+        swd = paired_difference(result["swd"], teacher["swd"])
+        nll = paired_difference(result["nll_gap"], teacher["nll_gap"])
+        status = _closer(swd, nll, result["nll_gap"], teacher["nll_gap"])
+        verdicts.append((label, status, swd, nll))
+        table.add(label, fmt_seconds(seconds), result["swd"].format(), swd.format(3, True),
+                  result["nll_gap"].format(3, True), nll.format(3, True), result["mode_entropy"].format(),
+                  {"met": "yes", "missed": "no"}.get(status, status))
+    label, status, swd, nll = verdicts[-1]
+    others = "; ".join(f"{other}: {other_status} (SWD {other_swd.format(3, True)}, NLL gap "
+                       f"{other_nll.format(3, True)})" for other, other_status, other_swd, other_nll in verdicts[:-1])
+    section.goals.append(Goal(f"{goal}, with ttur 10 and the paired regression {REGRESSION_WEIGHT:g} (whole paired "
+                              "intervals: SWD - teacher < 0, NLL gap - teacher > 0 and the gap nearer 0)", status,
+                              f"SWD - teacher {swd.format(3, True)}, NLL gap - teacher {nll.format(3, True)}; the "
+                              f"other settings: {others}"))
+    return table
+
+
+def _closer(swd: Estimate, nll: Estimate, student_gap: Estimate, teacher_gap: Estimate) -> str:
+    """``met`` when the student is closer to the data than the teacher in SWD and NLL gap by whole intervals (its
+    gap above the teacher's negative one and nearer 0), ``missed`` when one is farther by a whole interval."""
+    nearer = ("met" if student_gap.high < -teacher_gap.high else
+              "missed" if student_gap.low > -teacher_gap.low else "undecided")
+    verdicts = (judge(swd, 0.0), judge(nll, 0.0, at_most=False), nearer)
+    return "met" if all(v == "met" for v in verdicts) else "missed" if "missed" in verdicts else "undecided"

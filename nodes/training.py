@@ -260,7 +260,7 @@ class DistillOutcome:
 def distill_config(objective: str, steps: int, learning_rate: float, rank: int, alpha: float, batch_size: int,
                    guidance_min: float, guidance_max: float, loss: str, gradient_checkpointing: bool, seed: int,
                    save_every: int, dmd_guidance: float = 1.75, ttur: int = 5,
-                   generator_steps: int = 4) -> DistillConfig:
+                   generator_steps: int = 4, dmd_regression: float = 0.0) -> DistillConfig:
     """The trainer's settings from the node's inputs: guidance 0/0 is the objective's default range, alpha 0 is rank;
     the dmd inputs reach the config whatever the objective (their checks hold for every config)."""
     if guidance_min == 0 and guidance_max == 0:
@@ -274,7 +274,7 @@ def distill_config(objective: str, steps: int, learning_rate: float, rank: int, 
                              batch=batch_size, guidance_min=guidance_min, guidance_max=guidance_max, loss=loss,
                              seed=seed, gradient_checkpointing=gradient_checkpointing, save_every=save_every,
                              skip_small_layers=True, guidance_scale=dmd_guidance, ttur=ttur,
-                             generator_steps=generator_steps)
+                             generator_steps=generator_steps, regression_weight=dmd_regression)
     except ValueError as exc:
         raise StrideError(f"settings: {exc}") from None
 
@@ -493,7 +493,8 @@ class StrideDistillLoRA(io.ComfyNode):
                                          "data, the settings) to output/stride_headless/<name>/; the report gives the "
                                          "command."),
                 io.Boolean.Input("cache_teacher", optional=True, default=False,
-                                 tooltip="Data-free runs: keep the teacher's data pool in output/stride_cache/ and "
+                                 tooltip="Data-free runs: keep the teacher's data pool (dmd: its regression "
+                                         "pairs) in output/stride_cache/ and "
                                          "reuse it when the same model, prompts and settings run again (the model's "
                                          "weights are hashed; a pool made by another model is not used). The report "
                                          "says hit, miss or refused."),
@@ -508,6 +509,14 @@ class StrideDistillLoRA(io.ComfyNode):
                 io.Boolean.Input("keep_fake_score", optional=True, default=False,
                                  tooltip="dmd: also write the fake score's LoRA next to the checkpoint "
                                          "(output/stride_checkpoints/<name>_fake_score.safetensors)."),
+                io.Float.Input("dmd_regression", optional=True, default=0.0, min=0.0, max=100.0, step=0.05,
+                               tooltip="dmd: weight of the first DMD's paired regression (0 = off, as in DMD2; DMD "
+                                       f"used 0.25). Before training, the teacher runs its ODE from "
+                                       f"{DistillConfig.regression_pairs} noises (real-score CFG, {dmd.ODE_SUBSTEPS} "
+                                       "DDIM steps per generator step); each generator update also pulls the "
+                                       "student's output from those noises (and from their trajectories at its later "
+                                       "steps) towards the teacher's results (latent MSE). On the demo model it "
+                                       "made short runs beat the undistilled teacher (bench/RESULTS.md, dmd)."),
             ],
             outputs=[
                 io.Model.Output(display_name="model", tooltip="The MODEL with the trained LoRA applied (sample right "
@@ -531,9 +540,10 @@ class StrideDistillLoRA(io.ComfyNode):
                 batch_size: int, guidance_min: float, guidance_max: float, loss: str, gradient_checkpointing: bool,
                 seed: int, save_every: int, lora_name: str, resume: bool, export_headless: bool = False,
                 cache_teacher: bool = False, dmd_guidance: float = 1.75, ttur: int = 5, generator_steps: int = 4,
-                keep_fake_score: bool = False) -> io.NodeOutput:
+                keep_fake_score: bool = False, dmd_regression: float = 0.0) -> io.NodeOutput:
         config = distill_config(objective, steps, learning_rate, rank, alpha, batch_size, guidance_min, guidance_max,
-                                loss, gradient_checkpointing, seed, save_every, dmd_guidance, ttur, generator_steps)
+                                loss, gradient_checkpointing, seed, save_every, dmd_guidance, ttur, generator_steps,
+                                dmd_regression)
         run = prepare_run(model, data, config, lora_name, export_headless, cache_teacher)
         return training_report(model, run, run_distillation(run, resume, node_unique_id(cls), keep_fake_score))
 

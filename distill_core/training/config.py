@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar, overload
@@ -99,6 +100,8 @@ class DistillConfig:
     gan_features: str | None = None
     gan_generator_weight: float = 5e-3
     gan_classifier_weight: float = 1e-2
+    regression_weight: float = 0.0
+    regression_pairs: int = 256
 
     def __post_init__(self) -> None:
         if self.objective not in OBJECTIVES:
@@ -154,6 +157,13 @@ class DistillConfig:
         if not (self.gan_generator_weight >= 0 and self.gan_classifier_weight >= 0):
             raise ValueError(f"GAN weights must be >= 0, got {self.gan_generator_weight!r} and "
                              f"{self.gan_classifier_weight!r}")
+        if not (isinstance(self.regression_weight, (int, float)) and 0 <= self.regression_weight < math.inf):
+            raise ValueError(f"regression_weight (DMD's paired ODE regression; 0 = off) must be a finite number >= 0, "
+                             f"got {self.regression_weight!r}")
+        pairs = self.regression_pairs
+        if isinstance(pairs, bool) or not isinstance(pairs, int) or pairs < 1:
+            raise ValueError(f"regression_pairs (teacher ODE noise-sample pairs) must be a whole number >= 1, "
+                             f"got {pairs!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return {name: list(value) if isinstance(value, tuple) else value

@@ -25,12 +25,19 @@ Read from the official code, tianweiy/DMD2 at commit 8d8fa55633d47cfb81bbc7a892e
   bottleneck features of noised (``diffusion_gan``, ``t ~ U{0..999}``) real and generated latents;
   classifier loss ``softplus(fake) + softplus(-real)`` (weight 1e-2), generator loss
   ``softplus(-fake)`` (weight 5e-3).
+* ``main/train_sd_ode.py`` (with ``main/sdxl/generate_noise_image_pairs_laion_sdxl.py``): the paired ODE
+  regression of the first DMD (Yin et al. 2023, ``L_reg``, weight 0.25 there), which DMD2 keeps as a
+  pretraining script: pairs (noise, the teacher pipeline's deterministic ODE output from it, prompt); the
+  generator's x0 from the noise (``denoising``: from the trajectory at a random generator timestep) is pulled
+  to the output. DMD2 compares decoded images with LPIPS; here the distance is the latent MSE (no LPIPS
+  network is available offline). Off by default (``regression_weight`` 0), as in DMD2.
 * ``main/train_sd.py``: every iteration produces a generator sample and updates the fake score on it;
   the generator is updated (before that) on iterations ``i % dfake_gen_update_ratio == 0`` (5 for
   SDXL, 10 for SD1.5); both AdamW (weight decay 0.01), gradient clipping at ``max_grad_norm`` 10.
 """
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -39,7 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..progress import Progress
+from ..progress import POOL, Progress
 from ..safe_files import read_safetensors
 from ..spaces import NoiseSpace, per_sample
 from .conditioning import Cond, Denoiser, cond_cat
@@ -52,6 +59,9 @@ MIN_STEP_PERCENT = 0.02
 MAX_STEP_PERCENT = 0.98
 GAN_GENERATOR_WEIGHT = 5e-3
 GAN_CLASSIFIER_WEIGHT = 1e-2
+ODE_SUBSTEPS = 10
+"""Teacher DDIM steps per generator interval (and from the last generator timestep to 0) for the regression pairs."""
+REGRESSION_PAIRS_KIND = "dmd-ode-pairs"
 
 
 # -- timesteps ------------------------------------------------------------------------------------
@@ -137,6 +147,45 @@ def backward_simulation(
     return x
 
 
+def ode_timesteps(timesteps: Tensor, num_timesteps: int, substeps: int = ODE_SUBSTEPS) -> Tensor:
+    """The teacher ODE's grid for the regression pairs: from the top timestep ``T - 1`` through every later
+    generator timestep down to 0, each interval cut into ``substeps`` even steps (rounded to whole timesteps)."""
+    anchors = [num_timesteps - 1, *[int(t) for t in timesteps[1:]], 0]
+    parts = [torch.linspace(float(a), float(b), substeps + 1)[:-1] for a, b in itertools.pairwise(anchors)]
+    return torch.cat([*parts, torch.zeros(1)]).round().long().unique_consecutive()
+
+
+def ode_pairs(
+    teacher: Callable[[Tensor, Tensor], Tensor],
+    space: NoiseSpace,
+    timesteps: Tensor,
+    eps: Tensor,
+    substeps: int = ODE_SUBSTEPS,
+) -> tuple[Tensor, Tensor]:
+    """DMD's regression pairs from unit noise ``eps``: ``(inputs, target)``.
+
+    The teacher's probability-flow ODE (DDIM on :func:`ode_timesteps`) runs from pure noise at ``T - 1``, as the
+    teacher's pipeline does; ``target`` is its final x0. ``inputs[:, k]`` is what generator step ``k`` sees:
+    pure noise ``eps`` at the first generator timestep (as in sampling), the ODE's state at ``timesteps[k]`` for
+    the later steps (DMD2's ``denoising`` variant of ``train_sd_ode.py``). ``teacher(x, timestep_batch) -> x0``.
+    """
+    grid = ode_timesteps(timesteps, space.num_timesteps, substeps)
+    batch = eps.shape[0]
+    x = pure_noise(space, eps, grid[:1].expand(batch))
+    states: dict[int, Tensor] = {}
+    x0 = x
+    with torch.no_grad():
+        for index, t in enumerate(grid.tolist()):
+            states[t] = x
+            x0 = teacher(x, grid[index].expand(batch))
+            if index + 1 < len(grid):
+                x = space.ddim(x, x0, space.sigma_of(grid[index]).expand(batch),
+                               space.sigma_of(grid[index + 1]).expand(batch))
+    first = pure_noise(space, eps, timesteps[:1].expand(batch))
+    inputs = torch.stack([first, *(states[int(t)] for t in timesteps[1:])], dim=1)
+    return inputs, x0
+
+
 # -- losses ---------------------------------------------------------------------------------------
 def distribution_matching_gradient(x: Tensor, x0_real: Tensor, x0_fake: Tensor) -> Tensor:
     """``(x0_fake - x0_real) / mean |x - x0_real|`` per sample in float64, through ``torch.nan_to_num`` (NaN -> 0)."""
@@ -156,6 +205,12 @@ def fake_score_loss(x0_pred: Tensor, x0: Tensor, sigma: Tensor) -> Tensor:
     ``(x - x0) / sigma`` (eps in VE spaces, eps - x0 in flow spaces), in at least float32."""
     dtype = torch.promote_types(x0_pred.dtype, torch.float32)
     return (((x0_pred.to(dtype) - x0.to(dtype)) / per_sample(sigma, x0_pred).to(dtype)) ** 2).mean()
+
+
+def regression_loss(x0_pred: Tensor, target: Tensor) -> Tensor:
+    """DMD's paired regression term: ``mean((x0_pred - target)^2)`` in latent space, in at least float32."""
+    dtype = torch.promote_types(x0_pred.dtype, torch.float32)
+    return F.mse_loss(x0_pred.to(dtype), target.to(dtype))
 
 
 def gan_generator_loss(fake_logits: Tensor) -> Tensor:
@@ -251,6 +306,25 @@ class _GANDraws:
 
 
 @dataclass
+class _RegressionDraws:
+    """The regression term's draws: pair inputs at their generator timesteps, their targets and prompts."""
+
+    inputs: Tensor
+    timesteps: Tensor
+    targets: Tensor
+    cond: Cond
+
+
+@dataclass
+class _RegressionPairs:
+    """The run's regression pairs (:func:`ode_pairs`) with each pair's conditioning index."""
+
+    inputs: Tensor
+    targets: Tensor
+    cond_ids: Tensor
+
+
+@dataclass
 class _DMDBatch:
     """Every random draw of one iteration (a function of seed, rank and step)."""
 
@@ -263,6 +337,7 @@ class _DMDBatch:
     fake_timesteps: Tensor
     fake_noise: Tensor
     gan: _GANDraws | None
+    regression: _RegressionDraws | None = None
 
 
 class DMDTrainer(LoraTrainer):
@@ -285,6 +360,7 @@ class DMDTrainer(LoraTrainer):
             raise ValueError("the GAN term (gan_features) compares the generator's samples with real latents; give "
                              "training images or latents, or leave gan_features unset")
         super().__init__(denoiser, loraset, space, config, data)
+        self._pairs: _RegressionPairs | None = None
         self.dm_range = dm_timestep_range(space.num_timesteps, config.min_step_percent, config.max_step_percent)
         self.shape = tuple(data.latents.shape[1:]) if data.latents is not None else tuple(data.latent_shape or ())
         self.dtype = loraset.parameters()[0].dtype
@@ -372,9 +448,57 @@ class DMDTrainer(LoraTrainer):
 
     # -- one iteration --------------------------------------------------------------------------
     def prepare_data(self, progress: Progress, cache: TeacherCache | None = None) -> None:
-        """Training latents are needed only without backward simulation (the GAN reads the given ones)."""
+        """Training latents are needed only without backward simulation (the GAN reads the given ones); the
+        regression pairs when ``regression_weight > 0`` (from ``cache`` when it holds them)."""
         if not self.config.backward_simulation:
             super().prepare_data(progress, cache)
+        if self.config.regression_weight > 0 and self._pairs is None:
+            key = self.teacher_key(REGRESSION_PAIRS_KIND, {
+                "seed": self.config.seed, "batch": self.config.batch, "pairs": self.config.regression_pairs,
+                "guidance_scale": self.config.guidance_scale, "timesteps": self.timesteps.tolist(),
+                "substeps": ODE_SUBSTEPS, "shape": list(self.shape)})
+            stored = cache.load(key) if cache is not None else None
+            if stored is None:
+                self._pairs = self._make_pairs(progress)
+                if cache is not None:
+                    cache.store(key, {"inputs": self._pairs.inputs, "targets": self._pairs.targets,
+                                      "cond_ids": self._pairs.cond_ids})
+            else:
+                self._pairs = _RegressionPairs(stored["inputs"].to(self.device), stored["targets"].to(self.device),
+                                               stored["cond_ids"])
+
+    def _make_pairs(self, progress: Progress) -> _RegressionPairs:
+        """``regression_pairs`` teacher ODE pairs (real score with CFG, :func:`ode_pairs`), drawn from ``seed``
+        and the rank, in batches of ``batch``."""
+        config = self.config
+        generator = torch.Generator().manual_seed(step_seed(config.seed, self.rank, -2))
+        grid = ode_timesteps(self.timesteps, self.space.num_timesteps)
+        batches = range(0, config.regression_pairs, config.batch)
+        phase = progress.phase(POOL, len(batches) * len(grid) * (1 if config.guidance_scale == 1 else 2))
+        inputs, targets, cond_ids = [], [], []
+        for first in batches:
+            count = min(config.batch, config.regression_pairs - first)
+            ids = torch.randint(len(self.conds), (count,), generator=generator)
+            eps = torch.randn((count, *self.shape), generator=generator, dtype=self.dtype).to(self.device)
+            cond, uncond = cond_cat([self.conds[i] for i in ids.tolist()]), cond_cat([self.uncond] * count)
+
+            def teacher(x: Tensor, t: Tensor, cond: Cond = cond, uncond: Cond = uncond) -> Tensor:
+                phase.check()
+                x0 = self.real_x0(x, t, cond, uncond)
+                phase.advance(1 if config.guidance_scale == 1 else 2)
+                return x0
+
+            pair_inputs, pair_targets = ode_pairs(teacher, self.space, self.timesteps, eps)
+            inputs.append(pair_inputs)
+            targets.append(pair_targets)
+            cond_ids.append(ids)
+        return _RegressionPairs(torch.cat(inputs), torch.cat(targets), torch.cat(cond_ids))
+
+    def regression_pairs(self) -> _RegressionPairs:
+        """The run's regression pairs (made now if :meth:`prepare_data` did not)."""
+        if self._pairs is None:
+            self._pairs = self._make_pairs(Progress())
+        return self._pairs
 
     def sample_batch(self, step: int) -> _DMDBatch:
         """The draws of iteration ``step``; the backward-simulation depth is the same on every rank."""
@@ -414,7 +538,17 @@ class DMDTrainer(LoraTrainer):
             real_cond = cond_cat([self.conds[i] for i in real_picks.tolist()]) if self.data.paired else uncond
             gan_timesteps = torch.randint(0, num, (2 * batch,), generator=generator)
             gan = _GANDraws(real, real_cond, gan_timesteps, torch.cat([noise(), noise()]))
-        return _DMDBatch(cond, uncond, inputs, timesteps, dm_timesteps, dm_noise, fake_timesteps, fake_noise, gan)
+        regression = None
+        if config.regression_weight > 0:
+            pairs = self.regression_pairs()
+            picks = torch.randint(len(pairs.targets), (batch,), generator=generator)
+            steps = torch.randint(len(self.timesteps), (batch,), generator=generator)
+            on = picks.to(pairs.targets.device)
+            regression = _RegressionDraws(pairs.inputs[on, steps.to(on.device)].to(self.device, self.dtype),
+                                          self.timesteps[steps], pairs.targets[on].to(self.device, self.dtype),
+                                          cond_cat([self.conds[i] for i in pairs.cond_ids[picks].tolist()]))
+        return _DMDBatch(cond, uncond, inputs, timesteps, dm_timesteps, dm_noise, fake_timesteps, fake_noise, gan,
+                         regression)
 
     def generate(self, batch: _DMDBatch, grad: bool) -> Tensor:
         """The generator's sample (x0 at its timestep), with a graph into the student LoRA when ``grad``."""
@@ -422,7 +556,7 @@ class DMDTrainer(LoraTrainer):
 
     def generator_losses(self, x: Tensor, batch: _DMDBatch) -> tuple[Tensor, Tensor]:
         """``(loss to minimise, loss to report)``: the DM loss (weighted per generator step when
-        ``balance_generator_steps``) plus the GAN term; the reported one is unweighted."""
+        ``balance_generator_steps``) plus the GAN and regression terms; the reported DM loss is unweighted."""
         space, t = self.space, batch.dm_timesteps
         with torch.no_grad():
             x_t = space.noise(x.detach(), batch.dm_noise, per_sample(space.sigma_of(t), x))
@@ -438,6 +572,11 @@ class DMDTrainer(LoraTrainer):
             gan = self.config.gan_generator_weight * gan_generator_loss(
                 self.realism_logits(x, batch.gan.timesteps[:size], batch.gan.noise[:size], self._gan_cond(batch)))
             loss, reported = loss + gan, reported + gan.detach()
+        if batch.regression is not None:
+            draws = batch.regression
+            regression = self.config.regression_weight * regression_loss(
+                self.run_role(STUDENT, draws.inputs, draws.timesteps, draws.cond, grad=True), draws.targets)
+            loss, reported = loss + regression, reported + regression.detach()
         return loss, reported
 
     def _gan_cond(self, batch: _DMDBatch) -> Cond:

@@ -221,12 +221,16 @@ class LoraTrainer:
         """Everything the data-free pool depends on besides the model (see :mod:`.teacher_cache`)."""
         config = self.config
         settings = {name: getattr(config, name) for name in POOL_SETTINGS}
-        settings.update(rank=self.rank, latent_shape=list(self.data.latent_shape or ()),
-                        dtype=str(self.loraset.parameters()[0].dtype), device=self.device.type,
-                        timesteps=self.pool_steps().tolist())
+        return self.teacher_key(POOL_KIND, settings | {"timesteps": self.pool_steps().tolist()})
+
+    def teacher_key(self, kind: str, settings: dict) -> CacheKey:
+        """The cache key of teacher outputs of ``kind`` made with ``settings`` from this run's conditionings, noise
+        space, rank, latent shape, dtype and device."""
+        settings = settings | {"rank": self.rank, "latent_shape": list(self.data.latent_shape or ()),
+                               "dtype": str(self.loraset.parameters()[0].dtype), "device": self.device.type}
         conds = [("uncond", self.uncond), *((f"cond.{i}", cond) for i, cond in enumerate(self.conds))]
         inputs = [(f"{label}{path}", tensor) for label, cond in conds for path, tensor in named_cond_tensors(cond)]
-        return CacheKey.of(POOL_KIND, settings, [*inputs, ("sigma_table", self.space.sigma_table)])
+        return CacheKey.of(kind, settings, [*inputs, ("sigma_table", self.space.sigma_table)])
 
     def prepare_data(self, progress: Progress, cache: TeacherCache | None = None) -> None:
         """Build the data-free pool now (or read it from ``cache``), reporting its progress.

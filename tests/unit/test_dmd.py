@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
 import os
@@ -13,6 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from distill_core.progress import Progress
 from distill_core.safe_files import UnsafeFileError, read_safetensors, write_safetensors
 from distill_core.spaces import NoiseSpace, scaled_linear_alphas_cumprod
 from distill_core.training.checkpoint import load_checkpoint
@@ -31,8 +33,12 @@ from distill_core.training.dmd import (
     gan_generator_loss,
     generator_input,
     generator_timesteps,
+    ode_pairs,
+    ode_timesteps,
+    regression_loss,
     sample_dm_timesteps,
 )
+from distill_core.training.teacher_cache import TeacherCache
 from distill_core.training.trainer import STUDENT, build_trainer, step_seed
 
 REPO = os.path.join(os.path.dirname(__file__), "..", "..")
@@ -143,6 +149,55 @@ def test_backward_simulation_refuses_a_step_count_outside_the_list():
     with pytest.raises(ValueError, match=r"0\.\.3"):
         backward_simulation(lambda x, t: x, VE, generator_timesteps(4, 1000), 4, torch.zeros(1, 1), torch.zeros)
 
+
+
+def test_ode_grid_passes_through_every_generator_timestep_from_the_top_to_zero():
+    assert ode_timesteps(generator_timesteps(4, 1000), 1000, 10).tolist() == [
+        999, 974, 949, 924, 899, 874, 849, 824, 799, 774, 749, 724, 699, 674, 649, 624, 599, 574, 549, 524, 499, 474,
+        449, 424, 399, 374, 349, 324, 299, 274, 249, 224, 199, 174, 149, 124, 100, 75, 50, 25, 0]
+    assert ode_timesteps(torch.tensor([399]), 1000, 4).tolist() == [999, 749, 500, 250, 0]  # 1 step: from the top
+    assert ode_timesteps(torch.tensor([999, 3]), 1000, 10).tolist() == [*torch.linspace(999, 3, 11).round().long()
+                                                                        .tolist(), 2, 1, 0]
+
+
+@pytest.mark.parametrize("space", [VE, FLOW], ids=["ve", "flow"])
+@pytest.mark.parametrize("first", [999, 399])
+def test_ode_pairs_are_the_teachers_ddim_trajectory_from_pure_noise(space, first):
+    """DMD's pairs (train_sd_ode.py, ``denoising``): the teacher's deterministic DDIM run from pure noise at the
+    top; generator step 0 sees the noise, step k the trajectory at its timestep; the target is the final x0."""
+    timesteps = torch.tensor([first, 249, 149, 49]) if first != 999 else generator_timesteps(4, 1000)
+    net = tiny_eps_net()
+    cond = torch.randn(3, 8, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    calls = []
+
+    def teacher(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        calls.append(int(t[0]))
+        sigma = space.sigma_of(t).reshape(-1, 1, 1, 1)
+        a, b = space.coefficients(sigma)
+        with torch.no_grad():  # eps (ve) or velocity (flow) network: x0 = x - sigma * output
+            return x - sigma * net(x / (a**2 + b**2).sqrt(), t.double(), cond)
+
+    eps = torch.randn(3, 4, 4, 4, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    inputs, target = ode_pairs(teacher, space, timesteps, eps, substeps=5)
+    grid = ode_timesteps(timesteps, 1000, 5).tolist()
+    assert calls == grid
+    # DDIM written out: x_s = a_s x0 + b_s (x - a x0) / b
+    a0, b0 = space.coefficients(space.sigma_of(torch.tensor(999)))
+    x = eps * float((a0**2 + b0**2).sqrt())
+    states = {}
+    for index, t in enumerate(grid):
+        states[t] = x
+        x0 = teacher(x, torch.full((3,), t))
+        if index + 1 < len(grid):
+            a, b = space.coefficients(space.sigma_of(torch.tensor(t)))
+            a_s, b_s = space.coefficients(space.sigma_of(torch.tensor(grid[index + 1])))
+            x = float(a_s) * x0 + float(b_s) * (x - float(a) * x0) / float(b)
+    assert torch.allclose(target, x0, atol=1e-12, rtol=0)
+    a1, b1 = space.coefficients(space.sigma_of(timesteps[0]))
+    assert torch.allclose(inputs[:, 0], eps * float((a1**2 + b1**2).sqrt()), atol=1e-12, rtol=0)
+    for k in range(1, 4):
+        assert torch.allclose(inputs[:, k], states[int(timesteps[k])], atol=1e-12, rtol=0)
+    assert inputs.shape == (3, 4, 4, 4, 4)  # (pair, generator step, latent)
 
 # -- losses against the official formulas ------------------------------------------------------------
 def test_distribution_matching_gradient_and_loss_equal_the_official_computation():
@@ -358,13 +413,72 @@ def test_backward_simulation_runs_the_current_generator_from_pure_noise():
     assert len(depths) > 1
 
 
+def test_regression_pairs_and_term_equal_direct_computations():
+    """DMD's paired regression: the pairs are the real score's (CFG) ODE from the run's own draws, and the term
+    adds ``regression_weight * mean((G(input) - target)^2)`` over pairs drawn with a generator timestep each."""
+    network, trainer = dmd_setup(regression_weight=0.5, regression_pairs=3)
+    randomise_loras(trainer)
+    references = role_networks(network, trainer)
+    space, config = network.space, trainer.config
+    pairs = trainer.regression_pairs()
+    draws = torch.Generator().manual_seed(step_seed(config.seed, 0, -2))
+    for first, count in ((0, 2), (2, 1)):  # batches of config.batch: prompts, then unit noise
+        ids = torch.randint(len(trainer.conds), (count,), generator=draws)
+        eps = torch.randn((count, 4, 8, 8), generator=draws, dtype=torch.float64)
+        cond, uncond = torch.cat([trainer.conds[i] for i in ids.tolist()]), torch.cat([trainer.uncond] * count)
+
+        def teacher(x, t, cond=cond, uncond=uncond):
+            c, u = (references["teacher"](x, space.sigma_of(t), prompt) for prompt in (cond, uncond))
+            return u + config.guidance_scale * (c - u)
+
+        inputs, target = ode_pairs(teacher, space, trainer.timesteps, eps)
+        assert torch.equal(pairs.cond_ids[first:first + count], ids)
+        assert torch.allclose(pairs.inputs[first:first + count], inputs, atol=1e-10, rtol=0)
+        assert torch.allclose(pairs.targets[first:first + count], target, atol=1e-10, rtol=0)
+
+    batch = trainer.sample_batch(0)
+    drawn = batch.regression
+    for row in range(config.batch):  # each drawn row is one pair at one generator step, with its prompt
+        pair = next(j for j in range(3) if torch.equal(pairs.targets[j], drawn.targets[row]))
+        step = trainer.timesteps.tolist().index(int(drawn.timesteps[row]))
+        assert torch.equal(drawn.inputs[row], pairs.inputs[pair, step])
+        assert torch.equal(drawn.cond[row:row + 1], trainer.conds[int(pairs.cond_ids[pair])])
+    with torch.inference_mode(False):
+        x = trainer.generate(batch, grad=True)
+        loss, reported = trainer.generator_losses(x, batch)
+        without, reported_without = trainer.generator_losses(x, dataclasses.replace(batch, regression=None))
+    with torch.no_grad():
+        prediction = references[STUDENT](drawn.inputs, space.sigma_of(drawn.timesteps), drawn.cond)
+    expected = 0.5 * ((prediction - drawn.targets) ** 2).mean()
+    assert torch.allclose(loss - without, expected, rtol=1e-9, atol=0)
+    assert torch.allclose(reported - reported_without, expected, rtol=1e-9, atol=0)
+    assert float(regression_loss(prediction, drawn.targets)) == pytest.approx(float(expected) / 0.5, rel=1e-12)
+
+
+def test_regression_pairs_are_kept_in_the_teacher_cache_and_read_back_bit_for_bit(tmp_path, monkeypatch):
+    cache = TeacherCache(tmp_path, "model-a")
+    _, trainer = dmd_setup(regression_weight=0.5, regression_pairs=3)
+    trainer.prepare_data(Progress(), cache)
+    made = trainer.regression_pairs()
+    assert len(os.listdir(tmp_path)) == 1
+    _, again = dmd_setup(regression_weight=0.5, regression_pairs=3)
+    monkeypatch.setattr(again, "_make_pairs", lambda progress: pytest.fail("the cached pairs were made again"))
+    again.prepare_data(Progress(), cache)
+    read = again.regression_pairs()
+    assert all(torch.equal(a, b) for a, b in zip((made.inputs, made.targets, made.cond_ids),
+                                                  (read.inputs, read.targets, read.cond_ids), strict=True))
+    _, other = dmd_setup(regression_weight=0.5, regression_pairs=4)  # other settings: its own entry
+    other.prepare_data(Progress(), cache)
+    assert len(os.listdir(tmp_path)) == 2 and len(other.regression_pairs().targets) == 4
+
 def trained_vector(trainer) -> torch.Tensor:
     return torch.cat([param.detach().reshape(-1) for param in trainer.params])
 
 
 @pytest.mark.parametrize("data_free,overrides", [(True, {}), (False, {"backward_simulation": False}),
-                                                 (False, {"gan_features": "conv_mid"})],
-                         ids=["backward-simulation", "with-images", "gan"])
+                                                 (False, {"gan_features": "conv_mid"}),
+                                                 (True, {"regression_weight": 0.25, "regression_pairs": 3})],
+                         ids=["backward-simulation", "with-images", "gan", "regression"])
 def test_resume_gives_the_same_loras_optimizers_and_history_as_an_uninterrupted_run(tmp_path, data_free, overrides):
     _, trainer = dmd_setup(data_free, **overrides)
     whole = trainer.train()
@@ -374,6 +488,7 @@ def test_resume_gives_the_same_loras_optimizers_and_history_as_an_uninterrupted_
 
     checkpoint = str(tmp_path / "run.ckpt.safetensors")
     _, trainer = dmd_setup(data_free, **overrides)
+    trainer.prepare_data(Progress())  # the pool or pairs first: the stop below counts training steps' polls
     polls = iter(range(100))
     first = trainer.train(should_stop=lambda: next(polls) >= 3, checkpoint_path=checkpoint)
     assert first.cancelled and first.steps_done == 3
@@ -413,6 +528,10 @@ def test_the_fake_score_learns_the_generator_samples():
     ({"generator_steps": 3, "generator_timesteps": [999, 499]}, "one timestep per generator step"),
     ({"generator_steps": 1000}, r"generator steps must be in 1\.\.999"),
     ({"gan_features": "conv_mid"}, "GAN term .* real latents"), ({"gan_features": "nowhere"}, "no module named"),
+    ({"regression_weight": -0.1}, r"regression_weight .* >= 0"),
+    ({"regression_weight": float("nan")}, r"regression_weight .* finite"),
+    ({"regression_weight": float("inf")}, r"regression_weight .* finite"),
+    ({"regression_pairs": 0}, r"regression_pairs .* >= 1"), ({"regression_pairs": 2.5}, r"regression_pairs .* whole"),
 ])
 def test_bad_dmd_settings_are_refused_and_leave_the_network_untouched(settings, message):
     data_free = settings.get("gan_features") != "nowhere"
