@@ -1,7 +1,7 @@
 """A short in-graph dmd run on the demo model, judged against the exact reference with 95% intervals.
 
 The 4-step student (Stride Distill LoRA, objective dmd with DMD2's SD1.5 update ratio ttur 10 and the first DMD's
-paired regression at its weight 0.25, then its own sampling through Stride Distilled Sampling), the undistilled
+paired regression at weight 1.0, then its own sampling through Stride Distilled Sampling), the undistilled
 teacher on the same 4 DMD2 steps and the hybrid (Stride Hybrid Guider: one teacher step, then the student) sample
 from the same noises; every comparison is paired (16 repeats of 512 samples, each against its own fresh data set).
 Asserted (issue #14): the teacher's few-step samples are over-concentrated (NLL gap below -0.3); the student is
@@ -24,7 +24,7 @@ REPEATS = 16  # of 512 samples each
 SETTINGS = {"objective": "dmd", "steps": ITERATIONS, "learning_rate": 1e-3, "rank": 16, "alpha": 0.0, "batch_size": 16,
             "guidance_min": 0.0, "guidance_max": 0.0, "loss": "huber", "gradient_checkpointing": False, "seed": 0,
             "save_every": 0, "lora_name": "dmd_quality", "resume": False, "dmd_guidance": 1.0, "ttur": 10,
-            "generator_steps": 4, "dmd_regression": 0.25}
+            "generator_steps": 4, "dmd_regression": 1.0}
 ROWS = ("teacher", "student", "hybrid")
 
 
